@@ -1,0 +1,19 @@
+"""mexit: a fast early-exit and Autocontrastive Decoding runtime for multi-exit GPT-2 checkpoints."""
+
+from .checkpoint import random_model, save_checkpoint
+from .config import GPT2_MEDIUM_MULTIEXIT, DecodeConfig, ModelConfig, MultiExitConfiguration
+from .generation import GenerationResult
+from .model import MultiExitGPT2
+from .runtime import MultiExitLM
+from .sampling import SamplingConfig
+
+__version__ = "0.1.0"
+
+
+def load(path_or_id, dtype="fp32", device=None, backend: str = "auto") -> MultiExitLM:
+    """Load a GPT-2 or multi-exit GPT-2 checkpoint (local folder or hub id) ready to `generate`."""
+    return MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend)
+
+
+__all__ = ["GPT2_MEDIUM_MULTIEXIT", "DecodeConfig", "GenerationResult", "ModelConfig", "MultiExitConfiguration",
+           "MultiExitGPT2", "MultiExitLM", "SamplingConfig", "load", "random_model", "save_checkpoint"]

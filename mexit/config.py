@@ -1,0 +1,150 @@
+"""Model shape (from a GPT-2 `config.json`) and the decoding settings a user picks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a multi-exit GPT-2. `exit_layers` are 1-based block indices that carry an exit head."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    n_positions: int
+    layer_norm_epsilon: float = 1e-5
+    exit_layers: tuple[int, ...] = ()
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        bad = [layer for layer in self.exit_layers if not 1 <= layer <= self.n_layer]
+        if bad:
+            raise ValueError(f"exit layers {bad} are outside 1..n_layer={self.n_layer}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf(cls, hf_config) -> ModelConfig:
+        """Build from a transformers `GPT2Config` (multi-exit checkpoints add `lm_head_layer_indices`)."""
+        if getattr(hf_config, "model_type", "gpt2") != "gpt2":
+            raise ValueError(f"unsupported model_type {hf_config.model_type!r}: mexit runs GPT-2 checkpoints")
+        act = getattr(hf_config, "activation_function", "gelu_new")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"unsupported activation_function {act!r}; expected one of {SUPPORTED_ACTIVATIONS}")
+        exits = tuple(sorted(int(i) for i in (getattr(hf_config, "lm_head_layer_indices", None) or ())))
+        return cls(
+            n_layer=hf_config.n_layer,
+            n_embd=hf_config.n_embd,
+            n_head=hf_config.n_head,
+            vocab_size=hf_config.vocab_size,
+            n_positions=hf_config.n_positions,
+            layer_norm_epsilon=hf_config.layer_norm_epsilon,
+            exit_layers=exits,
+            eos_token_id=getattr(hf_config, "eos_token_id", None),
+        )
+
+    def to_hf(self):
+        """The transformers `GPT2Config` this shape saves as (with `lm_head_layer_indices` when it has exits)."""
+        from transformers import GPT2Config
+
+        hf = GPT2Config(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, vocab_size=self.vocab_size,
+            n_positions=self.n_positions, layer_norm_epsilon=self.layer_norm_epsilon,
+            activation_function="gelu_new", eos_token_id=self.eos_token_id, bos_token_id=self.eos_token_id,
+        )
+        if self.exit_layers:
+            hf.lm_head_layer_indices = list(self.exit_layers)
+        return hf
+
+
+GPT2_MEDIUM_MULTIEXIT = ModelConfig(
+    n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024,
+    exit_layers=tuple(range(2, 25, 2)), eos_token_id=50256,
+)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """What produces the next-token distribution.
+
+    mode: "original" (the tied GPT-2 head after the last layer), "exit" (the head of `exit_layer`),
+    or "contrast" (Autocontrastive Decoding of `upper` against `lower`; `upper` may be "original").
+    """
+
+    mode: str = "original"
+    exit_layer: int | None = None
+    upper: int | str | None = None
+    lower: int | None = None
+    alpha: float = 0.1
+    min_candidates: int = 1
+
+    def __post_init__(self):
+        if self.mode not in ("original", "exit", "contrast"):
+            raise ValueError(f"unknown mode {self.mode!r}; expected original, exit or contrast")
+        if self.mode == "exit" and self.exit_layer is None:
+            raise ValueError("mode 'exit' needs exit_layer")
+        if self.mode == "contrast":
+            if self.upper is None or self.lower is None:
+                raise ValueError("mode 'contrast' needs both the upper and the lower layer")
+            if self.upper != "original" and not isinstance(self.upper, int):
+                raise ValueError(f"contrast upper must be a layer number or 'original', got {self.upper!r}")
+            if self.upper != "original" and self.upper <= self.lower:
+                raise ValueError(f"contrast upper layer {self.upper} must be above the lower layer {self.lower}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if int(self.min_candidates) != self.min_candidates or self.min_candidates < 1:
+            raise ValueError(f"min_candidates must be an integer >= 1, got {self.min_candidates}")
+
+    def heads(self) -> list[int | str]:
+        """The heads this mode reads, in order: [head] or [upper, lower]."""
+        if self.mode == "original":
+            return ["original"]
+        if self.mode == "exit":
+            return [self.exit_layer]
+        return [self.upper, self.lower]
+
+    def validate_for(self, config: ModelConfig) -> None:
+        for head in self.heads():
+            if head != "original" and head not in config.exit_layers:
+                raise ValueError(
+                    f"exit layer {head} is not in this checkpoint; its exits are {list(config.exit_layers) or 'none'}"
+                )
+
+
+@dataclass(frozen=True)
+class MultiExitConfiguration:
+    """autocontrastive-gen's configuration names and defaults: set `use_original_head=False` and one of
+    `output_layer_index` or `contrast_layer_indices=(upper, lower)` (upper may be "original")."""
+
+    use_original_head: bool = True
+    output_layer_index: int | None = None
+    contrast_layer_indices: tuple | None = None
+    contrast_function: object = None
+    alpha: float = 0.1
+    minimum_candidates: int = 1
+
+    def to_decode_config(self) -> DecodeConfig:
+        if self.contrast_function is not None:
+            raise ValueError("custom contrast_function is not supported; mexit implements the ACD formula (alpha, "
+                             "minimum_candidates)")
+        chosen = sum([bool(self.use_original_head), self.output_layer_index is not None,
+                      self.contrast_layer_indices is not None])
+        if chosen != 1:
+            raise ValueError("set exactly one of use_original_head=True, output_layer_index, contrast_layer_indices "
+                             "(use_original_head defaults to True: set it to False to pick an exit)")
+        if self.use_original_head:
+            return DecodeConfig("original")
+        if self.output_layer_index is not None:
+            return DecodeConfig("exit", exit_layer=int(self.output_layer_index))
+        upper, lower = self.contrast_layer_indices
+        upper = "original" if upper == "original" else int(upper)
+        return DecodeConfig("contrast", upper=upper, lower=int(lower), alpha=self.alpha,
+                            min_candidates=self.minimum_candidates)

@@ -1,0 +1,159 @@
+"""Prefill + token-by-token decoding for the fixed modes (original head, one exit, ACD) on the static cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import DecodeConfig, ModelConfig
+from .heads import next_token_distribution
+from .model import KVCache, MultiExitGPT2
+from .sampling import SamplingConfig, sample_from_scores
+
+
+@dataclass
+class GenerationResult:
+    """tokens[b]: the new token ids of row b (ending at and including eos when it was produced).
+    `backend` says which exit-stage path ran; `exit_layers`/`confidences` are filled by early exit."""
+
+    tokens: list[list[int]]
+    backend: str
+    text: list[str] | None = None
+    exit_layers: list[list[int]] | None = None
+    confidences: list[list[float]] | None = None
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class PaddedBatch:
+    """Left-padded prompts. ids, positions: [B, P] int64; valid: [B, P] bool (False on padding)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+
+def check_prompts(prompts, config: ModelConfig, max_new_tokens: int) -> list[list[int]]:
+    """Validate token-id prompts: a non-empty batch of non-empty rows of ids in the vocabulary, fitting the
+    context together with max_new_tokens."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if not prompts:
+        raise ValueError("no prompts were given")
+    if isinstance(prompts[0], int):
+        prompts = [prompts]
+    prompts = [list(map(int, row)) for row in prompts]
+    if any(len(row) == 0 for row in prompts):
+        raise ValueError("empty prompt: every row needs at least one token")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    bad = sorted({t for row in prompts for t in row if not 0 <= t < config.vocab_size})
+    if bad:
+        raise ValueError(f"token ids {bad[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > config.n_positions:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {config.n_positions} positions")
+    return prompts
+
+
+def left_pad(prompts: list[list[int]], device) -> PaddedBatch:
+    longest = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for b, row in enumerate(prompts):
+        ids[b, longest - len(row):] = torch.tensor(row)
+        valid[b, longest - len(row):] = True
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return PaddedBatch(ids.to(device), positions.to(device), valid.to(device))
+
+
+def layer_of(head) -> int | None:
+    return None if head == "original" else int(head)
+
+
+class Decoder:
+    """Owns the cache and positions of one batch; runs tokens through the layers the mode needs."""
+
+    def __init__(self, model: MultiExitGPT2, batch: PaddedBatch, max_new_tokens: int):
+        self.model = model
+        self.prompt_len = batch.ids.shape[1]
+        self.cache: KVCache = model.new_cache(batch.ids.shape[0], self.prompt_len + max_new_tokens)
+        self.cache.valid[:, : self.prompt_len] = batch.valid
+        self.batch = batch
+        self.next_position = batch.positions[:, -1] + 1
+
+    def prefill_input(self) -> tuple[torch.Tensor, int]:
+        return self.model.embed(self.batch.ids, self.batch.positions), 0
+
+    def step_input(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, int]:
+        """Embed new tokens [B] for decode step `step` (0-based) and mark their slot valid."""
+        slot = self.prompt_len + step
+        self.cache.valid[:, slot] = True
+        h = self.model.embed(tokens[:, None], self.next_position[:, None])
+        self.next_position = self.next_position + 1
+        return h, slot
+
+    def run_to(self, h: torch.Tensor, slot: int, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Run h_0 [B, S, d] up to max(layers); return the last position's hidden state at each layer."""
+        out, start = {}, 0
+        for layer in sorted(set(layers)):
+            h = self.model.run_layers(h, start, layer, self.cache, slot)
+            out[layer], start = h[:, -1], layer
+        return out
+
+
+def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,
+                    sampling: SamplingConfig, eos_token_id: int | None, backend: str) -> GenerationResult:
+    """Generate for original / exit / contrast modes. `backend` must already be resolved."""
+    decode.validate_for(model.config)
+    prompts = check_prompts(prompts, model.config, max_new_tokens)
+    heads = decode.heads()
+    layers = [layer_of(h) or model.config.n_layer for h in heads]
+    decoder = Decoder(model, left_pad(prompts, model.device), max_new_tokens)
+    chooser = TokenChooser(sampling, len(prompts), model.device, eos_token_id)
+    h, slot = decoder.prefill_input()
+    for step in range(max_new_tokens):
+        states = decoder.run_to(h, slot, layers)
+        hidden = torch.stack([states[layer] for layer in layers])
+        greedy, scores = next_token_distribution(model, decode, hidden, backend, need_scores=sampling.do_sample)
+        tokens = chooser.choose(greedy, scores)
+        if step == max_new_tokens - 1 or chooser.all_finished():
+            break
+        h, slot = decoder.step_input(tokens, step)
+    return GenerationResult(tokens=chooser.rows(), backend=backend)
+
+
+class TokenChooser:
+    """Greedy or seeded sampling; tracks which rows have produced eos (later tokens of such a row are eos)."""
+
+    def __init__(self, sampling: SamplingConfig, batch: int, device, eos_token_id: int | None):
+        self.sampling, self.eos = sampling, eos_token_id
+        self.generator = None
+        if sampling.do_sample and sampling.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.history: list[torch.Tensor] = []
+
+    def choose(self, greedy: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+        s = self.sampling
+        if s.do_sample:
+            uniform = torch.rand(greedy.shape[0], generator=self.generator, device=greedy.device)
+            tokens = sample_from_scores(scores, uniform, s.temperature, s.top_k, s.top_p)
+        else:
+            tokens = greedy
+        if self.eos is not None:
+            tokens = torch.where(self.finished, self.eos, tokens)
+            self.finished |= tokens == self.eos
+        self.history.append(tokens)
+        return tokens
+
+    def all_finished(self) -> bool:
+        return self.eos is not None and bool(self.finished.all())
+
+    def rows(self) -> list[list[int]]:
+        table = torch.stack(self.history, dim=1).tolist()
+        if self.eos is None:
+            return table
+        return [row[: row.index(self.eos) + 1] if self.eos in row else row for row in table]

@@ -1,0 +1,187 @@
+"""The multi-exit GPT-2 decoder in plain PyTorch.
+
+Weights of the same kind are stacked over layers (`attn_w[j]` is block j's c_attn), so that state propagation
+can read the key/value weights of many skipped layers in one batched matmul. Blocks are numbered 0..n_layer-1
+here; exit layer L (1-based, as in the checkpoint) is the output of block L-1, and `h_0` is the embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+@dataclass
+class Weights:
+    """All tensors of a multi-exit GPT-2. Per-layer tensors have a leading n_layer dimension.
+
+    Conv1D layout as in the checkpoint: `attn_w` is [L, d, 3d] (y = x @ W + b, output split q|k|v),
+    `attn_proj_w` [L, d, d], `fc_w` [L, d, 4d], `fc_proj_w` [L, 4d, d]. Heads are [V, d].
+    """
+
+    wte: torch.Tensor
+    wpe: torch.Tensor
+    ln_1_w: torch.Tensor
+    ln_1_b: torch.Tensor
+    attn_w: torch.Tensor
+    attn_b: torch.Tensor
+    attn_proj_w: torch.Tensor
+    attn_proj_b: torch.Tensor
+    ln_2_w: torch.Tensor
+    ln_2_b: torch.Tensor
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    fc_proj_w: torch.Tensor
+    fc_proj_b: torch.Tensor
+    ln_f_w: torch.Tensor
+    ln_f_b: torch.Tensor
+    exit_heads: dict[int, torch.Tensor]
+
+    def to(self, device=None, dtype=None) -> Weights:
+        moved = {f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)
+                 if f.name != "exit_heads"}
+        heads = {layer: w.to(device=device, dtype=dtype) for layer, w in self.exit_heads.items()}
+        return Weights(**moved, exit_heads=heads)
+
+
+@dataclass
+class KVCache:
+    """Static cache for `batch` rows and `max_length` slots: k, v are [n_layer, B, n_head, T, head_dim].
+
+    `valid[b, t]` marks the slots that hold a real token of row b (left padding stays False).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+
+# pending(j, rows) -> (row_index, slot_index, hidden) of earlier exited positions whose keys/values at block j
+# must be filled now, or None. Used by the deferred state propagation of the early-exit scheduler.
+PendingFill = Callable[[int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
+
+
+class MultiExitGPT2:
+    """Runs embeddings, any contiguous range of blocks, and exit heads against a static KV cache."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, folder=None, random_weights: bool = False):
+        self.config = config
+        self.w = weights
+        self.folder = folder  # checkpoint folder it was loaded from (tokenizer files live there)
+        self.random_weights = random_weights  # True for benchmark / test models: label every result
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.wte.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w.wte.dtype
+
+    def head_weight(self, head: int | str) -> torch.Tensor:
+        """[V, d] weight of `head`: "original" (the tied embedding) or an exit layer number."""
+        if head == "original":
+            return self.w.wte
+        if head not in self.w.exit_heads:
+            raise ValueError(f"exit layer {head} is not in this checkpoint; its exits are "
+                             f"{sorted(self.w.exit_heads) or 'none'}")
+        return self.w.exit_heads[head]
+
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        c = self.config
+        if max_length > c.n_positions:
+            raise ValueError(f"{max_length} positions exceed the model's context of {c.n_positions}")
+        shape = (c.n_layer, batch, c.n_head, max_length, c.head_dim)
+        return KVCache(
+            k=torch.zeros(shape, device=self.device, dtype=self.dtype),
+            v=torch.zeros(shape, device=self.device, dtype=self.dtype),
+            valid=torch.zeros(batch, max_length, device=self.device, dtype=torch.bool),
+        )
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions: [B, S] int64 -> h_0 [B, S, d]."""
+        return self.w.wte[ids] + self.w.wpe[positions]
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h, (self.config.n_embd,), self.w.ln_f_w, self.w.ln_f_b, self.config.layer_norm_epsilon)
+
+    def head_logits(self, h: torch.Tensor, head: int | str) -> torch.Tensor:
+        """Reference exit: head(ln_f(h)) in fp32. h: [..., d] -> [..., V]."""
+        return F.linear(self.final_norm(h), self.head_weight(head)).float()
+
+    def run_layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache, slot: int,
+                   rows: torch.Tensor | None = None, pending: PendingFill | None = None) -> torch.Tensor:
+        """Turn h_start into h_end: run blocks start..end-1 on h [b, S, d] whose tokens sit at cache slots
+        slot..slot+S-1. `rows` (int64 [b]) selects the cache rows when only some rows run; None means all."""
+        for j in range(start, end):
+            h = self._block(j, h, cache, slot, rows, pending)
+        return h
+
+    def _block(self, j, x, cache, slot, rows, pending):
+        c, w = self.config, self.w
+        b, s, d = x.shape
+        a = F.layer_norm(x, (d,), w.ln_1_w[j], w.ln_1_b[j], c.layer_norm_epsilon)
+        extra = pending(j, rows) if pending is not None else None
+        if extra is not None:  # compute skipped positions' keys/values in the same matmul as this token
+            fill_rows, fill_slots, fill_h = extra
+            fill_a = F.layer_norm(fill_h, (d,), eps=c.layer_norm_epsilon) * w.ln_1_w[j] + w.ln_1_b[j]  # as fill_kv
+            qkv_all = F.linear(torch.cat([a.reshape(b * s, d), fill_a]), w.attn_w[j].T, w.attn_b[j])
+            qkv, fill_kv = qkv_all[: b * s].view(b, s, 3 * d), qkv_all[b * s:, d:]
+            self._write_kv(cache, j, fill_rows, fill_slots, fill_kv)
+        else:
+            qkv = F.linear(a, w.attn_w[j].T, w.attn_b[j])
+        q, k, v = (t.view(b, s, c.n_head, c.head_dim).transpose(1, 2) for t in qkv.split(d, dim=-1))
+        end = slot + s
+        if rows is None:
+            cache.k[j, :, :, slot:end] = k
+            cache.v[j, :, :, slot:end] = v
+            keys, values, valid = cache.k[j, :, :, :end], cache.v[j, :, :, :end], cache.valid[:, :end]
+        else:
+            cache.k[j, rows, :, slot:end] = k
+            cache.v[j, rows, :, slot:end] = v
+            keys, values, valid = cache.k[j, rows, :, :end], cache.v[j, rows, :, :end], cache.valid[rows, :end]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attention_mask(valid, slot, s)[:, None])
+        x = x + F.linear(y.transpose(1, 2).reshape(b, s, d), w.attn_proj_w[j].T, w.attn_proj_b[j])
+        m = F.layer_norm(x, (d,), w.ln_2_w[j], w.ln_2_b[j], c.layer_norm_epsilon)
+        m = F.gelu(F.linear(m, w.fc_w[j].T, w.fc_b[j]), approximate="tanh")
+        return x + F.linear(m, w.fc_proj_w[j].T, w.fc_proj_b[j])
+
+    def fill_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache, rows: torch.Tensor,
+                slots: torch.Tensor) -> None:
+        """State propagation: keys/values of blocks start..end-1 for positions (rows[i], slots[i]) computed
+        from h [N, d], the hidden state at which those positions exited. One batched matmul over the
+        skipped blocks' k|v weights (2·d² of each block's 12·d²)."""
+        if start >= end or h.shape[0] == 0:
+            return
+        c, w = self.config, self.w
+        d = c.n_embd
+        normed = F.layer_norm(h, (d,), eps=c.layer_norm_epsilon)
+        a = normed[None] * w.ln_1_w[start:end, None, :] + w.ln_1_b[start:end, None, :]  # [J, N, d]
+        kv = torch.baddbmm(w.attn_b[start:end, None, d:], a, w.attn_w[start:end, :, d:])  # [J, N, 2d]
+        for i, j in enumerate(range(start, end)):
+            self._write_kv(cache, j, rows, slots, kv[i])
+
+    def _write_kv(self, cache, j, rows, slots, kv):
+        c = self.config
+        k, v = kv.view(-1, 2, c.n_head, c.head_dim).unbind(1)
+        cache.k[j, rows, :, slots] = k
+        cache.v[j, rows, :, slots] = v
+
+
+def attention_mask(valid: torch.Tensor, slot: int, s: int) -> torch.Tensor:
+    """[b, s, slot+s] bool: query i (at slot+i) sees valid keys at or before its slot, and always itself
+    (a left-padding query then has one key and stays finite; nothing real attends to it)."""
+    t = slot + s
+    key_pos = torch.arange(t, device=valid.device)
+    query_pos = torch.arange(slot, t, device=valid.device)[:, None]
+    causal = key_pos[None, :] <= query_pos
+    return (valid[:, None, :] & causal) | (key_pos[None, :] == query_pos)

@@ -1,0 +1,51 @@
+"""Token choice from a next-token distribution: greedy, or sampling driven by uniform numbers passed in.
+
+Passing the random numbers in (rather than drawing inside) keeps a step free of generator state, so the same
+code can be captured in a CUDA graph and a seeded run repeats exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """do_sample=False is greedy. top_k=0 and top_p=1.0 switch those filters off."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_from_scores(scores: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0) -> torch.Tensor:
+    """scores: [B, V] logits or log-probabilities; uniform: [B] in [0, 1). Returns [B] int64.
+
+    Inverse-CDF sampling over the distribution sorted by probability (descending), after temperature,
+    top-k (keep the k most likely) and top-p (keep the smallest prefix whose mass reaches top_p)."""
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if top_k:
+        keep[:, top_k:] = False
+    if top_p < 1.0:
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        keep &= mass_before < top_p
+    kept = torch.where(keep, sorted_probs, 0.0)
+    cdf = kept.cumsum(-1)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
+    pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)  # rounding at the top edge stays inside the kept set
+    return order.gather(-1, pick).squeeze(-1)

@@ -1,0 +1,106 @@
+"""generate: token-identical to a transformers step-by-step reference in every mode; batches; sampling; eos."""
+
+import pytest
+import torch
+from reference import hf_greedy
+
+import mexit
+
+MODES = [
+    dict(mode="original"),
+    dict(mode="exit", exit_layer=2),
+    dict(mode="exit", exit_layer=4),
+    dict(mode="contrast", contrast=(4, 2)),
+    dict(mode="contrast", contrast=("original", 1)),
+    dict(mode="contrast", contrast=(3, 1), alpha=0.3, k=3),
+]
+PROMPTS = [[5, 17, 200, 3], [99], [42, 7, 128, 255, 1, 64, 12]]
+
+
+def mexit_kwargs(case):
+    kw = {k: v for k, v in case.items() if k != "k"}
+    if "k" in case:
+        kw["min_candidates"] = case["k"]
+    return kw
+
+
+@pytest.mark.parametrize("case", MODES, ids=lambda c: "-".join(map(str, c.values())))
+def test_greedy_matches_transformers_step_by_step(tiny_checkpoint, case):
+    folder, hf, heads = tiny_checkpoint
+    lm = mexit.load(folder, backend="torch")
+    out = lm.generate(PROMPTS, max_new_tokens=10, eos_token_id=None, **mexit_kwargs(case))
+    assert out.backend == "torch"
+    for prompt, tokens in zip(PROMPTS, out.tokens):
+        ref = hf_greedy(hf, heads, prompt, 10, case["mode"], case.get("exit_layer"), case.get("contrast"),
+                        case.get("alpha", 0.1), case.get("k", 1))
+        assert tokens == ref
+
+
+@pytest.mark.parametrize("case", MODES[:4], ids=lambda c: "-".join(map(str, c.values())))
+def test_batch_equals_single_rows(tiny_checkpoint, case):
+    lm = mexit.load(tiny_checkpoint[0])
+    batch = lm.generate(PROMPTS, max_new_tokens=12, eos_token_id=None, **mexit_kwargs(case)).tokens
+    singles = [lm.generate([p], max_new_tokens=12, eos_token_id=None, **mexit_kwargs(case)).tokens[0]
+               for p in PROMPTS]
+    assert batch == singles
+
+
+def test_autocontrastive_gen_names(tiny_checkpoint):
+    lm = mexit.load(tiny_checkpoint[0])
+    ours = lm.generate(PROMPTS, max_new_tokens=6, contrast=("original", 2)).tokens
+    theirs = lm.generate(PROMPTS, max_new_tokens=6, use_original_head=False,
+                         contrast_layer_indices=("original", 2)).tokens
+    config = mexit.MultiExitConfiguration(use_original_head=False, contrast_layer_indices=("original", 2))
+    assert lm.generate(PROMPTS, max_new_tokens=6, multi_exit_config=config).tokens == ours == theirs
+    exit3 = lm.generate(PROMPTS, max_new_tokens=6, exit_layer=3).tokens
+    assert lm.generate(PROMPTS, max_new_tokens=6, output_layer_index=3).tokens == exit3
+    original = lm.generate(PROMPTS, max_new_tokens=6).tokens
+    assert lm.generate(PROMPTS, max_new_tokens=6, multi_exit_config=mexit.MultiExitConfiguration()).tokens == original
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=5), dict(top_p=0.8, temperature=0.7), dict(contrast=(4, 1))])
+def test_seeded_sampling_repeats(tiny_checkpoint, kw):
+    lm = mexit.load(tiny_checkpoint[0])
+    runs = [lm.generate(PROMPTS, max_new_tokens=16, do_sample=True, seed=7, eos_token_id=None, **kw).tokens
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    other = lm.generate(PROMPTS, max_new_tokens=16, do_sample=True, seed=8, eos_token_id=None, **kw).tokens
+    assert other != runs[0]
+    greedy = lm.generate(PROMPTS, max_new_tokens=16, eos_token_id=None,
+                         **{k: v for k, v in kw.items() if k == "contrast"}).tokens
+    assert runs[0] != greedy
+
+
+def test_stops_at_eos(tiny_checkpoint):
+    lm = mexit.load(tiny_checkpoint[0])
+    free = lm.generate(PROMPTS, max_new_tokens=10, eos_token_id=None).tokens
+    eos = free[0][3]  # pretend the 4th token of row 0 is eos
+    stopped = lm.generate(PROMPTS, max_new_tokens=10, eos_token_id=eos).tokens
+    assert stopped[0] == free[0][:4]
+    for full, cut in zip(free, stopped):
+        expected = full[: full.index(eos) + 1] if eos in full else full
+        assert cut == expected
+
+
+def test_text_in_text_out(tiny_checkpoint):
+    lm = mexit.load(tiny_checkpoint[0])
+    out = lm.generate(["Hello", "a longer prompt"], max_new_tokens=5, eos_token_id=None)
+    assert len(out.text) == 2 and all(len(t) == 5 for t in out.tokens)
+    ids = [lm.tokenizer.encode(p) for p in ["Hello", "a longer prompt"]]
+    assert lm.generate(ids, max_new_tokens=5, eos_token_id=None).tokens == out.tokens
+    assert out.text[0] == lm.tokenizer.decode(out.tokens[0])
+
+
+def test_sampler_inverse_cdf():
+    from mexit.sampling import sample_from_scores
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    scores = probs.log().expand(1000, 4)
+    uniform = (torch.arange(1000) + 0.5) / 1000
+    counts = torch.bincount(sample_from_scores(scores, uniform), minlength=4) / 1000
+    torch.testing.assert_close(counts, probs, atol=2e-3, rtol=0)
+    assert set(sample_from_scores(scores, uniform, top_k=2).tolist()) == {0, 1}
+    assert set(sample_from_scores(scores, uniform, top_p=0.5).tolist()) == {0}
+    assert set(sample_from_scores(scores, uniform, top_p=0.81).tolist()) == {0, 1, 2}
+    cold = sample_from_scores(scores, uniform, temperature=0.05)
+    assert (cold == 0).float().mean() > 0.99

@@ -1,0 +1,105 @@
+"""The native decoder against transformers' GPT-2: original-head and exit logits, prefill and decode steps."""
+
+import pytest
+import torch
+from reference import hf_block_outputs, hf_head_logits
+
+import mexit
+from mexit.generation import Decoder, left_pad
+
+
+def run_mexit(model, seq, prefill_len, layers):
+    """Prefill seq[:prefill_len], then decode the rest one token at a time; hidden states per layer, [T, d]."""
+    decoder = Decoder(model, left_pad([seq[:prefill_len]], model.device), len(seq) - prefill_len)
+    h, slot = decoder.prefill_input()
+    per_layer = {layer: [] for layer in layers}
+    out, start = {}, 0
+    for layer in layers:  # keep every position of the prefill, not only the last
+        h = model.run_layers(h, start, layer, decoder.cache, slot)
+        out[layer], start = h[0], layer
+    for layer in layers:
+        per_layer[layer].append(out[layer])
+    for step, token in enumerate(seq[prefill_len:]):
+        h, slot = decoder.step_input(torch.tensor([token]), step)
+        states = decoder.run_to(h, slot, layers)
+        for layer in layers:
+            per_layer[layer].append(states[layer])
+    return {layer: torch.cat([t.reshape(-1, t.shape[-1]) for t in hs]) for layer, hs in per_layer.items()}
+
+
+def test_original_and_exit_logits_match_transformers(tiny_checkpoint):
+    folder, hf, heads = tiny_checkpoint
+    model = mexit.load(folder).model
+    seq = [5, 17, 200, 3, 99, 42, 7, 128, 255, 1, 64]
+    outputs = hf_block_outputs(hf, torch.tensor([seq]))
+    states = run_mexit(model, seq, prefill_len=4, layers=[1, 2, 3, 4])
+    for layer in (1, 2, 3, 4):
+        torch.testing.assert_close(states[layer], outputs[layer][0], atol=1e-4, rtol=1e-4)
+        ours = model.head_logits(states[layer], layer)
+        torch.testing.assert_close(ours, hf_head_logits(hf, heads, outputs, layer)[0], atol=1e-4, rtol=1e-4)
+    original = model.head_logits(states[4], "original")
+    torch.testing.assert_close(original, outputs["original"][0], atol=1e-4, rtol=1e-4)
+
+
+def test_layer_ranges_compose(tiny_checkpoint):
+    model = mexit.load(tiny_checkpoint[0]).model
+    batch = left_pad([[1, 2, 3, 4, 5]], "cpu")
+    whole = Decoder(model, batch, 1)
+    h0, _ = whole.prefill_input()
+    full = model.run_layers(h0, 0, 4, whole.cache, 0)
+    parts = Decoder(model, batch, 1)
+    h = model.run_layers(h0, 0, 1, parts.cache, 0)
+    h = model.run_layers(h, 1, 3, parts.cache, 0)
+    h = model.run_layers(h, 3, 4, parts.cache, 0)
+    torch.testing.assert_close(h, full)
+    torch.testing.assert_close(parts.cache.k, whole.cache.k)
+
+
+def test_bin_checkpoint_loads_with_weights_only(tmp_path, tiny_checkpoint, monkeypatch):
+    from conftest import make_hf_checkpoint
+
+    make_hf_checkpoint(tmp_path, fmt="bin")
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+    from_bin = mexit.load(tmp_path).model
+    assert calls and all(kw.get("weights_only") is True for kw in calls)
+    from_safetensors = mexit.load(tiny_checkpoint[0]).model
+    torch.testing.assert_close(from_bin.w.attn_w, from_safetensors.w.attn_w)
+    torch.testing.assert_close(from_bin.w.exit_heads[3], from_safetensors.w.exit_heads[3])
+
+
+def test_plain_gpt2_checkpoint(tmp_path):
+    from conftest import make_hf_checkpoint
+
+    hf, _ = make_hf_checkpoint(tmp_path, exits=())
+    lm = mexit.load(tmp_path)
+    assert lm.config.exit_layers == ()
+    out = lm.generate([[1, 2, 3]], max_new_tokens=3, eos_token_id=None)
+    assert len(out.tokens[0]) == 3
+    with pytest.raises(ValueError, match="exit layer 2 is not in this checkpoint"):
+        lm.generate([[1, 2, 3]], max_new_tokens=3, exit_layer=2)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_low_precision_follows_fp32(tiny_checkpoint, dtype):
+    folder, hf, _ = tiny_checkpoint
+    model = mexit.load(folder, dtype=dtype).model
+    assert model.dtype == mexit.checkpoint.resolve_dtype(dtype)
+    seq = [5, 17, 200, 3, 99, 42]
+    states = run_mexit(model, seq, prefill_len=3, layers=[4])
+    ours = model.head_logits(states[4], "original")
+    ref = hf_block_outputs(hf, torch.tensor([seq]))["original"][0]
+    rel = (ours - ref).norm() / ref.norm()
+    assert rel < 3e-2, rel
+
+
+def test_random_model_and_roundtrip(tmp_path):
+    config = mexit.ModelConfig(n_layer=3, n_embd=16, n_head=2, vocab_size=31, n_positions=16, exit_layers=(1, 3))
+    model = mexit.random_model(config, seed=1)
+    assert model.random_weights
+    mexit.save_checkpoint(model, tmp_path)
+    loaded = mexit.load(tmp_path).model
+    assert loaded.config == config and not loaded.random_weights
+    torch.testing.assert_close(loaded.w.fc_proj_w, model.w.fc_proj_w)
+    torch.testing.assert_close(loaded.w.exit_heads[1], model.w.exit_heads[1])
