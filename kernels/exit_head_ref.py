@@ -28,9 +28,10 @@ def exit_head_ref(hidden: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.
     """hidden: [E, B, d] (row e feeds head e), ln_*: [d], heads: E tensors [V, d]; all in one dtype.
 
     logits[e] = heads[e] @ layer_norm(hidden[e]); the layernorm and matmul run in the input dtype, the
-    softmax statistics in fp32."""
+    softmax statistics in fp32 (float64 for float64 input)."""
     normed = F.layer_norm(hidden, (hidden.shape[-1],), ln_weight, ln_bias, eps)
-    logits = torch.stack([F.linear(normed[e], w) for e, w in enumerate(heads)]).float()
+    stats_dtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 input stays float64
+    logits = torch.stack([F.linear(normed[e], w) for e, w in enumerate(heads)]).to(stats_dtype)
     logprobs = torch.log_softmax(logits, dim=-1)
     probs = logprobs.exp()
     top2 = probs.topk(2, dim=-1).values

@@ -1,0 +1,35 @@
+"""The whole generate path through the Triton kernels (interpreter on CPU) equals the torch path."""
+
+import pytest
+from test_generate import MODES, PROMPTS, mexit_kwargs
+
+import mexit
+from mexit.kernels import acd_contrast, exit_head
+
+
+@pytest.mark.parametrize("case", MODES, ids=lambda c: "-".join(map(str, c.values())))
+def test_greedy_triton_equals_torch(tiny_checkpoint, case):
+    folder = tiny_checkpoint[0]
+    torch_lm = mexit.load(folder, backend="torch")
+    triton_lm = mexit.load(folder, backend="triton")
+    before = dict(exit_head.LAUNCHES), dict(acd_contrast.LAUNCHES)
+    kw = dict(max_new_tokens=8, eos_token_id=None, **mexit_kwargs(case))
+    ours = triton_lm.generate(PROMPTS, **kw)
+    assert ours.backend == "triton"
+    assert exit_head.LAUNCHES["exit_head"] == before[0]["exit_head"] + 8
+    expected_acd = 8 if case["mode"] == "contrast" else 0
+    assert acd_contrast.LAUNCHES["acd_contrast"] == before[1]["acd_contrast"] + expected_acd
+    assert ours.tokens == torch_lm.generate(PROMPTS, **kw).tokens
+
+
+def test_seeded_sampling_through_triton(tiny_checkpoint):
+    folder = tiny_checkpoint[0]
+    kw = dict(max_new_tokens=8, do_sample=True, seed=11, top_p=0.9, eos_token_id=None, contrast=(4, 2))
+    ours = mexit.load(folder, backend="triton").generate(PROMPTS, **kw).tokens
+    assert ours == mexit.load(folder, backend="torch").generate(PROMPTS, **kw).tokens
+
+
+def test_auto_backend_on_cpu_is_torch(tiny_checkpoint):
+    lm = mexit.load(tiny_checkpoint[0])
+    assert lm.generate([[1, 2]], max_new_tokens=2).backend == ("triton" if lm.model.device.type == "cuda"
+                                                                 else "torch")
