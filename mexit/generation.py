@@ -23,6 +23,7 @@ class GenerationResult:
     exit_layers: list[list[int]] | None = None
     confidences: list[list[float]] | None = None
     stats: dict = field(default_factory=dict)
+    cache: object = None  # the KVCache after generation, when asked for (tests, inspection)
 
 
 @dataclass
@@ -105,7 +106,8 @@ class Decoder:
 
 
 def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,
-                    sampling: SamplingConfig, eos_token_id: int | None, backend: str) -> GenerationResult:
+                    sampling: SamplingConfig, eos_token_id: int | None, backend: str,
+                    return_cache: bool = False) -> GenerationResult:
     """Generate for original / exit / contrast modes. `backend` must already be resolved."""
     decode.validate_for(model.config)
     prompts = check_prompts(prompts, model.config, max_new_tokens)
@@ -122,7 +124,7 @@ def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new
         if step == max_new_tokens - 1 or chooser.all_finished():
             break
         h, slot = decoder.step_input(tokens, step)
-    return GenerationResult(tokens=chooser.rows(), backend=backend)
+    return GenerationResult(tokens=chooser.rows(), backend=backend, cache=decoder.cache if return_cache else None)
 
 
 class TokenChooser:
@@ -136,13 +138,23 @@ class TokenChooser:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.history: list[torch.Tensor] = []
 
-    def choose(self, greedy: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+    def uniform(self, batch: int, device) -> torch.Tensor:
+        """[batch] uniform numbers for this step (drawn from the seeded generator when there is one)."""
+        return torch.rand(batch, generator=self.generator, device=device)
+
+    def pick(self, greedy: torch.Tensor, scores: torch.Tensor | None, uniform: torch.Tensor | None) -> torch.Tensor:
+        """Greedy tokens, or tokens sampled from scores [b, V] with this step's uniform numbers [b]."""
         s = self.sampling
-        if s.do_sample:
-            uniform = torch.rand(greedy.shape[0], generator=self.generator, device=greedy.device)
-            tokens = sample_from_scores(scores, uniform, s.temperature, s.top_k, s.top_p)
-        else:
-            tokens = greedy
+        if not s.do_sample:
+            return greedy
+        return sample_from_scores(scores, uniform, s.temperature, s.top_k, s.top_p)
+
+    def choose(self, greedy: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+        uniform = self.uniform(greedy.shape[0], greedy.device) if self.sampling.do_sample else None
+        return self.record(self.pick(greedy, scores, uniform))
+
+    def record(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append this step's tokens [B]; rows that already produced eos get eos."""
         if self.eos is not None:
             tokens = torch.where(self.finished, self.eos, tokens)
             self.finished |= tokens == self.eos

@@ -89,13 +89,14 @@ class MultiExitLM:
                  contrast: tuple | None = None, alpha: float = 0.1, min_candidates: int = 1,
                  multi_exit_config: MultiExitConfiguration | None = None, early_exit=None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | None | str = "config", **acd_names) -> GenerationResult:
+                 seed: int | None = None, eos_token_id: int | None | str = "config", return_cache: bool = False,
+                 **acd_names) -> GenerationResult:
         """Generate `max_new_tokens` per prompt (text, a list of texts, token ids, or a list of id lists).
 
         Modes: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
         "original"), or autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices`.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead. eos_token_id: "config" uses
-        the checkpoint's, None never stops early."""
+        the checkpoint's, None never stops early. return_cache keeps the final KV cache on the result."""
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         eos = self.config.eos_token_id if eos_token_id == "config" else eos_token_id
         ids = self.encode(prompts)
@@ -104,10 +105,12 @@ class MultiExitLM:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
             from .early_exit import generate_early_exit
 
-            result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos, self.backend)
+            result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos, self.backend,
+                                         return_cache)
         else:
             decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, **acd_names)
-            result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend)
+            result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend,
+                                     return_cache)
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
         return result

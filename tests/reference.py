@@ -67,3 +67,36 @@ def hf_greedy(hf_model, heads, prompt: list[int], n_new: int, mode: str, exit_la
             scores = acd_numpy(z_u, z_l, alpha, k)
         seq.append(int(np.argmax(scores)))
     return seq[len(prompt):]
+
+
+def naive_exit_states(hf_model, tokens: list[int], exit_layers: list[int], depth: int):
+    """Recompute every position from scratch, in order, with transformers' GPT-2 modules and a plain attention
+    loop: position p runs blocks 0..exit_layers[p]-1; at each skipped block j its key/value come from
+    ln_1_j(h_exit). Returns K, V [depth, T, H, hd] and the hidden state of each position at every layer it ran
+    ({(p, layer): h})."""
+    blocks = hf_model.transformer.h
+    n_head = hf_model.config.n_head
+    d = hf_model.config.n_embd
+    hd = d // n_head
+    T = len(tokens)
+    K = torch.zeros(depth, T, n_head, hd)
+    V = torch.zeros(depth, T, n_head, hd)
+    states = {}
+    with torch.no_grad():
+        for p, tok in enumerate(tokens):
+            h = hf_model.transformer.wte.weight[tok] + hf_model.transformer.wpe.weight[p]
+            states[(p, 0)] = h
+            for j in range(depth):
+                blk = blocks[j]
+                if j >= exit_layers[p]:
+                    _, k, v = blk.attn.c_attn(blk.ln_1(h)).split(d)
+                    K[j, p], V[j, p] = k.view(n_head, hd), v.view(n_head, hd)
+                    continue
+                q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(d)
+                K[j, p], V[j, p] = k.view(n_head, hd), v.view(n_head, hd)
+                scores = torch.einsum("hd,thd->ht", q.view(n_head, hd), K[j, : p + 1]) / hd**0.5
+                y = torch.einsum("ht,thd->hd", scores.softmax(-1), V[j, : p + 1]).reshape(d)
+                h = h + blk.attn.c_proj(y)
+                h = h + blk.mlp(blk.ln_2(h))
+                states[(p, j + 1)] = h
+    return K, V, states

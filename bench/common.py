@@ -1,0 +1,87 @@
+"""Shared benchmark plumbing: device-side timing, measured copy bandwidth, run metadata, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def run_metadata(device: torch.device, dtype) -> dict:
+    """Device name, versions and commit: every results row carries these."""
+    import transformers
+
+    meta = {
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    try:
+        here = Path(__file__).resolve().parent
+        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                        text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        meta["commit"] = None
+    return meta
+
+
+def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> list[float]:
+    """Per-call times in ms: CUDA events around each call on GPU (after warm-up), a host clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured copy bandwidth in GB/s (device-to-device on GPU, memory-to-memory on CPU), counting bytes read
+    plus bytes written; median of repeated copies."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 28)
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = sorted(time_ms(lambda: dst.copy_(src), device, warmup=3, repeats=15))[7]
+    return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def write_results(rows: list[dict], out_dir: str | Path, stem: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

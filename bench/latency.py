@@ -1,0 +1,323 @@
+"""Latency benchmark: mexit's modes against transformers' generate, on the same weights, in one run.
+
+    mexit bench                                   # random-weight gpt2-medium-multiexit shape (labeled RANDOM)
+    mexit bench --model PATH --batch 1 8 --prompt-len 32 --new-tokens 128 --modes original exit:12 acd:24,12
+    python bench/latency.py ...                   # the same
+
+Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`), `ee:MEASURE:THRESHOLD[:L1,L2,..]`
+(early exit; threshold 0 with one layer exits every token there). For each mode and batch size it reports
+prefill time, per-token decode time ((T(n new) - T(1 new)) / (n - 1), both timed end to end around `generate`
+with CUDA events, medians over repeats, with min..max spread), tokens/s, and the roofline: bytes a decode step
+must read (weights of the layers and heads it runs, plus the KV cache) over the copy bandwidth measured in the
+same run. Writes JSON + CSV rows, a markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, time_ms, write_results
+
+ACD_GEN_SKIP = ("autocontrastive-gen is not installed here: it pins torch 1.11 / transformers 4.26, which do "
+                "not install beside this torch; its per-step work (full depth + all exit heads) is not emulated")
+
+
+def parse_mode(spec: str, config) -> dict:
+    """'original' | 'exit:L' | 'acd:U,L' | 'ee:MEASURE:THR[:L1,L2]' -> generate() keyword arguments."""
+    from mexit.early_exit import ExitPolicy
+
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "original" and not rest:
+            kw = {}
+        elif kind == "exit":
+            kw = dict(exit_layer=int(rest))
+        elif kind == "acd":
+            upper, lower = rest.split(",")
+            kw = dict(contrast=(upper if upper == "original" else int(upper), int(lower)))
+        elif kind == "ee":
+            parts = rest.split(":")
+            exits = tuple(int(x) for x in parts[2].split(",")) if len(parts) > 2 else None
+            kw = dict(early_exit=ExitPolicy(threshold=float(parts[1]), measure=parts[0], exits=exits))
+        else:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER or "
+                         f"ee:MEASURE:THRESHOLD[:L1,L2]") from None
+    heads = [kw.get("exit_layer")] + list(kw.get("contrast", ()))
+    missing = [h for h in heads if h not in (None, "original") and h not in config.exit_layers]
+    if missing:
+        raise ValueError(f"mode {spec!r}: exit layer {missing[0]} is not in the checkpoint "
+                         f"(exits {list(config.exit_layers)})")
+    if "early_exit" in kw:
+        kw["early_exit"].checked_exits(config)
+    return kw
+
+
+def default_modes(config) -> list[str]:
+    exits = [e for e in config.exit_layers if e < config.n_layer]
+    if not exits:
+        return ["original"]
+    mid = min(exits, key=lambda e: abs(e - config.n_layer / 2))
+    top = config.n_layer if config.n_layer in config.exit_layers else "original"
+    return ["original", f"exit:{mid}", f"acd:{top},{mid}", f"ee:max-prob:0:{mid}"]
+
+
+def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: float, filled: float = 0.0) -> float:
+    """Bytes one decode step must move: weights of `layers` blocks and `heads` exit heads, the k|v weights of
+    `filled` propagated blocks, and the KV cache of the blocks run (context positions, batch rows)."""
+    elem = torch.finfo(dtype).bits // 8
+    d, v = config.n_embd, config.vocab_size
+    block = (12 * d * d + 13 * d) * elem
+    kv = 2 * batch * context * d * elem
+    return layers * (block + kv) + heads * v * d * elem + filled * 2 * d * d * elem
+
+
+def mode_traffic(kw: dict, config, stats: dict | None) -> tuple[float, float, float]:
+    """(blocks, heads, propagated blocks) one decode step reads for a mode; early exit from its run stats."""
+    n = config.n_layer
+    if "early_exit" in kw:
+        tokens = max(stats["tokens"], 1)
+        return stats["blocks_run"] / tokens, stats["head_rows"] / tokens, stats["kv_filled"] / tokens
+    if "exit_layer" in kw:
+        return kw["exit_layer"], 1, 0
+    if "contrast" in kw:
+        upper = kw["contrast"][0]
+        return (n if upper == "original" else upper), 2, 0
+    return n, 1, 0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(generate, device, new_tokens: int, warmup: int, repeats: int) -> dict:
+    """Prefill (1 new token) and decode per token, medians and spreads of end-to-end generate calls."""
+    one = time_ms(lambda: generate(1), device, warmup, repeats)
+    full = time_ms(lambda: generate(new_tokens), device, warmup, repeats)
+    per_token = [(f - statistics.median(one)) / max(new_tokens - 1, 1) for f in full]
+    return dict(prefill_ms=statistics.median(one), prefill_min=min(one), prefill_max=max(one),
+                ms_per_token=statistics.median(per_token), ms_per_token_min=min(per_token),
+                ms_per_token_max=max(per_token), total_ms=statistics.median(full))
+
+
+def transformers_baseline(lm, device, dtype):
+    """transformers' GPT2LMHeadModel holding the same weights (its original head)."""
+    from transformers import GPT2LMHeadModel
+
+    from mexit.checkpoint import state_dict_from_weights
+
+    hf = GPT2LMHeadModel(lm.config.to_hf())
+    state = state_dict_from_weights(lm.model.w, lm.config)
+    hf.load_state_dict({k: v for k, v in state.items() if not k.startswith("name_to_lm_exit_head")}, strict=False)
+    hf.tie_weights()
+    return hf.to(device=device, dtype=dtype).eval()
+
+
+def run(args) -> list[dict]:
+    import mexit
+    from mexit.checkpoint import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
+    if args.model:
+        lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend)
+        label = str(args.model)
+    else:
+        lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend)
+        label = "RANDOM weights, gpt2-medium-multiexit shape"
+    config = lm.config
+    modes = args.modes or default_modes(config)
+    parsed = {m: parse_mode(m, config) for m in modes}
+    if args.prompt_len + args.new_tokens > config.n_positions:
+        raise ValueError(f"prompt {args.prompt_len} + new tokens {args.new_tokens} exceed the context "
+                         f"{config.n_positions}")
+    meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend)
+    copy_gbs = copy_bandwidth_gbs(device)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"# {label} on {meta['device']}, {meta['dtype']}, backend {lm.backend}, "
+          f"copy bandwidth {copy_gbs:.0f} GB/s", file=sys.stderr)
+    for batch in args.batch:
+        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
+        context = args.prompt_len + args.new_tokens // 2
+        for mode, kw in parsed.items():
+            last = {}
+
+            def generate(n, kw=kw, last=last):
+                out = lm.generate(prompts, n, eos_token_id=None, **kw)
+                sync(device)
+                last["result"] = out
+
+            timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
+            stats = None
+            if "early_exit" in kw:
+                stats = dict(last["result"].stats, tokens=batch * (args.new_tokens - 1))
+            blocks, heads, filled = mode_traffic(kw, config, stats)
+            nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
+            floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
+            row = dict(meta, impl="mexit", mode=mode, batch=batch, prompt_len=args.prompt_len,
+                       new_tokens=args.new_tokens, **timing, tokens_per_s=batch * 1e3 / timing["ms_per_token"],
+                       step_mb=nbytes / 1e6, floor_ms=floor_ms, pct_roofline=100 * floor_ms / timing["ms_per_token"],
+                       copy_gb_s=copy_gbs)
+            if stats:
+                row["mean_exit_layer"] = stats["mean_exit_layer"]
+            rows.append(row)
+            print(f"  mexit {mode} B={batch}: {timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
+        if "transformers" in args.baselines:
+            rows += transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
+    if "autocontrastive-gen" in args.baselines:
+        rows.append(dict(meta, impl="autocontrastive-gen", mode="acd", skipped=autocontrastive_gen_status()))
+    return rows
+
+
+def autocontrastive_gen_status() -> str:
+    try:
+        import autocontrastive_gen  # noqa: F401
+    except ImportError:
+        return ACD_GEN_SKIP
+    return "installed, but its baseline is not wired in this version"
+
+
+def transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context) -> list[dict]:
+    """transformers generate (eager), and with a static cache + torch.compile where it works."""
+    hf = transformers_baseline(lm, device, dtype)
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+    rows = []
+    variants = {"transformers eager": {}}
+    if device.type == "cuda" and not args.no_compile:
+        variants["transformers static+compile"] = dict(cache_implementation="static",
+                                                       compile_config=None)
+    for name, extra in variants.items():
+        def generate(n, extra=extra):
+            with torch.inference_mode():
+                hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=0, **{k: v for k, v in extra.items() if v is not None})
+            sync(device)
+
+        try:
+            timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
+        except Exception as err:  # report, do not hide: the table says why this baseline has no number
+            rows.append(dict(meta, impl=name, mode="original", batch=len(prompts), skipped=f"failed: {err!r}"[:300]))
+            continue
+        nbytes = step_bytes(lm.config, dtype, len(prompts), context, lm.config.n_layer, 1)
+        floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
+        rows.append(dict(meta, impl=name, mode="original", batch=len(prompts), prompt_len=args.prompt_len,
+                         new_tokens=args.new_tokens, **timing, tokens_per_s=len(prompts) * 1e3 / timing["ms_per_token"],
+                         step_mb=nbytes / 1e6, floor_ms=floor_ms, pct_roofline=100 * floor_ms / timing["ms_per_token"],
+                         copy_gb_s=copy_gbs))
+        print(f"  {name} B={len(prompts)}: {timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
+    return rows
+
+
+COLUMNS = ["impl", "mode", "batch", "prefill_ms", "ms_per_token", "ms_per_token_min", "ms_per_token_max",
+           "tokens_per_s", "floor_ms", "pct_roofline"]
+
+
+def save(rows: list[dict], out_dir: str, plot: bool) -> list[Path]:
+    out = Path(out_dir)
+    paths = [write_results(rows, out, "latency")]
+    keys = sorted({k for r in rows for k in r})
+    with open(out / "latency.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths.append(out / "latency.csv")
+    table = markdown_table([r for r in rows if "skipped" not in r], COLUMNS)
+    skipped = [f"- {r['impl']}: {r['skipped']}" for r in rows if "skipped" in r]
+    header = f"{rows[0]['model']} | {rows[0]['device']} | {rows[0]['dtype']} | commit {rows[0].get('commit')}\n\n"
+    (out / "latency.md").write_text(header + table + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "") + "\n")
+    paths.append(out / "latency.md")
+    if plot:
+        paths.append(plot_rows(rows, out / "latency.png"))
+    return paths
+
+
+def plot_rows(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if "skipped" not in r]
+    batches = sorted({r["batch"] for r in timed})
+    labels = list(dict.fromkeys(f"{r['impl']} {r['mode']}" for r in timed))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(batches)), 4))
+    width = 0.8 / len(batches)
+    for i, batch in enumerate(batches):
+        values = [next((r["ms_per_token"] for r in timed if r["batch"] == batch
+                        and f"{r['impl']} {r['mode']}" == label), 0.0) for label in labels]
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=f"batch {batch}")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("ms per decode step")
+    ax.set_title(f"{timed[0]['model']}\n{timed[0]['device']}, {timed[0]['dtype']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="default fp16 on cuda, fp32 on cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--modes", nargs="+", help="default: original, a middle exit, ACD top vs middle, early exit")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on cuda, 1 on cpu")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=None, help="default: 128 on cuda, 8 on cpu")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--baselines", nargs="*", default=["transformers", "autocontrastive-gen"],
+                   help="any of: transformers autocontrastive-gen (none: mexit only)")
+    p.add_argument("--no-compile", action="store_true", help="skip transformers' static cache + torch.compile")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default="bench_results")
+
+
+def fill_defaults(args) -> None:
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.batch = args.batch or ([1, 8] if cuda else [1])
+    args.new_tokens = args.new_tokens or (128 if cuda else 8)
+    args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
+    args.repeats = args.repeats or (5 if cuda else 2)
+    if args.new_tokens < 2:
+        raise ValueError("--new-tokens must be >= 2 (decode time is the difference of 1 and n new tokens)")
+    if any(b < 1 for b in args.batch) or args.prompt_len < 1:
+        raise ValueError("batch sizes and --prompt-len must be >= 1")
+    unknown = set(args.baselines) - {"transformers", "autocontrastive-gen"}
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}")
+
+
+def main_args(args) -> int:
+    fill_defaults(args)
+    rows = run(args)
+    paths = save(rows, args.out, plot=not args.no_plot)
+    print((Path(args.out) / "latency.md").read_text())
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="latency benchmark (default: RANDOM-weight gpt2-medium-multiexit shape)")
+    add_arguments(p)
+    p.set_defaults(run=main_args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return main_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
