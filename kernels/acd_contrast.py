@@ -1,8 +1,8 @@
 """ACD contrast and greedy token choice on the exit stage's logits (design.md section 2), in two launches.
 
-Stage 1 (`_acd_tiles`, grid = vocabulary tiles x rows): from the upper/lower logits and their log-sum-exp,
-mark the plausible set S (a logit threshold, see `plausibility_threshold`) and store per tile: max of d = log p_u - log p_l over S (+ index),
-sum of exp(d - max) over S, the upper mass of S, and the best log p_u outside S (+ index).
+Stage 1 (`_acd_tiles`, grid = vocabulary tiles x rows): marks the plausible set S with a logit threshold (see
+`plausibility_threshold`) and stores per tile: the max of d = log p_u - log p_l over S (+ index), the sum of
+exp(d - max) over S, the upper mass of S, and the best log p_u outside S (+ index).
 Stage 2 (`_acd_merge`, one program per row): merges the tiles into log-sum-exp over S, picks the argmax of
 log q (first index on ties) and, if asked, writes log q = d - lse_S(d) + log mass(S) on S, log p_u elsewhere.
 """

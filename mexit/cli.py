@@ -22,7 +22,8 @@ def parse_contrast(text: str) -> tuple:
         upper = parts[0] if parts[0] == "original" else int(parts[0])
         return upper, int(parts[1])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--contrast takes UPPER,LOWER (UPPER may be 'original'), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--contrast takes UPPER,LOWER (UPPER may be 'original'), got {text!r}") from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

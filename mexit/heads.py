@@ -36,7 +36,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "torch"
         if not triton_available():
-            warnings.warn("triton is not installed: the exit stage runs on the PyTorch reference path (slower)")
+            warnings.warn("triton is not installed: the exit stage runs on the PyTorch reference path (slower)",
+                          stacklevel=3)
             return "torch"
         return "triton"
     if not triton_available():

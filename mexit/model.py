@@ -7,8 +7,8 @@ here; exit layer L (1-based, as in the checkpoint) is the output of block L-1, a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
