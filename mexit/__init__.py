@@ -10,9 +10,13 @@ from .sampling import SamplingConfig
 __version__ = "0.1.0"
 
 
-def load(path_or_id, dtype="fp32", device=None, backend: str = "auto") -> MultiExitLM:
-    """Load a GPT-2 or multi-exit GPT-2 checkpoint (local folder or hub id) ready to `generate`."""
-    return MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend)
+def load(path_or_id, dtype="fp32", device=None, backend: str = "auto", engine: str = "auto") -> MultiExitLM:
+    """Load a GPT-2 or multi-exit GPT-2 checkpoint (local folder or hub id) ready to `generate`.
+
+    backend: exit stage through "triton" kernels or the "torch" reference (auto: triton on CUDA).
+    engine: decode loop "graph" (CUDA graphs), "static" (the same step without capture) or "eager"
+    (auto: graph on CUDA)."""
+    return MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine)
 
 
 __all__ = ["GPT2_MEDIUM_MULTIEXIT", "DecodeConfig", "GenerationResult", "ModelConfig", "MultiExitConfiguration",

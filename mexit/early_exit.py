@@ -242,7 +242,7 @@ class EarlyExitRun:
 
 def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_new_tokens: int,
                         sampling: SamplingConfig, eos_token_id: int | None, backend: str,
-                        return_cache: bool = False) -> GenerationResult:
+                        return_cache: bool = False, on_token=None) -> GenerationResult:
     """Generate under `policy`. Returns tokens plus, per row and token, the exit layer and its confidence
     (max probability of the final head for tokens that ran full depth; the measure's value otherwise)."""
     prompts = check_prompts(prompts, model.config, max_new_tokens)
@@ -259,6 +259,8 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
     uniform = chooser.uniform(batch, model.device) if sampling.do_sample else None
     tokens = chooser.record(run.decide(LayerWalker(model, None, None, None, all_rows, precomputed=states), 0,
                                        uniform, None))
+    if on_token is not None:
+        on_token(tokens)
     for step in range(1, max_new_tokens):
         if chooser.all_finished():
             break
@@ -268,6 +270,8 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
         uniform = chooser.uniform(batch, model.device) if sampling.do_sample else None
         tokens = chooser.record(run.decide(walker, step, uniform, slot))
         run.stats["blocks_run"] += walker.blocks_run
+        if on_token is not None:
+            on_token(tokens)
     if run.pending is not None:
         run.pending.flush()
         run.stats["kv_filled"] = run.pending.filled

@@ -15,10 +15,12 @@ from .sampling import SamplingConfig, sample_from_scores
 @dataclass
 class GenerationResult:
     """tokens[b]: the new token ids of row b (ending at and including eos when it was produced).
-    `backend` says which exit-stage path ran; `exit_layers`/`confidences` are filled by early exit."""
+    `backend` says which exit-stage path ran (torch / triton), `engine` which decode loop (eager / static /
+    graph); `exit_layers`/`confidences` are filled by early exit."""
 
     tokens: list[list[int]]
     backend: str
+    engine: str = "eager"
     text: list[str] | None = None
     exit_layers: list[list[int]] | None = None
     confidences: list[list[float]] | None = None
@@ -107,8 +109,9 @@ class Decoder:
 
 def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,
                     sampling: SamplingConfig, eos_token_id: int | None, backend: str,
-                    return_cache: bool = False) -> GenerationResult:
-    """Generate for original / exit / contrast modes. `backend` must already be resolved."""
+                    return_cache: bool = False, on_token=None) -> GenerationResult:
+    """Generate for original / exit / contrast modes. `backend` must already be resolved. on_token(tokens [B])
+    is called with every step's tokens (streaming)."""
     decode.validate_for(model.config)
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     heads = decode.heads()
@@ -121,6 +124,8 @@ def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new
         hidden = torch.stack([states[layer] for layer in layers])
         greedy, scores = next_token_distribution(model, decode, hidden, backend, need_scores=sampling.do_sample)
         tokens = chooser.choose(greedy, scores)
+        if on_token is not None:
+            on_token(tokens)
         if step == max_new_tokens - 1 or chooser.all_finished():
             break
         h, slot = decoder.step_input(tokens, step)
@@ -165,7 +170,11 @@ class TokenChooser:
         return self.eos is not None and bool(self.finished.all())
 
     def rows(self) -> list[list[int]]:
-        table = torch.stack(self.history, dim=1).tolist()
-        if self.eos is None:
-            return table
-        return [row[: row.index(self.eos) + 1] if self.eos in row else row for row in table]
+        return cut_at_eos(torch.stack(self.history, dim=1).tolist(), self.eos)
+
+
+def cut_at_eos(table: list[list[int]], eos: int | None) -> list[list[int]]:
+    """Each row up to and including its first eos."""
+    if eos is None:
+        return table
+    return [row[: row.index(eos) + 1] if eos in row else row for row in table]

@@ -121,7 +121,9 @@ class MultiExitGPT2:
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache, slot: int,
                    rows: torch.Tensor | None = None, pending: PendingFill | None = None) -> torch.Tensor:
         """Turn h_start into h_end: run blocks start..end-1 on h [b, S, d] whose tokens sit at cache slots
-        slot..slot+S-1. `rows` (int64 [b]) selects the cache rows when only some rows run; None means all."""
+        slot..slot+S-1. `rows` (int64 [b]) selects the cache rows when only some rows run; None means all.
+        A tensor `slot` ([1] int64, S = 1, all rows) keeps every shape static for CUDA graph capture: the
+        token attends over the whole cache, masked by `cache.valid`, which must already mark its own slot."""
         for j in range(start, end):
             h = self._block(j, h, cache, slot, rows, pending)
         return h
@@ -140,16 +142,21 @@ class MultiExitGPT2:
         else:
             qkv = F.linear(a, w.attn_w[j].T, w.attn_b[j])
         q, k, v = (t.view(b, s, c.n_head, c.head_dim).transpose(1, 2) for t in qkv.split(d, dim=-1))
-        end = slot + s
-        if rows is None:
-            cache.k[j, :, :, slot:end] = k
-            cache.v[j, :, :, slot:end] = v
-            keys, values, valid = cache.k[j, :, :, :end], cache.v[j, :, :, :end], cache.valid[:, :end]
+        if isinstance(slot, torch.Tensor):  # static shapes (CUDA graphs): one token, slot on the device
+            cache.k[j].index_copy_(2, slot, k)
+            cache.v[j].index_copy_(2, slot, v)
+            keys, values, mask = cache.k[j], cache.v[j], cache.valid[:, None, None, :]  # valid: slots <= this one
+        elif rows is None:
+            cache.k[j, :, :, slot:slot + s] = k
+            cache.v[j, :, :, slot:slot + s] = v
+            keys, values = cache.k[j, :, :, :slot + s], cache.v[j, :, :, :slot + s]
+            mask = attention_mask(cache.valid[:, :slot + s], slot, s)[:, None]
         else:
-            cache.k[j, rows, :, slot:end] = k
-            cache.v[j, rows, :, slot:end] = v
-            keys, values, valid = cache.k[j, rows, :, :end], cache.v[j, rows, :, :end], cache.valid[rows, :end]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attention_mask(valid, slot, s)[:, None])
+            cache.k[j, rows, :, slot:slot + s] = k
+            cache.v[j, rows, :, slot:slot + s] = v
+            keys, values = cache.k[j, rows, :, :slot + s], cache.v[j, rows, :, :slot + s]
+            mask = attention_mask(cache.valid[rows, :slot + s], slot, s)[:, None]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + F.linear(y.transpose(1, 2).reshape(b, s, d), w.attn_proj_w[j].T, w.attn_proj_b[j])
         m = F.layer_norm(x, (d,), w.ln_2_w[j], w.ln_2_b[j], c.layer_norm_epsilon)
         m = F.gelu(F.linear(m, w.fc_w[j].T, w.fc_b[j]), approximate="tanh")

@@ -9,6 +9,7 @@ import torch
 from .checkpoint import load as load_model
 from .checkpoint import random_model
 from .config import DecodeConfig, ModelConfig, MultiExitConfiguration
+from .fast import generate_static, resolve_engine
 from .generation import GenerationResult, generate_tokens
 from .heads import resolve_backend
 from .model import MultiExitGPT2
@@ -49,21 +50,24 @@ def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
 class MultiExitLM:
     """A multi-exit GPT-2 ready to generate. Build with `MultiExitLM.from_pretrained` or `MultiExitLM.random`."""
 
-    def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str = "auto"):
+    def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str = "auto", engine: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.backend = resolve_backend(backend, model.device)
+        self.engine = resolve_engine(engine, model.device)
+        self._static_steps: dict = {}  # StepKey -> StaticStep (captured CUDA graphs), reused across calls
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype="fp32", device=None,
-                        backend: str = "auto") -> MultiExitLM:
+                        backend: str = "auto", engine: str = "auto") -> MultiExitLM:
         model = load_model(path_or_id, dtype=dtype, device=device)
-        return cls(model, load_tokenizer(model.folder), backend=backend)
+        return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine)
 
     @classmethod
-    def random(cls, config: ModelConfig, seed: int = 0, dtype="fp32", device="cpu", backend="auto") -> MultiExitLM:
+    def random(cls, config: ModelConfig, seed: int = 0, dtype="fp32", device="cpu", backend="auto",
+               engine="auto") -> MultiExitLM:
         """RANDOM weights of `config`'s shape (benchmarks, tests); `is_random` says so."""
-        return cls(random_model(config, seed=seed, dtype=dtype, device=device), backend=backend)
+        return cls(random_model(config, seed=seed, dtype=dtype, device=device), backend=backend, engine=engine)
 
     @property
     def config(self) -> ModelConfig:
@@ -85,18 +89,20 @@ class MultiExitLM:
             return [self.tokenizer.encode(p) for p in prompts]
         return prompts
 
+    @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 32, *, mode: str | None = None, exit_layer: int | None = None,
                  contrast: tuple | None = None, alpha: float = 0.1, min_candidates: int = 1,
                  multi_exit_config: MultiExitConfiguration | None = None, early_exit=None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: int | None | str = "config", return_cache: bool = False,
-                 **acd_names) -> GenerationResult:
+                 on_token=None, **acd_names) -> GenerationResult:
         """Generate `max_new_tokens` per prompt (text, a list of texts, token ids, or a list of id lists).
 
         Modes: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
         "original"), or autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices`.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead. eos_token_id: "config" uses
-        the checkpoint's, None never stops early. return_cache keeps the final KV cache on the result."""
+        the checkpoint's, None never stops early. return_cache keeps the final KV cache on the result (eager
+        engine). on_token(tokens [B]) receives every step's tokens (streaming)."""
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         eos = self.config.eos_token_id if eos_token_id == "config" else eos_token_id
         ids = self.encode(prompts)
@@ -106,21 +112,15 @@ class MultiExitLM:
             from .early_exit import generate_early_exit
 
             result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos, self.backend,
-                                         return_cache)
+                                         return_cache, on_token)
         else:
             decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, **acd_names)
-            result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend,
-                                     return_cache)
+            if self.engine == "eager" or return_cache:
+                result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend,
+                                         return_cache, on_token)
+            else:
+                result = generate_static(self._static_steps, self.model, ids, decode, max_new_tokens, sampling, eos,
+                                         self.backend, self.engine, on_token)
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
         return result
-
-    def to(self, device=None, dtype=None) -> MultiExitLM:
-        """A copy on another device / dtype (the backend is resolved again)."""
-        weights = self.model.w.to(device=device, dtype=dtype)
-        model = MultiExitGPT2(self.config, weights, folder=self.model.folder, random_weights=self.is_random)
-        return MultiExitLM(model, self.tokenizer)
-
-    @torch.inference_mode()
-    def __call__(self, *args, **kwargs) -> GenerationResult:
-        return self.generate(*args, **kwargs)

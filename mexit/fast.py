@@ -1,0 +1,186 @@
+"""Fast decode for the fixed modes (original / exit / ACD): one decode step over static buffers, captured once
+per (mode, sampling settings, batch bucket, length bucket) as a CUDA graph and replayed for every token.
+
+Nothing in a step talks to the host: the token, position, cache slot and step index live on the device and the
+step advances them itself; sampling reads uniform numbers drawn before the loop; eos handling is a mask. The
+host only replays the graph and, every `EOS_CHECK_EVERY` steps, reads one flag to stop early when every row has
+finished. The prefill runs eagerly (fused attention through scaled_dot_product_attention) into the same
+static cache. Without CUDA the same step runs eagerly ("static" engine): that is how CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .config import DecodeConfig
+from .generation import GenerationResult, PaddedBatch, check_prompts, cut_at_eos, layer_of, left_pad
+from .heads import next_token_distribution
+from .model import MultiExitGPT2
+from .sampling import SamplingConfig, sample_from_scores
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+LENGTH_QUANTUM = 128
+EOS_CHECK_EVERY = 16
+ENGINES = ("auto", "eager", "static", "graph")
+
+
+def batch_bucket(batch: int) -> int:
+    return next((b for b in BATCH_BUCKETS if b >= batch), -(-batch // 64) * 64)
+
+
+def length_bucket(length: int, n_positions: int) -> int:
+    return min(-(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM, n_positions)
+
+
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """auto -> graph on CUDA, eager elsewhere; graph without CUDA falls back to static with a warning."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
+    if engine == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if engine == "graph" and device.type != "cuda":
+        warnings.warn("CUDA graphs need a CUDA device: running the same static step eagerly", stacklevel=3)
+        return "static"
+    return engine
+
+
+@dataclass(frozen=True)
+class StepKey:
+    decode: DecodeConfig
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    batch: int
+    length: int
+
+
+class StaticStep:
+    """Static buffers for `batch` rows and `length` cache slots, and the decode step over them."""
+
+    def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str):
+        self.model, self.key, self.backend = model, key, backend
+        dev, b, t = model.device, key.batch, key.length
+        self.cache = model.new_cache(b, t)
+        self.tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(b, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=dev)
+        self.finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)  # -1: no eos
+        self.out = torch.zeros(b, t, dtype=torch.long, device=dev)
+        self.uniform = torch.zeros(t, b, dtype=torch.float32, device=dev)
+        self.layers = [layer_of(h) or model.config.n_layer for h in key.decode.heads()]
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _hidden_to_token(self, hidden: torch.Tensor) -> None:
+        """Choose, mask with eos, and record this step's token; advance the step index."""
+        k = self.key
+        greedy, scores = next_token_distribution(self.model, k.decode, hidden, self.backend, need_scores=k.do_sample)
+        if k.do_sample:
+            uniform = self.uniform.index_select(0, self.step_index)[0]
+            token = sample_from_scores(scores, uniform, k.temperature, k.top_k, k.top_p)
+        else:
+            token = greedy
+        token = torch.where(self.finished, self.eos, token)
+        self.finished |= token == self.eos
+        self.out.index_copy_(1, self.step_index, token[:, None])
+        self.tokens.copy_(token)
+        self.step_index += 1
+
+    def step(self) -> None:
+        """One decode step, all on the device: the body a CUDA graph captures."""
+        self.cache.valid.index_fill_(1, self.slot, True)
+        h = self.model.embed(self.tokens[:, None], self.positions[:, None])
+        states, start = {}, 0
+        for layer in sorted(set(self.layers)):
+            h = self.model.run_layers(h, start, layer, self.cache, self.slot)
+            states[layer], start = h[:, -1], layer
+        self._hidden_to_token(torch.stack([states[layer] for layer in self.layers]))
+        self.positions += 1
+        self.slot += 1
+
+    def prefill(self, batch: PaddedBatch, real_rows: int, eos: int | None, uniform: torch.Tensor | None) -> None:
+        """Reset the buffers for a new batch (padded to this bucket; rows past `real_rows` are filler, marked
+        finished), run the prompt, emit token 0."""
+        p = batch.ids.shape[1]
+        self.cache.valid.zero_()
+        self.cache.valid[:, :p] = batch.valid
+        self.finished.zero_()
+        self.eos.fill_(-1 if eos is None else eos)
+        self.step_index.zero_()
+        if uniform is not None:
+            self.uniform[: uniform.shape[0]].copy_(uniform)
+        h = self.model.embed(batch.ids, batch.positions)
+        states, start = {}, 0
+        for layer in sorted(set(self.layers)):
+            h = self.model.run_layers(h, start, layer, self.cache, 0)
+            states[layer], start = h[:, -1], layer
+        self._hidden_to_token(torch.stack([states[layer] for layer in self.layers]))
+        self.finished[real_rows:] = True
+        self.positions.copy_(batch.positions[:, -1] + 1)
+        self.slot.fill_(p)
+
+    def capture(self) -> None:
+        """Warm up (Triton compilation, library handles) on a side stream, then capture `step` as a graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.slot.zero_()
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    def decode(self, steps: int, eos: int | None, on_token=None) -> int:
+        """Run steps 1..steps-1 (replaying the graph when captured). Returns how many tokens were produced."""
+        produced = 1
+        for i in range(1, steps):
+            if eos is not None and i % EOS_CHECK_EVERY == 0 and bool(self.finished.all()):
+                break
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+            produced += 1
+            if on_token is not None:
+                on_token(self.tokens)
+        return produced
+
+
+def generate_static(steps: dict, model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,
+                    sampling: SamplingConfig, eos: int | None, backend: str, engine: str,
+                    on_token=None) -> GenerationResult:
+    """Generate through a StaticStep from `steps` (built and, for engine "graph", captured on first use).
+    Rows are padded to the batch bucket with copies of the first prompt; seeded sampling draws the same
+    uniform numbers, in the same order, as the eager loop."""
+    decode.validate_for(model.config)
+    prompts = check_prompts(prompts, model.config, max_new_tokens)
+    rows = len(prompts)
+    bucket = batch_bucket(rows)
+    padded = left_pad(prompts + [prompts[0]] * (bucket - rows), model.device)
+    length = length_bucket(padded.ids.shape[1] + max_new_tokens, model.config.n_positions)
+    key = StepKey(decode, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket, length)
+    step = steps.get(key)
+    if step is None:
+        step = steps[key] = StaticStep(model, key, backend)
+        if engine == "graph":
+            step.capture()
+    uniform = None
+    if sampling.do_sample:
+        gen = None if sampling.seed is None else torch.Generator(device=model.device).manual_seed(sampling.seed)
+        uniform = torch.zeros(max_new_tokens, bucket, device=model.device)
+        for i in range(max_new_tokens):
+            uniform[i, :rows] = torch.rand(rows, generator=gen, device=model.device)
+    step.prefill(padded, rows, eos, uniform)
+    emit = None if on_token is None else (lambda tokens: on_token(tokens[:rows]))
+    if emit is not None:
+        emit(step.tokens)
+    produced = step.decode(max_new_tokens, eos, emit)
+    table = cut_at_eos(step.out[:rows, :produced].tolist(), eos)
+    return GenerationResult(tokens=table, backend=backend, engine=engine)

@@ -1,0 +1,82 @@
+"""The static decode step (the body CUDA graphs capture) equals the eager loop; on CUDA, graph replay too."""
+
+import pytest
+import torch
+from test_generate import MODES, PROMPTS, mexit_kwargs
+
+import mexit
+from mexit.fast import StaticStep, batch_bucket, length_bucket, resolve_engine
+
+ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_checkpoint):
+    return mexit.load(tiny_checkpoint[0], device=DEVICE, engine="eager")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", MODES, ids=lambda c: "-".join(map(str, c.values())))
+def test_greedy_equals_eager(tiny_checkpoint, eager, engine, case):
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+    kw = dict(max_new_tokens=12, eos_token_id=None, **mexit_kwargs(case))
+    out = fast.generate(PROMPTS, **kw)
+    assert out.engine == engine
+    assert out.tokens == eager.generate(PROMPTS, **kw).tokens
+    for prompt in PROMPTS:  # single rows reuse bucket 1; the 3-row batch used bucket 4 (one filler row)
+        assert fast.generate([prompt], **kw).tokens == eager.generate([prompt], **kw).tokens
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_reused_across_calls_and_sampling(tiny_checkpoint, eager, engine):
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+    kw = dict(max_new_tokens=10, eos_token_id=None, contrast=(4, 2))
+    first = fast.generate(PROMPTS, **kw).tokens
+    fast.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 3, **kw)  # same bucket, other contents
+    assert fast.generate(PROMPTS, **kw).tokens == first
+    assert len(fast._static_steps) == 1
+    sample = dict(max_new_tokens=10, eos_token_id=None, do_sample=True, seed=5, top_p=0.9, exit_layer=3)
+    assert fast.generate(PROMPTS, **sample).tokens == eager.generate(PROMPTS, **sample).tokens
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_eos_and_streaming(tiny_checkpoint, eager, engine):
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+    free = eager.generate(PROMPTS, max_new_tokens=40, eos_token_id=None).tokens
+    eos = free[1][2]
+    streamed = []
+    out = fast.generate(PROMPTS, max_new_tokens=40, eos_token_id=eos, on_token=lambda t: streamed.append(t.tolist()))
+    assert out.tokens == eager.generate(PROMPTS, max_new_tokens=40, eos_token_id=eos).tokens
+    assert [row[0] for row in streamed][: len(out.tokens[0])] == out.tokens[0]
+
+
+def test_buckets_and_engines():
+    assert [batch_bucket(b) for b in (1, 3, 5, 64, 65, 130)] == [1, 4, 8, 64, 128, 192]
+    assert [length_bucket(n, 1024) for n in (1, 128, 129, 1000, 1024)] == [128, 128, 256, 1024, 1024]
+    assert length_bucket(100, 64) == 64
+    assert resolve_engine("auto", torch.device("cpu")) == "eager"
+    assert resolve_engine("auto", torch.device("cuda")) == "graph"
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+        assert resolve_engine("graph", torch.device("cpu")) == "static"
+    with pytest.raises(ValueError, match="unknown engine"):
+        resolve_engine("turbo", torch.device("cpu"))
+
+
+def test_static_step_has_no_host_sync(tiny_checkpoint):
+    """The step body must be capturable: on CPU, check it never reads a device value into Python."""
+    lm = mexit.load(tiny_checkpoint[0], engine="static")
+    lm.generate(PROMPTS, max_new_tokens=3, contrast=(4, 2), eos_token_id=None)
+    step = next(iter(lm._static_steps.values()))
+    assert isinstance(step, StaticStep)
+    calls = []
+    real_item, real_bool, real_tolist = torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist
+    try:
+        torch.Tensor.item = lambda self: calls.append("item") or real_item(self)
+        torch.Tensor.__bool__ = lambda self: calls.append("bool") or real_bool(self)
+        torch.Tensor.tolist = lambda self: calls.append("tolist") or real_tolist(self)
+        with torch.inference_mode():
+            step.step()
+    finally:
+        torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist = real_item, real_bool, real_tolist
+    assert calls == []
