@@ -1,6 +1,7 @@
 """mexit: a fast early-exit and Autocontrastive Decoding runtime for multi-exit GPT-2 checkpoints."""
 
 from .checkpoint import random_model, save_checkpoint
+from .compat import AutoMultiExitModel, FastMultiExitModel
 from .config import GPT2_MEDIUM_MULTIEXIT, DecodeConfig, ModelConfig, MultiExitConfiguration
 from .generation import GenerationResult
 from .model import MultiExitGPT2
@@ -19,5 +20,8 @@ def load(path_or_id, dtype="fp32", device=None, backend: str = "auto", engine: s
     return MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine)
 
 
-__all__ = ["GPT2_MEDIUM_MULTIEXIT", "DecodeConfig", "GenerationResult", "ModelConfig", "MultiExitConfiguration",
-           "MultiExitGPT2", "MultiExitLM", "SamplingConfig", "load", "random_model", "save_checkpoint"]
+__all__ = [
+    "GPT2_MEDIUM_MULTIEXIT", "AutoMultiExitModel", "DecodeConfig", "FastMultiExitModel", "GenerationResult",
+    "ModelConfig", "MultiExitConfiguration", "MultiExitGPT2", "MultiExitLM", "SamplingConfig", "load", "random_model",
+    "save_checkpoint",
+]

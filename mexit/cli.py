@@ -32,6 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="exit stage: Triton kernels or the PyTorch reference (auto: triton on cuda)")
+    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
+                   help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
 
 
 def add_generate_parser(sub) -> None:
@@ -71,7 +73,7 @@ def load_lm(args):
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if not args.model:
         raise SystemExit("error: --model is required (a checkpoint folder or hub id)")
-    return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend)
+    return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine)
 
 
 def run_generate(args) -> int:
@@ -94,7 +96,7 @@ def run_generate(args) -> int:
         result = lm.generate(prompts, mode=args.mode, exit_layer=args.exit_layer, contrast=args.contrast,
                              alpha=args.alpha, min_candidates=args.min_candidates, **common)
     if args.json:
-        payload = {"tokens": result.tokens, "backend": result.backend}
+        payload = {"tokens": result.tokens, "backend": result.backend, "engine": result.engine}
         if result.text is not None:
             payload["text"] = result.text
         if result.exit_layers is not None:

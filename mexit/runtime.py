@@ -92,14 +92,15 @@ class MultiExitLM:
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 32, *, mode: str | None = None, exit_layer: int | None = None,
                  contrast: tuple | None = None, alpha: float = 0.1, min_candidates: int = 1,
-                 multi_exit_config: MultiExitConfiguration | None = None, early_exit=None,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 multi_exit_config: MultiExitConfiguration | None = None, decode: DecodeConfig | None = None,
+                 early_exit=None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: int | None | str = "config", return_cache: bool = False,
                  on_token=None, **acd_names) -> GenerationResult:
         """Generate `max_new_tokens` per prompt (text, a list of texts, token ids, or a list of id lists).
 
         Modes: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
-        "original"), or autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices`.
+        "original"), autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices` or
+        `multi_exit_config`, or a ready `decode=DecodeConfig(...)`.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead. eos_token_id: "config" uses
         the checkpoint's, None never stops early. return_cache keeps the final KV cache on the result (eager
         engine). on_token(tokens [B]) receives every step's tokens (streaming)."""
@@ -107,14 +108,16 @@ class MultiExitLM:
         eos = self.config.eos_token_id if eos_token_id == "config" else eos_token_id
         ids = self.encode(prompts)
         if early_exit is not None:
-            if mode is not None or exit_layer is not None or contrast is not None or acd_names:
+            if mode is not None or exit_layer is not None or contrast is not None or acd_names or decode:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
             from .early_exit import generate_early_exit
 
             result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos, self.backend,
                                          return_cache, on_token)
         else:
-            decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, **acd_names)
+            if decode is None:
+                decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config,
+                                       **acd_names)
             if self.engine == "eager" or return_cache:
                 result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend,
                                          return_cache, on_token)
