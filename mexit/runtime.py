@@ -110,10 +110,16 @@ class MultiExitLM:
         if early_exit is not None:
             if mode is not None or exit_layer is not None or contrast is not None or acd_names or decode:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
-            from .early_exit import generate_early_exit
+            if self.engine == "eager" or return_cache:
+                from .early_exit import generate_early_exit
 
-            result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos, self.backend,
-                                         return_cache, on_token)
+                result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos,
+                                             self.backend, return_cache, on_token)
+            else:
+                from .fast_early_exit import generate_static_early_exit
+
+                result = generate_static_early_exit(self._static_steps, self.model, ids, early_exit, max_new_tokens,
+                                                    sampling, eos, self.backend, self.engine, on_token)
         else:
             if decode is None:
                 decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config,

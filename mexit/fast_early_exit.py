@@ -1,0 +1,279 @@
+"""Early exit on the fast path: a decode step split into static segments between the checked exits.
+
+All rows of the bucket run every launched segment (static shapes, so each segment can be a CUDA graph). A row
+that has exited is predicated, not removed: each later block reads its frozen exit state h_exit as input, so
+the block's key/value write for that row is exactly state propagation, c_attn_j(ln_1_j(h_exit)), and its
+other outputs are ignored. In the memory-bound regime that costs no extra weight reads. After each checked
+exit the host reads one flag (is any row still running?); when none is, the rest of the step's layers are
+skipped and one fill step writes their keys/values from h_exit (eager propagation, 2·d² of each block's 12·d²
+weights). So a step reads at most one small value per checked exit and launches only the layers some row needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .early_exit import ExitPolicy
+from .generation import GenerationResult, check_prompts, cut_at_eos, left_pad
+from .heads import exit_stage
+from .model import MultiExitGPT2
+from .sampling import SamplingConfig, sample_from_scores
+
+
+@dataclass(frozen=True)
+class EarlyExitKey:
+    policy: ExitPolicy
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    batch: int
+    length: int
+
+
+class StaticEarlyExit:
+    """Static buffers and the segment steps of one policy, batch bucket and length bucket."""
+
+    def __init__(self, model: MultiExitGPT2, key: EarlyExitKey, backend: str):
+        self.model, self.key, self.backend, self.policy = model, key, backend, key.policy
+        config = model.config
+        self.depth = key.policy.depth(config)
+        self.checked = key.policy.checked_exits(config)
+        below = [layer for layer in config.exit_layers if layer < self.checked[0]]
+        self.previous = dict(zip(self.checked, [below[-1] if below else 0] + self.checked[:-1]))
+        cosine = key.policy.measure == "cosine"
+        self.stops = sorted({self.depth, *self.checked, *(self.previous.values() if cosine else ())} - {0})
+        dev, b, t, d = model.device, key.batch, key.length, config.n_embd
+        zeros = dict(device=dev)
+        self.cache = model.new_cache(b, t)
+        self.tokens = torch.zeros(b, dtype=torch.long, **zeros)
+        self.positions = torch.zeros(b, dtype=torch.long, **zeros)
+        self.slot = torch.zeros(1, dtype=torch.long, **zeros)
+        self.step_index = torch.zeros(1, dtype=torch.long, **zeros)
+        self.finished = torch.zeros(b, dtype=torch.bool, **zeros)
+        self.eos = torch.full((1,), -1, dtype=torch.long, **zeros)
+        self.out = torch.zeros(b, t, dtype=torch.long, **zeros)
+        self.exit_at = torch.zeros(b, t, dtype=torch.long, **zeros)
+        self.conf_at = torch.zeros(b, t, dtype=torch.float32, **zeros)
+        self.uniform = torch.zeros(t, b, dtype=torch.float32, **zeros)
+        self.thresholds = torch.zeros(t, dtype=torch.float32, **zeros)
+        self.running = torch.zeros(b, dtype=torch.bool, **zeros)
+        self.fired = torch.zeros(b, dtype=torch.bool, **zeros)
+        self.flags = torch.zeros(2, dtype=torch.bool, **zeros)  # any row fired, any row still running
+        self.chosen = torch.zeros(b, dtype=torch.long, **zeros)
+        self.h = torch.zeros(b, 1, d, dtype=model.dtype, **zeros)
+        self.h_exit = torch.zeros(b, d, dtype=model.dtype, **zeros)
+        self.saved = {layer: torch.zeros(b, d, dtype=model.dtype, **zeros)  # cosine's previous states
+                      for layer in (set(self.previous.values()) if cosine else ())}
+        self.graphs: dict = {}
+        self.counters = dict(segments=0, fills=0, host_reads=0)
+
+    # ---- pieces shared by the prefill (precomputed states) and the segments ----
+    def _pick(self, out) -> torch.Tensor:
+        k = self.key
+        if not k.do_sample:
+            return out.argmax[0]
+        uniform = self.uniform.index_select(0, self.step_index)[0]
+        return sample_from_scores(out.logprobs[0], uniform, k.temperature, k.top_k, k.top_p)
+
+    def _head(self, hidden: torch.Tensor, head):
+        return exit_stage(self.model, hidden[None], [head], self.backend, with_logprobs=self.key.do_sample)
+
+    def _record(self, mask, layer, confidence):
+        step = self.step_index
+        self.exit_at.index_copy_(1, step, torch.where(mask, layer, self.exit_at.index_select(1, step)[:, 0])[:, None])
+        self.conf_at.index_copy_(1, step, torch.where(mask, confidence, self.conf_at.index_select(1, step)[:, 0])[:, None])
+
+    def _check(self, layer: int, h_last: torch.Tensor) -> None:
+        """Confidence at a checked exit for the running rows; firing rows freeze and (except for cosine, whose
+        head runs in `_cosine_head` only when a row fired) take this exit's token."""
+        threshold = self.thresholds.index_select(0, self.step_index)
+        if self.policy.measure == "cosine":
+            confidence = F.cosine_similarity(h_last.float(), self.saved[self.previous[layer]].float(), dim=-1)
+            fire = self.running & (confidence >= threshold)
+        else:
+            out = self._head(h_last, layer)
+            confidence = (out.max_prob if self.policy.measure == "max-prob" else out.margin)[0]
+            fire = self.running & (confidence >= threshold)
+            self.chosen.copy_(torch.where(fire, self._pick(out), self.chosen))
+        self._record(fire, layer, confidence)
+        self.h_exit.copy_(torch.where(fire[:, None], h_last, self.h_exit))
+        self.fired.copy_(fire)
+        self.running &= ~fire
+        self.flags.copy_(torch.stack([fire.any(), self.running.any()]))
+
+    def _cosine_head(self, layer: int) -> None:
+        out = self._head(self.h_exit, layer)
+        self.chosen.copy_(torch.where(self.fired, self._pick(out), self.chosen))
+
+    def _final(self, h_last: torch.Tensor) -> None:
+        out = self._head(h_last, self.policy.final_head)
+        self.chosen.copy_(torch.where(self.running, self._pick(out), self.chosen))
+        self._record(self.running, self.depth, out.max_prob[0])
+
+    def _finish(self) -> None:
+        token = torch.where(self.finished, self.eos, self.chosen)
+        self.finished |= token == self.eos
+        self.out.index_copy_(1, self.step_index, token[:, None])
+        self.tokens.copy_(token)
+        self.step_index += 1
+
+    # ---- decode-step pieces (each one a CUDA graph on the graph engine) ----
+    def _segment(self, index: int) -> None:
+        start = 0 if index == 0 else self.stops[index - 1]
+        layer = self.stops[index]
+        if index == 0:
+            self.cache.valid.index_fill_(1, self.slot, True)
+            self.h.copy_(self.model.embed(self.tokens[:, None], self.positions[:, None]))
+            self.running.copy_(~self.finished)
+            self.h_exit.copy_(self.h[:, 0])
+            if 0 in self.saved:
+                self.saved[0].copy_(self.h[:, 0])
+        h = self.h
+        for j in range(start, layer):
+            h = torch.where(self.running[:, None, None], h, self.h_exit[:, None])
+            h = self.model.run_layers(h, j, j + 1, self.cache, self.slot)
+        self.h.copy_(h)
+        if layer in self.saved:
+            self.saved[layer].copy_(h[:, -1])
+        if layer == self.depth:
+            self._final(h[:, -1])
+        elif layer in self.checked:
+            self._check(layer, h[:, -1])
+
+    def _fill(self, start: int) -> None:
+        rows = torch.arange(self.key.batch, device=self.model.device)
+        self.model.fill_kv(self.h_exit, start, self.depth, self.cache, rows, self.slot.expand(self.key.batch))
+
+    def _step_end(self) -> None:
+        self._finish()
+        self.positions += 1
+        self.slot += 1
+
+    def _launch(self, name, fn) -> None:
+        graph = self.graphs.get(name)
+        if graph is not None:
+            graph.replay()
+        else:
+            fn()
+
+    def step(self) -> None:
+        """One decode step: segments until no row runs, a fill for the skipped layers, then the token."""
+        for index, layer in enumerate(self.stops):
+            self._launch(("segment", index), lambda i=index: self._segment(i))
+            self.counters["segments"] += 1
+            if layer not in self.checked:
+                continue
+            self.counters["host_reads"] += 1
+            fired, running = self.flags.tolist()  # the one small device-to-host read of this checked exit
+            if fired and self.policy.measure == "cosine":
+                self._launch(("cosine_head", layer), lambda layer=layer: self._cosine_head(layer))
+            if not running:
+                self._launch(("fill", layer), lambda layer=layer: self._fill(layer))
+                self.counters["fills"] += 1
+                break
+        self._launch("end", self._step_end)
+
+    def capture(self) -> None:
+        """Capture every piece as its own CUDA graph after a warm-up run of each on a side stream."""
+        pieces = {("segment", i): (lambda i=i: self._segment(i)) for i in range(len(self.stops))}
+        pieces.update({("fill", layer): (lambda layer=layer: self._fill(layer)) for layer in self.checked})
+        if self.policy.measure == "cosine":
+            pieces.update({("cosine_head", layer): (lambda layer=layer: self._cosine_head(layer))
+                           for layer in self.checked})
+        pieces["end"] = self._step_end
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for fn in pieces.values():
+                self.slot.zero_()
+                self.step_index.zero_()
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        for name, fn in pieces.items():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            self.graphs[name] = graph
+
+    def prefill(self, batch, real_rows: int, eos: int | None, uniform, thresholds) -> None:
+        """Reset for a new batch, run the prompt at full depth, decide token 0 with the policy on the last
+        position's states (no propagation needed: every layer ran)."""
+        p = batch.ids.shape[1]
+        self.cache.valid.zero_()
+        self.cache.valid[:, :p] = batch.valid
+        self.finished.zero_()
+        self.eos.fill_(-1 if eos is None else eos)
+        self.step_index.zero_()
+        self.thresholds[: len(thresholds)] = torch.tensor(thresholds, device=self.thresholds.device)
+        if uniform is not None:
+            self.uniform[: uniform.shape[0]].copy_(uniform)
+        h = self.model.embed(batch.ids, batch.positions)
+        states, start = {0: h[:, -1]}, 0
+        for layer in self.stops:
+            h = self.model.run_layers(h, start, layer, self.cache, 0)
+            states[layer], start = h[:, -1], layer
+        for layer, buffer in self.saved.items():
+            buffer.copy_(states[layer])
+        self.running.fill_(True)
+        for layer in self.checked:
+            self._check(layer, states[layer])
+            if self.policy.measure == "cosine":
+                self._cosine_head(layer)
+        self._final(states[self.depth])
+        self._finish()
+        self.finished[real_rows:] = True
+        self.positions.copy_(batch.positions[:, -1] + 1)
+        self.slot.fill_(p)
+
+
+def generate_static_early_exit(steps: dict, model: MultiExitGPT2, prompts, policy: ExitPolicy, max_new_tokens: int,
+                               sampling: SamplingConfig, eos: int | None, backend: str, engine: str,
+                               on_token=None) -> GenerationResult:
+    """Early exit through StaticEarlyExit (captured as CUDA graphs on the graph engine)."""
+    from .fast import EOS_CHECK_EVERY, batch_bucket, length_bucket
+
+    prompts = check_prompts(prompts, model.config, max_new_tokens)
+    policy.checked_exits(model.config)
+    rows = len(prompts)
+    bucket = batch_bucket(rows)
+    padded = left_pad(prompts + [prompts[0]] * (bucket - rows), model.device)
+    length = length_bucket(padded.ids.shape[1] + max_new_tokens, model.config.n_positions)
+    key = EarlyExitKey(policy, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket,
+                       length)
+    state = steps.get(key)
+    if state is None:
+        state = steps[key] = StaticEarlyExit(model, key, backend)
+        if engine == "graph":
+            state.capture()
+    state.counters = dict(segments=0, fills=0, host_reads=0)
+    uniform = None
+    gen = None
+    if sampling.do_sample:
+        gen = None if sampling.seed is None else torch.Generator(device=model.device).manual_seed(sampling.seed)
+        uniform = torch.zeros(max_new_tokens, bucket, device=model.device)
+    thresholds = [policy.threshold_at(i, max_new_tokens) for i in range(max_new_tokens)]
+    if uniform is not None:  # drawn in the eager scheduler's order: one draw of `rows` numbers per step
+        for i in range(max_new_tokens):
+            uniform[i, :rows] = torch.rand(rows, generator=gen, device=model.device)
+    state.prefill(padded, rows, eos, uniform, thresholds)
+    if on_token is not None:
+        on_token(state.tokens[:rows])
+    produced = 1
+    for i in range(1, max_new_tokens):
+        if eos is not None and i % EOS_CHECK_EVERY == 0 and bool(state.finished.all()):
+            break
+        state.step()
+        produced += 1
+        if on_token is not None:
+            on_token(state.tokens[:rows])
+    tokens = cut_at_eos(state.out[:rows, :produced].tolist(), eos)
+    exit_layers = [row[: len(t)] for row, t in zip(state.exit_at[:rows, :produced].tolist(), tokens)]
+    confidences = [row[: len(t)] for row, t in zip(state.conf_at[:rows, :produced].tolist(), tokens)]
+    n_tokens = sum(map(len, exit_layers))
+    stats = dict(state.counters, depth=state.depth, mean_exit_layer=sum(map(sum, exit_layers)) / max(n_tokens, 1))
+    return GenerationResult(tokens=tokens, backend=backend, engine=engine, exit_layers=exit_layers,
+                            confidences=confidences, stats=stats)

@@ -1,0 +1,72 @@
+"""Early exit on the static segment path (what CUDA graphs capture) equals the eager scheduler."""
+
+import pytest
+import torch
+from test_early_exit import N_NEW, POLICIES, PROMPTS
+
+import mexit
+from mexit.early_exit import ExitPolicy
+from mexit.fast_early_exit import StaticEarlyExit
+
+ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IDS = lambda p: f"{p.measure}-{p.threshold}-{p.exits}-{p.decay_tau}"  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_checkpoint):
+    return mexit.load(tiny_checkpoint[0], device=DEVICE, engine="eager")
+
+
+def static_state(lm) -> StaticEarlyExit:
+    (state,) = [s for s in lm._static_steps.values() if isinstance(s, StaticEarlyExit)]
+    return state
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("policy", POLICIES + [ExitPolicy(1.0), ExitPolicy(0.0, exits=(2,))], ids=IDS)
+def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, policy):
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+    ours = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy)
+    theirs = eager.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy, return_cache=True)
+    assert ours.engine == engine
+    assert ours.tokens == theirs.tokens
+    assert ours.exit_layers == theirs.exit_layers
+    for a, b in zip(ours.confidences, theirs.confidences):
+        assert a == pytest.approx(b, abs=1e-5)
+    # the cache: predicated blocks and the fill step give the eager scheduler's propagated keys/values
+    state = static_state(fast)
+    longest = max(map(len, PROMPTS))
+    used = longest + N_NEW - 1
+    for b in range(len(PROMPTS)):
+        valid = theirs.cache.valid[b, :used]
+        torch.testing.assert_close(state.cache.k[:, b, :, :used][:, :, valid], theirs.cache.k[:, b, :, :used][:, :, valid],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state.cache.v[:, b, :, :used][:, :, valid], theirs.cache.v[:, b, :, :used][:, :, valid],
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_reads_and_launches(tiny_checkpoint, engine):
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+    always = fast.generate([PROMPTS[0]], N_NEW, eos_token_id=None, early_exit=ExitPolicy(0.0, exits=(1, 2, 3)))
+    steps = N_NEW - 1
+    # every token exits at the first check: one segment, one host read and one fill per step
+    assert always.stats["segments"] == steps and always.stats["host_reads"] == steps
+    assert always.stats["fills"] == steps
+    never = fast.generate([PROMPTS[0]], N_NEW, eos_token_id=None, early_exit=ExitPolicy(1.0, exits=(1, 2, 3)))
+    assert never.stats["segments"] == 4 * steps and never.stats["host_reads"] == 3 * steps
+    assert never.stats["fills"] == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sampling_and_eos(tiny_checkpoint, eager, engine):
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+    policy = ExitPolicy(0.3)
+    kw = dict(do_sample=True, seed=9, top_k=30, eos_token_id=None, early_exit=policy)
+    assert fast.generate(PROMPTS, N_NEW, **kw).tokens == eager.generate(PROMPTS, N_NEW, **kw).tokens
+    free = eager.generate(PROMPTS, 30, eos_token_id=None, early_exit=policy).tokens
+    eos = free[2][4]
+    stopped = fast.generate(PROMPTS, 30, eos_token_id=eos, early_exit=policy)
+    expected = eager.generate(PROMPTS, 30, eos_token_id=eos, early_exit=policy)
+    assert stopped.tokens == expected.tokens and stopped.exit_layers == expected.exit_layers
