@@ -83,9 +83,12 @@ class StaticEarlyExit:
         return exit_stage(self.model, hidden[None], [head], self.backend, with_logprobs=self.key.do_sample)
 
     def _record(self, mask, layer, confidence):
-        step = self.step_index
-        self.exit_at.index_copy_(1, step, torch.where(mask, layer, self.exit_at.index_select(1, step)[:, 0])[:, None])
-        self.conf_at.index_copy_(1, step, torch.where(mask, confidence, self.conf_at.index_select(1, step)[:, 0])[:, None])
+        """Exit layer and confidence of the rows in `mask`, in this step's column."""
+        column = self.step_index
+        layers = torch.where(mask, layer, self.exit_at.index_select(1, column)[:, 0])
+        confidences = torch.where(mask, confidence, self.conf_at.index_select(1, column)[:, 0])
+        self.exit_at.index_copy_(1, column, layers[:, None])
+        self.conf_at.index_copy_(1, column, confidences[:, None])
 
     def _check(self, layer: int, h_last: torch.Tensor) -> None:
         """Confidence at a checked exit for the running rows; firing rows freeze and (except for cosine, whose

@@ -40,10 +40,9 @@ def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, policy):
     used = longest + N_NEW - 1
     for b in range(len(PROMPTS)):
         valid = theirs.cache.valid[b, :used]
-        torch.testing.assert_close(state.cache.k[:, b, :, :used][:, :, valid], theirs.cache.k[:, b, :, :used][:, :, valid],
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(state.cache.v[:, b, :, :used][:, :, valid], theirs.cache.v[:, b, :, :used][:, :, valid],
-                                   atol=1e-5, rtol=1e-5)
+        for ours_kv, theirs_kv in ((state.cache.k, theirs.cache.k), (state.cache.v, theirs.cache.v)):
+            torch.testing.assert_close(ours_kv[:, b, :, :used][:, :, valid], theirs_kv[:, b, :, :used][:, :, valid],
+                                       atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
