@@ -43,12 +43,14 @@ def parse_mode(spec: str, config) -> dict:
         elif kind == "ee":
             parts = rest.split(":")
             exits = tuple(int(x) for x in parts[2].split(",")) if len(parts) > 2 else None
-            kw = dict(early_exit=ExitPolicy(threshold=float(parts[1]), measure=parts[0], exits=exits))
+            kw = dict(measure=parts[0], threshold=float(parts[1]), exits=exits)
         else:
             raise ValueError
     except (ValueError, IndexError):
         raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER or "
                          f"ee:MEASURE:THRESHOLD[:L1,L2]") from None
+    if kind == "ee":
+        kw = dict(early_exit=ExitPolicy(**kw))
     heads = [kw.get("exit_layer")] + list(kw.get("contrast", ()))
     missing = [h for h in heads if h not in (None, "original") and h not in config.exit_layers]
     if missing:

@@ -116,9 +116,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mexit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
+    from mexit.bench.ablate import add_parser as add_ablate_parser
     from mexit.bench.latency import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    add_ablate_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

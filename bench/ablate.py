@@ -1,0 +1,253 @@
+"""Exit-threshold ablation: what each early-exit setting costs in quality and buys in speed.
+
+    mexit ablate --model PATH [--prompts FILE] --thresholds 0.5 0.7 0.9 --measures max-prob cosine \\
+                 --exit-sets all 8,12,16 --decay-tau none 4 --max-new-tokens 32 --out ablation
+
+For every setting (threshold x measure x exit set x decay schedule) over the prompt file (default: a small set
+shipped with mexit): mean exit layer and the histogram of exit layers; measured speed-up against full-depth
+generation (same prompts, engine and device, timed end to end); token agreement with the full-depth greedy
+output; the full model's mean log-likelihood of the generated continuation (a quality proxy); and the 4-gram
+repetition rate. Writes ablation.jsonl (resumable: finished settings are not rerun), ablation.csv, and
+ablation.png (quality against speed-up). Every setting is validated before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
+
+
+def read_prompts(path) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts (one per line)")
+    return prompts
+
+
+def encode(lm, prompts: list[str]) -> tuple[list[list[int]], str]:
+    """Tokenizer ids, or (no tokenizer: random-weight models) UTF-8 bytes modulo the vocabulary, labeled."""
+    if lm.tokenizer is not None:
+        return [lm.tokenizer.encode(p) for p in prompts], "tokenizer"
+    return [[b % lm.config.vocab_size for b in p.encode()] for p in prompts], "utf-8 bytes (no tokenizer)"
+
+
+def parse_exit_set(text: str, config) -> tuple[int, ...] | None:
+    if text == "all":
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"exit set {text!r}: use 'all' or comma-separated layers like 8,12,16") from None
+
+
+def settings(args, config) -> list[dict]:
+    """Every (measure, threshold, exits, decay) setting, each validated as an ExitPolicy for this checkpoint."""
+    from mexit.early_exit import ExitPolicy
+
+    out = []
+    for measure in args.measures:
+        for threshold in args.thresholds:
+            for exit_set in args.exit_sets:
+                for tau in args.decay_tau:
+                    decay = None if str(tau).lower() == "none" else float(tau)
+                    policy = ExitPolicy(threshold=threshold, measure=measure, exits=parse_exit_set(exit_set, config),
+                                        decay_tau=decay, min_layer=args.min_layer)
+                    policy.checked_exits(config)
+                    out.append(dict(measure=measure, threshold=threshold, exits=exit_set, decay_tau=decay,
+                                    policy=policy))
+    return out
+
+
+def setting_key(setting: dict, run_id: str) -> str:
+    return f"{run_id}|{setting['measure']}|{setting['threshold']}|{setting['exits']}|{setting['decay_tau']}"
+
+
+def timed_generate(lm, ids, batch, max_new, **kw):
+    """Generate every prompt in batches; returns (tokens per prompt, exit layers per prompt, seconds)."""
+    tokens, layers = [], []
+    device = lm.model.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i in range(0, len(ids), batch):
+        out = lm.generate(ids[i: i + batch], max_new, eos_token_id=None, **kw)
+        tokens += out.tokens
+        layers += out.exit_layers or [[lm.config.n_layer] * len(t) for t in out.tokens]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return tokens, layers, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def continuation_loglik(lm, prompt: list[int], continuation: list[int]) -> float:
+    """Mean log-probability of `continuation` under the full model (original head), given `prompt`."""
+    from mexit.generation import Decoder, left_pad
+
+    model = lm.model
+    seq = prompt + continuation
+    decoder = Decoder(model, left_pad([seq], model.device), 1)
+    h, _ = decoder.prefill_input()
+    h = model.run_layers(h, 0, model.config.n_layer, decoder.cache, 0)
+    logprobs = model.head_logits(h[0, len(prompt) - 1: -1], "original").log_softmax(-1)
+    return logprobs.gather(-1, torch.tensor(continuation, device=model.device)[:, None]).mean().item()
+
+
+def repetition_rate(tokens: list[int], n: int = 4) -> float:
+    """1 - distinct n-grams / n-grams in a continuation (0: no repeated n-gram)."""
+    grams = [tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def evaluate(lm, ids, setting, reference, reference_seconds, args) -> dict:
+    tokens, layers, seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens, early_exit=setting["policy"])
+    flat = [x for row in layers for x in row]
+    histogram = {str(layer): flat.count(layer) for layer in sorted(set(flat))}
+    agree = [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(tokens, reference)]
+    return dict(
+        measure=setting["measure"], threshold=setting["threshold"], exits=setting["exits"],
+        decay_tau=setting["decay_tau"], mean_exit_layer=sum(flat) / len(flat), exit_histogram=histogram,
+        seconds=seconds, speedup=reference_seconds / seconds, agreement=sum(agree) / len(agree),
+        loglik=sum(continuation_loglik(lm, p, t) for p, t in zip(ids, tokens)) / len(ids),
+        repetition=sum(map(repetition_rate, tokens)) / len(tokens),
+    )
+
+
+def load_lm(args):
+    import mexit
+    from mexit.checkpoint import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    if args.model:
+        return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine), args.model
+    lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend,
+                                  engine=args.engine)
+    return lm, "RANDOM weights, gpt2-medium-multiexit shape (quality numbers are meaningless)"
+
+
+def run(args) -> list[dict]:
+    from tqdm import tqdm
+
+    from mexit.bench.common import run_metadata
+
+    prompts = read_prompts(args.prompts)
+    if args.max_new_tokens < 1 or args.batch < 1:
+        raise ValueError("--max-new-tokens and --batch must be >= 1")
+    lm, label = load_lm(args)
+    plan = settings(args, lm.config)  # validates everything before any generation
+    ids, encoding = encode(lm, prompts)
+    meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding, engine=lm.engine,
+                backend=lm.backend, prompts=str(args.prompts), n_prompts=len(prompts),
+                max_new_tokens=args.max_new_tokens, batch=args.batch)
+    run_id = hashlib.sha256(json.dumps([label, ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
+                                        str(lm.model.device)]).encode()).hexdigest()[:12]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "ablation.jsonl"
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
+    timed_generate(lm, ids[:1], 1, 2)  # warm-up (graph capture, kernel compilation) outside the timings
+    reference, _, reference_seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens)
+    rows = []
+    todo = [s for s in plan if setting_key(s, run_id) not in done]
+    print(f"# {label}: {len(plan)} settings, {len(plan) - len(todo)} already in {log}", file=sys.stderr)
+    with open(log, "a") as f:
+        for setting in tqdm(todo, desc="ablation", disable=args.quiet):
+            row = dict(meta, key=setting_key(setting, run_id), run_id=run_id, full_depth_seconds=reference_seconds,
+                       **evaluate(lm, ids, setting, reference, reference_seconds, args))
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            done[row["key"]] = row
+    rows = [done[setting_key(s, run_id)] for s in plan]
+    write_outputs(rows, out, plot=not args.no_plot)
+    return rows
+
+
+COLUMNS = ["measure", "threshold", "exits", "decay_tau", "mean_exit_layer", "speedup", "agreement", "loglik",
+           "repetition"]
+
+
+def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
+    with open(out / "ablation.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + ["exit_histogram", "seconds", "full_depth_seconds"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([dict(r, exit_histogram=json.dumps(r["exit_histogram"])) for r in rows])
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for measure in dict.fromkeys(r["measure"] for r in rows):
+            pts = [r for r in rows if r["measure"] == measure]
+            ax.scatter([r["speedup"] for r in pts], [r["loglik"] for r in pts], label=measure)
+            for r in pts:
+                ax.annotate(f"{r['threshold']:g}", (r["speedup"], r["loglik"]), fontsize=7)
+        ax.axvline(1.0, color="gray", lw=0.5)
+        ax.set_xlabel("measured speed-up vs full depth")
+        ax.set_ylabel("full model's mean log-likelihood of the output")
+        ax.set_title(f"{rows[0]['model']}\n{rows[0]['device']}, {rows[0]['dtype']}", fontsize=8)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "ablation.png", dpi=120)
+        plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="text file, one prompt per line")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    p.add_argument("--measures", nargs="+", default=["max-prob", "margin", "cosine"])
+    p.add_argument("--exit-sets", nargs="+", default=["all"], help="'all' or comma-separated exit layers")
+    p.add_argument("--decay-tau", nargs="+", default=["none"], help="CALM decay tau values; 'none' = fixed")
+    p.add_argument("--min-layer", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"])
+    p.add_argument("--out", default="ablation_results")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main_args(args) -> int:
+    rows = run(args)
+    from mexit.bench.common import markdown_table
+
+    print(markdown_table(rows, COLUMNS))
+    print(f"wrote {args.out}/ablation.jsonl, ablation.csv" + ("" if args.no_plot else ", ablation.png"))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ablate", help="exit-threshold ablation: quality vs measured speed-up")
+    add_arguments(p)
+    p.set_defaults(run=main_args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return main_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

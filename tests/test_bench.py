@@ -1,0 +1,112 @@
+"""The latency benchmark and the threshold ablation run on CPU on a tiny checkpoint: fields and invariants."""
+
+import json
+
+import pytest
+
+from mexit.bench import ablate, latency
+
+
+def latency_args(folder, out, **kw):
+    argv = ["--model", str(folder), "--batch", "1", "2", "--prompt-len", "5", "--new-tokens", "8", "--warmup", "1",
+            "--repeats", "3", "--modes", "original", "exit:2", "acd:4,2", "ee:max-prob:0:2", "--no-compile",
+            "--out", str(out)]
+    for k, v in kw.items():
+        argv += [f"--{k}", *v] if isinstance(v, list) else [f"--{k}", v]
+    return argv
+
+
+def test_latency_rows_and_files(tiny_checkpoint, tmp_path):
+    assert latency.main(latency_args(tiny_checkpoint[0], tmp_path)) == 0
+    rows = json.loads((tmp_path / "latency.json").read_text())
+    timed = [r for r in rows if "skipped" not in r]
+    assert {(r["impl"], r["mode"], r["batch"]) for r in timed} >= {
+        ("mexit", "original", 1), ("mexit", "acd:4,2", 2), ("transformers eager", "original", 2)}
+    for r in timed:
+        assert r["ms_per_token"] > 0 and r["prefill_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["ms_per_token_min"] <= r["ms_per_token"] <= r["ms_per_token_max"]
+        assert 0 < r["pct_roofline"] and r["floor_ms"] > 0 and r["copy_gb_s"] > 0
+        assert r["device"] and r["dtype"] == "float32" and r["torch"] and "random_weights" in r
+    ee = [r for r in timed if r["mode"] == "ee:max-prob:0:2"]
+    assert all(r["mean_exit_layer"] == 2 for r in ee)
+    by_mode = {r["mode"]: r for r in timed if r["batch"] == 1 and r["impl"] == "mexit"}
+    assert by_mode["exit:2"]["step_mb"] < by_mode["original"]["step_mb"] < by_mode["acd:4,2"]["step_mb"]
+    skipped = [r for r in rows if "skipped" in r]
+    assert any(r["impl"] == "autocontrastive-gen" and "not installed" in r["skipped"] for r in skipped)
+    for name in ("latency.csv", "latency.md", "latency.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| mexit | acd:4,2 |" in (tmp_path / "latency.md").read_text()
+
+
+@pytest.mark.parametrize("modes,message", [
+    (["beam:4"], "unknown mode 'beam:4'"),
+    (["exit:7"], "exit layer 7 is not in the checkpoint"),
+    (["acd:4,9"], "exit layer 9 is not in the checkpoint"),
+    (["ee:max-prob:1.5"], r"threshold for max-prob must be in \[0, 1\]"),
+])
+def test_latency_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, modes, message):
+    with pytest.raises(ValueError, match=message):
+        latency.main(latency_args(tiny_checkpoint[0], tmp_path / "out", modes=modes))
+    assert not (tmp_path / "out").exists()
+
+
+def ablate_args(folder, out, prompts, **kw):
+    argv = ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "6", "--out", str(out),
+            "--quiet", "--no-plot"]
+    for k, v in kw.items():
+        argv += [f"--{k}", *map(str, v)]
+    return argv
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("Hello world\n\nThe cat sat on\nA B C\n")
+    return path
+
+
+def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, monkeypatch):
+    out = tmp_path / "abl"
+    argv = ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.0, 0.4, 1.0],
+                       measures=["max-prob", "cosine"], **{"exit-sets": ["all", "2"], "decay-tau": ["none", "4"]})
+    assert ablate.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3 * 2 * 2
+    for r in rows:
+        assert sum(r["exit_histogram"].values()) == 3 * 6  # 3 prompts x 6 tokens
+        assert 0 <= r["agreement"] <= 1 and r["loglik"] < 0 and 0 <= r["repetition"] <= 1 and r["speedup"] > 0
+        if r["threshold"] == 1.0:  # unreachable: full depth, identical output
+            assert r["mean_exit_layer"] == 4 and r["agreement"] == 1.0
+        if r["threshold"] == 0.0 and r["exits"] == "2" and r["measure"] == "max-prob":
+            assert r["mean_exit_layer"] == 2
+    full = next(r for r in rows if r["threshold"] == 1.0)
+    assert all(r["loglik"] <= full["loglik"] + 1e-6 for r in rows if r["agreement"] < 1)  # greedy: best under full
+    monkeypatch.setattr(ablate, "evaluate", lambda *a, **k: pytest.fail("a finished setting ran again"))
+    assert ablate.main(argv) == 0
+    assert len((out / "ablation.jsonl").read_text().splitlines()) == len(rows)
+    assert (out / "ablation.csv").read_text().count("\n") == len(rows) + 1
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(measures=["entropy"]), "unknown confidence measure 'entropy'"),
+    (dict(**{"exit-sets": ["2,9"]}), r"exit layers \[9\] are not in this checkpoint"),
+    (dict(thresholds=[1.5]), r"threshold for max-prob must be in \[0, 1\]"),
+    (dict(**{"exit-sets": ["a,b"]}), "exit set 'a,b'"),
+])
+def test_ablation_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, prompt_file, kw, message):
+    with pytest.raises(ValueError, match=message):
+        ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "abl", prompt_file, **kw))
+    assert not (tmp_path / "abl").exists()
+
+
+def test_ablation_empty_prompt_file(tiny_checkpoint, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "abl", empty))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "abl", tmp_path / "missing.txt"))
+
+
+def test_default_prompts_ship_with_the_package():
+    assert len(ablate.read_prompts(ablate.DEFAULT_PROMPTS)) >= 10
