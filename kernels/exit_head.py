@@ -22,7 +22,7 @@ LAUNCHES = {"exit_head": 0}  # counts wrapper calls, so tests can assert which p
 def _exit_head_tiles(
     x_ptr, ln_w_ptr, ln_b_ptr, w0_ptr, w1_ptr, logits_ptr, stats_ptr, arg_ptr,
     B, V, D, n_tiles, eps,
-    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FP32_IEEE: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     e = tl.program_id(1)
@@ -60,7 +60,10 @@ def _exit_head_tiles(
         b = tl.load(ln_b_ptr + k + dd, mask=d_ok, other=0.0).to(tl.float32)
         xn = tl.where(m, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :], 0.0)
         wk = tl.load(w_rows + k + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(xn.to(wk.dtype), tl.trans(wk), acc, input_precision=PRECISION)
+        if FP32_IEEE:  # fp32 weights: full-precision products, not tf32
+            acc = tl.dot(xn, tl.trans(wk), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xn.to(wk.dtype), tl.trans(wk), acc)
 
     out_ok = row_ok[:, None] & col_ok[None, :]
     tl.store(logits_ptr + (e * B + rows).to(tl.int64)[:, None] * V + cols[None, :], acc, mask=out_ok)
@@ -144,10 +147,9 @@ def exit_head(hidden: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tens
     logits = torch.empty(E, B, V, device=dev, dtype=torch.float32)
     stats = torch.empty(4, 2, B, n_tiles, device=dev, dtype=torch.float32)
     args = torch.empty(E, B, n_tiles, device=dev, dtype=torch.int32)
-    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
     grid = (n_tiles, E, triton.cdiv(B, cfg["BLOCK_B"]))
     _exit_head_tiles[grid](hidden, ln_weight, ln_bias, heads[0], heads[-1], logits, stats, args,
-                           B, V, D, n_tiles, eps, PRECISION=precision, **cfg)
+                           B, V, D, n_tiles, eps, FP32_IEEE=hidden.dtype == torch.float32, **cfg)
     out = torch.empty(4, E * B, device=dev, dtype=torch.float32)
     argmax = torch.empty(E * B, device=dev, dtype=torch.int64)
     logprobs = torch.empty_like(logits) if with_logprobs else logits
