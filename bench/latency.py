@@ -23,8 +23,8 @@ import torch
 
 from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, time_ms, write_results
 
-ACD_GEN_SKIP = ("autocontrastive-gen is not installed here: it pins torch 1.11 / transformers 4.26, which do "
-                "not install beside this torch; its per-step work (full depth + all exit heads) is not emulated")
+ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / transformers 4.26; try "
+                   "`pip install --no-deps autocontrastive-gen` (its MultiHeadGPT2 targets transformers 4.x)")
 
 
 def parse_mode(spec: str, config) -> dict:
@@ -176,49 +176,79 @@ def run(args) -> list[dict]:
             print(f"  mexit {mode} B={batch}: {timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
         if "transformers" in args.baselines:
             rows += transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
-    if "autocontrastive-gen" in args.baselines:
-        rows.append(dict(meta, impl="autocontrastive-gen", mode="acd", skipped=autocontrastive_gen_status()))
+        if "autocontrastive-gen" in args.baselines:
+            rows += autocontrastive_gen_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
     return rows
-
-
-def autocontrastive_gen_status() -> str:
-    try:
-        import autocontrastive_gen  # noqa: F401
-    except ImportError:
-        return ACD_GEN_SKIP
-    return "installed, but its baseline is not wired in this version"
 
 
 def transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context) -> list[dict]:
-    """transformers generate (eager), and with a static cache + torch.compile where it works."""
+    """transformers generate (eager), and with a static cache + torch.compile on CUDA."""
     hf = transformers_baseline(lm, device, dtype)
-    ids = torch.tensor(prompts, device=device)
-    mask = torch.ones_like(ids)
-    rows = []
     variants = {"transformers eager": {}}
     if device.type == "cuda" and not args.no_compile:
-        variants["transformers static+compile"] = dict(cache_implementation="static",
-                                                       compile_config=None)
-    for name, extra in variants.items():
-        def generate(n, extra=extra):
-            with torch.inference_mode():
-                hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            pad_token_id=0, **{k: v for k, v in extra.items() if v is not None})
-            sync(device)
+        variants["transformers static+compile"] = dict(cache_implementation="static")
+    n = lm.config.n_layer
+    return [hf_generate_row(name, hf, "original", (n, 1), extra, prompts, device, dtype, args, meta, copy_gbs,
+                            context, lm.config) for name, extra in variants.items()]
 
-        try:
-            timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
-        except Exception as err:  # report, do not hide: the table says why this baseline has no number
-            rows.append(dict(meta, impl=name, mode="original", batch=len(prompts), skipped=f"failed: {err!r}"[:300]))
-            continue
-        nbytes = step_bytes(lm.config, dtype, len(prompts), context, lm.config.n_layer, 1)
-        floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
-        rows.append(dict(meta, impl=name, mode="original", batch=len(prompts), prompt_len=args.prompt_len,
-                         new_tokens=args.new_tokens, **timing, tokens_per_s=len(prompts) * 1e3 / timing["ms_per_token"],
-                         step_mb=nbytes / 1e6, floor_ms=floor_ms, pct_roofline=100 * floor_ms / timing["ms_per_token"],
-                         copy_gb_s=copy_gbs))
-        print(f"  {name} B={len(prompts)}: {timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
-    return rows
+
+def autocontrastive_gen_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context) -> list[dict]:
+    """autocontrastive-gen's own MultiHeadGPT2 (full depth + every exit head each step) holding the same weights,
+    running ACD between the top exit and the middle one, through its generate, as its users run it."""
+    try:
+        from autocontrastive_gen.modeling.configuration import MultiExitConfiguration as TheirConfig
+        from autocontrastive_gen.modeling.gpt2_multi_head import MultiHeadGPT2
+    except ImportError:
+        return [dict(meta, impl="autocontrastive-gen", mode="acd", skipped=ACD_GEN_MISSING)]
+    import transformers
+
+    from mexit.checkpoint import state_dict_from_weights
+
+    config = lm.config
+    top = config.n_layer if config.n_layer in config.exit_layers else "original"
+    middle = min(config.exit_layers, key=lambda e: abs(e - config.n_layer / 2))
+    mode = f"acd:{top},{middle}"
+    try:
+        hf_config = config.to_hf()
+        hf_config.output_hidden_states = True
+        model = MultiHeadGPT2(hf_config, use_original_head=False, contrast_layer_indices=(top, middle),
+                              contrast_function=TheirConfig().contrast_function, freeze_parameters=True)
+        model.load_state_dict(state_dict_from_weights(lm.model.w, config), strict=False)
+        model.tie_weights()
+        model = model.to(device=device, dtype=dtype).eval()
+        heads = len(config.exit_layers) + 1
+        return [hf_generate_row("autocontrastive-gen", model, mode, (config.n_layer, heads), {}, prompts, device,
+                                dtype, args, meta, copy_gbs, context, config, reraise=True)]
+    except Exception as err:  # say why, do not hide: e.g. its forward targets transformers 4.26
+        reason = f"failed under transformers {transformers.__version__}: {err!r}"[:300]
+        return [dict(meta, impl="autocontrastive-gen", mode=mode, skipped=reason)]
+
+
+def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, args, meta, copy_gbs, context, config,
+                    reraise=False) -> dict:
+    """Time a transformers-style model's generate like mexit's rows (traffic = blocks, heads per step)."""
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+
+    def generate(n):
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0, **extra)
+        sync(device)
+
+    try:
+        timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
+    except Exception as err:
+        if reraise:
+            raise
+        return dict(meta, impl=name, mode=mode, batch=len(prompts), skipped=f"failed: {err!r}"[:300])
+    nbytes = step_bytes(config, dtype, len(prompts), context, *traffic)
+    floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
+    print(f"  {name} {mode} B={len(prompts)}: {timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
+    return dict(meta, impl=name, mode=mode, batch=len(prompts), prompt_len=args.prompt_len,
+                new_tokens=args.new_tokens, **timing, tokens_per_s=len(prompts) * 1e3 / timing["ms_per_token"],
+                step_mb=nbytes / 1e6, floor_ms=floor_ms, pct_roofline=100 * floor_ms / timing["ms_per_token"],
+                copy_gb_s=copy_gbs)
 
 
 COLUMNS = ["impl", "mode", "batch", "prefill_ms", "ms_per_token", "ms_per_token_min", "ms_per_token_max",

@@ -128,6 +128,8 @@ class MultiExitConfiguration:
     output_layer_index: int | None = None
     contrast_layer_indices: tuple | None = None
     contrast_function: object = None
+    lm_head_layer_indices: tuple | None = None  # training-time fields of autocontrastive-gen: accepted, unused
+    freeze_parameters: bool = False
     alpha: float = 0.1
     minimum_candidates: int = 1
 
