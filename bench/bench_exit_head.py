@@ -2,6 +2,7 @@
 token) against torch eager and torch.compile of the same computation, at gpt2-medium shape, on a CUDA GPU.
 
     python bench/bench_exit_head.py --batch 1 8 64 [--dtype fp16] [--sweep] [--out bench_results]
+    TRITON_INTERPRET=1 python bench/bench_exit_head.py --smoke     # the script's logic on CPU, small shape
 
 Times are medians of device-side timing (triton.testing.do_bench; `graph` columns replay a CUDA graph, which
 removes Python launch overhead). GB/s counts the bytes the stage must move: both heads once (2 x V x d),
@@ -11,15 +12,17 @@ the same run. Every implementation is checked against the float64 reference befo
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 
 import torch
 
-from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, write_results
+from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, time_ms, write_results
 from mexit.checkpoint import resolve_dtype
 from mexit.kernels.acd_contrast_ref import acd_contrast_ref
 
-V, D = 50257, 1024
+V, D = 50257, 1024  # gpt2-medium head
 
 
 def make_inputs(batch, dtype, device, seed=0):
@@ -33,7 +36,7 @@ def make_inputs(batch, dtype, device, seed=0):
 
 def torch_stage(hidden, ln_w, ln_b, heads, alpha=0.1):
     """The eager computation the fused kernels replace: greedy ACD token from two exits."""
-    normed = torch.nn.functional.layer_norm(hidden, (D,), ln_w, ln_b, 1e-5)
+    normed = torch.nn.functional.layer_norm(hidden, (hidden.shape[-1],), ln_w, ln_b, 1e-5)
     upper = torch.nn.functional.linear(normed[0], heads[0]).float()
     lower = torch.nn.functional.linear(normed[1], heads[1]).float()
     return acd_contrast_ref(upper, lower, alpha).argmax(-1)
@@ -62,9 +65,11 @@ def check(fn, inputs, batch):
     return agree
 
 
-def bench(fn, graph: bool):
+def bench(fn, graph: bool, device):
     import triton.testing
 
+    if device.type != "cuda":  # --smoke: host clock, a few calls
+        return statistics.median(time_ms(fn, device, warmup=1, repeats=3))
     if graph:
         return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
@@ -81,7 +86,7 @@ def sweep_configs(inputs):
                 for stages in (2, 3, 4):
                     cfg = dict(base, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
                     try:
-                        ms = bench(lambda c=cfg: fused_stage(*inputs, config=c), graph=True)
+                        ms = bench(lambda c=cfg: fused_stage(*inputs, config=c), True, inputs[0].device)
                     except Exception as err:  # out of shared memory / registers for this shape
                         print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
                         continue
@@ -97,12 +102,23 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="also try tile configurations of the fused kernel")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--out", default="bench_results")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU under TRITON_INTERPRET=1 at vocabulary 1000, d 64: checks the script, times nothing real")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_exit_head needs a CUDA GPU (the kernels' CPU checks are in tests/)", file=sys.stderr)
+    global V, D
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke needs TRITON_INTERPRET=1 set before start", file=sys.stderr)
+            return 2
+        V, D = 1000, 64
+        device, dtype = torch.device("cpu"), torch.float32
+        args.no_compile = True
+    elif not torch.cuda.is_available():
+        print("bench_exit_head needs a CUDA GPU (or --smoke; the kernels' CPU checks are in tests/)", file=sys.stderr)
         return 2
-    device, dtype = torch.device("cuda"), resolve_dtype(args.dtype)
-    meta = run_metadata(device, dtype)
+    else:
+        device, dtype = torch.device("cuda"), resolve_dtype(args.dtype)
+    meta = dict(run_metadata(device, dtype), vocab=V, d=D, smoke=args.smoke)
     copy_gbs = copy_bandwidth_gbs(device)
     compiled = None if args.no_compile else torch.compile(torch_stage)
     rows = []
@@ -114,8 +130,8 @@ def main(argv=None):
             impls["torch.compile"] = compiled
         for name, fn in impls.items():
             agree = check(fn, inputs, batch)
-            for graph in (False, True):
-                ms = bench(lambda fn=fn: fn(*inputs), graph)
+            for graph in (False, True) if device.type == "cuda" else (False,):
+                ms = bench(lambda fn=fn: fn(*inputs), graph, device)
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 rows.append(dict(meta, impl=name, batch=batch, cuda_graph=graph, ms=ms, us=ms * 1e3, gb_s=gbs,
                                  pct_copy=100 * gbs / copy_gbs, floor_us=nbytes / (copy_gbs * 1e9) * 1e6,
@@ -129,7 +145,8 @@ def main(argv=None):
                      and x["cuda_graph"] == r["cuda_graph"])
         r["speedup_vs_eager"] = eager["ms"] / r["ms"]
     path = write_results(rows, args.out, "exit_head")
-    print(f"{meta['device']}, {meta['dtype']}, copy bandwidth {copy_gbs:.0f} GB/s, results in {path}")
+    shape = f"V={V}, d={D}" + (" (SMOKE: interpreter on CPU, not a measurement)" if args.smoke else "")
+    print(f"{meta['device']}, {meta['dtype']}, {shape}, copy bandwidth {copy_gbs:.0f} GB/s, results in {path}")
     print(markdown_table(rows, ["impl", "batch", "cuda_graph", "us", "gb_s", "pct_copy", "floor_us",
                                 "speedup_vs_eager"]))
     return 0

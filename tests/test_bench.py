@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mexit.bench import ablate, latency
+from mexit.bench import ablate, bench_exit_head, latency
 
 
 def latency_args(folder, out, **kw):
@@ -110,3 +110,14 @@ def test_ablation_empty_prompt_file(tiny_checkpoint, tmp_path):
 
 def test_default_prompts_ship_with_the_package():
     assert len(ablate.read_prompts(ablate.DEFAULT_PROMPTS)) >= 10
+
+
+def test_exit_head_benchmark_smoke(tmp_path, monkeypatch):
+    """The GPU benchmark script's own logic (checks against float64, table, files) under the interpreter."""
+    monkeypatch.setattr(bench_exit_head, "V", bench_exit_head.V)  # --smoke shrinks the module's shape: restore it
+    monkeypatch.setattr(bench_exit_head, "D", bench_exit_head.D)
+    assert bench_exit_head.main(["--smoke", "--batch", "1", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "exit_head.json").read_text())
+    impls = ("fused (triton)", "torch eager")
+    assert {(r["impl"], r["batch"]) for r in rows} == {(i, b) for i in impls for b in (1, 3)}
+    assert all(r["smoke"] and r["token_agreement"] >= 0.99 and r["us"] > 0 for r in rows)
