@@ -81,11 +81,12 @@ def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: fl
 
 
 def mode_traffic(kw: dict, config, stats: dict | None) -> tuple[float, float, float]:
-    """(blocks, heads, propagated blocks) one decode step reads for a mode; early exit from its run stats."""
+    """(blocks, heads, propagated blocks) whose weights one decode step reads; early exit from its run's
+    counters (averages over its decode steps)."""
     n = config.n_layer
     if "early_exit" in kw:
-        tokens = max(stats["tokens"], 1)
-        return stats["blocks_run"] / tokens, stats["head_rows"] / tokens, stats["kv_filled"] / tokens
+        steps = max(stats["steps"], 1)
+        return stats["weight_blocks"] / steps, stats["weight_heads"] / steps, stats["weight_fill_blocks"] / steps
     if "exit_layer" in kw:
         return kw["exit_layer"], 1, 0
     if "contrast" in kw:
@@ -160,9 +161,7 @@ def run(args) -> list[dict]:
                 last["result"] = out
 
             timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
-            stats = None
-            if "early_exit" in kw:
-                stats = dict(last["result"].stats, tokens=batch * (args.new_tokens - 1))
+            stats = last["result"].stats if "early_exit" in kw else None
             blocks, heads, filled = mode_traffic(kw, config, stats)
             nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
             floor_ms = nbytes / (copy_gbs * 1e9) * 1e3

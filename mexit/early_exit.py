@@ -91,6 +91,12 @@ class ExitPolicy:
         return 0.9 * self.threshold + 0.1 * self.threshold * math.exp(-self.decay_tau * step / n)
 
 
+def weight_reads() -> dict:
+    """Counters of what decode steps read from weight memory (for the roofline at any batch size): steps, blocks
+    run by some row, exit/final heads evaluated, blocks whose k|v weights were read only to propagate states."""
+    return dict(steps=0, weight_blocks=0, weight_heads=0, weight_fill_blocks=0)
+
+
 class DeferredFill:
     """Exited positions whose skipped blocks' keys/values are filled when the row's next token runs each block.
 
@@ -122,12 +128,20 @@ class DeferredFill:
         return (torch.tensor([e[0] for e in due], device=device), torch.tensor([e[1] for e in due], device=device),
                 torch.stack([e[2] for e in due]))
 
-    def flush(self) -> None:
-        for e in self.entries:
-            self.model.fill_kv(e[2][None], e[3], self.depth, self.cache, torch.tensor([e[0]]).to(e[2].device),
-                               torch.tensor([e[1]]).to(e[2].device))
-            self.filled += self.depth - e[3]
+    def flush(self) -> int:
+        """Fill every remaining entry, one batched fill per starting block (its weights read once). Returns the
+        number of blocks whose k|v weights were read."""
+        blocks = 0
+        for start in sorted({e[3] for e in self.entries}):
+            group = [e for e in self.entries if e[3] == start]
+            device = group[0][2].device
+            rows = torch.tensor([e[0] for e in group], device=device)
+            slots = torch.tensor([e[1] for e in group], device=device)
+            self.model.fill_kv(torch.stack([e[2] for e in group]), start, self.depth, self.cache, rows, slots)
+            self.filled += len(group) * (self.depth - start)
+            blocks += self.depth - start
         self.entries = []
+        return blocks
 
 
 class LayerWalker:
@@ -139,6 +153,7 @@ class LayerWalker:
         self.h, self.rows, self.layer = h, rows, 0
         self.precomputed = precomputed  # {layer: [B, d]} for the prefill
         self.blocks_run = 0
+        self.deepest = 0  # blocks whose weights this step read (some row ran them)
 
     def advance(self, layer: int) -> torch.Tensor:
         """[b, d] states of the running rows at `layer`."""
@@ -148,7 +163,7 @@ class LayerWalker:
         if layer > self.layer:
             self.h = self.model.run_layers(self.h, self.layer, layer, self.cache, self.slot, self.rows, self.pending)
             self.blocks_run += (layer - self.layer) * len(self.rows)
-            self.layer = layer
+            self.layer = self.deepest = layer
         return self.h[:, -1]
 
     def keep(self, mask: torch.Tensor) -> None:
@@ -174,10 +189,12 @@ class EarlyExitRun:
         self.exit_layers = [[] for _ in range(batch)]
         self.confidences = [[] for _ in range(batch)]
         self.pending = DeferredFill(model, decoder.cache, self.depth) if policy.propagation == "deferred" else None
-        self.stats = dict(blocks_run=0, head_rows=0, kv_filled=0, checks=0)
+        self.stats = dict(blocks_run=0, head_rows=0, kv_filled=0, checks=0, **weight_reads())
+        self.decoding = False  # the weight-read counters cover decode steps, not the prefill
 
     def head(self, hidden: torch.Tensor, head):
         self.stats["head_rows"] += hidden.shape[0]
+        self.stats["weight_heads"] += self.decoding
         return exit_stage(self.model, hidden[None], [head], self.backend, with_logprobs=self.chooser.sampling.do_sample)
 
     def decide(self, walker: LayerWalker, step: int, uniform, slot: int | None) -> torch.Tensor:
@@ -238,6 +255,7 @@ class EarlyExitRun:
         self.model.fill_kv(hidden, layer, self.depth, self.decoder.cache, rows,
                            torch.full_like(rows, slot))
         self.stats["kv_filled"] += len(rows) * (self.depth - layer)
+        self.stats["weight_fill_blocks"] += self.depth - layer
 
 
 def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_new_tokens: int,
@@ -259,6 +277,7 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
     uniform = chooser.uniform(batch, model.device) if sampling.do_sample else None
     tokens = chooser.record(run.decide(LayerWalker(model, None, None, None, all_rows, precomputed=states), 0,
                                        uniform, None))
+    run.decoding = True
     if on_token is not None:
         on_token(tokens)
     for step in range(1, max_new_tokens):
@@ -270,10 +289,12 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
         uniform = chooser.uniform(batch, model.device) if sampling.do_sample else None
         tokens = chooser.record(run.decide(walker, step, uniform, slot))
         run.stats["blocks_run"] += walker.blocks_run
+        run.stats["steps"] += 1
+        run.stats["weight_blocks"] += walker.deepest
         if on_token is not None:
             on_token(tokens)
     if run.pending is not None:
-        run.pending.flush()
+        run.stats["weight_fill_blocks"] += run.pending.flush()
         run.stats["kv_filled"] = run.pending.filled
     rows = chooser.rows()
     exit_layers = [layers[: len(r)] for layers, r in zip(run.exit_layers, rows)]

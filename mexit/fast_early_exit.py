@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .early_exit import ExitPolicy
+from .early_exit import ExitPolicy, weight_reads
 from .generation import GenerationResult, check_prompts, cut_at_eos, left_pad
 from .heads import exit_stage
 from .model import MultiExitGPT2
@@ -69,7 +69,7 @@ class StaticEarlyExit:
         self.saved = {layer: torch.zeros(b, d, dtype=model.dtype, **zeros)  # cosine's previous states
                       for layer in (set(self.previous.values()) if cosine else ())}
         self.graphs: dict = {}
-        self.counters = dict(segments=0, fills=0, host_reads=0)
+        self.counters = dict(segments=0, fills=0, host_reads=0, **weight_reads())
 
     # ---- pieces shared by the prefill (precomputed states) and the segments ----
     def _pick(self, out) -> torch.Tensor:
@@ -165,18 +165,24 @@ class StaticEarlyExit:
 
     def step(self) -> None:
         """One decode step: segments until no row runs, a fill for the skipped layers, then the token."""
+        c = self.counters
+        c["steps"] += 1
         for index, layer in enumerate(self.stops):
             self._launch(("segment", index), lambda i=index: self._segment(i))
-            self.counters["segments"] += 1
+            c["segments"] += 1
+            c["weight_blocks"] = c["weight_blocks"] + layer - (self.stops[index - 1] if index else 0)
+            c["weight_heads"] += layer == self.depth or (layer in self.checked and self.policy.measure != "cosine")
             if layer not in self.checked:
                 continue
-            self.counters["host_reads"] += 1
+            c["host_reads"] += 1
             fired, running = self.flags.tolist()  # the one small device-to-host read of this checked exit
             if fired and self.policy.measure == "cosine":
                 self._launch(("cosine_head", layer), lambda layer=layer: self._cosine_head(layer))
+                c["weight_heads"] += 1
             if not running:
                 self._launch(("fill", layer), lambda layer=layer: self._fill(layer))
-                self.counters["fills"] += 1
+                c["fills"] += 1
+                c["weight_fill_blocks"] += self.depth - layer
                 break
         self._launch("end", self._step_end)
 
@@ -252,7 +258,7 @@ def generate_static_early_exit(steps: dict, model: MultiExitGPT2, prompts, polic
         state = steps[key] = StaticEarlyExit(model, key, backend)
         if engine == "graph":
             state.capture()
-    state.counters = dict(segments=0, fills=0, host_reads=0)
+    state.counters = dict(segments=0, fills=0, host_reads=0, **weight_reads())
     uniform = None
     gen = None
     if sampling.do_sample:

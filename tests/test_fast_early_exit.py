@@ -46,16 +46,23 @@ def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, policy):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_reads_and_launches(tiny_checkpoint, engine):
+def test_reads_and_launches(tiny_checkpoint, eager, engine):
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
-    always = fast.generate([PROMPTS[0]], N_NEW, eos_token_id=None, early_exit=ExitPolicy(0.0, exits=(1, 2, 3)))
     steps = N_NEW - 1
+    always, never = ExitPolicy(0.0, exits=(1, 2, 3)), ExitPolicy(1.0, exits=(1, 2, 3))
     # every token exits at the first check: one segment, one host read and one fill per step
-    assert always.stats["segments"] == steps and always.stats["host_reads"] == steps
-    assert always.stats["fills"] == steps
-    never = fast.generate([PROMPTS[0]], N_NEW, eos_token_id=None, early_exit=ExitPolicy(1.0, exits=(1, 2, 3)))
-    assert never.stats["segments"] == 4 * steps and never.stats["host_reads"] == 3 * steps
-    assert never.stats["fills"] == 0
+    out = fast.generate([PROMPTS[0]], N_NEW, eos_token_id=None, early_exit=always)
+    assert out.stats["segments"] == steps and out.stats["host_reads"] == steps and out.stats["fills"] == steps
+    weights = dict(steps=steps, weight_blocks=steps, weight_heads=steps, weight_fill_blocks=3 * steps)
+    for lm in (fast, eager):  # both schedulers count the same weight reads (batch 1)
+        stats = lm.generate([PROMPTS[0]], N_NEW, eos_token_id=None, early_exit=always).stats
+        assert {k: stats[k] for k in weights} == weights
+    out = fast.generate([PROMPTS[0]], N_NEW, eos_token_id=None, early_exit=never)
+    assert out.stats["segments"] == 4 * steps and out.stats["host_reads"] == 3 * steps and out.stats["fills"] == 0
+    weights = dict(steps=steps, weight_blocks=4 * steps, weight_heads=4 * steps, weight_fill_blocks=0)
+    for lm in (fast, eager):
+        stats = lm.generate([PROMPTS[0]], N_NEW, eos_token_id=None, early_exit=never).stats
+        assert {k: stats[k] for k in weights} == weights
 
 
 @pytest.mark.parametrize("engine", ENGINES)
