@@ -6,7 +6,10 @@ the block's key/value write for that row is exactly state propagation, c_attn_j(
 other outputs are ignored. In the memory-bound regime that costs no extra weight reads. After each checked
 exit the host reads one flag (is any row still running?); when none is, the rest of the step's layers are
 skipped and one fill step writes their keys/values from h_exit (eager propagation, 2·d² of each block's 12·d²
-weights). So a step reads at most one small value per checked exit and launches only the layers some row needs.
+weights), or, with propagation="deferred", the step is recorded as pending and its keys/values are filled, in
+one batched fill for all pending steps, right before the next segment that runs those blocks (for a run of
+shallow tokens: never during generation). So a step reads at most one small value per checked exit and launches
+only the layers some row needs.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class StaticEarlyExit:
         self.chosen = torch.zeros(b, dtype=torch.long, **zeros)
         self.h = torch.zeros(b, 1, d, dtype=model.dtype, **zeros)
         self.h_exit = torch.zeros(b, d, dtype=model.dtype, **zeros)
+        self.deferred = key.policy.propagation == "deferred"
+        self.h_pending = torch.zeros(b, t, d, dtype=model.dtype, **zeros) if self.deferred else None
+        self.pending: list[list[int]] = []  # [slot, next block to fill] of steps whose upper blocks were skipped
+        self.host_slot = 0
         self.saved = {layer: torch.zeros(b, d, dtype=model.dtype, **zeros)  # cosine's previous states
                       for layer in (set(self.previous.values()) if cosine else ())}
         self.graphs: dict = {}
@@ -153,8 +160,31 @@ class StaticEarlyExit:
 
     def _step_end(self) -> None:
         self._finish()
+        if self.deferred:
+            self.h_pending.index_copy_(1, self.slot, self.h_exit[:, None])
         self.positions += 1
         self.slot += 1
+
+    def _fill_pending(self, start: int, end: int) -> None:
+        """Deferred propagation: keys/values of blocks [start, end) for every pending step that lacks them, in one
+        batched fill per starting block (weights read once). Runs eagerly, between graph replays."""
+        due = [e for e in self.pending if e[1] < end]
+        for first in sorted({max(e[1], start) for e in due}):
+            slots = [e[0] for e in due if max(e[1], start) == first]
+            b = self.key.batch
+            rows = torch.arange(b, device=self.model.device).repeat_interleave(len(slots))
+            slot_index = torch.tensor(slots, device=self.model.device).repeat(b)
+            hidden = self.h_pending[:, slots].reshape(b * len(slots), -1)
+            self.model.fill_kv(hidden, first, end, self.cache, rows, slot_index)
+            self.counters["weight_fill_blocks"] += end - first
+        for e in due:
+            e[1] = end
+        self.pending = [e for e in self.pending if e[1] < self.depth]
+
+    @torch.inference_mode()
+    def flush_pending(self) -> None:
+        """Fill what deferred propagation still owes (the cache is then complete, e.g. for inspection)."""
+        self._fill_pending(0, self.depth)
 
     def _launch(self, name, fn) -> None:
         graph = self.graphs.get(name)
@@ -168,6 +198,8 @@ class StaticEarlyExit:
         c = self.counters
         c["steps"] += 1
         for index, layer in enumerate(self.stops):
+            if self.deferred and self.pending:
+                self._fill_pending(self.stops[index - 1] if index else 0, layer)
             self._launch(("segment", index), lambda i=index: self._segment(i))
             c["segments"] += 1
             c["weight_blocks"] = c["weight_blocks"] + layer - (self.stops[index - 1] if index else 0)
@@ -180,16 +212,21 @@ class StaticEarlyExit:
                 self._launch(("cosine_head", layer), lambda layer=layer: self._cosine_head(layer))
                 c["weight_heads"] += 1
             if not running:
-                self._launch(("fill", layer), lambda layer=layer: self._fill(layer))
-                c["fills"] += 1
-                c["weight_fill_blocks"] += self.depth - layer
+                if self.deferred:
+                    self.pending.append([self.host_slot, layer])
+                else:
+                    self._launch(("fill", layer), lambda layer=layer: self._fill(layer))
+                    c["fills"] += 1
+                    c["weight_fill_blocks"] += self.depth - layer
                 break
         self._launch("end", self._step_end)
+        self.host_slot += 1
 
     def capture(self) -> None:
         """Capture every piece as its own CUDA graph after a warm-up run of each on a side stream."""
         pieces = {("segment", i): (lambda i=i: self._segment(i)) for i in range(len(self.stops))}
-        pieces.update({("fill", layer): (lambda layer=layer: self._fill(layer)) for layer in self.checked})
+        if not self.deferred:
+            pieces.update({("fill", layer): (lambda layer=layer: self._fill(layer)) for layer in self.checked})
         if self.policy.measure == "cosine":
             pieces.update({("cosine_head", layer): (lambda layer=layer: self._cosine_head(layer))
                            for layer in self.checked})
@@ -237,6 +274,8 @@ class StaticEarlyExit:
         self.finished[real_rows:] = True
         self.positions.copy_(batch.positions[:, -1] + 1)
         self.slot.fill_(p)
+        self.host_slot = p
+        self.pending = []
 
 
 def generate_static_early_exit(steps: dict, model: MultiExitGPT2, prompts, policy: ExitPolicy, max_new_tokens: int,

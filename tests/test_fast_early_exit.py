@@ -23,9 +23,16 @@ def static_state(lm) -> StaticEarlyExit:
     return state
 
 
+def deferred(policy):
+    return ExitPolicy(**{**policy.__dict__, "propagation": "deferred"})
+
+
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("propagation", ["eager", "deferred"])
 @pytest.mark.parametrize("policy", POLICIES + [ExitPolicy(1.0), ExitPolicy(0.0, exits=(2,))], ids=IDS)
-def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, policy):
+def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, propagation, policy):
+    if propagation == "deferred":
+        policy = deferred(policy)
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
     ours = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy)
     theirs = eager.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy, return_cache=True)
@@ -36,6 +43,7 @@ def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, policy):
         assert a == pytest.approx(b, abs=1e-5)
     # the cache: predicated blocks and the fill step give the eager scheduler's propagated keys/values
     state = static_state(fast)
+    state.flush_pending()
     longest = max(map(len, PROMPTS))
     used = longest + N_NEW - 1
     for b in range(len(PROMPTS)):
@@ -76,3 +84,16 @@ def test_sampling_and_eos(tiny_checkpoint, eager, engine):
     stopped = fast.generate(PROMPTS, 30, eos_token_id=eos, early_exit=policy)
     expected = eager.generate(PROMPTS, 30, eos_token_id=eos, early_exit=policy)
     assert stopped.tokens == expected.tokens and stopped.exit_layers == expected.exit_layers
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_deferred_fills_only_when_a_deep_token_needs_it(tiny_checkpoint, engine):
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+    shallow = fast.generate([PROMPTS[0]], N_NEW, eos_token_id=None,
+                            early_exit=ExitPolicy(0.0, exits=(2,), propagation="deferred"))
+    assert shallow.stats["weight_fill_blocks"] == 0 and shallow.stats["fills"] == 0  # nothing ever runs block 3
+    assert len(static_state(fast).pending) == N_NEW - 1
+    mixed = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=deferred(ExitPolicy(0.3)))
+    eager_fill = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=ExitPolicy(0.3))
+    assert mixed.tokens == eager_fill.tokens
+    assert mixed.stats["weight_fill_blocks"] <= eager_fill.stats["weight_fill_blocks"]
