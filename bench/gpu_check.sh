@@ -20,7 +20,8 @@ timeout 150 python3 bench/bench_exit_head.py --batch 1 8 64 --out "$OUT" 2>&1 | 
 
 echo "== end-to-end decode, graph engine: original, ACD 24 vs 12, exit 12, early exit at 6/12/18 (issues 4, 5)"
 timeout 200 mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --no-compile \
-  --modes original acd:24,12 exit:12 ee:max-prob:0:6 ee:max-prob:0:12 ee:max-prob:0:18 ee:max-prob:1:6,12,18 \
+  --modes original acd:24,12 exit:12 ee:max-prob:0:6 ee:max-prob:0:12 ee:max-prob:0:18 ee:max-prob:0:12:deferred \
+  ee:max-prob:1:6,12,18 ee:cosine:0.95:6,12,18 \
   --out "$OUT/graph" 2>&1 | tail -25
 
 echo "== the same on the eager engine (per-step host syncs), batch 1, for the cost of checks and propagation"

@@ -4,8 +4,9 @@
     mexit bench --model PATH --batch 1 8 --prompt-len 32 --new-tokens 128 --modes original exit:12 acd:24,12
     python bench/latency.py ...                   # the same
 
-Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`), `ee:MEASURE:THRESHOLD[:L1,L2,..]`
-(early exit; threshold 0 with one layer exits every token there). For each mode and batch size it reports
+Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`),
+`ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred]` (early exit with that propagation; threshold 0 with one
+layer exits every token there). For each mode and batch size it reports
 prefill time, per-token decode time ((T(n new) - T(1 new)) / (n - 1), both timed end to end around `generate`
 with CUDA events, medians over repeats, with min..max spread), tokens/s, and the roofline: bytes a decode step
 must read (weights of the layers and heads it runs, plus the KV cache) over the copy bandwidth measured in the
@@ -42,13 +43,14 @@ def parse_mode(spec: str, config) -> dict:
             kw = dict(contrast=(upper if upper == "original" else int(upper), int(lower)))
         elif kind == "ee":
             parts = rest.split(":")
-            exits = tuple(int(x) for x in parts[2].split(",")) if len(parts) > 2 else None
-            kw = dict(measure=parts[0], threshold=float(parts[1]), exits=exits)
+            propagation = parts.pop() if parts[-1] in ("eager", "deferred") else "eager"
+            exits = tuple(int(x) for x in parts[2].split(",")) if len(parts) > 2 and parts[2] != "all" else None
+            kw = dict(measure=parts[0], threshold=float(parts[1]), exits=exits, propagation=propagation)
         else:
             raise ValueError
     except (ValueError, IndexError):
         raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER or "
-                         f"ee:MEASURE:THRESHOLD[:L1,L2]") from None
+                         f"ee:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred]") from None
     if kind == "ee":
         kw = dict(early_exit=ExitPolicy(**kw))
     heads = [kw.get("exit_layer")] + list(kw.get("contrast", ()))

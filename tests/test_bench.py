@@ -9,8 +9,8 @@ from mexit.bench import ablate, bench_exit_head, latency
 
 def latency_args(folder, out, **kw):
     argv = ["--model", str(folder), "--batch", "1", "2", "--prompt-len", "5", "--new-tokens", "8", "--warmup", "1",
-            "--repeats", "3", "--modes", "original", "exit:2", "acd:4,2", "ee:max-prob:0:2", "--no-compile",
-            "--out", str(out)]
+            "--repeats", "3", "--modes", "original", "exit:2", "acd:4,2", "ee:max-prob:0:2", "ee:margin:0:all:deferred",
+            "--no-compile", "--out", str(out)]
     for k, v in kw.items():
         argv += [f"--{k}", *v] if isinstance(v, list) else [f"--{k}", v]
     return argv
@@ -29,6 +29,7 @@ def test_latency_rows_and_files(tiny_checkpoint, tmp_path):
         assert r["device"] and r["dtype"] == "float32" and r["torch"] and "random_weights" in r
     ee = [r for r in timed if r["mode"] == "ee:max-prob:0:2"]
     assert all(r["mean_exit_layer"] == 2 for r in ee)
+    assert all(r["mean_exit_layer"] == 1 for r in timed if r["mode"] == "ee:margin:0:all:deferred")
     by_mode = {r["mode"]: r for r in timed if r["batch"] == 1 and r["impl"] == "mexit"}
     assert by_mode["exit:2"]["step_mb"] < by_mode["original"]["step_mb"] < by_mode["acd:4,2"]["step_mb"]
     skipped = [r for r in rows if "skipped" in r]
