@@ -130,9 +130,10 @@ def load_lm(args):
     device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if args.model:
-        return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine), args.model
+        return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
+                        compile=args.compile), args.model
     lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend,
-                                  engine=args.engine)
+                                  engine=args.engine, compile=args.compile)
     return lm, "RANDOM weights, gpt2-medium-multiexit shape (quality numbers are meaningless)"
 
 
@@ -223,6 +224,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--out", default="ablation_results")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -24,6 +24,10 @@ timeout 200 mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 
   ee:max-prob:1:6,12,18 ee:cosine:0.95:6,12,18 \
   --out "$OUT/graph" 2>&1 | tail -25
 
+echo "== graph engine with torch.compile of the step's layers, batch 1"
+timeout 200 mexit bench --batch 1 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --compile --baselines \
+  --modes original acd:24,12 ee:max-prob:0:12:deferred --out "$OUT/graph_compile" 2>&1 | tail -10
+
 echo "== the same on the eager engine (per-step host syncs), batch 1, for the cost of checks and propagation"
 timeout 120 mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --repeats 3 --engine eager --baselines \
   --modes original acd:24,12 ee:max-prob:0:12 --out "$OUT/eager" 2>&1 | tail -12

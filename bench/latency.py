@@ -132,11 +132,12 @@ def run(args) -> list[dict]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
     if args.model:
-        lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine)
+        lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
+                        compile=args.compile)
         label = str(args.model)
     else:
         lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend,
-                                      engine=args.engine)
+                                      engine=args.engine, compile=args.compile)
         label = "RANDOM weights, gpt2-medium-multiexit shape"
     config = lm.config
     modes = args.modes or default_modes(config)
@@ -145,7 +146,7 @@ def run(args) -> list[dict]:
         raise ValueError(f"prompt {args.prompt_len} + new tokens {args.new_tokens} exceed the context "
                          f"{config.n_positions}")
     meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend,
-                engine=lm.engine)
+                engine=lm.engine, compiled=lm.compile)
     copy_gbs = copy_bandwidth_gbs(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -306,6 +307,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="default fp16 on cuda, fp32 on cpu")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--modes", nargs="+", help="default: original, a middle exit, ACD top vs middle, early exit")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on cuda, 1 on cpu")
     p.add_argument("--prompt-len", type=int, default=32)

@@ -34,6 +34,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="exit stage: Triton kernels or the PyTorch reference (auto: triton on cuda)")
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
                    help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers (static/graph)")
 
 
 def add_generate_parser(sub) -> None:
@@ -73,7 +74,8 @@ def load_lm(args):
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if not args.model:
         raise SystemExit("error: --model is required (a checkpoint folder or hub id)")
-    return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine)
+    return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
+                      compile=args.compile)
 
 
 def run_generate(args) -> int:

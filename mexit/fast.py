@@ -27,6 +27,12 @@ EOS_CHECK_EVERY = 16
 ENGINES = ("auto", "eager", "static", "graph")
 
 
+def compiled(fn):
+    """torch.compile (inductor, static shapes, one graph) of a static-step piece: fuses the element-wise work
+    around the matmuls; the CUDA graph then captures the compiled kernels (compiled during warm-up)."""
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
 def batch_bucket(batch: int) -> int:
     return next((b for b in BATCH_BUCKETS if b >= batch), -(-batch // 64) * 64)
 
@@ -61,7 +67,7 @@ class StepKey:
 class StaticStep:
     """Static buffers for `batch` rows and `length` cache slots, and the decode step over them."""
 
-    def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str):
+    def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
         self.model, self.key, self.backend = model, key, backend
         dev, b, t = model.device, key.batch, key.length
         self.cache = model.new_cache(b, t)
@@ -75,6 +81,15 @@ class StaticStep:
         self.uniform = torch.zeros(t, b, dtype=torch.float32, device=dev)
         self.layers = [layer_of(h) or model.config.n_layer for h in key.decode.heads()]
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.run_layers = compiled(self._run_layers) if compile_layers else self._run_layers
+
+    def _run_layers(self, h: torch.Tensor) -> torch.Tensor:
+        """h_0 [B, 1, d] of this step -> [E, B, d] last states at the layers the heads read."""
+        states, start = {}, 0
+        for layer in sorted(set(self.layers)):
+            h = self.model.run_layers(h, start, layer, self.cache, self.slot)
+            states[layer], start = h[:, -1], layer
+        return torch.stack([states[layer] for layer in self.layers])
 
     def _hidden_to_token(self, hidden: torch.Tensor) -> None:
         """Choose, mask with eos, and record this step's token; advance the step index."""
@@ -94,12 +109,7 @@ class StaticStep:
     def step(self) -> None:
         """One decode step, all on the device: the body a CUDA graph captures."""
         self.cache.valid.index_fill_(1, self.slot, True)
-        h = self.model.embed(self.tokens[:, None], self.positions[:, None])
-        states, start = {}, 0
-        for layer in sorted(set(self.layers)):
-            h = self.model.run_layers(h, start, layer, self.cache, self.slot)
-            states[layer], start = h[:, -1], layer
-        self._hidden_to_token(torch.stack([states[layer] for layer in self.layers]))
+        self._hidden_to_token(self.run_layers(self.model.embed(self.tokens[:, None], self.positions[:, None])))
         self.positions += 1
         self.slot += 1
 
@@ -155,7 +165,7 @@ class StaticStep:
 
 def generate_static(steps: dict, model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,
                     sampling: SamplingConfig, eos: int | None, backend: str, engine: str,
-                    on_token=None) -> GenerationResult:
+                    on_token=None, compile_layers: bool = False) -> GenerationResult:
     """Generate through a StaticStep from `steps` (built and, for engine "graph", captured on first use).
     Rows are padded to the batch bucket with copies of the first prompt; seeded sampling draws the same
     uniform numbers, in the same order, as the eager loop."""
@@ -168,7 +178,7 @@ def generate_static(steps: dict, model: MultiExitGPT2, prompts, decode: DecodeCo
     key = StepKey(decode, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket, length)
     step = steps.get(key)
     if step is None:
-        step = steps[key] = StaticStep(model, key, backend)
+        step = steps[key] = StaticStep(model, key, backend, compile_layers)
         if engine == "graph":
             step.capture()
     uniform = None

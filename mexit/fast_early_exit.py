@@ -14,6 +14,7 @@ only the layers some row needs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ class EarlyExitKey:
 class StaticEarlyExit:
     """Static buffers and the segment steps of one policy, batch bucket and length bucket."""
 
-    def __init__(self, model: MultiExitGPT2, key: EarlyExitKey, backend: str):
+    def __init__(self, model: MultiExitGPT2, key: EarlyExitKey, backend: str, compile_layers: bool = False):
         self.model, self.key, self.backend, self.policy = model, key, backend, key.policy
         config = model.config
         self.depth = key.policy.depth(config)
@@ -76,6 +77,12 @@ class StaticEarlyExit:
         self.saved = {layer: torch.zeros(b, d, dtype=model.dtype, **zeros)  # cosine's previous states
                       for layer in (set(self.previous.values()) if cosine else ())}
         self.graphs: dict = {}
+        starts = [0] + self.stops[:-1]
+        self.blocks = [functools.partial(self._run_blocks, a, b) for a, b in zip(starts, self.stops)]
+        if compile_layers:
+            from .fast import compiled
+
+            self.blocks = [compiled(fn) for fn in self.blocks]
         self.counters = dict(segments=0, fills=0, host_reads=0, **weight_reads())
 
     # ---- pieces shared by the prefill (precomputed states) and the segments ----
@@ -133,7 +140,6 @@ class StaticEarlyExit:
 
     # ---- decode-step pieces (each one a CUDA graph on the graph engine) ----
     def _segment(self, index: int) -> None:
-        start = 0 if index == 0 else self.stops[index - 1]
         layer = self.stops[index]
         if index == 0:
             self.cache.valid.index_fill_(1, self.slot, True)
@@ -142,10 +148,7 @@ class StaticEarlyExit:
             self.h_exit.copy_(self.h[:, 0])
             if 0 in self.saved:
                 self.saved[0].copy_(self.h[:, 0])
-        h = self.h
-        for j in range(start, layer):
-            h = torch.where(self.running[:, None, None], h, self.h_exit[:, None])
-            h = self.model.run_layers(h, j, j + 1, self.cache, self.slot)
+        h = self.blocks[index](self.h)
         self.h.copy_(h)
         if layer in self.saved:
             self.saved[layer].copy_(h[:, -1])
@@ -153,6 +156,13 @@ class StaticEarlyExit:
             self._final(h[:, -1])
         elif layer in self.checked:
             self._check(layer, h[:, -1])
+
+    def _run_blocks(self, start: int, end: int, h: torch.Tensor) -> torch.Tensor:
+        """Blocks start..end-1 for every row; rows no longer running feed their frozen exit state (predication)."""
+        for j in range(start, end):
+            h = torch.where(self.running[:, None, None], h, self.h_exit[:, None])
+            h = self.model.run_layers(h, j, j + 1, self.cache, self.slot)
+        return h
 
     def _fill(self, start: int) -> None:
         rows = torch.arange(self.key.batch, device=self.model.device)
@@ -280,7 +290,7 @@ class StaticEarlyExit:
 
 def generate_static_early_exit(steps: dict, model: MultiExitGPT2, prompts, policy: ExitPolicy, max_new_tokens: int,
                                sampling: SamplingConfig, eos: int | None, backend: str, engine: str,
-                               on_token=None) -> GenerationResult:
+                               on_token=None, compile_layers: bool = False) -> GenerationResult:
     """Early exit through StaticEarlyExit (captured as CUDA graphs on the graph engine)."""
     from .fast import EOS_CHECK_EVERY, batch_bucket, length_bucket
 
@@ -294,7 +304,7 @@ def generate_static_early_exit(steps: dict, model: MultiExitGPT2, prompts, polic
                        length)
     state = steps.get(key)
     if state is None:
-        state = steps[key] = StaticEarlyExit(model, key, backend)
+        state = steps[key] = StaticEarlyExit(model, key, backend, compile_layers)
         if engine == "graph":
             state.capture()
     state.counters = dict(segments=0, fills=0, host_reads=0, **weight_reads())

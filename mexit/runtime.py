@@ -50,24 +50,27 @@ def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
 class MultiExitLM:
     """A multi-exit GPT-2 ready to generate. Build with `MultiExitLM.from_pretrained` or `MultiExitLM.random`."""
 
-    def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str = "auto", engine: str = "auto"):
+    def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str = "auto", engine: str = "auto",
+                 compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.backend = resolve_backend(backend, model.device)
         self.engine = resolve_engine(engine, model.device)
+        self.compile = compile  # torch.compile the layers of static steps (static / graph engines)
         self._static_steps: dict = {}  # StepKey -> StaticStep (captured CUDA graphs), reused across calls
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype="fp32", device=None,
-                        backend: str = "auto", engine: str = "auto") -> MultiExitLM:
+                        backend: str = "auto", engine: str = "auto", compile: bool = False) -> MultiExitLM:
         model = load_model(path_or_id, dtype=dtype, device=device)
-        return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine)
+        return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile)
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, dtype="fp32", device="cpu", backend="auto",
-               engine="auto") -> MultiExitLM:
+               engine="auto", compile: bool = False) -> MultiExitLM:
         """RANDOM weights of `config`'s shape (benchmarks, tests); `is_random` says so."""
-        return cls(random_model(config, seed=seed, dtype=dtype, device=device), backend=backend, engine=engine)
+        return cls(random_model(config, seed=seed, dtype=dtype, device=device), backend=backend, engine=engine,
+                   compile=compile)
 
     @property
     def config(self) -> ModelConfig:
@@ -119,7 +122,7 @@ class MultiExitLM:
                 from .fast_early_exit import generate_static_early_exit
 
                 result = generate_static_early_exit(self._static_steps, self.model, ids, early_exit, max_new_tokens,
-                                                    sampling, eos, self.backend, self.engine, on_token)
+                                                    sampling, eos, self.backend, self.engine, on_token, self.compile)
         else:
             if decode is None:
                 decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config,
@@ -129,7 +132,7 @@ class MultiExitLM:
                                          return_cache, on_token)
             else:
                 result = generate_static(self._static_steps, self.model, ids, decode, max_new_tokens, sampling, eos,
-                                         self.backend, self.engine, on_token)
+                                         self.backend, self.engine, on_token, self.compile)
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
         return result

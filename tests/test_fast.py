@@ -80,3 +80,15 @@ def test_static_step_has_no_host_sync(tiny_checkpoint):
     finally:
         torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist = real_item, real_bool, real_tolist
     assert calls == []
+
+
+def test_compiled_static_step_equals_eager(tiny_checkpoint, eager):
+    """torch.compile of the static step's layers (fixed mode and early-exit segments) changes no token."""
+    from mexit.early_exit import ExitPolicy
+
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], compile=True)
+    kw = dict(max_new_tokens=8, eos_token_id=None)
+    assert fast.generate(PROMPTS, contrast=(4, 2), **kw).tokens == eager.generate(PROMPTS, contrast=(4, 2), **kw).tokens
+    policy = ExitPolicy(0.3, exits=(2,))
+    ours, theirs = fast.generate(PROMPTS, early_exit=policy, **kw), eager.generate(PROMPTS, early_exit=policy, **kw)
+    assert ours.tokens == theirs.tokens and ours.exit_layers == theirs.exit_layers
