@@ -103,21 +103,22 @@ def state_dict_from_weights(weights: Weights, config: ModelConfig) -> dict[str, 
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Weights:
-    """GPT-2-style random init (normal(0, std) matrices, unit layernorms, zero biases), fp32 on CPU."""
-    gen = torch.Generator().manual_seed(seed)
+def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02, device="cpu", dtype=torch.float32) -> Weights:
+    """GPT-2-style random init (normal(0, std) matrices and biases, unit layernorms), drawn on `device` (the
+    values depend on the device's generator), stored in `dtype`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for name, shape in expected_shapes(config).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            state[name] = torch.ones(shape)
+            state[name] = torch.ones(shape, device=device, dtype=dtype)
         else:  # nonzero biases too, so that every bias path is exercised
-            state[name] = torch.randn(shape, generator=gen) * std
+            state[name] = (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
     return weights_from_state_dict(state, config)
 
 
 def random_model(config: ModelConfig, seed: int = 0, dtype="fp32", device="cpu") -> MultiExitGPT2:
     """A RANDOM-WEIGHT model of `config`'s shape: for tests and latency benchmarks only, never for quality."""
-    weights = random_weights(config, seed).to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    weights = random_weights(config, seed, device=resolve_device(device), dtype=resolve_dtype(dtype))
     return MultiExitGPT2(config, weights, random_weights=True)
 
 
