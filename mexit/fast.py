@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DecodeConfig
 from .generation import GenerationResult, PaddedBatch, check_prompts, cut_at_eos, layer_of, left_pad
 from .heads import next_token_distribution
 from .model import MultiExitGPT2
@@ -55,7 +54,10 @@ def resolve_engine(engine: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class StepKey:
-    decode: DecodeConfig
+    """What a static step is built for: the mode (a DecodeConfig, or an ExitPolicy for early exit), the sampling
+    settings baked into it, and the batch and length buckets."""
+
+    mode: object
     do_sample: bool
     temperature: float
     top_k: int
@@ -64,10 +66,11 @@ class StepKey:
     length: int
 
 
-class StaticStep:
-    """Static buffers for `batch` rows and `length` cache slots, and the decode step over them."""
+class StaticBuffers:
+    """Device-side decode state of `batch` rows and `length` cache slots: the cache, this step's token, position,
+    slot and index, the eos mask, every step's output token, and the uniform numbers of the whole generation."""
 
-    def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
+    def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str):
         self.model, self.key, self.backend = model, key, backend
         dev, b, t = model.device, key.batch, key.length
         self.cache = model.new_cache(b, t)
@@ -79,7 +82,46 @@ class StaticStep:
         self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)  # -1: no eos
         self.out = torch.zeros(b, t, dtype=torch.long, device=dev)
         self.uniform = torch.zeros(t, b, dtype=torch.float32, device=dev)
-        self.layers = [layer_of(h) or model.config.n_layer for h in key.decode.heads()]
+
+    def reset(self, batch: PaddedBatch, eos: int | None, uniform: torch.Tensor | None) -> None:
+        """Start a new batch (already padded to the bucket): cache validity, eos, step index, uniforms."""
+        self.cache.valid.zero_()
+        self.cache.valid[:, : batch.ids.shape[1]] = batch.valid
+        self.finished.zero_()
+        self.eos.fill_(-1 if eos is None else eos)
+        self.step_index.zero_()
+        if uniform is not None:
+            self.uniform[: uniform.shape[0]].copy_(uniform)
+
+    def start_decoding(self, batch: PaddedBatch, real_rows: int) -> None:
+        """After token 0: filler rows count as finished; the next token goes to the slot after the prompt."""
+        self.finished[real_rows:] = True
+        self.positions.copy_(batch.positions[:, -1] + 1)
+        self.slot.fill_(batch.ids.shape[1])
+
+    def pick(self, greedy: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+        """Greedy, or sampled from scores [B, V] with this step's uniform numbers."""
+        k = self.key
+        if not k.do_sample:
+            return greedy
+        uniform = self.uniform.index_select(0, self.step_index)[0]
+        return sample_from_scores(scores, uniform, k.temperature, k.top_k, k.top_p)
+
+    def emit(self, token: torch.Tensor) -> None:
+        """Mask finished rows with eos, record the token, advance the step index."""
+        token = torch.where(self.finished, self.eos, token)
+        self.finished |= token == self.eos
+        self.out.index_copy_(1, self.step_index, token[:, None])
+        self.tokens.copy_(token)
+        self.step_index += 1
+
+
+class StaticStep(StaticBuffers):
+    """The decode step of a fixed mode (original / exit / ACD) over static buffers; one CUDA graph."""
+
+    def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
+        super().__init__(model, key, backend)
+        self.layers = [layer_of(h) or model.config.n_layer for h in key.mode.heads()]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.run_layers = compiled(self._run_layers) if compile_layers else self._run_layers
 
@@ -92,19 +134,9 @@ class StaticStep:
         return torch.stack([states[layer] for layer in self.layers])
 
     def _hidden_to_token(self, hidden: torch.Tensor) -> None:
-        """Choose, mask with eos, and record this step's token; advance the step index."""
-        k = self.key
-        greedy, scores = next_token_distribution(self.model, k.decode, hidden, self.backend, need_scores=k.do_sample)
-        if k.do_sample:
-            uniform = self.uniform.index_select(0, self.step_index)[0]
-            token = sample_from_scores(scores, uniform, k.temperature, k.top_k, k.top_p)
-        else:
-            token = greedy
-        token = torch.where(self.finished, self.eos, token)
-        self.finished |= token == self.eos
-        self.out.index_copy_(1, self.step_index, token[:, None])
-        self.tokens.copy_(token)
-        self.step_index += 1
+        need = self.key.do_sample
+        greedy, scores = next_token_distribution(self.model, self.key.mode, hidden, self.backend, need_scores=need)
+        self.emit(self.pick(greedy, scores))
 
     def step(self) -> None:
         """One decode step, all on the device: the body a CUDA graph captures."""
@@ -114,25 +146,15 @@ class StaticStep:
         self.slot += 1
 
     def prefill(self, batch: PaddedBatch, real_rows: int, eos: int | None, uniform: torch.Tensor | None) -> None:
-        """Reset the buffers for a new batch (padded to this bucket; rows past `real_rows` are filler, marked
-        finished), run the prompt, emit token 0."""
-        p = batch.ids.shape[1]
-        self.cache.valid.zero_()
-        self.cache.valid[:, :p] = batch.valid
-        self.finished.zero_()
-        self.eos.fill_(-1 if eos is None else eos)
-        self.step_index.zero_()
-        if uniform is not None:
-            self.uniform[: uniform.shape[0]].copy_(uniform)
+        """Reset for a new batch (rows past `real_rows` are filler), run the prompt eagerly, emit token 0."""
+        self.reset(batch, eos, uniform)
         h = self.model.embed(batch.ids, batch.positions)
         states, start = {}, 0
         for layer in sorted(set(self.layers)):
             h = self.model.run_layers(h, start, layer, self.cache, 0)
             states[layer], start = h[:, -1], layer
         self._hidden_to_token(torch.stack([states[layer] for layer in self.layers]))
-        self.finished[real_rows:] = True
-        self.positions.copy_(batch.positions[:, -1] + 1)
-        self.slot.fill_(p)
+        self.start_decoding(batch, real_rows)
 
     def capture(self) -> None:
         """Warm up (Triton compilation, library handles) on a side stream, then capture `step` as a graph."""
@@ -147,50 +169,62 @@ class StaticStep:
         with torch.cuda.graph(self.graph):
             self.step()
 
-    def decode(self, steps: int, eos: int | None, on_token=None) -> int:
-        """Run steps 1..steps-1 (replaying the graph when captured). Returns how many tokens were produced."""
-        produced = 1
-        for i in range(1, steps):
-            if eos is not None and i % EOS_CHECK_EVERY == 0 and bool(self.finished.all()):
-                break
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.step()
-            produced += 1
-            if on_token is not None:
-                on_token(self.tokens)
-        return produced
+    def advance(self) -> None:
+        """One decode step: a graph replay when captured."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
 
 
-def generate_static(steps: dict, model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,
+def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_tokens: int,
                     sampling: SamplingConfig, eos: int | None, backend: str, engine: str,
                     on_token=None, compile_layers: bool = False) -> GenerationResult:
-    """Generate through a StaticStep from `steps` (built and, for engine "graph", captured on first use).
-    Rows are padded to the batch bucket with copies of the first prompt; seeded sampling draws the same
-    uniform numbers, in the same order, as the eager loop."""
-    decode.validate_for(model.config)
+    """Generate through the static step of `mode` (a DecodeConfig, or an ExitPolicy: early exit), taken from
+    `steps` or built (and, on the graph engine, captured) on first use. Rows are padded to the batch bucket
+    with copies of the first prompt; seeded sampling draws the same uniform numbers, in the same order, as the
+    eager loop. The host replays steps and reads one eos flag every EOS_CHECK_EVERY steps."""
+    from .early_exit import ExitPolicy
+    from .fast_early_exit import StaticEarlyExit
+
+    early_exit = isinstance(mode, ExitPolicy)
+    if early_exit:
+        mode.checked_exits(model.config)
+    else:
+        mode.validate_for(model.config)
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     rows = len(prompts)
     bucket = batch_bucket(rows)
     padded = left_pad(prompts + [prompts[0]] * (bucket - rows), model.device)
     length = length_bucket(padded.ids.shape[1] + max_new_tokens, model.config.n_positions)
-    key = StepKey(decode, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket, length)
-    step = steps.get(key)
-    if step is None:
-        step = steps[key] = StaticStep(model, key, backend, compile_layers)
+    key = StepKey(mode, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket, length)
+    state = steps.get(key)
+    if state is None:
+        state = steps[key] = (StaticEarlyExit if early_exit else StaticStep)(model, key, backend, compile_layers)
         if engine == "graph":
-            step.capture()
+            state.capture()
     uniform = None
     if sampling.do_sample:
         gen = None if sampling.seed is None else torch.Generator(device=model.device).manual_seed(sampling.seed)
         uniform = torch.zeros(max_new_tokens, bucket, device=model.device)
-        for i in range(max_new_tokens):
+        for i in range(max_new_tokens):  # the eager loop's order: one draw of `rows` numbers per step
             uniform[i, :rows] = torch.rand(rows, generator=gen, device=model.device)
-    step.prefill(padded, rows, eos, uniform)
-    emit = None if on_token is None else (lambda tokens: on_token(tokens[:rows]))
-    if emit is not None:
-        emit(step.tokens)
-    produced = step.decode(max_new_tokens, eos, emit)
-    table = cut_at_eos(step.out[:rows, :produced].tolist(), eos)
-    return GenerationResult(tokens=table, backend=backend, engine=engine)
+    if early_exit:
+        state.prefill(padded, rows, eos, uniform, [mode.threshold_at(i, max_new_tokens) for i in range(max_new_tokens)])
+    else:
+        state.prefill(padded, rows, eos, uniform)
+    if on_token is not None:
+        on_token(state.tokens[:rows])
+    produced = 1
+    for i in range(1, max_new_tokens):
+        if eos is not None and i % EOS_CHECK_EVERY == 0 and bool(state.finished.all()):
+            break
+        state.advance()
+        produced += 1
+        if on_token is not None:
+            on_token(state.tokens[:rows])
+    tokens = cut_at_eos(state.out[:rows, :produced].tolist(), eos)
+    result = GenerationResult(tokens=tokens, backend=backend, engine=engine)
+    if early_exit:
+        state.describe(result, rows, produced)
+    return result

@@ -15,54 +15,33 @@ only the layers some row needs.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .early_exit import ExitPolicy, weight_reads
-from .generation import GenerationResult, check_prompts, cut_at_eos, left_pad
+from .early_exit import weight_reads
+from .fast import StaticBuffers, StepKey, compiled
 from .heads import exit_stage
 from .model import MultiExitGPT2
-from .sampling import SamplingConfig, sample_from_scores
 
 
-@dataclass(frozen=True)
-class EarlyExitKey:
-    policy: ExitPolicy
-    do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    batch: int
-    length: int
+class StaticEarlyExit(StaticBuffers):
+    """The segment steps of one exit policy, batch bucket and length bucket, over static buffers."""
 
-
-class StaticEarlyExit:
-    """Static buffers and the segment steps of one policy, batch bucket and length bucket."""
-
-    def __init__(self, model: MultiExitGPT2, key: EarlyExitKey, backend: str, compile_layers: bool = False):
-        self.model, self.key, self.backend, self.policy = model, key, backend, key.policy
+    def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
+        super().__init__(model, key, backend)
+        self.policy = key.mode
         config = model.config
-        self.depth = key.policy.depth(config)
-        self.checked = key.policy.checked_exits(config)
+        self.depth = self.policy.depth(config)
+        self.checked = self.policy.checked_exits(config)
         below = [layer for layer in config.exit_layers if layer < self.checked[0]]
         self.previous = dict(zip(self.checked, [below[-1] if below else 0] + self.checked[:-1]))
-        cosine = key.policy.measure == "cosine"
+        cosine = self.policy.measure == "cosine"
         self.stops = sorted({self.depth, *self.checked, *(self.previous.values() if cosine else ())} - {0})
         dev, b, t, d = model.device, key.batch, key.length, config.n_embd
         zeros = dict(device=dev)
-        self.cache = model.new_cache(b, t)
-        self.tokens = torch.zeros(b, dtype=torch.long, **zeros)
-        self.positions = torch.zeros(b, dtype=torch.long, **zeros)
-        self.slot = torch.zeros(1, dtype=torch.long, **zeros)
-        self.step_index = torch.zeros(1, dtype=torch.long, **zeros)
-        self.finished = torch.zeros(b, dtype=torch.bool, **zeros)
-        self.eos = torch.full((1,), -1, dtype=torch.long, **zeros)
-        self.out = torch.zeros(b, t, dtype=torch.long, **zeros)
         self.exit_at = torch.zeros(b, t, dtype=torch.long, **zeros)
         self.conf_at = torch.zeros(b, t, dtype=torch.float32, **zeros)
-        self.uniform = torch.zeros(t, b, dtype=torch.float32, **zeros)
         self.thresholds = torch.zeros(t, dtype=torch.float32, **zeros)
         self.running = torch.zeros(b, dtype=torch.bool, **zeros)
         self.fired = torch.zeros(b, dtype=torch.bool, **zeros)
@@ -70,7 +49,7 @@ class StaticEarlyExit:
         self.chosen = torch.zeros(b, dtype=torch.long, **zeros)
         self.h = torch.zeros(b, 1, d, dtype=model.dtype, **zeros)
         self.h_exit = torch.zeros(b, d, dtype=model.dtype, **zeros)
-        self.deferred = key.policy.propagation == "deferred"
+        self.deferred = self.policy.propagation == "deferred"
         self.h_pending = torch.zeros(b, t, d, dtype=model.dtype, **zeros) if self.deferred else None
         self.pending: list[list[int]] = []  # [slot, next block to fill] of steps whose upper blocks were skipped
         self.host_slot = 0
@@ -80,18 +59,12 @@ class StaticEarlyExit:
         starts = [0] + self.stops[:-1]
         self.blocks = [functools.partial(self._run_blocks, a, b) for a, b in zip(starts, self.stops)]
         if compile_layers:
-            from .fast import compiled
-
             self.blocks = [compiled(fn) for fn in self.blocks]
         self.counters = dict(segments=0, fills=0, host_reads=0, **weight_reads())
 
     # ---- pieces shared by the prefill (precomputed states) and the segments ----
     def _pick(self, out) -> torch.Tensor:
-        k = self.key
-        if not k.do_sample:
-            return out.argmax[0]
-        uniform = self.uniform.index_select(0, self.step_index)[0]
-        return sample_from_scores(out.logprobs[0], uniform, k.temperature, k.top_k, k.top_p)
+        return self.pick(out.argmax[0], out.logprobs[0] if out.logprobs is not None else None)
 
     def _head(self, hidden: torch.Tensor, head):
         return exit_stage(self.model, hidden[None], [head], self.backend, with_logprobs=self.key.do_sample)
@@ -131,13 +104,6 @@ class StaticEarlyExit:
         self.chosen.copy_(torch.where(self.running, self._pick(out), self.chosen))
         self._record(self.running, self.depth, out.max_prob[0])
 
-    def _finish(self) -> None:
-        token = torch.where(self.finished, self.eos, self.chosen)
-        self.finished |= token == self.eos
-        self.out.index_copy_(1, self.step_index, token[:, None])
-        self.tokens.copy_(token)
-        self.step_index += 1
-
     # ---- decode-step pieces (each one a CUDA graph on the graph engine) ----
     def _segment(self, index: int) -> None:
         layer = self.stops[index]
@@ -169,7 +135,7 @@ class StaticEarlyExit:
         self.model.fill_kv(self.h_exit, start, self.depth, self.cache, rows, self.slot.expand(self.key.batch))
 
     def _step_end(self) -> None:
-        self._finish()
+        self.emit(self.chosen)
         if self.deferred:
             self.h_pending.index_copy_(1, self.slot, self.h_exit[:, None])
         self.positions += 1
@@ -203,7 +169,7 @@ class StaticEarlyExit:
         else:
             fn()
 
-    def step(self) -> None:
+    def advance(self) -> None:
         """One decode step: segments until no row runs, a fill for the skipped layers, then the token."""
         c = self.counters
         c["steps"] += 1
@@ -258,15 +224,9 @@ class StaticEarlyExit:
     def prefill(self, batch, real_rows: int, eos: int | None, uniform, thresholds) -> None:
         """Reset for a new batch, run the prompt at full depth, decide token 0 with the policy on the last
         position's states (no propagation needed: every layer ran)."""
-        p = batch.ids.shape[1]
-        self.cache.valid.zero_()
-        self.cache.valid[:, :p] = batch.valid
-        self.finished.zero_()
-        self.eos.fill_(-1 if eos is None else eos)
-        self.step_index.zero_()
+        self.reset(batch, eos, uniform)
+        self.counters = dict(segments=0, fills=0, host_reads=0, **weight_reads())
         self.thresholds[: len(thresholds)] = torch.tensor(thresholds, device=self.thresholds.device)
-        if uniform is not None:
-            self.uniform[: uniform.shape[0]].copy_(uniform)
         h = self.model.embed(batch.ids, batch.positions)
         states, start = {0: h[:, -1]}, 0
         for layer in self.stops:
@@ -280,58 +240,16 @@ class StaticEarlyExit:
             if self.policy.measure == "cosine":
                 self._cosine_head(layer)
         self._final(states[self.depth])
-        self._finish()
-        self.finished[real_rows:] = True
-        self.positions.copy_(batch.positions[:, -1] + 1)
-        self.slot.fill_(p)
-        self.host_slot = p
+        self.emit(self.chosen)
+        self.start_decoding(batch, real_rows)
+        self.host_slot = batch.ids.shape[1]
         self.pending = []
 
-
-def generate_static_early_exit(steps: dict, model: MultiExitGPT2, prompts, policy: ExitPolicy, max_new_tokens: int,
-                               sampling: SamplingConfig, eos: int | None, backend: str, engine: str,
-                               on_token=None, compile_layers: bool = False) -> GenerationResult:
-    """Early exit through StaticEarlyExit (captured as CUDA graphs on the graph engine)."""
-    from .fast import EOS_CHECK_EVERY, batch_bucket, length_bucket
-
-    prompts = check_prompts(prompts, model.config, max_new_tokens)
-    policy.checked_exits(model.config)
-    rows = len(prompts)
-    bucket = batch_bucket(rows)
-    padded = left_pad(prompts + [prompts[0]] * (bucket - rows), model.device)
-    length = length_bucket(padded.ids.shape[1] + max_new_tokens, model.config.n_positions)
-    key = EarlyExitKey(policy, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket,
-                       length)
-    state = steps.get(key)
-    if state is None:
-        state = steps[key] = StaticEarlyExit(model, key, backend, compile_layers)
-        if engine == "graph":
-            state.capture()
-    state.counters = dict(segments=0, fills=0, host_reads=0, **weight_reads())
-    uniform = None
-    gen = None
-    if sampling.do_sample:
-        gen = None if sampling.seed is None else torch.Generator(device=model.device).manual_seed(sampling.seed)
-        uniform = torch.zeros(max_new_tokens, bucket, device=model.device)
-    thresholds = [policy.threshold_at(i, max_new_tokens) for i in range(max_new_tokens)]
-    if uniform is not None:  # drawn in the eager scheduler's order: one draw of `rows` numbers per step
-        for i in range(max_new_tokens):
-            uniform[i, :rows] = torch.rand(rows, generator=gen, device=model.device)
-    state.prefill(padded, rows, eos, uniform, thresholds)
-    if on_token is not None:
-        on_token(state.tokens[:rows])
-    produced = 1
-    for i in range(1, max_new_tokens):
-        if eos is not None and i % EOS_CHECK_EVERY == 0 and bool(state.finished.all()):
-            break
-        state.step()
-        produced += 1
-        if on_token is not None:
-            on_token(state.tokens[:rows])
-    tokens = cut_at_eos(state.out[:rows, :produced].tolist(), eos)
-    exit_layers = [row[: len(t)] for row, t in zip(state.exit_at[:rows, :produced].tolist(), tokens)]
-    confidences = [row[: len(t)] for row, t in zip(state.conf_at[:rows, :produced].tolist(), tokens)]
-    n_tokens = sum(map(len, exit_layers))
-    stats = dict(state.counters, depth=state.depth, mean_exit_layer=sum(map(sum, exit_layers)) / max(n_tokens, 1))
-    return GenerationResult(tokens=tokens, backend=backend, engine=engine, exit_layers=exit_layers,
-                            confidences=confidences, stats=stats)
+    def describe(self, result, rows: int, produced: int) -> None:
+        """Per-token exit layers and confidences, and the step counters, onto a GenerationResult."""
+        lengths = [len(t) for t in result.tokens]
+        result.exit_layers = [row[:n] for row, n in zip(self.exit_at[:rows, :produced].tolist(), lengths)]
+        result.confidences = [row[:n] for row, n in zip(self.conf_at[:rows, :produced].tolist(), lengths)]
+        n_tokens = sum(lengths)
+        mean = sum(map(sum, result.exit_layers)) / max(n_tokens, 1)
+        result.stats = dict(self.counters, depth=self.depth, mean_exit_layer=mean)

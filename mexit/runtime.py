@@ -119,10 +119,8 @@ class MultiExitLM:
                 result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos,
                                              self.backend, return_cache, on_token)
             else:
-                from .fast_early_exit import generate_static_early_exit
-
-                result = generate_static_early_exit(self._static_steps, self.model, ids, early_exit, max_new_tokens,
-                                                    sampling, eos, self.backend, self.engine, on_token, self.compile)
+                result = generate_static(self._static_steps, self.model, ids, early_exit, max_new_tokens, sampling,
+                                         eos, self.backend, self.engine, on_token, self.compile)
         else:
             if decode is None:
                 decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config,
