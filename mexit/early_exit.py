@@ -205,7 +205,7 @@ class EarlyExitRun:
         for layer in self.checked:
             if len(walker.rows) == 0:
                 break
-            if self.policy.measure == "cosine":
+            if self.policy.measure == "cosine":  # decide without a head; run it only for the rows that fire
                 prev = self.previous[layer]
                 if prev not in saved:
                     saved[prev] = walker.advance(prev)
@@ -213,22 +213,19 @@ class EarlyExitRun:
                 confidence = F.cosine_similarity(h.float(), saved[prev].float(), dim=-1)
                 fire = confidence >= threshold
                 out = self.head(h[fire], layer) if bool(fire.any()) else None
-                fired_out = out
+                selected = slice(None)  # out's rows are the firing rows
             else:
                 h = walker.advance(layer)
                 out = self.head(h, layer)
                 confidence = (out.max_prob if self.policy.measure == "max-prob" else out.margin)[0]
                 fire = confidence >= threshold
-                fired_out = None
+                selected = fire
             self.stats["checks"] += len(walker.rows)
             if not bool(fire.any()):
                 continue
             rows = walker.rows[fire]
-            if fired_out is None:  # head computed for every running row: keep the firing ones
-                greedy = out.argmax[0][fire]
-                scores = out.logprobs[0][fire] if out.logprobs is not None else None
-            else:
-                greedy, scores = fired_out.argmax[0], fired_out.logprobs[0] if fired_out.logprobs is not None else None
+            greedy = out.argmax[0][selected]
+            scores = out.logprobs[0][selected] if out.logprobs is not None else None
             tokens[rows] = self.chooser.pick(greedy, scores, None if uniform is None else uniform[rows])
             self.record(rows, layer, confidence[fire])
             if slot is not None:
