@@ -103,3 +103,18 @@ def test_random_model_and_roundtrip(tmp_path):
     assert loaded.config == config and not loaded.random_weights
     torch.testing.assert_close(loaded.w.fc_proj_w, model.w.fc_proj_w)
     torch.testing.assert_close(loaded.w.exit_heads[1], model.w.exit_heads[1])
+
+
+def test_hub_id_resolves_through_huggingface_hub(tiny_checkpoint, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def fake_download(repo_id, allow_patterns=None, **_kw):
+        asked.append((repo_id, allow_patterns))
+        return str(tiny_checkpoint[0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    lm = mexit.load("IBM/gpt2-medium-multiexit")
+    assert asked[0][0] == "IBM/gpt2-medium-multiexit" and "*.safetensors" in asked[0][1]
+    assert lm.config.exit_layers == (1, 2, 3, 4) and lm.tokenizer is not None
