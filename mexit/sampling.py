@@ -36,7 +36,7 @@ def sample_from_scores(scores: torch.Tensor, uniform: torch.Tensor, temperature:
     Inverse-CDF sampling over the distribution sorted by probability (descending), after temperature,
     top-k (keep the k most likely) and top-p (keep the smallest prefix whose mass reaches top_p)."""
     probs = torch.softmax(scores.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # ties in index order, on any device
     keep = torch.ones_like(sorted_probs, dtype=torch.bool)
     if top_k:
         keep[:, top_k:] = False

@@ -104,3 +104,12 @@ def test_sampler_inverse_cdf():
     assert set(sample_from_scores(scores, uniform, top_p=0.81).tolist()) == {0, 1, 2}
     cold = sample_from_scores(scores, uniform, temperature=0.05)
     assert (cold == 0).float().mean() > 0.99
+
+
+def test_sampler_ties_keep_index_order():
+    from mexit.sampling import sample_from_scores
+
+    scores = torch.zeros(4, 6)  # six equally likely tokens: inverse CDF walks them in index order
+    uniform = torch.tensor([0.01, 0.2, 0.55, 0.99])
+    assert sample_from_scores(scores, uniform).tolist() == [0, 1, 3, 5]
+    assert sample_from_scores(scores, uniform, top_k=2).tolist() == [0, 0, 1, 1]
