@@ -60,10 +60,6 @@ class KVCache:
     v: torch.Tensor
     valid: torch.Tensor
 
-    @property
-    def max_length(self) -> int:
-        return self.k.shape[3]
-
 
 # pending(j, rows) -> (row_index, slot_index, hidden) of earlier exited positions whose keys/values at block j
 # must be filled now, or None. Used by the deferred state propagation of the early-exit scheduler.
