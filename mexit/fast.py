@@ -82,6 +82,33 @@ class StaticBuffers:
         self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)  # -1: no eos
         self.out = torch.zeros(b, t, dtype=torch.long, device=dev)
         self.uniform = torch.zeros(t, b, dtype=torch.float32, device=dev)
+        self.graphs: dict = {}  # piece name -> captured CUDA graph (the graph engine)
+
+    def launch(self, name, fn) -> None:
+        """Run a piece of the step: replay its graph when captured, else call it."""
+        graph = self.graphs.get(name)
+        if graph is not None:
+            graph.replay()
+        else:
+            fn()
+
+    def capture_pieces(self, pieces: dict) -> None:
+        """Warm every piece up on a side stream (Triton and inductor compilation, library handles), then capture
+        each as its own CUDA graph."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for fn in pieces.values():
+                for _ in range(2):
+                    self.slot.zero_()
+                    self.step_index.zero_()
+                    fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        for name, fn in pieces.items():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            self.graphs[name] = graph
 
     def reset(self, batch: PaddedBatch, eos: int | None, uniform: torch.Tensor | None) -> None:
         """Start a new batch (already padded to the bucket): cache validity, eos, step index, uniforms."""
@@ -122,7 +149,6 @@ class StaticStep(StaticBuffers):
     def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
         super().__init__(model, key, backend)
         self.layers = [layer_of(h) or model.config.n_layer for h in key.mode.heads()]
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.run_layers = compiled(self._run_layers) if compile_layers else self._run_layers
 
     def _run_layers(self, h: torch.Tensor) -> torch.Tensor:
@@ -157,24 +183,11 @@ class StaticStep(StaticBuffers):
         self.start_decoding(batch, real_rows)
 
     def capture(self) -> None:
-        """Warm up (Triton compilation, library handles) on a side stream, then capture `step` as a graph."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.slot.zero_()
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
+        self.capture_pieces({"step": self.step})
 
     def advance(self) -> None:
         """One decode step: a graph replay when captured."""
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.step()
+        self.launch("step", self.step)
 
 
 def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_tokens: int,
@@ -202,7 +215,16 @@ def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_to
     if state is None:
         state = steps[key] = (StaticEarlyExit if early_exit else StaticStep)(model, key, backend, compile_layers)
         if engine == "graph":
-            state.capture()
+            try:
+                state.capture()
+            except Exception as err:  # keep generating: the same step, replayed without a graph
+                warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); running the static step "
+                              "without a graph", stacklevel=3)
+                state.graphs = {}
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+    if engine == "graph" and not state.graphs:
+        engine = "static"  # what actually runs
     uniform = None
     if sampling.do_sample:
         gen = None if sampling.seed is None else torch.Generator(device=model.device).manual_seed(sampling.seed)

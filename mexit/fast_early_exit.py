@@ -55,7 +55,6 @@ class StaticEarlyExit(StaticBuffers):
         self.host_slot = 0
         self.saved = {layer: torch.zeros(b, d, dtype=model.dtype, **zeros)  # cosine's previous states
                       for layer in (set(self.previous.values()) if cosine else ())}
-        self.graphs: dict = {}
         starts = [0] + self.stops[:-1]
         self.blocks = [functools.partial(self._run_blocks, a, b) for a, b in zip(starts, self.stops)]
         if compile_layers:
@@ -162,13 +161,6 @@ class StaticEarlyExit(StaticBuffers):
         """Fill what deferred propagation still owes (the cache is then complete, e.g. for inspection)."""
         self._fill_pending(0, self.depth)
 
-    def _launch(self, name, fn) -> None:
-        graph = self.graphs.get(name)
-        if graph is not None:
-            graph.replay()
-        else:
-            fn()
-
     def advance(self) -> None:
         """One decode step: segments until no row runs, a fill for the skipped layers, then the token."""
         c = self.counters
@@ -176,7 +168,7 @@ class StaticEarlyExit(StaticBuffers):
         for index, layer in enumerate(self.stops):
             if self.deferred and self.pending:
                 self._fill_pending(self.stops[index - 1] if index else 0, layer)
-            self._launch(("segment", index), lambda i=index: self._segment(i))
+            self.launch(("segment", index), lambda i=index: self._segment(i))
             c["segments"] += 1
             c["weight_blocks"] = c["weight_blocks"] + layer - (self.stops[index - 1] if index else 0)
             c["weight_heads"] += layer == self.depth or (layer in self.checked and self.policy.measure != "cosine")
@@ -185,21 +177,21 @@ class StaticEarlyExit(StaticBuffers):
             c["host_reads"] += 1
             fired, running = self.flags.tolist()  # the one small device-to-host read of this checked exit
             if fired and self.policy.measure == "cosine":
-                self._launch(("cosine_head", layer), lambda layer=layer: self._cosine_head(layer))
+                self.launch(("cosine_head", layer), lambda layer=layer: self._cosine_head(layer))
                 c["weight_heads"] += 1
             if not running:
                 if self.deferred:
                     self.pending.append([self.host_slot, layer])
                 else:
-                    self._launch(("fill", layer), lambda layer=layer: self._fill(layer))
+                    self.launch(("fill", layer), lambda layer=layer: self._fill(layer))
                     c["fills"] += 1
                     c["weight_fill_blocks"] += self.depth - layer
                 break
-        self._launch("end", self._step_end)
+        self.launch("end", self._step_end)
         self.host_slot += 1
 
     def capture(self) -> None:
-        """Capture every piece as its own CUDA graph after a warm-up run of each on a side stream."""
+        """Every piece of the step as its own CUDA graph."""
         pieces = {("segment", i): (lambda i=i: self._segment(i)) for i in range(len(self.stops))}
         if not self.deferred:
             pieces.update({("fill", layer): (lambda layer=layer: self._fill(layer)) for layer in self.checked})
@@ -207,19 +199,7 @@ class StaticEarlyExit(StaticBuffers):
             pieces.update({("cosine_head", layer): (lambda layer=layer: self._cosine_head(layer))
                            for layer in self.checked})
         pieces["end"] = self._step_end
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for fn in pieces.values():
-                self.slot.zero_()
-                self.step_index.zero_()
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        for name, fn in pieces.items():
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            self.graphs[name] = graph
+        self.capture_pieces(pieces)
 
     def prefill(self, batch, real_rows: int, eos: int | None, uniform, thresholds) -> None:
         """Reset for a new batch, run the prompt at full depth, decide token 0 with the policy on the last

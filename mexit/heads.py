@@ -26,8 +26,9 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto" -> triton on CUDA when triton imports, else torch (with a warning on CUDA).
-    "triton" on CPU needs TRITON_INTERPRET=1 set before triton was imported."""
+    """"auto" -> triton on CUDA when triton imports and the kernels compile and agree with their references on a
+    small probe, else torch with a warning. "triton" on CPU needs TRITON_INTERPRET=1 set before triton was
+    imported."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     if backend == "torch":
@@ -39,12 +40,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             warnings.warn("triton is not installed: the exit stage runs on the PyTorch reference path (slower)",
                           stacklevel=3)
             return "torch"
+        problem = probe_kernels(device)
+        if problem:
+            warnings.warn(f"the Triton exit-stage kernels failed a probe on {device} ({problem}): using the PyTorch "
+                          "reference path (slower)", stacklevel=3)
+            return "torch"
         return "triton"
     if not triton_available():
         raise RuntimeError("backend 'triton' was asked for but triton is not installed (pip install triton)")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend 'triton' on CPU needs TRITON_INTERPRET=1 in the environment before start")
     return "triton"
+
+
+def probe_kernels(device: torch.device) -> str | None:
+    """Compile and run both kernels once on a small problem; None when they match the references, else why."""
+    try:
+        from mexit.kernels.acd_contrast import acd_contrast
+        from mexit.kernels.exit_head import exit_head
+
+        gen = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(2, 2, 64, device=device, generator=gen).half()
+        ones, zeros = torch.ones(64, device=device).half(), torch.zeros(64, device=device).half()
+        heads = [torch.randn(300, 64, device=device, generator=gen).half() for _ in range(2)]
+        out = exit_head(hidden, ones, zeros, 1e-5, heads)
+        ref = exit_head_ref(hidden.float(), ones.float(), zeros.float(), 1e-5, [h.float() for h in heads])
+        token, _ = acd_contrast(out.logits, out.lse)
+        if not torch.allclose(out.logits, ref.logits, atol=5e-2, rtol=1e-2):
+            return "exit_head disagrees with its reference"
+        if not torch.equal(token, acd_contrast_ref(out.logits[0], out.logits[1]).argmax(-1)):
+            return "acd_contrast disagrees with its reference"
+    except Exception as err:  # compilation or launch failure: report it, fall back
+        return f"{type(err).__name__}: {err}"[:200]
+    return None
 
 
 def exit_stage(model: MultiExitGPT2, hidden: torch.Tensor, heads: list, backend: str,

@@ -92,3 +92,16 @@ def test_compiled_static_step_equals_eager(tiny_checkpoint, eager):
     policy = ExitPolicy(0.3, exits=(2,))
     ours, theirs = fast.generate(PROMPTS, early_exit=policy, **kw), eager.generate(PROMPTS, early_exit=policy, **kw)
     assert ours.tokens == theirs.tokens and ours.exit_layers == theirs.exit_layers
+
+
+def test_capture_failure_falls_back_to_the_static_step(tiny_checkpoint, eager, monkeypatch):
+    def broken_capture(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticStep, "capture", broken_capture)
+    lm = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static")
+    lm.engine = "graph"  # as on a CUDA machine
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        out = lm.generate(PROMPTS, max_new_tokens=6, eos_token_id=None)
+    assert out.engine == "static"
+    assert out.tokens == eager.generate(PROMPTS, max_new_tokens=6, eos_token_id=None).tokens

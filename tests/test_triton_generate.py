@@ -33,3 +33,15 @@ def test_auto_backend_on_cpu_is_torch(tiny_checkpoint):
     lm = mexit.load(tiny_checkpoint[0])
     assert lm.generate([[1, 2]], max_new_tokens=2).backend == ("triton" if lm.model.device.type == "cuda"
                                                                  else "torch")
+
+
+def test_kernel_probe_and_fallback(monkeypatch):
+    import torch
+
+    from mexit import heads
+
+    assert heads.probe_kernels(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
+    monkeypatch.setattr(heads, "probe_kernels", lambda device: "CompilationError: no sm_90 support")
+    with pytest.warns(UserWarning, match="failed a probe.*CompilationError"):
+        assert heads.resolve_backend("auto", torch.device("cuda")) == "torch"
+    assert heads.resolve_backend("triton", torch.device("cpu")) == "triton"  # asked for explicitly: no probe
