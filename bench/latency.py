@@ -97,6 +97,14 @@ def mode_traffic(kw: dict, config, stats: dict | None) -> tuple[float, float, fl
     return n, 1, 0
 
 
+def timing_row(meta, impl, mode, batch, timing, nbytes, copy_gbs) -> dict:
+    """A results row: timings, tokens/s, bytes per step and the roofline against the measured copy bandwidth."""
+    floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
+    return dict(meta, impl=impl, mode=mode, batch=batch, **timing, tokens_per_s=batch * 1e3 / timing["ms_per_token"],
+                step_mb=nbytes / 1e6, floor_ms=floor_ms, pct_roofline=100 * floor_ms / timing["ms_per_token"],
+                copy_gb_s=copy_gbs)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -146,7 +154,9 @@ def run(args) -> list[dict]:
         raise ValueError(f"prompt {args.prompt_len} + new tokens {args.new_tokens} exceed the context "
                          f"{config.n_positions}")
     meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend,
-                engine=lm.engine, compiled=lm.compile)
+                engine=lm.engine, compiled=lm.compile, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                command=" ".join(["mexit" if Path(sys.argv[0]).name == "mexit" else "python bench/latency.py",
+                                  *sys.argv[1:]]))
     copy_gbs = copy_bandwidth_gbs(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -167,11 +177,7 @@ def run(args) -> list[dict]:
             stats = last["result"].stats if "early_exit" in kw else None
             blocks, heads, filled = mode_traffic(kw, config, stats)
             nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
-            floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
-            row = dict(meta, impl="mexit", mode=mode, batch=batch, prompt_len=args.prompt_len,
-                       new_tokens=args.new_tokens, **timing, tokens_per_s=batch * 1e3 / timing["ms_per_token"],
-                       step_mb=nbytes / 1e6, floor_ms=floor_ms, pct_roofline=100 * floor_ms / timing["ms_per_token"],
-                       copy_gb_s=copy_gbs)
+            row = timing_row(meta, "mexit", mode, batch, timing, nbytes, copy_gbs)
             if stats:
                 row["mean_exit_layer"] = stats["mean_exit_layer"]
             rows.append(row)
@@ -245,12 +251,8 @@ def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, a
             raise
         return dict(meta, impl=name, mode=mode, batch=len(prompts), skipped=f"failed: {err!r}"[:300])
     nbytes = step_bytes(config, dtype, len(prompts), context, *traffic)
-    floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
     print(f"  {name} {mode} B={len(prompts)}: {timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
-    return dict(meta, impl=name, mode=mode, batch=len(prompts), prompt_len=args.prompt_len,
-                new_tokens=args.new_tokens, **timing, tokens_per_s=len(prompts) * 1e3 / timing["ms_per_token"],
-                step_mb=nbytes / 1e6, floor_ms=floor_ms, pct_roofline=100 * floor_ms / timing["ms_per_token"],
-                copy_gb_s=copy_gbs)
+    return timing_row(meta, name, mode, len(prompts), timing, nbytes, copy_gbs)
 
 
 COLUMNS = ["impl", "mode", "batch", "prefill_ms", "ms_per_token", "ms_per_token_min", "ms_per_token_max",
@@ -268,7 +270,11 @@ def save(rows: list[dict], out_dir: str, plot: bool) -> list[Path]:
     paths.append(out / "latency.csv")
     table = markdown_table([r for r in rows if "skipped" not in r], COLUMNS)
     skipped = [f"- {r['impl']}: {r['skipped']}" for r in rows if "skipped" in r]
-    header = f"{rows[0]['model']} | {rows[0]['device']} | {rows[0]['dtype']} | commit {rows[0].get('commit')}\n\n"
+    r0 = rows[0]
+    engine = r0["engine"] + (" (compiled)" if r0.get("compiled") else "")
+    header = (f"{r0['model']} | {r0['device']} | {r0['dtype']} | backend {r0['backend']}, engine {engine} | "
+              f"prompt {r0['prompt_len']}, {r0['new_tokens']} new tokens | commit {r0.get('commit')}\n\n"
+              f"command: `{r0['command']}`\n\n")
     (out / "latency.md").write_text(header + table + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "") + "\n")
     paths.append(out / "latency.md")
     if plot:
