@@ -105,3 +105,12 @@ def test_capture_failure_falls_back_to_the_static_step(tiny_checkpoint, eager, m
         out = lm.generate(PROMPTS, max_new_tokens=6, eos_token_id=None)
     assert out.engine == "static"
     assert out.tokens == eager.generate(PROMPTS, max_new_tokens=6, eos_token_id=None).tokens
+
+
+@pytest.mark.parametrize("case", MODES[:4], ids=lambda c: "-".join(map(str, c.values())))
+def test_fp16_fast_path_equals_fp16_eager(tiny_checkpoint, case):
+    """The dtype users run on GPUs: the static/graph step and the eager loop give the same tokens in fp16."""
+    kw = dict(max_new_tokens=10, eos_token_id=None, **mexit_kwargs(case))
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, dtype="fp16", engine=ENGINES[-1])
+    slow = mexit.load(tiny_checkpoint[0], device=DEVICE, dtype="fp16", engine="eager")
+    assert fast.generate(PROMPTS, **kw).tokens == slow.generate(PROMPTS, **kw).tokens
