@@ -129,3 +129,16 @@ def test_text_without_tokenizer(tmp_path):
 def test_bad_backend(checkpoint):
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         mexit.load(checkpoint, backend="cuda")
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"activation_function": "relu"}, "unsupported activation_function 'relu'"),
+    ({"model_type": "gpt_neo"}, "unsupported model_type 'gpt_neo'"),
+    ({"n_head": 5}, "n_embd=32 is not divisible by n_head=5"),
+])
+def test_unsupported_config(checkpoint, edit, message):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg.update(edit)
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        mexit.load(checkpoint)
