@@ -15,7 +15,9 @@ same run. Writes JSON + CSV rows, a markdown table and a PNG plot."""
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -150,42 +152,55 @@ def run(args) -> list[dict]:
     config = lm.config
     modes = args.modes or default_modes(config)
     parsed = {m: parse_mode(m, config) for m in modes}
-    if args.prompt_len + args.new_tokens > config.n_positions:
-        raise ValueError(f"prompt {args.prompt_len} + new tokens {args.new_tokens} exceed the context "
-                         f"{config.n_positions}")
-    meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend,
-                engine=lm.engine, compiled=lm.compile, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                command=" ".join(["mexit" if Path(sys.argv[0]).name == "mexit" else "python bench/latency.py",
-                                  *sys.argv[1:]]))
+    lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
+    for p, n in lengths:
+        if p + n > config.n_positions:
+            raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
+    run_meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend,
+                    engine=lm.engine, compiled=lm.compile,
+                    command=" ".join(["mexit" if Path(sys.argv[0]).name == "mexit" else "python bench/latency.py",
+                                      *sys.argv[1:]]))
     copy_gbs = copy_bandwidth_gbs(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print(f"# {label} on {meta['device']}, {meta['dtype']}, backend {lm.backend}, engine {lm.engine}, "
+    print(f"# {label} on {run_meta['device']}, {run_meta['dtype']}, backend {lm.backend}, engine {lm.engine}, "
           f"copy bandwidth {copy_gbs:.0f} GB/s", file=sys.stderr)
-    for batch in args.batch:
-        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
-        context = args.prompt_len + args.new_tokens // 2
-        for mode, kw in parsed.items():
-            last = {}
+    for (prompt_len, new_tokens), batch in itertools.product(lengths, args.batch):
+        case = copy.copy(args)
+        case.prompt_len, case.new_tokens = prompt_len, new_tokens
+        meta = dict(run_meta, prompt_len=prompt_len, new_tokens=new_tokens)
+        rows += run_case(lm, parsed, batch, case, meta, copy_gbs, gen)
+    return rows
 
-            def generate(n, kw=kw, last=last):
-                out = lm.generate(prompts, n, eos_token_id=None, **kw)
-                sync(device)
-                last["result"] = out
 
-            timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
-            stats = last["result"].stats if "early_exit" in kw else None
-            blocks, heads, filled = mode_traffic(kw, config, stats)
-            nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
-            row = timing_row(meta, "mexit", mode, batch, timing, nbytes, copy_gbs)
-            if stats:
-                row["mean_exit_layer"] = stats["mean_exit_layer"]
-            rows.append(row)
-            print(f"  mexit {mode} B={batch}: {timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
-        if "transformers" in args.baselines:
-            rows += transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
-        if "autocontrastive-gen" in args.baselines:
-            rows += autocontrastive_gen_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
+def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, gen) -> list[dict]:
+    """Every mode and baseline at one batch size, prompt length and generation length."""
+    config, device, dtype = lm.config, lm.model.device, lm.model.dtype
+    prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
+    context = args.prompt_len + args.new_tokens // 2
+    rows = []
+    for mode, kw in parsed.items():
+        last = {}
+
+        def generate(n, kw=kw, last=last):
+            out = lm.generate(prompts, n, eos_token_id=None, **kw)
+            sync(device)
+            last["result"] = out
+
+        timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
+        stats = last["result"].stats if "early_exit" in kw else None
+        blocks, heads, filled = mode_traffic(kw, config, stats)
+        nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
+        row = timing_row(meta, "mexit", mode, batch, timing, nbytes, copy_gbs)
+        if stats:
+            row["mean_exit_layer"] = stats["mean_exit_layer"]
+        rows.append(row)
+        print(f"  mexit {mode} B={batch} P={args.prompt_len} N={args.new_tokens}: "
+              f"{timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
+    if "transformers" in args.baselines:
+        rows += transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
+    if "autocontrastive-gen" in args.baselines:
+        rows += autocontrastive_gen_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
     return rows
 
 
@@ -255,8 +270,8 @@ def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, a
     return timing_row(meta, name, mode, len(prompts), timing, nbytes, copy_gbs)
 
 
-COLUMNS = ["impl", "mode", "batch", "prefill_ms", "ms_per_token", "ms_per_token_min", "ms_per_token_max",
-           "tokens_per_s", "floor_ms", "pct_roofline"]
+COLUMNS = ["impl", "mode", "batch", "prompt_len", "new_tokens", "prefill_ms", "ms_per_token", "ms_per_token_min",
+           "ms_per_token_max", "tokens_per_s", "floor_ms", "pct_roofline"]
 
 
 def save(rows: list[dict], out_dir: str, plot: bool) -> list[Path]:
@@ -269,12 +284,11 @@ def save(rows: list[dict], out_dir: str, plot: bool) -> list[Path]:
         writer.writerows(rows)
     paths.append(out / "latency.csv")
     table = markdown_table([r for r in rows if "skipped" not in r], COLUMNS)
-    skipped = [f"- {r['impl']}: {r['skipped']}" for r in rows if "skipped" in r]
+    skipped = list(dict.fromkeys(f"- {r['impl']}: {r['skipped']}" for r in rows if "skipped" in r))
     r0 = rows[0]
     engine = r0["engine"] + (" (compiled)" if r0.get("compiled") else "")
     header = (f"{r0['model']} | {r0['device']} | {r0['dtype']} | backend {r0['backend']}, engine {engine} | "
-              f"prompt {r0['prompt_len']}, {r0['new_tokens']} new tokens | commit {r0.get('commit')}\n\n"
-              f"command: `{r0['command']}`\n\n")
+              f"commit {r0.get('commit')}\n\ncommand: `{r0['command']}`\n\n")
     (out / "latency.md").write_text(header + table + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "") + "\n")
     paths.append(out / "latency.md")
     if plot:
@@ -316,8 +330,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--modes", nargs="+", help="default: original, a middle exit, ACD top vs middle, early exit")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on cuda, 1 on cpu")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=None, help="default: 128 on cuda, 8 on cpu")
+    p.add_argument("--prompt-len", type=int, nargs="+", default=[32])
+    p.add_argument("--new-tokens", type=int, nargs="+", default=None, help="default: 128 on cuda, 8 on cpu")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--baselines", nargs="*", default=["transformers", "autocontrastive-gen"],
@@ -330,12 +344,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def fill_defaults(args) -> None:
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.batch = args.batch or ([1, 8] if cuda else [1])
-    args.new_tokens = args.new_tokens or (128 if cuda else 8)
+    args.new_tokens = args.new_tokens or [128 if cuda else 8]
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     args.repeats = args.repeats or (5 if cuda else 2)
-    if args.new_tokens < 2:
+    if min(args.new_tokens) < 2:
         raise ValueError("--new-tokens must be >= 2 (decode time is the difference of 1 and n new tokens)")
-    if any(b < 1 for b in args.batch) or args.prompt_len < 1:
+    if min(args.batch) < 1 or min(args.prompt_len) < 1:
         raise ValueError("batch sizes and --prompt-len must be >= 1")
     unknown = set(args.baselines) - {"transformers", "autocontrastive-gen"}
     if unknown:

@@ -8,7 +8,7 @@ from mexit.bench import ablate, bench_exit_head, latency
 
 
 def latency_args(folder, out, **kw):
-    argv = ["--model", str(folder), "--batch", "1", "2", "--prompt-len", "5", "--new-tokens", "8", "--warmup", "1",
+    argv = ["--model", str(folder), "--batch", "1", "2", "--prompt-len", "5", "9", "--new-tokens", "8", "--warmup", "1",
             "--repeats", "3", "--modes", "original", "exit:2", "acd:4,2", "ee:max-prob:0:2", "ee:margin:0:all:deferred",
             "--no-compile", "--out", str(out)]
     for k, v in kw.items():
@@ -20,8 +20,9 @@ def test_latency_rows_and_files(tiny_checkpoint, tmp_path):
     assert latency.main(latency_args(tiny_checkpoint[0], tmp_path)) == 0
     rows = json.loads((tmp_path / "latency.json").read_text())
     timed = [r for r in rows if "skipped" not in r]
-    assert {(r["impl"], r["mode"], r["batch"]) for r in timed} >= {
-        ("mexit", "original", 1), ("mexit", "acd:4,2", 2), ("transformers eager", "original", 2)}
+    assert {(r["impl"], r["mode"], r["batch"], r["prompt_len"]) for r in timed} >= {
+        ("mexit", "original", 1, 5), ("mexit", "acd:4,2", 2, 9), ("transformers eager", "original", 2, 5)}
+    assert all(r["new_tokens"] == 8 for r in timed)
     for r in timed:
         assert r["ms_per_token"] > 0 and r["prefill_ms"] > 0 and r["tokens_per_s"] > 0
         assert r["ms_per_token_min"] <= r["ms_per_token"] <= r["ms_per_token_max"]
@@ -30,7 +31,7 @@ def test_latency_rows_and_files(tiny_checkpoint, tmp_path):
     ee = [r for r in timed if r["mode"] == "ee:max-prob:0:2"]
     assert all(r["mean_exit_layer"] == 2 for r in ee)
     assert all(r["mean_exit_layer"] == 1 for r in timed if r["mode"] == "ee:margin:0:all:deferred")
-    by_mode = {r["mode"]: r for r in timed if r["batch"] == 1 and r["impl"] == "mexit"}
+    by_mode = {r["mode"]: r for r in timed if r["batch"] == 1 and r["prompt_len"] == 5 and r["impl"] == "mexit"}
     assert by_mode["exit:2"]["step_mb"] < by_mode["original"]["step_mb"] < by_mode["acd:4,2"]["step_mb"]
     skipped = [r for r in rows if "skipped" in r]
     assert any(r["impl"] == "autocontrastive-gen" and "not installed" in r["skipped"] for r in skipped)
