@@ -81,8 +81,8 @@ def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, 
             assert r["mean_exit_layer"] == 4 and r["agreement"] == 1.0
         if r["threshold"] == 0.0 and r["exits"] == "2" and r["measure"] == "max-prob":
             assert r["mean_exit_layer"] == 2
-    full = next(r for r in rows if r["threshold"] == 1.0)
-    assert all(r["loglik"] <= full["loglik"] + 1e-6 for r in rows if r["agreement"] < 1)  # greedy: best under full
+    full = [r for r in rows if r["threshold"] == 1.0]
+    assert len({round(r["loglik"], 6) for r in full}) == 1  # the same full-depth output, scored the same way
     monkeypatch.setattr(ablate, "evaluate", lambda *a, **k: pytest.fail("a finished setting ran again"))
     assert ablate.main(argv) == 0
     assert len((out / "ablation.jsonl").read_text().splitlines()) == len(rows)

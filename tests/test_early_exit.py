@@ -116,10 +116,10 @@ def test_decisions_respect_threshold_and_exits(lm, policy):
 def test_cost_is_visible(lm):
     by_prob = run(lm, ExitPolicy(0.5, "max-prob"))
     by_cos = run(lm, ExitPolicy(0.5, "cosine"))
-    # max-prob evaluates a head at every check; cosine only for the rows that fire (plus the final head)
-    assert by_prob.stats["head_rows"] == by_prob.stats["checks"] + sum(
-        row[1:].count(4) + (row[0] == 4) for row in by_prob.exit_layers) - sum(
-        row[0] != 4 for row in by_prob.exit_layers) * 0
+    full_depth = sum(row.count(4) for row in by_prob.exit_layers)
+    # max-prob evaluates a head for every running row at every check, plus the final head of full-depth tokens
+    assert by_prob.stats["head_rows"] == by_prob.stats["checks"] + full_depth
+    # cosine decides without a head: one head per token, the one that produces it
     assert by_cos.stats["head_rows"] == sum(len(row) for row in by_cos.exit_layers)
     assert by_prob.stats["blocks_run"] == sum(x for row in by_prob.exit_layers for x in row[1:])
 
