@@ -26,6 +26,7 @@ import torch
 
 from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, time_ms, write_results
 
+INVOKED_AS = {"mexit": "mexit", "__main__.py": "python -m mexit"}  # how the recorded command starts
 ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / transformers 4.26; try "
                    "`pip install --no-deps autocontrastive-gen` (its MultiHeadGPT2 targets transformers 4.x)")
 
@@ -158,7 +159,7 @@ def run(args) -> list[dict]:
             raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
     run_meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend,
                     engine=lm.engine, compiled=lm.compile,
-                    command=" ".join(["mexit" if Path(sys.argv[0]).name == "mexit" else "python bench/latency.py",
+                    command=" ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python bench/latency.py"),
                                       *sys.argv[1:]]))
     copy_gbs = copy_bandwidth_gbs(device)
     gen = torch.Generator().manual_seed(0)
