@@ -145,11 +145,8 @@ class FastMultiExitModel:
         h, _ = decoder.prefill_input()
         b, t, d = h.shape
         layers = [model.config.n_layer if head == "original" else head for head in self.decode.heads()]
-        states, start = {}, 0
-        for layer in sorted(set(layers)):
-            h = model.run_layers(h, start, layer, decoder.cache, 0)
-            states[layer], start = h.reshape(b * t, d), layer
-        hidden = torch.stack([states[layer] for layer in layers])
+        states = model.run_to(h, layers, decoder.cache, 0)
+        hidden = torch.stack([states[layer].reshape(b * t, d) for layer in layers])
         out = exit_stage(model, hidden, self.decode.heads(), "torch")
         if self.decode.mode == "contrast":
             from mexit.kernels.acd_contrast_ref import acd_contrast_ref

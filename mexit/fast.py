@@ -149,15 +149,15 @@ class StaticStep(StaticBuffers):
     def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
         super().__init__(model, key, backend)
         self.layers = [layer_of(h) or model.config.n_layer for h in key.mode.heads()]
-        self.run_layers = compiled(self._run_layers) if compile_layers else self._run_layers
+        self.run_layers = compiled(self._step_states) if compile_layers else self._step_states
 
-    def _run_layers(self, h: torch.Tensor) -> torch.Tensor:
-        """h_0 [B, 1, d] of this step -> [E, B, d] last states at the layers the heads read."""
-        states, start = {}, 0
-        for layer in sorted(set(self.layers)):
-            h = self.model.run_layers(h, start, layer, self.cache, self.slot)
-            states[layer], start = h[:, -1], layer
-        return torch.stack([states[layer] for layer in self.layers])
+    def _states(self, h: torch.Tensor, slot) -> torch.Tensor:
+        """h_0 [B, S, d] -> [E, B, d] last-position states at the layers the heads read."""
+        states = self.model.run_to(h, self.layers, self.cache, slot)
+        return torch.stack([states[layer][:, -1] for layer in self.layers])
+
+    def _step_states(self, h: torch.Tensor) -> torch.Tensor:
+        return self._states(h, self.slot)
 
     def _hidden_to_token(self, hidden: torch.Tensor) -> None:
         need = self.key.do_sample
@@ -174,12 +174,7 @@ class StaticStep(StaticBuffers):
     def prefill(self, batch: PaddedBatch, real_rows: int, eos: int | None, uniform: torch.Tensor | None) -> None:
         """Reset for a new batch (rows past `real_rows` are filler), run the prompt eagerly, emit token 0."""
         self.reset(batch, eos, uniform)
-        h = self.model.embed(batch.ids, batch.positions)
-        states, start = {}, 0
-        for layer in sorted(set(self.layers)):
-            h = self.model.run_layers(h, start, layer, self.cache, 0)
-            states[layer], start = h[:, -1], layer
-        self._hidden_to_token(torch.stack([states[layer] for layer in self.layers]))
+        self._hidden_to_token(self._states(self.model.embed(batch.ids, batch.positions), 0))
         self.start_decoding(batch, real_rows)
 
     def capture(self) -> None:

@@ -208,10 +208,8 @@ class StaticEarlyExit(StaticBuffers):
         self.counters = dict(segments=0, fills=0, host_reads=0, **weight_reads())
         self.thresholds[: len(thresholds)] = torch.tensor(thresholds, device=self.thresholds.device)
         h = self.model.embed(batch.ids, batch.positions)
-        states, start = {0: h[:, -1]}, 0
-        for layer in self.stops:
-            h = self.model.run_layers(h, start, layer, self.cache, 0)
-            states[layer], start = h[:, -1], layer
+        states = {layer: x[:, -1] for layer, x in self.model.run_to(h, self.stops, self.cache, 0).items()}
+        states[0] = h[:, -1]
         for layer, buffer in self.saved.items():
             buffer.copy_(states[layer])
         self.running.fill_(True)

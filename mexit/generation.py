@@ -100,11 +100,7 @@ class Decoder:
 
     def run_to(self, h: torch.Tensor, slot: int, layers: list[int]) -> dict[int, torch.Tensor]:
         """Run h_0 [B, S, d] up to max(layers); return the last position's hidden state at each layer."""
-        out, start = {}, 0
-        for layer in sorted(set(layers)):
-            h = self.model.run_layers(h, start, layer, self.cache, slot)
-            out[layer], start = h[:, -1], layer
-        return out
+        return {layer: x[:, -1] for layer, x in self.model.run_to(h, layers, self.cache, slot).items()}
 
 
 def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,

@@ -95,11 +95,10 @@ def next_token_distribution(model: MultiExitGPT2, decode: DecodeConfig, hidden: 
     if decode.mode != "contrast":
         out = exit_stage(model, hidden, heads, backend, with_logprobs=need_scores)
         return out.argmax[0], (out.logprobs[0] if need_scores else None)
+    out = exit_stage(model, hidden, heads, backend)
     if backend == "triton":
         from mexit.kernels.acd_contrast import acd_contrast
 
-        out = exit_stage(model, hidden, heads, backend)
         return acd_contrast(out.logits, out.lse, decode.alpha, decode.min_candidates, with_logprobs=need_scores)
-    out = exit_stage(model, hidden, heads, backend)
     log_q = acd_contrast_ref(out.logits[0], out.logits[1], decode.alpha, decode.min_candidates)
     return log_q.argmax(-1), (log_q if need_scores else None)

@@ -124,6 +124,15 @@ class MultiExitGPT2:
             h = self._block(j, h, cache, slot, rows, pending)
         return h
 
+    def run_to(self, h: torch.Tensor, layers, cache: KVCache, slot, rows: torch.Tensor | None = None,
+               pending: PendingFill | None = None) -> dict[int, torch.Tensor]:
+        """Run h_0 [b, S, d] up to max(layers); {layer: h_layer [b, S, d]} for every layer in `layers`."""
+        states, start = {}, 0
+        for layer in sorted(set(layers)):
+            h = states[layer] = self.run_layers(h, start, layer, cache, slot, rows, pending)
+            start = layer
+        return states
+
     def _block(self, j, x, cache, slot, rows, pending):
         c, w = self.config, self.w
         b, s, d = x.shape

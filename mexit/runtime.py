@@ -113,24 +113,19 @@ class MultiExitLM:
         if early_exit is not None:
             if mode is not None or exit_layer is not None or contrast is not None or acd_names or decode:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
-            if self.engine == "eager" or return_cache:
-                from .early_exit import generate_early_exit
+        elif decode is None:
+            decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, **acd_names)
+        if self.engine != "eager" and not return_cache:  # the static step (captured as CUDA graphs on "graph")
+            result = generate_static(self._static_steps, self.model, ids, early_exit or decode, max_new_tokens,
+                                     sampling, eos, self.backend, self.engine, on_token, self.compile)
+        elif early_exit is not None:
+            from .early_exit import generate_early_exit
 
-                result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos,
-                                             self.backend, return_cache, on_token)
-            else:
-                result = generate_static(self._static_steps, self.model, ids, early_exit, max_new_tokens, sampling,
-                                         eos, self.backend, self.engine, on_token, self.compile)
-        else:
-            if decode is None:
-                decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config,
-                                       **acd_names)
-            if self.engine == "eager" or return_cache:
-                result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend,
+            result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos, self.backend,
                                          return_cache, on_token)
-            else:
-                result = generate_static(self._static_steps, self.model, ids, decode, max_new_tokens, sampling, eos,
-                                         self.backend, self.engine, on_token, self.compile)
+        else:
+            result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend,
+                                     return_cache, on_token)
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
         return result
