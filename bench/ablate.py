@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main
+
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 
 
@@ -140,8 +142,6 @@ def load_lm(args):
 def run(args) -> list[dict]:
     from tqdm import tqdm
 
-    from mexit.bench.common import run_metadata
-
     prompts = read_prompts(args.prompts)
     if args.max_new_tokens < 1 or args.batch < 1:
         raise ValueError("--max-new-tokens and --batch must be >= 1")
@@ -232,23 +232,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_args(args) -> int:
     rows = run(args)
-    from mexit.bench.common import markdown_table
-
     print(markdown_table(rows, COLUMNS))
     print(f"wrote {args.out}/ablation.jsonl, ablation.csv" + ("" if args.no_plot else ", ablation.png"))
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("ablate", help="exit-threshold ablation: quality vs measured speed-up")
-    add_arguments(p)
-    p.set_defaults(run=main_args)
+    add_subcommand(sub, "ablate", "exit-threshold ablation: quality vs measured speed-up", add_arguments, main_args)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return main_args(p.parse_args(argv))
+    return script_main(__doc__, add_arguments, main_args, argv)
 
 
 if __name__ == "__main__":

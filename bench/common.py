@@ -85,3 +85,19 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def add_subcommand(sub, name: str, help: str, add_arguments, main_args) -> None:
+    """Register a benchmark as a `mexit` subcommand."""
+    p = sub.add_parser(name, help=help)
+    add_arguments(p)
+    p.set_defaults(run=main_args)
+
+
+def script_main(doc: str, add_arguments, main_args, argv=None) -> int:
+    """Run a benchmark as a script (`python bench/NAME.py ...`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return main_args(p.parse_args(argv))

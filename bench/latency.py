@@ -24,7 +24,15 @@ from pathlib import Path
 
 import torch
 
-from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, time_ms, write_results
+from mexit.bench.common import (
+    add_subcommand,
+    copy_bandwidth_gbs,
+    markdown_table,
+    run_metadata,
+    script_main,
+    time_ms,
+    write_results,
+)
 
 INVOKED_AS = {"mexit": "mexit", "__main__.py": "python -m mexit"}  # how the recorded command starts
 ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / transformers 4.26; try "
@@ -367,15 +375,12 @@ def main_args(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="latency benchmark (default: RANDOM-weight gpt2-medium-multiexit shape)")
-    add_arguments(p)
-    p.set_defaults(run=main_args)
+    add_subcommand(sub, "bench", "latency benchmark (default: RANDOM-weight gpt2-medium-multiexit shape)",
+                   add_arguments, main_args)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return main_args(p.parse_args(argv))
+    return script_main(__doc__, add_arguments, main_args, argv)
 
 
 if __name__ == "__main__":
