@@ -83,6 +83,13 @@ class ExitPolicy:
                              f"depth {self.depth(config)}")
         return checked
 
+    def previous_layers(self, config: ModelConfig) -> dict[int, int]:
+        """{checked exit: the layer cosine compares it with}: the previous checked exit; for the first one the
+        checkpoint exit below it, or 0 (the embeddings)."""
+        checked = self.checked_exits(config)
+        below = [layer for layer in config.exit_layers if layer < checked[0]]
+        return dict(zip(checked, [below[-1] if below else 0] + checked[:-1]))
+
     def threshold_at(self, step: int, n_steps: int) -> float:
         """CALM: lambda_t = 0.9*lambda + 0.1*lambda*exp(-tau*t/N); the plain threshold without decay_tau."""
         if self.decay_tau is None:
@@ -182,9 +189,7 @@ class EarlyExitRun:
         self.depth = policy.depth(config)
         self.checked = policy.checked_exits(config)
         self.final_head = policy.final_head
-        # cosine compares with the previous checked exit; the first one with the checkpoint exit below it (or h_0)
-        below = [layer for layer in config.exit_layers if layer < self.checked[0]]
-        self.previous = dict(zip(self.checked, [below[-1] if below else 0] + self.checked[:-1]))
+        self.previous = policy.previous_layers(config)
         batch = decoder.cache.k.shape[1]
         self.exit_layers = [[] for _ in range(batch)]
         self.confidences = [[] for _ in range(batch)]

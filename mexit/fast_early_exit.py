@@ -34,8 +34,7 @@ class StaticEarlyExit(StaticBuffers):
         config = model.config
         self.depth = self.policy.depth(config)
         self.checked = self.policy.checked_exits(config)
-        below = [layer for layer in config.exit_layers if layer < self.checked[0]]
-        self.previous = dict(zip(self.checked, [below[-1] if below else 0] + self.checked[:-1]))
+        self.previous = self.policy.previous_layers(config)
         cosine = self.policy.measure == "cosine"
         self.stops = sorted({self.depth, *self.checked, *(self.previous.values() if cosine else ())} - {0})
         dev, b, t, d = model.device, key.batch, key.length, config.n_embd
@@ -82,11 +81,12 @@ class StaticEarlyExit(StaticBuffers):
         threshold = self.thresholds.index_select(0, self.step_index)
         if self.policy.measure == "cosine":
             confidence = F.cosine_similarity(h_last.float(), self.saved[self.previous[layer]].float(), dim=-1)
-            fire = self.running & (confidence >= threshold)
+            out = None
         else:
             out = self._head(h_last, layer)
             confidence = (out.max_prob if self.policy.measure == "max-prob" else out.margin)[0]
-            fire = self.running & (confidence >= threshold)
+        fire = self.running & (confidence >= threshold)
+        if out is not None:
             self.chosen.copy_(torch.where(fire, self._pick(out), self.chosen))
         self._record(fire, layer, confidence)
         self.h_exit.copy_(torch.where(fire[:, None], h_last, self.h_exit))
