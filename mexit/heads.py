@@ -3,6 +3,7 @@ or their PyTorch references. `resolve_backend` picks which; every result says wh
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -53,8 +54,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
+@functools.cache
 def probe_kernels(device: torch.device) -> str | None:
-    """Compile and run both kernels once on a small problem; None when they match the references, else why."""
+    """Compile and run both kernels once per device and process on a small problem; None when they match the
+    references, else why."""
     try:
         from mexit.kernels.acd_contrast import acd_contrast
         from mexit.kernels.exit_head import exit_head
