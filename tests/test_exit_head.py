@@ -87,3 +87,18 @@ def test_rejects_bad_shapes():
         exit_head(x, ln_w, ln_b, 1e-5, heads[:1])
     with pytest.raises(ValueError, match="heads must be contiguous"):
         exit_head(x, ln_w, ln_b, 1e-5, [heads[0], heads[1].T.contiguous().T])
+
+
+def test_skip_flag(monkeypatch):
+    """Flag set: nothing is written (every output keeps its poison); flag clear: the normal result."""
+    x, ln_w, ln_b, heads = make_inputs(2, 3, 301, 32, torch.float32)
+    on = torch.ones(1, dtype=torch.bool, device=DEVICE)
+    off = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with poisoned_allocations(monkeypatch):
+        skipped = exit_head(x, ln_w, ln_b, 1e-5, heads, with_logprobs=True, skip=on)
+        ran = exit_head(x, ln_w, ln_b, 1e-5, heads, with_logprobs=True, skip=off)
+    assert all(torch.isnan(getattr(skipped, name)).all() for name in FIELDS + ("logprobs",))
+    assert (skipped.argmax == -7).all()
+    ref = exit_head_ref(x, ln_w, ln_b, 1e-5, heads, with_logprobs=True)
+    for name in FIELDS + ("logprobs",):
+        torch.testing.assert_close(getattr(ran, name), getattr(ref, name), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,81 @@
+"""The fused decode linear against its PyTorch reference in float64 (interpreter on CPU, or a GPU)."""
+
+import pytest
+import torch
+from kernel_utils import DEVICE, poisoned_allocations, rel_err
+
+from mexit.kernels import fused_linear as kernel_module
+from mexit.kernels.fused_linear import fused_linear
+from mexit.kernels.fused_linear_ref import fused_linear_ref
+
+
+def make_inputs(M, K, N, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * 1.5 + 0.3
+    w = torch.randn(K, N, generator=g) / K**0.5
+    b = 0.1 * torch.randn(N, generator=g)
+    ln = (1 + 0.2 * torch.randn(K, generator=g), 0.1 * torch.randn(K, generator=g))
+    res = torch.randn(M, N, generator=g)
+    cast = dict(device=DEVICE, dtype=dtype)
+    return x.to(**cast), w.to(**cast), b.to(**cast), tuple(t.to(**cast) for t in ln), res.to(**cast)
+
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # interpreter: no bf16
+OPTIONS = [dict(), dict(ln=True), dict(ln=True, gelu=True), dict(residual=True), dict(gelu=True, residual=True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o) or "plain")
+@pytest.mark.parametrize("M,K,N", [(1, 48, 96), (3, 32, 200), (7, 64, 33), (64, 40, 130)])
+def test_matches_float64_reference(M, K, N, dtype, options, monkeypatch):
+    x, w, b, ln, res = make_inputs(M, K, N, dtype, seed=M * 31 + N)
+    kw = dict(gelu=options.get("gelu", False))
+    before = kernel_module.LAUNCHES["fused_linear"]
+    with poisoned_allocations(monkeypatch):
+        y = fused_linear(x, w, b, ln=(*ln, 1e-5) if options.get("ln") else None,
+                         residual=res if options.get("residual") else None, **kw)
+    assert kernel_module.LAUNCHES["fused_linear"] == before + 1
+    ref = fused_linear_ref(x.double(), w.double(), b.double(),
+                           ln=(ln[0].double(), ln[1].double(), 1e-5) if options.get("ln") else None,
+                           residual=res.double() if options.get("residual") else None, **kw)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) outputs"
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert rel_err(y, ref) < tol, rel_err(y, ref)
+
+
+def test_gpt2_medium_mlp_shape(monkeypatch):
+    """c_fc at gpt2-medium width (d = 1024 -> 4096) for one decode row, fp16: layernorm + gelu."""
+    x, w, b, ln, _ = make_inputs(1, 1024, 4096, torch.float16, seed=5)
+    with poisoned_allocations(monkeypatch):
+        y = fused_linear(x, w, b, ln=(*ln, 1e-5), gelu=True)
+    ref = fused_linear_ref(x.double(), w.double(), b.double(), ln=(ln[0].double(), ln[1].double(), 1e-5), gelu=True)
+    assert rel_err(y, ref) < 2e-3
+
+
+@pytest.mark.parametrize("skip_cols", [None, 64, 70])
+def test_skip_flag_leaves_skipped_columns_unwritten(skip_cols, monkeypatch):
+    """Flag set: columns below skip_cols keep their poison, the rest are computed; flag clear: all computed."""
+    x, w, b, ln, _ = make_inputs(3, 32, 160, torch.float32, seed=2)
+    ref = fused_linear_ref(x, w, b, ln=(*ln, 1e-5))
+    on = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    off = torch.zeros(1, dtype=torch.bool, device=DEVICE)
+    with poisoned_allocations(monkeypatch):
+        skipped = fused_linear(x, w, b, ln=(*ln, 1e-5), skip=on, skip_cols=skip_cols)
+        full = fused_linear(x, w, b, ln=(*ln, 1e-5), skip=off, skip_cols=skip_cols)
+    first = 160 if skip_cols is None else skip_cols
+    assert torch.isnan(skipped[:, :first]).all()
+    torch.testing.assert_close(skipped[:, first:], ref[:, first:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rejects_bad_shapes_and_dtypes():
+    x, w, b, ln, res = make_inputs(2, 32, 48, torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_linear(x, w.T.contiguous().T, b)
+    with pytest.raises(ValueError, match="bias"):
+        fused_linear(x, w, b[:-1])
+    with pytest.raises(ValueError, match="residual"):
+        fused_linear(x, w, b, residual=res[:1])
+    with pytest.raises(ValueError, match="one dtype"):
+        fused_linear(x, w.half(), b)
