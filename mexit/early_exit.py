@@ -24,6 +24,7 @@ from .sampling import SamplingConfig
 
 MEASURES = ("max-prob", "margin", "cosine")
 PROPAGATION = ("eager", "deferred")
+SCHEDULES = ("segments", "predicated")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,10 @@ class ExitPolicy:
     for cosine). decay_tau: CALM's decaying threshold 0.9*T + 0.1*T*exp(-tau*t/N) with N = max_steps (default
     the generation length). exits: checked exit layers (default: all of the checkpoint's below the final
     head's depth), min_layer: no exit below it. final_head: the head of tokens that never exit ("original" or
-    an exit layer, which then sets the depth). propagation: "eager" or "deferred"."""
+    an exit layer, which then sets the depth). propagation: "eager" or "deferred". schedule (the static and
+    graph engines): "segments" (a graph per segment between checked exits, one flag read per check) or
+    "predicated" (the whole step one graph; kernels after the exit read a device flag and return; needs the
+    triton backend and eager propagation). Both give the same tokens, exits and cache."""
 
     threshold: float
     measure: str = "max-prob"
@@ -46,6 +50,7 @@ class ExitPolicy:
     max_steps: int | None = None
     final_head: int | str = "original"
     propagation: str = "eager"
+    schedule: str = "segments"
 
     def __post_init__(self):
         if self.measure not in MEASURES:
@@ -59,6 +64,11 @@ class ExitPolicy:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.propagation not in PROPAGATION:
             raise ValueError(f"unknown propagation {self.propagation!r}; use one of {PROPAGATION}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
+        if self.schedule == "predicated" and self.propagation != "eager":
+            raise ValueError("the predicated schedule propagates states inside each skipped block (eager); "
+                             "deferred propagation needs schedule='segments'")
         if self.min_layer < 1:
             raise ValueError(f"min_layer must be >= 1, got {self.min_layer}")
 
@@ -155,8 +165,8 @@ class LayerWalker:
     """Hidden states of the still-running rows at increasing layers. Decode steps run blocks lazily on those
     rows; the prefill reads states it already computed for every layer."""
 
-    def __init__(self, model, cache, slot, h, rows, pending=None, precomputed=None):
-        self.model, self.cache, self.slot, self.pending = model, cache, slot, pending
+    def __init__(self, model, cache, slot, h, rows, pending=None, precomputed=None, fused=False):
+        self.model, self.cache, self.slot, self.pending, self.fused = model, cache, slot, pending, fused
         self.h, self.rows, self.layer = h, rows, 0
         self.precomputed = precomputed  # {layer: [B, d]} for the prefill
         self.blocks_run = 0
@@ -168,7 +178,8 @@ class LayerWalker:
             self.layer = layer
             return self.precomputed[layer][self.rows]
         if layer > self.layer:
-            self.h = self.model.run_layers(self.h, self.layer, layer, self.cache, self.slot, self.rows, self.pending)
+            self.h = self.model.run_layers(self.h, self.layer, layer, self.cache, self.slot, self.rows, self.pending,
+                                           self.fused)
             self.blocks_run += (layer - self.layer) * len(self.rows)
             self.layer = self.deepest = layer
         return self.h[:, -1]
@@ -267,7 +278,7 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
     (max probability of the final head for tokens that ran full depth; the measure's value otherwise)."""
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     policy.checked_exits(model.config)
-    decoder = Decoder(model, left_pad(prompts, model.device), max_new_tokens)
+    decoder = Decoder(model, left_pad(prompts, model.device), max_new_tokens, fused=backend == "triton")
     chooser = TokenChooser(sampling, len(prompts), model.device, eos_token_id)
     run = EarlyExitRun(model, policy, decoder, chooser, backend, max_new_tokens)
     batch = len(prompts)
@@ -287,7 +298,8 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
             break
         h, slot = decoder.step_input(tokens, step - 1)
         running = ~chooser.finished
-        walker = LayerWalker(model, decoder.cache, slot, h[running], all_rows[running], run.pending)
+        walker = LayerWalker(model, decoder.cache, slot, h[running], all_rows[running], run.pending,
+                             fused=decoder.fused)
         uniform = chooser.uniform(batch, model.device) if sampling.do_sample else None
         tokens = chooser.record(run.decide(walker, step, uniform, slot))
         run.stats["blocks_run"] += walker.blocks_run

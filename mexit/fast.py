@@ -83,6 +83,7 @@ class StaticBuffers:
         self.out = torch.zeros(b, t, dtype=torch.long, device=dev)
         self.uniform = torch.zeros(t, b, dtype=torch.float32, device=dev)
         self.graphs: dict = {}  # piece name -> captured CUDA graph (the graph engine)
+        self.fused = backend == "triton"  # decode steps through the fused-linear kernels
 
     def launch(self, name, fn) -> None:
         """Run a piece of the step: replay its graph when captured, else call it."""
@@ -153,7 +154,7 @@ class StaticStep(StaticBuffers):
 
     def _states(self, h: torch.Tensor, slot) -> torch.Tensor:
         """h_0 [B, S, d] -> [E, B, d] last-position states at the layers the heads read."""
-        states = self.model.run_to(h, self.layers, self.cache, slot)
+        states = self.model.run_to(h, self.layers, self.cache, slot, fused=self.fused)
         return torch.stack([states[layer][:, -1] for layer in self.layers])
 
     def _step_states(self, h: torch.Tensor) -> torch.Tensor:
@@ -193,7 +194,7 @@ def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_to
     with copies of the first prompt; seeded sampling draws the same uniform numbers, in the same order, as the
     eager loop. The host replays steps and reads one eos flag every EOS_CHECK_EVERY steps."""
     from .early_exit import ExitPolicy
-    from .fast_early_exit import StaticEarlyExit
+    from .fast_early_exit import PredicatedEarlyExit, StaticEarlyExit
 
     early_exit = isinstance(mode, ExitPolicy)
     if early_exit:
@@ -208,7 +209,10 @@ def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_to
     key = StepKey(mode, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket, length)
     state = steps.get(key)
     if state is None:
-        state = steps[key] = (StaticEarlyExit if early_exit else StaticStep)(model, key, backend, compile_layers)
+        kind = StaticStep
+        if early_exit:
+            kind = PredicatedEarlyExit if mode.schedule == "predicated" else StaticEarlyExit
+        state = steps[key] = kind(model, key, backend, compile_layers)
         if engine == "graph":
             try:
                 state.capture()

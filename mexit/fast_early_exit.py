@@ -54,6 +54,7 @@ class StaticEarlyExit(StaticBuffers):
         self.host_slot = 0
         self.saved = {layer: torch.zeros(b, d, dtype=model.dtype, **zeros)  # cosine's previous states
                       for layer in (set(self.previous.values()) if cosine else ())}
+        self.skip = self.cosine_skip = None  # device flags of the predicated schedule
         starts = [0] + self.stops[:-1]
         self.blocks = [functools.partial(self._run_blocks, a, b) for a, b in zip(starts, self.stops)]
         if compile_layers:
@@ -64,8 +65,8 @@ class StaticEarlyExit(StaticBuffers):
     def _pick(self, out) -> torch.Tensor:
         return self.pick(out.argmax[0], out.logprobs[0] if out.logprobs is not None else None)
 
-    def _head(self, hidden: torch.Tensor, head):
-        return exit_stage(self.model, hidden[None], [head], self.backend, with_logprobs=self.key.do_sample)
+    def _head(self, hidden: torch.Tensor, head, skip=None):
+        return exit_stage(self.model, hidden[None], [head], self.backend, with_logprobs=self.key.do_sample, skip=skip)
 
     def _record(self, mask, layer, confidence):
         """Exit layer and confidence of the rows in `mask`, in this step's column."""
@@ -83,7 +84,7 @@ class StaticEarlyExit(StaticBuffers):
             confidence = F.cosine_similarity(h_last.float(), self.saved[self.previous[layer]].float(), dim=-1)
             out = None
         else:
-            out = self._head(h_last, layer)
+            out = self._head(h_last, layer, self.skip)
             confidence = (out.max_prob if self.policy.measure == "max-prob" else out.margin)[0]
         fire = self.running & (confidence >= threshold)
         if out is not None:
@@ -95,11 +96,11 @@ class StaticEarlyExit(StaticBuffers):
         self.flags.copy_(torch.stack([fire.any(), self.running.any()]))
 
     def _cosine_head(self, layer: int) -> None:
-        out = self._head(self.h_exit, layer)
+        out = self._head(self.h_exit, layer, self.cosine_skip)
         self.chosen.copy_(torch.where(self.fired, self._pick(out), self.chosen))
 
     def _final(self, h_last: torch.Tensor) -> None:
-        out = self._head(h_last, self.policy.final_head)
+        out = self._head(h_last, self.policy.final_head, self.skip)
         self.chosen.copy_(torch.where(self.running, self._pick(out), self.chosen))
         self._record(self.running, self.depth, out.max_prob[0])
 
@@ -107,12 +108,7 @@ class StaticEarlyExit(StaticBuffers):
     def _segment(self, index: int) -> None:
         layer = self.stops[index]
         if index == 0:
-            self.cache.valid.index_fill_(1, self.slot, True)
-            self.h.copy_(self.model.embed(self.tokens[:, None], self.positions[:, None]))
-            self.running.copy_(~self.finished)
-            self.h_exit.copy_(self.h[:, 0])
-            if 0 in self.saved:
-                self.saved[0].copy_(self.h[:, 0])
+            self._start()
         h = self.blocks[index](self.h)
         self.h.copy_(h)
         if layer in self.saved:
@@ -122,11 +118,20 @@ class StaticEarlyExit(StaticBuffers):
         elif layer in self.checked:
             self._check(layer, h[:, -1])
 
+    def _start(self) -> None:
+        """The step's input: mark the slot, embed the tokens; rows not finished are running."""
+        self.cache.valid.index_fill_(1, self.slot, True)
+        self.h.copy_(self.model.embed(self.tokens[:, None], self.positions[:, None]))
+        self.running.copy_(~self.finished)
+        self.h_exit.copy_(self.h[:, 0])
+        if 0 in self.saved:
+            self.saved[0].copy_(self.h[:, 0])
+
     def _run_blocks(self, start: int, end: int, h: torch.Tensor) -> torch.Tensor:
         """Blocks start..end-1 for every row; rows no longer running feed their frozen exit state (predication)."""
         for j in range(start, end):
             h = torch.where(self.running[:, None, None], h, self.h_exit[:, None])
-            h = self.model.run_layers(h, j, j + 1, self.cache, self.slot)
+            h = self.model.run_layers(h, j, j + 1, self.cache, self.slot, fused=self.fused, skip=self.skip)
         return h
 
     def _fill(self, start: int) -> None:
@@ -231,3 +236,69 @@ class StaticEarlyExit(StaticBuffers):
         n_tokens = sum(lengths)
         mean = sum(map(sum, result.exit_layers)) / max(n_tokens, 1)
         result.stats = dict(self.counters, depth=self.depth, mean_exit_layer=mean)
+
+
+class PredicatedEarlyExit(StaticEarlyExit):
+    """The same early exit with the whole decode step as one piece (one CUDA graph) and no host read.
+
+    Device-side predication: `skip` is set once no row is running. While it is set every later kernel reads it
+    and returns before touching weights: the fused-linear kernels skip everything but c_attn's key/value columns
+    (which, fed h_exit, are state propagation), the exit heads skip entirely. The attention and element-wise
+    kernels still launch on the (small) activations. The cosine measure's head is skipped unless a row fired."""
+
+    def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
+        super().__init__(model, key, backend, compile_layers)
+        if backend != "triton":
+            raise ValueError("the predicated early-exit schedule needs backend='triton' (its kernels read the skip "
+                             "flag); use schedule='segments' with the torch backend")
+        self.skip = torch.zeros(1, dtype=torch.int32, device=model.device)  # no row running
+        self.cosine_skip = torch.zeros(1, dtype=torch.int32, device=model.device)  # no row fired at this check
+
+    def _start(self) -> None:
+        super()._start()
+        self.skip.copy_(~self.running.any())
+
+    def _check(self, layer: int, h_last: torch.Tensor) -> None:
+        super()._check(layer, h_last)
+        self.cosine_skip.copy_(~self.fired.any())
+        self.skip.copy_(~self.running.any())
+
+    def step(self) -> None:
+        """Every segment, check and the cosine heads, then the token: the body one CUDA graph captures."""
+        for index, layer in enumerate(self.stops):
+            self._segment(index)
+            if layer in self.checked and self.policy.measure == "cosine":
+                self._cosine_head(layer)
+        self._step_end()
+
+    def advance(self) -> None:
+        self.counters["steps"] += 1
+        self.launch("step", self.step)
+        self.host_slot += 1
+
+    def capture(self) -> None:
+        self.capture_pieces({"step": self.step})
+
+    def prefill(self, batch, real_rows: int, eos: int | None, uniform, thresholds) -> None:
+        self.skip.zero_()
+        super().prefill(batch, real_rows, eos, uniform, thresholds)
+
+    def describe(self, result, rows: int, produced: int) -> None:
+        """As the segment schedule, with the weight reads derived from the recorded exits (nothing is counted on
+        the host): per step, the blocks up to the deepest running row's exit, the heads read there, and the key/
+        value columns of the blocks above it."""
+        super().describe(result, rows, produced)
+        reads = weight_reads()
+        reads["steps"] = self.counters["steps"]
+        cosine = self.policy.measure == "cosine"
+        for step in range(1, produced):
+            exits = [row[step] for row in result.exit_layers if step < len(row)]
+            if not exits:
+                continue
+            deepest = max(exits)
+            reads["weight_blocks"] += deepest
+            reads["weight_fill_blocks"] += self.depth - deepest
+            fired = {layer for layer in exits if layer < self.depth} if cosine else \
+                [layer for layer in self.checked if layer <= deepest]
+            reads["weight_heads"] += len(fired) + (deepest == self.depth)
+        result.stats.update(reads, segments=0, fills=0, host_reads=0)

@@ -79,8 +79,9 @@ def layer_of(head) -> int | None:
 class Decoder:
     """Owns the cache and positions of one batch; runs tokens through the layers the mode needs."""
 
-    def __init__(self, model: MultiExitGPT2, batch: PaddedBatch, max_new_tokens: int):
+    def __init__(self, model: MultiExitGPT2, batch: PaddedBatch, max_new_tokens: int, fused: bool = False):
         self.model = model
+        self.fused = fused  # decode steps through the fused-linear kernels (the triton backend)
         self.prompt_len = batch.ids.shape[1]
         self.cache: KVCache = model.new_cache(batch.ids.shape[0], self.prompt_len + max_new_tokens)
         self.cache.valid[:, : self.prompt_len] = batch.valid
@@ -100,7 +101,8 @@ class Decoder:
 
     def run_to(self, h: torch.Tensor, slot: int, layers: list[int]) -> dict[int, torch.Tensor]:
         """Run h_0 [B, S, d] up to max(layers); return the last position's hidden state at each layer."""
-        return {layer: x[:, -1] for layer, x in self.model.run_to(h, layers, self.cache, slot).items()}
+        states = self.model.run_to(h, layers, self.cache, slot, fused=self.fused)
+        return {layer: x[:, -1] for layer, x in states.items()}
 
 
 def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,
@@ -112,7 +114,7 @@ def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     heads = decode.heads()
     layers = [layer_of(h) or model.config.n_layer for h in heads]
-    decoder = Decoder(model, left_pad(prompts, model.device), max_new_tokens)
+    decoder = Decoder(model, left_pad(prompts, model.device), max_new_tokens, fused=backend == "triton")
     chooser = TokenChooser(sampling, len(prompts), model.device, eos_token_id)
     h, slot = decoder.prefill_input()
     for step in range(max_new_tokens):

@@ -56,11 +56,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @functools.cache
 def probe_kernels(device: torch.device) -> str | None:
-    """Compile and run both kernels once per device and process on a small problem; None when they match the
-    references, else why."""
+    """Compile and run the kernels (exit head, ACD contrast, fused linear) once per device and process on a small
+    problem; None when they match the references, else why."""
     try:
         from mexit.kernels.acd_contrast import acd_contrast
         from mexit.kernels.exit_head import exit_head
+        from mexit.kernels.fused_linear import fused_linear
+        from mexit.kernels.fused_linear_ref import fused_linear_ref
 
         gen = torch.Generator(device=device).manual_seed(0)
         hidden = torch.randn(2, 2, 64, device=device, generator=gen).half()
@@ -73,20 +75,30 @@ def probe_kernels(device: torch.device) -> str | None:
             return "exit_head disagrees with its reference"
         if not torch.equal(token, acd_contrast_ref(out.logits[0], out.logits[1]).argmax(-1)):
             return "acd_contrast disagrees with its reference"
+        x, w, b = hidden[0], heads[0][:64] / 8, heads[1][0]  # [2, 64], [64, 64], [64]
+        y = fused_linear(x, w, b, ln=(ones, zeros, 1e-5), gelu=True, residual=x)
+        want = fused_linear_ref(x.float(), w.float(), b.float(), ln=(ones.float(), zeros.float(), 1e-5), gelu=True,
+                                residual=x.float())
+        if not torch.allclose(y.float(), want, atol=2e-2, rtol=1e-2):
+            return "fused_linear disagrees with its reference"
     except Exception as err:  # compilation or launch failure: report it, fall back
         return f"{type(err).__name__}: {err}"[:200]
     return None
 
 
 def exit_stage(model: MultiExitGPT2, hidden: torch.Tensor, heads: list, backend: str,
-               with_logprobs: bool = False) -> ExitHeadOutput:
-    """hidden: [E, B, d] raw block outputs h_L (ln_f is applied here), heads: E head names."""
+               with_logprobs: bool = False, skip: torch.Tensor | None = None) -> ExitHeadOutput:
+    """hidden: [E, B, d] raw block outputs h_L (ln_f is applied here), heads: E head names. skip (triton only):
+    a [1] device flag; while set, the head is not read and the outputs are left unwritten."""
     c, w = model.config, model.w
     weights = [model.head_weight(head) for head in heads]
     if backend == "triton":
         from mexit.kernels.exit_head import exit_head
 
-        return exit_head(hidden, w.ln_f_w, w.ln_f_b, c.layer_norm_epsilon, weights, with_logprobs=with_logprobs)
+        return exit_head(hidden, w.ln_f_w, w.ln_f_b, c.layer_norm_epsilon, weights, with_logprobs=with_logprobs,
+                         skip=skip)
+    if skip is not None:
+        raise ValueError("a skip flag needs the triton backend (the torch head cannot read a device flag)")
     return exit_head_ref(hidden, w.ln_f_w, w.ln_f_b, c.layer_norm_epsilon, weights, with_logprobs=with_logprobs)
 
 

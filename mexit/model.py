@@ -63,6 +63,8 @@ class KVCache:
 
 # pending(j, rows) -> (row_index, slot_index, hidden) of earlier exited positions whose keys/values at block j
 # must be filled now, or None. Used by the deferred state propagation of the early-exit scheduler.
+FUSED_MAX_ROWS = 16  # decode batches up to this many rows use the fused-linear kernels (fused=True); untuned
+
 PendingFill = Callable[[int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
 
 
@@ -115,29 +117,35 @@ class MultiExitGPT2:
         return F.linear(self.final_norm(h), self.head_weight(head)).float()
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache, slot: int,
-                   rows: torch.Tensor | None = None, pending: PendingFill | None = None) -> torch.Tensor:
+                   rows: torch.Tensor | None = None, pending: PendingFill | None = None, fused: bool = False,
+                   skip: torch.Tensor | None = None) -> torch.Tensor:
         """Turn h_start into h_end: run blocks start..end-1 on h [b, S, d] whose tokens sit at cache slots
         slot..slot+S-1. `rows` (int64 [b]) selects the cache rows when only some rows run; None means all.
         A tensor `slot` ([1] int64, S = 1, all rows) keeps every shape static for CUDA graph capture: the
-        token attends over the whole cache, masked by `cache.valid`, which must already mark its own slot."""
+        token attends over the whole cache, masked by `cache.valid`, which must already mark its own slot.
+        fused: decode steps (S = 1, up to FUSED_MAX_ROWS rows) run the four matmuls of a block as Triton
+        fused-linear kernels. skip ([1] flag on the device, fused only): while it is set, each block computes
+        only the keys/values of its input (state propagation) and leaves its output unwritten."""
         for j in range(start, end):
-            h = self._block(j, h, cache, slot, rows, pending)
+            h = self._block(j, h, cache, slot, rows, pending, fused, skip)
         return h
 
     def run_to(self, h: torch.Tensor, layers, cache: KVCache, slot, rows: torch.Tensor | None = None,
-               pending: PendingFill | None = None) -> dict[int, torch.Tensor]:
+               pending: PendingFill | None = None, fused: bool = False) -> dict[int, torch.Tensor]:
         """Run h_0 [b, S, d] up to max(layers); {layer: h_layer [b, S, d]} for every layer in `layers`."""
         states, start = {}, 0
         for layer in sorted(set(layers)):
-            h = states[layer] = self.run_layers(h, start, layer, cache, slot, rows, pending)
+            h = states[layer] = self.run_layers(h, start, layer, cache, slot, rows, pending, fused)
             start = layer
         return states
 
-    def _block(self, j, x, cache, slot, rows, pending):
+    def _block(self, j, x, cache, slot, rows, pending, fused=False, skip=None):
         c, w = self.config, self.w
         b, s, d = x.shape
-        a = F.layer_norm(x, (d,), w.ln_1_w[j], w.ln_1_b[j], c.layer_norm_epsilon)
         extra = pending(j, rows) if pending is not None else None
+        if skip is not None or (fused and s == 1 and b <= FUSED_MAX_ROWS and extra is None):
+            return self._fused_block(j, x, cache, slot, rows, skip)
+        a = F.layer_norm(x, (d,), w.ln_1_w[j], w.ln_1_b[j], c.layer_norm_epsilon)
         if extra is not None:  # compute skipped positions' keys/values in the same matmul as this token
             fill_rows, fill_slots, fill_h = extra
             fill_a = F.layer_norm(fill_h, (d,), eps=c.layer_norm_epsilon) * w.ln_1_w[j] + w.ln_1_b[j]  # as fill_kv
@@ -146,6 +154,33 @@ class MultiExitGPT2:
             self._write_kv(cache, j, fill_rows, fill_slots, fill_kv)
         else:
             qkv = F.linear(a, w.attn_w[j].T, w.attn_b[j])
+        y = self._attention(j, qkv, cache, slot, rows)
+        x = x + F.linear(y, w.attn_proj_w[j].T, w.attn_proj_b[j])
+        m = F.layer_norm(x, (d,), w.ln_2_w[j], w.ln_2_b[j], c.layer_norm_epsilon)
+        m = F.gelu(F.linear(m, w.fc_w[j].T, w.fc_b[j]), approximate="tanh")
+        return x + F.linear(m, w.fc_proj_w[j].T, w.fc_proj_b[j])
+
+    def _fused_block(self, j, x, cache, slot, rows, skip):
+        """The same block for one decode position per row: four fused-linear kernels around the attention."""
+        from mexit.kernels.fused_linear import fused_linear
+
+        c, w = self.config, self.w
+        b, s, d = x.shape
+        if s != 1:
+            raise ValueError(f"the fused block runs one position per row, got {s}")
+        eps = c.layer_norm_epsilon
+        x = x.view(b, d)
+        qkv = fused_linear(x, w.attn_w[j], w.attn_b[j], ln=(w.ln_1_w[j], w.ln_1_b[j], eps), skip=skip, skip_cols=d)
+        y = self._attention(j, qkv.view(b, 1, 3 * d), cache, slot, rows).view(b, d)
+        x = fused_linear(y, w.attn_proj_w[j], w.attn_proj_b[j], residual=x, skip=skip)
+        m = fused_linear(x, w.fc_w[j], w.fc_b[j], ln=(w.ln_2_w[j], w.ln_2_b[j], eps), gelu=True, skip=skip)
+        return fused_linear(m, w.fc_proj_w[j], w.fc_proj_b[j], residual=x, skip=skip).view(b, 1, d)
+
+    def _attention(self, j, qkv, cache, slot, rows) -> torch.Tensor:
+        """Write this step's keys/values (qkv [b, S, 3d]) into block j's cache and attend: [b, S, d]."""
+        c = self.config
+        b, s, _ = qkv.shape
+        d = c.n_embd
         q, k, v = (t.view(b, s, c.n_head, c.head_dim).transpose(1, 2) for t in qkv.split(d, dim=-1))
         if isinstance(slot, torch.Tensor):  # static shapes (CUDA graphs): one token, slot on the device
             cache.k[j].index_copy_(2, slot, k)
@@ -162,10 +197,7 @@ class MultiExitGPT2:
             keys, values = cache.k[j, rows, :, :slot + s], cache.v[j, rows, :, :slot + s]
             mask = attention_mask(cache.valid[rows, :slot + s], slot, s)[:, None]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        x = x + F.linear(y.transpose(1, 2).reshape(b, s, d), w.attn_proj_w[j].T, w.attn_proj_b[j])
-        m = F.layer_norm(x, (d,), w.ln_2_w[j], w.ln_2_b[j], c.layer_norm_epsilon)
-        m = F.gelu(F.linear(m, w.fc_w[j].T, w.fc_b[j]), approximate="tanh")
-        return x + F.linear(m, w.fc_proj_w[j].T, w.fc_proj_b[j])
+        return y.transpose(1, 2).reshape(b, s, d)
 
     def fill_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache, rows: torch.Tensor,
                 slots: torch.Tensor) -> None:

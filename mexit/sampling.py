@@ -48,4 +48,5 @@ def sample_from_scores(scores: torch.Tensor, uniform: torch.Tensor, temperature:
     target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
     pick = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
     pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)  # rounding at the top edge stays inside the kept set
+    pick = pick.clamp(min=0)  # NaN scores (a predicated, unwritten head whose pick is discarded) keep a valid index
     return order.gather(-1, pick).squeeze(-1)

@@ -6,6 +6,7 @@ from test_generate import MODES, PROMPTS, mexit_kwargs
 
 import mexit
 from mexit.fast import StaticStep, batch_bucket, length_bucket, resolve_engine
+from mexit.kernels import fused_linear
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,6 +27,18 @@ def test_greedy_equals_eager(tiny_checkpoint, eager, engine, case):
     assert out.tokens == eager.generate(PROMPTS, **kw).tokens
     for prompt in PROMPTS:  # single rows reuse bucket 1; the 3-row batch used bucket 4 (one filler row)
         assert fast.generate([prompt], **kw).tokens == eager.generate([prompt], **kw).tokens
+
+
+@pytest.mark.parametrize("case", MODES[::2], ids=lambda c: "-".join(map(str, c.values())))
+def test_fused_layers_equal_torch_path(tiny_checkpoint, eager, case):
+    """The triton backend's static step (fused-linear blocks, the kernels a graph captures) equals the torch
+    backend's eager loop."""
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton")
+    kw = dict(max_new_tokens=8, eos_token_id=None, **mexit_kwargs(case))
+    before = fused_linear.LAUNCHES["fused_linear"]
+    out = fast.generate(PROMPTS, **kw)
+    assert out.backend == "triton" and fused_linear.LAUNCHES["fused_linear"] > before
+    assert out.tokens == eager.generate(PROMPTS, **kw).tokens
 
 
 @pytest.mark.parametrize("engine", ENGINES)

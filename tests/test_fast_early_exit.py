@@ -1,4 +1,5 @@
-"""Early exit on the static segment path (what CUDA graphs capture) equals the eager scheduler."""
+"""Early exit on the static paths (segments, and the predicated one-piece step; what CUDA graphs capture) equals
+the eager scheduler."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ from test_early_exit import N_NEW, POLICIES, PROMPTS
 
 import mexit
 from mexit.early_exit import ExitPolicy
-from mexit.fast_early_exit import StaticEarlyExit
+from mexit.fast_early_exit import PredicatedEarlyExit, StaticEarlyExit
+from mexit.kernels import exit_head, fused_linear
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,13 +29,17 @@ def deferred(policy):
     return ExitPolicy(**{**policy.__dict__, "propagation": "deferred"})
 
 
+def predicated(policy):
+    return ExitPolicy(**{**policy.__dict__, "schedule": "predicated"})
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("propagation", ["eager", "deferred"])
+@pytest.mark.parametrize("variant", ["segments", "deferred", "predicated"])
 @pytest.mark.parametrize("policy", POLICIES + [ExitPolicy(1.0), ExitPolicy(0.0, exits=(2,))], ids=IDS)
-def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, propagation, policy):
-    if propagation == "deferred":
-        policy = deferred(policy)
-    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, variant, policy):
+    policy = {"segments": policy, "deferred": deferred(policy), "predicated": predicated(policy)}[variant]
+    backend = "triton" if variant == "predicated" else "torch"  # predication needs the kernels' skip flag
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine, backend=backend)
     ours = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy)
     theirs = eager.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy, return_cache=True)
     assert ours.engine == engine
@@ -43,6 +49,7 @@ def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, propagation, pol
         assert a == pytest.approx(b, abs=1e-5)
     # the cache: predicated blocks and the fill step give the eager scheduler's propagated keys/values
     state = static_state(fast)
+    assert isinstance(state, PredicatedEarlyExit) == (variant == "predicated")
     state.flush_pending()
     longest = max(map(len, PROMPTS))
     used = longest + N_NEW - 1
@@ -97,3 +104,35 @@ def test_deferred_fills_only_when_a_deep_token_needs_it(tiny_checkpoint, engine)
     eager_fill = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=ExitPolicy(0.3))
     assert mixed.tokens == eager_fill.tokens
     assert mixed.stats["weight_fill_blocks"] <= eager_fill.stats["weight_fill_blocks"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_predicated_step_is_one_piece(tiny_checkpoint, engine):
+    """No host read, one piece per step; every block's four fused kernels and every head launch on each step
+    (those past the exit return at once); the weight reads derived from the exits equal the segment schedule's."""
+    folder = tiny_checkpoint[0]
+    segments = mexit.load(folder, device=DEVICE, engine=engine, backend="triton")
+    fast = mexit.load(folder, device=DEVICE, engine=engine, backend="triton")
+    steps = N_NEW - 1
+    for policy in (ExitPolicy(0.0, exits=(1, 2, 3)), ExitPolicy(1.0, exits=(1, 2, 3)), ExitPolicy(0.3),
+                   ExitPolicy(0.9, measure="cosine")):
+        before = fused_linear.LAUNCHES["fused_linear"], exit_head.LAUNCHES["exit_head"]
+        out = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=predicated(policy))
+        launched = (fused_linear.LAUNCHES["fused_linear"] - before[0], exit_head.LAUNCHES["exit_head"] - before[1])
+        assert launched[0] == 4 * 4 * steps  # 4 blocks x 4 matmuls, decode steps only
+        assert launched[1] == 4 * N_NEW  # 3 checked exits (or cosine's heads) + the final head, prefill included
+        assert out.stats["host_reads"] == 0 and out.stats["segments"] == 0
+        reference = segments.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy)
+        assert out.tokens == reference.tokens and out.exit_layers == reference.exit_layers
+        keys = ("steps", "weight_blocks", "weight_heads", "weight_fill_blocks")
+        assert {k: out.stats[k] for k in keys} == {k: reference.stats[k] for k in keys}
+
+
+def test_predicated_needs_triton_and_eager_propagation(tiny_checkpoint):
+    with pytest.raises(ValueError, match="deferred propagation needs schedule='segments'"):
+        ExitPolicy(0.5, propagation="deferred", schedule="predicated")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        ExitPolicy(0.5, schedule="graph")
+    lm = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static", backend="torch")
+    with pytest.raises(ValueError, match="predicated early-exit schedule needs backend='triton'"):
+        lm.generate(PROMPTS, 4, early_exit=ExitPolicy(0.5, schedule="predicated"))

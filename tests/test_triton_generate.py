@@ -4,7 +4,8 @@ import pytest
 from test_generate import MODES, PROMPTS, mexit_kwargs
 
 import mexit
-from mexit.kernels import acd_contrast, exit_head
+from mexit.kernels import acd_contrast, exit_head, fused_linear
+from mexit.runtime import decode_config
 
 
 @pytest.mark.parametrize("case", MODES, ids=lambda c: "-".join(map(str, c.values())))
@@ -12,11 +13,13 @@ def test_greedy_triton_equals_torch(tiny_checkpoint, case):
     folder = tiny_checkpoint[0]
     torch_lm = mexit.load(folder, backend="torch")
     triton_lm = mexit.load(folder, backend="triton")
-    before = dict(exit_head.LAUNCHES), dict(acd_contrast.LAUNCHES)
+    before = dict(exit_head.LAUNCHES), dict(acd_contrast.LAUNCHES), fused_linear.LAUNCHES["fused_linear"]
     kw = dict(max_new_tokens=8, eos_token_id=None, **mexit_kwargs(case))
     ours = triton_lm.generate(PROMPTS, **kw)
     assert ours.backend == "triton"
     assert exit_head.LAUNCHES["exit_head"] == before[0]["exit_head"] + 8
+    deepest = max(4 if h == "original" else h for h in decode_config(**mexit_kwargs(case)).heads())
+    assert fused_linear.LAUNCHES["fused_linear"] == before[2] + 4 * deepest * 7  # decode steps: fused blocks
     expected_acd = 8 if case["mode"] == "contrast" else 0
     assert acd_contrast.LAUNCHES["acd_contrast"] == before[1]["acd_contrast"] + expected_acd
     assert ours.tokens == torch_lm.generate(PROMPTS, **kw).tokens
