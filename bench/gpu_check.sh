@@ -2,7 +2,8 @@
 # Prepared checks for a lent CUDA machine (torch / triton / transformers preinstalled, no registry). Each stage
 # fits one 10-minute device call; results land in $OUT (or ./gpu_results).
 #   bash bench/gpu_check.sh tests     # GPU tests: kernels compiled for the card, CUDA graphs captured (~3 min)
-#   bash bench/gpu_check.sh kernels   # fused exit stage vs torch eager / torch.compile (issue 3, ~2 min)
+#   bash bench/gpu_check.sh kernels   # fused exit stage vs torch eager / torch.compile; fused decode block vs torch
+#                                     # block, and a predicated (skipped) block (~4 min)
 #   bash bench/gpu_check.sh decode    # end-to-end decode: graph engine, early exit, baselines (issues 4-6, ~7 min)
 #   bash bench/gpu_check.sh extra     # torch.compile'd steps and the eager engine for comparison (~5 min)
 set -uo pipefail
@@ -26,11 +27,16 @@ tests)
     tests/test_fast.py tests/test_fast_early_exit.py tests/test_generate.py tests/test_early_exit.py 2>&1 \
     | tee "$OUT/tests.txt" | tail -8 ;;
 kernels)
-  timeout 500 python3 bench/bench_exit_head.py --batch 1 8 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -20 ;;
+  timeout 240 python3 bench/bench_exit_head.py --batch 1 8 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -20
+  timeout 240 python3 bench/bench_fused_linear.py --batch 1 8 16 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" \
+    | tail -40 ;;
 decode)
   timeout 330 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --no-compile \
     --modes original acd:24,12 exit:12 ee:max-prob:0:6 ee:max-prob:0:12 ee:max-prob:0:18 ee:max-prob:0:12:deferred \
-    ee:max-prob:1:6,12,18 --out "$OUT/graph" 2>&1 | tail -30
+    ee:max-prob:1:6,12,18 ee:max-prob:0:12:predicated ee:max-prob:1:6,12,18:predicated --out "$OUT/graph" 2>&1 \
+    | tail -30
+  timeout 120 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --no-compile \
+    --backend torch --baselines --modes original acd:24,12 --out "$OUT/graph_torch_layers" 2>&1 | tail -6
   timeout 200 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --repeats 3 --modes original \
     --out "$OUT/hf_compile" 2>&1 | tail -8 ;;
 extra)

@@ -5,12 +5,12 @@
     python bench/latency.py ...                   # the same
 
 Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`),
-`ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred]` (early exit with that propagation; threshold 0 with one
-layer exits every token there). For each mode and batch size it reports
-prefill time, per-token decode time ((T(n new) - T(1 new)) / (n - 1), both timed end to end around `generate`
-with CUDA events, medians over repeats, with min..max spread), tokens/s, and the roofline: bytes a decode step
-must read (weights of the layers and heads it runs, plus the KV cache) over the copy bandwidth measured in the
-same run. Writes JSON + CSV rows, a markdown table and a PNG plot."""
+`ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred|predicated]` (early exit with that propagation, or eager
+propagation on the predicated one-graph schedule; threshold 0 with one layer exits every token there).
+For each mode and batch size it reports prefill time, per-token decode time ((T(n new) - T(1 new)) / (n - 1), both
+timed end to end around `generate` with CUDA events, medians over repeats, with min..max spread), tokens/s, and the
+roofline: bytes a decode step must read (weights of the layers and heads it runs, plus the KV cache) over the copy
+bandwidth measured in the same run. Writes JSON + CSV rows, a markdown table and a PNG plot."""
 
 from __future__ import annotations
 
@@ -54,14 +54,16 @@ def parse_mode(spec: str, config) -> dict:
             kw = dict(contrast=(upper if upper == "original" else int(upper), int(lower)))
         elif kind == "ee":
             parts = rest.split(":")
-            propagation = parts.pop() if parts[-1] in ("eager", "deferred") else "eager"
+            variant = parts.pop() if parts[-1] in ("eager", "deferred", "predicated") else "eager"
             exits = tuple(int(x) for x in parts[2].split(",")) if len(parts) > 2 and parts[2] != "all" else None
-            kw = dict(measure=parts[0], threshold=float(parts[1]), exits=exits, propagation=propagation)
+            kw = dict(measure=parts[0], threshold=float(parts[1]), exits=exits,
+                      propagation="deferred" if variant == "deferred" else "eager",
+                      schedule="predicated" if variant == "predicated" else "segments")
         else:
             raise ValueError
     except (ValueError, IndexError):
         raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER or "
-                         f"ee:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred]") from None
+                         f"ee:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]") from None
     if kind == "ee":
         kw = dict(early_exit=ExitPolicy(**kw))
     heads = [kw.get("exit_layer")] + list(kw.get("contrast", ()))

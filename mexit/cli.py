@@ -62,6 +62,9 @@ def add_generate_parser(sub) -> None:
     ee.add_argument("--min-layer", type=int, default=1)
     ee.add_argument("--decay-tau", type=float, help="CALM's decaying threshold with this tau (off by default)")
     ee.add_argument("--propagation", default="eager", choices=["eager", "deferred"])
+    ee.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
+                    help="fast path: a CUDA graph per segment between checks (one flag read each), or the whole "
+                         "step one graph with kernels that skip past the exit (needs the triton backend)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_generate)
 
@@ -92,7 +95,8 @@ def run_generate(args) -> int:
             raise SystemExit("error: --mode early-exit needs --threshold")
         policy = ExitPolicy(threshold=args.threshold, measure=args.measure,
                             exits=tuple(args.exits) if args.exits else None, min_layer=args.min_layer,
-                            decay_tau=args.decay_tau, max_steps=args.max_new_tokens, propagation=args.propagation)
+                            decay_tau=args.decay_tau, max_steps=args.max_new_tokens, propagation=args.propagation,
+                            schedule=args.schedule)
         result = lm.generate(prompts, early_exit=policy, **common)
     else:
         result = lm.generate(prompts, mode=args.mode, exit_layer=args.exit_layer, contrast=args.contrast,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mexit.bench import ablate, bench_exit_head, latency
+from mexit.bench import ablate, bench_exit_head, bench_fused_linear, latency
 
 
 def latency_args(folder, out, **kw):
@@ -123,3 +123,18 @@ def test_exit_head_benchmark_smoke(tmp_path, monkeypatch):
     impls = ("fused (triton)", "torch eager")
     assert {(r["impl"], r["batch"]) for r in rows} == {(i, b) for i in impls for b in (1, 3)}
     assert all(r["smoke"] and r["token_agreement"] >= 0.99 and r["us"] > 0 for r in rows)
+
+
+def test_fused_linear_benchmark_smoke(tmp_path, monkeypatch):
+    """The block / matmul benchmark's own logic (float64 checks, table, files) under the interpreter."""
+    monkeypatch.setattr(bench_fused_linear, "D", bench_fused_linear.D)  # --smoke shrinks the width: restore it
+    monkeypatch.setattr(bench_fused_linear, "HEADS", bench_fused_linear.HEADS)
+    assert bench_fused_linear.main(["--smoke", "--batch", "1", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "fused_linear.json").read_text())
+    blocks = {(r["impl"], r["batch"]) for r in rows if r["what"] == "block"}
+    assert blocks == {(i, b) for i in ("torch", "fused", "fused, flag clear", "fused, skipped (past the exit)")
+                      for b in (1, 3)}
+    assert len(rows) == 2 * (4 + 4 * 2) and all(r["smoke"] and r["us"] > 0 and r["d"] == 64 for r in rows)
+    skipped = next(r for r in rows if r["impl"].startswith("fused, skipped") and r["batch"] == 1)
+    full = next(r for r in rows if r["impl"] == "fused" and r["what"] == "block" and r["batch"] == 1)
+    assert skipped["floor_us"] < full["floor_us"]  # a skipped block reads only c_attn's key/value columns

@@ -1,0 +1,191 @@
+"""Benchmark one GPT-2 decode block at gpt2-medium width on a CUDA GPU: the fused path (four fused-linear Triton
+kernels around the attention) against the torch path (layernorms, cuBLAS matmuls, gelu and residual adds as
+separate kernels), the predicated block (skip flag set: what a block past the exit costs inside one graph), and
+each of the four matmuls alone.
+
+    python bench/bench_fused_linear.py --batch 1 8 16 64 [--dtype fp16] [--context 160] [--sweep]
+    TRITON_INTERPRET=1 python bench/bench_fused_linear.py --smoke     # the script's logic on CPU, small shape
+
+Times are medians of triton.testing.do_bench_cudagraph (graph replay, as decoding runs). GB/s counts the bytes
+the call must read: the weights it uses (a skipped block: c_attn's key/value columns) plus, for a block, the
+keys/values of `context` cached positions. %copy compares with a device-to-device copy measured in the same run.
+Every path is checked against a float64 run of the same block before it is timed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, time_ms, write_results
+from mexit.checkpoint import random_model, resolve_dtype
+from mexit.config import ModelConfig
+from mexit.kernels.fused_linear_ref import fused_linear_ref
+
+D, HEADS = 1024, 16  # gpt2-medium
+
+
+def bench(fn, device) -> float:
+    import triton.testing
+
+    if device.type != "cuda":  # --smoke: host clock, a few calls
+        return statistics.median(time_ms(fn, device, warmup=1, repeats=3))
+    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+def block_setup(batch: int, context: int, dtype, device):
+    """A one-block model of gpt2-medium width, a static cache with `context` valid slots, one input row each."""
+    config = ModelConfig(n_layer=1, n_embd=D, n_head=HEADS, vocab_size=8, n_positions=1024)
+    model = random_model(config, seed=1, dtype=dtype, device=device)
+    length = -(-context // 128) * 128
+    cache = model.new_cache(batch, length)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.valid[:, :context] = True
+    slot = torch.tensor([context - 1], device=device)
+    x = torch.randn(batch, 1, D, device=device, dtype=model.dtype)
+    return model, cache, slot, x
+
+
+def block_bytes(batch: int, context: int, elem: int, skipped: bool) -> int:
+    weights = 2 * D * D + 2 * D if skipped else 12 * D * D + 13 * D + 4 * D  # matrices, biases, layernorms
+    return weights * elem + 2 * batch * context * D * elem
+
+
+def check_block(model, cache, slot, x, outputs: dict) -> None:
+    """Each path's block output against the same block in float64 (the cache is rewritten identically)."""
+    exact = model.__class__(model.config, model.w.to(dtype=torch.float64))
+    cache64 = exact.new_cache(x.shape[0], cache.k.shape[3])
+    cache64.k.copy_(cache.k)
+    cache64.v.copy_(cache.v)
+    cache64.valid.copy_(cache.valid)
+    want = exact._block(0, x.double(), cache64, slot, None, None)
+    for name, got in outputs.items():
+        err = ((got.double() - want).norm() / want.norm()).item()
+        if err > 2e-2:
+            raise AssertionError(f"{name}: relative error {err:.2e} against float64")
+
+
+def matmuls(d: int) -> dict:
+    """name: (K, N, options) of a block's four fused-linear calls at width d."""
+    return {
+        "c_attn (ln_1)": (d, 3 * d, dict(ln=True)),
+        "attn c_proj (+res)": (d, d, dict(residual=True)),
+        "c_fc (ln_2, gelu)": (d, 4 * d, dict(ln=True, gelu=True)),
+        "mlp c_proj (+res)": (4 * d, d, dict(residual=True)),
+    }
+
+
+def matmul_inputs(batch, K, N, options, dtype, device):
+    g = torch.Generator(device=device).manual_seed(K + N)
+    x = torch.randn(batch, K, device=device, generator=g).to(dtype)
+    w = (torch.randn(K, N, device=device, generator=g) / K**0.5).to(dtype)
+    b = (0.1 * torch.randn(N, device=device, generator=g)).to(dtype)
+    kw = dict(gelu=options.get("gelu", False))
+    if options.get("ln"):
+        kw["ln"] = (torch.ones(K, device=device, dtype=dtype), torch.zeros(K, device=device, dtype=dtype), 1e-5)
+    if options.get("residual"):
+        kw["residual"] = torch.randn(batch, N, device=device, generator=g).to(dtype)
+    return x, w, b, kw
+
+
+def sweep(batch, K, N, options, dtype, device):
+    """Tile configurations of fused_linear for one matmul, fastest first."""
+    from mexit.kernels.fused_linear import fused_linear, tile_config
+
+    x, w, b, kw = matmul_inputs(batch, K, N, options, dtype, device)
+    base = tile_config(batch)
+    results = []
+    for block_n in (16, 32, 64, 128):
+        for block_k in (64, 128, 256):
+            for warps in (2, 4, 8):
+                for stages in (2, 3, 4, 5):
+                    cfg = dict(base, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                    try:
+                        results.append((bench(lambda c=cfg: fused_linear(x, w, b, config=c, **kw), device), cfg))
+                    except Exception as err:  # out of shared memory / registers for this shape
+                        print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
+    return sorted(results, key=lambda r: r[0])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 64])
+    p.add_argument("--dtype", default="fp16")
+    p.add_argument("--context", type=int, default=160, help="cached positions the attention reads")
+    p.add_argument("--sweep", action="store_true", help="also try tile configurations of each matmul")
+    p.add_argument("--out", default="bench_results")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU under TRITON_INTERPRET=1 at width 64: checks the script, times nothing real")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    global D, HEADS
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke needs TRITON_INTERPRET=1 set before start", file=sys.stderr)
+            return 2
+        D, HEADS = 64, 4
+        device, dtype = torch.device("cpu"), torch.float32
+    elif not torch.cuda.is_available():
+        print("bench_fused_linear needs a CUDA GPU (or --smoke; the kernel's CPU checks are in tests/)",
+              file=sys.stderr)
+        return 2
+    else:
+        device, dtype = torch.device("cuda"), resolve_dtype(args.dtype)
+    from mexit.kernels.fused_linear import fused_linear
+
+    elem = torch.finfo(dtype).bits // 8
+    meta = dict(run_metadata(device, dtype), d=D, context=args.context, smoke=args.smoke)
+    copy_gbs = copy_bandwidth_gbs(device)
+    rows = []
+
+    def record(what, impl, batch, ms, nbytes):
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        rows.append(dict(meta, what=what, impl=impl, batch=batch, us=ms * 1e3, gb_s=gbs, pct_copy=100 * gbs / copy_gbs,
+                         floor_us=nbytes / (copy_gbs * 1e9) * 1e6, copy_gb_s=copy_gbs))
+
+    for batch in args.batch:
+        model, cache, slot, x = block_setup(batch, args.context, dtype, device)
+        run, idle = torch.zeros(1, dtype=torch.int32, device=device), torch.ones(1, dtype=torch.int32, device=device)
+        paths = {
+            "torch": lambda: model._block(0, x, cache, slot, None, None),
+            "fused": lambda: model._fused_block(0, x, cache, slot, None, None),
+            "fused, flag clear": lambda: model._fused_block(0, x, cache, slot, None, run),
+        }
+        check_block(model, cache, slot, x, {name: fn() for name, fn in paths.items()})
+        paths["fused, skipped (past the exit)"] = lambda: model._fused_block(0, x, cache, slot, None, idle)
+        for name, fn in paths.items():
+            record("block", name, batch, bench(fn, device), block_bytes(batch, args.context, elem, "skipped" in name))
+        for what, (K, N, options) in matmuls(D).items():
+            xm, w, b, kw = matmul_inputs(batch, K, N, options, dtype, device)
+            want = fused_linear_ref(xm.double(), w.double(), b.double(), gelu=kw["gelu"],
+                                    ln=tuple(t.double() if torch.is_tensor(t) else t for t in kw["ln"]) if "ln" in kw
+                                    else None, residual=kw["residual"].double() if "residual" in kw else None)
+            got = fused_linear(xm, w, b, **kw)
+            if ((got.double() - want).norm() / want.norm()).item() > 1e-2:
+                raise AssertionError(f"{what}, batch {batch}: fused_linear disagrees with float64")
+            nbytes = (K * N + N) * elem
+            record(what, "fused", batch, bench(lambda: fused_linear(xm, w, b, **kw), device), nbytes)
+            record(what, "torch", batch, bench(lambda: fused_linear_ref(xm, w, b, **kw), device), nbytes)
+            if args.sweep:
+                for ms, cfg in sweep(batch, K, N, options, dtype, device)[:3]:
+                    print(f"{what}, batch {batch}: {ms * 1e3:.1f} us with {cfg}")
+    for r in rows:
+        torch_row = next(x for x in rows if (x["batch"], x["what"], x["impl"]) == (r["batch"], r["what"], "torch"))
+        r["speedup_vs_torch"] = torch_row["us"] / r["us"]
+    path = write_results(rows, args.out, "fused_linear")
+    shape = f"d={D}" + (" (SMOKE: interpreter on CPU, not a measurement)" if args.smoke else "")
+    print(f"{meta['device']}, {meta['dtype']}, {shape}, context {args.context}, copy bandwidth {copy_gbs:.0f} GB/s, "
+          f"results in {path}")
+    print(markdown_table(rows, ["what", "impl", "batch", "us", "gb_s", "pct_copy", "floor_us", "speedup_vs_torch"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
