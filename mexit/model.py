@@ -124,8 +124,9 @@ class MultiExitGPT2:
         A tensor `slot` ([1] int64, S = 1, all rows) keeps every shape static for CUDA graph capture: the
         token attends over the whole cache, masked by `cache.valid`, which must already mark its own slot.
         fused: decode steps (S = 1, up to FUSED_MAX_ROWS rows) run the four matmuls of a block as Triton
-        fused-linear kernels. skip ([1] flag on the device, fused only): while it is set, each block computes
-        only the keys/values of its input (state propagation) and leaves its output unwritten."""
+        fused-linear kernels (and, with a tensor slot, the attention as the decode-attention kernel). skip ([1]
+        flag on the device, fused path): while it is set, each block only computes and stores the keys/values
+        of its input (state propagation) and leaves its output unwritten."""
         for j in range(start, end):
             h = self._block(j, h, cache, slot, rows, pending, fused, skip)
         return h
@@ -161,7 +162,9 @@ class MultiExitGPT2:
         return x + F.linear(m, w.fc_proj_w[j].T, w.fc_proj_b[j])
 
     def _fused_block(self, j, x, cache, slot, rows, skip):
-        """The same block for one decode position per row: four fused-linear kernels around the attention."""
+        """The same block for one decode position per row: four fused-linear kernels around the attention (on
+        the static path, tensor slot and all rows, the decode-attention kernel: five kernels per block)."""
+        from mexit.kernels.decode_attention import decode_attention
         from mexit.kernels.fused_linear import fused_linear
 
         c, w = self.config, self.w
@@ -171,7 +174,10 @@ class MultiExitGPT2:
         eps = c.layer_norm_epsilon
         x = x.view(b, d)
         qkv = fused_linear(x, w.attn_w[j], w.attn_b[j], ln=(w.ln_1_w[j], w.ln_1_b[j], eps), skip=skip, skip_cols=d)
-        y = self._attention(j, qkv.view(b, 1, 3 * d), cache, slot, rows).view(b, d)
+        if isinstance(slot, torch.Tensor) and rows is None:
+            y = decode_attention(qkv, cache.k[j], cache.v[j], cache.valid, slot, skip=skip)
+        else:
+            y = self._attention(j, qkv.view(b, 1, 3 * d), cache, slot, rows).view(b, d)
         x = fused_linear(y, w.attn_proj_w[j], w.attn_proj_b[j], residual=x, skip=skip)
         m = fused_linear(x, w.fc_w[j], w.fc_b[j], ln=(w.ln_2_w[j], w.ln_2_b[j], eps), gelu=True, skip=skip)
         return fused_linear(m, w.fc_proj_w[j], w.fc_proj_b[j], residual=x, skip=skip).view(b, 1, d)

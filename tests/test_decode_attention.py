@@ -1,0 +1,71 @@
+"""The decode-attention kernel against its PyTorch reference in float64 (interpreter on CPU, or a GPU)."""
+
+import pytest
+import torch
+from kernel_utils import DEVICE, poisoned_allocations, rel_err
+
+from mexit.kernels import decode_attention as kernel_module
+from mexit.kernels.decode_attention import decode_attention
+from mexit.kernels.decode_attention_ref import decode_attention_ref
+
+
+def make_inputs(B, H, T, hd, slot, dtype, seed=0):
+    """Random qkv and cache; rows are left-padded by 0, 1, 2, ... positions (never past the slot)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 3 * H * hd, generator=g) * 1.5
+    k, v = torch.randn(2, B, H, T, hd, generator=g)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    valid[:, : slot + 1] = True
+    for b in range(B):
+        valid[b, : min(b, slot)] = False
+    cast = dict(device=DEVICE, dtype=dtype)
+    return qkv.to(**cast), k.to(**cast), v.to(**cast), valid.to(DEVICE), torch.tensor([slot], device=DEVICE)
+
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,T,hd,slot", [(1, 4, 128, 16, 0), (3, 2, 128, 8, 37), (7, 4, 256, 16, 200),
+                                            (64, 2, 128, 8, 127), (1, 16, 256, 64, 159)])
+def test_matches_float64_reference(B, H, T, hd, slot, dtype, monkeypatch):
+    qkv, k, v, valid, slot_t = make_inputs(B, H, T, hd, slot, dtype, seed=B + slot)
+    k_ref, v_ref = k.double(), v.double()
+    want = decode_attention_ref(qkv.double(), k_ref, v_ref, valid, slot_t)
+    before = kernel_module.LAUNCHES["decode_attention"]
+    with poisoned_allocations(monkeypatch):
+        y = decode_attention(qkv, k, v, valid, slot_t)
+    assert kernel_module.LAUNCHES["decode_attention"] == before + 1
+    assert y.dtype == dtype and y.shape == (B, H * hd) and not torch.isnan(y).any()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert rel_err(y, want) < tol, rel_err(y, want)
+    assert torch.equal(k.double(), k_ref) and torch.equal(v.double(), v_ref)  # the new key/value, stored at slot
+
+
+def test_reads_only_slots_up_to_the_current_one():
+    """Cache entries after the slot (and invalid ones before it) may hold anything: NaN there changes nothing."""
+    qkv, k, v, valid, slot = make_inputs(3, 2, 128, 8, 40, torch.float32)
+    want = decode_attention_ref(qkv, k.clone(), v.clone(), valid, slot)
+    k[:, :, 41:] = float("nan")
+    v[:, :, 41:] = float("nan")
+    k[2, :, :2] = float("nan")  # row 2's left padding
+    torch.testing.assert_close(decode_attention(qkv, k, v, valid, slot), want, rtol=1e-5, atol=1e-6)
+
+
+def test_skip_flag_stores_keys_and_values_only(monkeypatch):
+    qkv, k, v, valid, slot = make_inputs(3, 2, 128, 8, 9, torch.float32)
+    k_ref, v_ref = k.clone(), v.clone()
+    decode_attention_ref(qkv, k_ref, v_ref, valid, slot)
+    with poisoned_allocations(monkeypatch):
+        y = decode_attention(qkv, k, v, valid, slot, skip=torch.ones(1, dtype=torch.int32, device=DEVICE))
+    assert torch.isnan(y).all()
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+def test_rejects_bad_shapes():
+    qkv, k, v, valid, slot = make_inputs(2, 2, 128, 8, 3, torch.float32)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        decode_attention(qkv[:, :-1], k, v, valid, slot)
+    with pytest.raises(ValueError, match="power-of-two head size"):
+        k6 = torch.zeros(2, 2, 128, 6)
+        decode_attention(torch.zeros(2, 36), k6, k6.clone(), valid, slot)
