@@ -23,7 +23,8 @@ fi
 
 case "$stage" in
 tests)
-  timeout 500 python3 -m pytest -q -x tests/test_exit_head.py tests/test_acd_contrast.py tests/test_triton_generate.py \
+  timeout 500 python3 -m pytest -q -x tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
+    tests/test_decode_attention.py tests/test_triton_generate.py \
     tests/test_fast.py tests/test_fast_early_exit.py tests/test_generate.py tests/test_early_exit.py 2>&1 \
     | tee "$OUT/tests.txt" | tail -8 ;;
 kernels)

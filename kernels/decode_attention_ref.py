@@ -9,7 +9,7 @@ import torch.nn.functional as F
 def decode_attention_ref(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
                          slot: torch.Tensor) -> torch.Tensor:
     """One new position per row at cache slot `slot` ([1] int64): writes its key/value into the cache and
-    attends over the valid slots (which must include `slot`).
+    attends over the valid slots (which include `slot`; none after it, as in decoding).
 
     qkv: [B, 3d] (q|k|v, heads in order), cache_k / cache_v: [B, H, T, hd] (written in place), valid: [B, T] bool.
     Returns y [B, d] (heads concatenated), in the input dtype."""

@@ -56,10 +56,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @functools.cache
 def probe_kernels(device: torch.device) -> str | None:
-    """Compile and run the kernels (exit head, ACD contrast, fused linear) once per device and process on a small
-    problem; None when they match the references, else why."""
+    """Compile and run the kernels (exit head, ACD contrast, fused linear, decode attention) once per device and
+    process on a small problem; None when they match the references, else why."""
     try:
         from mexit.kernels.acd_contrast import acd_contrast
+        from mexit.kernels.decode_attention import decode_attention
+        from mexit.kernels.decode_attention_ref import decode_attention_ref
         from mexit.kernels.exit_head import exit_head
         from mexit.kernels.fused_linear import fused_linear
         from mexit.kernels.fused_linear_ref import fused_linear_ref
@@ -81,6 +83,14 @@ def probe_kernels(device: torch.device) -> str | None:
                                 residual=x.float())
         if not torch.allclose(y.float(), want, atol=2e-2, rtol=1e-2):
             return "fused_linear disagrees with its reference"
+        cache = torch.randn(2, 2, 2, 128, 32, device=device, generator=gen).half()  # k|v, B=2, H=2, T=128
+        valid = torch.arange(128, device=device).expand(2, 128) <= 70  # slots up to the current one
+        slot = torch.tensor([70], device=device)
+        y = decode_attention(hidden[0].repeat(1, 3)[:, :192], cache[0], cache[1], valid, slot)
+        want = decode_attention_ref(hidden[0].repeat(1, 3)[:, :192].float(), cache[0].float(), cache[1].float(),
+                                    valid, slot)
+        if not torch.allclose(y.float(), want, atol=2e-2, rtol=1e-2):
+            return "decode_attention disagrees with its reference"
     except Exception as err:  # compilation or launch failure: report it, fall back
         return f"{type(err).__name__}: {err}"[:200]
     return None
