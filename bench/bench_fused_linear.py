@@ -97,7 +97,7 @@ def sweep(batch, K, N, options, dtype, device):
     from mexit.kernels.fused_linear import fused_linear, tile_config
 
     x, w, b, kw = matmul_inputs(batch, K, N, options, dtype, device)
-    base = tile_config(batch)
+    base = tile_config(batch, N)
     results = []
     for block_n in (16, 32, 64, 128):
         for block_k in (64, 128, 256):

@@ -41,7 +41,8 @@ decode)
   timeout 200 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --repeats 3 --modes original \
     --out "$OUT/hf_compile" 2>&1 | tail -8 ;;
 extra)
-  timeout 300 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --compile --baselines \
+  timeout 300 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --compile \
+    --backend torch --baselines \
     --modes original acd:24,12 ee:max-prob:0:12:deferred --out "$OUT/graph_compile" 2>&1 | tail -10
   timeout 200 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --repeats 3 --engine eager --baselines \
     --modes original acd:24,12 ee:max-prob:0:12 --out "$OUT/eager" 2>&1 | tail -10 ;;

@@ -85,11 +85,12 @@ def _fused_linear(
         tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-def tile_config(rows: int) -> dict:
-    """Block sizes per row count: decode batches fit one row block (tl.dot needs >= 16 rows); narrow column
-    tiles give enough programs to stream the weight at full bandwidth (c_proj has only 1024 columns)."""
+def tile_config(rows: int, cols: int) -> dict:
+    """Block sizes per row and column count: decode batches fit one row block (tl.dot needs >= 16 rows); narrow
+    column tiles give enough programs to stream the weight at full bandwidth (c_proj has only 1024 columns:
+    64 programs of 16). Untuned: bench/bench_fused_linear.py --sweep measures the alternatives."""
     if rows <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=16 if cols <= 1024 else 32, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows <= 32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -114,7 +115,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         raise ValueError("x, weight, bias and residual must share one dtype")
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
-    cfg = dict(config or tile_config(M))
+    cfg = dict(config or tile_config(M, N))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     ln_w, ln_b, eps = ln if ln is not None else (bias, bias, 0.0)  # unused pointers without a layernorm
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))

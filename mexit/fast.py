@@ -209,6 +209,10 @@ def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_to
     key = StepKey(mode, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket, length)
     state = steps.get(key)
     if state is None:
+        if compile_layers and backend == "triton":
+            warnings.warn("compile=True applies to the torch layer path; the triton backend's decode blocks are "
+                          "already fused kernels: not compiling (use backend='torch' to compile)", stacklevel=3)
+            compile_layers = False
         kind = StaticStep
         if early_exit:
             kind = PredicatedEarlyExit if mode.schedule == "predicated" else StaticEarlyExit

@@ -107,6 +107,15 @@ def test_compiled_static_step_equals_eager(tiny_checkpoint, eager):
     assert ours.tokens == theirs.tokens and ours.exit_layers == theirs.exit_layers
 
 
+def test_compile_with_triton_backend_warns_and_runs_the_fused_kernels(tiny_checkpoint, eager):
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton", compile=True)
+    with pytest.warns(UserWarning, match="already fused kernels: not compiling"):
+        out = fast.generate(PROMPTS, max_new_tokens=4, eos_token_id=None)
+    (state,) = fast._static_steps.values()
+    assert state.run_layers == state._step_states  # not wrapped by torch.compile
+    assert out.tokens == eager.generate(PROMPTS, max_new_tokens=4, eos_token_id=None).tokens
+
+
 def test_capture_failure_falls_back_to_the_static_step(tiny_checkpoint, eager, monkeypatch):
     def broken_capture(self):
         raise RuntimeError("operation not permitted when stream is capturing")
