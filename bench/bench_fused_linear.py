@@ -1,7 +1,8 @@
 """Benchmark one GPT-2 decode block at gpt2-medium width on a CUDA GPU: the fused path (four fused-linear Triton
-kernels around the attention) against the torch path (layernorms, cuBLAS matmuls, gelu and residual adds as
-separate kernels), the predicated block (skip flag set: what a block past the exit costs inside one graph), and
-each of the four matmuls alone.
+kernels around the decode-attention kernel) against the torch path (layernorms, cuBLAS matmuls, gelu and residual
+adds as separate kernels, attention over the whole cache bucket), torch matmuls with the attention kernel (what
+batches above `fused_max_rows` run), the predicated block (skip flag set: what a block past the exit costs inside
+one graph), and each of the four matmuls alone.
 
     python bench/bench_fused_linear.py --batch 1 8 16 64 [--dtype fp16] [--context 160] [--sweep]
     TRITON_INTERPRET=1 python bench/bench_fused_linear.py --smoke     # the script's logic on CPU, small shape
@@ -153,8 +154,11 @@ def main(argv=None) -> int:
     for batch in args.batch:
         model, cache, slot, x = block_setup(batch, args.context, dtype, device)
         run, idle = torch.zeros(1, dtype=torch.int32, device=device), torch.ones(1, dtype=torch.int32, device=device)
+        hybrid = random_model(model.config, seed=1, dtype=dtype, device=device)  # same weights, no fused matmuls
+        hybrid.fused_max_rows = 0
         paths = {
             "torch": lambda: model._block(0, x, cache, slot, None, None),
+            "torch matmuls + attention kernel": lambda: hybrid._block(0, x, cache, slot, None, None, fused=True),
             "fused": lambda: model._fused_block(0, x, cache, slot, None, None),
             "fused, flag clear": lambda: model._fused_block(0, x, cache, slot, None, run),
         }

@@ -10,6 +10,9 @@ weights), or, with propagation="deferred", the step is recorded as pending and i
 one batched fill for all pending steps, right before the next segment that runs those blocks (for a run of
 shallow tokens: never during generation). So a step reads at most one small value per checked exit and launches
 only the layers some row needs.
+
+`PredicatedEarlyExit` is the other schedule: the whole step as one piece with no host read, the kernels past the
+exit reading a device flag instead (see its docstring). `ExitPolicy.schedule` picks; both give the same result.
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ class MultiExitGPT2:
         self.w = weights
         self.folder = folder  # checkpoint folder it was loaded from (tokenizer files live there)
         self.random_weights = random_weights  # True for benchmark / test models: label every result
+        self.fused_max_rows = FUSED_MAX_ROWS  # decode batches up to this size run fused-linear blocks (fused=True)
 
     @property
     def device(self) -> torch.device:
@@ -123,8 +124,8 @@ class MultiExitGPT2:
         slot..slot+S-1. `rows` (int64 [b]) selects the cache rows when only some rows run; None means all.
         A tensor `slot` ([1] int64, S = 1, all rows) keeps every shape static for CUDA graph capture: the
         token attends over the whole cache, masked by `cache.valid`, which must already mark its own slot.
-        fused: decode steps (S = 1, up to FUSED_MAX_ROWS rows) run the four matmuls of a block as Triton
-        fused-linear kernels (and, with a tensor slot, the attention as the decode-attention kernel). skip ([1]
+        fused: decode steps (S = 1) run the attention as the decode-attention kernel on the static path (tensor
+        slot), and, up to `fused_max_rows` rows, the four matmuls of a block as fused-linear kernels. skip ([1]
         flag on the device, fused path): while it is set, each block only computes and stores the keys/values
         of its input (state propagation) and leaves its output unwritten."""
         for j in range(start, end):
@@ -144,7 +145,7 @@ class MultiExitGPT2:
         c, w = self.config, self.w
         b, s, d = x.shape
         extra = pending(j, rows) if pending is not None else None
-        if skip is not None or (fused and s == 1 and b <= FUSED_MAX_ROWS and extra is None):
+        if skip is not None or (fused and s == 1 and b <= self.fused_max_rows and extra is None):
             return self._fused_block(j, x, cache, slot, rows, skip)
         a = F.layer_norm(x, (d,), w.ln_1_w[j], w.ln_1_b[j], c.layer_norm_epsilon)
         if extra is not None:  # compute skipped positions' keys/values in the same matmul as this token
@@ -155,7 +156,7 @@ class MultiExitGPT2:
             self._write_kv(cache, j, fill_rows, fill_slots, fill_kv)
         else:
             qkv = F.linear(a, w.attn_w[j].T, w.attn_b[j])
-        y = self._attention(j, qkv, cache, slot, rows)
+        y = self._attention(j, qkv, cache, slot, rows, kernel=fused)
         x = x + F.linear(y, w.attn_proj_w[j].T, w.attn_proj_b[j])
         m = F.layer_norm(x, (d,), w.ln_2_w[j], w.ln_2_b[j], c.layer_norm_epsilon)
         m = F.gelu(F.linear(m, w.fc_w[j].T, w.fc_b[j]), approximate="tanh")
@@ -164,7 +165,6 @@ class MultiExitGPT2:
     def _fused_block(self, j, x, cache, slot, rows, skip):
         """The same block for one decode position per row: four fused-linear kernels around the attention (on
         the static path, tensor slot and all rows, the decode-attention kernel: five kernels per block)."""
-        from mexit.kernels.decode_attention import decode_attention
         from mexit.kernels.fused_linear import fused_linear
 
         c, w = self.config, self.w
@@ -174,19 +174,23 @@ class MultiExitGPT2:
         eps = c.layer_norm_epsilon
         x = x.view(b, d)
         qkv = fused_linear(x, w.attn_w[j], w.attn_b[j], ln=(w.ln_1_w[j], w.ln_1_b[j], eps), skip=skip, skip_cols=d)
-        if isinstance(slot, torch.Tensor) and rows is None:
-            y = decode_attention(qkv, cache.k[j], cache.v[j], cache.valid, slot, skip=skip)
-        else:
-            y = self._attention(j, qkv.view(b, 1, 3 * d), cache, slot, rows).view(b, d)
+        y = self._attention(j, qkv.view(b, 1, 3 * d), cache, slot, rows, kernel=True, skip=skip).view(b, d)
         x = fused_linear(y, w.attn_proj_w[j], w.attn_proj_b[j], residual=x, skip=skip)
         m = fused_linear(x, w.fc_w[j], w.fc_b[j], ln=(w.ln_2_w[j], w.ln_2_b[j], eps), gelu=True, skip=skip)
         return fused_linear(m, w.fc_proj_w[j], w.fc_proj_b[j], residual=x, skip=skip).view(b, 1, d)
 
-    def _attention(self, j, qkv, cache, slot, rows) -> torch.Tensor:
-        """Write this step's keys/values (qkv [b, S, 3d]) into block j's cache and attend: [b, S, d]."""
+    def _attention(self, j, qkv, cache, slot, rows, kernel=False, skip=None) -> torch.Tensor:
+        """Write this step's keys/values (qkv [b, S, 3d]) into block j's cache and attend: [b, S, d]. kernel: on
+        the static path (tensor slot, all rows) the decode-attention kernel does both and reads only the slots up
+        to this one (the torch path attends over the whole length bucket, masked)."""
         c = self.config
         b, s, _ = qkv.shape
         d = c.n_embd
+        if kernel and isinstance(slot, torch.Tensor) and rows is None:
+            from mexit.kernels.decode_attention import decode_attention
+
+            return decode_attention(qkv.view(b, 3 * d), cache.k[j], cache.v[j], cache.valid, slot,
+                                    skip=skip).view(b, 1, d)
         q, k, v = (t.view(b, s, c.n_head, c.head_dim).transpose(1, 2) for t in qkv.split(d, dim=-1))
         if isinstance(slot, torch.Tensor):  # static shapes (CUDA graphs): one token, slot on the device
             cache.k[j].index_copy_(2, slot, k)

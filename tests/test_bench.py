@@ -132,9 +132,10 @@ def test_fused_linear_benchmark_smoke(tmp_path, monkeypatch):
     assert bench_fused_linear.main(["--smoke", "--batch", "1", "3", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "fused_linear.json").read_text())
     blocks = {(r["impl"], r["batch"]) for r in rows if r["what"] == "block"}
-    assert blocks == {(i, b) for i in ("torch", "fused", "fused, flag clear", "fused, skipped (past the exit)")
-                      for b in (1, 3)}
-    assert len(rows) == 2 * (4 + 4 * 2) and all(r["smoke"] and r["us"] > 0 and r["d"] == 64 for r in rows)
+    impls = ("torch", "torch matmuls + attention kernel", "fused", "fused, flag clear",
+             "fused, skipped (past the exit)")
+    assert blocks == {(i, b) for i in impls for b in (1, 3)}
+    assert len(rows) == 2 * (5 + 4 * 2) and all(r["smoke"] and r["us"] > 0 and r["d"] == 64 for r in rows)
     skipped = next(r for r in rows if r["impl"].startswith("fused, skipped") and r["batch"] == 1)
     full = next(r for r in rows if r["impl"] == "fused" and r["what"] == "block" and r["batch"] == 1)
     assert skipped["floor_us"] < full["floor_us"]  # a skipped block reads only c_attn's key/value columns

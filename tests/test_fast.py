@@ -136,3 +136,19 @@ def test_fp16_fast_path_equals_fp16_eager(tiny_checkpoint, case):
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, dtype="fp16", engine=ENGINES[-1])
     slow = mexit.load(tiny_checkpoint[0], device=DEVICE, dtype="fp16", engine="eager")
     assert fast.generate(PROMPTS, **kw).tokens == slow.generate(PROMPTS, **kw).tokens
+
+
+def test_large_batch_uses_torch_matmuls_and_the_attention_kernel(tiny_checkpoint, eager):
+    """Above `fused_max_rows` (default FUSED_MAX_ROWS) rows the static step keeps torch's matmuls but attends
+    through the decode-attention kernel (it reads only the slots written so far); tokens equal the eager torch
+    loop."""
+    from mexit.kernels import decode_attention
+    from mexit.model import FUSED_MAX_ROWS
+
+    prompts = [PROMPTS[i % len(PROMPTS)][: 2 + i % 5] for i in range(FUSED_MAX_ROWS + 3)]  # bucket 32
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton")
+    before = fused_linear.LAUNCHES["fused_linear"], decode_attention.LAUNCHES["decode_attention"]
+    out = fast.generate(prompts, max_new_tokens=5, eos_token_id=None, exit_layer=3)
+    assert fused_linear.LAUNCHES["fused_linear"] == before[0]
+    assert decode_attention.LAUNCHES["decode_attention"] == before[1] + 3 * 4  # 3 blocks, 4 decode steps
+    assert out.tokens == eager.generate(prompts, max_new_tokens=5, eos_token_id=None, exit_layer=3).tokens
