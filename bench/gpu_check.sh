@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Prepared checks for a lent CUDA machine (torch / triton / transformers preinstalled, no registry). Each stage
 # fits one 10-minute device call; results land in $OUT (or ./gpu_results).
+#   bash bench/gpu_check.sh quick     # the essentials in one call (~9 min): kernel + fast-path GPU tests, the
+#                                     # decode block benchmark, end-to-end decode at batch 1 and 64 (both early-exit
+#                                     # schedules), transformers eager in the same run
 #   bash bench/gpu_check.sh tests     # GPU tests: kernels compiled for the card, CUDA graphs captured (~3 min)
 #   bash bench/gpu_check.sh kernels   # fused exit stage vs torch eager / torch.compile; fused decode block vs torch
 #                                     # block, and a predicated (skipped) block (~4 min)
 #   bash bench/gpu_check.sh decode    # end-to-end decode: graph engine, early exit, baselines (issues 4-6, ~7 min)
 #   bash bench/gpu_check.sh extra     # torch.compile'd steps and the eager engine for comparison (~5 min)
 set -uo pipefail
-stage=${1:-tests}
+stage=${1:-quick}
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -22,6 +25,13 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -
 fi
 
 case "$stage" in
+quick)
+  timeout 200 python3 -m pytest -q -x tests/test_fused_linear.py tests/test_decode_attention.py tests/test_exit_head.py \
+    tests/test_acd_contrast.py tests/test_fast.py tests/test_fast_early_exit.py 2>&1 | tee "$OUT/tests.txt" | tail -6
+  timeout 90 python3 bench/bench_fused_linear.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
+  timeout 240 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
+    --no-compile --baselines transformers --modes original acd:24,12 ee:max-prob:0:12 ee:max-prob:0:12:predicated \
+    ee:max-prob:1:6,12,18 ee:max-prob:1:6,12,18:predicated --out "$OUT/graph" 2>&1 | tail -30 ;;
 tests)
   timeout 500 python3 -m pytest -q -x tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
     tests/test_decode_attention.py tests/test_triton_generate.py \
@@ -46,5 +56,5 @@ extra)
     --modes original acd:24,12 ee:max-prob:0:12:deferred --out "$OUT/graph_compile" 2>&1 | tail -10
   timeout 200 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --repeats 3 --engine eager --baselines \
     --modes original acd:24,12 ee:max-prob:0:12 --out "$OUT/eager" 2>&1 | tail -10 ;;
-*) echo "unknown stage $stage: tests | kernels | decode | extra"; exit 2 ;;
+*) echo "unknown stage $stage: quick | tests | kernels | decode | extra"; exit 2 ;;
 esac
