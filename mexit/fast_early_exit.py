@@ -246,8 +246,9 @@ class PredicatedEarlyExit(StaticEarlyExit):
 
     Device-side predication: `skip` is set once no row is running. While it is set every later kernel reads it
     and returns before touching weights: the fused-linear kernels skip everything but c_attn's key/value columns
-    (which, fed h_exit, are state propagation), the exit heads skip entirely. The attention and element-wise
-    kernels still launch on the (small) activations. The cosine measure's head is skipped unless a row fired."""
+    (which, fed h_exit, are state propagation), the attention kernel only stores those keys/values, the exit
+    heads skip entirely. The small element-wise kernels (predication, the checks' bookkeeping) still run. The
+    cosine measure's head is skipped unless a row fired. Skipped outputs are garbage that no kept value reads."""
 
     def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
         super().__init__(model, key, backend, compile_layers)

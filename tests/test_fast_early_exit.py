@@ -81,9 +81,11 @@ def test_reads_and_launches(tiny_checkpoint, eager, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_sampling_and_eos(tiny_checkpoint, eager, engine):
-    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
-    policy = ExitPolicy(0.3)
+@pytest.mark.parametrize("schedule", ["segments", "predicated"])
+def test_sampling_and_eos(tiny_checkpoint, eager, engine, schedule):
+    backend = "triton" if schedule == "predicated" else "torch"
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine, backend=backend)
+    policy = ExitPolicy(0.3, schedule=schedule)
     kw = dict(do_sample=True, seed=9, top_k=30, eos_token_id=None, early_exit=policy)
     assert fast.generate(PROMPTS, N_NEW, **kw).tokens == eager.generate(PROMPTS, N_NEW, **kw).tokens
     free = eager.generate(PROMPTS, 30, eos_token_id=None, early_exit=policy).tokens
@@ -135,3 +137,20 @@ def test_predicated_needs_triton_and_eager_propagation(tiny_checkpoint):
     lm = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static", backend="torch")
     with pytest.raises(ValueError, match="predicated early-exit schedule needs backend='triton'"):
         lm.generate(PROMPTS, 4, early_exit=ExitPolicy(0.5, schedule="predicated"))
+
+
+def test_predicated_garbage_never_reaches_a_kept_value(tiny_checkpoint, eager, monkeypatch):
+    """Every buffer allocated during generation starts as NaN (-7 for integers): outputs the skip flags leave
+    unwritten stay poison, and the tokens, exits and confidences still equal the eager scheduler's."""
+    from kernel_utils import poisoned_allocations
+
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static", backend="triton")
+    policy = ExitPolicy(0.15, exits=(1, 2, 3))  # steps where every row exits early, and steps where one does not
+    kw = dict(eos_token_id=None, do_sample=True, seed=3, top_k=20)
+    with poisoned_allocations(monkeypatch):
+        ours = fast.generate(PROMPTS, N_NEW, early_exit=predicated(policy), **kw)
+    theirs = eager.generate(PROMPTS, N_NEW, early_exit=policy, **kw)
+    assert ours.tokens == theirs.tokens and ours.exit_layers == theirs.exit_layers
+    assert not any(c != c for row in ours.confidences for c in row)  # no NaN confidence
+    deepest = [max(row[i] for row in ours.exit_layers) for i in range(1, N_NEW)]
+    assert min(deepest) < 4  # a decode step where every row exited: its later blocks and heads were skipped
