@@ -64,7 +64,8 @@ def settings(args, config) -> list[dict]:
                 for tau in args.decay_tau:
                     decay = None if str(tau).lower() == "none" else float(tau)
                     policy = ExitPolicy(threshold=threshold, measure=measure, exits=parse_exit_set(exit_set, config),
-                                        decay_tau=decay, min_layer=args.min_layer)
+                                        decay_tau=decay, min_layer=args.min_layer, propagation=args.propagation,
+                                        schedule=args.schedule)
                     policy.checked_exits(config)
                     out.append(dict(measure=measure, threshold=threshold, exits=exit_set, decay_tau=decay,
                                     policy=policy))
@@ -151,8 +152,10 @@ def run(args) -> list[dict]:
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding, engine=lm.engine,
                 backend=lm.backend, prompts=str(args.prompts), n_prompts=len(prompts),
                 max_new_tokens=args.max_new_tokens, batch=args.batch)
+    # what the measured speed-up depends on: a resumed sweep reuses rows only from the same run settings
     run_id = hashlib.sha256(json.dumps([label, ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
-                                        str(lm.model.device)]).encode()).hexdigest()[:12]
+                                        str(lm.model.device), lm.engine, lm.backend, lm.compile, args.propagation,
+                                        args.schedule]).encode()).hexdigest()[:12]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "ablation.jsonl"
@@ -218,6 +221,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-sets", nargs="+", default=["all"], help="'all' or comma-separated exit layers")
     p.add_argument("--decay-tau", nargs="+", default=["none"], help="CALM decay tau values; 'none' = fixed")
     p.add_argument("--min-layer", type=int, default=1)
+    p.add_argument("--propagation", default="eager", choices=["eager", "deferred"])
+    p.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
+                   help="fast-path early-exit schedule (predicated needs the triton backend)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
     p.add_argument("--device", default=None)

@@ -83,10 +83,16 @@ def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, 
             assert r["mean_exit_layer"] == 2
     full = [r for r in rows if r["threshold"] == 1.0]
     assert len({round(r["loglik"], 6) for r in full}) == 1  # the same full-depth output, scored the same way
-    monkeypatch.setattr(ablate, "evaluate", lambda *a, **k: pytest.fail("a finished setting ran again"))
-    assert ablate.main(argv) == 0
+    with monkeypatch.context() as m:
+        m.setattr(ablate, "evaluate", lambda *a, **k: pytest.fail("a finished setting ran again"))
+        assert ablate.main(argv) == 0
     assert len((out / "ablation.jsonl").read_text().splitlines()) == len(rows)
     assert (out / "ablation.csv").read_text().count("\n") == len(rows) + 1
+    # other run settings (here deferred propagation) measure other speed-ups: nothing is reused
+    again = ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.4], propagation=["deferred"])
+    assert ablate.main(again) == 0
+    rows_after = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
+    assert len(rows_after) == len(rows) + 3  # 3 measures x 1 threshold, run afresh
 
 
 @pytest.mark.parametrize("kw,message", [
