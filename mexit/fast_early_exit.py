@@ -131,9 +131,13 @@ class StaticEarlyExit(StaticBuffers):
             self.saved[0].copy_(self.h[:, 0])
 
     def _run_blocks(self, start: int, end: int, h: torch.Tensor) -> torch.Tensor:
-        """Blocks start..end-1 for every row; rows no longer running feed their frozen exit state (predication)."""
+        """Blocks start..end-1 for every row; rows no longer running feed their frozen exit state (predication).
+        A lone row on the segment schedule needs none: a segment runs only while it runs (or after it finished,
+        when its outputs are masked anyway), which saves a kernel per block."""
+        predicate = self.key.batch > 1 or self.skip is not None
         for j in range(start, end):
-            h = torch.where(self.running[:, None, None], h, self.h_exit[:, None])
+            if predicate:
+                h = torch.where(self.running[:, None, None], h, self.h_exit[:, None])
             h = self.model.run_layers(h, j, j + 1, self.cache, self.slot, fused=self.fused, skip=self.skip)
         return h
 

@@ -221,14 +221,16 @@ class MultiExitGPT2:
         normed = F.layer_norm(h, (d,), eps=c.layer_norm_epsilon)
         a = normed[None] * w.ln_1_w[start:end, None, :] + w.ln_1_b[start:end, None, :]  # [J, N, d]
         kv = torch.baddbmm(w.attn_b[start:end, None, d:], a, w.attn_w[start:end, :, d:])  # [J, N, 2d]
-        for i, j in enumerate(range(start, end)):
-            self._write_kv(cache, j, rows, slots, kv[i])
+        self._write_kv(cache, torch.arange(start, end, device=h.device), rows, slots, kv)
 
-    def _write_kv(self, cache, j, rows, slots, kv):
+    def _write_kv(self, cache, layers, rows, slots, kv):
+        """kv [J, N, 2d] (or [N, 2d] for one int layer) into cache slots (rows[i], slots[i]) of `layers`: one
+        indexed write for keys and one for values, whatever the number of layers."""
         c = self.config
-        k, v = kv.view(-1, 2, c.n_head, c.head_dim).unbind(1)
-        cache.k[j, rows, :, slots] = k
-        cache.v[j, rows, :, slots] = v
+        k, v = kv.view(*kv.shape[:-1], 2, c.n_head, c.head_dim).unbind(-3)  # [J, N, H, hd]
+        index = (layers, rows, slots) if isinstance(layers, int) else (layers[:, None], rows[None], slots[None])
+        cache.k.permute(0, 1, 3, 2, 4)[index] = k  # a [L, B, T, H, hd] view: the three indices are adjacent
+        cache.v.permute(0, 1, 3, 2, 4)[index] = v
 
 
 def attention_mask(valid: torch.Tensor, slot: int, s: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from test_early_exit import N_NEW, POLICIES, PROMPTS
 
 import mexit
 from mexit.early_exit import ExitPolicy
+from mexit.fast import batch_bucket
 from mexit.fast_early_exit import PredicatedEarlyExit, StaticEarlyExit
 from mexit.kernels import exit_head, fused_linear
 
@@ -40,20 +41,37 @@ def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, variant, policy)
     policy = {"segments": policy, "deferred": deferred(policy), "predicated": predicated(policy)}[variant]
     backend = "triton" if variant == "predicated" else "torch"  # predication needs the kernels' skip flag
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine, backend=backend)
-    ours = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy)
-    theirs = eager.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy, return_cache=True)
+    assert_same_run(fast, eager, PROMPTS, policy, engine)
+    assert isinstance(static_state(fast), PredicatedEarlyExit) == (variant == "predicated")
+
+
+@pytest.mark.parametrize("variant", ["segments", "deferred", "predicated"])
+def test_single_row_equals_eager_scheduler(tiny_checkpoint, eager, variant):
+    """Batch bucket 1 (the segment schedule then runs without per-block predication)."""
+    policy = ExitPolicy(0.15, exits=(1, 2, 3))
+    policy = {"segments": policy, "deferred": deferred(policy), "predicated": predicated(policy)}[variant]
+    backend = "triton" if variant == "predicated" else "torch"
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend=backend)
+    for prompt in PROMPTS:
+        assert_same_run(fast, eager, [prompt], policy, ENGINES[-1])
+
+
+def assert_same_run(fast, eager, prompts, policy, engine):
+    """Tokens, exit layers, confidences and the KV cache of the static engine equal the eager scheduler's."""
+    ours = fast.generate(prompts, N_NEW, eos_token_id=None, early_exit=policy)
+    theirs = eager.generate(prompts, N_NEW, eos_token_id=None, early_exit=policy, return_cache=True)
     assert ours.engine == engine
     assert ours.tokens == theirs.tokens
     assert ours.exit_layers == theirs.exit_layers
     for a, b in zip(ours.confidences, theirs.confidences):
         assert a == pytest.approx(b, abs=1e-5)
     # the cache: predicated blocks and the fill step give the eager scheduler's propagated keys/values
-    state = static_state(fast)
-    assert isinstance(state, PredicatedEarlyExit) == (variant == "predicated")
+    (state,) = [s for s in fast._static_steps.values()
+                if s.key.mode == policy and s.key.batch == batch_bucket(len(prompts))]
     state.flush_pending()
-    longest = max(map(len, PROMPTS))
+    longest = max(map(len, prompts))
     used = longest + N_NEW - 1
-    for b in range(len(PROMPTS)):
+    for b in range(len(prompts)):
         valid = theirs.cache.valid[b, :used]
         for ours_kv, theirs_kv in ((state.cache.k, theirs.cache.k), (state.cache.v, theirs.cache.v)):
             torch.testing.assert_close(ours_kv[:, b, :, :used][:, :, valid], theirs_kv[:, b, :, :used][:, :, valid],
