@@ -22,6 +22,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from mexit.kernels.exit_decide_ref import exit_decide_ref
+
 from .early_exit import weight_reads
 from .fast import StaticBuffers, StepKey, compiled
 from .heads import exit_stage
@@ -81,22 +83,21 @@ class StaticEarlyExit(StaticBuffers):
 
     def _check(self, layer: int, h_last: torch.Tensor) -> None:
         """Confidence at a checked exit for the running rows; firing rows freeze and (except for cosine, whose
-        head runs in `_cosine_head` only when a row fired) take this exit's token."""
-        threshold = self.thresholds.index_select(0, self.step_index)
+        head runs in `_cosine_head` only when a row fired) take this exit's token. The decision and its
+        bookkeeping are one kernel on the triton backend."""
         if self.policy.measure == "cosine":
             confidence = F.cosine_similarity(h_last.float(), self.saved[self.previous[layer]].float(), dim=-1)
-            out = None
+            candidate = None
         else:
             out = self._head(h_last, layer, self.skip)
             confidence = (out.max_prob if self.policy.measure == "max-prob" else out.margin)[0]
-        fire = self.running & (confidence >= threshold)
-        if out is not None:
-            self.chosen.copy_(torch.where(fire, self._pick(out), self.chosen))
-        self._record(fire, layer, confidence)
-        self.h_exit.copy_(torch.where(fire[:, None], h_last, self.h_exit))
-        self.fired.copy_(fire)
-        self.running &= ~fire
-        self.flags.copy_(torch.stack([fire.any(), self.running.any()]))
+            candidate = self._pick(out)
+        if self.backend == "triton":
+            from mexit.kernels.exit_decide import exit_decide as decide
+        else:
+            decide = exit_decide_ref
+        decide(layer, confidence, self.thresholds, self.step_index, self.running, self.fired, candidate, self.chosen,
+               h_last, self.h_exit, self.exit_at, self.conf_at, self.flags, self.skip, self.cosine_skip)
 
     def _cosine_head(self, layer: int) -> None:
         out = self._head(self.h_exit, layer, self.cosine_skip)
@@ -264,11 +265,6 @@ class PredicatedEarlyExit(StaticEarlyExit):
 
     def _start(self) -> None:
         super()._start()
-        self.skip.copy_(~self.running.any())
-
-    def _check(self, layer: int, h_last: torch.Tensor) -> None:
-        super()._check(layer, h_last)
-        self.cosine_skip.copy_(~self.fired.any())
         self.skip.copy_(~self.running.any())
 
     def step(self) -> None:

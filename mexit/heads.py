@@ -56,8 +56,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @functools.cache
 def probe_kernels(device: torch.device) -> str | None:
-    """Compile and run the kernels (exit head, ACD contrast, fused linear, decode attention) once per device and
-    process on a small problem; None when they match the references, else why."""
+    """Compile and run the kernels (exit head, ACD contrast, fused linear, decode attention, exit decision) once
+    per device and process on a small problem; None when they match the references, else why."""
     try:
         from mexit.kernels.acd_contrast import acd_contrast
         from mexit.kernels.decode_attention import decode_attention
@@ -91,8 +91,31 @@ def probe_kernels(device: torch.device) -> str | None:
                                     valid, slot)
         if not torch.allclose(y.float(), want, atol=2e-2, rtol=1e-2):
             return "decode_attention disagrees with its reference"
+        problem = _probe_exit_decide(device)
+        if problem:
+            return problem
     except Exception as err:  # compilation or launch failure: report it, fall back
         return f"{type(err).__name__}: {err}"[:200]
+    return None
+
+
+def _probe_exit_decide(device: torch.device) -> str | None:
+    from mexit.kernels.exit_decide import exit_decide
+    from mexit.kernels.exit_decide_ref import exit_decide_ref
+
+    def state():
+        return [torch.tensor([0.2, 0.9, 0.7], device=device), torch.full((4,), 0.5, device=device),
+                torch.tensor([1], device=device), torch.tensor([True, True, False], device=device),
+                torch.zeros(3, dtype=torch.bool, device=device), torch.tensor([4, 5, 6], device=device),
+                torch.zeros(3, dtype=torch.long, device=device), torch.ones(3, 64, device=device).half(),
+                torch.zeros(3, 64, device=device).half(), torch.zeros(3, 4, dtype=torch.long, device=device),
+                torch.zeros(3, 4, device=device), torch.zeros(2, dtype=torch.bool, device=device)]
+
+    ours, ref = state(), state()
+    exit_decide(3, *ours)
+    exit_decide_ref(3, *ref)
+    if not all(torch.equal(a, b) for a, b in zip(ours, ref)):
+        return "exit_decide disagrees with its reference"
     return None
 
 

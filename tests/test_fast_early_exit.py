@@ -9,7 +9,7 @@ import mexit
 from mexit.early_exit import ExitPolicy
 from mexit.fast import batch_bucket
 from mexit.fast_early_exit import PredicatedEarlyExit, StaticEarlyExit
-from mexit.kernels import exit_head, fused_linear
+from mexit.kernels import exit_decide, exit_head, fused_linear
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,11 +135,14 @@ def test_predicated_step_is_one_piece(tiny_checkpoint, engine):
     fast = mexit.load(folder, device=DEVICE, engine=engine, backend="triton")
     steps = N_NEW - 1
     for policy in (ExitPolicy(0.0, exits=(1, 2, 3)), ExitPolicy(0.9, measure="cosine")):  # all exit at 1; mixed
-        before = fused_linear.LAUNCHES["fused_linear"], exit_head.LAUNCHES["exit_head"]
+        counters = (fused_linear.LAUNCHES, "fused_linear"), (exit_head.LAUNCHES, "exit_head"), \
+            (exit_decide.LAUNCHES, "exit_decide")
+        before = [c[name] for c, name in counters]
         out = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=predicated(policy))
-        launched = (fused_linear.LAUNCHES["fused_linear"] - before[0], exit_head.LAUNCHES["exit_head"] - before[1])
+        launched = [c[name] - b for (c, name), b in zip(counters, before)]
         assert launched[0] == 4 * 4 * steps  # 4 blocks x 4 matmuls, decode steps only
         assert launched[1] == 4 * N_NEW  # 3 checked exits (or cosine's heads) + the final head, prefill included
+        assert launched[2] == 3 * N_NEW  # one decision kernel per checked exit
         assert out.stats["host_reads"] == 0 and out.stats["segments"] == 0
         reference = segments.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy)
         assert out.tokens == reference.tokens and out.exit_layers == reference.exit_layers

@@ -1,0 +1,34 @@
+"""Plain PyTorch reference of the exit decision at a checked exit (no triton import)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def exit_decide_ref(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, step: torch.Tensor,
+                    running: torch.Tensor, fired: torch.Tensor, candidate: torch.Tensor | None, chosen: torch.Tensor,
+                    h_last: torch.Tensor, h_exit: torch.Tensor, exit_at: torch.Tensor, conf_at: torch.Tensor,
+                    flags: torch.Tensor, skip: torch.Tensor | None = None,
+                    fired_none: torch.Tensor | None = None) -> None:
+    """Rows still running whose confidence reaches the threshold exit at `layer`; everything updates in place.
+
+    confidence [B] fp32; thresholds [T] fp32 (per step); step [1] int64 (this step: the threshold, and the column
+    of exit_at / conf_at [B, T]); running,
+    fired [B] bool; candidate (the exit's token, None when the head runs later, as for cosine), chosen [B] int64;
+    h_last [B, d] (any row stride), h_exit [B, d]; flags [2] bool = (some row fired, some row still running).
+    Predicated schedule: skip [1] int32 = no row running, fired_none [1] int32 = no row fired."""
+    fire = running & (confidence >= thresholds.index_select(0, step))
+    if candidate is not None:
+        chosen.copy_(torch.where(fire, candidate, chosen))
+    column = exit_at.index_select(1, step)[:, 0]
+    exit_at.index_copy_(1, step, torch.where(fire, layer, column)[:, None])
+    column = conf_at.index_select(1, step)[:, 0]
+    conf_at.index_copy_(1, step, torch.where(fire, confidence, column)[:, None])
+    h_exit.copy_(torch.where(fire[:, None], h_last, h_exit))
+    fired.copy_(fire)
+    running &= ~fire
+    flags.copy_(torch.stack([fire.any(), running.any()]))
+    if skip is not None:
+        skip.copy_(~running.any())
+    if fired_none is not None:
+        fired_none.copy_(~fire.any())
