@@ -27,15 +27,15 @@ fi
 case "$stage" in
 quick)
   timeout 200 python3 -m pytest -q -x tests/test_fused_linear.py tests/test_decode_attention.py \
-    tests/test_exit_head.py tests/test_exit_decide.py tests/test_acd_contrast.py tests/test_fast.py \
-    tests/test_fast_early_exit.py 2>&1 | tee "$OUT/tests.txt" | tail -6
+    tests/test_exit_head.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_acd_contrast.py \
+    tests/test_fast.py tests/test_fast_early_exit.py 2>&1 | tee "$OUT/tests.txt" | tail -6
   timeout 90 python3 bench/bench_fused_linear.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
   timeout 240 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
     --no-compile --baselines transformers --modes original acd:24,12 ee:max-prob:0:12 ee:max-prob:0:12:predicated \
     ee:max-prob:1:6,12,18 ee:max-prob:1:6,12,18:predicated --out "$OUT/graph" 2>&1 | tail -30 ;;
 tests)
   timeout 500 python3 -m pytest -q -x tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
-    tests/test_decode_attention.py tests/test_exit_decide.py tests/test_triton_generate.py \
+    tests/test_decode_attention.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_triton_generate.py \
     tests/test_fast.py tests/test_fast_early_exit.py tests/test_generate.py tests/test_early_exit.py 2>&1 \
     | tee "$OUT/tests.txt" | tail -8 ;;
 kernels)

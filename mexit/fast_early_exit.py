@@ -144,7 +144,8 @@ class StaticEarlyExit(StaticBuffers):
 
     def _fill(self, start: int) -> None:
         rows = torch.arange(self.key.batch, device=self.model.device)
-        self.model.fill_kv(self.h_exit, start, self.depth, self.cache, rows, self.slot.expand(self.key.batch))
+        self.model.fill_kv(self.h_exit, start, self.depth, self.cache, rows, self.slot.expand(self.key.batch),
+                           kernel=self.fused)
 
     def _step_end(self) -> None:
         self.emit(self.chosen)
@@ -163,7 +164,7 @@ class StaticEarlyExit(StaticBuffers):
             rows = torch.arange(b, device=self.model.device).repeat_interleave(len(slots))
             slot_index = torch.tensor(slots, device=self.model.device).repeat(b)
             hidden = self.h_pending[:, slots].reshape(b * len(slots), -1)
-            self.model.fill_kv(hidden, first, end, self.cache, rows, slot_index)
+            self.model.fill_kv(hidden, first, end, self.cache, rows, slot_index, kernel=self.fused)
             self.counters["weight_fill_blocks"] += end - first
         for e in due:
             e[1] = end

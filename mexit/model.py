@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from mexit.kernels.propagate_kv_ref import propagate_kv_ref
+
 from .config import ModelConfig
 
 
@@ -210,27 +212,26 @@ class MultiExitGPT2:
         return y.transpose(1, 2).reshape(b, s, d)
 
     def fill_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache, rows: torch.Tensor,
-                slots: torch.Tensor) -> None:
+                slots: torch.Tensor, kernel: bool = False) -> None:
         """State propagation: keys/values of blocks start..end-1 for positions (rows[i], slots[i]) computed
-        from h [N, d], the hidden state at which those positions exited. One batched matmul over the
-        skipped blocks' k|v weights (2·d² of each block's 12·d²)."""
+        from h [N, d], the hidden state at which those positions exited, reading only the skipped blocks' k|v
+        weights (2·d² of each block's 12·d²): one batched matmul, or with kernel=True one Triton launch."""
         if start >= end or h.shape[0] == 0:
             return
-        c, w = self.config, self.w
-        d = c.n_embd
-        normed = F.layer_norm(h, (d,), eps=c.layer_norm_epsilon)
-        a = normed[None] * w.ln_1_w[start:end, None, :] + w.ln_1_b[start:end, None, :]  # [J, N, d]
-        kv = torch.baddbmm(w.attn_b[start:end, None, d:], a, w.attn_w[start:end, :, d:])  # [J, N, 2d]
-        self._write_kv(cache, torch.arange(start, end, device=h.device), rows, slots, kv)
+        if kernel:
+            from mexit.kernels.propagate_kv import propagate_kv as propagate
+        else:
+            propagate = propagate_kv_ref
+        w = self.w
+        propagate(h, w.ln_1_w, w.ln_1_b, w.attn_w, w.attn_b, cache.k, cache.v, rows, slots, start, end,
+                  self.config.layer_norm_epsilon)
 
-    def _write_kv(self, cache, layers, rows, slots, kv):
-        """kv [J, N, 2d] (or [N, 2d] for one int layer) into cache slots (rows[i], slots[i]) of `layers`: one
-        indexed write for keys and one for values, whatever the number of layers."""
+    def _write_kv(self, cache, j, rows, slots, kv):
+        """kv [N, 2d] into block j's cache slots (rows[i], slots[i])."""
         c = self.config
-        k, v = kv.view(*kv.shape[:-1], 2, c.n_head, c.head_dim).unbind(-3)  # [J, N, H, hd]
-        index = (layers, rows, slots) if isinstance(layers, int) else (layers[:, None], rows[None], slots[None])
-        cache.k.permute(0, 1, 3, 2, 4)[index] = k  # a [L, B, T, H, hd] view: the three indices are adjacent
-        cache.v.permute(0, 1, 3, 2, 4)[index] = v
+        k, v = kv.view(-1, 2, c.n_head, c.head_dim).unbind(1)
+        cache.k[j, rows, :, slots] = k
+        cache.v[j, rows, :, slots] = v
 
 
 def attention_mask(valid: torch.Tensor, slot: int, s: int) -> torch.Tensor:

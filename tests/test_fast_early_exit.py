@@ -9,7 +9,7 @@ import mexit
 from mexit.early_exit import ExitPolicy
 from mexit.fast import batch_bucket
 from mexit.fast_early_exit import PredicatedEarlyExit, StaticEarlyExit
-from mexit.kernels import exit_decide, exit_head, fused_linear
+from mexit.kernels import exit_decide, exit_head, fused_linear, propagate_kv
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,15 +45,19 @@ def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, variant, policy)
     assert isinstance(static_state(fast), PredicatedEarlyExit) == (variant == "predicated")
 
 
-@pytest.mark.parametrize("variant", ["segments", "deferred", "predicated"])
-def test_single_row_equals_eager_scheduler(tiny_checkpoint, eager, variant):
-    """Batch bucket 1 (the segment schedule then runs without per-block predication)."""
+@pytest.mark.parametrize("variant,backend", [("segments", "torch"), ("deferred", "torch"), ("segments", "triton"),
+                                             ("deferred", "triton"), ("predicated", "triton")])
+def test_single_row_equals_eager_scheduler(tiny_checkpoint, eager, variant, backend):
+    """Batch bucket 1 (the segment schedule then runs without per-block predication); on the triton backend the
+    fills are the propagate_kv kernel."""
     policy = ExitPolicy(0.15, exits=(1, 2, 3))
     policy = {"segments": policy, "deferred": deferred(policy), "predicated": predicated(policy)}[variant]
-    backend = "triton" if variant == "predicated" else "torch"
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend=backend)
+    before = propagate_kv.LAUNCHES["propagate_kv"]
     for prompt in PROMPTS:
         assert_same_run(fast, eager, [prompt], policy, ENGINES[-1])
+    fills = propagate_kv.LAUNCHES["propagate_kv"] - before
+    assert (fills > 0) == (backend == "triton" and variant != "predicated")  # predicated: fills inside the blocks
 
 
 def assert_same_run(fast, eager, prompts, policy, engine):

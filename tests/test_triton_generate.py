@@ -48,3 +48,23 @@ def test_kernel_probe_and_fallback(monkeypatch):
     with pytest.warns(UserWarning, match="failed a probe.*CompilationError"):
         assert heads.resolve_backend("auto", torch.device("cuda")) == "torch"
     assert heads.resolve_backend("triton", torch.device("cpu")) == "triton"  # asked for explicitly: no probe
+
+
+def test_probe_names_the_failing_kernel(monkeypatch):
+    import torch
+
+    from mexit import probe
+    from mexit.kernels import decode_attention, propagate_kv
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe.probe_kernels.cache_clear()
+    try:
+        with monkeypatch.context() as m:  # a kernel that computes the wrong thing
+            m.setattr(decode_attention, "decode_attention", lambda qkv, *a, **k: qkv[:, : qkv.shape[1] // 3] * 0)
+            assert probe.probe_kernels(device) == "decode_attention disagrees with its reference"
+        probe.probe_kernels.cache_clear()
+        with monkeypatch.context() as m:  # one that does not compile
+            m.setattr(propagate_kv, "propagate_kv", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX error")))
+            assert probe.probe_kernels(device) == "propagate_kv: RuntimeError: PTX error"
+    finally:
+        probe.probe_kernels.cache_clear()

@@ -1,0 +1,95 @@
+"""State propagation as one kernel: keys/values of many skipped blocks for exited positions, into the cache.
+
+Grid = key|value column tiles x skipped blocks x row blocks. Each program normalizes its exited states with
+block j's ln_1 (fp32 statistics), multiplies by its [d, BLOCK_N] slice of block j's c_attn key/value columns
+(fp32 accumulation), adds the bias and stores the tile straight into the cache at each row's (row, slot): one
+launch for all skipped blocks, reading 2·d² weights per block (the torch path: a batched matmul and indexed
+writes, several launches).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LAUNCHES = {"propagate_kv": 0}  # counts wrapper calls, so tests can assert which path ran
+
+
+@triton.jit
+def _propagate_kv(
+    h_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, k_ptr, v_ptr, rows_ptr, slots_ptr,
+    N, D, B, H, T, start, eps,
+    HEAD_DIM: tl.constexpr, FP32_IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    j = start + tl.program_id(1)
+    m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < N
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # in [0, 2d): keys, then values
+    col_ok = cols < 2 * D
+    kk = tl.arange(0, BLOCK_K)
+    x_rows = h_ptr + m.to(tl.int64)[:, None] * D
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        mask = m_ok[:, None] & ((k + kk) < D)[None, :]
+        total += tl.sum(tl.load(x_rows + k + kk[None, :], mask=mask, other=0.0).to(tl.float32), axis=1)
+    mean = total / D
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        mask = m_ok[:, None] & ((k + kk) < D)[None, :]
+        diff = tl.where(mask, tl.load(x_rows + k + kk[None, :], mask=mask, other=0.0).to(tl.float32) - mean[:, None],
+                        0.0)
+        squares += tl.sum(diff * diff, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / D + eps)
+    layer = j.to(tl.int64)
+    w_layer = w_ptr + layer * D * 3 * D + D  # block j's c_attn, from its key columns on
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        k_ok = (k + kk) < D
+        mask = m_ok[:, None] & k_ok[None, :]
+        g = tl.load(ln_w_ptr + layer * D + k + kk, mask=k_ok, other=0.0).to(tl.float32)
+        b = tl.load(ln_b_ptr + layer * D + k + kk, mask=k_ok, other=0.0).to(tl.float32)
+        x = tl.load(x_rows + k + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :], 0.0)
+        w_tile = tl.load(w_layer + (k + kk).to(tl.int64)[:, None] * 3 * D + cols[None, :],
+                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if FP32_IEEE:
+            acc = tl.dot(x, w_tile, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x.to(w_tile.dtype), w_tile, acc)
+    acc += tl.load(b_ptr + layer * 3 * D + D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    row = tl.load(rows_ptr + m, mask=m_ok, other=0)
+    slot = tl.load(slots_ptr + m, mask=m_ok, other=0)
+    kv_col = cols % D
+    head = kv_col // HEAD_DIM
+    offsets = (((layer * B + row[:, None]) * H + head[None, :]) * T + slot[:, None]) * HEAD_DIM \
+        + (kv_col % HEAD_DIM)[None, :]
+    out = acc.to(k_ptr.dtype.element_ty)
+    ok = m_ok[:, None] & col_ok[None, :]
+    tl.store(k_ptr + offsets, out, mask=ok & (cols < D)[None, :])
+    tl.store(v_ptr + offsets, out, mask=ok & (cols >= D)[None, :])
+
+
+def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w: torch.Tensor,
+                 attn_b: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, rows: torch.Tensor,
+                 slots: torch.Tensor, start: int, end: int, eps: float) -> None:
+    """Triton version of `propagate_kv_ref` (same arguments, all contiguous, one float dtype; head size a power
+    of two)."""
+    L, B, H, T, hd = cache_k.shape
+    D = H * hd
+    N = h.shape[0]
+    if attn_w.shape != (L, D, 3 * D) or h.shape != (N, D) or rows.shape != (N,) or slots.shape != (N,):
+        raise ValueError(f"shapes do not match: h {tuple(h.shape)}, attn_w {tuple(attn_w.shape)}, cache "
+                         f"{tuple(cache_k.shape)}, rows {tuple(rows.shape)}, slots {tuple(slots.shape)}")
+    if not all(t.is_contiguous() for t in (ln_w, ln_b, attn_w, attn_b, cache_k, cache_v)) or hd & (hd - 1):
+        raise ValueError("weights and cache must be contiguous, with a power-of-two head size")
+    if start >= end or N == 0:
+        return
+    h, rows, slots = h.contiguous(), rows.contiguous(), slots.contiguous()
+    block_m = 16 if N <= 16 else 64
+    grid = (triton.cdiv(2 * D, 64), end - start, triton.cdiv(N, block_m))
+    _propagate_kv[grid](h, ln_w, ln_b, attn_w, attn_b, cache_k, cache_v, rows, slots, N, D, B, H, T, start, eps,
+                        HEAD_DIM=hd, FP32_IEEE=h.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64)
+    LAUNCHES["propagate_kv"] += 1
