@@ -110,10 +110,10 @@ def test_sampling_and_eos(tiny_checkpoint, eager, engine, schedule):
     policy = ExitPolicy(0.3, schedule=schedule)
     kw = dict(do_sample=True, seed=9, top_k=30, eos_token_id=None, early_exit=policy)
     assert fast.generate(PROMPTS, N_NEW, **kw).tokens == eager.generate(PROMPTS, N_NEW, **kw).tokens
-    free = eager.generate(PROMPTS, 30, eos_token_id=None, early_exit=policy).tokens
+    free = eager.generate(PROMPTS, 20, eos_token_id=None, early_exit=policy).tokens
     eos = free[2][4]
-    stopped = fast.generate(PROMPTS, 30, eos_token_id=eos, early_exit=policy)
-    expected = eager.generate(PROMPTS, 30, eos_token_id=eos, early_exit=policy)
+    stopped = fast.generate(PROMPTS, 20, eos_token_id=eos, early_exit=policy)
+    expected = eager.generate(PROMPTS, 20, eos_token_id=eos, early_exit=policy)
     assert stopped.tokens == expected.tokens and stopped.exit_layers == expected.exit_layers
 
 
