@@ -89,11 +89,12 @@ def tile_config(rows: int, cols: int) -> dict:
     """Block sizes per row and column count: decode batches fit one row block (tl.dot needs >= 16 rows); narrow
     column tiles give enough programs to stream the weight at full bandwidth (c_proj has only 1024 columns:
     64 programs of 16). Untuned: bench/bench_fused_linear.py --sweep measures the alternatives."""
+    block_n = 16 if cols <= 1024 else 32
     if rows <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=16 if cols <= 1024 else 32, BLOCK_K=128, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows <= 32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
