@@ -160,6 +160,8 @@ def run(args) -> list[dict]:
         lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend,
                                       engine=args.engine, compile=args.compile)
         label = "RANDOM weights, gpt2-medium-multiexit shape"
+    if args.fused_max_rows is not None:
+        lm.model.fused_max_rows = args.fused_max_rows
     config = lm.config
     modes = args.modes or default_modes(config)
     parsed = {m: parse_mode(m, config) for m in modes}
@@ -168,7 +170,7 @@ def run(args) -> list[dict]:
         if p + n > config.n_positions:
             raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
     run_meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend,
-                    engine=lm.engine, compiled=lm.compile,
+                    engine=lm.engine, compiled=lm.compile, fused_max_rows=lm.model.fused_max_rows,
                     command=" ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python bench/latency.py"),
                                       *sys.argv[1:]]))
     copy_gbs = copy_bandwidth_gbs(device)
@@ -339,6 +341,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"])
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
+    p.add_argument("--fused-max-rows", type=int, help="triton backend: largest decode batch that runs fused-linear "
+                   "blocks (default 16; 0 = cuBLAS matmuls always)")
     p.add_argument("--modes", nargs="+", help="default: original, a middle exit, ACD top vs middle, early exit")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on cuda, 1 on cpu")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[32])
