@@ -41,7 +41,9 @@ tests)
 kernels)
   timeout 240 python3 bench/bench_exit_head.py --batch 1 8 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -20
   timeout 240 python3 bench/bench_fused_linear.py --batch 1 8 16 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" \
-    | tail -40 ;;
+    | tail -40
+  timeout 60 python3 bench/bench_fused_linear.py --batch 1 --context 1000 --out "$OUT/long_context" 2>&1 \
+    | tee "$OUT/fused_linear_long.txt" | tail -12 ;;
 decode)
   timeout 330 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --no-compile \
     --modes original acd:24,12 exit:12 ee:max-prob:0:6 ee:max-prob:0:12 ee:max-prob:0:18 ee:max-prob:0:12:deferred \

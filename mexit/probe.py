@@ -66,8 +66,11 @@ def _decode_attention(device, gen) -> str | None:
     valid = torch.arange(128, device=device).expand(2, 128) <= 70  # slots up to the current one
     slot = torch.tensor([70], device=device)
     want = decode_attention_ref(qkv.float(), cache[0].float(), cache[1].float(), valid, slot)
-    y = decode_attention(qkv, cache[0], cache[1], valid, slot)
-    return None if _close(y, want) else "decode_attention disagrees with its reference"
+    for splits in (1, 2):  # one launch, and flash-decoding splits with their merge
+        y = decode_attention(qkv, cache[0], cache[1], valid, slot, splits=splits)
+        if not _close(y, want):
+            return f"decode_attention ({splits} split) disagrees with its reference"
+    return None
 
 
 def _exit_decide(device, gen) -> str | None:

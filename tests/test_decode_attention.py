@@ -5,7 +5,7 @@ import torch
 from kernel_utils import DEVICE, poisoned_allocations, rel_err
 
 from mexit.kernels import decode_attention as kernel_module
-from mexit.kernels.decode_attention import decode_attention
+from mexit.kernels.decode_attention import choose_splits, decode_attention
 from mexit.kernels.decode_attention_ref import decode_attention_ref
 
 
@@ -60,6 +60,38 @@ def test_skip_flag_stores_keys_and_values_only(monkeypatch):
         y = decode_attention(qkv, k, v, valid, slot, skip=torch.ones(1, dtype=torch.int32, device=DEVICE))
     assert torch.isnan(y).all()
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("slot", [0, 70, 300, 511])
+def test_split_cache_matches_float64_reference(slot, splits, dtype, monkeypatch):
+    """Flash-decoding: the splits' partial softmaxes (empty ones included) merge to the reference."""
+    qkv, k, v, valid, slot_t = make_inputs(3, 2, 512, 16, slot, dtype, seed=slot + splits)
+    k_ref, v_ref = k.double(), v.double()
+    want = decode_attention_ref(qkv.double(), k_ref, v_ref, valid, slot_t)
+    with poisoned_allocations(monkeypatch):
+        y = decode_attention(qkv, k, v, valid, slot_t, splits=splits)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    assert not torch.isnan(y).any() and rel_err(y, want) < tol, rel_err(y, want)
+    assert torch.equal(k.double(), k_ref) and torch.equal(v.double(), v_ref)
+
+
+def test_split_cache_skip_flag(monkeypatch):
+    qkv, k, v, valid, slot = make_inputs(2, 2, 512, 8, 400, torch.float32)
+    k_ref, v_ref = k.clone(), v.clone()
+    decode_attention_ref(qkv, k_ref, v_ref, valid, slot)
+    with poisoned_allocations(monkeypatch):
+        y = decode_attention(qkv, k, v, valid, slot, skip=torch.ones(1, dtype=torch.int32, device=DEVICE), splits=4)
+    assert torch.isnan(y).all() and torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+def test_choose_splits():
+    cpu = torch.device("cpu")  # counts 132 multiprocessors off a GPU
+    assert choose_splits(1, 16, 256, cpu) == 1  # short cache: one launch
+    assert choose_splits(1, 16, 1024, cpu) == 8  # batch 1, long cache: splits of 128 slots
+    assert choose_splits(4, 16, 1024, cpu) == 5  # about two programs per multiprocessor
+    assert choose_splits(64, 16, 1024, cpu) == 1  # rows x heads already fill the GPU
 
 
 def test_rejects_bad_shapes():

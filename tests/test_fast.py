@@ -152,3 +152,18 @@ def test_large_batch_uses_torch_matmuls_and_the_attention_kernel(tiny_checkpoint
     assert fused_linear.LAUNCHES["fused_linear"] == before[0]
     assert decode_attention.LAUNCHES["decode_attention"] == before[1] + 3 * 4  # 3 blocks, 4 decode steps
     assert out.tokens == eager.generate(prompts, max_new_tokens=5, eos_token_id=None, exit_layer=3).tokens
+
+
+def test_long_cache_splits_the_attention(tmp_path):
+    """A 640-slot cache at batch 1 takes the flash-decoding path (splits + merge); tokens equal the torch path."""
+    from conftest import make_hf_checkpoint
+
+    from mexit.kernels import decode_attention
+
+    make_hf_checkpoint(tmp_path, n_positions=1024)
+    prompt = [int(t) for t in torch.randint(256, (520,), generator=torch.Generator().manual_seed(0))]
+    fast = mexit.load(tmp_path, device=DEVICE, engine=ENGINES[-1], backend="triton")
+    reference = mexit.load(tmp_path, device=DEVICE, engine="eager", backend="torch")
+    assert decode_attention.choose_splits(1, 4, 640, torch.device(DEVICE)) > 1
+    out = fast.generate([prompt], max_new_tokens=4, eos_token_id=None, contrast=(4, 2))
+    assert out.tokens == reference.generate([prompt], max_new_tokens=4, eos_token_id=None, contrast=(4, 2)).tokens

@@ -61,7 +61,7 @@ def test_probe_names_the_failing_kernel(monkeypatch):
     try:
         with monkeypatch.context() as m:  # a kernel that computes the wrong thing
             m.setattr(decode_attention, "decode_attention", lambda qkv, *a, **k: qkv[:, : qkv.shape[1] // 3] * 0)
-            assert probe.probe_kernels(device) == "decode_attention disagrees with its reference"
+            assert probe.probe_kernels(device) == "decode_attention (1 split) disagrees with its reference"
         probe.probe_kernels.cache_clear()
         with monkeypatch.context() as m:  # one that does not compile
             m.setattr(propagate_kv, "propagate_kv", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("PTX error")))
