@@ -1,8 +1,10 @@
-"""The multi-exit GPT-2 decoder in plain PyTorch.
+"""The multi-exit GPT-2 decoder: plain PyTorch, with a Triton decode path (`fused=True`, the triton backend).
 
 Weights of the same kind are stacked over layers (`attn_w[j]` is block j's c_attn), so that state propagation
-can read the key/value weights of many skipped layers in one batched matmul. Blocks are numbered 0..n_layer-1
-here; exit layer L (1-based, as in the checkpoint) is the output of block L-1, and `h_0` is the embedding.
+can read the key/value weights of many skipped layers in one batched matmul (or one kernel). Blocks are numbered
+0..n_layer-1 here; exit layer L (1-based, as in the checkpoint) is the output of block L-1, and `h_0` is the
+embedding. The torch path is the reference that tests hold against transformers' GPT-2; the fused path computes
+the same block with fp32 accumulation and one rounding per kernel.
 """
 
 from __future__ import annotations
