@@ -148,6 +148,8 @@ def run(args) -> list[dict]:
         raise ValueError("--max-new-tokens and --batch must be >= 1")
     lm, label = load_lm(args)
     plan = settings(args, lm.config)  # validates everything before any generation
+    for setting in plan:
+        setting["policy"].check_engine(lm.engine, lm.backend)
     ids, encoding = encode(lm, prompts)
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding, engine=lm.engine,
                 backend=lm.backend, prompts=str(args.prompts), n_prompts=len(prompts),

@@ -165,6 +165,9 @@ def run(args) -> list[dict]:
     config = lm.config
     modes = args.modes or default_modes(config)
     parsed = {m: parse_mode(m, config) for m in modes}
+    for kw in parsed.values():
+        if "early_exit" in kw:
+            kw["early_exit"].check_engine(lm.engine, lm.backend)
     lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
     for p, n in lengths:
         if p + n > config.n_positions:

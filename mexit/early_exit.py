@@ -72,6 +72,13 @@ class ExitPolicy:
         if self.min_layer < 1:
             raise ValueError(f"min_layer must be >= 1, got {self.min_layer}")
 
+    def check_engine(self, engine: str, backend: str) -> None:
+        """The predicated schedule's kernels read device flags: on the static / graph engines it needs triton (the
+        eager engine has its own scheduler and ignores `schedule`)."""
+        if self.schedule == "predicated" and engine in ("static", "graph") and backend != "triton":
+            raise ValueError(f"the predicated early-exit schedule needs backend='triton' (its kernels read the skip "
+                             f"flag), got {backend!r}; use schedule='segments' with the torch backend")
+
     def depth(self, config: ModelConfig) -> int:
         return config.n_layer if self.final_head == "original" else int(self.final_head)
 

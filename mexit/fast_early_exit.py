@@ -257,10 +257,8 @@ class PredicatedEarlyExit(StaticEarlyExit):
     cosine measure's head is skipped unless a row fired. Skipped outputs are garbage that no kept value reads."""
 
     def __init__(self, model: MultiExitGPT2, key: StepKey, backend: str, compile_layers: bool = False):
+        key.mode.check_engine("static", backend)
         super().__init__(model, key, backend, compile_layers)
-        if backend != "triton":
-            raise ValueError("the predicated early-exit schedule needs backend='triton' (its kernels read the skip "
-                             "flag); use schedule='segments' with the torch backend")
         self.skip = torch.zeros(1, dtype=torch.int32, device=model.device)  # no row running
         self.cosine_skip = torch.zeros(1, dtype=torch.int32, device=model.device)  # no row fired at this check
 

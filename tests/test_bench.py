@@ -46,10 +46,12 @@ def test_latency_rows_and_files(tiny_checkpoint, tmp_path):
     (["exit:7"], "exit layer 7 is not in the checkpoint"),
     (["acd:4,9"], "exit layer 9 is not in the checkpoint"),
     (["ee:max-prob:1.5"], r"threshold for max-prob must be in \[0, 1\]"),
+    (["ee:max-prob:0:2:predicated"], "predicated early-exit schedule needs backend='triton'"),
 ])
 def test_latency_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, modes, message):
-    with pytest.raises(ValueError, match=message):
-        latency.main(latency_args(tiny_checkpoint[0], tmp_path / "out", modes=modes))
+    with pytest.raises(ValueError, match=message):  # the static engine: predicated would need triton
+        latency.main(latency_args(tiny_checkpoint[0], tmp_path / "out", modes=modes, engine="static",
+                                  backend="torch"))
     assert not (tmp_path / "out").exists()
 
 
@@ -101,6 +103,7 @@ def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, 
     (dict(**{"exit-sets": ["2,9"]}), r"exit layers \[9\] are not in this checkpoint"),
     (dict(thresholds=[1.5]), r"threshold for max-prob must be in \[0, 1\]"),
     (dict(**{"exit-sets": ["a,b"]}), "exit set 'a,b'"),
+    (dict(schedule=["predicated"], engine=["static"], backend=["torch"]), "predicated early-exit schedule needs"),
 ])
 def test_ablation_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, prompt_file, kw, message):
     with pytest.raises(ValueError, match=message):
