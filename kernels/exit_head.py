@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .exit_head_ref import ExitHeadOutput
+from .tiles import normalized_tile, row_stats
 
 LAUNCHES = {"exit_head": 0}  # counts wrapper calls, so tests can assert which path ran
 
@@ -39,18 +40,7 @@ def _exit_head_tiles(
         dd = tl.arange(0, BLOCK_D)
         x_rows = x_ptr + (e * B + rows).to(tl.int64)[:, None] * D
 
-        total = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k in range(0, D, BLOCK_D):
-            m = row_ok[:, None] & ((k + dd) < D)[None, :]
-            total += tl.sum(tl.load(x_rows + k + dd[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
-        mean = total / D
-        squares = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k in range(0, D, BLOCK_D):
-            m = row_ok[:, None] & ((k + dd) < D)[None, :]
-            xk = tl.load(x_rows + k + dd[None, :], mask=m, other=0.0).to(tl.float32)
-            diff = tl.where(m, xk - mean[:, None], 0.0)
-            squares += tl.sum(diff * diff, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / D + eps)
+        mean, rstd = row_stats(x_rows, row_ok, D, eps, BLOCK_B, BLOCK_D)
 
         if e == 0:
             w_ptr = w0_ptr
@@ -59,13 +49,8 @@ def _exit_head_tiles(
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * D
         acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
         for k in range(0, D, BLOCK_D):
-            d_ok = (k + dd) < D
-            m = row_ok[:, None] & d_ok[None, :]
-            xk = tl.load(x_rows + k + dd[None, :], mask=m, other=0.0).to(tl.float32)
-            g = tl.load(ln_w_ptr + k + dd, mask=d_ok, other=0.0).to(tl.float32)
-            b = tl.load(ln_b_ptr + k + dd, mask=d_ok, other=0.0).to(tl.float32)
-            xn = tl.where(m, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :], 0.0)
-            wk = tl.load(w_rows + k + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            xn = normalized_tile(x_rows, row_ok, k, D, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_D)
+            wk = tl.load(w_rows + k + dd[None, :], mask=col_ok[:, None] & ((k + dd) < D)[None, :], other=0.0)
             if FP32_IEEE:  # fp32 weights: full-precision products, not tf32
                 acc = tl.dot(xn, tl.trans(wk), acc, input_precision="ieee")
             else:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import ln_matmul
+
 LAUNCHES = {"fused_linear": 0}  # counts wrapper calls, so tests can assert which path ran
 
 
@@ -43,38 +45,8 @@ def _fused_linear(
         run = pid_n * BLOCK_N + BLOCK_N > first_col
         col_ok = col_ok & (cols >= first_col)
     if run:
-        kk = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if HAS_LN:
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                m = row_ok[:, None] & ((k + kk) < K)[None, :]
-                total += tl.sum(tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
-            mean = total / K
-            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                m = row_ok[:, None] & ((k + kk) < K)[None, :]
-                diff = tl.where(m, tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None],
-                                0.0)
-                squares += tl.sum(diff * diff, axis=1)
-            rstd = 1.0 / tl.sqrt(squares / K + eps)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            k_ok = (k + kk) < K
-            m = row_ok[:, None] & k_ok[None, :]
-            xk = tl.load(x_rows + k + kk[None, :], mask=m, other=0.0)
-            if HAS_LN:
-                g = tl.load(ln_w_ptr + k + kk, mask=k_ok, other=0.0).to(tl.float32)
-                b = tl.load(ln_b_ptr + k + kk, mask=k_ok, other=0.0).to(tl.float32)
-                xk = tl.where(m, (xk.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :], 0.0)
-            w_tile = tl.load(w_ptr + (k + kk).to(tl.int64)[:, None] * N + cols[None, :],
-                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if FP32_IEEE:  # fp32 weights: full-precision products, not tf32
-                acc = tl.dot(xk.to(tl.float32), w_tile, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xk.to(w_tile.dtype), w_tile, acc)
+        acc = ln_matmul(x_ptr + rows.to(tl.int64)[:, None] * K, row_ok, w_ptr, N, cols, col_ok, ln_w_ptr, ln_b_ptr,
+                        K, eps, HAS_LN, FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GELU:
             acc = 0.5 * acc * (1.0 + _tanh(0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)))

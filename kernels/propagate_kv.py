@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import ln_matmul
+
 LAUNCHES = {"propagate_kv": 0}  # counts wrapper calls, so tests can assert which path ran
 
 
@@ -29,36 +31,10 @@ def _propagate_kv(
     m_ok = m < N
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # in [0, 2d): keys, then values
     col_ok = cols < 2 * D
-    kk = tl.arange(0, BLOCK_K)
-    x_rows = h_ptr + m.to(tl.int64)[:, None] * D
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        mask = m_ok[:, None] & ((k + kk) < D)[None, :]
-        total += tl.sum(tl.load(x_rows + k + kk[None, :], mask=mask, other=0.0).to(tl.float32), axis=1)
-    mean = total / D
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        mask = m_ok[:, None] & ((k + kk) < D)[None, :]
-        diff = tl.where(mask, tl.load(x_rows + k + kk[None, :], mask=mask, other=0.0).to(tl.float32) - mean[:, None],
-                        0.0)
-        squares += tl.sum(diff * diff, axis=1)
-    rstd = 1.0 / tl.sqrt(squares / D + eps)
     layer = j.to(tl.int64)
     w_layer = w_ptr + layer * D * 3 * D + D  # block j's c_attn, from its key columns on
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        k_ok = (k + kk) < D
-        mask = m_ok[:, None] & k_ok[None, :]
-        g = tl.load(ln_w_ptr + layer * D + k + kk, mask=k_ok, other=0.0).to(tl.float32)
-        b = tl.load(ln_b_ptr + layer * D + k + kk, mask=k_ok, other=0.0).to(tl.float32)
-        x = tl.load(x_rows + k + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :], 0.0)
-        w_tile = tl.load(w_layer + (k + kk).to(tl.int64)[:, None] * 3 * D + cols[None, :],
-                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if FP32_IEEE:
-            acc = tl.dot(x, w_tile, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x.to(w_tile.dtype), w_tile, acc)
+    acc = ln_matmul(h_ptr + m.to(tl.int64)[:, None] * D, m_ok, w_layer, 3 * D, cols, col_ok, ln_w_ptr + layer * D,
+                    ln_b_ptr + layer * D, D, eps, True, FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     acc += tl.load(b_ptr + layer * 3 * D + D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     row = tl.load(rows_ptr + m, mask=m_ok, other=0)
     slot = tl.load(slots_ptr + m, mask=m_ok, other=0)

@@ -1,0 +1,62 @@
+"""Triton device functions several kernels share: a layernorm prologue over row tiles and the layernorm-then-
+matmul loop over a weight stored [K, N] (GPT-2's Conv1D layout). fp32 statistics and accumulation."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_stats(x_rows, row_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Mean and 1/std ([BLOCK_M] fp32) of the rows x_rows[:, 0:K] (x_rows: [BLOCK_M, 1] row pointers)."""
+    kk = tl.arange(0, BLOCK_K)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        m = row_ok[:, None] & ((k + kk) < K)[None, :]
+        total += tl.sum(tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
+    mean = total / K
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        m = row_ok[:, None] & ((k + kk) < K)[None, :]
+        diff = tl.where(m, tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+        squares += tl.sum(diff * diff, axis=1)
+    return mean, 1.0 / tl.sqrt(squares / K + eps)
+
+
+@triton.jit
+def normalized_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_K: tl.constexpr):
+    """Columns k..k+BLOCK_K of the layernormed rows, [BLOCK_M, BLOCK_K] fp32 (0 outside the rows / K)."""
+    kk = tl.arange(0, BLOCK_K)
+    k_ok = (k + kk) < K
+    m = row_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32)
+    g = tl.load(ln_w_ptr + k + kk, mask=k_ok, other=0.0).to(tl.float32)
+    b = tl.load(ln_b_ptr + k + kk, mask=k_ok, other=0.0).to(tl.float32)
+    return tl.where(m, (x - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :], 0.0)
+
+
+@triton.jit
+def ln_matmul(x_rows, row_ok, w_ptr, w_stride, cols, col_ok, ln_w_ptr, ln_b_ptr, K, eps,
+              HAS_LN: tl.constexpr, FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32: layernorm(x) (or x) times the weight's columns `cols`, rows w_stride apart."""
+    kk = tl.arange(0, BLOCK_K)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_LN:
+        mean, rstd = row_stats(x_rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = (k + kk) < K
+        if HAS_LN:
+            xk = normalized_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_K)
+        else:
+            xk = tl.load(x_rows + k + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_tile = tl.load(w_ptr + (k + kk).to(tl.int64)[:, None] * w_stride + cols[None, :],
+                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if FP32_IEEE:  # fp32 weights: full-precision products, not tf32
+            acc = tl.dot(xk.to(tl.float32), w_tile, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xk.to(w_tile.dtype), w_tile, acc)
+    return acc
