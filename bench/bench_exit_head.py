@@ -12,14 +12,18 @@ the same run. Every implementation is checked against the float64 reference befo
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 
 import torch
 
-from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, time_ms, write_results
-from mexit.checkpoint import resolve_dtype
+from mexit.bench.common import (
+    copy_bandwidth_gbs,
+    kernel_bench_target,
+    kernel_ms,
+    markdown_table,
+    run_metadata,
+    write_results,
+)
 from mexit.kernels.acd_contrast_ref import acd_contrast_ref
 
 V, D = 50257, 1024  # gpt2-medium head
@@ -65,16 +69,6 @@ def check(fn, inputs, batch):
     return agree
 
 
-def bench(fn, graph: bool, device):
-    import triton.testing
-
-    if device.type != "cuda":  # --smoke: host clock, a few calls
-        return statistics.median(time_ms(fn, device, warmup=1, repeats=3))
-    if graph:
-        return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
 def sweep_configs(inputs):
     from mexit.kernels.exit_head import tile_config
 
@@ -86,7 +80,7 @@ def sweep_configs(inputs):
                 for stages in (2, 3, 4):
                     cfg = dict(base, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
                     try:
-                        ms = bench(lambda c=cfg: fused_stage(*inputs, config=c), True, inputs[0].device)
+                        ms = kernel_ms(lambda c=cfg: fused_stage(*inputs, config=c), inputs[0].device)
                     except Exception as err:  # out of shared memory / registers for this shape
                         print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
                         continue
@@ -106,18 +100,13 @@ def main(argv=None):
                    help="CPU under TRITON_INTERPRET=1 at vocabulary 1000, d 64: checks the script, times nothing real")
     args = p.parse_args(argv)
     global V, D
-    if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("--smoke needs TRITON_INTERPRET=1 set before start", file=sys.stderr)
-            return 2
-        V, D = 1000, 64
-        device, dtype = torch.device("cpu"), torch.float32
-        args.no_compile = True
-    elif not torch.cuda.is_available():
-        print("bench_exit_head needs a CUDA GPU (or --smoke; the kernels' CPU checks are in tests/)", file=sys.stderr)
+    target = kernel_bench_target(args.smoke, args.dtype, "bench_exit_head")
+    if target is None:
         return 2
-    else:
-        device, dtype = torch.device("cuda"), resolve_dtype(args.dtype)
+    device, dtype = target
+    if args.smoke:
+        V, D = 1000, 64
+        args.no_compile = True
     meta = dict(run_metadata(device, dtype), vocab=V, d=D, smoke=args.smoke)
     copy_gbs = copy_bandwidth_gbs(device)
     compiled = None if args.no_compile else torch.compile(torch_stage)
@@ -131,7 +120,7 @@ def main(argv=None):
         for name, fn in impls.items():
             agree = check(fn, inputs, batch)
             for graph in (False, True) if device.type == "cuda" else (False,):
-                ms = bench(lambda fn=fn: fn(*inputs), graph, device)
+                ms = kernel_ms(lambda fn=fn: fn(*inputs), device, graph)
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 rows.append(dict(meta, impl=name, batch=batch, cuda_graph=graph, ms=ms, us=ms * 1e3, gb_s=gbs,
                                  pct_copy=100 * gbs / copy_gbs, floor_us=nbytes / (copy_gbs * 1e9) * 1e6,

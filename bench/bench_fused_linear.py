@@ -15,26 +15,23 @@ Every path is checked against a float64 run of the same block before it is timed
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 
 import torch
 
-from mexit.bench.common import copy_bandwidth_gbs, markdown_table, run_metadata, time_ms, write_results
-from mexit.checkpoint import random_model, resolve_dtype
+from mexit.bench.common import (
+    copy_bandwidth_gbs,
+    kernel_bench_target,
+    kernel_ms,
+    markdown_table,
+    run_metadata,
+    write_results,
+)
+from mexit.checkpoint import random_model
 from mexit.config import ModelConfig
 from mexit.kernels.fused_linear_ref import fused_linear_ref
 
 D, HEADS = 1024, 16  # gpt2-medium
-
-
-def bench(fn, device) -> float:
-    import triton.testing
-
-    if device.type != "cuda":  # --smoke: host clock, a few calls
-        return statistics.median(time_ms(fn, device, warmup=1, repeats=3))
-    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
 
 
 def block_setup(batch: int, context: int, dtype, device):
@@ -106,7 +103,7 @@ def sweep(batch, K, N, options, dtype, device):
                 for stages in (2, 3, 4, 5):
                     cfg = dict(base, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
                     try:
-                        results.append((bench(lambda c=cfg: fused_linear(x, w, b, config=c, **kw), device), cfg))
+                        results.append((kernel_ms(lambda c=cfg: fused_linear(x, w, b, config=c, **kw), device), cfg))
                     except Exception as err:  # out of shared memory / registers for this shape
                         print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
     return sorted(results, key=lambda r: r[0])
@@ -127,18 +124,12 @@ def main(argv=None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     global D, HEADS
-    if args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("--smoke needs TRITON_INTERPRET=1 set before start", file=sys.stderr)
-            return 2
-        D, HEADS = 64, 4
-        device, dtype = torch.device("cpu"), torch.float32
-    elif not torch.cuda.is_available():
-        print("bench_fused_linear needs a CUDA GPU (or --smoke; the kernel's CPU checks are in tests/)",
-              file=sys.stderr)
+    target = kernel_bench_target(args.smoke, args.dtype, "bench_fused_linear")
+    if target is None:
         return 2
-    else:
-        device, dtype = torch.device("cuda"), resolve_dtype(args.dtype)
+    device, dtype = target
+    if args.smoke:
+        D, HEADS = 64, 4
     from mexit.kernels.fused_linear import fused_linear
 
     elem = torch.finfo(dtype).bits // 8
@@ -165,7 +156,8 @@ def main(argv=None) -> int:
         check_block(model, cache, slot, x, {name: fn() for name, fn in paths.items()})
         paths["fused, skipped (past the exit)"] = lambda: model._fused_block(0, x, cache, slot, None, idle)
         for name, fn in paths.items():
-            record("block", name, batch, bench(fn, device), block_bytes(batch, args.context, elem, "skipped" in name))
+            nbytes = block_bytes(batch, args.context, elem, "skipped" in name)
+            record("block", name, batch, kernel_ms(fn, device), nbytes)
         for what, (K, N, options) in matmuls(D).items():
             xm, w, b, kw = matmul_inputs(batch, K, N, options, dtype, device)
             want = fused_linear_ref(xm.double(), w.double(), b.double(), gelu=kw["gelu"],
@@ -175,8 +167,8 @@ def main(argv=None) -> int:
             if ((got.double() - want).norm() / want.norm()).item() > 1e-2:
                 raise AssertionError(f"{what}, batch {batch}: fused_linear disagrees with float64")
             nbytes = (K * N + N) * elem
-            record(what, "fused", batch, bench(lambda: fused_linear(xm, w, b, **kw), device), nbytes)
-            record(what, "torch", batch, bench(lambda: fused_linear_ref(xm, w, b, **kw), device), nbytes)
+            record(what, "fused", batch, kernel_ms(lambda: fused_linear(xm, w, b, **kw), device), nbytes)
+            record(what, "torch", batch, kernel_ms(lambda: fused_linear_ref(xm, w, b, **kw), device), nbytes)
             if args.sweep:
                 for ms, cfg in sweep(batch, K, N, options, dtype, device)[:3]:
                     print(f"{what}, batch {batch}: {ms * 1e3:.1f} us with {cfg}")

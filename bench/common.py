@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +59,34 @@ def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> lis
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def kernel_ms(fn, device: torch.device, graph: bool = True) -> float:
+    """Median ms of one call: triton's do_bench (in a replayed CUDA graph when `graph`) on GPU; a few host-clock
+    calls on CPU (--smoke runs under the interpreter)."""
+    import triton.testing
+
+    if device.type != "cuda":
+        return statistics.median(time_ms(fn, device, warmup=1, repeats=3))
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def kernel_bench_target(smoke: bool, dtype: str, script: str) -> tuple[torch.device, torch.dtype] | None:
+    """(device, dtype) of a kernel benchmark: a CUDA GPU, or with --smoke the CPU under TRITON_INTERPRET=1 in
+    fp32. None (after saying why) when neither is possible."""
+    from mexit.checkpoint import resolve_dtype
+
+    if smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke needs TRITON_INTERPRET=1 set before start", file=sys.stderr)
+            return None
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU (or --smoke; the kernels' CPU checks are in tests/)", file=sys.stderr)
+        return None
+    return torch.device("cuda"), resolve_dtype(dtype)
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
