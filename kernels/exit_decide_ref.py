@@ -20,10 +20,7 @@ def exit_decide_ref(layer: int, confidence: torch.Tensor, thresholds: torch.Tens
     fire = running & (confidence >= thresholds.index_select(0, step))
     if candidate is not None:
         chosen.copy_(torch.where(fire, candidate, chosen))
-    column = exit_at.index_select(1, step)[:, 0]
-    exit_at.index_copy_(1, step, torch.where(fire, layer, column)[:, None])
-    column = conf_at.index_select(1, step)[:, 0]
-    conf_at.index_copy_(1, step, torch.where(fire, confidence, column)[:, None])
+    record_exits(fire, layer, confidence, step, exit_at, conf_at)
     h_exit.copy_(torch.where(fire[:, None], h_last, h_exit))
     fired.copy_(fire)
     running &= ~fire
@@ -32,3 +29,12 @@ def exit_decide_ref(layer: int, confidence: torch.Tensor, thresholds: torch.Tens
         skip.copy_(~running.any())
     if fired_none is not None:
         fired_none.copy_(~fire.any())
+
+
+def record_exits(mask: torch.Tensor, layer: int, confidence: torch.Tensor, step: torch.Tensor, exit_at: torch.Tensor,
+                 conf_at: torch.Tensor) -> None:
+    """Exit layer and confidence of the rows in `mask` ([B] bool) into column `step` of exit_at / conf_at."""
+    column = exit_at.index_select(1, step)[:, 0]
+    exit_at.index_copy_(1, step, torch.where(mask, layer, column)[:, None])
+    column = conf_at.index_select(1, step)[:, 0]
+    conf_at.index_copy_(1, step, torch.where(mask, confidence, column)[:, None])

@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mexit.kernels.exit_decide_ref import exit_decide_ref
+from mexit.kernels.exit_decide_ref import exit_decide_ref, record_exits
 
 from .early_exit import weight_reads
 from .fast import StaticBuffers, StepKey, compiled
@@ -73,14 +73,6 @@ class StaticEarlyExit(StaticBuffers):
     def _head(self, hidden: torch.Tensor, head, skip=None):
         return exit_stage(self.model, hidden[None], [head], self.backend, with_logprobs=self.key.do_sample, skip=skip)
 
-    def _record(self, mask, layer, confidence):
-        """Exit layer and confidence of the rows in `mask`, in this step's column."""
-        column = self.step_index
-        layers = torch.where(mask, layer, self.exit_at.index_select(1, column)[:, 0])
-        confidences = torch.where(mask, confidence, self.conf_at.index_select(1, column)[:, 0])
-        self.exit_at.index_copy_(1, column, layers[:, None])
-        self.conf_at.index_copy_(1, column, confidences[:, None])
-
     def _check(self, layer: int, h_last: torch.Tensor) -> None:
         """Confidence at a checked exit for the running rows; firing rows freeze and (except for cosine, whose
         head runs in `_cosine_head` only when a row fired) take this exit's token. The decision and its
@@ -106,7 +98,7 @@ class StaticEarlyExit(StaticBuffers):
     def _final(self, h_last: torch.Tensor) -> None:
         out = self._head(h_last, self.policy.final_head, self.skip)
         self.chosen.copy_(torch.where(self.running, self._pick(out), self.chosen))
-        self._record(self.running, self.depth, out.max_prob[0])
+        record_exits(self.running, self.depth, out.max_prob[0], self.step_index, self.exit_at, self.conf_at)
 
     # ---- decode-step pieces (each one a CUDA graph on the graph engine) ----
     def _segment(self, index: int) -> None:
