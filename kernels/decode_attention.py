@@ -12,6 +12,8 @@ is stored (state propagation) and y is left unwritten.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -100,8 +102,14 @@ def choose_splits(batch: int, heads: int, length: int, device: torch.device) -> 
     SPLIT_SLOTS slots for about two programs per multiprocessor."""
     if length < SPLIT_FROM:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(length // SPLIT_SLOTS, -(-2 * sms // (batch * heads))))
+    return max(1, min(length // SPLIT_SLOTS, -(-2 * multiprocessors(device) // (batch * heads))))
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (asked once per device: every block's attention call needs it); 132, an
+    H100's, off a GPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
