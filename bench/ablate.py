@@ -218,23 +218,28 @@ def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="text file, one prompt per line")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
-    p.add_argument("--measures", nargs="+", default=["max-prob", "margin", "cosine"])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
+                   help="confidence thresholds to sweep")
+    p.add_argument("--measures", nargs="+", default=["max-prob", "margin", "cosine"],
+                   help="confidence measures to sweep (max-prob, margin, cosine)")
     p.add_argument("--exit-sets", nargs="+", default=["all"], help="'all' or comma-separated exit layers")
     p.add_argument("--decay-tau", nargs="+", default=["none"], help="CALM decay tau values; 'none' = fixed")
-    p.add_argument("--min-layer", type=int, default=1)
-    p.add_argument("--propagation", default="eager", choices=["eager", "deferred"])
+    p.add_argument("--min-layer", type=int, default=1, help="no exit below this layer")
+    p.add_argument("--propagation", default="eager", choices=["eager", "deferred"],
+                   help="skipped layers' keys/values computed at the exit, or with the next deep token")
     p.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
                    help="fast-path early-exit schedule (predicated needs the triton backend)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="Triton kernels or the PyTorch reference (auto: triton on cuda)")
+    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
+                   help="decode loop: CUDA graphs, the static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
-    p.add_argument("--out", default="ablation_results")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default="ablation_results", help="output folder (resumable)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

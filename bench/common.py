@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -117,17 +118,27 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows each flag's default (when it has one worth showing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_subcommand(sub, name: str, help: str, add_arguments, main_args) -> None:
     """Register a benchmark as a `mexit` subcommand."""
-    p = sub.add_parser(name, help=help)
+    p = sub.add_parser(name, help=help, description=sys.modules[add_arguments.__module__].__doc__,
+                       formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(run=main_args)
 
 
 def script_main(doc: str, add_arguments, main_args, argv=None) -> int:
     """Run a benchmark as a script (`python bench/NAME.py ...`)."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     add_arguments(p)
     return main_args(p.parse_args(argv))

@@ -89,8 +89,8 @@ def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: fl
     """Bytes one decode step must move: weights of `layers` blocks and `heads` exit heads, the k|v weights of
     `filled` propagated blocks, and the KV cache of the blocks run (context positions, batch rows)."""
     elem = torch.finfo(dtype).bits // 8
-    d, v = config.n_embd, config.vocab_size
-    block = (12 * d * d + 13 * d) * elem
+    d, v, inner = config.n_embd, config.vocab_size, config.inner_dim
+    block = (4 * d * d + 2 * d * inner + 9 * d + inner) * elem  # c_attn, c_proj, c_fc, mlp c_proj; biases, norms
     kv = 2 * batch * context * d * elem
     return layers * (block + kv) + heads * v * d * elem + filled * 2 * d * d * elem
 
@@ -339,24 +339,26 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="exit stage and decode blocks: Triton kernels or the PyTorch reference (auto: triton on cuda)")
+    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
+                   help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--fused-max-rows", type=int, help="triton backend: largest decode batch that runs fused-linear "
                    "blocks (default 16; 0 = cuBLAS matmuls always)")
     p.add_argument("--modes", nargs="+", help="default: original, a middle exit, ACD top vs middle, early exit")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on cuda, 1 on cpu")
-    p.add_argument("--prompt-len", type=int, nargs="+", default=[32])
+    p.add_argument("--prompt-len", type=int, nargs="+", default=[32], help="prompt lengths in tokens")
     p.add_argument("--new-tokens", type=int, nargs="+", default=None, help="default: 128 on cuda, 8 on cpu")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per measurement (default: 3 cuda, 1 cpu)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default: 10 cuda, 3 cpu)")
     p.add_argument("--baselines", nargs="*", default=["transformers", "autocontrastive-gen"],
                    help="any of: transformers autocontrastive-gen (none: mexit only)")
     p.add_argument("--no-compile", action="store_true", help="skip transformers' static cache + torch.compile")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--out", default="bench_results")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--out", default="bench_results", help="output folder (JSON, CSV, markdown, PNG)")
 
 
 def fill_defaults(args) -> None:

@@ -114,10 +114,10 @@ def multiprocessors(device: torch.device) -> int:
 
 def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
                      slot: torch.Tensor, skip: torch.Tensor | None = None, splits: int | None = None,
-                     block_t: int = 64) -> torch.Tensor:
+                     block_t: int = 64, scale: float | None = None) -> torch.Tensor:
     """Triton version of `decode_attention_ref`: qkv [B, 3d], cache_k / cache_v [B, H, T, hd] contiguous (written
     at `slot`), valid [B, T] bool, slot [1] int64, one float dtype; hd a power of two. splits: how many programs
-    share a row's cache (default `choose_splits`). Returns y [B, d]."""
+    share a row's cache (default `choose_splits`); scale: of the scores (default 1/sqrt(hd)). Returns y [B, d]."""
     B, H, T, hd = cache_k.shape
     d = H * hd
     if qkv.shape != (B, 3 * d) or cache_v.shape != cache_k.shape or valid.shape != (B, T):
@@ -132,8 +132,9 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
     y = torch.empty(B, d, device=qkv.device, dtype=qkv.dtype)
     part = torch.empty(B, H, splits, hd + 2, device=qkv.device, dtype=torch.float32) if splits > 1 else y
     skip_arg = skip if skip is not None else slot
+    scale = hd**-0.5 if scale is None else scale
     _decode_attention[(B, H, splits)](qkv, cache_k, cache_v, valid, slot, skip_arg, y, part, H, T, d, chunk,
-                                      hd**-0.5, HEAD_DIM=hd, BLOCK_T=block_t, HAS_SKIP=skip is not None,
+                                      scale, HEAD_DIM=hd, BLOCK_T=block_t, HAS_SKIP=skip is not None,
                                       SPLIT=splits > 1)
     if splits > 1:
         _decode_attention_merge[(B, H)](part, skip_arg, y, H, d, splits, HEAD_DIM=hd,

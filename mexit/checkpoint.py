@@ -47,12 +47,12 @@ def resolve_device(device) -> torch.device:
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name -> shape, for every tensor mexit needs."""
-    d, v = config.n_embd, config.vocab_size
+    """Checkpoint tensor name -> shape, for every tensor mexit needs (`lm_head.weight` only when untied)."""
+    d, v, inner = config.n_embd, config.vocab_size, config.inner_dim
     per_block = {
         "ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
         "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
-        "mlp.c_fc.weight": (d, 4 * d), "mlp.c_fc.bias": (4 * d,), "mlp.c_proj.weight": (4 * d, d),
+        "mlp.c_fc.weight": (d, inner), "mlp.c_fc.bias": (inner,), "mlp.c_proj.weight": (inner, d),
         "mlp.c_proj.bias": (d,),
     }
     shapes = {"transformer.wte.weight": (v, d), "transformer.wpe.weight": (config.n_positions, d),
@@ -60,7 +60,18 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(config.n_layer):
         shapes.update({f"transformer.h.{i}.{k}": s for k, s in per_block.items()})
     shapes.update({EXIT_HEAD_NAME.format(layer): (v, d) for layer in config.exit_layers})
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
     return shapes
+
+
+def check_finite(state: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite values, naming every tensor that holds them (one reduction per tensor)."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"non-finite values (NaN or inf) in {len(bad)} tensor(s): {', '.join(sorted(bad)[:8])}"
+                         f"{' ...' if len(bad) > 8 else ''}; the checkpoint is corrupted (check_weights=False / "
+                         "--no-weight-check loads it anyway)")
 
 
 def weights_from_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> Weights:
@@ -90,6 +101,7 @@ def weights_from_state_dict(state: dict[str, torch.Tensor], config: ModelConfig)
         **{field: stack(suffix) for suffix, field in _BLOCK_TENSORS.items()},
         ln_f_w=state["transformer.ln_f.weight"], ln_f_b=state["transformer.ln_f.bias"],
         exit_heads={layer: state[EXIT_HEAD_NAME.format(layer)] for layer in config.exit_layers},
+        lm_head=None if config.tie_word_embeddings else state["lm_head.weight"],
     )
 
 
@@ -100,6 +112,8 @@ def state_dict_from_weights(weights: Weights, config: ModelConfig) -> dict[str, 
         stacked = getattr(weights, field)
         state.update({f"transformer.h.{i}.{suffix}": stacked[i] for i in range(config.n_layer)})
     state.update({EXIT_HEAD_NAME.format(layer): w for layer, w in weights.exit_heads.items()})
+    if weights.lm_head is not None:
+        state["lm_head.weight"] = weights.lm_head
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -134,6 +148,18 @@ def save_checkpoint(model: MultiExitGPT2, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def named_weights(weights: Weights):
+    """(name, tensor) of every loaded tensor; per-layer tensors are stacked, named transformer.h.*.<suffix>."""
+    yield "transformer.wte.weight", weights.wte
+    yield "transformer.wpe.weight", weights.wpe
+    for suffix, field in _BLOCK_TENSORS.items():
+        yield f"transformer.h.*.{suffix}", getattr(weights, field)
+    for layer, w in weights.exit_heads.items():
+        yield EXIT_HEAD_NAME.format(layer), w
+    if weights.lm_head is not None:
+        yield "lm_head.weight", weights.lm_head
+
+
 def resolve_folder(path_or_id: str | os.PathLike) -> Path:
     """A local folder as is; otherwise a hub id downloaded through huggingface_hub."""
     path = Path(path_or_id).expanduser()
@@ -155,41 +181,96 @@ def resolve_folder(path_or_id: str | os.PathLike) -> Path:
         ) from err
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """safetensors (single or sharded) preferred; `pytorch_model.bin` loaded with weights_only=True."""
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or corrupted file is a ValueError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # bad header, short file, bad offsets
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted: {reason})") from None
+
+
+def read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """`pytorch_model.bin` with weights_only=True: a file holding other objects is refused without running it."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      "")
+        raise ValueError(f"refused to load {path}: it holds pickled objects other than tensors, and mexit never runs "
+                         f"a checkpoint's code (weights_only=True){'; ' + detail if detail else ''}. Convert it to "
+                         "safetensors with a tool you trust") from None
+    except (RuntimeError, OSError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted: {reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """safetensors (single or sharded) preferred; `pytorch_model.bin` loaded with weights_only=True."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.exists():
-        return load_file(single)
+        return read_safetensors(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err})") from None
         state = {}
         for shard in shards:
             if not (folder / shard).exists():
                 raise FileNotFoundError(f"shard {shard} listed in {index.name} is missing from {folder}")
-            state.update(load_file(folder / shard))
+            state.update(read_safetensors(folder / shard))
         return state
     binary = folder / "pytorch_model.bin"
     if binary.exists():
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        return read_pickle(binary)
     raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors, a sharded "
                             "model.safetensors.index.json, or pytorch_model.bin")
 
 
-def load(path_or_id: str | os.PathLike, dtype="fp32", device=None) -> MultiExitGPT2:
-    """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id) onto `device` in `dtype`."""
+def read_config(folder: Path) -> ModelConfig:
+    """config.json as a ModelConfig; invalid JSON or fields are a ValueError naming the file."""
     from transformers import GPT2Config
 
+    path = folder / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    try:
+        return ModelConfig.from_hf(GPT2Config.from_pretrained(folder))
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def load(path_or_id: str | os.PathLike, dtype="fp32", device=None, check_weights: bool = True) -> MultiExitGPT2:
+    """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id) onto `device` in `dtype`. check_weights:
+    refuse tensors holding NaN or inf (one reduction per tensor), naming them."""
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     folder = resolve_folder(path_or_id)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json")
-    config = ModelConfig.from_hf(GPT2Config.from_pretrained(folder))
+    config = read_config(folder)
     state = read_state_dict(folder)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if "transformer.wte.weight" not in state and "wte.weight" in state:  # bare GPT2Model files
         state = {("transformer." + k if not k.startswith(("lm_head", "name_to_lm_exit_head")) else k): v
                  for k, v in state.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: transformers uses wte whatever the file holds
+    if check_weights:
+        check_finite(state)
     weights = weights_from_state_dict(state, config).to(device=device, dtype=dtype)
+    if check_weights and dtype != torch.float32:  # values beyond the half-precision range turn into inf
+        check_finite({f"{name} (in {str(dtype).removeprefix('torch.')})": t for name, t in named_weights(weights)})
     return MultiExitGPT2(config, weights, folder=folder)

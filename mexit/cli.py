@@ -1,10 +1,30 @@
-"""Command line: `mexit generate`, `mexit bench`, `mexit ablate`."""
+"""Command line: `mexit generate`, `mexit train-heads`, `mexit bench`, `mexit ablate`.
+
+A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
+keeps its traceback and exits 1."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
+import warnings
+
+
+class UsageError(ValueError):
+    """A flag combination mexit refuses."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one `error:` line (and exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 
 
 def parse_ints(text: str) -> list[int]:
@@ -26,8 +46,14 @@ def parse_contrast(text: str) -> tuple:
             f"--contrast takes UPPER,LOWER (UPPER may be 'original'), got {text!r}") from None
 
 
+def help_formatter():
+    from mexit.bench.common import HelpFormatter
+
+    return HelpFormatter
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint folder or hub id")
+    p.add_argument("--model", required=True, help="checkpoint folder or hub id")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
@@ -35,38 +61,140 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
                    help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers (static/graph)")
+    p.add_argument("--no-weight-check", action="store_true",
+                   help="load tensors holding NaN/inf instead of refusing them (outputs will be meaningless)")
 
 
 def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text or tokens")
+    p = sub.add_parser("generate", help="generate text or tokens", formatter_class=help_formatter())
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--input-ids", action="append", type=parse_ints, help="comma-separated token ids (repeatable)")
-    p.add_argument("--mode", default="original", choices=["original", "exit", "contrast", "early-exit"])
-    p.add_argument("--exit-layer", type=int)
-    p.add_argument("--contrast", type=parse_contrast, help="UPPER,LOWER; UPPER may be 'original'")
-    p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--min-candidates", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--mode", default="original", choices=["original", "exit", "contrast", "early-exit"],
+                   help="original head, one exit (--exit-layer), ACD (--contrast) or confidence-gated early exit")
+    p.add_argument("--exit-layer", type=int, help="--mode exit: the exit layer that produces the tokens")
+    p.add_argument("--contrast", type=parse_contrast, help="--mode contrast: UPPER,LOWER; UPPER may be 'original'")
+    p.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (share of the top prob)")
+    p.add_argument("--min-candidates", type=int, default=1, help="ACD: tokens always kept in the plausible set")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt at most")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (needs --do-sample; 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely (needs --do-sample; 0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (needs --do-sample; 1.0: off)")
+    p.add_argument("--seed", type=int, help="seed of the sampler (each row its own stream)")
     p.add_argument("--no-eos", action="store_true", help="never stop at the end-of-text token")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     ee = p.add_argument_group("early exit (--mode early-exit)")
-    ee.add_argument("--threshold", type=float, help="confidence needed to exit")
-    ee.add_argument("--measure", default="max-prob", choices=["max-prob", "margin", "cosine"])
+    ee.add_argument("--threshold", type=float, help="confidence needed to exit (required)")
+    ee.add_argument("--measure", default="max-prob", choices=["max-prob", "margin", "cosine"],
+                    help="confidence: top-1 probability, top-1 minus top-2, or cosine of consecutive exits' states")
     ee.add_argument("--exits", type=parse_ints, help="checked exit layers, e.g. 8,12,16 (default: all)")
-    ee.add_argument("--min-layer", type=int, default=1)
+    ee.add_argument("--min-layer", type=int, default=1, help="no exit below this layer")
     ee.add_argument("--decay-tau", type=float, help="CALM's decaying threshold with this tau (off by default)")
-    ee.add_argument("--propagation", default="eager", choices=["eager", "deferred"])
+    ee.add_argument("--propagation", default="eager", choices=["eager", "deferred"],
+                    help="skipped layers' keys/values computed at the exit, or with the next deep token")
     ee.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
                     help="fast path: a CUDA graph per segment between checks (one flag read each), or the whole "
                          "step one graph with kernels that skip past the exit (needs the triton backend)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one strict JSON object (with timings)")
     p.set_defaults(run=run_generate)
+
+
+def early_exit_only(args) -> list[str]:
+    """Early-exit flags set away from their defaults."""
+    defaults = dict(threshold=None, measure="max-prob", exits=None, min_layer=1, decay_tau=None,
+                    propagation="eager", schedule="segments")
+    return [name for name, default in defaults.items() if getattr(args, name) != default]
+
+
+def check_generate_flags(args) -> None:
+    """Conflicting flags are errors; flags that would be ignored are warnings."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.mode != "exit" and args.exit_layer is not None:
+        raise UsageError(f"--exit-layer applies to --mode exit, not --mode {args.mode}")
+    if args.mode != "contrast" and args.contrast is not None:
+        raise UsageError(f"--contrast applies to --mode contrast, not --mode {args.mode}")
+    if args.mode != "contrast" and (args.alpha != 0.1 or args.min_candidates != 1):
+        raise UsageError("--alpha and --min-candidates apply to --mode contrast")
+    if args.mode == "exit" and args.exit_layer is None:
+        raise UsageError("--mode exit needs --exit-layer")
+    if args.mode == "contrast" and args.contrast is None:
+        raise UsageError("--mode contrast needs --contrast UPPER,LOWER")
+    if args.mode != "early-exit" and early_exit_only(args):
+        raise UsageError(f"{', '.join(map(flag, early_exit_only(args)))} appl(y) to --mode early-exit only")
+    if args.mode == "early-exit" and args.threshold is None:
+        raise UsageError("--mode early-exit needs --threshold")
+    if args.exits and len(set(args.exits)) != len(args.exits):
+        raise UsageError(f"--exits lists a layer twice: {args.exits}")
+    unsampled = [flag(n) for n in ("temperature", "top_k", "top_p") if getattr(args, n) is not None]
+    if unsampled and not args.do_sample:
+        warnings.warn(f"{', '.join(unsampled)} ignored: greedy decoding (add --do-sample to sample)", stacklevel=2)
+    if args.seed is not None and not args.do_sample:
+        warnings.warn("--seed ignored: greedy decoding (add --do-sample to sample)", stacklevel=2)
+    if args.stream and args.json:
+        raise UsageError("--stream and --json are exclusive (JSON is printed once at the end)")
+    if args.stream and len(args.prompt or args.input_ids or []) != 1:
+        raise UsageError("--stream prints the text of one prompt: pass exactly one")
+
+
+def add_train_heads_parser(sub) -> None:
+    p = sub.add_parser("train-heads", help="train linear exit heads on a frozen GPT-2 (writes a multi-exit checkpoint)",
+                       formatter_class=help_formatter())
+    p.add_argument("--model", required=True, help="base checkpoint folder (plain or multi-exit GPT-2, with tokenizer)")
+    p.add_argument("--data", nargs="+", required=True, help="training text files")
+    p.add_argument("--eval-data", nargs="+", help="held-out text files (default: the last --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out without --eval-data")
+    p.add_argument("--exits", type=parse_ints, required=True, help="exit layers to train, e.g. 2,4,6")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    length.add_argument("--epochs", type=float, help="passes over the data (default: 1)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate (linear schedule)")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 5%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--init", default="embedding", choices=["embedding", "zero"],
+                   help="heads start as a copy of the model's own output head, or at zero")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the frozen base in bf16 and the heads under bf16 autocast (fp32 master weights)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: start and end)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--eval-max-blocks", type=int, default=256, help="held-out sequences evaluated at most")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--resume", action="store_true", help="continue the training saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(run=run_train_heads)
+
+
+def run_train_heads(args) -> int:
+    from mexit.train_heads import HeadTrainingConfig, TrainingInterrupted, train_heads
+
+    cfg = HeadTrainingConfig(
+        model=args.model, data=args.data, out=args.out, exits=tuple(args.exits), eval_data=args.eval_data,
+        eval_fraction=args.eval_fraction, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+        epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        init=args.init, device=args.device, dtype=args.dtype, eval_every=args.eval_every,
+        save_every=args.save_every, eval_max_blocks=args.eval_max_blocks, resume=args.resume,
+        overwrite=args.overwrite, seed=args.seed)
+    try:
+        report = train_heads(cfg)
+    except TrainingInterrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 130
+    from mexit.train_heads import report_markdown
+
+    print(report_markdown(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def warn_ignored_compile(lm) -> None:
+    if lm.compile and (lm.engine == "eager" or lm.backend == "triton"):
+        warnings.warn(f"--compile ignored: nothing is compiled on the {lm.engine} engine with the {lm.backend} backend "
+                      "(it applies to the static/graph engines' torch layers)", stacklevel=2)
 
 
 def load_lm(args):
@@ -75,40 +203,113 @@ def load_lm(args):
 
     device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    if not args.model:
-        raise SystemExit("error: --model is required (a checkpoint folder or hub id)")
-    return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
-                      compile=args.compile)
+    lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
+                    compile=args.compile, check_weights=not args.no_weight_check)
+    warn_ignored_compile(lm)
+    return lm
+
+
+class Timer:
+    """Wall-clock of one generate call split at its first token (prefill + first head) and the rest (decode);
+    on CUDA the device is synchronized at those two points only."""
+
+    def __init__(self, device, stream_to=None, tokenizer=None):
+        self.device, self.stream_to, self.tokenizer = device, stream_to, tokenizer
+        self.start = self.first = None
+        self.steps = 0
+        self.printed = ""
+        self.ids: list[int] = []
+
+    def sync(self):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def begin(self):
+        self.sync()
+        self.start = time.perf_counter()
+
+    def on_token(self, tokens):
+        if self.first is None:
+            self.sync()
+            self.first = time.perf_counter()
+        self.steps += 1
+        if self.stream_to is not None:
+            self.ids.append(int(tokens[0]))
+            text = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ",".join(map(str, self.ids))
+            if not text.endswith("\ufffd"):  # a multi-byte character still incomplete
+                self.stream_to.write(text[len(self.printed):])
+                self.stream_to.flush()
+                self.printed = text
+
+    def report(self, rows: int) -> dict:
+        self.sync()
+        end = time.perf_counter()
+        decode_s = end - self.first if self.first is not None else 0.0
+        decode_steps = max(0, self.steps - 1)
+        return {"prefill_ms": round((self.first - self.start) * 1e3, 3) if self.first else None,
+                "ms_per_token": round(decode_s * 1e3 / decode_steps, 3) if decode_steps else None,
+                "tokens_per_s": round(rows * decode_steps / decode_s, 2) if decode_steps and decode_s > 0 else None,
+                "timing": "wall clock of this call (first use includes kernel compilation / graph capture); "
+                          "prefill_ms: prompt + first token; ms_per_token and tokens_per_s: later steps, all rows"}
+
+
+def strict_json(value):
+    """NaN / inf (never valid JSON) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def run_generate(args) -> int:
+    check_generate_flags(args)
     lm = load_lm(args)
+    if args.schedule != "segments" and lm.engine == "eager":
+        raise UsageError(f"--schedule {args.schedule} is a fast-path schedule: use --engine static or graph "
+                         "(the eager engine runs the reference scheduler)")
     prompts = args.prompt if args.prompt else args.input_ids
-    common = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    timer = Timer(lm.model.device, sys.stdout if args.stream else None, lm.tokenizer)
+    common = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                  temperature=args.temperature if args.do_sample and args.temperature is not None else 1.0,
+                  top_k=args.top_k if args.do_sample and args.top_k is not None else 0,
+                  top_p=args.top_p if args.do_sample and args.top_p is not None else 1.0,
+                  seed=args.seed, on_token=timer.on_token)
     if args.no_eos:
         common["eos_token_id"] = None
     if args.mode == "early-exit":
         from mexit.early_exit import ExitPolicy
 
-        if args.threshold is None:
-            raise SystemExit("error: --mode early-exit needs --threshold")
         policy = ExitPolicy(threshold=args.threshold, measure=args.measure,
                             exits=tuple(args.exits) if args.exits else None, min_layer=args.min_layer,
                             decay_tau=args.decay_tau, max_steps=args.max_new_tokens, propagation=args.propagation,
                             schedule=args.schedule)
+        timer.begin()
         result = lm.generate(prompts, early_exit=policy, **common)
     else:
+        timer.begin()
         result = lm.generate(prompts, mode=args.mode, exit_layer=args.exit_layer, contrast=args.contrast,
                              alpha=args.alpha, min_candidates=args.min_candidates, **common)
+    timing = timer.report(len(result.tokens))
+    if args.stream:
+        print()
+        return 0
     if args.json:
-        payload = {"tokens": result.tokens, "backend": result.backend, "engine": result.engine}
+        payload = {"tokens": result.tokens, "backend": result.backend, "engine": result.engine,
+                   "random_weights": lm.is_random, **timing}
         if result.text is not None:
             payload["text"] = result.text
         if result.exit_layers is not None:
             payload["exit_layers"] = result.exit_layers
             payload["confidences"] = result.confidences
-        print(json.dumps(payload))
+            payload["confidences_note"] = (
+                f"confidence ({args.measure}) measured at the exit that fired; null where it is undefined. Tokens "
+                f"that never exited ran to layer {lm.config.n_layer} and carry the final head's top-1 probability")
+        print(json.dumps(strict_json(payload), allow_nan=False))
         return 0
     for b, tokens in enumerate(result.tokens):
         print(result.text[b] if result.text is not None else ",".join(map(str, tokens)))
@@ -119,20 +320,27 @@ def run_generate(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mexit", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from mexit import __version__
+
+    parser = Parser(prog="mexit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mexit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate_parser(sub)
+    add_train_heads_parser(sub)
     from mexit.bench.ablate import add_parser as add_ablate_parser
     from mexit.bench.latency import add_parser as add_bench_parser
 
     add_bench_parser(sub)
     add_ablate_parser(sub)
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)
+        try:
+            return args.run(args)
+        except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
     output_ids = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32)   # like transformers
 
 Outputs follow transformers: prompt + new tokens in one tensor; a row that produced eos is padded with
-pad_token_id (eos when unset) until every row has finished or max_new_tokens is reached. `model(input_ids)`
+pad_token_id (eos when unset) until every row has finished or max_new_tokens is reached;
+`return_dict_in_generate=True` with `output_scores` / `output_logits` adds per-step [B, V] tensors. `model(input_ids)`
 returns `.logits` of the configured head (ACD's log q in contrast mode) at every position, as
-autocontrastive-gen's forward does.
+autocontrastive-gen's forward does, and `.loss` with `labels=`. The object answers what scripts call after
+`from_pretrained` (`eval`, `to`, `device`, `dtype`, `config`, `generation_config`, `parameters`); what it does
+not implement raises NotImplementedError naming it.
 """
 
 from __future__ import annotations
@@ -21,17 +24,58 @@ import torch
 from .config import DecodeConfig, MultiExitConfiguration
 from .generation import Decoder, left_pad
 from .heads import exit_stage
+from .model import MultiExitGPT2
 from .runtime import MultiExitLM, decode_config
 
 # transformers' defaults for fields a GenerationConfig leaves unset (transformers 5 stores None for them)
 DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-               "min_new_tokens": None, "min_length": 0, "penalty_alpha": None, "num_beam_groups": 1}
+               "min_new_tokens": None, "min_length": 0, "penalty_alpha": None, "num_beam_groups": 1,
+               "stop_strings": None, "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None,
+               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+               "sequence_bias": None, "guidance_scale": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+               "eta_cutoff": 0.0, "min_p": None, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
+               "exponential_decay_length_penalty": None, "renormalize_logits": False,
+               "output_attentions": False, "output_hidden_states": False, "assistant_model": None,
+               "prompt_lookup_num_tokens": None, "max_time": None, "watermarking_config": None}
+
+
+class UnsupportedAttribute(NotImplementedError, AttributeError):
+    """A transformers model attribute the drop-in does not offer (hasattr() still answers False)."""
 
 
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def resolve_device_map(device_map, device):
+    """transformers' device_map as one device: "auto" (cuda when available), a device string, index or
+    torch.device. Several devices (a dict) are not supported."""
+    if device_map is None:
+        return device
+    if device is not None:
+        raise ValueError("pass device or device_map, not both")
+    if isinstance(device_map, dict):
+        if len(set(device_map.values())) > 1:
+            raise NotImplementedError("device_map over several devices is not supported: mexit runs one device")
+        device_map = next(iter(device_map.values()), "auto")
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
+
+
+def dtype_name(torch_dtype, folder) -> str | None:
+    """transformers' torch_dtype ("auto": the checkpoint's own, a torch dtype or its name) as mexit's name."""
+    if torch_dtype is None:
+        return None
+    if torch_dtype == "auto":
+        import json
+
+        config = json.loads((folder / "config.json").read_text()) if folder is not None else {}
+        torch_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(torch_dtype).removeprefix("torch.")
 
 
 class FastMultiExitModel:
@@ -47,14 +91,26 @@ class FastMultiExitModel:
 
     @classmethod
     def from_pretrained(cls, path_or_id, multi_exit_config: MultiExitConfiguration | None = None, dtype=None,
-                        device=None, backend="auto", engine="auto", **mode) -> FastMultiExitModel:
+                        device=None, backend="auto", engine="auto", torch_dtype=None, device_map=None,
+                        check_weights: bool = True, **mode) -> FastMultiExitModel:
+        """transformers-style loading: torch_dtype (a dtype, its name or "auto") and device_map ("auto", a
+        device) are accepted beside mexit's dtype / device."""
         from transformers import GenerationConfig
 
-        from .checkpoint import resolve_device
+        from .checkpoint import resolve_device, resolve_folder
 
-        device = resolve_device(device)
+        unknown = set(mode) - {"mode", "exit_layer", "contrast", "alpha", "min_candidates", "use_original_head",
+                               "output_layer_index", "contrast_layer_indices"}
+        if unknown:
+            raise NotImplementedError(f"from_pretrained arguments not supported by mexit: {sorted(unknown)}")
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("pass dtype or torch_dtype, not both")
+        device = resolve_device(resolve_device_map(device_map, device))
+        if torch_dtype is not None:
+            dtype = dtype_name(torch_dtype, resolve_folder(path_or_id))
         dtype = dtype or ("fp16" if device.type == "cuda" else "fp32")
-        lm = MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine)
+        lm = MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine,
+                                         check_weights=check_weights)
         if mode and multi_exit_config is not None:
             raise ValueError("pass either multi_exit_config or mexit's mode arguments, not both")
         decode = decode_config(**mode) if mode else (multi_exit_config or MultiExitConfiguration()).to_decode_config()
@@ -66,6 +122,76 @@ class FastMultiExitModel:
     @property
     def device(self) -> torch.device:
         return self.lm.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.model.dtype
+
+    def eval(self) -> FastMultiExitModel:
+        """Inference only, always: returns self."""
+        return self
+
+    def train(self, mode: bool = True) -> FastMultiExitModel:
+        if mode:
+            raise NotImplementedError("train(): mexit is an inference runtime (to train exit heads use "
+                                      "`mexit train-heads`)")
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> FastMultiExitModel:
+        if requires_grad:
+            raise NotImplementedError("requires_grad_(True): mexit is an inference runtime")
+        return self
+
+    def parameters(self):
+        """The weight tensors (per-layer tensors stacked over layers), as transformers' parameters() yields them."""
+        from .checkpoint import named_weights
+
+        return (tensor for _name, tensor in named_weights(self.lm.model.w))
+
+    def to(self, *args, **kwargs) -> FastMultiExitModel:
+        """`.to(device)`, `.to(dtype)` or both, as torch modules take them; moves the weights in place."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if kwargs:
+            raise NotImplementedError(f"to() arguments not supported: {sorted(kwargs)}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        from .checkpoint import resolve_device, resolve_dtype
+
+        device = resolve_device(device) if device is not None else self.device
+        dtype = resolve_dtype(dtype) if dtype is not None else self.dtype
+        if device == self.device and dtype == self.dtype:
+            return self
+        old = self.lm
+        model = MultiExitGPT2(old.model.config, old.model.w.to(device=device, dtype=dtype), folder=old.model.folder,
+                              random_weights=old.model.random_weights)
+        self.lm = MultiExitLM(model, old.tokenizer, backend=old.requested_backend, engine=old.requested_engine,
+                              compile=old.compile)
+        return self
+
+    def cuda(self, device=None) -> FastMultiExitModel:
+        return self.to("cuda" if device is None else device)
+
+    def cpu(self) -> FastMultiExitModel:
+        return self.to("cpu")
+
+    def half(self) -> FastMultiExitModel:
+        return self.to(torch.float16)
+
+    def float(self) -> FastMultiExitModel:
+        return self.to(torch.float32)
+
+    def bfloat16(self) -> FastMultiExitModel:
+        return self.to(torch.bfloat16)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise UnsupportedAttribute(f"{type(self).__name__}.{name} is not implemented by mexit's drop-in (it offers "
+                                  "generate, __call__ / forward, eval, to, device, dtype, config, generation_config, "
+                                  "parameters)")
 
     def _settings(self, generation_config, kwargs) -> object:
         config = copy.deepcopy(generation_config or self.generation_config)
@@ -89,8 +215,13 @@ class FastMultiExitModel:
         return_dict_in_generate=True)."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
-        return_dict = kwargs.pop("return_dict_in_generate", False)
+        check_ids(input_ids, attention_mask)
+        return_dict = kwargs.pop("return_dict_in_generate", None)
+        want_scores, want_logits = kwargs.pop("output_scores", None), kwargs.pop("output_logits", None)
         cfg = self._settings(generation_config, kwargs)
+        return_dict = cfg.return_dict_in_generate if return_dict is None else return_dict
+        want_scores = cfg.output_scores if want_scores is None else want_scores
+        want_logits = getattr(cfg, "output_logits", False) if want_logits is None else want_logits
         eos = cfg.eos_token_id
         if isinstance(eos, (list, tuple)):
             if len(set(eos)) > 1:
@@ -118,8 +249,9 @@ class FastMultiExitModel:
             on_token = lambda tokens: streamer.put(tokens.cpu())  # noqa: E731
         sampling = dict(do_sample=bool(cfg.do_sample), temperature=cfg.temperature if cfg.do_sample else 1.0,
                         top_k=(cfg.top_k or 0) if cfg.do_sample else 0, top_p=cfg.top_p if cfg.do_sample else 1.0)
+        keep = bool(return_dict and (want_scores or want_logits))
         result = self.lm.generate(prompts, max_new, decode=self.decode, eos_token_id=eos, on_token=on_token,
-                                  **sampling)
+                                  keep_logits=keep, **sampling)
         if streamer is not None:
             streamer.end()
         width = max(len(row) for row in result.tokens)
@@ -130,16 +262,30 @@ class FastMultiExitModel:
         if return_dict:
             from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-            return GenerateDecoderOnlyOutput(sequences=sequences)
+            extra = {}
+            if want_logits:
+                extra["logits"] = tuple(result.logits)
+            if want_scores:
+                extra["scores"] = tuple(warp(z, **sampling) for z in result.logits)
+            return GenerateDecoderOnlyOutput(sequences=sequences, **extra)
         return sequences
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
-        """Logits [B, T, V] (fp32) of the configured mode at every position."""
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
+        """Logits [B, T, V] (fp32) of the configured mode at every position; with labels [B, T] (-100: ignored),
+        the mean next-token cross-entropy as `.loss`, as transformers computes it (labels shifted inside)."""
+        unsupported = {k: v for k, v in kwargs.items() if v not in (None, False)}
+        if unsupported:
+            raise NotImplementedError(f"forward arguments not supported by mexit: {sorted(unsupported)}")
+        check_ids(input_ids, attention_mask)
         model = self.lm.model
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        prompts = [row[m].tolist() for row, m in zip(input_ids, mask.to(self.device))]
+        mask = mask.to(self.device)
+        if (~mask).any() and bool((~mask[:, -1]).any()):
+            raise NotImplementedError("forward on right-padded input: mexit's forward takes left padding")
+        prompts = [row[m].tolist() for row, m in zip(input_ids, mask)]
         batch = left_pad(prompts, self.device)
         decoder = Decoder(model, batch, 1)
         h, _ = decoder.prefill_input()
@@ -154,7 +300,41 @@ class FastMultiExitModel:
             logits = acd_contrast_ref(out.logits[0], out.logits[1], self.decode.alpha, self.decode.min_candidates)
         else:
             logits = out.logits[0]
-        return CausalLMOutput(logits=logits.view(b, t, -1))
+        logits = logits.view(b, t, -1)
+        loss = None
+        if labels is not None:
+            labels = torch.where(mask, labels.to(self.device), -100)  # padding never counts
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    forward = __call__
+
+
+def check_ids(input_ids, attention_mask) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a 2-D tensor [batch, length], got {shape} (add a batch dimension: "
+                         "ids[None])")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                         f"{tuple(input_ids.shape)}")
+
+
+def warp(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The scores mexit's sampler draws from: logits / temperature with tokens outside top-k / top-p at -inf
+    (greedy: the logits unchanged, as transformers' scores without logits processors)."""
+    if not do_sample:
+        return logits
+    scores = logits.float() / temperature
+    probs = scores.softmax(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if top_k:
+        keep[:, top_k:] = False
+    if top_p < 1.0:
+        keep &= (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    return scores.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
 
 
 class AutoMultiExitModel:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+# GPT2Config fields that change the forward pass, with the value under which mexit refuses the checkpoint
+# (the ones it implements are fields of ModelConfig).
+REFUSED_FIELDS = {"add_cross_attention": True}
 
 
 @dataclass(frozen=True)
@@ -19,10 +22,17 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     exit_layers: tuple[int, ...] = ()
     eos_token_id: int | None = None
+    n_inner: int | None = None  # MLP width; None: 4 * n_embd
+    scale_attn_weights: bool = True  # scores scaled by 1/sqrt(head_dim)
+    scale_attn_by_inverse_layer_idx: bool = False  # and by 1/(block index + 1) (Mistral / Stanford CRFM GPT-2s)
+    reorder_and_upcast_attn: bool = False  # scores and softmax in fp32 (what mexit's attention does in half too)
+    tie_word_embeddings: bool = True  # False: the original head is the checkpoint's own lm_head.weight
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_inner is not None and self.n_inner < 1:
+            raise ValueError(f"n_inner must be >= 1, got {self.n_inner}")
         bad = [layer for layer in self.exit_layers if not 1 <= layer <= self.n_layer]
         if bad:
             raise ValueError(f"exit layers {bad} are outside 1..n_layer={self.n_layer}")
@@ -30,6 +40,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def attn_scale(self, block: int) -> float:
+        """Attention score scale of block `block` (0-based), as transformers' GPT2Attention computes it."""
+        scale = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+        return scale / (block + 1) if self.scale_attn_by_inverse_layer_idx else scale
 
     @classmethod
     def from_hf(cls, hf_config) -> ModelConfig:
@@ -39,7 +58,11 @@ class ModelConfig:
         act = getattr(hf_config, "activation_function", "gelu_new")
         if act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"unsupported activation_function {act!r}; expected one of {SUPPORTED_ACTIVATIONS}")
+        for name, refused in REFUSED_FIELDS.items():
+            if getattr(hf_config, name, None) == refused:
+                raise ValueError(f"config.json sets {name}={refused!r}, which mexit does not implement")
         exits = tuple(sorted(int(i) for i in (getattr(hf_config, "lm_head_layer_indices", None) or ())))
+        n_inner = getattr(hf_config, "n_inner", None)
         return cls(
             n_layer=hf_config.n_layer,
             n_embd=hf_config.n_embd,
@@ -49,6 +72,11 @@ class ModelConfig:
             layer_norm_epsilon=hf_config.layer_norm_epsilon,
             exit_layers=exits,
             eos_token_id=getattr(hf_config, "eos_token_id", None),
+            n_inner=None if n_inner is None or n_inner == 4 * hf_config.n_embd else int(n_inner),
+            scale_attn_weights=bool(getattr(hf_config, "scale_attn_weights", True)),
+            scale_attn_by_inverse_layer_idx=bool(getattr(hf_config, "scale_attn_by_inverse_layer_idx", False)),
+            reorder_and_upcast_attn=bool(getattr(hf_config, "reorder_and_upcast_attn", False)),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
         )
 
     def to_hf(self):
@@ -59,6 +87,9 @@ class ModelConfig:
             n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, vocab_size=self.vocab_size,
             n_positions=self.n_positions, layer_norm_epsilon=self.layer_norm_epsilon,
             activation_function="gelu_new", eos_token_id=self.eos_token_id, bos_token_id=self.eos_token_id,
+            n_inner=self.n_inner, scale_attn_weights=self.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
+            reorder_and_upcast_attn=self.reorder_and_upcast_attn, tie_word_embeddings=self.tie_word_embeddings,
         )
         if self.exit_layers:
             hf.lm_head_layer_indices = list(self.exit_layers)
@@ -117,6 +148,12 @@ class DecodeConfig:
                 raise ValueError(
                     f"exit layer {head} is not in this checkpoint; its exits are {list(config.exit_layers) or 'none'}"
                 )
+        if self.mode == "contrast":
+            if self.upper == "original" and self.lower >= config.n_layer:
+                raise ValueError(f"contrast ('original', {self.lower}): the lower exit must sit below the original "
+                                 f"head's depth ({config.n_layer} layers); both read layer {config.n_layer}")
+            if self.min_candidates > config.vocab_size:
+                raise ValueError(f"min_candidates={self.min_candidates} exceeds the vocabulary ({config.vocab_size})")
 
 
 @dataclass(frozen=True)
@@ -146,7 +183,15 @@ class MultiExitConfiguration:
             return DecodeConfig("original")
         if self.output_layer_index is not None:
             return DecodeConfig("exit", exit_layer=int(self.output_layer_index))
-        upper, lower = self.contrast_layer_indices
-        upper = "original" if upper == "original" else int(upper)
+        pair = self.contrast_layer_indices
+        if isinstance(pair, (str, int)) or len(pair) != 2:
+            raise ValueError(f"contrast_layer_indices must be a pair (upper, lower), got {pair!r}")
+        upper, lower = pair
+        if lower == "original" or isinstance(lower, bool) or not isinstance(lower, int):
+            raise ValueError(f"contrast_layer_indices=({upper!r}, {lower!r}): the lower entry must be an exit layer "
+                             "number ('original' may only be the upper one)")
+        if upper != "original" and (isinstance(upper, bool) or not isinstance(upper, int)):
+            raise ValueError(f"contrast_layer_indices=({upper!r}, {lower!r}): the upper entry must be an exit layer "
+                             "number or 'original'")
         return DecodeConfig("contrast", upper=upper, lower=int(lower), alpha=self.alpha,
                             min_candidates=self.minimum_candidates)

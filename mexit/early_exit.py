@@ -286,7 +286,7 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     policy.checked_exits(model.config)
     decoder = Decoder(model, left_pad(prompts, model.device), max_new_tokens, fused=backend == "triton")
-    chooser = TokenChooser(sampling, len(prompts), model.device, eos_token_id)
+    chooser = TokenChooser(sampling, len(prompts), model.device, eos_token_id, max_new_tokens)
     run = EarlyExitRun(model, policy, decoder, chooser, backend, max_new_tokens)
     batch = len(prompts)
     all_rows = torch.arange(batch, device=model.device)
@@ -294,7 +294,7 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
     h, slot = decoder.prefill_input()
     stops = sorted({0, run.depth, *run.checked, *run.previous.values()})
     states = {0: h[:, -1], **decoder.run_to(h, slot, [s for s in stops if s > 0])}
-    uniform = chooser.uniform(batch, model.device) if sampling.do_sample else None
+    uniform = chooser.uniform() if sampling.do_sample else None
     tokens = chooser.record(run.decide(LayerWalker(model, None, None, None, all_rows, precomputed=states), 0,
                                        uniform, None))
     run.decoding = True
@@ -307,7 +307,7 @@ def generate_early_exit(model: MultiExitGPT2, prompts, policy: ExitPolicy, max_n
         running = ~chooser.finished
         walker = LayerWalker(model, decoder.cache, slot, h[running], all_rows[running], run.pending,
                              fused=decoder.fused)
-        uniform = chooser.uniform(batch, model.device) if sampling.do_sample else None
+        uniform = chooser.uniform() if sampling.do_sample else None
         tokens = chooser.record(run.decide(walker, step, uniform, slot))
         run.stats["blocks_run"] += walker.blocks_run
         run.stats["steps"] += 1

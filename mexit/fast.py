@@ -18,7 +18,7 @@ import torch
 from .generation import GenerationResult, PaddedBatch, check_prompts, cut_at_eos, layer_of, left_pad
 from .heads import next_token_distribution
 from .model import MultiExitGPT2
-from .sampling import SamplingConfig, sample_from_scores
+from .sampling import SamplingConfig, row_uniforms, sample_from_scores
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LENGTH_QUANTUM = 128
@@ -192,7 +192,7 @@ def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_to
     """Generate through the static step of `mode` (a DecodeConfig, or an ExitPolicy: early exit), taken from
     `steps` or built (and, on the graph engine, captured) on first use. Rows are padded to the batch bucket
     with copies of the first prompt; seeded sampling draws the same uniform numbers, in the same order, as the
-    eager loop. The host replays steps and reads one eos flag every EOS_CHECK_EVERY steps."""
+    eager loop (`row_uniforms`). The host replays steps and reads one eos flag every EOS_CHECK_EVERY steps."""
     from .early_exit import ExitPolicy
     from .fast_early_exit import PredicatedEarlyExit, StaticEarlyExit
 
@@ -229,11 +229,9 @@ def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_to
     if engine == "graph" and not state.graphs:
         engine = "static"  # what actually runs
     uniform = None
-    if sampling.do_sample:
-        gen = None if sampling.seed is None else torch.Generator(device=model.device).manual_seed(sampling.seed)
+    if sampling.do_sample:  # the eager loop's numbers: one stream per row (filler rows draw nothing)
         uniform = torch.zeros(max_new_tokens, bucket, device=model.device)
-        for i in range(max_new_tokens):  # the eager loop's order: one draw of `rows` numbers per step
-            uniform[i, :rows] = torch.rand(rows, generator=gen, device=model.device)
+        uniform[:, :rows] = row_uniforms(sampling.seed, rows, max_new_tokens, model.device)
     if early_exit:
         state.prefill(padded, rows, eos, uniform, [mode.threshold_at(i, max_new_tokens) for i in range(max_new_tokens)])
     else:

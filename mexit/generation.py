@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import DecodeConfig, ModelConfig
-from .heads import next_token_distribution
+from .heads import mode_logits, next_token_distribution
 from .model import KVCache, MultiExitGPT2
-from .sampling import SamplingConfig, sample_from_scores
+from .sampling import SamplingConfig, row_uniforms, sample_from_scores
 
 
 @dataclass
@@ -26,6 +26,7 @@ class GenerationResult:
     confidences: list[list[float]] | None = None
     stats: dict = field(default_factory=dict)
     cache: object = None  # the KVCache after generation, when asked for (tests, inspection)
+    logits: list | None = None  # every step's [B, V] fp32 logits of the mode (ACD: log q), when asked for
 
 
 @dataclass
@@ -107,43 +108,46 @@ class Decoder:
 
 def generate_tokens(model: MultiExitGPT2, prompts, decode: DecodeConfig, max_new_tokens: int,
                     sampling: SamplingConfig, eos_token_id: int | None, backend: str,
-                    return_cache: bool = False, on_token=None) -> GenerationResult:
+                    return_cache: bool = False, on_token=None, keep_logits: bool = False) -> GenerationResult:
     """Generate for original / exit / contrast modes. `backend` must already be resolved. on_token(tokens [B])
-    is called with every step's tokens (streaming)."""
+    is called with every step's tokens (streaming); keep_logits keeps every step's logits of the mode."""
     decode.validate_for(model.config)
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     heads = decode.heads()
     layers = [layer_of(h) or model.config.n_layer for h in heads]
     decoder = Decoder(model, left_pad(prompts, model.device), max_new_tokens, fused=backend == "triton")
-    chooser = TokenChooser(sampling, len(prompts), model.device, eos_token_id)
+    chooser = TokenChooser(sampling, len(prompts), model.device, eos_token_id, max_new_tokens)
     h, slot = decoder.prefill_input()
+    logits = [] if keep_logits else None
     for step in range(max_new_tokens):
         states = decoder.run_to(h, slot, layers)
         hidden = torch.stack([states[layer] for layer in layers])
         greedy, scores = next_token_distribution(model, decode, hidden, backend, need_scores=sampling.do_sample)
+        if keep_logits:
+            logits.append(mode_logits(model, decode, hidden, backend))
         tokens = chooser.choose(greedy, scores)
         if on_token is not None:
             on_token(tokens)
         if step == max_new_tokens - 1 or chooser.all_finished():
             break
         h, slot = decoder.step_input(tokens, step)
-    return GenerationResult(tokens=chooser.rows(), backend=backend, cache=decoder.cache if return_cache else None)
+    return GenerationResult(tokens=chooser.rows(), backend=backend, cache=decoder.cache if return_cache else None,
+                            logits=logits)
 
 
 class TokenChooser:
-    """Greedy or seeded sampling; tracks which rows have produced eos (later tokens of such a row are eos)."""
+    """Greedy or seeded sampling (one random stream per row, `row_uniforms`); tracks which rows have produced eos
+    (later tokens of such a row are eos)."""
 
-    def __init__(self, sampling: SamplingConfig, batch: int, device, eos_token_id: int | None):
+    def __init__(self, sampling: SamplingConfig, batch: int, device, eos_token_id: int | None, max_new_tokens: int):
         self.sampling, self.eos = sampling, eos_token_id
-        self.generator = None
-        if sampling.do_sample and sampling.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        self.uniforms = row_uniforms(sampling.seed, batch, max_new_tokens, device) if sampling.do_sample else None
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.history: list[torch.Tensor] = []
 
-    def uniform(self, batch: int, device) -> torch.Tensor:
-        """[batch] uniform numbers for this step (drawn from the seeded generator when there is one)."""
-        return torch.rand(batch, generator=self.generator, device=device)
+    def uniform(self) -> torch.Tensor:
+        """[batch] uniform numbers of this step (one per row, from the row's own stream)."""
+        return self.uniforms[len(self.history)]
 
     def pick(self, greedy: torch.Tensor, scores: torch.Tensor | None, uniform: torch.Tensor | None) -> torch.Tensor:
         """Greedy tokens, or tokens sampled from scores [b, V] with this step's uniform numbers [b]."""
@@ -153,7 +157,7 @@ class TokenChooser:
         return sample_from_scores(scores, uniform, s.temperature, s.top_k, s.top_p)
 
     def choose(self, greedy: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
-        uniform = self.uniform(greedy.shape[0], greedy.device) if self.sampling.do_sample else None
+        uniform = self.uniform() if self.sampling.do_sample else None
         return self.record(self.pick(greedy, scores, uniform))
 
     def record(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -48,9 +48,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "torch"
         return "triton"
     if not triton_available():
-        raise RuntimeError("backend 'triton' was asked for but triton is not installed (pip install triton)")
+        raise ValueError("backend 'triton' was asked for but triton is not installed (pip install triton)")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("backend 'triton' on CPU needs TRITON_INTERPRET=1 in the environment before start")
+        raise ValueError("backend 'triton' on CPU needs TRITON_INTERPRET=1 in the environment before start")
     return "triton"
 
 
@@ -85,3 +85,11 @@ def next_token_distribution(model: MultiExitGPT2, decode: DecodeConfig, hidden: 
         return acd_contrast(out.logits, out.lse, decode.alpha, decode.min_candidates, with_logprobs=need_scores)
     log_q = acd_contrast_ref(out.logits[0], out.logits[1], decode.alpha, decode.min_candidates)
     return log_q.argmax(-1), (log_q if need_scores else None)
+
+
+def mode_logits(model: MultiExitGPT2, decode: DecodeConfig, hidden: torch.Tensor, backend: str) -> torch.Tensor:
+    """[B, V] fp32 "logits" of the mode for hidden [E, B, d]: the head's logits, or ACD's log q."""
+    out = exit_stage(model, hidden, decode.heads(), backend)
+    if decode.mode != "contrast":
+        return out.logits[0].float()
+    return acd_contrast_ref(out.logits[0], out.logits[1], decode.alpha, decode.min_candidates).float()

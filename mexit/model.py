@@ -45,12 +45,14 @@ class Weights:
     ln_f_w: torch.Tensor
     ln_f_b: torch.Tensor
     exit_heads: dict[int, torch.Tensor]
+    lm_head: torch.Tensor | None = None  # [V, d] an untied checkpoint's own output head; None: tied to wte
 
     def to(self, device=None, dtype=None) -> Weights:
         moved = {f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)
-                 if f.name != "exit_heads"}
+                 if f.name not in ("exit_heads", "lm_head")}
         heads = {layer: w.to(device=device, dtype=dtype) for layer, w in self.exit_heads.items()}
-        return Weights(**moved, exit_heads=heads)
+        lm_head = self.lm_head.to(device=device, dtype=dtype) if self.lm_head is not None else None
+        return Weights(**moved, exit_heads=heads, lm_head=lm_head)
 
 
 @dataclass
@@ -91,9 +93,10 @@ class MultiExitGPT2:
         return self.w.wte.dtype
 
     def head_weight(self, head: int | str) -> torch.Tensor:
-        """[V, d] weight of `head`: "original" (the tied embedding) or an exit layer number."""
+        """[V, d] weight of `head`: "original" (the checkpoint's lm_head, or the tied embedding) or an exit
+        layer number."""
         if head == "original":
-            return self.w.wte
+            return self.w.lm_head if self.w.lm_head is not None else self.w.wte
         if head not in self.w.exit_heads:
             raise ValueError(f"exit layer {head} is not in this checkpoint; its exits are "
                              f"{sorted(self.w.exit_heads) or 'none'}")
@@ -194,7 +197,7 @@ class MultiExitGPT2:
             from mexit.kernels.decode_attention import decode_attention
 
             return decode_attention(qkv.view(b, 3 * d), cache.k[j], cache.v[j], cache.valid, slot,
-                                    skip=skip).view(b, 1, d)
+                                    skip=skip, scale=c.attn_scale(j)).view(b, 1, d)
         q, k, v = (t.view(b, s, c.n_head, c.head_dim).transpose(1, 2) for t in qkv.split(d, dim=-1))
         if isinstance(slot, torch.Tensor):  # static shapes (CUDA graphs): one token, slot on the device
             cache.k[j].index_copy_(2, slot, k)
@@ -210,7 +213,11 @@ class MultiExitGPT2:
             cache.v[j, rows, :, slot:slot + s] = v
             keys, values = cache.k[j, rows, :, :slot + s], cache.v[j, rows, :, :slot + s]
             mask = attention_mask(cache.valid[rows, :slot + s], slot, s)[:, None]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if c.reorder_and_upcast_attn and q.dtype != torch.float32:  # scores and softmax in fp32
+            y = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                               scale=c.attn_scale(j)).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.attn_scale(j))
         return y.transpose(1, 2).reshape(b, s, d)
 
     def fill_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache, rows: torch.Tensor,

@@ -54,15 +54,16 @@ class MultiExitLM:
                  compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
+        self.requested_backend, self.requested_engine = backend, engine
         self.backend = resolve_backend(backend, model.device)
         self.engine = resolve_engine(engine, model.device)
         self.compile = compile  # torch.compile the layers of static steps (static / graph engines)
         self._static_steps: dict = {}  # StepKey -> StaticStep (captured CUDA graphs), reused across calls
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, dtype="fp32", device=None,
-                        backend: str = "auto", engine: str = "auto", compile: bool = False) -> MultiExitLM:
-        model = load_model(path_or_id, dtype=dtype, device=device)
+    def from_pretrained(cls, path_or_id: str | os.PathLike, dtype="fp32", device=None, backend: str = "auto",
+                        engine: str = "auto", compile: bool = False, check_weights: bool = True) -> MultiExitLM:
+        model = load_model(path_or_id, dtype=dtype, device=device, check_weights=check_weights)
         return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile)
 
     @classmethod
@@ -97,16 +98,18 @@ class MultiExitLM:
                  contrast: tuple | None = None, alpha: float = 0.1, min_candidates: int = 1,
                  multi_exit_config: MultiExitConfiguration | None = None, decode: DecodeConfig | None = None,
                  early_exit=None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | None | str = "config", return_cache: bool = False,
-                 on_token=None, **acd_names) -> GenerationResult:
+                 seed: int | list[int] | None = None, eos_token_id: int | None | str = "config",
+                 return_cache: bool = False, on_token=None, keep_logits: bool = False, **acd_names) -> GenerationResult:
         """Generate `max_new_tokens` per prompt (text, a list of texts, token ids, or a list of id lists).
 
         Modes: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
         "original"), autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices` or
         `multi_exit_config`, or a ready `decode=DecodeConfig(...)`.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead. eos_token_id: "config" uses
-        the checkpoint's, None never stops early. return_cache keeps the final KV cache on the result (eager
-        engine). on_token(tokens [B]) receives every step's tokens (streaming)."""
+        the checkpoint's, None never stops early. seed: one for every row or one per row; each row samples from
+        its own random stream, so a row gets the same tokens alone and in any batch. return_cache keeps the final
+        KV cache on the result, keep_logits every step's [B, V] logits of the mode (both: eager engine, fixed
+        modes). on_token(tokens [B]) receives every step's tokens (streaming)."""
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         eos = self.config.eos_token_id if eos_token_id == "config" else eos_token_id
         ids = self.encode(prompts)
@@ -115,7 +118,9 @@ class MultiExitLM:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
         elif decode is None:
             decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, **acd_names)
-        if self.engine != "eager" and not return_cache:  # the static step (captured as CUDA graphs on "graph")
+        if keep_logits and early_exit is not None:
+            raise NotImplementedError("keep_logits with early exit: the logits come from a different layer per token")
+        if self.engine != "eager" and not (return_cache or keep_logits):  # the static step (CUDA graphs on "graph")
             result = generate_static(self._static_steps, self.model, ids, early_exit or decode, max_new_tokens,
                                      sampling, eos, self.backend, self.engine, on_token, self.compile)
         elif early_exit is not None:
@@ -125,7 +130,7 @@ class MultiExitLM:
                                          return_cache, on_token)
         else:
             result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend,
-                                     return_cache, on_token)
+                                     return_cache, on_token, keep_logits)
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
         return result

@@ -18,15 +18,33 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | tuple[int, ...] | None = None  # one seed for every row, or one per row
 
     def __post_init__(self):
+        if isinstance(self.seed, list):
+            object.__setattr__(self, "seed", tuple(self.seed))
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def row_uniforms(seed: int | tuple[int, ...] | None, rows: int, steps: int, device) -> torch.Tensor:
+    """[steps, rows] uniform numbers, one stream per row: row r draws its `steps` numbers from its own generator
+    seeded with seed (or seed[r]), so a row samples the same tokens alone and in any batch. seed None: unseeded."""
+    if isinstance(seed, tuple):
+        if len(seed) != rows:
+            raise ValueError(f"{len(seed)} seeds for {rows} prompts: pass one seed, or one per prompt")
+        seeds = list(seed)
+    else:
+        seeds = [seed] * rows
+    out = torch.empty(steps, rows, device=device)
+    for r, row_seed in enumerate(seeds):
+        gen = None if row_seed is None else torch.Generator(device=device).manual_seed(int(row_seed))
+        out[:, r] = torch.rand(steps, generator=gen, device=device)
+    return out
 
 
 def sample_from_scores(scores: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0, top_k: int = 0,

@@ -1,0 +1,371 @@
+"""`mexit train-heads`: train linear exit heads on a frozen GPT-2 (autocontrastive-gen's recipe, faster).
+
+Each exit L gets `lm_head_L = nn.Linear(n_embd, vocab, bias=False)` on `ln_f(h_L)`, trained with next-token
+cross-entropy; the base never changes. Per batch the base runs once under no_grad up to the deepest exit and every
+head reads its layer's states; each head's loss is computed and back-propagated in token chunks, so the fp32
+logits held at once are bounded (about 2**25 values) whatever the vocabulary and the number of heads. AdamW,
+linear decay after a linear warm-up. The output folder is a checkpoint mexit and autocontrastive-gen load: the
+base's tensors and config unchanged, plus `name_to_lm_exit_head.lm_head_{L}.weight` and `lm_head_layer_indices`,
+the tokenizer files, and `train_report.{json,md}` with the held-out loss and perplexity of every head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import EXIT_HEAD_NAME, read_state_dict, resolve_device, resolve_dtype
+from .model import MultiExitGPT2
+
+LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
+STATE_FILE = "trainer_state.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: the state was saved; the message says how to resume."""
+
+
+@dataclass
+class HeadTrainingConfig:
+    """What `train_heads` does. data / eval_data: text files (eval_data None: the last `eval_fraction` of the
+    data's blocks are held out). steps None and epochs None: one epoch. init: "embedding" (a copy of the model's
+    own output head) or "zero". dtype: "fp32", or "bf16" (the frozen base in bf16, heads under bf16 autocast)."""
+
+    model: str
+    data: list[str]
+    out: str
+    exits: tuple[int, ...]
+    eval_data: list[str] | None = None
+    eval_fraction: float = 0.05
+    seq_len: int = 512
+    batch_size: int = 8
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    warmup_steps: int | None = None  # None: 5% of the steps
+    weight_decay: float = 0.0
+    init: str = "embedding"
+    device: str | None = None
+    dtype: str = "fp32"
+    eval_every: int = 0  # 0: only at the start and the end
+    save_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    eval_max_blocks: int = 256
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
+    """Every check that needs no model weights, before any work. Returns the base folder and its config.json."""
+    from .checkpoint import resolve_folder
+
+    base = resolve_folder(cfg.model)
+    config_path = base / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{base} has no config.json")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+    n_layer, n_positions = int(hf_config.get("n_layer", 12)), int(hf_config.get("n_positions", 1024))
+    if not any((base / name).exists() for name in ("tokenizer.json", "vocab.json")):
+        raise FileNotFoundError(f"{base} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): "
+                                "train-heads tokenizes the text with the base's own tokenizer")
+    if not cfg.data:
+        raise ValueError("no training data: pass one or more text files with --data")
+    for path in [*cfg.data, *(cfg.eval_data or [])]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        if not Path(path).read_text(errors="replace").strip():
+            raise ValueError(f"data file {path} is empty")
+    if not cfg.exits:
+        raise ValueError("no exits: pass --exits, e.g. 2,4,6")
+    bad = sorted({e for e in cfg.exits if not 1 <= e <= n_layer})
+    if bad:
+        raise ValueError(f"exits {bad} are outside 1..n_layer={n_layer}")
+    if len(set(cfg.exits)) != len(cfg.exits):
+        raise ValueError(f"duplicate exits in {list(cfg.exits)}")
+    if not 2 <= cfg.seq_len <= n_positions:
+        raise ValueError(f"seq_len must be in 2..{n_positions} (the model's context), got {cfg.seq_len}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ValueError("pass --steps or --epochs, not both")
+    if (cfg.steps is not None and cfg.steps < 1) or (cfg.epochs is not None and not cfg.epochs > 0):
+        raise ValueError("steps must be >= 1 and epochs > 0")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.init not in ("embedding", "zero"):
+        raise ValueError(f"init must be 'embedding' or 'zero', got {cfg.init!r}")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be fp32 or bf16 (bf16: frozen base in bf16, heads under autocast), "
+                         f"got {cfg.dtype!r}")
+    if not 0 < cfg.eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    out = Path(cfg.out)
+    if cfg.resume:
+        if not (out / STATE_FILE).exists():
+            raise FileNotFoundError(f"--resume: {out} holds no {STATE_FILE} to resume from")
+    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"output folder {out} exists and is not empty: pass --overwrite to replace it, or "
+                              "--resume to continue its training")
+    if out.resolve() == base.resolve():
+        raise ValueError("the output folder must not be the base model's folder")
+    resolve_device(cfg.device)
+    return base, hf_config
+
+
+def token_blocks(tokenizer, paths: list[str], seq_len: int) -> torch.Tensor:
+    """Texts joined by eos (as autocontrastive-gen's grouped texts), cut into [N, seq_len] int64 blocks."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for path in paths:
+        ids += tokenizer(Path(path).read_text(errors="replace"))["input_ids"]
+        if eos is not None:
+            ids.append(eos)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class HeadTrainer:
+    """Frozen base + trainable heads; one `step` per batch of token blocks [B, T]."""
+
+    def __init__(self, model: MultiExitGPT2, exits: tuple[int, ...], init: str, bf16: bool):
+        self.model, self.exits, self.bf16 = model, tuple(sorted(exits)), bf16
+        start = model.head_weight("original").detach().float()
+        self.heads = {L: torch.nn.Parameter(start.clone() if init == "embedding" else torch.zeros_like(start))
+                      for L in self.exits}
+
+    def features(self, blocks: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{L: ln_f(h_L)} [B*(T-1), d] of every position that has a next token, from one no_grad pass."""
+        model = self.model
+        b, t = blocks.shape
+        cache = model.new_cache(b, t)
+        cache.valid.fill_(True)
+        positions = torch.arange(t, device=blocks.device).expand(b, t)
+        with torch.no_grad():
+            states = model.run_to(model.embed(blocks, positions), self.exits, cache, 0)
+            return {L: model.final_norm(states[L][:, :-1]).reshape(b * (t - 1), -1) for L in self.exits}
+
+    def head_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, backward: bool) -> float:
+        """Mean next-token cross-entropy of head `weight` on features x [N, d]; with backward, its gradient is
+        accumulated chunk by chunk (each chunk's logits freed before the next)."""
+        n = x.shape[0]
+        chunk = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+        total = 0.0
+        for i in range(0, n, chunk):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = F.linear(x[i:i + chunk].float(), weight)
+            loss = F.cross_entropy(logits.float(), targets[i:i + chunk], reduction="sum") / n
+            if backward:
+                loss.backward()
+            total += loss.item()
+        return total
+
+    def step(self, blocks: torch.Tensor) -> dict[int, float]:
+        feats = self.features(blocks)
+        targets = blocks[:, 1:].reshape(-1)
+        return {L: self.head_loss(feats[L], self.heads[L], targets, backward=True) for L in self.exits}
+
+    @torch.no_grad()
+    def evaluate(self, blocks: torch.Tensor, batch: int) -> dict:
+        """Held-out mean loss per exit and of the model's own head ("original"), with perplexities."""
+        sums = {L: 0.0 for L in (*self.exits, "original")}
+        count = 0
+        original = self.model.head_weight("original").float()
+        for i in range(0, len(blocks), batch):
+            chunk = blocks[i:i + batch]
+            feats = self.features(chunk)
+            targets = chunk[:, 1:].reshape(-1)
+            n = targets.numel()
+            for L in self.exits:
+                sums[L] += self.head_loss(feats[L], self.heads[L], targets, backward=False) * n
+            if self.model.config.n_layer in feats:
+                top = feats[self.model.config.n_layer]
+            else:
+                top = self.full_depth_features(chunk)
+            sums["original"] += self.head_loss(top, original, targets, backward=False) * n
+            count += n
+        return {str(k): {"loss": v / count, "perplexity": math.exp(min(v / count, 50.0))} for k, v in sums.items()}
+
+    def full_depth_features(self, blocks: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        b, t = blocks.shape
+        cache = model.new_cache(b, t)
+        cache.valid.fill_(True)
+        positions = torch.arange(t, device=blocks.device).expand(b, t)
+        h = model.run_layers(model.embed(blocks, positions), 0, model.config.n_layer, cache, 0)
+        return model.final_norm(h[:, :-1]).reshape(b * (t - 1), -1)
+
+
+def save_output(out: Path, base: Path, hf_config: dict, trainer: HeadTrainer, raw_state: dict, extra_state: dict,
+                report: dict | None) -> None:
+    """Write the multi-exit checkpoint (safetensors, config.json, tokenizer), the trainer state (fp32 heads,
+    optimizer, step) and, at the end, the report. Files are written under temporary names and renamed."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    store = next(v.dtype for k, v in raw_state.items() if k.endswith("wte.weight"))
+    state, seen = {}, set()
+    for name, tensor in raw_state.items():  # a tied .bin may share storage between wte and lm_head
+        state[name] = tensor.clone() if tensor.untyped_storage().data_ptr() in seen else tensor
+        seen.add(tensor.untyped_storage().data_ptr())
+    state.update({EXIT_HEAD_NAME.format(L): w.detach().to(store).cpu().contiguous()
+                  for L, w in trainer.heads.items()})
+    save_file(state, out / "model.safetensors.tmp", metadata={"format": "pt"})
+    (out / "model.safetensors.tmp").replace(out / "model.safetensors")
+    config = dict(hf_config)
+    existing = [int(x) for x in (config.get("lm_head_layer_indices") or [])]
+    config["lm_head_layer_indices"] = sorted(set(existing) | set(trainer.exits))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (base / name).exists():
+            shutil.copy(base / name, out / name)
+    torch.save({**extra_state, "heads": {L: w.detach().float().cpu() for L, w in trainer.heads.items()}},
+               out / (STATE_FILE + ".tmp"))
+    (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
+    if report is not None:
+        (out / "train_report.json").write_text(json.dumps(report, indent=1))
+        (out / "train_report.md").write_text(report_markdown(report))
+
+
+def report_markdown(report: dict) -> str:
+    rows = ["| head | held-out loss (start) | held-out loss | perplexity |", "|---|---|---|---|"]
+    start = report.get("eval_start", {})
+    for name, m in report["eval"].items():
+        before = start.get(name, {}).get("loss")
+        rows.append(f"| {'exit ' + name if name != 'original' else 'original (not trained)'} | "
+                    f"{before:.4f} | {m['loss']:.4f} | {m['perplexity']:.2f} |" if before is not None else
+                    f"| {name} | - | {m['loss']:.4f} | {m['perplexity']:.2f} |")
+    t = report["training"]
+    return (f"# train-heads report\n\nbase `{report['base']}`, exits {report['exits']}, init {report['init']}; "
+            f"{t['steps']} steps x {t['batch_size']} x {t['seq_len']} tokens, lr {t['lr']}, {t['device']} "
+            f"{t['dtype']}: {t['tokens_per_s']:.0f} tokens/s, {t['seconds']:.1f} s.\n\n" + "\n".join(rows) + "\n")
+
+
+def train_heads(cfg: HeadTrainingConfig) -> dict:
+    """Train `cfg.exits` heads on the frozen base `cfg.model`; write the multi-exit checkpoint to `cfg.out`.
+    Returns the report (held-out loss and perplexity per head at the start and the end, throughput)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load
+
+    base, hf_config = check_inputs(cfg)
+    device = resolve_device(cfg.device)
+    bf16 = cfg.dtype == "bf16"
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    blocks = token_blocks(tokenizer, cfg.data, cfg.seq_len)
+    if cfg.eval_data:
+        eval_blocks = token_blocks(tokenizer, cfg.eval_data, cfg.seq_len)
+    else:
+        n_eval = max(1, int(len(blocks) * cfg.eval_fraction))
+        blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
+    if len(blocks) < cfg.batch_size:
+        raise ValueError(f"the training data holds {len(blocks)} blocks of {cfg.seq_len} tokens, fewer than one "
+                         f"batch of {cfg.batch_size}: add text, or lower --seq-len / --batch-size")
+    if len(eval_blocks) == 0:
+        raise ValueError(f"the held-out data holds no block of {cfg.seq_len} tokens")
+    eval_blocks = eval_blocks[: cfg.eval_max_blocks].to(device)
+    per_epoch = len(blocks) // cfg.batch_size
+    total = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 1.0) * per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+
+    model = load(base, dtype=resolve_dtype("bf16" if bf16 else "fp32"), device=device)
+    raw_state = {k.removeprefix("module."): v for k, v in read_state_dict(base).items()}
+    trainer = HeadTrainer(model, tuple(cfg.exits), cfg.init, bf16)
+    out = Path(cfg.out)
+    params = list(trainer.heads.values())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
+    start_step, history, eval_start, seconds = 0, [], None, 0.0
+    if cfg.resume:
+        saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        if tuple(saved["exits"]) != trainer.exits or saved["total_steps"] != total:
+            raise ValueError(f"--resume: {out} was trained with exits {saved['exits']} for {saved['total_steps']} "
+                             f"steps; this run asks for {list(trainer.exits)} and {total}")
+        with torch.no_grad():
+            for L, w in saved["heads"].items():
+                trainer.heads[int(L)].copy_(w)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        start_step, history = saved["step"], saved["history"]
+        eval_start, seconds = saved["eval_start"], saved["seconds"]
+    elif out.exists():
+        shutil.rmtree(out)
+    eval_batch = max(1, cfg.batch_size)
+    if eval_start is None:
+        eval_start = trainer.evaluate(eval_blocks, eval_batch)
+
+    def state(step):
+        return {"step": step, "exits": list(trainer.exits), "total_steps": total, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "history": history, "eval_start": eval_start,
+                "seconds": seconds, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start_step, desc="train-heads", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    step = start_step
+    tokens_per_step = cfg.batch_size * (cfg.seq_len - 1)
+    try:
+        while step < total:
+            epoch, index = divmod(step, per_epoch)
+            order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            batch = blocks[order[index * cfg.batch_size:(index + 1) * cfg.batch_size]].to(device)
+            t0 = time.perf_counter()
+            losses = trainer.step(batch)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - t0
+            step += 1
+            mean_loss = sum(losses.values()) / len(losses)
+            history.append({"step": step, "loss": {str(k): v for k, v in losses.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_step * step / seconds:.0f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                history[-1]["eval"] = trainer.evaluate(eval_blocks, eval_batch)
+                bar.write(f"step {step}: held-out loss " + ", ".join(
+                    f"{k}={v['loss']:.3f}" for k, v in history[-1]["eval"].items()))
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save_output(out, base, hf_config, trainer, raw_state, state(step), None)
+    except KeyboardInterrupt:
+        bar.close()
+        save_output(out, base, hf_config, trainer, raw_state, state(step), None)
+        raise TrainingInterrupted(f"interrupted at step {step} of {total}; saved to {out}. Resume with the same "
+                                  "command plus --resume") from None
+    bar.close()
+    report = {
+        "base": str(base), "exits": list(trainer.exits), "init": cfg.init,
+        "eval_start": eval_start, "eval": trainer.evaluate(eval_blocks, eval_batch),
+        "eval_blocks": len(eval_blocks), "train_blocks": len(blocks),
+        "training": {"steps": total, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
+                     "warmup_steps": warmup, "device": str(device), "dtype": cfg.dtype, "seconds": seconds,
+                     "tokens_per_s": tokens_per_step * step / seconds if seconds else 0.0,
+                     "final_train_loss": history[-1]["loss"] if history else None},
+        "history": [{"step": h["step"], **({"eval": h["eval"]} if "eval" in h else {})} for h in history
+                    if "eval" in h],
+    }
+    save_output(out, base, hf_config, trainer, raw_state, state(step), report)
+    return report
