@@ -158,8 +158,10 @@ def run(args) -> list[dict]:
     run_id = hashlib.sha256(json.dumps([label, ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
                                         str(lm.model.device), lm.engine, lm.backend, lm.compile, args.propagation,
                                         args.schedule]).encode()).hexdigest()[:12]
+    from mexit.generation import check_prompts
+
+    check_prompts(ids, lm.config, args.max_new_tokens)  # prompt + new tokens fit the context, before any work
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "ablation.jsonl"
     done = {}
     if log.exists():
@@ -171,13 +173,23 @@ def run(args) -> list[dict]:
     rows = []
     todo = [s for s in plan if setting_key(s, run_id) not in done]
     print(f"# {label}: {len(plan)} settings, {len(plan) - len(todo)} already in {log}", file=sys.stderr)
-    with open(log, "a") as f:
-        for setting in tqdm(todo, desc="ablation", disable=args.quiet):
-            row = dict(meta, key=setting_key(setting, run_id), run_id=run_id, full_depth_seconds=reference_seconds,
-                       **evaluate(lm, ids, setting, reference, reference_seconds, args))
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            done[row["key"]] = row
+    out.mkdir(parents=True, exist_ok=True)
+    saved = 0
+    try:
+        with open(log, "a") as f:
+            for setting in tqdm(todo, desc="ablation", disable=args.quiet):
+                row = dict(meta, key=setting_key(setting, run_id), run_id=run_id,
+                           full_depth_seconds=reference_seconds,
+                           **evaluate(lm, ids, setting, reference, reference_seconds, args))
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+                f.flush()
+                done[row["key"]] = row
+                saved += 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted: {saved} of {len(todo)} new settings saved in {log} "
+              f"({len(plan) - len(todo) + saved} of {len(plan)} done); rerun the same command to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     rows = [done[setting_key(s, run_id)] for s in plan]
     write_outputs(rows, out, plot=not args.no_plot)
     return rows

@@ -200,11 +200,12 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      "")
-        raise ValueError(f"refused to load {path}: it holds pickled objects other than tensors, and mexit never runs "
-                         f"a checkpoint's code (weights_only=True){'; ' + detail if detail else ''}. Convert it to "
-                         "safetensors with a tool you trust") from None
+        import re
+
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f" (it asks for {found.group(1)})" if found else ""
+        raise ValueError(f"refused to load {path}: it holds pickled objects other than tensors{detail}, and mexit "
+                         "never runs a checkpoint's code; convert it to safetensors with a tool you trust") from None
     except (RuntimeError, OSError, EOFError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted: {reason})") from None

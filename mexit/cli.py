@@ -122,7 +122,8 @@ def check_generate_flags(args) -> None:
     if args.mode == "contrast" and args.contrast is None:
         raise UsageError("--mode contrast needs --contrast UPPER,LOWER")
     if args.mode != "early-exit" and early_exit_only(args):
-        raise UsageError(f"{', '.join(map(flag, early_exit_only(args)))} appl(y) to --mode early-exit only")
+        raise UsageError(f"early-exit flags ({', '.join(map(flag, early_exit_only(args)))}) apply to --mode early-exit "
+                         "only")
     if args.mode == "early-exit" and args.threshold is None:
         raise UsageError("--mode early-exit needs --threshold")
     if args.exits and len(set(args.exits)) != len(args.exits):
@@ -237,11 +238,15 @@ class Timer:
         self.steps += 1
         if self.stream_to is not None:
             self.ids.append(int(tokens[0]))
-            text = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ",".join(map(str, self.ids))
-            if not text.endswith("\ufffd"):  # a multi-byte character still incomplete
-                self.stream_to.write(text[len(self.printed):])
-                self.stream_to.flush()
-                self.printed = text
+            self.write_stream(final=False)
+
+    def write_stream(self, final: bool) -> None:
+        """Print the text decoded so far past what is printed (held back while a character is incomplete)."""
+        text = self.tokenizer.decode(self.ids) if self.tokenizer is not None else ",".join(map(str, self.ids))
+        if final or not text.endswith("\ufffd"):
+            self.stream_to.write(text[len(self.printed):] + ("\n" if final else ""))
+            self.stream_to.flush()
+            self.printed = text
 
     def report(self, rows: int) -> dict:
         self.sync()
@@ -296,7 +301,7 @@ def run_generate(args) -> int:
                              alpha=args.alpha, min_candidates=args.min_candidates, **common)
     timing = timer.report(len(result.tokens))
     if args.stream:
-        print()
+        timer.write_stream(final=True)
         return 0
     if args.json:
         payload = {"tokens": result.tokens, "backend": result.backend, "engine": result.engine,
@@ -332,7 +337,10 @@ def main(argv=None) -> int:
 
     add_bench_parser(sub)
     add_ablate_parser(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (2, its line already printed)
+        return int(done.code or 0)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)

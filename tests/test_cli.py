@@ -52,3 +52,68 @@ def test_bad_input_exits_2(tiny_checkpoint, capsys, flags, message):
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--model", str(tmp_path / "none"), "--input-ids", "1")
     assert rc == 2 and "does not exist" in err
+
+
+def cli(capsys, *argv):
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--prompt", "hi"], "the following arguments are required: --model"),
+    (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit"], "needs --threshold"),
+    (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",
+      "--decay-tau", "abc"], "argument --decay-tau: invalid float value"),
+    (["generate", "--model", "M", "--input-ids", "1", "--exit-layer", "2"], "--exit-layer applies to --mode exit"),
+    (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",
+      "--exits", "2,2"], "lists a layer twice"),
+    (["generate", "--model", "M", "--input-ids", "1", "--threshold", "0.5"], "apply to --mode early-exit"),
+    (["generate", "--model", "M", "--input-ids", "1", "--mode", "contrast", "--contrast", "original,4"],
+     "both read layer 4"),
+    (["generate", "--model", "M", "--input-ids", "1", "--mode", "contrast", "--contrast", "4,2",
+      "--min-candidates", "999"], "exceeds the vocabulary"),
+    (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",
+      "--schedule", "predicated"], "fast-path schedule"),
+    (["generate", "--model", "M", "--input-ids", "1", "--stream", "--json"], "exclusive"),
+])
+def test_user_errors_are_one_line_and_exit_2(tiny_checkpoint, capsys, argv, message):
+    argv = [str(tiny_checkpoint[0]) if a == "M" else a for a in argv]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 2 and message in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_ignored_flags_warn(tiny_checkpoint, capsys):
+    rc, _, err = cli(capsys, "generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "1,2", "--top-k", "5",
+                     "--temperature", "0.7", "--compile", "--max-new-tokens", "2")
+    assert rc == 0
+    assert "warning: --temperature, --top-k ignored: greedy decoding" in err
+    assert "warning: --compile ignored" in err
+
+
+def test_version_and_help_show_defaults(capsys):
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"mexit {mexit.__version__}"
+    for command in ("generate", "bench", "ablate", "train-heads"):
+        assert main([command, "--help"]) == 0
+        assert "(default: " in capsys.readouterr().out
+    main(["bench", "--help"])
+    assert "acd:UPPER,LOWER" in capsys.readouterr().out
+
+
+def test_json_is_strict_and_has_timings(tiny_checkpoint, capsys):
+    rc, out, _ = cli(capsys, "generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17", "--mode",
+                     "early-exit", "--threshold", "0.3", "--measure", "cosine", "--json", "--max-new-tokens", "4",
+                     "--no-eos")
+    assert rc == 0
+    payload = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert payload["prefill_ms"] > 0 and payload["ms_per_token"] > 0 and payload["tokens_per_s"] > 0
+    assert "never exited" in payload["confidences_note"] and len(payload["exit_layers"][0]) == 4
+
+
+def test_stream_prints_the_generated_text(tiny_checkpoint, capsys):
+    folder = str(tiny_checkpoint[0])
+    rc, out, _ = cli(capsys, "generate", "--model", folder, "--prompt", "Hello", "--stream", "--max-new-tokens", "6",
+                     "--no-eos")
+    assert rc == 0
+    assert out == mexit.load(folder).generate("Hello", 6, eos_token_id=None).text[0] + "\n"

@@ -90,3 +90,72 @@ def test_forward_logits(tiny_checkpoint):
     acd = FastMultiExitModel.from_pretrained(folder, contrast=(4, 1))(ids).logits
     expected = acd_contrast_ref(hf_head_logits(hf, heads, outputs, 4)[0], hf_head_logits(hf, heads, outputs, 1)[0])
     torch.testing.assert_close(acd[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def transformers_script(from_pretrained, folder):
+    """A plain transformers script; only the loading line differs between the two runs."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    tokenizer.pad_token = tokenizer.eos_token
+    model = from_pretrained(folder, torch_dtype=torch.float32)
+    model.eval()
+    model = model.to("cpu")
+    assert model.device.type == "cpu" and model.dtype == torch.float32 and model.config.n_layer == 4
+    assert model.generation_config is not None and sum(p.numel() for p in model.parameters()) > 0
+    batch = tokenizer(["Hello there", "A"], return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                         output_scores=True, output_logits=True, pad_token_id=0, eos_token_id=None)
+    text = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+    loss = model(batch["input_ids"][:1], labels=batch["input_ids"][:1]).loss
+    return out, text, loss
+
+
+def test_plain_transformers_script_with_one_line_changed(tiny_checkpoint):
+    from transformers import GPT2LMHeadModel
+
+    folder = tiny_checkpoint[0]
+    ours, theirs = (transformers_script(load, folder)
+                    for load in (FastMultiExitModel.from_pretrained, GPT2LMHeadModel.from_pretrained))
+    (out, text, loss), (hf_out, hf_text, hf_loss) = ours, theirs
+    assert torch.equal(out.sequences, hf_out.sequences) and text == hf_text
+    assert len(out.scores) == len(hf_out.scores) == 5 and len(out.logits) == 5
+    for mine, want in zip(out.scores, hf_out.scores):
+        torch.testing.assert_close(mine, want, atol=1e-4, rtol=1e-4)
+    for mine, want in zip(out.logits, hf_out.logits):
+        torch.testing.assert_close(mine, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, hf_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_drop_in_refuses_what_it_does_not_do(fast):
+    with pytest.raises(ValueError, match="input_ids must be a 2-D tensor"):
+        fast.generate(input_ids=IDS[0], max_new_tokens=2)
+    with pytest.raises(NotImplementedError, match="stop_strings"):
+        fast.generate(input_ids=IDS, max_new_tokens=2, stop_strings=["x"])
+    with pytest.raises(NotImplementedError, match="train"):
+        fast.train()
+    with pytest.raises(NotImplementedError, match="resize_token_embeddings"):
+        fast.resize_token_embeddings(10)
+    assert not hasattr(fast, "gradient_checkpointing_enable")
+    with pytest.raises(NotImplementedError, match="several devices"):
+        FastMultiExitModel.from_pretrained("unused", device_map={"a": 0, "b": 1})
+
+
+def test_to_moves_and_converts(tiny_checkpoint):
+    model = FastMultiExitModel.from_pretrained(tiny_checkpoint[0], device_map="auto", torch_dtype="auto")
+    assert model.device.type == "cpu" and model.dtype == torch.float32
+    before = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, pad_token_id=0)
+    assert model.half().dtype == torch.float16 and model.float().dtype == torch.float32
+    assert torch.equal(model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, pad_token_id=0), before)
+
+
+def test_sampled_row_is_the_same_alone_and_in_a_batch(tiny_checkpoint):
+    lm = mexit.load(tiny_checkpoint[0])
+    prompts = [[5, 17, 200], [42, 7], [9]]
+    kw = dict(do_sample=True, seed=11, eos_token_id=None, top_k=50)
+    batch = lm.generate(prompts, 8, **kw).tokens
+    assert [lm.generate([p], 8, **kw).tokens[0] for p in prompts] == batch
+    per_row = lm.generate(prompts, 8, do_sample=True, seed=[1, 2, 3], eos_token_id=None).tokens
+    assert per_row[1] == lm.generate([prompts[1]], 8, do_sample=True, seed=2, eos_token_id=None).tokens[0]
+    static = mexit.load(tiny_checkpoint[0], engine="static").generate(prompts, 8, **kw).tokens
+    assert static == batch

@@ -142,3 +142,106 @@ def test_unsupported_config(checkpoint, edit, message):
     (checkpoint / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         mexit.load(checkpoint)
+
+
+# --- damaged files and non-finite weights: one named error, nothing on disk changed ---
+
+def cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def huge_header(path):
+    data = bytearray(path.read_bytes())
+    data[:8] = (10**12).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+def flipped_header(path):
+    data = bytearray(path.read_bytes())
+    data[8:12] = b"}}}}"
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [cut_in_half, huge_header, flipped_header])
+def test_damaged_safetensors_is_one_named_error(checkpoint, damage, capsys):
+    from mexit.cli import main
+
+    damage(checkpoint / "model.safetensors")
+    before = digest(checkpoint)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        mexit.load(checkpoint)
+    assert main(["generate", "--model", str(checkpoint), "--input-ids", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "model.safetensors" in err
+    assert "Traceback" not in err and digest(checkpoint) == before
+
+
+class NotATensor:
+    pass
+
+
+def test_pickle_with_objects_is_refused_in_one_line(tmp_path, capsys):
+    from conftest import make_hf_checkpoint
+
+    from mexit.cli import main
+
+    make_hf_checkpoint(tmp_path, fmt="bin")
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    state["payload"] = NotATensor()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    before = digest(tmp_path)
+    with pytest.raises(ValueError, match="refused to load .*pytorch_model.bin: it holds pickled objects.*NotATensor"):
+        mexit.load(tmp_path)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path), "--input-ids", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weights_only" not in err and "allowlist" not in err
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("name,value", [("transformer.h.1.mlp.c_fc.weight", float("nan")),
+                                        ("name_to_lm_exit_head.lm_head_2.weight", float("inf"))])
+def test_non_finite_tensor_is_refused_by_name(checkpoint, name, value, capsys):
+    from mexit.cli import main
+
+    def poison(state):
+        state[name].view(-1)[0 if value != value else slice(None)] = value
+
+    edit_state(checkpoint, poison)
+    before = digest(checkpoint)
+    with pytest.raises(ValueError, match=f"non-finite values .* {name}"):
+        mexit.load(checkpoint)
+    assert main(["generate", "--model", str(checkpoint), "--input-ids", "1,2"]) == 2
+    assert name in capsys.readouterr().err
+    assert mexit.load(checkpoint, check_weights=False).config.n_layer == 4  # the switch skips the check
+    assert digest(checkpoint) == before
+
+
+def test_overflow_in_half_precision_is_refused(checkpoint):
+    edit_state(checkpoint, lambda s: s["transformer.h.0.mlp.c_proj.weight"].view(-1).__setitem__(3, 1e6))
+    mexit.load(checkpoint)  # fine in fp32
+    with pytest.raises(ValueError, match=r"transformer.h.\*.mlp.c_proj.weight \(in float16\)"):
+        mexit.load(checkpoint, dtype="fp16")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_invalid_config_json(checkpoint, text):
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json"):
+        mexit.load(checkpoint)
+
+
+@pytest.mark.parametrize("pair,message", [((6, "original"), "lower entry must be an exit layer"),
+                                          ((6,), "must be a pair"), ("original", "must be a pair")])
+def test_bad_contrast_layer_indices(pair, message):
+    with pytest.raises(ValueError, match=message):
+        mexit.MultiExitConfiguration(use_original_head=False, contrast_layer_indices=pair).to_decode_config()
+
+
+def test_contrast_decode_limits(checkpoint):
+    lm = mexit.load(checkpoint)
+    with pytest.raises(ValueError, match="min_candidates=300 exceeds the vocabulary"):
+        lm.generate([[1, 2]], 2, contrast=(4, 2), min_candidates=300)
+    with pytest.raises(ValueError, match="both read layer 4"):
+        lm.generate([[1, 2]], 2, contrast=("original", 4))
