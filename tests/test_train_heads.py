@@ -1,0 +1,134 @@
+"""`mexit train-heads`: heads learn on a frozen base, the output loads in mexit with the exact exit semantics,
+resume continues, Ctrl-C saves, and bad input fails before any work."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_hf_checkpoint
+from reference import hf_block_outputs
+
+import mexit
+from mexit.cli import main
+from mexit.train_heads import HeadTrainingConfig, TrainingInterrupted, train_heads
+
+TEXT = "".join(f"The {w} of the {v} is {u}, and the {v} is not {w}.\n"
+               for w in ("king", "queen", "sea", "night", "day", "lord") for v in ("house", "storm", "field")
+               for u in ("old", "young", "cold"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A plain GPT-2 (no exits) with a byte-level tokenizer, and a small text file."""
+    folder = tmp_path_factory.mktemp("base")
+    hf, _ = make_hf_checkpoint(folder, exits=(), scale=0.1)
+    data = folder.parent / "text.txt"
+    data.write_text(TEXT * 2)
+    return folder, hf, data
+
+
+def config(base, out, **kw):
+    folder, _, data = base
+    return HeadTrainingConfig(**{**dict(model=str(folder), data=[str(data)], out=str(out), exits=(2, 4), seq_len=32,
+                                        batch_size=4, steps=40, lr=5e-3, progress=False), **kw})
+
+
+def test_heads_learn_and_load_with_exit_semantics(base, tmp_path):
+    folder, hf, _ = base
+    report = train_heads(config(base, tmp_path / "out"))
+    for layer in ("2", "4"):
+        assert report["eval"][layer]["loss"] < report["eval_start"][layer]["loss"] - 0.1
+    assert report["eval"]["original"]["loss"] == report["eval_start"]["original"]["loss"]  # the base is frozen
+    assert report["training"]["tokens_per_s"] > 0
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["lm_head_layer_indices"] == [2, 4]
+    assert (tmp_path / "out" / "tokenizer_config.json").exists() and (tmp_path / "out" / "train_report.md").exists()
+    lm = mexit.load(tmp_path / "out")
+    assert lm.config.exit_layers == (2, 4) and lm.tokenizer is not None
+    ids = torch.tensor([[5, 17, 200, 3, 9]])
+    outputs = hf_block_outputs(hf, ids)  # transformers' own hidden states of the untouched base
+    cache = lm.model.new_cache(1, 5)
+    cache.valid.fill_(True)
+    for layer in (2, 4):
+        with torch.no_grad():
+            want = hf.transformer.ln_f(outputs[layer]) @ lm.model.w.exit_heads[layer].T
+        got = lm.model.head_logits(lm.model.run_layers(lm.model.embed(ids, torch.arange(5)[None]), 0, layer,
+                                                       cache, 0), layer)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(lm.model.w.fc_w[1], hf.transformer.h[1].mlp.c_fc.weight)  # the base is unchanged
+
+
+def test_resume_continues_from_the_saved_step(base, tmp_path):
+    full = train_heads(config(base, tmp_path / "full", steps=12))
+    train_heads(config(base, tmp_path / "half", steps=12, save_every=6))
+    state = torch.load(tmp_path / "half" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 12
+    # simulate a stop at step 6: train 6 steps of the same 12-step schedule, then resume
+    interrupted = config(base, tmp_path / "resumed", steps=12, save_every=6)
+    calls = {"n": 0}
+    import mexit.train_heads as th
+
+    original_step = th.HeadTrainer.step
+
+    def stop_after_six(self, blocks):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original_step(self, blocks)
+
+    th.HeadTrainer.step = stop_after_six
+    try:
+        with pytest.raises(TrainingInterrupted, match="interrupted at step 6 of 12.*--resume"):
+            train_heads(interrupted)
+    finally:
+        th.HeadTrainer.step = original_step
+    assert torch.load(tmp_path / "resumed" / "trainer_state.pt", weights_only=True)["step"] == 6
+    resumed = train_heads(config(base, tmp_path / "resumed", steps=12, resume=True))
+    for layer in ("2", "4"):
+        assert resumed["eval"][layer]["loss"] == pytest.approx(full["eval"][layer]["loss"], abs=1e-5)
+
+
+def test_init_zero_and_bf16(base, tmp_path):
+    report = train_heads(config(base, tmp_path / "zero", init="zero", steps=5, dtype="bf16"))
+    assert report["eval_start"]["2"]["loss"] == pytest.approx(torch.log(torch.tensor(257.0)).item(), abs=1e-3)
+    assert report["eval"]["2"]["loss"] < report["eval_start"]["2"]["loss"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(data=["/nonexistent.txt"]), "data file /nonexistent.txt does not exist"),
+    (dict(exits=(0, 5)), r"exits \[0, 5\] are outside 1..n_layer=4"),
+    (dict(seq_len=1000), "seq_len must be in 2..64"),
+    (dict(steps=0), "steps must be >= 1"),
+])
+def test_bad_input_fails_before_work(base, tmp_path, change, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train_heads(config(base, tmp_path / "out", **change))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_errors(base, tmp_path, capsys):
+    folder, _, data = base
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    no_tokenizer = tmp_path / "bare"
+    make_hf_checkpoint(no_tokenizer, exits=(), with_tokenizer=False)
+    capsys.readouterr()
+    cases = [
+        (["--model", str(folder), "--data", str(empty)], "is empty"),
+        (["--model", str(folder), "--data", str(data), "--out", str(existing)], "pass --overwrite"),
+        (["--model", str(no_tokenizer), "--data", str(data)], "has no tokenizer files"),
+        (["--model", str(folder), "--data", str(data), "--exits", "9"], "outside 1..n_layer=4"),
+    ]
+    for argv, message in cases:
+        args = ["train-heads", "--exits", "2", "--seq-len", "32", "--out", str(tmp_path / "new"), *argv]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert (existing / "keep.txt").exists() and not (tmp_path / "new").exists()
+    assert main(["train-heads", "--model", str(folder), "--data", str(data), "--exits", "2,3", "--out",
+                 str(tmp_path / "cli"), "--seq-len", "32", "--batch-size", "4", "--steps", "3"]) == 0
+    assert "held-out loss" in capsys.readouterr().out
+    assert mexit.load(tmp_path / "cli").config.exit_layers == (2, 3)
