@@ -7,6 +7,7 @@ from .generation import GenerationResult
 from .model import MultiExitGPT2
 from .runtime import MultiExitLM
 from .sampling import SamplingConfig
+from .speculative import SpeculativeConfig
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,5 @@ def load(path_or_id, dtype="fp32", device=None, backend: str = "auto", engine: s
 __all__ = [
     "GPT2_MEDIUM_MULTIEXIT", "AutoMultiExitModel", "DecodeConfig", "FastMultiExitModel", "GenerationResult",
     "ModelConfig", "MultiExitConfiguration", "MultiExitGPT2", "MultiExitLM", "SamplingConfig", "load", "random_model",
-    "save_checkpoint",
+    "save_checkpoint", "SpeculativeConfig",
 ]

@@ -27,6 +27,7 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
     cache: object = None  # the KVCache after generation, when asked for (tests, inspection)
     logits: list | None = None  # every step's [B, V] fp32 logits of the mode (ACD: log q), when asked for
+    drafted: list[list[bool]] | None = None  # speculative: per token, drafted and accepted (else the target's)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -99,17 +100,20 @@ class MultiExitLM:
                  multi_exit_config: MultiExitConfiguration | None = None, decode: DecodeConfig | None = None,
                  early_exit=None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | list[int] | None = None, eos_token_id: int | None | str = "config",
-                 return_cache: bool = False, on_token=None, keep_logits: bool = False, **acd_names) -> GenerationResult:
+                 return_cache: bool = False, on_token=None, keep_logits: bool = False, speculative=None,
+                 **acd_names) -> GenerationResult:
         """Generate `max_new_tokens` per prompt (text, a list of texts, token ids, or a list of id lists).
 
         Modes: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
         "original"), autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices` or
         `multi_exit_config`, or a ready `decode=DecodeConfig(...)`.
-        `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead. eos_token_id: "config" uses
-        the checkpoint's, None never stops early. seed: one for every row or one per row; each row samples from
+        `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead, and
+        `speculative=SpeculativeConfig(...)` decodes the chosen mode self-speculatively (the same greedy tokens, the
+        same sampling distribution; eager engine). eos_token_id: "config" uses the checkpoint's, None never stops
+        early. seed: one for every row or one per row; each row samples from
         its own random stream, so a row gets the same tokens alone and in any batch. return_cache keeps the final
         KV cache on the result, keep_logits every step's [B, V] logits of the mode (both: eager engine, fixed
-        modes). on_token(tokens [B]) receives every step's tokens (streaming)."""
+        modes). on_token(tokens [B]) receives every step's tokens (streaming; speculative: row 0's, as emitted)."""
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         eos = self.config.eos_token_id if eos_token_id == "config" else eos_token_id
         ids = self.encode(prompts)
@@ -118,8 +122,22 @@ class MultiExitLM:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
         elif decode is None:
             decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, **acd_names)
-        if keep_logits and early_exit is not None:
-            raise NotImplementedError("keep_logits with early exit: the logits come from a different layer per token")
+        if keep_logits and (early_exit is not None or speculative is not None):
+            raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not "
+                                      "those of one fixed pass per token")
+        if speculative is not None:
+            if early_exit is not None:
+                raise ValueError("speculative decoding verifies a fixed mode: do not combine it with early_exit")
+            from .speculative import generate_speculative
+
+            if self.engine != "eager":
+                warnings.warn(f"speculative decoding runs on the eager engine (not implemented on the {self.engine} "
+                              "engine yet)", stacklevel=2)
+            result = generate_speculative(self.model, ids, speculative, decode, max_new_tokens, sampling, eos,
+                                          self.backend, return_cache, on_token)
+            if self.tokenizer is not None:
+                result.text = [self.tokenizer.decode(row) for row in result.tokens]
+            return result
         if self.engine != "eager" and not (return_cache or keep_logits):  # the static step (CUDA graphs on "graph")
             result = generate_static(self._static_steps, self.model, ids, early_exit or decode, max_new_tokens,
                                      sampling, eos, self.backend, self.engine, on_token, self.compile)

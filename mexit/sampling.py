@@ -68,3 +68,29 @@ def sample_from_scores(scores: torch.Tensor, uniform: torch.Tensor, temperature:
     pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)  # rounding at the top edge stays inside the kept set
     pick = pick.clamp(min=0)  # NaN scores (a predicated, unwritten head whose pick is discarded) keep a valid index
     return order.gather(-1, pick).squeeze(-1)
+
+
+def sampling_probs(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[..., V] logits or log-probabilities -> the fp32 distribution `sample_from_scores` draws from: softmax
+    after temperature, zero outside top-k / top-p (same rules, same tie order), renormalized."""
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    if not top_k and top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if top_k:
+        keep[..., top_k:] = False
+    if top_p < 1.0:
+        keep &= (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    kept = torch.zeros_like(probs).scatter(-1, order, torch.where(keep, sorted_probs, 0.0))
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw in index order: probs [B, V] (need not be normalized), uniform [B] in [0, 1) -> [B]."""
+    cdf = probs.float().cumsum(-1)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
+    # never land on a zero-probability token through rounding at the top edge
+    last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).float().argmax(-1, keepdim=True)
+    return torch.minimum(pick, last_nonzero).squeeze(-1)
