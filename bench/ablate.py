@@ -68,16 +68,24 @@ def settings(args, config) -> list[dict]:
                                         schedule=args.schedule)
                     policy.checked_exits(config)
                     out.append(dict(measure=measure, threshold=threshold, exits=exit_set, decay_tau=decay,
-                                    policy=policy))
+                                    policy=policy, generate_kw=dict(early_exit=policy)))
+    for text in args.spec or []:
+        from mexit.bench.latency import parse_mode
+
+        spec = parse_mode(f"spec:{text}", config)["speculative"]
+        out.append(dict(measure="speculative", threshold=spec.draft_threshold, exits=f"draft {spec.draft_exit}",
+                        decay_tau=None, draft_len=spec.draft_len, generate_kw=dict(speculative=spec)))
     return out
 
 
 def setting_key(setting: dict, run_id: str) -> str:
-    return f"{run_id}|{setting['measure']}|{setting['threshold']}|{setting['exits']}|{setting['decay_tau']}"
+    return (f"{run_id}|{setting['measure']}|{setting['threshold']}|{setting['exits']}|{setting['decay_tau']}"
+            f"{'|k=' + str(setting['draft_len']) if 'draft_len' in setting else ''}")
 
 
-def timed_generate(lm, ids, batch, max_new, **kw):
-    """Generate every prompt in batches; returns (tokens per prompt, exit layers per prompt, seconds)."""
+def timed_generate(lm, ids, batch, max_new, stats=None, **kw):
+    """Generate every prompt in batches; returns (tokens per prompt, exit layers per prompt, seconds). stats:
+    speculative counters summed over the batches land there."""
     tokens, layers = [], []
     device = lm.model.device
     if device.type == "cuda":
@@ -87,6 +95,22 @@ def timed_generate(lm, ids, batch, max_new, **kw):
         out = lm.generate(ids[i: i + batch], max_new, eos_token_id=None, **kw)
         tokens += out.tokens
         layers += out.exit_layers or [[lm.config.n_layer] * len(t) for t in out.tokens]
+        if stats is not None and out.exit_layers is not None:  # early exit: its weight-read counters
+            from mexit.bench.latency import step_bytes
+
+            st, model = out.stats, lm.model
+            spent = step_bytes(model.config, model.dtype, 1, 0, st["weight_blocks"], st["weight_heads"],
+                               st["weight_fill_blocks"])
+            stats["weight_bytes"] = stats.get("weight_bytes", 0) + spent
+            stats["full_depth_weight_bytes"] = stats.get("full_depth_weight_bytes", 0) + st["steps"] * step_bytes(
+                model.config, model.dtype, 1, 0, model.config.n_layer, 1)
+        if stats is not None and out.drafted is not None:
+            st, rows = out.stats, len(out.tokens)
+            for key, value in (("drafted", st["drafted"]), ("accepted", st["accepted"]),
+                               ("weight_bytes", st["weight_bytes_per_token"] * st["tokens_per_row"] * rows),
+                               ("full_depth_weight_bytes",
+                                st["full_depth_weight_bytes_per_token"] * st["tokens_per_row"] * rows)):
+                stats[key] = stats.get(key, 0) + value
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return tokens, layers, time.perf_counter() - start
@@ -113,12 +137,17 @@ def repetition_rate(tokens: list[int], n: int = 4) -> float:
 
 
 def evaluate(lm, ids, setting, reference, reference_seconds, args) -> dict:
-    tokens, layers, seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens, early_exit=setting["policy"])
+    stats = {}
+    tokens, layers, seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens, stats=stats,
+                                             **setting["generate_kw"])
     flat = [x for row in layers for x in row]
     histogram = {str(layer): flat.count(layer) for layer in sorted(set(flat))}
     agree = [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(tokens, reference)]
+    extra = dict(weight_bytes_ratio=stats["weight_bytes"] / stats["full_depth_weight_bytes"])
+    if "draft_len" in setting:
+        extra.update(draft_len=setting["draft_len"], acceptance_rate=stats["accepted"] / max(stats["drafted"], 1))
     return dict(
-        measure=setting["measure"], threshold=setting["threshold"], exits=setting["exits"],
+        extra, measure=setting["measure"], threshold=setting["threshold"], exits=setting["exits"],
         decay_tau=setting["decay_tau"], mean_exit_layer=sum(flat) / len(flat), exit_histogram=histogram,
         seconds=seconds, speedup=reference_seconds / seconds, agreement=sum(agree) / len(agree),
         loglik=sum(continuation_loglik(lm, p, t) for p, t in zip(ids, tokens)) / len(ids),
@@ -149,7 +178,8 @@ def run(args) -> list[dict]:
     lm, label = load_lm(args)
     plan = settings(args, lm.config)  # validates everything before any generation
     for setting in plan:
-        setting["policy"].check_engine(lm.engine, lm.backend)
+        if "policy" in setting:
+            setting["policy"].check_engine(lm.engine, lm.backend)
     ids, encoding = encode(lm, prompts)
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding, engine=lm.engine,
                 backend=lm.backend, prompts=str(args.prompts), n_prompts=len(prompts),
@@ -195,7 +225,8 @@ def run(args) -> list[dict]:
     return rows
 
 
-COLUMNS = ["measure", "threshold", "exits", "decay_tau", "mean_exit_layer", "speedup", "agreement", "loglik",
+COLUMNS = ["measure", "threshold", "exits", "decay_tau", "draft_len", "mean_exit_layer", "weight_bytes_ratio",
+           "acceptance_rate", "speedup", "agreement", "loglik",
            "repetition"]
 
 
@@ -237,6 +268,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-sets", nargs="+", default=["all"], help="'all' or comma-separated exit layers")
     p.add_argument("--decay-tau", nargs="+", default=["none"], help="CALM decay tau values; 'none' = fixed")
     p.add_argument("--min-layer", type=int, default=1, help="no exit below this layer")
+    p.add_argument("--spec", nargs="*", default=[],
+                   help="self-speculative settings DRAFT_EXIT:K[:THRESHOLD] to add (lossless: agreement 1)")
     p.add_argument("--propagation", default="eager", choices=["eager", "deferred"],
                    help="skipped layers' keys/values computed at the exit, or with the next deep token")
     p.add_argument("--schedule", default="segments", choices=["segments", "predicated"],

@@ -4,7 +4,8 @@
     mexit bench --model PATH --batch 1 8 --prompt-len 32 --new-tokens 128 --modes original exit:12 acd:24,12
     python bench/latency.py ...                   # the same
 
-Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`),
+Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`), `spec:DRAFT_EXIT:K[:THRESHOLD]`
+(self-speculative decoding of the original head: drafts from that exit, K per verification, eager engine),
 `ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred|predicated]` (early exit with that propagation, or eager
 propagation on the predicated one-graph schedule; threshold 0 with one layer exits every token there).
 For each mode and batch size it reports prefill time, per-token decode time ((T(n new) - T(1 new)) / (n - 1), both
@@ -52,6 +53,14 @@ def parse_mode(spec: str, config) -> dict:
         elif kind == "acd":
             upper, lower = rest.split(",")
             kw = dict(contrast=(upper if upper == "original" else int(upper), int(lower)))
+        elif kind == "spec":
+            parts = rest.split(":")
+            if len(parts) not in (2, 3):
+                raise ValueError
+            from mexit.speculative import SpeculativeConfig
+
+            kw = dict(speculative=SpeculativeConfig(int(parts[0]), int(parts[1]),
+                                                    float(parts[2]) if len(parts) == 3 else None))
         elif kind == "ee":
             parts = rest.split(":")
             variant = parts.pop() if parts[-1] in ("eager", "deferred", "predicated") else "eager"
@@ -62,8 +71,8 @@ def parse_mode(spec: str, config) -> dict:
         else:
             raise ValueError
     except (ValueError, IndexError):
-        raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER or "
-                         f"ee:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]") from None
+        raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER, spec:DRAFT_EXIT:K[:THRESHOLD] "
+                         f"or ee:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]") from None
     if kind == "ee":
         kw = dict(early_exit=ExitPolicy(**kw))
     heads = [kw.get("exit_layer")] + list(kw.get("contrast", ()))
@@ -73,6 +82,11 @@ def parse_mode(spec: str, config) -> dict:
                          f"(exits {list(config.exit_layers)})")
     if "early_exit" in kw:
         kw["early_exit"].checked_exits(config)
+    if "speculative" in kw:
+        draft = kw["speculative"].draft_exit
+        if draft not in config.exit_layers or draft >= config.n_layer:
+            raise ValueError(f"mode {spec!r}: draft exit {draft} must be one of the checkpoint's exits below the "
+                             f"top layer ({[e for e in config.exit_layers if e < config.n_layer]})")
     return kw
 
 
@@ -99,6 +113,9 @@ def mode_traffic(kw: dict, config, stats: dict | None) -> tuple[float, float, fl
     """(blocks, heads, propagated blocks) whose weights one decode step reads; early exit from its run's
     counters (averages over its decode steps)."""
     n = config.n_layer
+    if "speculative" in kw:  # per generated token of a row: every pass reads its weights once for all rows
+        per = max(stats["tokens_per_row"], 1)
+        return stats["block_passes"] / per, stats["head_passes"] / per, 0
     if "early_exit" in kw:
         steps = max(stats["steps"], 1)
         return stats["weight_blocks"] / steps, stats["weight_heads"] / steps, stats["weight_fill_blocks"] / steps
@@ -204,12 +221,16 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
             last["result"] = out
 
         timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
-        stats = last["result"].stats if "early_exit" in kw else None
+        stats = last["result"].stats if "early_exit" in kw or "speculative" in kw else None
         blocks, heads, filled = mode_traffic(kw, config, stats)
         nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
         row = timing_row(meta, "mexit", mode, batch, timing, nbytes, copy_gbs)
-        if stats:
+        if "early_exit" in kw:
             row["mean_exit_layer"] = stats["mean_exit_layer"]
+        if "speculative" in kw:
+            row.update(engine="eager", acceptance_rate=stats["acceptance_rate"],
+                       mean_accepted_per_verification=stats["mean_accepted_per_verification"],
+                       weight_bytes_ratio=stats["weight_bytes_ratio"])
         rows.append(row)
         print(f"  mexit {mode} B={batch} P={args.prompt_len} N={args.new_tokens}: "
               f"{timing['ms_per_token']:.3f} ms/token", file=sys.stderr)

@@ -71,10 +71,17 @@ def add_generate_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--input-ids", action="append", type=parse_ints, help="comma-separated token ids (repeatable)")
-    p.add_argument("--mode", default="original", choices=["original", "exit", "contrast", "early-exit"],
-                   help="original head, one exit (--exit-layer), ACD (--contrast) or confidence-gated early exit")
+    p.add_argument("--mode", default="original",
+                   choices=["original", "exit", "contrast", "early-exit", "speculative"],
+                   help="original head, one exit (--exit-layer), ACD (--contrast), confidence-gated early exit, or "
+                        "self-speculative decoding of the original head (or of --exit-layer / --contrast)")
     p.add_argument("--exit-layer", type=int, help="--mode exit: the exit layer that produces the tokens")
     p.add_argument("--contrast", type=parse_contrast, help="--mode contrast: UPPER,LOWER; UPPER may be 'original'")
+    sp = p.add_argument_group("self-speculative decoding (--mode speculative): the target mode's exact output")
+    sp.add_argument("--draft-exit", type=int, help="exit layer whose head drafts (required)")
+    sp.add_argument("--draft-len", type=int, default=4, help="drafts per verification at most")
+    sp.add_argument("--draft-threshold", type=float,
+                    help="stop drafting at a draft whose top probability is below this (default: never)")
     p.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (share of the top prob)")
     p.add_argument("--min-candidates", type=int, default=1, help="ACD: tokens always kept in the plausible set")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt at most")
@@ -111,12 +118,19 @@ def early_exit_only(args) -> list[str]:
 def check_generate_flags(args) -> None:
     """Conflicting flags are errors; flags that would be ignored are warnings."""
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    if args.mode != "exit" and args.exit_layer is not None:
-        raise UsageError(f"--exit-layer applies to --mode exit, not --mode {args.mode}")
-    if args.mode != "contrast" and args.contrast is not None:
-        raise UsageError(f"--contrast applies to --mode contrast, not --mode {args.mode}")
-    if args.mode != "contrast" and (args.alpha != 0.1 or args.min_candidates != 1):
-        raise UsageError("--alpha and --min-candidates apply to --mode contrast")
+    spec = args.mode == "speculative"
+    if args.mode != "exit" and not spec and args.exit_layer is not None:
+        raise UsageError(f"--exit-layer applies to --mode exit (or speculative), not --mode {args.mode}")
+    if args.mode != "contrast" and not spec and args.contrast is not None:
+        raise UsageError(f"--contrast applies to --mode contrast (or speculative), not --mode {args.mode}")
+    if args.mode != "contrast" and args.contrast is None and (args.alpha != 0.1 or args.min_candidates != 1):
+        raise UsageError("--alpha and --min-candidates apply to ACD (--contrast)")
+    if spec and args.exit_layer is not None and args.contrast is not None:
+        raise UsageError("--mode speculative verifies one target: pass --exit-layer or --contrast, not both")
+    if spec and args.draft_exit is None:
+        raise UsageError("--mode speculative needs --draft-exit")
+    if not spec and (args.draft_exit is not None or args.draft_len != 4 or args.draft_threshold is not None):
+        raise UsageError("--draft-exit, --draft-len and --draft-threshold apply to --mode speculative")
     if args.mode == "exit" and args.exit_layer is None:
         raise UsageError("--mode exit needs --exit-layer")
     if args.mode == "contrast" and args.contrast is None:
@@ -295,6 +309,13 @@ def run_generate(args) -> int:
                             schedule=args.schedule)
         timer.begin()
         result = lm.generate(prompts, early_exit=policy, **common)
+    elif args.mode == "speculative":
+        from mexit.speculative import SpeculativeConfig
+
+        spec = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold)
+        timer.begin()
+        result = lm.generate(prompts, exit_layer=args.exit_layer, contrast=args.contrast, alpha=args.alpha,
+                             min_candidates=args.min_candidates, speculative=spec, **common)
     else:
         timer.begin()
         result = lm.generate(prompts, mode=args.mode, exit_layer=args.exit_layer, contrast=args.contrast,
@@ -314,6 +335,9 @@ def run_generate(args) -> int:
             payload["confidences_note"] = (
                 f"confidence ({args.measure}) measured at the exit that fired; null where it is undefined. Tokens "
                 f"that never exited ran to layer {lm.config.n_layer} and carry the final head's top-1 probability")
+        if result.drafted is not None:
+            payload["drafted"] = result.drafted
+            payload["speculative"] = result.stats
         print(json.dumps(strict_json(payload), allow_nan=False))
         return 0
     for b, tokens in enumerate(result.tokens):
@@ -321,6 +345,11 @@ def run_generate(args) -> int:
         if result.exit_layers is not None:
             layers = result.exit_layers[b]
             print(f"# exit layers: {layers} (mean {sum(layers) / len(layers):.2f} of {lm.config.n_layer})")
+    if result.drafted is not None:
+        st = result.stats
+        print(f"# speculative: acceptance {st['acceptance_rate'] or 0:.2f}, "
+              f"{st['mean_accepted_per_verification']:.2f} tokens per verification, weight reads "
+              f"{st['weight_bytes_ratio']:.2f}x of full depth")
     return 0
 
 

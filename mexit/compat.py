@@ -210,9 +210,10 @@ class FastMultiExitModel:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor = None, attention_mask: torch.Tensor | None = None,
-                 generation_config=None, streamer=None, **kwargs):
+                 generation_config=None, streamer=None, speculative=None, **kwargs):
         """transformers' signature; returns a [B, T + new] tensor (or an object with `.sequences` when
-        return_dict_in_generate=True)."""
+        return_dict_in_generate=True). speculative=SpeculativeConfig(...) decodes the configured mode
+        self-speculatively: the same greedy output, the same sampling distribution."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         check_ids(input_ids, attention_mask)
@@ -251,7 +252,7 @@ class FastMultiExitModel:
                         top_k=(cfg.top_k or 0) if cfg.do_sample else 0, top_p=cfg.top_p if cfg.do_sample else 1.0)
         keep = bool(return_dict and (want_scores or want_logits))
         result = self.lm.generate(prompts, max_new, decode=self.decode, eos_token_id=eos, on_token=on_token,
-                                  keep_logits=keep, **sampling)
+                                  keep_logits=keep, speculative=speculative, **sampling)
         if streamer is not None:
             streamer.end()
         width = max(len(row) for row in result.tokens)

@@ -157,3 +157,32 @@ def test_sampling_keeps_the_target_distribution(tmp_path, draft_exit, k):
 def test_bad_settings(lm, spec, kw, message):
     with pytest.raises(ValueError, match=message):
         lm.generate([[1, 2]], 3, speculative=SpeculativeConfig(**spec), **kw)
+
+
+def test_cli_bench_and_drop_in(tmp_path, capsys):
+    import json
+
+    from mexit.bench.latency import parse_mode
+    from mexit.cli import main
+    from mexit.compat import FastMultiExitModel
+
+    folder = agreeing_checkpoint(tmp_path)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--input-ids", "5,17,200", "--mode", "speculative",
+                 "--draft-exit", "2", "--draft-len", "3", "--max-new-tokens", "8", "--no-eos", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    want = mexit.load(folder).generate([[5, 17, 200]], 8, eos_token_id=None).tokens
+    assert payload["tokens"] == want and len(payload["drafted"][0]) == 8
+    assert 0 <= payload["speculative"]["acceptance_rate"] <= 1
+    assert main(["generate", "--model", str(folder), "--input-ids", "1", "--mode", "speculative"]) == 2
+    assert "needs --draft-exit" in capsys.readouterr().err
+    assert main(["generate", "--model", str(folder), "--input-ids", "1", "--draft-exit", "2"]) == 2
+    assert "apply to --mode speculative" in capsys.readouterr().err
+    config = mexit.load(folder).config
+    assert parse_mode("spec:2:4:0.5", config)["speculative"] == SpeculativeConfig(2, 4, 0.5)
+    with pytest.raises(ValueError, match="draft exit 4 must be one of the checkpoint's exits below"):
+        parse_mode("spec:4:2", config)
+    ids = torch.tensor([[5, 17, 200]])
+    model = FastMultiExitModel.from_pretrained(folder)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, speculative=SpeculativeConfig(1, 2), pad_token_id=0),
+                       model.generate(ids, max_new_tokens=6, pad_token_id=0))
