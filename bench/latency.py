@@ -8,8 +8,9 @@ Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`), `spec:
 (self-speculative decoding of the original head: drafts from that exit, K per verification, eager engine),
 `ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred|predicated]` (early exit with that propagation, or eager
 propagation on the predicated one-graph schedule; threshold 0 with one layer exits every token there).
-For each mode and batch size it reports prefill time, per-token decode time ((T(n new) - T(1 new)) / (n - 1), both
-timed end to end around `generate` with CUDA events, medians over repeats, with min..max spread), tokens/s, and the
+For each mode and batch size it reports prefill time and per-token decode time, both measured inside each
+generation (CUDA events recorded at its start, its first token and its last token; a host clock on CPU), after
+untimed warm-up generations of the same shape, as medians over repeats with min..max spread; tokens/s; and the
 roofline: bytes a decode step must read (weights of the layers and heads it runs, plus the KV cache) over the copy
 bandwidth measured in the same run. Writes JSON + CSV rows, a markdown table and a PNG plot."""
 
@@ -21,6 +22,7 @@ import csv
 import itertools
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,9 +33,9 @@ from mexit.bench.common import (
     markdown_table,
     run_metadata,
     script_main,
-    time_ms,
     write_results,
 )
+from mexit.launches import launches_per_step
 
 INVOKED_AS = {"mexit": "mexit", "__main__.py": "python -m mexit"}  # how the recorded command starts
 ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / transformers 4.26; try "
@@ -127,12 +129,23 @@ def mode_traffic(kw: dict, config, stats: dict | None) -> tuple[float, float, fl
     return n, 1, 0
 
 
-def timing_row(meta, impl, mode, batch, timing, nbytes, copy_gbs) -> dict:
-    """A results row: timings, tokens/s, bytes per step and the roofline against the measured copy bandwidth."""
+def timing_row(meta, impl, mode, batch, timing, nbytes, copy_gbs, device_type) -> dict:
+    """A results row: timings, tokens/s, bytes per step and the roofline against the measured copy bandwidth.
+    A timing that is not physically possible (not positive; on a GPU, faster than its bytes / copy bandwidth by
+    more than 10%) is never written as a number: the row carries `invalid` with the reason instead."""
     floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
-    return dict(meta, impl=impl, mode=mode, batch=batch, **timing, tokens_per_s=batch * 1e3 / timing["ms_per_token"],
-                step_mb=nbytes / 1e6, floor_ms=floor_ms, pct_roofline=100 * floor_ms / timing["ms_per_token"],
-                copy_gb_s=copy_gbs)
+    row = dict(meta, impl=impl, mode=mode, batch=batch, step_mb=nbytes / 1e6, floor_ms=floor_ms, copy_gb_s=copy_gbs)
+    problem = None
+    if not (timing["prefill_ms"] > 0 and timing["ms_per_token_min"] > 0):
+        problem = (f"non-positive time (prefill {timing['prefill_ms']:.4g} ms, fastest decode step "
+                   f"{timing['ms_per_token_min']:.4g} ms)")
+    elif device_type == "cuda" and timing["ms_per_token"] < 0.9 * floor_ms:
+        problem = (f"decode step {timing['ms_per_token']:.4g} ms is below the bandwidth floor {floor_ms:.4g} ms "
+                   f"({nbytes / 1e6:.1f} MB at {copy_gbs:.0f} GB/s)")
+    if problem:
+        return dict(row, invalid=problem)
+    return dict(row, **timing, tokens_per_s=batch * 1e3 / timing["ms_per_token"],
+                pct_roofline=100 * floor_ms / timing["ms_per_token"])
 
 
 def sync(device):
@@ -140,14 +153,78 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class StepClock:
+    """Marks inside one generation: its start, its first token (prompt + first head) and its last token. On a
+    GPU each mark is a CUDA event recorded in stream order when the host reaches it, so the device's own time
+    is measured; on CPU (synchronous) a host clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.begin = self.first = self.last = None
+        self.tokens = 0
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        sync(self.device)
+        self.begin = self.mark()
+
+    def on_token(self, *_args) -> None:
+        now = self.mark()
+        self.first = self.first or now
+        self.last = now
+        self.tokens += 1
+
+    def read(self) -> tuple[float, float]:
+        """(prefill ms, ms per later decode step)."""
+        if self.tokens < 2:
+            raise RuntimeError(f"the generation reported {self.tokens} tokens; decode timing needs 2 or more")
+        if self.cuda:
+            self.last.synchronize()
+            return self.begin.elapsed_time(self.first), self.first.elapsed_time(self.last) / (self.tokens - 1)
+        return (self.first - self.begin) * 1e3, (self.last - self.first) * 1e3 / (self.tokens - 1)
+
+
+class ClockStreamer:
+    """transformers' streamer protocol feeding a StepClock (its first put is the prompt)."""
+
+    def __init__(self, clock: StepClock):
+        self.clock, self.prompt_seen = clock, False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.clock.on_token()
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
 def measure(generate, device, new_tokens: int, warmup: int, repeats: int) -> dict:
-    """Prefill (1 new token) and decode per token, medians and spreads of end-to-end generate calls."""
-    one = time_ms(lambda: generate(1), device, warmup, repeats)
-    full = time_ms(lambda: generate(new_tokens), device, warmup, repeats)
-    per_token = [(f - statistics.median(one)) / max(new_tokens - 1, 1) for f in full]
-    return dict(prefill_ms=statistics.median(one), prefill_min=min(one), prefill_max=max(one),
+    """Prefill and per-token decode time from inside each generation (its first and last token marks), after
+    `warmup` untimed generations of the same shape (every bucket and compilation warmed); medians with min..max
+    over `repeats`. generate(n, clock) runs one generation of n new tokens, reporting each token to the clock
+    (None: untimed)."""
+    for _ in range(warmup):
+        generate(new_tokens, None)
+    prefill, per_token, total = [], [], []
+    for _ in range(repeats):
+        clock = StepClock(device)
+        clock.start()
+        generate(new_tokens, clock)
+        first, step = clock.read()
+        prefill.append(first)
+        per_token.append(step)
+        total.append(first + step * (clock.tokens - 1))
+    return dict(prefill_ms=statistics.median(prefill), prefill_min=min(prefill), prefill_max=max(prefill),
                 ms_per_token=statistics.median(per_token), ms_per_token_min=min(per_token),
-                ms_per_token_max=max(per_token), total_ms=statistics.median(full))
+                ms_per_token_max=max(per_token), total_ms=statistics.median(total), repeats=repeats)
 
 
 def transformers_baseline(lm, device, dtype):
@@ -215,8 +292,8 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
     for mode, kw in parsed.items():
         last = {}
 
-        def generate(n, kw=kw, last=last):
-            out = lm.generate(prompts, n, eos_token_id=None, **kw)
+        def generate(n, clock, kw=kw, last=last):
+            out = lm.generate(prompts, n, eos_token_id=None, on_token=clock.on_token if clock else None, **kw)
             sync(device)
             last["result"] = out
 
@@ -224,7 +301,10 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
         stats = last["result"].stats if "early_exit" in kw or "speculative" in kw else None
         blocks, heads, filled = mode_traffic(kw, config, stats)
         nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
-        row = timing_row(meta, "mexit", mode, batch, timing, nbytes, copy_gbs)
+        row = timing_row(meta, "mexit", mode, batch, timing, nbytes, copy_gbs, device.type)
+        counted = launches_per_step(lm, prompts, kw)
+        row.update(launches_per_step=counted["launches"], triton_launches_per_step=counted["triton"],
+                   torch_launches_per_step=counted["torch"], weight_bytes_per_step=nbytes)
         if "early_exit" in kw:
             row["mean_exit_layer"] = stats["mean_exit_layer"]
         if "speculative" in kw:
@@ -233,7 +313,7 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
                        weight_bytes_ratio=stats["weight_bytes_ratio"])
         rows.append(row)
         print(f"  mexit {mode} B={batch} P={args.prompt_len} N={args.new_tokens}: "
-              f"{timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
+              f"{row.get('invalid') or format(row['ms_per_token'], '.3f') + ' ms/token'}", file=sys.stderr)
     if "transformers" in args.baselines:
         rows += transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
     if "autocontrastive-gen" in args.baselines:
@@ -290,10 +370,11 @@ def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, a
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
-    def generate(n):
+    def generate(n, clock):
+        streamer = ClockStreamer(clock) if clock is not None else None
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0, **extra)
+                           pad_token_id=0, streamer=streamer, **extra)
         sync(device)
 
     try:
@@ -303,12 +384,35 @@ def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, a
             raise
         return dict(meta, impl=name, mode=mode, batch=len(prompts), skipped=f"failed: {err!r}"[:300])
     nbytes = step_bytes(config, dtype, len(prompts), context, *traffic)
-    print(f"  {name} {mode} B={len(prompts)}: {timing['ms_per_token']:.3f} ms/token", file=sys.stderr)
-    return timing_row(meta, name, mode, len(prompts), timing, nbytes, copy_gbs)
+    row = timing_row(meta, name, mode, len(prompts), timing, nbytes, copy_gbs, device.type)
+    row.update(launches_per_step=hf_launches_per_step(model, ids, mask, extra), weight_bytes_per_step=nbytes)
+    print(f"  {name} {mode} B={len(prompts)}: {row.get('invalid') or format(row['ms_per_token'], '.3f')}",
+          file=sys.stderr)
+    return row
+
+
+def hf_launches_per_step(model, ids, mask, extra, steps: int = 3) -> float:
+    """A transformers model's launches per decode step, counted like mexit's (uncompiled runs only: a compiled
+    or graph-captured model dispatches nothing countable)."""
+    from mexit.launches import count_launches, total
+
+    if extra:
+        return None
+
+    def run(n):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)
+
+    with torch.inference_mode():
+        with count_launches() as one:
+            run(1)
+        with count_launches() as many:
+            run(steps + 1)
+    return (total(many)["launches"] - total(one)["launches"]) / steps
 
 
 COLUMNS = ["impl", "mode", "batch", "prompt_len", "new_tokens", "prefill_ms", "ms_per_token", "ms_per_token_min",
-           "ms_per_token_max", "tokens_per_s", "floor_ms", "pct_roofline"]
+           "ms_per_token_max", "tokens_per_s", "floor_ms", "pct_roofline", "launches_per_step", "weight_bytes_per_step"]
 
 
 def save(rows: list[dict], out_dir: str, plot: bool) -> list[Path]:
@@ -320,8 +424,10 @@ def save(rows: list[dict], out_dir: str, plot: bool) -> list[Path]:
         writer.writeheader()
         writer.writerows(rows)
     paths.append(out / "latency.csv")
-    table = markdown_table([r for r in rows if "skipped" not in r], COLUMNS)
+    table = markdown_table([r for r in rows if "skipped" not in r and "invalid" not in r], COLUMNS)
     skipped = list(dict.fromkeys(f"- {r['impl']}: {r['skipped']}" for r in rows if "skipped" in r))
+    skipped += [f"- {r['impl']} {r['mode']} batch {r['batch']}: INVALID, {r['invalid']}" for r in rows
+                if "invalid" in r]
     r0 = rows[0]
     engine = r0["engine"] + (" (compiled)" if r0.get("compiled") else "")
     header = (f"{r0['model']} | {r0['device']} | {r0['dtype']} | backend {r0['backend']}, engine {engine} | "
@@ -339,7 +445,7 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if "skipped" not in r]
+    timed = [r for r in rows if "skipped" not in r and "invalid" not in r]
     batches = sorted({r["batch"] for r in timed})
     labels = list(dict.fromkeys(f"{r['impl']} {r['mode']}" for r in timed))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(batches)), 4))
@@ -387,9 +493,11 @@ def fill_defaults(args) -> None:
     args.batch = args.batch or ([1, 8] if cuda else [1])
     args.new_tokens = args.new_tokens or [128 if cuda else 8]
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
-    args.repeats = args.repeats or (5 if cuda else 2)
+    args.repeats = args.repeats if args.repeats is not None else (5 if cuda else 2)
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if min(args.new_tokens) < 2:
-        raise ValueError("--new-tokens must be >= 2 (decode time is the difference of 1 and n new tokens)")
+        raise ValueError("--new-tokens must be >= 2 (decode time is measured from the first to the last token)")
     if min(args.batch) < 1 or min(args.prompt_len) < 1:
         raise ValueError("batch sizes and --prompt-len must be >= 1")
     unknown = set(args.baselines) - {"transformers", "autocontrastive-gen"}

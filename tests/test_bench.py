@@ -149,3 +149,48 @@ def test_fused_linear_benchmark_smoke(tmp_path, monkeypatch):
     skipped = next(r for r in rows if r["impl"].startswith("fused, skipped") and r["batch"] == 1)
     full = next(r for r in rows if r["impl"] == "fused" and r["what"] == "block" and r["batch"] == 1)
     assert skipped["floor_us"] < full["floor_us"]  # a skipped block reads only c_attn's key/value columns
+
+
+def test_cold_first_mode_cannot_give_a_negative_latency():
+    """The report: per-token time was (T(n) - median T(1)) / (n - 1) over separate calls, so a mode whose T(1)
+    calls ran cold printed a negative latency. Now prefill and decode are split inside each generation: a cold
+    start inflates only that generation's prefill."""
+    import time
+
+    import torch
+
+    calls = {"n": 0}
+
+    def generate(n, clock):
+        calls["n"] += 1
+        time.sleep(0.05 if calls["n"] <= 2 else 0.002)  # cold: compilation, first-use allocation
+        for _ in range(n):
+            time.sleep(0.001)
+            if clock is not None:
+                clock.on_token()
+
+    timing = latency.measure(generate, torch.device("cpu"), new_tokens=6, warmup=0, repeats=3)
+    assert timing["ms_per_token_min"] > 0.5 and timing["prefill_ms"] > 0
+    assert timing["prefill_max"] > 40  # the cold call's time stayed in its prefill
+
+
+def test_every_row_has_cost_columns_and_no_impossible_number(tiny_checkpoint, tmp_path):
+    modes = ["ee:max-prob:0:2", "acd:4,2", "original", "exit:2", "spec:2:2"]  # the reported order: ee first
+    assert latency.main(latency_args(tiny_checkpoint[0], tmp_path, modes=modes, batch=["1", "2"],
+                                     repeats="1", warmup="0")) == 0
+    rows = [r for r in json.loads((tmp_path / "latency.json").read_text()) if "skipped" not in r]
+    for r in rows:
+        assert "invalid" in r or (r["ms_per_token"] > 0 and r["prefill_ms"] > 0 and r["tokens_per_s"] > 0)
+        assert r["launches_per_step"] > 0 and r["weight_bytes_per_step"] > 0
+    by_mode = {r["mode"]: r for r in rows if r["impl"] == "mexit" and r["batch"] == 1 and r["prompt_len"] == 5}
+    assert by_mode["exit:2"]["launches_per_step"] < by_mode["original"]["launches_per_step"]
+    assert 0 <= by_mode["spec:2:2"]["acceptance_rate"] <= 1
+    for r in rows:
+        for key in ("ms_per_token", "prefill_ms", "tokens_per_s", "pct_roofline"):
+            assert key not in r or r[key] > 0
+
+
+@pytest.mark.parametrize("flag,value", [("repeats", "0"), ("warmup", "-1")])
+def test_bad_repeat_counts_are_refused(tiny_checkpoint, tmp_path, flag, value):
+    with pytest.raises(ValueError, match="--repeats must be >= 1 and --warmup >= 0"):
+        latency.main(latency_args(tiny_checkpoint[0], tmp_path / "out", **{flag: value}))

@@ -1,0 +1,77 @@
+"""Launch counts per decode step: the dispatch-mode count equals an independent count (torch's profiler for
+torch operations; the kernels' own wrapper counters for Triton launches), on the static engine, both backends,
+batch 1 and 8, for the original head, an exit, ACD and early exit."""
+
+import pytest
+import torch
+
+import mexit
+from mexit.early_exit import ExitPolicy
+from mexit.launches import count_launches, launches_per_step, total
+
+MODES = {"original": {}, "exit": dict(exit_layer=2), "acd": dict(contrast=(4, 2)),
+         "early-exit": dict(early_exit=ExitPolicy(0.0, exits=(2,)))}
+NOT_KERNELS = {"view", "slice", "select", "transpose", "unsqueeze", "expand", "as_strided", "t", "_unsafe_view",
+               "permute", "split", "unbind", "squeeze", "alias", "reshape", "narrow", "detach", "detach_", "empty",
+               "empty_like", "empty_strided", "_local_scalar_dense", "item", "lift_fresh", "expand_as", "view_as",
+               "contiguous", "split_with_sizes", "chunk", "resolve_conj", "resolve_neg", "_reshape_alias", "to",
+               "flatten", "is_nonzero", "size", "stride", "promote_types", "result_type", "can_cast", "set_",
+               "numpy_T", "mT", "adjoint"}
+# Triton kernels each wrapper launches (at these short cache lengths decode attention does not split)
+KERNELS_PER_CALL = {"fused_linear": 1, "decode_attention": 1, "exit_head": 2, "acd_contrast": 2, "propagate_kv": 1,
+                    "exit_decide": 1}
+
+
+def profiler_ops(lm, prompts, n, kw) -> int:
+    """Top-level aten ops that launch a kernel, from torch.profiler's event tree (names, not the dispatcher)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        lm.generate(prompts, n, eos_token_id=None, **kw)
+    count = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::") or event.name[6:] in NOT_KERNELS:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not (parent.name.startswith("aten::") and parent.name[6:] not in NOT_KERNELS):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+def wrapper_kernels() -> int:
+    import importlib
+
+    return sum(importlib.import_module(f"mexit.kernels.{name}").LAUNCHES[name] * per
+               for name, per in KERNELS_PER_CALL.items())
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("mode", ["original", "exit", "acd", "early-exit"])
+def test_torch_ops_match_the_profiler(tiny_checkpoint, mode, batch):
+    lm = mexit.load(tiny_checkpoint[0], engine="static")
+    prompts = [[1 + r, 2, 3] for r in range(batch)]
+    kw = MODES[mode]
+    counted = launches_per_step(lm, prompts, kw)
+    profiled = (profiler_ops(lm, prompts, 4, kw) - profiler_ops(lm, prompts, 1, kw)) / 3
+    assert counted["triton"] == 0 and counted["launches"] == profiled > 0
+
+
+@pytest.mark.parametrize("mode,batch", [("original", 1), ("original", 8), ("exit", 1), ("acd", 1),
+                                        ("early-exit", 1), ("early-exit", 8)])
+def test_triton_launches_match_the_wrapper_counters(tiny_checkpoint, mode, batch):
+    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")
+    prompts = [[1 + r, 2, 3] for r in range(batch)]
+    kw = MODES[mode]
+    with torch.inference_mode():
+        lm.generate(prompts, 2, eos_token_id=None, **kw)
+        before = wrapper_kernels()
+        with count_launches() as counts:
+            lm.generate(prompts, 2, eos_token_id=None, **kw)
+    assert total(counts)["triton"] == wrapper_kernels() - before > 0
+
+
+@pytest.mark.parametrize("mode,depth", [("original", 4), ("exit", 2)])
+def test_fused_step_is_five_kernels_per_block_plus_the_exit_stage(tiny_checkpoint, mode, depth):
+    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")
+    assert launches_per_step(lm, [[1, 2, 3]], MODES[mode], steps=1)["triton"] == 5 * depth + 2
