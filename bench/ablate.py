@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import itertools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -136,10 +138,19 @@ def repetition_rate(tokens: list[int], n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def evaluate(lm, ids, setting, reference, reference_seconds, args) -> dict:
-    stats = {}
-    tokens, layers, seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens, stats=stats,
-                                             **setting["generate_kw"])
+def evaluate(lm, ids, setting, reference, args) -> dict:
+    """Quality and cost of one setting. Its speed-up is timed interleaved with the full-depth reference
+    (reference, setting, reference, setting, ...; `args.repeats` pairs, after an untimed warm-up of the setting):
+    the median of the pairs' ratios with their min..max, so a row never depends on a baseline timed elsewhere."""
+    timed_generate(lm, ids[: args.batch], args.batch, 2, **setting["generate_kw"])  # warm this path
+    stats, ratios, ref_times, times = {}, [], [], []
+    for repeat in range(args.repeats):
+        _, _, ref_seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens)
+        tokens, layers, seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens,
+                                                 stats=stats if repeat == 0 else None, **setting["generate_kw"])
+        ratios.append(ref_seconds / seconds)
+        ref_times.append(ref_seconds)
+        times.append(seconds)
     flat = [x for row in layers for x in row]
     histogram = {str(layer): flat.count(layer) for layer in sorted(set(flat))}
     agree = [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(tokens, reference)]
@@ -149,7 +160,9 @@ def evaluate(lm, ids, setting, reference, reference_seconds, args) -> dict:
     return dict(
         extra, measure=setting["measure"], threshold=setting["threshold"], exits=setting["exits"],
         decay_tau=setting["decay_tau"], mean_exit_layer=sum(flat) / len(flat), exit_histogram=histogram,
-        seconds=seconds, speedup=reference_seconds / seconds, agreement=sum(agree) / len(agree),
+        seconds=statistics.median(times), full_depth_seconds=statistics.median(ref_times),
+        speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios), repeats=args.repeats,
+        agreement=sum(agree) / len(agree),
         loglik=sum(continuation_loglik(lm, p, t) for p, t in zip(ids, tokens)) / len(ids),
         repetition=sum(map(repetition_rate, tokens)) / len(tokens),
     )
@@ -173,8 +186,8 @@ def run(args) -> list[dict]:
     from tqdm import tqdm
 
     prompts = read_prompts(args.prompts)
-    if args.max_new_tokens < 1 or args.batch < 1:
-        raise ValueError("--max-new-tokens and --batch must be >= 1")
+    if args.max_new_tokens < 1 or args.batch < 1 or args.repeats < 1:
+        raise ValueError("--max-new-tokens, --batch and --repeats must be >= 1")
     lm, label = load_lm(args)
     plan = settings(args, lm.config)  # validates everything before any generation
     for setting in plan:
@@ -198,19 +211,23 @@ def run(args) -> list[dict]:
         for line in log.read_text().splitlines():
             row = json.loads(line)
             done[row["key"]] = row
-    timed_generate(lm, ids[:1], 1, 2)  # warm-up (graph capture, kernel compilation) outside the timings
+    print(f"# stage 1/2: full-depth reference ({len(ids)} prompts, batch {args.batch}, {args.max_new_tokens} new "
+          "tokens)", file=sys.stderr, flush=True)
+    timed_generate(lm, ids[: args.batch], args.batch, 2)  # warm-up (graph capture, kernel compilation)
     reference, _, reference_seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens)
     rows = []
     todo = [s for s in plan if setting_key(s, run_id) not in done]
-    print(f"# {label}: {len(plan)} settings, {len(plan) - len(todo)} already in {log}", file=sys.stderr)
+    expected = len(todo) * args.repeats * 2.5 * reference_seconds  # reference + setting (+ warm-up, quality)
+    print(f"# stage 2/2: {label}: {len(plan)} settings, {len(plan) - len(todo)} already in {log}; each timed "
+          f"{args.repeats}x interleaved with the full-depth reference; expected about {expected:.0f} s",
+          file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     saved = 0
     try:
         with open(log, "a") as f:
             for setting in tqdm(todo, desc="ablation", disable=args.quiet):
                 row = dict(meta, key=setting_key(setting, run_id), run_id=run_id,
-                           full_depth_seconds=reference_seconds,
-                           **evaluate(lm, ids, setting, reference, reference_seconds, args))
+                           **evaluate(lm, ids, setting, reference, args))
                 f.write(json.dumps(row, allow_nan=False) + "\n")
                 f.flush()
                 done[row["key"]] = row
@@ -226,7 +243,7 @@ def run(args) -> list[dict]:
 
 
 COLUMNS = ["measure", "threshold", "exits", "decay_tau", "draft_len", "mean_exit_layer", "weight_bytes_ratio",
-           "acceptance_rate", "speedup", "agreement", "loglik",
+           "acceptance_rate", "speedup", "speedup_min", "speedup_max", "agreement", "loglik",
            "repetition"]
 
 
@@ -242,17 +259,32 @@ def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for measure in dict.fromkeys(r["measure"] for r in rows):
-            pts = [r for r in rows if r["measure"] == measure]
-            ax.scatter([r["speedup"] for r in pts], [r["loglik"] for r in pts], label=measure)
-            for r in pts:
-                ax.annotate(f"{r['threshold']:g}", (r["speedup"], r["loglik"]), fontsize=7)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        markers = "osD^vP*X"
+        exit_sets = list(dict.fromkeys(str(r["exits"]) for r in rows))
+        measures = list(dict.fromkeys(r["measure"] for r in rows))
+        series = itertools.product(enumerate(exit_sets), enumerate(measures))
+        for n, ((i, exit_set), (j, measure)) in enumerate(series):
+            pts = sorted((r for r in rows if str(r["exits"]) == exit_set and r["measure"] == measure),
+                         key=lambda r: (r["threshold"] is None, r["threshold"] or 0, r.get("draft_len") or 0))
+            if not pts:
+                continue
+            x = [r["speedup"] for r in pts]
+            err = [[r["speedup"] - r.get("speedup_min", r["speedup"]) for r in pts],
+                   [r.get("speedup_max", r["speedup"]) - r["speedup"] for r in pts]]
+            colour = colours[n % len(colours)]  # one colour per curve, one marker per exit set
+            ax.errorbar(x, [r["loglik"] for r in pts], xerr=err, fmt=markers[i % len(markers)] + "-", lw=0.8,
+                        color=colour, label=f"{measure}, exits {exit_set}", capsize=2, ms=5)
+            for end, r in enumerate((pts[0], pts[-1]) if len(pts) > 1 else pts):  # label each curve's ends only
+                label = f"k={r['draft_len']}" if r.get("draft_len") else f"{r['threshold']:g}"
+                ax.annotate(label, (r["speedup"], r["loglik"]), fontsize=7, color=colour, textcoords="offset points",
+                            xytext=(5, (-1) ** end * (5 + 8 * j)))  # curves' labels stacked apart
         ax.axvline(1.0, color="gray", lw=0.5)
-        ax.set_xlabel("measured speed-up vs full depth")
+        ax.set_xlabel("measured speed-up vs full depth (median, min..max of interleaved pairs)")
         ax.set_ylabel("full model's mean log-likelihood of the output")
         ax.set_title(f"{rows[0]['model']}\n{rows[0]['device']}, {rows[0]['dtype']}", fontsize=8)
-        ax.legend()
+        ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         fig.savefig(out / "ablation.png", dpi=120)
         plt.close(fig)
@@ -275,7 +307,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
                    help="fast-path early-exit schedule (predicated needs the triton backend)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
-    p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
+    p.add_argument("--batch", type=int, default=10, help="prompts per generate call")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved (full depth, setting) timing pairs per setting; the speed-up is their median")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],

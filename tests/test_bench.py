@@ -194,3 +194,15 @@ def test_every_row_has_cost_columns_and_no_impossible_number(tiny_checkpoint, tm
 def test_bad_repeat_counts_are_refused(tiny_checkpoint, tmp_path, flag, value):
     with pytest.raises(ValueError, match="--repeats must be >= 1 and --warmup >= 0"):
         latency.main(latency_args(tiny_checkpoint[0], tmp_path / "out", **{flag: value}))
+
+
+def test_identical_work_gives_speedups_within_their_spread(tiny_checkpoint, tmp_path, prompt_file):
+    """max-prob and margin at threshold 0 with one checked exit both exit every token at layer 2: the same work.
+    Their interleaved speed-ups must agree within the spread each reports."""
+    out = tmp_path / "same"
+    assert ablate.main(ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.0],
+                                   measures=["max-prob", "margin"], repeats=[5], **{"exit-sets": ["2"]})) == 0
+    a, b = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
+    assert a["mean_exit_layer"] == b["mean_exit_layer"] == 2 and a["weight_bytes_ratio"] == b["weight_bytes_ratio"]
+    assert a["speedup_min"] <= a["speedup"] <= a["speedup_max"] and a["repeats"] == 5
+    assert max(a["speedup_min"], b["speedup_min"]) <= min(a["speedup_max"], b["speedup_max"])  # intervals overlap
