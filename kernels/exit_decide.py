@@ -68,10 +68,11 @@ def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, 
     if confidence.dtype != torch.float32 or conf_at.dtype != torch.float32 or exit_at.dtype != torch.int64:
         raise ValueError("confidence and conf_at must be float32, exit_at int64")
     block_b = max(triton.next_power_of_2(B), 2)
+    block_d = max(16, min(triton.next_power_of_2(D), 4096 // block_b))
     _exit_decide[(1,)](confidence, thresholds, step, running, fired, candidate if candidate is not None else chosen,
                        chosen, h_last, h_exit, exit_at, conf_at, flags, skip if skip is not None else flags,
                        fired_none if fired_none is not None else flags, B, D, T, h_last.stride(0), layer,
                        HAS_CANDIDATE=candidate is not None, HAS_SKIP=skip is not None,
-                       HAS_FIRED_NONE=fired_none is not None, BLOCK_B=block_b,
-                       BLOCK_D=max(16, min(triton.next_power_of_2(D), 4096 // block_b)))
+                       HAS_FIRED_NONE=fired_none is not None, BLOCK_B=block_b, BLOCK_D=block_d,
+                       num_warps=8 if block_b * block_d >= 4096 else 4)  # 4 warps spill at 4x1024 (aot_compile)
     LAUNCHES["exit_decide"] += 1

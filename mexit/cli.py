@@ -363,9 +363,11 @@ def main(argv=None) -> int:
     add_train_heads_parser(sub)
     from mexit.bench.ablate import add_parser as add_ablate_parser
     from mexit.bench.latency import add_parser as add_bench_parser
+    from mexit.bench.speculative_sweep import add_parser as add_speculative_parser
 
     add_bench_parser(sub)
     add_ablate_parser(sub)
+    add_speculative_parser(sub)
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version (0) or a usage error (2, its line already printed)

@@ -318,7 +318,8 @@ def speculative_stats(model: MultiExitGPT2, run: SpeculativeRun, tokens: list[li
     full_bytes = per_row_tokens * (run.depth * block + len(set(run.heads)) * head)
     return {
         "draft_exit": run.spec.draft_exit, "draft_len": run.spec.draft_len, "draft_threshold": run.spec.draft_threshold,
-        "rounds": st["rounds"], "drafted": drafted, "accepted": accepted, "tokens_per_row": per_row_tokens,
+        "rounds": st["rounds"], "drafted": drafted, "accepted": accepted, "verifications": verifications,
+        "tokens_per_row": per_row_tokens,
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_per_verification": (accepted + verifications) / verifications if verifications else None,
         "drafts_per_token": drafted / sum(map(len, tokens)),

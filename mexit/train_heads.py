@@ -320,10 +320,12 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
                 "scheduler": sched.state_dict(), "history": history, "eval_start": eval_start,
                 "seconds": seconds, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
 
+    import sys
+
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=start_step, desc="train-heads", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
     step = start_step
     tokens_per_step = cfg.batch_size * (cfg.seq_len - 1)
     try:

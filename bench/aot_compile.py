@@ -1,0 +1,231 @@
+"""Ahead-of-time GPU gate without a GPU: compile every Triton kernel specialization the runtime launches for
+sm_90a (H100/H200) and sm_80 (A100) with Triton's own compiler and ptxas, and fail on a compile error, a register
+spill or shared memory above the target's limit.
+
+    python bench/aot_compile.py                 # full sweep: every mode and schedule, batch buckets 1..64, fp16+bf16
+    python bench/aot_compile.py --ci            # representative set (the CI test): about a minute
+
+How: the runtime generates at the gpt2-medium-multiexit widths (d=1024, vocabulary 50257, 16 heads; fewer layers,
+which changes no specialization) with every Triton launch recorded instead of run (`JITFunction.run` patched, no
+GPU needed). Each distinct (kernel, argument types, constexprs, warps, stages) is then compiled with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; `ptxas -v` on its PTX reports registers
+and spills, the compiled metadata its shared memory. Must run WITHOUT TRITON_INTERPRET (the interpreter replaces
+the kernels). Pointer alignment / divisibility hints are not reproduced, so a launch on a GPU may compile a
+slightly more specialized variant of the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory a block may use (opt-in maximum)
+TARGETS = {"sm_90a": 90, "sm_80": 80}
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    module: str
+    signature: tuple  # ((name, type), ...) of runtime arguments
+    constexprs: tuple  # ((name, value), ...)
+    num_warps: int
+    num_stages: int
+
+
+def arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64",
+                      torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8"}[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {type(value).__name__}")
+
+
+def record(fn_under_test) -> set[Launch]:
+    """Run fn_under_test() with every Triton launch recorded (not executed); returns the distinct launches."""
+    import triton.runtime.jit as jit
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("aot_compile records compiled launches: run it without TRITON_INTERPRET=1")
+    seen: set[Launch] = set()
+    original = jit.JITFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl")
+                   if k in kwargs}
+        names = self.arg_names
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        constexpr_names = {names[i] for i in self.constexprs}
+        signature = tuple((n, arg_type(bound[n])) for n in names if n not in constexpr_names)
+        constexprs = tuple((n, bound[n]) for n in names if n in constexpr_names)
+        seen.add(Launch(self.fn.__name__, self.fn.__module__, signature, constexprs,
+                        options.get("num_warps", 4), options.get("num_stages", 3)))
+
+    empty, empty_like = torch.empty, torch.empty_like
+    jit.JITFunction.run = recording
+    torch.empty = lambda *a, **k: torch.zeros(*a, **k)  # kernels do not run: their outputs must still be valid
+    torch.empty_like = lambda *a, **k: torch.zeros_like(*a, **k)
+    try:
+        fn_under_test()
+    finally:
+        jit.JITFunction.run = original
+        torch.empty, torch.empty_like = empty, empty_like
+    return seen
+
+
+def runtime_launches(dtypes, batches, modes, n_layer: int = 2) -> set[Launch]:
+    """Distinct launches of the runtime at gpt2-medium widths for every dtype, batch and mode asked for."""
+    import mexit
+    from mexit.config import ModelConfig
+    from mexit.early_exit import ExitPolicy
+
+    config = ModelConfig(n_layer=n_layer, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024,
+                         exit_layers=tuple(range(1, n_layer + 1)), eos_token_id=50256)
+    kinds = {
+        "original": {}, "exit": dict(exit_layer=1), "acd": dict(contrast=(n_layer, 1)),
+        "acd-original": dict(contrast=("original", 1)),
+        "ee-segments": dict(early_exit=ExitPolicy(0.5, exits=(1,))),
+        "ee-deferred": dict(early_exit=ExitPolicy(0.5, exits=(1,), propagation="deferred")),
+        "ee-predicated": dict(early_exit=ExitPolicy(0.5, exits=(1,), schedule="predicated")),
+        "ee-cosine": dict(early_exit=ExitPolicy(0.5, measure="cosine", exits=(1,))),
+    }
+    launches: set[Launch] = set()
+    for dtype in dtypes:
+        model = mexit.random_model(config, dtype=dtype)
+        lm = mexit.MultiExitLM(model, backend="torch", engine="static")
+        lm.backend = "triton"  # the kernels' launches are recorded, not run: no GPU or interpreter needed
+        for batch in batches:
+            prompts = [[(7 * r + 3) % 50257 for r in range(b, b + 5)] for b in range(batch)]
+            for mode in modes:
+                kw = kinds[mode]
+                launches |= record(lambda kw=kw: lm.generate(prompts, 3, eos_token_id=None, **kw))
+        # long caches at batch 1 take the split decode attention (partial softmaxes + merge)
+        launches |= record(lambda: lm.generate([[1] * 600], 2, eos_token_id=None))
+    return launches
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself uses for `arch` (triton 3.9 ships a newer one for sm_90+ PTX; 3.6 one ptxas)."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        tool = compiler.get_ptxas(arch)
+    except TypeError:  # older triton: get_ptxas() without the architecture
+        tool = compiler.get_ptxas()
+    return tool.path if hasattr(tool, "path") else str(tool)
+
+
+def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
+    """Compile one launch for `target`; registers / spills from ptxas -v, shared memory from the metadata."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(launch.module), launch.kernel)
+    arch = TARGETS[target]
+    constexprs = dict(launch.constexprs)
+    signature = {**dict(launch.signature), **{k: "constexpr" for k in constexprs}}
+    signature = {name: signature[name] for name in fn.arg_names}
+    row = dict(kernel=launch.kernel, target=target, num_warps=launch.num_warps, num_stages=launch.num_stages,
+               constexprs={k: v for k, v in constexprs.items()},
+               dtypes=sorted({t for _, t in launch.signature if t.startswith("*f") or t.startswith("*b")}))
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v
+                                                                for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    except Exception as err:  # a compile error is the finding: report it, do not hide it
+        return dict(row, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:400])
+    ptx = compiled.asm["ptx"]
+    path = workdir / f"{launch.kernel}_{abs(hash(launch)) % 10**8}_{arch}.ptx"
+    path.write_text(ptx)
+    gpu = "sm_90a" if arch == 90 else "sm_80"
+    info = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu}", str(path), "-o", os.devnull],
+                          capture_output=True, text=True)
+    text = info.stdout + info.stderr
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
+    spill_st = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
+    spill_ld = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]
+    shared = compiled.metadata.shared if hasattr(compiled.metadata, "shared") else compiled.metadata["shared"]
+    out = dict(row, registers=max(regs, default=None), spill_bytes=sum(spill_st) + sum(spill_ld), shared=shared,
+               griddepcontrol="griddepcontrol" in ptx)
+    if info.returncode != 0:
+        out["error"] = f"ptxas: {text.strip().splitlines()[-1] if text.strip() else info.returncode}"
+    elif out["spill_bytes"]:
+        out["error"] = f"register spills: {out['spill_bytes']} bytes"
+    elif shared > SMEM_LIMIT[arch]:
+        out["error"] = f"shared memory {shared} B above the {target} limit {SMEM_LIMIT[arch]} B"
+    return out
+
+
+def run(ci: bool) -> list[dict]:
+    if ci:  # representative: every kernel and schedule once, the batch buckets' tile regimes, fp16 (bf16: one)
+        launches = runtime_launches(["fp16"], [1, 64], ["original", "acd", "ee-segments", "ee-predicated",
+                                                       "ee-deferred"])
+        launches |= runtime_launches(["bf16"], [16], ["acd"])
+    else:
+        launches = runtime_launches(["fp16", "bf16"], [1, 2, 4, 8, 16, 32, 64],
+                                    ["original", "exit", "acd", "acd-original", "ee-segments", "ee-deferred",
+                                     "ee-predicated", "ee-cosine"])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for launch in sorted(launches, key=lambda x: (x.kernel, str(x))):
+            for target in TARGETS:
+                rows.append(compile_launch(launch, target, Path(tmp)))
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: per kernel and target, the specializations compiled and the worst registers / spills / smem."""
+    import triton
+
+    lines = [f"triton {triton.__version__}; {len(rows)} compilations "
+             f"({len({(r['kernel'], json.dumps(r['constexprs'], sort_keys=True), str(r['dtypes'])) for r in rows})} "
+             "specializations x 2 targets)", "",
+             "| kernel | target | specializations | max registers | spill bytes | max shared memory (B) | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for kernel in sorted({r["kernel"] for r in rows}):
+        for target in TARGETS:
+            group = [r for r in rows if r["kernel"] == kernel and r["target"] == target]
+            ok = [r for r in group if "registers" in r]
+            registers = max((r["registers"] or 0) for r in ok) if ok else "-"
+            shared = max(r["shared"] for r in ok) if ok else "-"
+            lines.append(f"| {kernel} | {target} | {len(group)} | {registers} | {sum(r['spill_bytes'] for r in ok)} | "
+                         f"{shared} | {sum('error' in r for r in group)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ci", action="store_true", help="the representative set (about a minute)")
+    p.add_argument("--json", help="write every compilation's row to this file")
+    args = p.parse_args(argv)
+    rows = run(args.ci)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(summary(rows))
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        print(f"FAILED {r['kernel']} {r['target']} {r['constexprs']} {r['dtypes']}: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Self-speculative decoding sweep: which draft exit, draft length and threshold pay on a checkpoint.
+
+    python bench/speculative_sweep.py --model bench/small_model --draft-lens 1 2 3 4 6 8 --thresholds none 0.5
+
+For every (draft exit, k, threshold) over the prompt file, greedy, against full-depth decoding of the same target
+(the original head) on the same prompts: acceptance rate and tokens per verification; the exact cost per
+generated token relative to full depth (weight bytes from the run's block and head passes, and launches counted
+by mexit.launches: Triton kernels plus kernel-launching torch ops); and the measured speed-up, timed interleaved
+with full depth (median of the pairs' ratios, min..max). Every setting's tokens are checked against full depth
+(lossless). Writes speculative.json / .csv / .md."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mexit.bench.ablate import encode, read_prompts
+from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, write_results
+
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
+COLUMNS = ["draft_exit", "draft_len", "draft_threshold", "acceptance_rate", "tokens_per_verification",
+           "weight_bytes_ratio", "launches_ratio", "speedup", "speedup_min", "speedup_max", "lossless"]
+
+
+def run_all(lm, ids, max_new, batch, **kw):
+    """Generate every prompt (`batch` per call); returns (tokens, the runs' results, seconds)."""
+    device = lm.model.device
+    results, tokens = [], []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i in range(0, len(ids), batch):
+        out = lm.generate(ids[i:i + batch], max_new, eos_token_id=None, **kw)
+        results.append(out)
+        tokens += out.tokens
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return tokens, results, time.perf_counter() - start
+
+
+def launches_per_token(lm, ids, max_new, batch, **kw) -> float:
+    from mexit.launches import count_launches, total
+
+    with torch.inference_mode(), count_launches() as counts:
+        tokens, _, _ = run_all(lm, ids, max_new, batch, **kw)
+    return total(counts)["launches"] / (sum(map(len, tokens)) / batch)
+
+
+def sweep(args) -> list[dict]:
+    import mexit
+    from mexit.speculative import SpeculativeConfig
+
+    lm = mexit.load(args.model, device=args.device, backend=args.backend, engine="eager")
+    config = lm.config
+    exits = args.draft_exits or [e for e in config.exit_layers if e < config.n_layer]
+    settings = [SpeculativeConfig(e, k, None if str(t).lower() == "none" else float(t))
+                for e in exits for k in args.draft_lens for t in args.thresholds]
+    for s in settings:
+        s.validate_for(lm.model, mexit.DecodeConfig())
+    ids, encoding = encode(lm, read_prompts(args.prompts))
+    ids = ids[: args.n_prompts]
+    meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=str(args.model), encoding=encoding,
+                n_prompts=len(ids), max_new_tokens=args.max_new_tokens, batch=args.batch, backend=lm.backend,
+                engine="eager")
+    print(f"# full-depth reference: {len(ids)} prompts x {args.max_new_tokens} tokens, batch {args.batch}",
+          file=sys.stderr, flush=True)
+    run_all(lm, ids[: args.batch], 2, args.batch)  # warm-up
+    reference, _, _ = run_all(lm, ids, args.max_new_tokens, args.batch)
+    full_launches = launches_per_token(lm, ids[: args.batch], args.max_new_tokens, args.batch)
+    rows = []
+    from tqdm import tqdm
+
+    for spec in tqdm(settings, desc="speculative", disable=args.quiet):
+        run_all(lm, ids[: args.batch], 2, args.batch, speculative=spec)  # warm this path
+        ratios, tokens, results = [], None, None
+        for _ in range(args.repeats):
+            _, _, ref_seconds = run_all(lm, ids, args.max_new_tokens, args.batch)
+            tokens, results, seconds = run_all(lm, ids, args.max_new_tokens, args.batch, speculative=spec)
+            ratios.append(ref_seconds / seconds)
+        st = [r.stats for r in results]
+        drafted, accepted = sum(s["drafted"] for s in st), sum(s["accepted"] for s in st)
+        verifications = sum(s["verifications"] for s in st)
+        spec_bytes = sum(s["weight_bytes_per_token"] * s["tokens_per_row"] for s in st)
+        full_bytes = sum(s["full_depth_weight_bytes_per_token"] * s["tokens_per_row"] for s in st)
+        rows.append(dict(
+            meta, draft_exit=spec.draft_exit, draft_len=spec.draft_len, draft_threshold=spec.draft_threshold,
+            acceptance_rate=accepted / drafted if drafted else 0.0,
+            tokens_per_verification=(accepted + verifications) / max(verifications, 1),
+            weight_bytes_ratio=spec_bytes / full_bytes,
+            launches_ratio=launches_per_token(lm, ids[: args.batch], args.max_new_tokens, args.batch,
+                                              speculative=spec) / full_launches,
+            speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios),
+            lossless=tokens == reference))
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="multi-exit checkpoint folder")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="text file, one prompt per line")
+    p.add_argument("--n-prompts", type=int, default=10, help="prompts used (the first N)")
+    p.add_argument("--draft-exits", type=int, nargs="*", help="default: every exit below the top layer")
+    p.add_argument("--draft-lens", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="drafts per verification")
+    p.add_argument("--thresholds", nargs="+", default=["none", "0.5"], help="draft confidence stop ('none': off)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
+    p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved (full depth, setting) timing pairs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"], help="exit-stage backend")
+    p.add_argument("--out", default="speculative_results", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main_args(args) -> int:
+    if args.repeats < 1 or args.batch < 1 or args.max_new_tokens < 2:
+        raise ValueError("--repeats and --batch must be >= 1, --max-new-tokens >= 2")
+    rows = sweep(args)
+    out = Path(args.out)
+    write_results(rows, out, "speculative")
+    with open(out / "speculative.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown_table(rows, COLUMNS)
+    r0 = rows[0]
+    (out / "speculative.md").write_text(f"{r0['model']} | {r0['device']} | {r0['dtype']} | {r0['n_prompts']} "
+                                        f"prompts x {r0['max_new_tokens']} tokens, batch {r0['batch']}\n\n{table}\n")
+    print(table)
+    return 0
+
+
+def add_parser(sub) -> None:
+    add_subcommand(sub, "bench-speculative", "self-speculative decoding sweep: acceptance, exact cost, speed-up",
+                   add_arguments, main_args)
+
+
+def main(argv=None) -> int:
+    return script_main(__doc__, add_arguments, main_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
