@@ -154,16 +154,18 @@ class HeadTrainer:
         self.heads = {L: torch.nn.Parameter(start.clone() if init == "embedding" else torch.zeros_like(start))
                       for L in self.exits}
 
-    def features(self, blocks: torch.Tensor) -> dict[int, torch.Tensor]:
-        """{L: ln_f(h_L)} [B*(T-1), d] of every position that has a next token, from one no_grad pass."""
+    def features(self, blocks: torch.Tensor, layers: tuple[int, ...] | None = None) -> dict[int, torch.Tensor]:
+        """{L: ln_f(h_L)} [B*(T-1), d] of every position that has a next token, for each L in `layers` (default
+        the exits), from one no_grad pass of the base up to the deepest."""
         model = self.model
+        layers = layers or self.exits
         b, t = blocks.shape
         cache = model.new_cache(b, t)
         cache.valid.fill_(True)
         positions = torch.arange(t, device=blocks.device).expand(b, t)
         with torch.no_grad():
-            states = model.run_to(model.embed(blocks, positions), self.exits, cache, 0)
-            return {L: model.final_norm(states[L][:, :-1]).reshape(b * (t - 1), -1) for L in self.exits}
+            states = model.run_to(model.embed(blocks, positions), layers, cache, 0)
+            return {L: model.final_norm(states[L][:, :-1]).reshape(b * (t - 1), -1) for L in layers}
 
     def head_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, backward: bool) -> float:
         """Mean next-token cross-entropy of head `weight` on features x [N, d]; with backward, its gradient is
@@ -198,22 +200,11 @@ class HeadTrainer:
             n = targets.numel()
             for L in self.exits:
                 sums[L] += self.head_loss(feats[L], self.heads[L], targets, backward=False) * n
-            if self.model.config.n_layer in feats:
-                top = feats[self.model.config.n_layer]
-            else:
-                top = self.full_depth_features(chunk)
+            depth = self.model.config.n_layer
+            top = feats[depth] if depth in feats else self.features(chunk, (depth,))[depth]
             sums["original"] += self.head_loss(top, original, targets, backward=False) * n
             count += n
         return {str(k): {"loss": v / count, "perplexity": math.exp(min(v / count, 50.0))} for k, v in sums.items()}
-
-    def full_depth_features(self, blocks: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        b, t = blocks.shape
-        cache = model.new_cache(b, t)
-        cache.valid.fill_(True)
-        positions = torch.arange(t, device=blocks.device).expand(b, t)
-        h = model.run_layers(model.embed(blocks, positions), 0, model.config.n_layer, cache, 0)
-        return model.final_norm(h[:, :-1]).reshape(b * (t - 1), -1)
 
 
 def save_output(out: Path, base: Path, hf_config: dict, trainer: HeadTrainer, raw_state: dict, extra_state: dict,
