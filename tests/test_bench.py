@@ -206,3 +206,32 @@ def test_identical_work_gives_speedups_within_their_spread(tiny_checkpoint, tmp_
     assert a["mean_exit_layer"] == b["mean_exit_layer"] == 2 and a["weight_bytes_ratio"] == b["weight_bytes_ratio"]
     assert a["speedup_min"] <= a["speedup"] <= a["speedup_max"] and a["repeats"] == 5
     assert max(a["speedup_min"], b["speedup_min"]) <= min(a["speedup_max"], b["speedup_max"])  # intervals overlap
+
+
+def test_ablation_validation_failure_leaves_no_folder(tiny_checkpoint, tmp_path):
+    long_prompts = tmp_path / "long.txt"
+    long_prompts.write_text("x" * 70 + "\n")  # 70 byte-tokens + 6 new exceed the 64-position context
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "out", long_prompts, thresholds=[0.5]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_ablation_ctrl_c_says_what_was_saved(tiny_checkpoint, tmp_path, prompt_file, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = ablate.evaluate
+
+    def interrupt_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablate, "evaluate", interrupt_second)
+    argv = ablate_args(tiny_checkpoint[0], tmp_path / "abl", prompt_file, thresholds=[0.0, 0.5, 1.0],
+                       measures=["max-prob"], repeats=[1])
+    with pytest.raises(SystemExit) as stop:
+        ablate.main(argv)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: 1 of 3 new settings saved" in err and "rerun the same command to resume" in err
+    assert len((tmp_path / "abl" / "ablation.jsonl").read_text().splitlines()) == 1

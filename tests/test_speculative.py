@@ -186,3 +186,19 @@ def test_cli_bench_and_drop_in(tmp_path, capsys):
     model = FastMultiExitModel.from_pretrained(folder)
     assert torch.equal(model.generate(ids, max_new_tokens=6, speculative=SpeculativeConfig(1, 2), pad_token_id=0),
                        model.generate(ids, max_new_tokens=6, pad_token_id=0))
+
+
+def test_small_real_model_greedy_equals_full_depth():
+    """On the shipped small trained model (real exits: drafts often right, sometimes wrong)."""
+    from pathlib import Path
+
+    lm = mexit.load(Path(__file__).resolve().parents[1] / "bench" / "small_model")
+    prompts = ["ROMEO. But soft, what light", "KING. Now, my lords,", "HAMLET. I have"]
+    rates = []
+    for target in (dict(), dict(contrast=(8, 4))):
+        full = lm.generate(prompts, 24, eos_token_id=None, **target).tokens
+        for spec in (SpeculativeConfig(4, 3), SpeculativeConfig(2, 6, 0.5), SpeculativeConfig(6, 2)):
+            out = lm.generate(prompts, 24, eos_token_id=None, speculative=spec, **target)
+            assert out.tokens == full
+            rates.append(out.stats["acceptance_rate"])
+    assert max(rates) > 0.3 and min(rates) < 1.0  # drafts accepted and rejected
