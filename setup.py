@@ -11,7 +11,7 @@ setup(
     # (a top-level `kernels` package would shadow the PyPI distribution of that name).
     packages=["mexit", "mexit.kernels", "mexit.bench"],
     package_dir={"mexit": "mexit", "mexit.kernels": "kernels", "mexit.bench": "bench"},
-    package_data={"mexit.bench": ["prompts.txt"]},
+    package_data={"mexit.bench": ["prompts.txt", "shakespeare_prompts.txt"]},
     install_requires=[
         "torch>=2.1,<3",
         "transformers>=4.40,<6",

@@ -79,7 +79,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--contrast", type=parse_contrast, help="--mode contrast: UPPER,LOWER; UPPER may be 'original'")
     sp = p.add_argument_group("self-speculative decoding (--mode speculative): the target mode's exact output")
     sp.add_argument("--draft-exit", type=int, help="exit layer whose head drafts (required)")
-    sp.add_argument("--draft-len", type=int, default=4, help="drafts per verification at most")
+    sp.add_argument("--draft-len", type=int, default=1, help="drafts per verification at most")
     sp.add_argument("--draft-threshold", type=float,
                     help="stop drafting at a draft whose top probability is below this (default: never)")
     p.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (share of the top prob)")
@@ -129,7 +129,7 @@ def check_generate_flags(args) -> None:
         raise UsageError("--mode speculative verifies one target: pass --exit-layer or --contrast, not both")
     if spec and args.draft_exit is None:
         raise UsageError("--mode speculative needs --draft-exit")
-    if not spec and (args.draft_exit is not None or args.draft_len != 4 or args.draft_threshold is not None):
+    if not spec and (args.draft_exit is not None or args.draft_len != 1 or args.draft_threshold is not None):
         raise UsageError("--draft-exit, --draft-len and --draft-threshold apply to --mode speculative")
     if args.mode == "exit" and args.exit_layer is None:
         raise UsageError("--mode exit needs --exit-layer")

@@ -33,10 +33,12 @@ from .sampling import SamplingConfig, sample_from_probs, sampling_probs
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """draft_exit: the exit layer whose head drafts (below the target's depth); draft_len: drafts per round at
-    most; draft_threshold: stop a row's drafting at a draft whose top probability is below it (None: never)."""
+    most; draft_threshold: stop a row's drafting at a draft whose top probability is below it (None: never).
+    The default draft_len=1 is the cheapest setting measured on the small real model (bench/RESULTS.md): each
+    draft reads its exit head, so longer drafts pay only with high acceptance."""
 
     draft_exit: int
-    draft_len: int = 4
+    draft_len: int = 1
     draft_threshold: float | None = None
 
     def __post_init__(self):
