@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
-        "dev": ["pytest>=7", "ruff", "matplotlib", "triton>=3.0; platform_system == 'Linux'"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "ruff", "matplotlib", "triton>=3.0; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["mexit=mexit.cli:main"]},
 )

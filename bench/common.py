@@ -101,6 +101,19 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
 
 
+def read_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured read bandwidth in GB/s: a matrix-vector product over a matrix larger than any cache (fp16 on GPU,
+    fp32 on CPU, all cores), the access pattern of a decode step streaming its weights; median of repeats."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 28)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    cols = 4096
+    weight = torch.empty(nbytes // (cols * dtype.itemsize), cols, dtype=dtype, device=device).normal_()
+    x = torch.randn(cols, dtype=dtype, device=device)
+    ms = statistics.median(time_ms(lambda: torch.mv(weight, x), device, warmup=3, repeats=15))
+    return weight.numel() * dtype.itemsize / (ms * 1e-3) / 1e9
+
+
 def write_results(rows: list[dict], out_dir: str | Path, stem: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

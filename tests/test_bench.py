@@ -236,18 +236,3 @@ def test_ablation_ctrl_c_says_what_was_saved(tiny_checkpoint, tmp_path, prompt_f
     assert "interrupted: 1 of 3 new settings saved" in err and "rerun the same command to resume" in err
     assert len((tmp_path / "abl" / "ablation.jsonl").read_text().splitlines()) == 1
 
-
-def test_default_ablation_on_the_small_model_runs(tmp_path, capsys):
-    """`mexit ablate --model bench/small_model` with its defaults (the README states its time: about 30 s on two
-    CPU cores); it prints its stages and its expected time before the sweep."""
-    from pathlib import Path
-
-    from mexit.cli import main
-
-    small = Path(__file__).resolve().parents[1] / "bench" / "small_model"
-    assert main(["ablate", "--model", str(small), "--out", str(tmp_path / "abl"), "--quiet"]) == 0
-    err = capsys.readouterr().err
-    assert "stage 1/2" in err and "expected about" in err
-    rows = [json.loads(line) for line in (tmp_path / "abl" / "ablation.jsonl").read_text().splitlines()]
-    assert len(rows) == 15 and all(r["speedup_min"] <= r["speedup"] <= r["speedup_max"] for r in rows)
-    assert (tmp_path / "abl" / "ablation.png").stat().st_size > 0
