@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from mexit.kernels.exit_decide_ref import exit_decide_ref, record_exits
 
 from .early_exit import weight_reads
-from .fast import StaticBuffers, StepKey, compiled
 from .heads import exit_stage
 from .model import MultiExitGPT2
+from .static_state import StaticBuffers, StepKey, compiled
 
 
 class StaticEarlyExit(StaticBuffers):

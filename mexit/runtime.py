@@ -10,11 +10,12 @@ import torch
 from .checkpoint import load as load_model
 from .checkpoint import random_model
 from .config import DecodeConfig, ModelConfig, MultiExitConfiguration
-from .fast import generate_static, resolve_engine
 from .generation import GenerationResult, generate_tokens
 from .heads import resolve_backend
 from .model import MultiExitGPT2
 from .sampling import SamplingConfig
+from .static_engine import generate_static
+from .static_state import resolve_engine
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 

@@ -5,8 +5,9 @@ import torch
 from test_generate import MODES, PROMPTS, mexit_kwargs
 
 import mexit
-from mexit.fast import StaticStep, batch_bucket, length_bucket, resolve_engine
+from mexit.fast import StaticStep
 from mexit.kernels import fused_linear
+from mexit.static_state import batch_bucket, length_bucket, resolve_engine
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,9 +7,9 @@ from test_early_exit import N_NEW, POLICIES, PROMPTS
 
 import mexit
 from mexit.early_exit import ExitPolicy
-from mexit.fast import batch_bucket
 from mexit.fast_early_exit import PredicatedEarlyExit, StaticEarlyExit
 from mexit.kernels import exit_decide, exit_head, fused_linear, propagate_kv
+from mexit.static_state import batch_bucket
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
