@@ -201,17 +201,27 @@ class SpeculativeRun:
             h = states[layer] = self.run(h, start, layer, s0)
             start = layer
         scores = self.verify_scores(states, draft_logits, width)  # [rows, width + 1, V]
+        # one device-to-host read per round for the draft ids, counts and (greedy) the target's choices
+        draft_ids = torch.stack(drafts[:width], dim=1).tolist() if width else [[] for _ in range(self.rows)]
+        counts = n_drafts.tolist()
+        choices = scores.argmax(-1).tolist() if u is None else None
         new_last = last.clone()
         for r in range(self.rows):
             if self.finished[r]:
                 self.cache.valid[r, s0: s0 + width + 1] = False
                 continue
-            accepted, token = self.accept(r, scores[r], drafts, draft_probs, int(n_drafts[r]), u)
-            self.stats["drafted"][r] += int(n_drafts[r])
+            if u is None:
+                accepted = 0
+                while accepted < counts[r] and draft_ids[r][accepted] == choices[r][accepted]:
+                    accepted += 1
+                token = choices[r][accepted]
+            else:
+                accepted, token = self.accept_sampled(r, scores[r], draft_ids[r], draft_probs, counts[r], u)
+            self.stats["drafted"][r] += counts[r]
             self.stats["accepted"][r] += accepted
             self.stats["verifications"][r] += 1
             for i in range(accepted):
-                self.emit(r, int(drafts[i][r]), drafted=True)
+                self.emit(r, draft_ids[r][i], drafted=True)
             self.emit(r, token, drafted=False)
             self.cache.valid[r, s0 + accepted + 1: s0 + width + 1] = False  # rejected drafts: never written
             self.positions[r] += accepted + 1
@@ -251,23 +261,18 @@ class SpeculativeRun:
             logits = self.head_logits(torch.stack([hidden[layer] for layer in self.layers]), self.heads)
         return self.target_scores(logits).view(rows, width + 1, -1)
 
-    def accept(self, r: int, scores: torch.Tensor, drafts: list, draft_probs: list, n: int,
-               u: torch.Tensor | None) -> tuple[int, int]:
-        """Row r: how many of its n drafts it keeps, and the token that follows them (target's choice, residual
-        draw, or bonus). scores: [width + 1, V] target scores at the row's round positions."""
-        if u is None:
-            choice = scores.argmax(-1)
-            accepted = 0
-            while accepted < n and int(drafts[accepted][r]) == int(choice[accepted]):
-                accepted += 1
-            return accepted, int(choice[accepted])
+    def accept_sampled(self, r: int, scores: torch.Tensor, drafts: list[int], draft_probs: list, n: int,
+                       u: torch.Tensor) -> tuple[int, int]:
+        """Row r under sampling: how many of its n drafts it keeps (accepting draft x with probability
+        min(1, q(x)/p(x))), and the token that follows them (a draw from max(0, q - p) after a rejection, else the
+        bonus draw from q). scores: [width + 1, V] target scores at the row's round positions."""
         s = self.sampling
         q = sampling_probs(scores, s.temperature, s.top_k, s.top_p)  # [width + 1, V]
         k = self.spec.draft_len
         for i in range(n):
-            x = int(drafts[i][r])
+            x = drafts[i]
             p = draft_probs[i][r]
-            if float(u[r, k + i]) * float(p[x]) < float(q[i, x]):  # accept with probability min(1, q/p)
+            if float(u[r, k + i]) * float(p[x]) < float(q[i, x]):
                 continue
             residual = (q[i] - p).clamp(min=0)
             if float(residual.sum()) <= 0:  # q == p up to rounding: any draw from q is exact

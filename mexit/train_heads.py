@@ -68,17 +68,12 @@ class HeadTrainingConfig:
 
 def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
     """Every check that needs no model weights, before any work. Returns the base folder and its config.json."""
-    from .checkpoint import resolve_folder
+    from .checkpoint import read_config, resolve_folder
 
     base = resolve_folder(cfg.model)
-    config_path = base / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{base} has no config.json")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
-    n_layer, n_positions = int(hf_config.get("n_layer", 12)), int(hf_config.get("n_positions", 1024))
+    config = read_config(base)  # the loader's own checks of config.json
+    hf_config = json.loads((base / "config.json").read_text())  # written back unchanged but for the exits
+    n_layer, n_positions = config.n_layer, config.n_positions
     if not any((base / name).exists() for name in ("tokenizer.json", "vocab.json")):
         raise FileNotFoundError(f"{base} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): "
                                 "train-heads tokenizes the text with the base's own tokenizer")
