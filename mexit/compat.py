@@ -26,6 +26,7 @@ from .generation import Decoder, left_pad
 from .heads import exit_stage
 from .model import MultiExitGPT2
 from .runtime import MultiExitLM, decode_config
+from .sampling import kept_tokens
 
 # transformers' defaults for fields a GenerationConfig leaves unset (transformers 5 stores None for them)
 DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -328,14 +329,7 @@ def warp(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, 
     if not do_sample:
         return logits
     scores = logits.float() / temperature
-    probs = scores.softmax(-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
-    if top_k:
-        keep[:, top_k:] = False
-    if top_p < 1.0:
-        keep &= (sorted_probs.cumsum(-1) - sorted_probs) < top_p
-    return scores.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
+    return scores.masked_fill(~kept_tokens(scores.softmax(-1), top_k, top_p), float("-inf"))
 
 
 class AutoMultiExitModel:

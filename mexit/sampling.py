@@ -76,14 +76,20 @@ def sampling_probs(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 
     probs = torch.softmax(scores.float() / temperature, dim=-1)
     if not top_k and top_p >= 1.0:
         return probs
+    kept = torch.where(kept_tokens(probs, top_k, top_p), probs, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def kept_tokens(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[..., V] bool in vocabulary order: the tokens top-k / top-p keep (the k most likely; the smallest prefix,
+    by descending probability with ties in index order, whose mass reaches top_p)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
     keep = torch.ones_like(sorted_probs, dtype=torch.bool)
     if top_k:
         keep[..., top_k:] = False
     if top_p < 1.0:
         keep &= (sorted_probs.cumsum(-1) - sorted_probs) < top_p
-    kept = torch.zeros_like(probs).scatter(-1, order, torch.where(keep, sorted_probs, 0.0))
-    return kept / kept.sum(-1, keepdim=True)
+    return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
 def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
