@@ -5,6 +5,9 @@ Stage 1 (`_acd_tiles`, grid = vocabulary tiles x rows): marks the plausible set 
 exp(d - max) over S, the upper mass of S, and the best log p_u outside S (+ index).
 Stage 2 (`_acd_merge`, one program per row): merges the tiles into log-sum-exp over S, picks the argmax of
 log q (first index on ties) and, if asked, writes log q = d - lse_S(d) + log mass(S) on S, log p_u elsewhere.
+With one candidate at least (the default) the threshold comes from the exit stage's max logit inside both stages;
+with `emit` (greedy decoding) the merge ends the decode step with its token (`step_epilogue.finish_row`): the
+contrast is then two launches and no torch operation.
 """
 
 from __future__ import annotations
@@ -15,14 +18,28 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl_options
+from .step_epilogue import arrive, embed_block, finish_row
+from .step_epilogue_ref import StepIO
+
 LAUNCHES = {"acd_contrast": 0}
 
 
 @triton.jit
+def _threshold(thr_ptr, b, log_alpha, FROM_MAX: tl.constexpr):
+    """Row b's plausibility threshold on the upper logits: thr[b], or max logit + log(alpha) (one candidate)."""
+    if FROM_MAX:
+        return tl.load(thr_ptr + b) + log_alpha
+    return tl.load(thr_ptr + b)
+
+
+@triton.jit
 def _acd_tiles(
-    logits_ptr, lse_ptr, thr_ptr, stats_ptr, arg_ptr, B, V, n_tiles,
-    BLOCK_V: tl.constexpr,
+    logits_ptr, lse_ptr, thr_ptr, stats_ptr, arg_ptr, B, V, n_tiles, log_alpha,
+    BLOCK_V: tl.constexpr, THR_FROM_MAX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     pid_v = tl.program_id(0)
     b = tl.program_id(1)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -32,7 +49,7 @@ def _acd_tiles(
     lp_u = upper - tl.load(lse_ptr + b)
     lp_l = lower - tl.load(lse_ptr + B + b)
     p_u = tl.exp(lp_u)
-    in_s = ok & (upper >= tl.load(thr_ptr + b))
+    in_s = ok & (upper >= _threshold(thr_ptr, b, log_alpha, THR_FROM_MAX))
     d = tl.where(in_s, lp_u - lp_l, float("-inf"))
     d_max = tl.max(d, axis=0)
     d_arg = pid_v * BLOCK_V + tl.argmax(d, axis=0, tie_break_left=True)
@@ -50,13 +67,21 @@ def _acd_tiles(
     tl.store(stats_ptr + 3 * plane + i, o_max)
     tl.store(arg_ptr + i, d_arg)
     tl.store(arg_ptr + plane + i, o_arg)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _acd_merge(
-    stats_ptr, arg_ptr, logits_ptr, lse_ptr, thr_ptr, token_ptr, log_q_ptr, B, V, n_tiles,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_LOG_Q: tl.constexpr,
+    stats_ptr, arg_ptr, logits_ptr, lse_ptr, thr_ptr, token_ptr, log_q_ptr,
+    tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, slot_ptr, arrivals_ptr, wte_ptr, wpe_ptr,
+    h0_ptr,
+    B, V, n_tiles, log_alpha, T, D, P,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_LOG_Q: tl.constexpr, THR_FROM_MAX: tl.constexpr,
+    EMIT: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     t_ok = t < n_tiles
@@ -76,11 +101,12 @@ def _acd_merge(
     lse_s = best_d + tl.log(d_total)
     score_s = best_d - lse_s + log_mass
     pick_s = (score_s > best_o) | ((score_s == best_o) & (token_s < token_o))
-    tl.store(token_ptr + b, tl.where(pick_s, token_s, token_o).to(tl.int64))
+    token = tl.where(pick_s, token_s, token_o).to(tl.int64)
+    tl.store(token_ptr + b, token)
     if WRITE_LOG_Q:
         lse_u = tl.load(lse_ptr + b)
         lse_l = tl.load(lse_ptr + B + b)
-        thr = tl.load(thr_ptr + b)
+        thr = _threshold(thr_ptr, b, log_alpha, THR_FROM_MAX)
         for v in range(0, V, BLOCK_V):
             cols = v + tl.arange(0, BLOCK_V)
             ok = cols < V
@@ -89,6 +115,12 @@ def _acd_merge(
             lp_l = tl.load(logits_ptr + (B + b).to(tl.int64) * V + cols, mask=ok, other=0.0) - lse_l
             log_q = tl.where(upper >= thr, lp_u - lp_l - lse_s + log_mass, lp_u)
             tl.store(log_q_ptr + b.to(tl.int64) * V + cols, log_q, mask=ok)
+    if EMIT:
+        finish_row(b, token, tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, wte_ptr, wpe_ptr,
+                   h0_ptr, h0_ptr, T, D, P, False, BLOCK_D)
+        arrive(B, step_ptr, slot_ptr, arrivals_ptr)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def plausibility_threshold(logits: torch.Tensor, alpha: float, min_candidates: int) -> torch.Tensor:
@@ -100,21 +132,35 @@ def plausibility_threshold(logits: torch.Tensor, alpha: float, min_candidates: i
 
 
 def acd_contrast(logits: torch.Tensor, lse: torch.Tensor, alpha: float = 0.1, min_candidates: int = 1,
-                 with_logprobs: bool = False, block_v: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 with_logprobs: bool = False, block_v: int = 1024, max_logit: torch.Tensor | None = None,
+                 emit: StepIO | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [2, B, V] fp32 (upper exit first), lse [2, B] fp32 -> (greedy token [B] int64, log q [B, V] fp32
-    or None). Same function as `acd_contrast_ref` followed by argmax."""
+    or None). Same function as `acd_contrast_ref` followed by argmax. max_logit ([2, B] or [B] fp32, the exit
+    stage's): with min_candidates 1 the threshold is taken from it inside the kernels (no torch operation).
+    emit: the merge also emits the token and advances the step, as `step_epilogue_ref(token, emit)`. pdl: launch
+    with programmatic dependent launch (`kernels.launch`)."""
     if logits.dim() != 3 or logits.shape[0] != 2 or logits.dtype != torch.float32:
         raise ValueError(f"acd_contrast takes fp32 logits [2, B, V], got {tuple(logits.shape)} {logits.dtype}")
     _, B, V = logits.shape
+    if emit is not None and emit.tokens.shape[0] != B:
+        raise ValueError(f"emit's state has {emit.tokens.shape[0]} rows, the logits {B}")
     logits, lse = logits.contiguous(), lse.contiguous()
-    thr = plausibility_threshold(logits[0], alpha, min_candidates)
+    from_max = min_candidates == 1 and max_logit is not None
+    thr = max_logit.reshape(-1, B)[0].contiguous() if from_max else plausibility_threshold(logits[0], alpha,
+                                                                                          min_candidates)
     n_tiles = triton.cdiv(V, block_v)
     stats = torch.empty(4, B, n_tiles, device=logits.device, dtype=torch.float32)
     args = torch.empty(2, B, n_tiles, device=logits.device, dtype=torch.int32)
-    _acd_tiles[(n_tiles, B)](logits, lse, thr, stats, args, B, V, n_tiles, BLOCK_V=block_v, num_warps=4)
+    options = pdl_options(pdl)
+    _acd_tiles[(n_tiles, B)](logits, lse, thr, stats, args, B, V, n_tiles, math.log(alpha), BLOCK_V=block_v,
+                             THR_FROM_MAX=from_max, USE_PDL=pdl, num_warps=4, **options)
     token = torch.empty(B, device=logits.device, dtype=torch.int64)
     log_q = torch.empty(B, V, device=logits.device, dtype=torch.float32) if with_logprobs else token
-    _acd_merge[(B,)](stats, args, logits, lse, thr, token, log_q, B, V, n_tiles,
-                     BLOCK_T=triton.next_power_of_2(n_tiles), BLOCK_V=1024, WRITE_LOG_Q=with_logprobs, num_warps=4)
+    step_io = emit.pointers() if emit is not None else (token,) * 11
+    T, D, P = emit.sizes() if emit is not None else (1, 1, 1)
+    _acd_merge[(B,)](stats, args, logits, lse, thr, token, log_q, *step_io, B, V, n_tiles, math.log(alpha), T, D, P,
+                     BLOCK_T=triton.next_power_of_2(n_tiles), BLOCK_V=1024, WRITE_LOG_Q=with_logprobs,
+                     THR_FROM_MAX=from_max, EMIT=emit is not None, BLOCK_D=embed_block(D), USE_PDL=pdl, num_warps=4,
+                     **options)
     LAUNCHES["acd_contrast"] += 1
     return token, (log_q if with_logprobs else None)

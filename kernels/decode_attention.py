@@ -7,7 +7,8 @@ Only the slots up to the current one are read, not the whole cache bucket. With 
 enough rows x heads to fill the GPU) the program writes y itself: one launch. Long caches at small batch are
 split (flash-decoding) so that enough programs stream the cache, and a small merge kernel combines the splits'
 (max, sum, weighted values). With the `skip` flag set (early exit predicated inside one graph) only the key/value
-is stored (state propagation) and y is left unwritten.
+is stored (state propagation) and y is left unwritten. The kernel also marks the slot valid for the row, so the
+step needs no torch operation for it. With `pdl` it waits on the kernel before it (its input) first thing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from .launch import pdl_options
 
 LAUNCHES = {"decode_attention": 0}  # counts wrapper calls, so tests can assert which path ran
 SPLIT_FROM = 512  # caches shorter than this are never split
@@ -28,7 +31,10 @@ def _decode_attention(
     qkv_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, skip_ptr, y_ptr, part_ptr,
     H, T, D, chunk, scale,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_SKIP: tl.constexpr, SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -41,6 +47,7 @@ def _decode_attention(
     first = dd < tl.where(s == 0, HEAD_DIM, 0)  # split 0 stores the new key/value (and starts from it)
     tl.store(k_ptr + head + slot * HEAD_DIM + dd, k_new, mask=first)
     tl.store(v_ptr + head + slot * HEAD_DIM + dd, v_new, mask=first)
+    tl.store(valid_ptr + b.to(tl.int64) * T + slot, 1, mask=(h == 0) & (s == 0))
     run = True
     if HAS_SKIP:
         run = tl.load(skip_ptr).to(tl.int32) == 0
@@ -72,13 +79,17 @@ def _decode_attention(
             tl.store(part + HEAD_DIM + 1, total)
         else:
             tl.store(y_ptr + b.to(tl.int64) * D + h * HEAD_DIM + dd, (acc / total).to(y_ptr.dtype.element_ty))
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _decode_attention_merge(
     part_ptr, skip_ptr, y_ptr, H, D, splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SKIP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SKIP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     run = True
@@ -95,6 +106,8 @@ def _decode_attention_merge(
         weight = tl.exp(m - tl.max(m, axis=0))
         y = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
         tl.store(y_ptr + b.to(tl.int64) * D + h * HEAD_DIM + dd, y.to(y_ptr.dtype.element_ty))
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def choose_splits(batch: int, heads: int, length: int, device: torch.device) -> int:
@@ -114,10 +127,11 @@ def multiprocessors(device: torch.device) -> int:
 
 def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
                      slot: torch.Tensor, skip: torch.Tensor | None = None, splits: int | None = None,
-                     block_t: int = 64, scale: float | None = None) -> torch.Tensor:
+                     block_t: int = 64, scale: float | None = None, pdl: bool = False) -> torch.Tensor:
     """Triton version of `decode_attention_ref`: qkv [B, 3d], cache_k / cache_v [B, H, T, hd] contiguous (written
-    at `slot`), valid [B, T] bool, slot [1] int64, one float dtype; hd a power of two. splits: how many programs
-    share a row's cache (default `choose_splits`); scale: of the scores (default 1/sqrt(hd)). Returns y [B, d]."""
+    at `slot`), valid [B, T] bool (slot marked), slot [1] int64, one float dtype; hd a power of two. splits: how
+    many programs share a row's cache (default `choose_splits`); scale: of the scores (default 1/sqrt(hd)); pdl:
+    launch with programmatic dependent launch (`kernels.launch`). Returns y [B, d]."""
     B, H, T, hd = cache_k.shape
     d = H * hd
     if qkv.shape != (B, 3 * d) or cache_v.shape != cache_k.shape or valid.shape != (B, T):
@@ -135,9 +149,10 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
     scale = hd**-0.5 if scale is None else scale
     _decode_attention[(B, H, splits)](qkv, cache_k, cache_v, valid, slot, skip_arg, y, part, H, T, d, chunk,
                                       scale, HEAD_DIM=hd, BLOCK_T=block_t, HAS_SKIP=skip is not None,
-                                      SPLIT=splits > 1)
+                                      SPLIT=splits > 1, USE_PDL=pdl, **pdl_options(pdl))
     if splits > 1:
         _decode_attention_merge[(B, H)](part, skip_arg, y, H, d, splits, HEAD_DIM=hd,
-                                        BLOCK_S=triton.next_power_of_2(splits), HAS_SKIP=skip is not None)
+                                        BLOCK_S=triton.next_power_of_2(splits), HAS_SKIP=skip is not None,
+                                        USE_PDL=pdl, **pdl_options(pdl))
     LAUNCHES["decode_attention"] += 1
     return y

@@ -1,9 +1,12 @@
 """The exit decision at a checked exit as one kernel (instead of some twenty small element-wise launches).
 
-One program: reads the rows' confidences, the step's threshold (both on the device), decides which running rows
-exit, records their exit layer and confidence in the step's column, takes their token, freezes their hidden
-state, updates `running` / `fired`, and writes the flags the host (segment schedule) or the later kernels
-(predicated schedule) read. Only comparisons and copies: bit-identical to `exit_decide_ref`.
+Program b decides row b: reads its confidence and the step's threshold (both on the device), exits it if it is
+running and confident enough, records its exit layer and confidence in the step's column, takes its token and
+freezes its hidden state, and updates `running` / `fired`. The last program to finish (counted in `arrivals`
+with an acquire-release atomic, as in `step_epilogue.arrive`) reduces over the rows and writes the flags the
+host (segment schedule) or the later kernels (predicated schedule) read. At the last layer (`final`) every running
+row exits; with `emit` the decision also ends the decode step (`step_epilogue.finish_row`) and sets the next one
+up. Only comparisons and copies: bit-identical to `exit_decide_ref`.
 """
 
 from __future__ import annotations
@@ -12,67 +15,103 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl_options
+from .step_epilogue import arrive, embed_block, finish_row
+from .step_epilogue_ref import StepIO
+
 LAUNCHES = {"exit_decide": 0}  # counts wrapper calls, so tests can assert which path ran
 
 
 @triton.jit
 def _exit_decide(
-    conf_ptr, thresholds_ptr, step_ptr, running_ptr, fired_ptr, candidate_ptr, chosen_ptr, h_last_ptr, h_exit_ptr,
+    conf_ptr, thresholds_ptr, running_ptr, fired_ptr, candidate_ptr, chosen_ptr, h_last_ptr, h_exit_ptr,
     exit_at_ptr, conf_at_ptr, flags_ptr, skip_ptr, fired_none_ptr,
-    B, D, T, h_last_stride, layer,
-    HAS_CANDIDATE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_FIRED_NONE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, slot_ptr, arrivals_ptr, wte_ptr, wpe_ptr,
+    h0_ptr,
+    B, D, T, h_last_stride, layer, T_out, P,
+    HAS_CANDIDATE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_FIRED_NONE: tl.constexpr, FINAL: tl.constexpr,
+    EMIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    rows = tl.arange(0, BLOCK_B)
-    ok = rows < B
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    b = tl.program_id(0)
     step = tl.load(step_ptr)
-    threshold = tl.load(thresholds_ptr + step)
-    confidence = tl.load(conf_ptr + rows, mask=ok, other=0.0)
-    running = tl.load(running_ptr + rows, mask=ok, other=0).to(tl.int32) != 0
-    fire = running & (confidence >= threshold) & ok
+    confidence = tl.load(conf_ptr + b)
+    running = tl.load(running_ptr + b).to(tl.int32) != 0
+    if FINAL:
+        fire = running
+    else:
+        fire = running & (confidence >= tl.load(thresholds_ptr + step))
+    token = tl.load(chosen_ptr + b)
     if HAS_CANDIDATE:
-        candidate = tl.load(candidate_ptr + rows, mask=fire, other=0)
-        tl.store(chosen_ptr + rows, candidate, mask=fire)
-    column = rows.to(tl.int64) * T + step
-    tl.store(exit_at_ptr + column, tl.zeros([BLOCK_B], dtype=tl.int64) + layer, mask=fire)
+        token = tl.where(fire, tl.load(candidate_ptr + b), token)
+        tl.store(chosen_ptr + b, token)
+    column = b.to(tl.int64) * T + step
+    tl.store(exit_at_ptr + column, layer.to(tl.int64), mask=fire)
     tl.store(conf_at_ptr + column, confidence, mask=fire)
-    cols = tl.arange(0, BLOCK_D)
-    for start in range(0, D, BLOCK_D):
-        m = fire[:, None] & ((start + cols) < D)[None, :]
-        h = tl.load(h_last_ptr + rows.to(tl.int64)[:, None] * h_last_stride + start + cols[None, :], mask=m)
-        tl.store(h_exit_ptr + rows.to(tl.int64)[:, None] * D + start + cols[None, :], h, mask=m)
+    dd = tl.arange(0, BLOCK_D)
+    if not FINAL:
+        copied = tl.where(fire, D, 0)  # columns to freeze, as a vector mask (the interpreter mishandles bool & bool)
+        for start in range(0, D, BLOCK_D):
+            m = (start + dd) < copied
+            h = tl.load(h_last_ptr + b.to(tl.int64) * h_last_stride + start + dd, mask=m)
+            tl.store(h_exit_ptr + b.to(tl.int64) * D + start + dd, h, mask=m)
+    tl.store(fired_ptr + b, fire)
     still = running & (fire == 0)
-    tl.store(fired_ptr + rows, fire.to(tl.int1), mask=ok)
-    tl.store(running_ptr + rows, still.to(tl.int1), mask=ok)
-    any_fired = tl.max(fire.to(tl.int32), axis=0)
-    any_running = tl.max(still.to(tl.int32), axis=0)
-    tl.store(flags_ptr, any_fired.to(tl.int1))
-    tl.store(flags_ptr + 1, any_running.to(tl.int1))
-    if HAS_SKIP:
-        tl.store(skip_ptr, 1 - any_running)
-    if HAS_FIRED_NONE:
-        tl.store(fired_none_ptr, 1 - any_fired)
+    if EMIT:  # the step ends: emit the token, the row runs next step unless it finished; its state is the input
+        done = finish_row(b, token, tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, wte_ptr,
+                          wpe_ptr, h0_ptr, h_exit_ptr, T_out, D, P, True, BLOCK_D)
+        still = done == 0
+    tl.store(running_ptr + b, still)
+    if EMIT:
+        last = arrive(B, step_ptr, slot_ptr, arrivals_ptr)
+    else:
+        last = arrive(B, step_ptr, step_ptr, arrivals_ptr, False)
+    if last:  # every row is decided: the flags over all rows
+        rows = tl.arange(0, BLOCK_B)
+        ok = rows < B
+        any_fired = tl.max(tl.load(fired_ptr + rows, mask=ok, other=0, volatile=True).to(tl.int32), axis=0)
+        any_running = tl.max(tl.load(running_ptr + rows, mask=ok, other=0, volatile=True).to(tl.int32), axis=0)
+        tl.store(flags_ptr, any_fired.to(tl.int1))
+        tl.store(flags_ptr + 1, any_running.to(tl.int1))
+        if HAS_SKIP:
+            tl.store(skip_ptr, 1 - any_running)
+        if HAS_FIRED_NONE:
+            tl.store(fired_none_ptr, 1 - any_fired)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, step: torch.Tensor,
                 running: torch.Tensor, fired: torch.Tensor, candidate: torch.Tensor | None, chosen: torch.Tensor,
-                h_last: torch.Tensor, h_exit: torch.Tensor, exit_at: torch.Tensor, conf_at: torch.Tensor,
-                flags: torch.Tensor, skip: torch.Tensor | None = None,
-                fired_none: torch.Tensor | None = None) -> None:
-    """Triton version of `exit_decide_ref` (same arguments; skip / fired_none int32). h_exit, exit_at, conf_at
-    must be contiguous and h_last's rows contiguous."""
+                h_last: torch.Tensor | None, h_exit: torch.Tensor, exit_at: torch.Tensor, conf_at: torch.Tensor,
+                flags: torch.Tensor, skip: torch.Tensor | None = None, fired_none: torch.Tensor | None = None,
+                final: bool = False, emit: StepIO | None = None, arrivals: torch.Tensor | None = None,
+                pdl: bool = False) -> None:
+    """Triton version of `exit_decide_ref` (same arguments; skip / fired_none int32; emit's step is `step`).
+    arrivals: a [1] int32 zero the kernel counts its programs in and leaves zero (emit's, or a new one: pass one
+    to keep a step free of torch operations). h_exit, exit_at, conf_at must be contiguous and h_last's rows
+    contiguous. pdl: launch with programmatic dependent launch (`kernels.launch`)."""
     B, D = h_exit.shape
     T = exit_at.shape[1]
+    h_last = h_exit if h_last is None else h_last
     if not (h_exit.is_contiguous() and exit_at.is_contiguous() and conf_at.is_contiguous()) or h_last.stride(1) != 1:
         raise ValueError("h_exit, exit_at and conf_at must be contiguous, h_last's rows contiguous")
     if confidence.dtype != torch.float32 or conf_at.dtype != torch.float32 or exit_at.dtype != torch.int64:
         raise ValueError("confidence and conf_at must be float32, exit_at int64")
-    block_b = max(triton.next_power_of_2(B), 2)
-    block_d = max(16, min(triton.next_power_of_2(D), 4096 // block_b))
-    _exit_decide[(1,)](confidence, thresholds, step, running, fired, candidate if candidate is not None else chosen,
+    if emit is not None and (emit.step is not step or emit.h0.shape != h_exit.shape):
+        raise ValueError("emit must share the decision's step index and rows")
+    if arrivals is None:
+        arrivals = emit.arrivals if emit is not None else torch.zeros(1, dtype=torch.int32, device=h_exit.device)
+    step_io = emit.pointers() if emit is not None else (chosen, chosen, fired, chosen, chosen, step, step, arrivals,
+                                                         h_exit, h_exit, h_exit)
+    T_out, _, P = emit.sizes() if emit is not None else (1, D, 1)
+    _exit_decide[(B,)](confidence, thresholds, running, fired, candidate if candidate is not None else chosen,
                        chosen, h_last, h_exit, exit_at, conf_at, flags, skip if skip is not None else flags,
-                       fired_none if fired_none is not None else flags, B, D, T, h_last.stride(0), layer,
+                       fired_none if fired_none is not None else flags, *step_io[:7], arrivals, *step_io[8:],
+                       B, D, T, h_last.stride(0), layer, T_out, P,
                        HAS_CANDIDATE=candidate is not None, HAS_SKIP=skip is not None,
-                       HAS_FIRED_NONE=fired_none is not None, BLOCK_B=block_b, BLOCK_D=block_d,
-                       num_warps=8 if block_b * block_d >= 4096 else 4)  # 4 warps spill at 4x1024 (aot_compile)
+                       HAS_FIRED_NONE=fired_none is not None, FINAL=final, EMIT=emit is not None,
+                       BLOCK_B=max(triton.next_power_of_2(B), 2), BLOCK_D=embed_block(D), USE_PDL=pdl,
+                       num_warps=4, **pdl_options(pdl))
     LAUNCHES["exit_decide"] += 1

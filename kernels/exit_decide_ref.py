@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import torch
 
+from .step_epilogue_ref import StepIO, step_epilogue_ref
+
 
 def exit_decide_ref(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, step: torch.Tensor,
                     running: torch.Tensor, fired: torch.Tensor, candidate: torch.Tensor | None, chosen: torch.Tensor,
-                    h_last: torch.Tensor, h_exit: torch.Tensor, exit_at: torch.Tensor, conf_at: torch.Tensor,
-                    flags: torch.Tensor, skip: torch.Tensor | None = None,
-                    fired_none: torch.Tensor | None = None) -> None:
+                    h_last: torch.Tensor | None, h_exit: torch.Tensor, exit_at: torch.Tensor, conf_at: torch.Tensor,
+                    flags: torch.Tensor, skip: torch.Tensor | None = None, fired_none: torch.Tensor | None = None,
+                    final: bool = False, emit: StepIO | None = None, arrivals: torch.Tensor | None = None) -> None:
     """Rows still running whose confidence reaches the threshold exit at `layer`; everything updates in place.
 
     confidence [B] fp32; thresholds [T] fp32 (per step); step [1] int64 (this step: the threshold, and the column
-    of exit_at / conf_at [B, T]); running,
-    fired [B] bool; candidate (the exit's token, None when the head runs later, as for cosine), chosen [B] int64;
-    h_last [B, d] (any row stride), h_exit [B, d]; flags [2] bool = (some row fired, some row still running).
-    Predicated schedule: skip [1] int32 = no row running, fired_none [1] int32 = no row fired."""
-    fire = running & (confidence >= thresholds.index_select(0, step))
+    of exit_at / conf_at [B, T]); running, fired [B] bool; candidate (the exit's token, None when the head runs
+    later, as for cosine), chosen [B] int64; h_last [B, d] (any row stride), h_exit [B, d]; flags [2] bool =
+    (some row fired, some row still running). Predicated schedule: skip [1] int32 = no row running, fired_none [1]
+    int32 = no row fired.
+    final: the last layer: every running row exits here (no threshold; h_last unused).
+    emit: the step ends here: `chosen` is emitted (`step_epilogue_ref`), then the next step is set up: running =
+    not finished, h_exit = its input h0, and flags[1] / skip describe the next step's rows. arrivals: the kernel's
+    counter (unused here)."""
+    fire = running.clone() if final else running & (confidence >= thresholds.index_select(0, step))
     if candidate is not None:
         chosen.copy_(torch.where(fire, candidate, chosen))
     record_exits(fire, layer, confidence, step, exit_at, conf_at)
-    h_exit.copy_(torch.where(fire[:, None], h_last, h_exit))
+    if not final:
+        h_exit.copy_(torch.where(fire[:, None], h_last, h_exit))
     fired.copy_(fire)
     running &= ~fire
+    if emit is not None:
+        running.copy_(~step_epilogue_ref(chosen, emit))
+        h_exit.copy_(emit.h0)
     flags.copy_(torch.stack([fire.any(), running.any()]))
     if skip is not None:
         skip.copy_(~running.any())

@@ -37,26 +37,47 @@ def normalized_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_
 
 
 @triton.jit
-def ln_matmul(x_rows, row_ok, w_ptr, w_stride, cols, col_ok, ln_w_ptr, ln_b_ptr, K, eps,
-              HAS_LN: tl.constexpr, FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] fp32: layernorm(x) (or x) times the weight's columns `cols`, rows w_stride apart."""
+def weight_tile(w_ptr, w_stride, k, K, cols, col_ok, BLOCK_K: tl.constexpr):
+    """Rows k..k+BLOCK_K of the weight's columns `cols`: [BLOCK_K, BLOCK_N] (0 outside K / the columns)."""
     kk = tl.arange(0, BLOCK_K)
+    k_ok = (k + kk) < K
+    return tl.load(w_ptr + (k + kk).to(tl.int64)[:, None] * w_stride + cols[None, :],
+                   mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def dot_acc(x, w, acc, FP32_IEEE: tl.constexpr):
+    """acc + x @ w with fp32 accumulation; fp32 inputs as full-precision products (not tf32)."""
+    if FP32_IEEE:
+        return tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+    return tl.dot(x.to(w.dtype), w, acc)
+
+
+@triton.jit
+def ln_matmul(x_rows, row_ok, w_ptr, w_stride, cols, col_ok, ln_w_ptr, ln_b_ptr, K, eps, w_first,
+              HAS_LN: tl.constexpr, FP32_IEEE: tl.constexpr, HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32: layernorm(x) (or x) times the weight's columns `cols`, rows w_stride apart.
+    HAS_FIRST: w_first is the weight's first tile (`weight_tile` at k = 0), loaded earlier (before a PDL wait)."""
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_LN:
         mean, rstd = row_stats(x_rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_ok = (k + kk) < K
-        if HAS_LN:
-            xk = normalized_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_K)
-        else:
-            xk = tl.load(x_rows + k + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_tile = tl.load(w_ptr + (k + kk).to(tl.int64)[:, None] * w_stride + cols[None, :],
-                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if FP32_IEEE:  # fp32 weights: full-precision products, not tf32
-            acc = tl.dot(xk.to(tl.float32), w_tile, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xk.to(w_tile.dtype), w_tile, acc)
+    start = 0
+    if HAS_FIRST:
+        acc = dot_acc(_x_tile(x_rows, row_ok, 0, K, mean, rstd, ln_w_ptr, ln_b_ptr, HAS_LN, BLOCK_K), w_first, acc,
+                      FP32_IEEE)
+        start = BLOCK_K
+    for k in range(start, K, BLOCK_K):
+        xk = _x_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, HAS_LN, BLOCK_K)
+        acc = dot_acc(xk, weight_tile(w_ptr, w_stride, k, K, cols, col_ok, BLOCK_K), acc, FP32_IEEE)
     return acc
+
+
+@triton.jit
+def _x_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, HAS_LN: tl.constexpr, BLOCK_K: tl.constexpr):
+    if HAS_LN:
+        return normalized_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_K)
+    kk = tl.arange(0, BLOCK_K)
+    return tl.load(x_rows + k + kk[None, :], mask=row_ok[:, None] & ((k + kk) < K)[None, :], other=0.0)

@@ -32,6 +32,10 @@ def test_matches_reference(B, V, alpha, k, block_v, monkeypatch):
     assert torch.equal(token.cpu(), ref.argmax(-1).cpu())
     token_only, none = acd_contrast(z, lse, alpha, k, with_logprobs=False, block_v=block_v)
     assert none is None and torch.equal(token_only, token)
+    # the threshold from the exit stage's max logit (one candidate; ignored for more) gives the same bits
+    from_max, log_q_max = acd_contrast(z, lse, alpha, k, with_logprobs=True, block_v=block_v,
+                                       max_logit=z.max(-1).values)
+    assert torch.equal(from_max, token) and torch.equal(log_q_max, log_q)
 
 
 def test_formula_on_one_row():

@@ -10,12 +10,13 @@ from mexit.kernels.decode_attention_ref import decode_attention_ref
 
 
 def make_inputs(B, H, T, hd, slot, dtype, seed=0):
-    """Random qkv and cache; rows are left-padded by 0, 1, 2, ... positions (never past the slot)."""
+    """Random qkv and cache; rows are left-padded by 0, 1, 2, ... positions (never past the slot); the slot itself
+    is not yet marked valid (the kernel marks it)."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, 3 * H * hd, generator=g) * 1.5
     k, v = torch.randn(2, B, H, T, hd, generator=g)
     valid = torch.zeros(B, T, dtype=torch.bool)
-    valid[:, : slot + 1] = True
+    valid[:, :slot] = True
     for b in range(B):
         valid[b, : min(b, slot)] = False
     cast = dict(device=DEVICE, dtype=dtype)
@@ -31,11 +32,13 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 def test_matches_float64_reference(B, H, T, hd, slot, dtype, monkeypatch):
     qkv, k, v, valid, slot_t = make_inputs(B, H, T, hd, slot, dtype, seed=B + slot)
     k_ref, v_ref = k.double(), v.double()
-    want = decode_attention_ref(qkv.double(), k_ref, v_ref, valid, slot_t)
+    valid_ref = valid.clone()
+    want = decode_attention_ref(qkv.double(), k_ref, v_ref, valid_ref, slot_t)
     before = kernel_module.LAUNCHES["decode_attention"]
     with poisoned_allocations(monkeypatch):
         y = decode_attention(qkv, k, v, valid, slot_t)
     assert kernel_module.LAUNCHES["decode_attention"] == before + 1
+    assert valid[:, slot].all() and torch.equal(valid, valid_ref)  # the slot marked, nothing else
     assert y.dtype == dtype and y.shape == (B, H * hd) and not torch.isnan(y).any()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert rel_err(y, want) < tol, rel_err(y, want)

@@ -69,6 +69,32 @@ def test_skip_flag_leaves_skipped_columns_unwritten(skip_cols, monkeypatch):
     torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("M", [1, 3, 7, 17, 64])
+def test_frozen_rows_pass_their_residual_through_bit_for_bit(M, monkeypatch):
+    """live False: the row is the residual exactly (x there is NaN, as an exited row's garbage may be); live
+    rows equal the reference. Odd row counts cross the 16- and 32-row blocks."""
+    x, w, b, ln, res = make_inputs(M, 48, 96, torch.float16, seed=M)
+    live = torch.arange(M, device=DEVICE) % 3 != 1
+    x[~live] = float("nan")
+    with poisoned_allocations(monkeypatch):
+        y = fused_linear(x, w, b, gelu=True, residual=res, live=live)
+    assert torch.equal(y[~live], res[~live])
+    ref = fused_linear_ref(x.double(), w.double(), b.double(), gelu=True, residual=res.double(), live=live)
+    assert rel_err(y[live], ref[live]) < 2e-3
+    assert torch.equal(fused_linear_ref(x, w, b, gelu=True, residual=res, live=live)[~live], res[~live])
+
+
+def test_skip_flag_passes_every_residual_row_through(monkeypatch):
+    """Flag set on a residual kernel: the output is the residual (no weight read), whatever `live` says."""
+    x, w, b, _, res = make_inputs(5, 32, 64, torch.float32, seed=4)
+    on = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    live = torch.ones(5, dtype=torch.bool, device=DEVICE)
+    with poisoned_allocations(monkeypatch):
+        y = fused_linear(x, w, b, residual=res, live=live, skip=on)
+        z = fused_linear(x, w, b, residual=res, skip=on)
+    assert torch.equal(y, res) and torch.equal(z, res)
+
+
 def test_rejects_bad_shapes_and_dtypes():
     x, w, b, ln, res = make_inputs(2, 32, 48, torch.float32)
     with pytest.raises(ValueError, match="contiguous"):
@@ -77,5 +103,7 @@ def test_rejects_bad_shapes_and_dtypes():
         fused_linear(x, w, b[:-1])
     with pytest.raises(ValueError, match="residual"):
         fused_linear(x, w, b, residual=res[:1])
+    with pytest.raises(ValueError, match="live rows"):
+        fused_linear(x, w, b, live=torch.ones(2, dtype=torch.bool, device=x.device))
     with pytest.raises(ValueError, match="one dtype"):
         fused_linear(x, w.half(), b)
