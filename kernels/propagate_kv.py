@@ -4,7 +4,7 @@ Grid = key|value column tiles x skipped blocks x row blocks. Each program normal
 block j's ln_1 (fp32 statistics), multiplies by its [d, BLOCK_N] slice of block j's c_attn key/value columns
 (fp32 accumulation), adds the bias and stores the tile straight into the cache at each row's (row, slot): one
 launch for all skipped blocks, reading 2·d² weights per block (the torch path: a batched matmul and indexed
-writes, several launches).
+writes, several launches). With `pdl`, a program loads its first weight tile before waiting on the kernel before.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import ln_matmul
+from .launch import pdl_options
+from .tiles import ln_matmul, weight_tile
 
 LAUNCHES = {"propagate_kv": 0}  # counts wrapper calls, so tests can assert which path ran
 
@@ -22,7 +23,7 @@ LAUNCHES = {"propagate_kv": 0}  # counts wrapper calls, so tests can assert whic
 def _propagate_kv(
     h_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, k_ptr, v_ptr, rows_ptr, slots_ptr,
     N, D, B, H, T, start, eps,
-    HEAD_DIM: tl.constexpr, FP32_IEEE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, FP32_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -33,8 +34,12 @@ def _propagate_kv(
     col_ok = cols < 2 * D
     layer = j.to(tl.int64)
     w_layer = w_ptr + layer * D * 3 * D + D  # block j's c_attn, from its key columns on
+    w_first = col_ok
+    if USE_PDL:
+        w_first = weight_tile(w_layer, 3 * D, 0, D, cols, col_ok, BLOCK_K)
+        tl.extra.cuda.gdc_wait()
     acc = ln_matmul(h_ptr + m.to(tl.int64)[:, None] * D, m_ok, w_layer, 3 * D, cols, col_ok, ln_w_ptr + layer * D,
-                    ln_b_ptr + layer * D, D, eps, True, FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                    ln_b_ptr + layer * D, D, eps, w_first, True, FP32_IEEE, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K)
     acc += tl.load(b_ptr + layer * 3 * D + D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     row = tl.load(rows_ptr + m, mask=m_ok, other=0)
     slot = tl.load(slots_ptr + m, mask=m_ok, other=0)
@@ -46,13 +51,15 @@ def _propagate_kv(
     ok = m_ok[:, None] & col_ok[None, :]
     tl.store(k_ptr + offsets, out, mask=ok & (cols < D)[None, :])
     tl.store(v_ptr + offsets, out, mask=ok & (cols >= D)[None, :])
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w: torch.Tensor,
                  attn_b: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, rows: torch.Tensor,
-                 slots: torch.Tensor, start: int, end: int, eps: float) -> None:
+                 slots: torch.Tensor, start: int, end: int, eps: float, pdl: bool = False) -> None:
     """Triton version of `propagate_kv_ref` (same arguments, all contiguous, one float dtype; head size a power
-    of two)."""
+    of two). pdl: launch with programmatic dependent launch (`kernels.launch`)."""
     L, B, H, T, hd = cache_k.shape
     D = H * hd
     N = h.shape[0]
@@ -67,6 +74,6 @@ def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w
     block_m = 16 if N <= 16 else 64
     grid = (triton.cdiv(2 * D, 64), end - start, triton.cdiv(N, block_m))
     _propagate_kv[grid](h, ln_w, ln_b, attn_w, attn_b, cache_k, cache_v, rows, slots, N, D, B, H, T, start, eps,
-                        HEAD_DIM=hd, FP32_IEEE=h.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64,
-                        num_warps=4 if block_m == 16 else 8)  # 64 rows at 4 warps spill on sm_90a (aot_compile)
+                        HEAD_DIM=hd, FP32_IEEE=h.dtype == torch.float32, USE_PDL=pdl, BLOCK_M=block_m, BLOCK_N=64,
+                        BLOCK_K=64, num_warps=4 if block_m == 16 else 8, **pdl_options(pdl))  # 64 rows at 4 warps spill on sm_90a (aot_compile)
     LAUNCHES["propagate_kv"] += 1

@@ -67,10 +67,15 @@ class KVCache:
     valid: torch.Tensor
 
 
+# Decode batches up to this many rows run the fused-linear kernels (fused=True); larger ones cuBLAS matmuls with
+# separate layernorm / gelu / residual launches. 64: at every bucket up to 64 the fused block reads the same weight
+# bytes from DRAM (row blocks of 32 share each weight tile through L2, kernels/fused_linear.tile_config) in 5
+# launches instead of about 14, so by the bytes/launch model it should win; a GPU measures it
+# (bench/bench_fused_linear.py block rows, `mexit bench --fused-max-rows`).
+FUSED_MAX_ROWS = 64
+
 # pending(j, rows) -> (row_index, slot_index, hidden) of earlier exited positions whose keys/values at block j
 # must be filled now, or None. Used by the deferred state propagation of the early-exit scheduler.
-FUSED_MAX_ROWS = 16  # decode batches up to this many rows use the fused-linear kernels (fused=True); untuned
-
 PendingFill = Callable[[int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
 
 
@@ -83,6 +88,10 @@ class MultiExitGPT2:
         self.folder = folder  # checkpoint folder it was loaded from (tokenizer files live there)
         self.random_weights = random_weights  # True for benchmark / test models: label every result
         self.fused_max_rows = FUSED_MAX_ROWS  # decode batches up to this size run fused-linear blocks (fused=True)
+
+    def fused_decode(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows runs its blocks as fused-linear kernels (with fused=True)."""
+        return rows <= self.fused_max_rows
 
     @property
     def device(self) -> torch.device:
@@ -126,34 +135,37 @@ class MultiExitGPT2:
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache, slot: int,
                    rows: torch.Tensor | None = None, pending: PendingFill | None = None, fused: bool = False,
-                   skip: torch.Tensor | None = None) -> torch.Tensor:
+                   skip: torch.Tensor | None = None, live: torch.Tensor | None = None,
+                   pdl: bool = False) -> torch.Tensor:
         """Turn h_start into h_end: run blocks start..end-1 on h [b, S, d] whose tokens sit at cache slots
         slot..slot+S-1. `rows` (int64 [b]) selects the cache rows when only some rows run; None means all.
         A tensor `slot` ([1] int64, S = 1, all rows) keeps every shape static for CUDA graph capture: the
         token attends over the whole cache, masked by `cache.valid`, which must already mark its own slot.
         fused: decode steps (S = 1) run the attention as the decode-attention kernel on the static path (tensor
-        slot), and, up to `fused_max_rows` rows, the four matmuls of a block as fused-linear kernels. skip ([1]
-        flag on the device, fused path): while it is set, each block only computes and stores the keys/values
-        of its input (state propagation) and leaves its output unwritten."""
+        slot), and, up to `fused_max_rows` rows, the four matmuls of a block as fused-linear kernels. Fused path
+        only: skip ([1] flag on the device): while it is set, each block only computes and stores the keys/values
+        of its input (state propagation) and passes its input through; live ([b] bool): rows that are False are
+        frozen the same way (their input passes through; their key/value write is state propagation). pdl: the
+        kernels launch with programmatic dependent launch."""
         for j in range(start, end):
-            h = self._block(j, h, cache, slot, rows, pending, fused, skip)
+            h = self._block(j, h, cache, slot, rows, pending, fused, skip, live, pdl)
         return h
 
     def run_to(self, h: torch.Tensor, layers, cache: KVCache, slot, rows: torch.Tensor | None = None,
-               pending: PendingFill | None = None, fused: bool = False) -> dict[int, torch.Tensor]:
+               pending: PendingFill | None = None, fused: bool = False, pdl: bool = False) -> dict[int, torch.Tensor]:
         """Run h_0 [b, S, d] up to max(layers); {layer: h_layer [b, S, d]} for every layer in `layers`."""
         states, start = {}, 0
         for layer in sorted(set(layers)):
-            h = states[layer] = self.run_layers(h, start, layer, cache, slot, rows, pending, fused)
+            h = states[layer] = self.run_layers(h, start, layer, cache, slot, rows, pending, fused, pdl=pdl)
             start = layer
         return states
 
-    def _block(self, j, x, cache, slot, rows, pending, fused=False, skip=None):
+    def _block(self, j, x, cache, slot, rows, pending, fused=False, skip=None, live=None, pdl=False):
         c, w = self.config, self.w
         b, s, d = x.shape
         extra = pending(j, rows) if pending is not None else None
-        if skip is not None or (fused and s == 1 and b <= self.fused_max_rows and extra is None):
-            return self._fused_block(j, x, cache, slot, rows, skip)
+        if skip is not None or live is not None or (fused and s == 1 and self.fused_decode(b) and extra is None):
+            return self._fused_block(j, x, cache, slot, rows, skip, live, pdl)
         a = F.layer_norm(x, (d,), w.ln_1_w[j], w.ln_1_b[j], c.layer_norm_epsilon)
         if extra is not None:  # compute skipped positions' keys/values in the same matmul as this token
             fill_rows, fill_slots, fill_h = extra
@@ -163,15 +175,16 @@ class MultiExitGPT2:
             self._write_kv(cache, j, fill_rows, fill_slots, fill_kv)
         else:
             qkv = F.linear(a, w.attn_w[j].T, w.attn_b[j])
-        y = self._attention(j, qkv, cache, slot, rows, kernel=fused)
+        y = self._attention(j, qkv, cache, slot, rows, kernel=fused, pdl=pdl)
         x = x + F.linear(y, w.attn_proj_w[j].T, w.attn_proj_b[j])
         m = F.layer_norm(x, (d,), w.ln_2_w[j], w.ln_2_b[j], c.layer_norm_epsilon)
         m = F.gelu(F.linear(m, w.fc_w[j].T, w.fc_b[j]), approximate="tanh")
         return x + F.linear(m, w.fc_proj_w[j].T, w.fc_proj_b[j])
 
-    def _fused_block(self, j, x, cache, slot, rows, skip):
+    def _fused_block(self, j, x, cache, slot, rows, skip, live, pdl):
         """The same block for one decode position per row: four fused-linear kernels around the attention (on
-        the static path, tensor slot and all rows, the decode-attention kernel: five kernels per block)."""
+        the static path, tensor slot and all rows, the decode-attention kernel: five kernels per block). Frozen
+        rows (`live` False, or all rows while `skip` is set) leave through the residual kernels unchanged."""
         from mexit.kernels.fused_linear import fused_linear
 
         c, w = self.config, self.w
@@ -180,16 +193,19 @@ class MultiExitGPT2:
             raise ValueError(f"the fused block runs one position per row, got {s}")
         eps = c.layer_norm_epsilon
         x = x.view(b, d)
-        qkv = fused_linear(x, w.attn_w[j], w.attn_b[j], ln=(w.ln_1_w[j], w.ln_1_b[j], eps), skip=skip, skip_cols=d)
-        y = self._attention(j, qkv.view(b, 1, 3 * d), cache, slot, rows, kernel=True, skip=skip).view(b, d)
-        x = fused_linear(y, w.attn_proj_w[j], w.attn_proj_b[j], residual=x, skip=skip)
-        m = fused_linear(x, w.fc_w[j], w.fc_b[j], ln=(w.ln_2_w[j], w.ln_2_b[j], eps), gelu=True, skip=skip)
-        return fused_linear(m, w.fc_proj_w[j], w.fc_proj_b[j], residual=x, skip=skip).view(b, 1, d)
+        qkv = fused_linear(x, w.attn_w[j], w.attn_b[j], ln=(w.ln_1_w[j], w.ln_1_b[j], eps), skip=skip, skip_cols=d,
+                           pdl=pdl)
+        y = self._attention(j, qkv.view(b, 1, 3 * d), cache, slot, rows, kernel=True, skip=skip, pdl=pdl).view(b, d)
+        x = fused_linear(y, w.attn_proj_w[j], w.attn_proj_b[j], residual=x, live=live, skip=skip, pdl=pdl)
+        m = fused_linear(x, w.fc_w[j], w.fc_b[j], ln=(w.ln_2_w[j], w.ln_2_b[j], eps), gelu=True, skip=skip, pdl=pdl)
+        return fused_linear(m, w.fc_proj_w[j], w.fc_proj_b[j], residual=x, live=live, skip=skip,
+                            pdl=pdl).view(b, 1, d)
 
-    def _attention(self, j, qkv, cache, slot, rows, kernel=False, skip=None) -> torch.Tensor:
+    def _attention(self, j, qkv, cache, slot, rows, kernel=False, skip=None, pdl=False) -> torch.Tensor:
         """Write this step's keys/values (qkv [b, S, 3d]) into block j's cache and attend: [b, S, d]. kernel: on
-        the static path (tensor slot, all rows) the decode-attention kernel does both and reads only the slots up
-        to this one (the torch path attends over the whole length bucket, masked)."""
+        the static path (tensor slot, all rows) the decode-attention kernel does both, marks the slot valid and
+        reads only the slots up to this one (the torch path needs the slot marked already and attends over the
+        whole length bucket, masked)."""
         c = self.config
         b, s, _ = qkv.shape
         d = c.n_embd
@@ -197,7 +213,7 @@ class MultiExitGPT2:
             from mexit.kernels.decode_attention import decode_attention
 
             return decode_attention(qkv.view(b, 3 * d), cache.k[j], cache.v[j], cache.valid, slot,
-                                    skip=skip, scale=c.attn_scale(j)).view(b, 1, d)
+                                    skip=skip, scale=c.attn_scale(j), pdl=pdl).view(b, 1, d)
         q, k, v = (t.view(b, s, c.n_head, c.head_dim).transpose(1, 2) for t in qkv.split(d, dim=-1))
         if isinstance(slot, torch.Tensor):  # static shapes (CUDA graphs): one token, slot on the device
             cache.k[j].index_copy_(2, slot, k)
@@ -221,19 +237,22 @@ class MultiExitGPT2:
         return y.transpose(1, 2).reshape(b, s, d)
 
     def fill_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache, rows: torch.Tensor,
-                slots: torch.Tensor, kernel: bool = False) -> None:
+                slots: torch.Tensor, kernel: bool = False, pdl: bool = False) -> None:
         """State propagation: keys/values of blocks start..end-1 for positions (rows[i], slots[i]) computed
         from h [N, d], the hidden state at which those positions exited, reading only the skipped blocks' k|v
-        weights (2·d² of each block's 12·d²): one batched matmul, or with kernel=True one Triton launch."""
+        weights (2·d² of each block's 12·d²): one batched matmul, or with kernel=True one Triton launch (pdl:
+        with programmatic dependent launch)."""
         if start >= end or h.shape[0] == 0:
             return
-        if kernel:
-            from mexit.kernels.propagate_kv import propagate_kv as propagate
-        else:
-            propagate = propagate_kv_ref
         w = self.w
-        propagate(h, w.ln_1_w, w.ln_1_b, w.attn_w, w.attn_b, cache.k, cache.v, rows, slots, start, end,
-                  self.config.layer_norm_epsilon)
+        args = (h, w.ln_1_w, w.ln_1_b, w.attn_w, w.attn_b, cache.k, cache.v, rows, slots, start, end,
+                self.config.layer_norm_epsilon)
+        if kernel:
+            from mexit.kernels.propagate_kv import propagate_kv
+
+            propagate_kv(*args, pdl=pdl)
+        else:
+            propagate_kv_ref(*args)
 
     def _write_kv(self, cache, j, rows, slots, kv):
         """kv [N, 2d] into block j's cache slots (rows[i], slots[i])."""

@@ -146,7 +146,7 @@ def test_predicated_step_is_one_piece(tiny_checkpoint, engine):
         launched = [c[name] - b for (c, name), b in zip(counters, before)]
         assert launched[0] == 4 * 4 * steps  # 4 blocks x 4 matmuls, decode steps only
         assert launched[1] == 4 * N_NEW  # 3 checked exits (or cosine's heads) + the final head, prefill included
-        assert launched[2] == 3 * N_NEW  # one decision kernel per checked exit
+        assert launched[2] == 4 * N_NEW  # one decision kernel per checked exit and the final one (it emits)
         assert out.stats["host_reads"] == 0 and out.stats["segments"] == 0
         reference = segments.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy)
         assert out.tokens == reference.tokens and out.exit_layers == reference.exit_layers
