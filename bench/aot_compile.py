@@ -1,6 +1,9 @@
 """Ahead-of-time GPU gate without a GPU: compile every Triton kernel specialization the runtime launches for
 sm_90a (H100/H200) and sm_80 (A100) with Triton's own compiler and ptxas, and fail on a compile error, a register
-spill or shared memory above the target's limit.
+spill or shared memory above the target's limit. With programmatic dependent launch (`pdl=True`) the same kernels
+compile for sm_90a only, and their PTX must hold `griddepcontrol.wait` and `griddepcontrol.launch_dependents`, and,
+in the kernels that read weights (fused linear, exit-head tiles, state propagation), global loads issued before the
+wait.
 
     python bench/aot_compile.py                 # full sweep: every mode and schedule, batch buckets 1..64, fp16+bf16
     python bench/aot_compile.py --ci            # representative set (the CI test): about a minute
@@ -40,6 +43,7 @@ class Launch:
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
     num_stages: int
+    launch_pdl: bool = False
 
 
 def arg_type(value) -> str:
@@ -74,7 +78,7 @@ def record(fn_under_test) -> set[Launch]:
         signature = tuple((n, arg_type(bound[n])) for n in names if n not in constexpr_names)
         constexprs = tuple((n, bound[n]) for n in names if n in constexpr_names)
         seen.add(Launch(self.fn.__name__, self.fn.__module__, signature, constexprs,
-                        options.get("num_warps", 4), options.get("num_stages", 3)))
+                        options.get("num_warps", 4), options.get("num_stages", 3), options.get("launch_pdl", False)))
 
     empty, empty_like = torch.empty, torch.empty_like
     jit.JITFunction.run = recording
@@ -88,8 +92,9 @@ def record(fn_under_test) -> set[Launch]:
     return seen
 
 
-def runtime_launches(dtypes, batches, modes, n_layer: int = 2) -> set[Launch]:
-    """Distinct launches of the runtime at gpt2-medium widths for every dtype, batch and mode asked for."""
+def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False) -> set[Launch]:
+    """Distinct launches of the runtime at gpt2-medium widths for every dtype, batch and mode asked for (pdl: with
+    programmatic dependent launch)."""
     import mexit
     from mexit.config import ModelConfig
     from mexit.early_exit import ExitPolicy
@@ -103,20 +108,40 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2) -> set[Launch]:
         "ee-deferred": dict(early_exit=ExitPolicy(0.5, exits=(1,), propagation="deferred")),
         "ee-predicated": dict(early_exit=ExitPolicy(0.5, exits=(1,), schedule="predicated")),
         "ee-cosine": dict(early_exit=ExitPolicy(0.5, measure="cosine", exits=(1,))),
+        "sample": dict(do_sample=True, top_k=50, seed=0),
     }
     launches: set[Launch] = set()
     for dtype in dtypes:
         model = mexit.random_model(config, dtype=dtype)
         lm = mexit.MultiExitLM(model, backend="torch", engine="static")
         lm.backend = "triton"  # the kernels' launches are recorded, not run: no GPU or interpreter needed
+        lm.pdl = pdl
         for batch in batches:
             prompts = [[(7 * r + 3) % 50257 for r in range(b, b + 5)] for b in range(batch)]
             for mode in modes:
                 kw = kinds[mode]
                 launches |= record(lambda kw=kw: lm.generate(prompts, 3, eos_token_id=None, **kw))
         # long caches at batch 1 take the split decode attention (partial softmaxes + merge)
-        launches |= record(lambda: lm.generate([[1] * 600], 2, eos_token_id=None))
+        if not pdl:
+            launches |= record(lambda: lm.generate([[1] * 600], 2, eos_token_id=None))
     return launches
+
+
+PREFETCHING = {"_fused_linear", "_exit_head_tiles", "_propagate_kv"}  # load weight tiles before the PDL wait
+
+
+def pdl_findings(launch: Launch, ptx: str) -> dict:
+    """A PDL launch's PTX: whether it waits and releases its dependents, and how many global loads come before
+    the wait (the weight prefetch); an error when one is missing."""
+    wait = ptx.find("griddepcontrol.wait")
+    loads_before = len(re.findall(r"\bld\.global", ptx[:wait])) if wait >= 0 else 0
+    found = dict(loads_before_wait=loads_before, launches_dependents="griddepcontrol.launch_dependents" in ptx)
+    skippable = dict(launch.constexprs).get("HAS_SKIP", False)
+    if wait < 0 or not found["launches_dependents"]:
+        found["error"] = "PDL variant without griddepcontrol.wait / launch_dependents in its PTX"
+    elif launch.kernel in PREFETCHING and not skippable and not loads_before:
+        found["error"] = "PDL variant issues no weight load before griddepcontrol.wait"
+    return found
 
 
 def ptxas_path(arch: int) -> str:
@@ -150,7 +175,8 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
         src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v
                                                                 for k, v in constexprs.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+                                  options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages,
+                                               launch_pdl=launch.launch_pdl))
     except Exception as err:  # a compile error is the finding: report it, do not hide it
         return dict(row, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:400])
     ptx = compiled.asm["ptx"]
@@ -165,7 +191,11 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
     spill_ld = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]
     shared = compiled.metadata.shared if hasattr(compiled.metadata, "shared") else compiled.metadata["shared"]
     out = dict(row, registers=max(regs, default=None), spill_bytes=sum(spill_st) + sum(spill_ld), shared=shared,
-               griddepcontrol="griddepcontrol" in ptx)
+               griddepcontrol="griddepcontrol" in ptx, pdl=launch.launch_pdl)
+    if launch.launch_pdl:
+        out.update(pdl_findings(launch, ptx))
+    if "error" in out:
+        return out
     if info.returncode != 0:
         out["error"] = f"ptxas: {text.strip().splitlines()[-1] if text.strip() else info.returncode}"
     elif out["spill_bytes"]:
@@ -178,16 +208,21 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
 def run(ci: bool) -> list[dict]:
     if ci:  # representative: every kernel and schedule once, the batch buckets' tile regimes, fp16 (bf16: one)
         launches = runtime_launches(["fp16"], [1, 64], ["original", "acd", "ee-segments", "ee-predicated",
-                                                       "ee-deferred"])
+                                                       "ee-deferred", "sample"])
         launches |= runtime_launches(["bf16"], [16], ["acd"])
+        launches |= runtime_launches(["fp16"], [1], ["original", "acd", "ee-segments", "ee-predicated", "sample"],
+                                     pdl=True)
     else:
-        launches = runtime_launches(["fp16", "bf16"], [1, 2, 4, 8, 16, 32, 64],
-                                    ["original", "exit", "acd", "acd-original", "ee-segments", "ee-deferred",
-                                     "ee-predicated", "ee-cosine"])
+        modes = ["original", "exit", "acd", "acd-original", "ee-segments", "ee-deferred", "ee-predicated",
+                 "ee-cosine", "sample"]
+        launches = runtime_launches(["fp16", "bf16"], [1, 2, 4, 8, 16, 32, 64], modes)
+        launches |= runtime_launches(["fp16", "bf16"], [1, 16, 64], modes, pdl=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for launch in sorted(launches, key=lambda x: (x.kernel, str(x))):
             for target in TARGETS:
+                if launch.launch_pdl and TARGETS[target] < 90:
+                    continue  # PDL is Hopper and newer: the runtime never enables it below
                 rows.append(compile_launch(launch, target, Path(tmp)))
     return rows
 

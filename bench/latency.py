@@ -263,6 +263,10 @@ def run(args) -> list[dict]:
         label = "RANDOM weights, gpt2-medium-multiexit shape"
     if args.fused_max_rows is not None:
         lm.model.fused_max_rows = args.fused_max_rows
+    pdl_settings = {"off": [False], "on": [True], "both": [False, True]}[args.pdl]
+    if any(pdl_settings) and not lm.pdl_available():
+        raise ValueError(f"--pdl {args.pdl} needs the triton backend, the static or graph engine and a CUDA GPU of "
+                         "compute capability 9.0 or newer")
     config = lm.config
     modes = args.modes or default_modes(config)
     parsed = {m: parse_mode(m, config) for m in modes}
@@ -288,17 +292,21 @@ def run(args) -> list[dict]:
         case = copy.copy(args)
         case.prompt_len, case.new_tokens = prompt_len, new_tokens
         meta = dict(run_meta, prompt_len=prompt_len, new_tokens=new_tokens)
-        rows += run_case(lm, parsed, batch, case, meta, copy_gbs, gen)
+        rows += run_case(lm, parsed, batch, case, meta, copy_gbs, gen, pdl_settings)
     return rows
 
 
-def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, gen) -> list[dict]:
-    """Every mode and baseline at one batch size, prompt length and generation length."""
+def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, gen,
+             pdl_settings=(False,)) -> list[dict]:
+    """Every mode (with programmatic dependent launch off and / or on, one after the other) and baseline at one
+    batch size, prompt length and generation length."""
     config, device, dtype = lm.config, lm.model.device, lm.model.dtype
     prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
     context = args.prompt_len + args.new_tokens // 2
     rows = []
-    for mode, kw in parsed.items():
+    for (mode, kw), pdl in itertools.product(parsed.items(), pdl_settings):
+        lm.pdl = pdl
+        label = f"{mode} +pdl" if pdl else mode
         last = {}
 
         def generate(n, clock, kw=kw, last=last):
@@ -310,7 +318,8 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
         stats = last["result"].stats if "early_exit" in kw or "speculative" in kw else None
         blocks, heads, filled = mode_traffic(kw, config, stats)
         nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
-        row = timing_row(meta, "mexit", mode, batch, timing, nbytes, copy_gbs)
+        row = timing_row(meta, "mexit", label, batch, timing, nbytes, copy_gbs)
+        row["pdl"] = pdl
         counted = launches_per_step(lm, prompts, kw)
         row.update(launches_per_step=counted["launches"], triton_launches_per_step=counted["triton"],
                    torch_launches_per_step=counted["torch"], weight_bytes_per_step=nbytes)
@@ -321,7 +330,7 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
                        mean_accepted_per_verification=stats["mean_accepted_per_verification"],
                        weight_bytes_ratio=stats["weight_bytes_ratio"])
         rows.append(row)
-        print(f"  mexit {mode} B={batch} P={args.prompt_len} N={args.new_tokens}: "
+        print(f"  mexit {label} B={batch} P={args.prompt_len} N={args.new_tokens}: "
               f"{row.get('invalid') or format(row['ms_per_token'], '.3f') + ' ms/token'}", file=sys.stderr)
     if "transformers" in args.baselines:
         rows += transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
@@ -484,6 +493,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--fused-max-rows", type=int, help="triton backend: largest decode batch that runs fused-linear "
                    "blocks (default 16; 0 = cuBLAS matmuls always)")
+    p.add_argument("--pdl", default="off", choices=["off", "on", "both"],
+                   help="programmatic dependent launch between the step's kernels (triton backend on Hopper or newer); "
+                   "both: every mode with it off, then on, in the same run")
     p.add_argument("--modes", nargs="+", help="default: original, a middle exit, ACD top vs middle, early exit")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on cuda, 1 on cpu")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[32], help="prompt lengths in tokens")

@@ -123,6 +123,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     cfg = dict(config or tile_config(M, N))
+    if config is None and skip is not None and (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (16, 32):
+        cfg["num_warps"] = 8  # at 4 warps the skippable variant spills on sm_90a (bench/aot_compile.py)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     ln_w, ln_b, eps = ln if ln is not None else (bias, bias, 0.0)  # unused pointers without a layernorm
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))

@@ -75,6 +75,6 @@ def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w
     grid = (triton.cdiv(2 * D, 64), end - start, triton.cdiv(N, block_m))
     _propagate_kv[grid](h, ln_w, ln_b, attn_w, attn_b, cache_k, cache_v, rows, slots, N, D, B, H, T, start, eps,
                         HEAD_DIM=hd, FP32_IEEE=h.dtype == torch.float32, USE_PDL=pdl, BLOCK_M=block_m, BLOCK_N=64,
-                        BLOCK_K=64, num_warps=4 if block_m == 16 else 8,  # 64 rows at 4 warps spill (aot_compile)
+                        BLOCK_K=64, num_warps=4 if block_m == 16 and not pdl else 8,  # else 4 warps spill (aot_compile)
                         **pdl_options(pdl))
     LAUNCHES["propagate_kv"] += 1

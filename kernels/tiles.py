@@ -49,8 +49,10 @@ def weight_tile(w_ptr, w_stride, k, K, cols, col_ok, BLOCK_K: tl.constexpr):
 def dot_acc(x, w, acc, FP32_IEEE: tl.constexpr):
     """acc + x @ w with fp32 accumulation; fp32 inputs as full-precision products (not tf32)."""
     if FP32_IEEE:
-        return tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-    return tl.dot(x.to(w.dtype), w, acc)
+        acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x.to(w.dtype), w, acc)
+    return acc
 
 
 @triton.jit
@@ -77,7 +79,9 @@ def ln_matmul(x_rows, row_ok, w_ptr, w_stride, cols, col_ok, ln_w_ptr, ln_b_ptr,
 
 @triton.jit
 def _x_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, HAS_LN: tl.constexpr, BLOCK_K: tl.constexpr):
-    if HAS_LN:
-        return normalized_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_K)
-    kk = tl.arange(0, BLOCK_K)
-    return tl.load(x_rows + k + kk[None, :], mask=row_ok[:, None] & ((k + kk) < K)[None, :], other=0.0)
+    if HAS_LN:  # fp32
+        x = normalized_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_K)
+    else:  # the input dtype
+        kk = tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + k + kk[None, :], mask=row_ok[:, None] & ((k + kk) < K)[None, :], other=0.0)
+    return x

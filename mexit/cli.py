@@ -61,6 +61,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
                    help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers (static/graph)")
+    p.add_argument("--pdl", action="store_true", help="programmatic dependent launch between the decode step's "
+                   "kernels (triton backend, static/graph engine, Hopper or newer; unmeasured, off by default)")
     p.add_argument("--no-weight-check", action="store_true",
                    help="load tensors holding NaN/inf instead of refusing them (outputs will be meaningless)")
 
@@ -219,7 +221,7 @@ def load_lm(args):
     device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
-                    compile=args.compile, check_weights=not args.no_weight_check)
+                    compile=args.compile, check_weights=not args.no_weight_check, pdl=args.pdl)
     warn_ignored_compile(lm)
     return lm
 

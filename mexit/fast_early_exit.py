@@ -79,7 +79,8 @@ class StaticEarlyExit(StaticBuffers):
         return self.pick(out.argmax[0], out.logprobs[0] if out.logprobs is not None else None)
 
     def _head(self, hidden: torch.Tensor, head, skip=None):
-        return exit_stage(self.model, hidden[None], [head], self.backend, with_logprobs=self.key.do_sample, skip=skip)
+        return exit_stage(self.model, [hidden], [head], self.backend, with_logprobs=self.key.do_sample, skip=skip,
+                          pdl=self.pdl)
 
     def _decide(self, layer: int, confidence, candidate, h_last, final: bool = False, emit: bool = False) -> None:
         """The decision at `layer` and its bookkeeping (`exit_decide_ref`); one kernel on the triton backend. emit:

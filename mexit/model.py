@@ -181,7 +181,7 @@ class MultiExitGPT2:
         m = F.gelu(F.linear(m, w.fc_w[j].T, w.fc_b[j]), approximate="tanh")
         return x + F.linear(m, w.fc_proj_w[j].T, w.fc_proj_b[j])
 
-    def _fused_block(self, j, x, cache, slot, rows, skip, live, pdl):
+    def _fused_block(self, j, x, cache, slot, rows, skip=None, live=None, pdl=False):
         """The same block for one decode position per row: four fused-linear kernels around the attention (on
         the static path, tensor slot and all rows, the decode-attention kernel: five kernels per block). Frozen
         rows (`live` False, or all rows while `skip` is set) leave through the residual kernels unchanged."""

@@ -53,7 +53,7 @@ class MultiExitLM:
     """A multi-exit GPT-2 ready to generate. Build with `MultiExitLM.from_pretrained` or `MultiExitLM.random`."""
 
     def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str = "auto", engine: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, pdl: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.requested_backend, self.requested_engine = backend, engine
@@ -61,19 +61,30 @@ class MultiExitLM:
         self.engine = resolve_engine(engine, model.device)
         self.compile = compile  # torch.compile the layers of static steps (static / graph engines)
         self._static_steps: dict = {}  # StepKey -> StaticStep (captured CUDA graphs), reused across calls
+        self.pdl = pdl and self.pdl_available()  # programmatic dependent launch in the static steps' kernels
+        if pdl and not self.pdl:
+            warnings.warn("pdl=True needs the triton backend, a static engine and a CUDA GPU of compute capability "
+                          "9.0 or newer: running without programmatic dependent launch", stacklevel=2)
+
+    def pdl_available(self) -> bool:
+        """Whether the static steps' kernels can launch with programmatic dependent launch here."""
+        from mexit.kernels.launch import pdl_supported
+
+        return self.backend == "triton" and self.engine != "eager" and pdl_supported(self.model.device)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype="fp32", device=None, backend: str = "auto",
-                        engine: str = "auto", compile: bool = False, check_weights: bool = True) -> MultiExitLM:
+                        engine: str = "auto", compile: bool = False, check_weights: bool = True,
+                        pdl: bool = False) -> MultiExitLM:
         model = load_model(path_or_id, dtype=dtype, device=device, check_weights=check_weights)
-        return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile)
+        return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile, pdl=pdl)
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, dtype="fp32", device="cpu", backend="auto",
-               engine="auto", compile: bool = False) -> MultiExitLM:
+               engine="auto", compile: bool = False, pdl: bool = False) -> MultiExitLM:
         """RANDOM weights of `config`'s shape (benchmarks, tests); `is_random` says so."""
         return cls(random_model(config, seed=seed, dtype=dtype, device=device), backend=backend, engine=engine,
-                   compile=compile)
+                   compile=compile, pdl=pdl)
 
     @property
     def config(self) -> ModelConfig:
@@ -141,7 +152,7 @@ class MultiExitLM:
             return result
         if self.engine != "eager" and not (return_cache or keep_logits):  # the static step (CUDA graphs on "graph")
             result = generate_static(self._static_steps, self.model, ids, early_exit or decode, max_new_tokens,
-                                     sampling, eos, self.backend, self.engine, on_token, self.compile)
+                                     sampling, eos, self.backend, self.engine, on_token, self.compile, self.pdl)
         elif early_exit is not None:
             from .early_exit import generate_early_exit
 

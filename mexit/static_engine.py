@@ -20,11 +20,12 @@ EOS_CHECK_EVERY = 16
 
 def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_tokens: int,
                     sampling: SamplingConfig, eos: int | None, backend: str, engine: str,
-                    on_token=None, compile_layers: bool = False) -> GenerationResult:
+                    on_token=None, compile_layers: bool = False, pdl: bool = False) -> GenerationResult:
     """Generate through the static step of `mode` (a DecodeConfig, or an ExitPolicy: early exit), taken from
     `steps` or built (and, on the graph engine, captured) on first use. Rows are padded to the batch bucket
     with copies of the first prompt; seeded sampling draws the same uniform numbers, in the same order, as the
-    eager loop (`row_uniforms`). The host replays steps and reads one eos flag every EOS_CHECK_EVERY steps."""
+    eager loop (`row_uniforms`). The host replays steps and reads one eos flag every EOS_CHECK_EVERY steps. pdl: the
+    step's kernels use programmatic dependent launch (triton backend)."""
     early_exit = isinstance(mode, ExitPolicy)
     if early_exit:
         mode.checked_exits(model.config)
@@ -35,7 +36,8 @@ def generate_static(steps: dict, model: MultiExitGPT2, prompts, mode, max_new_to
     bucket = batch_bucket(rows)
     padded = left_pad(prompts + [prompts[0]] * (bucket - rows), model.device)
     length = length_bucket(padded.ids.shape[1] + max_new_tokens, model.config.n_positions)
-    key = StepKey(mode, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket, length)
+    key = StepKey(mode, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, bucket, length,
+                  pdl and backend == "triton")
     state = steps.get(key)
     if state is None:
         if compile_layers and backend == "triton":

@@ -1,6 +1,8 @@
 """GPU gate without a GPU: every Triton kernel specialization the runtime launches (a representative set: each
 kernel and schedule, the batch buckets' tile regimes, fp16 and bf16) compiles for sm_90a and sm_80 with no
-register spill and shared memory within the target's limit (bench/aot_compile.py; the full sweep runs there)."""
+register spill and shared memory within the target's limit; the programmatic-dependent-launch variants compile for
+sm_90a with `griddepcontrol.wait` / `launch_dependents` in their PTX and the weight kernels' first loads issued
+before the wait (bench/aot_compile.py; the full sweep runs there)."""
 
 import json
 import os
@@ -12,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_fused_linear", "_decode_attention", "_decode_attention_merge", "_exit_head_tiles", "_exit_head_merge",
-           "_acd_tiles", "_acd_merge", "_exit_decide", "_propagate_kv"}
+           "_acd_tiles", "_acd_merge", "_exit_decide", "_propagate_kv", "_step_epilogue"}
+PREFETCHING = {"_fused_linear", "_exit_head_tiles", "_propagate_kv"}
 
 
 def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
@@ -30,3 +33,9 @@ def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
         assert {r["kernel"] for r in compiled} == KERNELS
         assert all(r["spill_bytes"] == 0 and r["registers"] and "error" not in r for r in compiled)
     assert {"*fp16", "*bf16"} <= {d for r in rows for d in r["dtypes"]}
+    pdl = [r for r in rows if r["pdl"]]
+    assert {r["kernel"] for r in pdl} == KERNELS - {"_decode_attention_merge"}  # no split cache in the PDL set
+    assert all(r["target"] == "sm_90a" and r["griddepcontrol"] and r["launches_dependents"] for r in pdl)
+    prefetch = [r for r in pdl if r["kernel"] in PREFETCHING and not r["constexprs"].get("HAS_SKIP")]
+    assert {r["kernel"] for r in prefetch} == PREFETCHING and all(r["loads_before_wait"] > 0 for r in prefetch)
+    assert not any(r["griddepcontrol"] for r in rows if not r["pdl"])  # off: no PDL instruction at all

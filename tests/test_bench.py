@@ -55,6 +55,14 @@ def test_latency_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, modes,
     assert not (tmp_path / "out").exists()
 
 
+def test_pdl_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path):
+    """--pdl on / both needs the triton backend on a Hopper-or-newer GPU: refused before any work (here: CPU)."""
+    argv = latency_args(tiny_checkpoint[0], tmp_path / "out", modes=["original"], engine="static", backend="triton")
+    with pytest.raises(ValueError, match="--pdl both needs the triton backend"):
+        latency.main(argv + ["--pdl", "both"])
+    assert not (tmp_path / "out").exists()
+
+
 def ablate_args(folder, out, prompts, **kw):
     argv = ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "6", "--out", str(out),
             "--quiet", "--no-plot"]

@@ -140,14 +140,13 @@ def test_fp16_fast_path_equals_fp16_eager(tiny_checkpoint, case):
 
 
 def test_large_batch_uses_torch_matmuls_and_the_attention_kernel(tiny_checkpoint, eager):
-    """Above `fused_max_rows` (default FUSED_MAX_ROWS) rows the static step keeps torch's matmuls but attends
-    through the decode-attention kernel (it reads only the slots written so far); tokens equal the eager torch
-    loop."""
+    """Above `fused_max_rows` rows (here set to 16) the static step keeps torch's matmuls but attends through the
+    decode-attention kernel (it reads only the slots written so far); tokens equal the eager torch loop."""
     from mexit.kernels import decode_attention
-    from mexit.model import FUSED_MAX_ROWS
 
-    prompts = [PROMPTS[i % len(PROMPTS)][: 2 + i % 5] for i in range(FUSED_MAX_ROWS + 3)]  # bucket 32
+    prompts = [PROMPTS[i % len(PROMPTS)][: 2 + i % 5] for i in range(19)]  # bucket 32
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton")
+    fast.model.fused_max_rows = 16
     before = fused_linear.LAUNCHES["fused_linear"], decode_attention.LAUNCHES["decode_attention"]
     out = fast.generate(prompts, max_new_tokens=5, eos_token_id=None, exit_layer=3)
     assert fused_linear.LAUNCHES["fused_linear"] == before[0]
@@ -168,3 +167,21 @@ def test_long_cache_splits_the_attention(tmp_path):
     assert decode_attention.choose_splits(1, 4, 640, torch.device(DEVICE)) > 1
     out = fast.generate([prompt], max_new_tokens=4, eos_token_id=None, contrast=(4, 2))
     assert out.tokens == reference.generate([prompt], max_new_tokens=4, eos_token_id=None, contrast=(4, 2)).tokens
+
+
+def test_pdl_gives_the_same_tokens_or_warns_where_it_cannot_run(tiny_checkpoint, eager):
+    """On a Hopper-or-newer GPU the PDL kernels (captured in CUDA graphs) give the eager tokens in every mode;
+    elsewhere (CPU, the interpreter) pdl=True says it cannot run and generates the same tokens without it."""
+    from mexit.early_exit import ExitPolicy
+    from mexit.kernels.launch import pdl_supported
+
+    if pdl_supported(torch.device(DEVICE)):
+        fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton", pdl=True)
+        assert fast.pdl is True
+    else:
+        with pytest.warns(UserWarning, match="pdl=True needs the triton backend"):
+            fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static", backend="triton", pdl=True)
+        assert fast.pdl is False
+    kw = dict(max_new_tokens=6, eos_token_id=None)
+    for mode in ({}, dict(contrast=(4, 2)), dict(early_exit=ExitPolicy(0.3, exits=(2,), schedule="predicated"))):
+        assert fast.generate(PROMPTS, **mode, **kw).tokens == eager.generate(PROMPTS, **mode, **kw).tokens

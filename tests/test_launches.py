@@ -75,3 +75,32 @@ def test_triton_launches_match_the_wrapper_counters(tiny_checkpoint, mode, batch
 def test_fused_step_is_five_kernels_per_block_plus_the_exit_stage(tiny_checkpoint, mode, depth):
     lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")
     assert launches_per_step(lm, [[1, 2, 3]], MODES[mode], steps=1)["triton"] == 5 * depth + 2
+
+
+def predicated(threshold, exits):
+    return ExitPolicy(threshold, exits=exits, schedule="predicated")
+
+
+# mode -> (generate kwargs, launch budget for the tiny 4-layer model: 5 per block executed plus the mode's extra)
+BUDGETS = {
+    "original": ({}, 5 * 4 + 3),
+    "exit 2": (dict(exit_layer=2), 5 * 2 + 3),
+    "ACD (4, 2)": (dict(contrast=(4, 2)), 5 * 4 + 4),
+    "predicated, 1 check": (dict(early_exit=predicated(0.5, (2,))), 5 * 4 + 3 * 1 + 3),
+    "predicated, 3 checks": (dict(early_exit=predicated(0.5, (1, 2, 3))), 5 * 4 + 3 * 3 + 3),
+    "segments, all exit at 2": (dict(early_exit=ExitPolicy(0.0, exits=(2,))), 5 * 2 + 3 + 3),  # one segment runs
+    "segments, none exits": (dict(early_exit=ExitPolicy(1.0, exits=(2,))), 5 * 4 + 3 + 3 * 2),  # both run
+}
+
+
+@pytest.mark.parametrize("mode,batch", [(mode, batch) for mode in BUDGETS for batch in (1, 3, 16)]
+                         + [("original", 64)])  # buckets 1, 4, 16, 64
+def test_decode_step_holds_its_launch_budget(tiny_checkpoint, mode, batch):
+    """Static engine, triton backend: one greedy decode step is kernels only (no torch operation at all) and stays
+    within the mode's budget: 5 launches per block, +3 for one head (tiles, merge that emits, or its decision), +4
+    for ACD, +3 per checked exit (head, merge, decision), segments +3 per executed segment."""
+    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")
+    kw, budget = BUDGETS[mode]
+    counted = launches_per_step(lm, [[1 + r, 2, 3] for r in range(batch)], kw, steps=2)
+    assert counted["torch"] == 0 if "segments" not in mode else counted["torch"] <= 1, counted  # segments: h copy
+    assert counted["launches"] <= budget, counted
