@@ -65,8 +65,8 @@ decode)
     | tail -30
   timeout 120 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --no-compile \
     --backend torch --baselines --modes original acd:24,12 --out "$OUT/graph_torch_layers" 2>&1 | tail -6
-  timeout 120 python3 -m mexit bench --batch 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
-    --no-compile --fused-max-rows 64 --baselines --modes original acd:24,12 --out "$OUT/graph_fused64" 2>&1 | tail -6
+  timeout 120 python3 -m mexit bench --batch 32 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
+    --no-compile --fused-max-rows 16 --baselines --modes original acd:24,12 --out "$OUT/graph_fused16" 2>&1 | tail -6
   timeout 200 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --repeats 3 --modes original \
     --out "$OUT/hf_compile" 2>&1 | tail -8 ;;
 extra)

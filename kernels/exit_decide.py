@@ -47,7 +47,7 @@ def _exit_decide(
         token = tl.where(fire, tl.load(candidate_ptr + b), token)
         tl.store(chosen_ptr + b, token)
     column = b.to(tl.int64) * T + step
-    tl.store(exit_at_ptr + column, layer.to(tl.int64), mask=fire)
+    tl.store(exit_at_ptr + column, tl.zeros_like(step) + layer, mask=fire)  # int64 (layer may be a constexpr 1)
     tl.store(conf_at_ptr + column, confidence, mask=fire)
     dd = tl.arange(0, BLOCK_D)
     if not FINAL:

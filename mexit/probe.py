@@ -11,7 +11,7 @@ import torch
 @functools.cache
 def probe_kernels(device: torch.device) -> str | None:
     """None when every kernel matches its reference on `device`, else what failed (compilation errors too)."""
-    for probe in (_exit_stage, _fused_linear, _decode_attention, _exit_decide, _propagate_kv):
+    for probe in (_exit_stage, _fused_linear, _decode_attention, _exit_decide, _propagate_kv, _step_epilogue):
         try:
             problem = probe(device, torch.Generator(device=device).manual_seed(0))
         except Exception as err:  # compilation or launch failure: report it, fall back
@@ -106,3 +106,33 @@ def _propagate_kv(device, gen) -> str | None:
     propagate_kv(h, *weights, ours[0], ours[1], rows, slots, 1, 3, 1e-5)
     propagate_kv_ref(h.float(), *(w.float() for w in weights), ref[0], ref[1], rows, slots, 1, 3, 1e-5)
     return None if _close(ours, ref) else "propagate_kv disagrees with its reference"
+
+
+def _step_epilogue(device, gen) -> str | None:
+    """Three rows (one finished, one emitting eos) through the step epilogue, alone and in the exit stage's merge:
+    the same state as the reference, twice (the arrival count must come back to zero)."""
+    from mexit.kernels.exit_head import exit_head
+    from mexit.kernels.step_epilogue import step_epilogue
+    from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref
+
+    def state():
+        return StepIO(tokens=torch.zeros(3, dtype=torch.long, device=device),
+                      positions=torch.tensor([4, 7, 9], device=device),
+                      finished=torch.tensor([False, True, False], device=device),
+                      eos=torch.tensor([2], device=device), out=torch.zeros(3, 8, dtype=torch.long, device=device),
+                      step=torch.tensor([1], device=device), slot=torch.tensor([9], device=device),
+                      arrivals=torch.zeros(1, dtype=torch.int32, device=device),
+                      wte=torch.arange(16 * 64, device=device).view(16, 64).half(),
+                      wpe=torch.ones(32, 64, device=device).half(), h0=torch.zeros(3, 64, device=device).half())
+
+    ours, ref = state(), state()
+    token = torch.tensor([5, 6, 2], device=device)
+    hidden = torch.randn(3, 64, device=device, generator=gen).half()
+    head = torch.randn(16, 64, device=device, generator=gen).half()
+    ones, zeros = torch.ones(64, device=device).half(), torch.zeros(64, device=device).half()
+    step_epilogue(token, ours)
+    step_epilogue_ref(token, ref)
+    argmax = exit_head([hidden], ones, zeros, 1e-5, [head], emit=ours).argmax[0]
+    step_epilogue_ref(argmax, ref)
+    same = all(torch.equal(getattr(ours, name), getattr(ref, name)) for name in vars(ref))
+    return None if same else "step_epilogue disagrees with its reference"
