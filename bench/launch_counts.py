@@ -40,7 +40,7 @@ def modes() -> dict:
     }
 
 
-def count(batches: list[int]) -> list[dict]:
+def count(batches: list[int], only: list[str] | None = None) -> list[dict]:
     import mexit
     from mexit.config import ModelConfig
     from mexit.launches import launches_per_step
@@ -53,6 +53,8 @@ def count(batches: list[int]) -> list[dict]:
     for batch in batches:
         prompts = [[(5 * r + t) % 500 + 1 for t in range(6)] for r in range(batch)]
         for name, (kw, budget) in modes().items():
+            if only and not any(word in name for word in only):
+                continue
             counted = launches_per_step(lm, prompts, kw, steps=2)
             rows.append(dict(mode=name, batch=batch, triton=counted["triton"], torch=counted["torch"],
                              launches=counted["launches"], budget=budget,
@@ -73,9 +75,10 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes (buckets 1..64)")
+    p.add_argument("--modes", nargs="+", help="only the modes whose name contains one of these words")
     p.add_argument("--out", help="folder for launch_counts.json and launch_counts.md")
     args = p.parse_args(argv)
-    rows = count(args.batch)
+    rows = count(args.batch, args.modes)
     table = markdown(rows)
     print(table)
     if args.out:
