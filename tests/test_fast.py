@@ -182,6 +182,6 @@ def test_pdl_gives_the_same_tokens_or_warns_where_it_cannot_run(tiny_checkpoint,
         with pytest.warns(UserWarning, match="pdl=True needs the triton backend"):
             fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static", backend="triton", pdl=True)
         assert fast.pdl is False
-    kw = dict(max_new_tokens=6, eos_token_id=None)
+    kw = dict(max_new_tokens=4, eos_token_id=None)
     for mode in ({}, dict(contrast=(4, 2)), dict(early_exit=ExitPolicy(0.3, exits=(2,), schedule="predicated"))):
         assert fast.generate(PROMPTS, **mode, **kw).tokens == eager.generate(PROMPTS, **mode, **kw).tokens
