@@ -20,6 +20,7 @@ VARIANTS = {
     "upcast": dict(reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True),
 }
 PROMPT = [5, 17, 200, 3]
+TRITON_VARIANTS = {"untied", "n_inner", "upcast"}  # the head weight, the MLP width, a per-layer attention scale
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -41,6 +42,9 @@ def test_config_fields_reach_the_model(variant):
 @pytest.mark.parametrize("backend,engine", [("torch", "eager"), ("torch", "static"), ("triton", "static")])
 def test_greedy_equals_transformers(variant, backend, engine):
     name, folder, hf, heads = variant
+    if backend == "triton" and name not in TRITON_VARIANTS:
+        pytest.skip("on the triton path this variant only changes the attention scale's value (an argument of the "
+                    "decode-attention kernel), which 'upcast' already varies per layer")
     lm = mexit.load(folder, backend=backend, engine=engine)
     ids = torch.tensor([PROMPT])
     want = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
