@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepared checks for a lent CUDA machine (torch / triton / transformers preinstalled, no registry). Each stage
 # fits one 10-minute device call; results land in $OUT (or ./gpu_results).
-#   bash bench/gpu_check.sh quick     # the essentials in one call (~9 min): kernel + fast-path GPU tests, the
+#   bash bench/gpu_check.sh quick     # the essentials in one call (< 8 min): kernel + fast-path GPU tests, the
 #                                     # decode block and exit-stage benchmarks, end-to-end decode at batch 1 and 64
 #                                     # (original, ACD, exit 12, early exit on both schedules; launches and bytes per
 #                                     # step), transformers eager in the same run; programmatic dependent launch off
@@ -29,24 +29,31 @@ fi
 
 case "$stage" in
 quick)
-  timeout 150 python3 -m pytest -q -x tests/test_fused_linear.py tests/test_decode_attention.py \
+  timeout 120 python3 -m pytest -q -x -n 4 tests/test_fused_linear.py tests/test_decode_attention.py \
     tests/test_exit_head.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_acd_contrast.py \
     tests/test_step_epilogue.py tests/test_fast.py tests/test_fast_early_exit.py 2>&1 | tee "$OUT/tests.txt" | tail -6
-  timeout 80 python3 bench/bench_fused_linear.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
-  timeout 50 python3 bench/bench_exit_head.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -12
-  timeout 200 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
+  timeout 60 python3 bench/bench_fused_linear.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
+  timeout 40 python3 bench/bench_exit_head.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -12
+  timeout 180 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
     --no-compile --baselines transformers --modes original acd:24,12 exit:12 ee:max-prob:0:12 \
-    ee:max-prob:0:12:predicated ee:max-prob:1:6,12,18 ee:max-prob:1:6,12,18:predicated --out "$OUT/graph" 2>&1 \
-    | tail -4
-  timeout 80 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --warmup 1 --repeats 3 --engine graph \
-    --backend triton --pdl both --baselines --modes original acd:24,12 --no-plot --out "$OUT/pdl" 2>&1 | tail -4
-  echo; echo "## GPU quick check: $(head -2 "$OUT/gpu.txt" | tail -1) ($(date -u +%F))"; echo
-  echo "### Tests"; tail -1 "$OUT/tests.txt"; echo
-  echo "### Decode block (bench_fused_linear.py --batch 1 64)"; tail -25 "$OUT/fused_linear.txt"; echo
-  echo "### Exit stage (bench_exit_head.py --batch 1 64)"; tail -10 "$OUT/exit_head.txt"; echo
-  echo "### End to end (mexit bench, graph engine, fp16, prompt 32, 128 new tokens)"; cat "$OUT/graph/latency.md"
-  echo; echo "### Programmatic dependent launch off / on (graph engine, fp16, batch 1, prompt 32, 64 new tokens)"
-  cat "$OUT/pdl/latency.md" ;;
+    ee:max-prob:0:12:predicated ee:max-prob:1:6,12,18 ee:max-prob:1:6,12,18:predicated --no-plot --out "$OUT/graph" \
+    2>&1 | tee "$OUT/graph.log" | tail -4
+  timeout 60 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --warmup 1 --repeats 3 --engine graph \
+    --backend triton --pdl both --baselines --modes original acd:24,12 --no-plot --out "$OUT/pdl" 2>&1 \
+    | tee "$OUT/pdl.log" | tail -4
+  {
+    echo; echo "## GPU quick check: $(head -2 "$OUT/gpu.txt" | tail -1) ($(date -u +%F))"; echo
+    echo "### Tests"; tail -1 "$OUT/tests.txt"; echo
+    echo "### Decode block (bench_fused_linear.py --batch 1 64)"; tail -25 "$OUT/fused_linear.txt"; echo
+    echo "### Exit stage (bench_exit_head.py --batch 1 64)"; tail -10 "$OUT/exit_head.txt"; echo
+    echo "### End to end (mexit bench, graph engine, fp16, prompt 32, 128 new tokens)"
+    cat "$OUT/graph/latency.md" 2>/dev/null || grep -v '^ *$' "$OUT/graph.log" | tail -40
+    echo; echo "### Programmatic dependent launch off / on (graph engine, fp16, batch 1, prompt 32, 64 new tokens)"
+    cat "$OUT/pdl/latency.md" 2>/dev/null || grep -v '^ *$' "$OUT/pdl.log" | tail -20
+  } | tee "$OUT/summary.md"
+  # the device tool returns at most 8 files: everything else travels in one archive
+  (cd "$OUT" && tar czf all.tgz --exclude all.tgz --exclude summary.md . \
+    && find . -mindepth 1 ! -name all.tgz ! -name summary.md ! -name tests.txt -delete) ;;
 tests)
   timeout 500 python3 -m pytest -q -x tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
     tests/test_decode_attention.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_triton_generate.py \
