@@ -20,12 +20,13 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
-if ! python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 || ! python3 -c "import mexit.kernels"; then
-  echo "editable install failed: using a copied package tree on PYTHONPATH"
-  rm -rf /tmp/mexit_tree && mkdir -p /tmp/mexit_tree && cp -r mexit /tmp/mexit_tree/ \
-    && cp -r kernels /tmp/mexit_tree/mexit/kernels && cp -r bench /tmp/mexit_tree/mexit/bench
-  export PYTHONPATH=/tmp/mexit_tree
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+if ! python3 -c "import mexit.kernels, mexit.bench" 2>/dev/null; then
+  # run from the repo root, the tree's own mexit/ shadows an install: give it the subpackages setup.py maps
+  echo "mexit.kernels not importable from the tree: linking kernels/ and bench/ into mexit/"
+  ln -sfn ../kernels mexit/kernels && ln -sfn ../bench mexit/bench
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py run as scripts import mexit from the tree
 
 case "$stage" in
 quick)
@@ -52,8 +53,8 @@ quick)
     cat "$OUT/pdl/latency.md" 2>/dev/null || grep -v '^ *$' "$OUT/pdl.log" | tail -20
   } | tee "$OUT/summary.md"
   # the device tool returns at most 8 files: everything else travels in one archive
-  (cd "$OUT" && tar czf all.tgz --exclude all.tgz --exclude summary.md . \
-    && find . -mindepth 1 ! -name all.tgz ! -name summary.md ! -name tests.txt -delete) ;;
+  tar czf /tmp/all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.md ! -name tests.txt -delete \
+    && mv /tmp/all.tgz "$OUT/" ;;
 tests)
   timeout 500 python3 -m pytest -q -x tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
     tests/test_decode_attention.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_triton_generate.py \
