@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.10",
     # kernels/ and bench/ live at the top of the repo but install under the mexit namespace
     # (a top-level `kernels` package would shadow the PyPI distribution of that name).
-    packages=["mexit", "mexit.kernels", "mexit.bench"],
+    packages=["mexit", "mexit.decoding", "mexit.engines", "mexit.frontends", "mexit.model", "mexit.ops",
+              "mexit.training", "mexit.kernels", "mexit.bench"],
     package_dir={"mexit": "mexit", "mexit.kernels": "kernels", "mexit.bench": "bench"},
     package_data={"mexit.bench": ["prompts.txt", "shakespeare_prompts.txt"]},
     install_requires=[
@@ -24,5 +25,5 @@ setup(
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "dev": ["pytest>=7", "pytest-xdist>=3", "ruff", "matplotlib", "triton>=3.0; platform_system == 'Linux'"],
     },
-    entry_points={"console_scripts": ["mexit=mexit.cli:main"]},
+    entry_points={"console_scripts": ["mexit=mexit.frontends.cli:main"]},
 )

@@ -57,7 +57,7 @@ def parse_exit_set(text: str, config) -> tuple[int, ...] | None:
 
 def settings(args, config) -> list[dict]:
     """Every (measure, threshold, exits, decay) setting, each validated as an ExitPolicy for this checkpoint."""
-    from mexit.early_exit import ExitPolicy
+    from mexit.decoding.early_exit import ExitPolicy
 
     out = []
     for measure in args.measures:
@@ -97,22 +97,15 @@ def timed_generate(lm, ids, batch, max_new, stats=None, **kw):
         out = lm.generate(ids[i: i + batch], max_new, eos_token_id=None, **kw)
         tokens += out.tokens
         layers += out.exit_layers or [[lm.config.n_layer] * len(t) for t in out.tokens]
-        if stats is not None and out.exit_layers is not None:  # early exit: its weight-read counters
-            from mexit.bench.latency import step_bytes
-
-            st, model = out.stats, lm.model
-            spent = step_bytes(model.config, model.dtype, 1, 0, st["weight_blocks"], st["weight_heads"],
-                               st["weight_fill_blocks"])
-            stats["weight_bytes"] = stats.get("weight_bytes", 0) + spent
-            stats["full_depth_weight_bytes"] = stats.get("full_depth_weight_bytes", 0) + st["steps"] * step_bytes(
-                model.config, model.dtype, 1, 0, model.config.n_layer, 1)
-        if stats is not None and out.drafted is not None:
+        if stats is not None:  # weight reads against full depth, weighted by the tokens each batch decoded
             st, rows = out.stats, len(out.tokens)
-            for key, value in (("drafted", st["drafted"]), ("accepted", st["accepted"]),
-                               ("weight_bytes", st["weight_bytes_per_token"] * st["tokens_per_row"] * rows),
-                               ("full_depth_weight_bytes",
-                                st["full_depth_weight_bytes_per_token"] * st["tokens_per_row"] * rows)):
-                stats[key] = stats.get(key, 0) + value
+            decoded = st["decoded_tokens_per_row"] * rows
+            stats["weight_bytes"] = stats.get("weight_bytes", 0) + st["weight_bytes_per_token"] * decoded
+            stats["full_depth_weight_bytes"] = (stats.get("full_depth_weight_bytes", 0)
+                                                + st["full_depth_weight_bytes_per_token"] * decoded)
+            if out.drafted is not None:
+                for key in ("drafted", "accepted"):
+                    stats[key] = stats.get(key, 0) + st[key]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return tokens, layers, time.perf_counter() - start
@@ -121,13 +114,12 @@ def timed_generate(lm, ids, batch, max_new, stats=None, **kw):
 @torch.inference_mode()
 def continuation_loglik(lm, prompt: list[int], continuation: list[int]) -> float:
     """Mean log-probability of `continuation` under the full model (original head), given `prompt`."""
-    from mexit.generation import Decoder, left_pad
-
     model = lm.model
     seq = prompt + continuation
-    decoder = Decoder(model, left_pad([seq], model.device), 1)
-    h, _ = decoder.prefill_input()
-    h = model.run_layers(h, 0, model.config.n_layer, decoder.cache, 0)
+    cache = model.new_cache(1, len(seq))
+    cache.valid.fill_(True)
+    h = model.embed(torch.tensor([seq], device=model.device), torch.arange(len(seq), device=model.device)[None])
+    h = model.run_layers(h, 0, model.config.n_layer, cache, 0)
     logprobs = model.head_logits(h[0, len(prompt) - 1: -1], "original").log_softmax(-1)
     return logprobs.gather(-1, torch.tensor(continuation, device=model.device)[:, None]).mean().item()
 
@@ -170,7 +162,7 @@ def evaluate(lm, ids, setting, reference, args) -> dict:
 
 def load_lm(args):
     import mexit
-    from mexit.checkpoint import resolve_device
+    from mexit.model.checkpoint import resolve_device
 
     device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
@@ -192,16 +184,16 @@ def run(args) -> list[dict]:
     plan = settings(args, lm.config)  # validates everything before any generation
     for setting in plan:
         if "policy" in setting:
-            setting["policy"].check_engine(lm.engine, lm.backend)
+            setting["policy"].check_engine(lm.engine, lm.backend.name)
     ids, encoding = encode(lm, prompts)
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding, engine=lm.engine,
-                backend=lm.backend, prompts=str(args.prompts), n_prompts=len(prompts),
+                backend=lm.backend.name, prompts=str(args.prompts), n_prompts=len(prompts),
                 max_new_tokens=args.max_new_tokens, batch=args.batch)
     # what the measured speed-up depends on: a resumed sweep reuses rows only from the same run settings
     run_id = hashlib.sha256(json.dumps([label, ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
-                                        str(lm.model.device), lm.engine, lm.backend, lm.compile, args.propagation,
+                                        str(lm.model.device), lm.engine, lm.backend.name, lm.compile, args.propagation,
                                         args.schedule]).encode()).hexdigest()[:12]
-    from mexit.generation import check_prompts
+    from mexit.decoding.prompts import check_prompts
 
     check_prompts(ids, lm.config, args.max_new_tokens)  # prompt + new tokens fit the context, before any work
     out = Path(args.out)

@@ -96,8 +96,9 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
     """Distinct launches of the runtime at gpt2-medium widths for every dtype, batch and mode asked for (pdl: with
     programmatic dependent launch)."""
     import mexit
-    from mexit.config import ModelConfig
-    from mexit.early_exit import ExitPolicy
+    from mexit.decoding.early_exit import ExitPolicy
+    from mexit.model.config import ModelConfig
+    from mexit.ops import Backend
 
     config = ModelConfig(n_layer=n_layer, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024,
                          exit_layers=tuple(range(1, n_layer + 1)), eos_token_id=50256)
@@ -113,9 +114,8 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
     launches: set[Launch] = set()
     for dtype in dtypes:
         model = mexit.random_model(config, dtype=dtype)
-        lm = mexit.MultiExitLM(model, backend="torch", engine="static")
-        lm.backend = "triton"  # the kernels' launches are recorded, not run: no GPU or interpreter needed
-        lm.pdl = pdl
+        # the kernels' launches are recorded, not run: no GPU or interpreter needed
+        lm = mexit.MultiExitLM(model, backend=Backend("triton", pdl=pdl), engine="static")
         for batch in batches:
             prompts = [[(7 * r + 3) % 50257 for r in range(b, b + 5)] for b in range(batch)]
             for mode in modes:

@@ -27,9 +27,10 @@ from mexit.bench.common import (
     run_metadata,
     write_results,
 )
-from mexit.checkpoint import random_model
-from mexit.config import ModelConfig
 from mexit.kernels.fused_linear_ref import fused_linear_ref
+from mexit.model.checkpoint import random_model
+from mexit.model.config import ModelConfig
+from mexit.ops import TORCH, Backend
 
 D, HEADS = 1024, 16  # gpt2-medium
 
@@ -60,7 +61,7 @@ def check_block(model, cache, slot, x, outputs: dict) -> None:
     cache64.k.copy_(cache.k)
     cache64.v.copy_(cache.v)
     cache64.valid.copy_(cache.valid)
-    want = exact._block(0, x.double(), cache64, slot, None, None)
+    want = exact.run_layers(x.double(), 0, 1, cache64, slot)
     for name, got in outputs.items():
         err = ((got.double() - want).norm() / want.norm()).item()
         if err > 2e-2:
@@ -145,16 +146,15 @@ def main(argv=None) -> int:
     for batch in args.batch:
         model, cache, slot, x = block_setup(batch, args.context, dtype, device)
         run, idle = torch.zeros(1, dtype=torch.int32, device=device), torch.ones(1, dtype=torch.int32, device=device)
-        hybrid = random_model(model.config, seed=1, dtype=dtype, device=device)  # same weights, no fused matmuls
-        hybrid.fused_max_rows = 0
-        paths = {
-            "torch": lambda: model._block(0, x, cache, slot, None, None),
-            "torch matmuls + attention kernel": lambda: hybrid._block(0, x, cache, slot, None, None, fused=True),
-            "fused": lambda: model._fused_block(0, x, cache, slot, None, None),
-            "fused, flag clear": lambda: model._fused_block(0, x, cache, slot, None, run),
-        }
+        fused, hybrid = Backend("triton"), Backend("triton", fused_max_rows=0)  # hybrid: cuBLAS + attention kernel
+
+        def block(backend, skip=None):
+            return lambda: model.run_layers(x, 0, 1, cache, slot, backend, skip=skip)
+
+        paths = {"torch": block(TORCH), "torch matmuls + attention kernel": block(hybrid), "fused": block(fused),
+                 "fused, flag clear": block(fused, run)}
         check_block(model, cache, slot, x, {name: fn() for name, fn in paths.items()})
-        paths["fused, skipped (past the exit)"] = lambda: model._fused_block(0, x, cache, slot, None, idle)
+        paths["fused, skipped (past the exit)"] = block(fused, idle)
         for name, fn in paths.items():
             nbytes = block_bytes(batch, args.context, elem, "skipped" in name)
             record("block", name, batch, kernel_ms(fn, device), nbytes)

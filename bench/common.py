@@ -77,7 +77,7 @@ def kernel_ms(fn, device: torch.device, graph: bool = True) -> float:
 def kernel_bench_target(smoke: bool, dtype: str, script: str) -> tuple[torch.device, torch.dtype] | None:
     """(device, dtype) of a kernel benchmark: a CUDA GPU, or with --smoke the CPU under TRITON_INTERPRET=1 in
     fp32. None (after saying why) when neither is possible."""
-    from mexit.checkpoint import resolve_dtype
+    from mexit.model.checkpoint import resolve_dtype
 
     if smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -155,3 +155,23 @@ def script_main(doc: str, add_arguments, main_args, argv=None) -> int:
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     add_arguments(p)
     return main_args(p.parse_args(argv))
+
+
+def launches_per_step(lm, prompts, kw: dict, steps: int = 3) -> dict:
+    """Launches of one decode step of `lm.generate(prompts, ..., **kw)`, averaged over `steps` steps: the count of
+    a generation of steps + 1 tokens minus that of 1 token, on the static engine when `lm` captures graphs (the
+    same step, uncaptured), else on `lm`'s own engine."""
+    from mexit.frontends.api import MultiExitLM
+    from mexit.ops.launches import count_launches, total
+
+    counter = lm
+    if lm.engine == "graph":
+        counter = MultiExitLM(lm.model, lm.tokenizer, backend=lm.backend, engine="static")
+    with torch.inference_mode():
+        counter.generate(prompts, steps + 1, eos_token_id=None, **kw)  # warm: compilation, probes, buffers
+        with count_launches() as one:
+            counter.generate(prompts, 1, eos_token_id=None, **kw)
+        with count_launches() as many:
+            counter.generate(prompts, steps + 1, eos_token_id=None, **kw)
+    a, b = total(one), total(many)
+    return {k: (b[k] - a[k]) / steps for k in a}

@@ -5,7 +5,8 @@
     python bench/latency.py ...                   # the same
 
 Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`), `spec:DRAFT_EXIT:K[:THRESHOLD]`
-(self-speculative decoding of the original head: drafts from that exit, K per verification, eager engine),
+(self-speculative decoding of the original head: drafts from that exit, K per verification, on any engine; its
+rows add acceptance, device-to-host reads per round and launches per generated token),
 `ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred|predicated]` (early exit with that propagation, or eager
 propagation on the predicated one-graph schedule; threshold 0 with one layer exits every token there).
 For each mode and batch size it reports prefill time and per-token decode time, both measured inside each
@@ -31,13 +32,13 @@ import torch
 from mexit.bench.common import (
     add_subcommand,
     copy_bandwidth_gbs,
+    launches_per_step,
     markdown_table,
     read_bandwidth_gbs,
     run_metadata,
     script_main,
     write_results,
 )
-from mexit.launches import launches_per_step
 
 INVOKED_AS = {"mexit": "mexit", "__main__.py": "python -m mexit"}  # how the recorded command starts
 ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / transformers 4.26; try "
@@ -46,7 +47,7 @@ ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / t
 
 def parse_mode(spec: str, config) -> dict:
     """'original' | 'exit:L' | 'acd:U,L' | 'ee:MEASURE:THR[:L1,L2]' -> generate() keyword arguments."""
-    from mexit.early_exit import ExitPolicy
+    from mexit.decoding.early_exit import ExitPolicy
 
     kind, _, rest = spec.partition(":")
     try:
@@ -61,7 +62,7 @@ def parse_mode(spec: str, config) -> dict:
             parts = rest.split(":")
             if len(parts) not in (2, 3):
                 raise ValueError
-            from mexit.speculative import SpeculativeConfig
+            from mexit.decoding.speculative import SpeculativeConfig
 
             kw = dict(speculative=SpeculativeConfig(int(parts[0]), int(parts[1]),
                                                     float(parts[2]) if len(parts) == 3 else None))
@@ -113,22 +114,12 @@ def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: fl
     return layers * (block + kv) + heads * v * d * elem + filled * 2 * d * d * elem
 
 
-def mode_traffic(kw: dict, config, stats: dict | None) -> tuple[float, float, float]:
-    """(blocks, heads, propagated blocks) whose weights one decode step reads; early exit from its run's
-    counters (averages over its decode steps)."""
-    n = config.n_layer
-    if "speculative" in kw:  # per generated token of a row: every pass reads its weights once for all rows
-        per = max(stats["tokens_per_row"], 1)
-        return stats["block_passes"] / per, stats["head_passes"] / per, 0
-    if "early_exit" in kw:
-        steps = max(stats["steps"], 1)
-        return stats["weight_blocks"] / steps, stats["weight_heads"] / steps, stats["weight_fill_blocks"] / steps
-    if "exit_layer" in kw:
-        return kw["exit_layer"], 1, 0
-    if "contrast" in kw:
-        upper = kw["contrast"][0]
-        return (n if upper == "original" else upper), 2, 0
-    return n, 1, 0
+def mode_traffic(stats: dict) -> tuple[float, float, float]:
+    """(blocks, heads, propagated blocks) whose weights one decode step reads, from the run's counters (averages
+    over its decode steps; speculative decoding: per generated token of a row, every pass reading its weights once
+    for all rows)."""
+    per = max(stats["tokens_per_row"] - 1, 1e-9) if "rounds" in stats else max(stats["steps"], 1)
+    return stats["weight_blocks"] / per, stats["weight_heads"] / per, stats["weight_fill_blocks"] / per
 
 
 CACHE_RESIDENT_BYTES = 256e6  # below this a step may run from caches, faster than memory bandwidth allows
@@ -238,7 +229,7 @@ def transformers_baseline(lm, device, dtype):
     """transformers' GPT2LMHeadModel holding the same weights (its original head)."""
     from transformers import GPT2LMHeadModel
 
-    from mexit.checkpoint import state_dict_from_weights
+    from mexit.model.checkpoint import state_dict_from_weights
 
     hf = GPT2LMHeadModel(lm.config.to_hf())
     state = state_dict_from_weights(lm.model.w, lm.config)
@@ -249,7 +240,7 @@ def transformers_baseline(lm, device, dtype):
 
 def run(args) -> list[dict]:
     import mexit
-    from mexit.checkpoint import resolve_device, resolve_dtype
+    from mexit.model.checkpoint import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
@@ -262,9 +253,11 @@ def run(args) -> list[dict]:
                                       engine=args.engine, compile=args.compile)
         label = "RANDOM weights, gpt2-medium-multiexit shape"
     if args.fused_max_rows is not None:
-        lm.model.fused_max_rows = args.fused_max_rows
+        lm.with_backend(fused_max_rows=args.fused_max_rows)
     pdl_settings = {"off": [False], "on": [True], "both": [False, True]}[args.pdl]
-    if any(pdl_settings) and not lm.pdl_available():
+    from mexit.kernels.launch import pdl_supported
+
+    if any(pdl_settings) and not (lm.backend.triton and lm.engine != "eager" and pdl_supported(device)):
         raise ValueError(f"--pdl {args.pdl} needs the triton backend, the static or graph engine and a CUDA GPU of "
                          "compute capability 9.0 or newer")
     config = lm.config
@@ -272,13 +265,13 @@ def run(args) -> list[dict]:
     parsed = {m: parse_mode(m, config) for m in modes}
     for kw in parsed.values():
         if "early_exit" in kw:
-            kw["early_exit"].check_engine(lm.engine, lm.backend)
+            kw["early_exit"].check_engine(lm.engine, lm.backend.name)
     lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
     for p, n in lengths:
         if p + n > config.n_positions:
             raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
-    run_meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend,
-                    engine=lm.engine, compiled=lm.compile, fused_max_rows=lm.model.fused_max_rows,
+    run_meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend.name,
+                    engine=lm.engine, compiled=lm.compile, fused_max_rows=lm.backend.fused_max_rows,
                     command=" ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python bench/latency.py"),
                                       *sys.argv[1:]]))
     copy_only, read_only = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)
@@ -305,7 +298,7 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
     context = args.prompt_len + args.new_tokens // 2
     rows = []
     for (mode, kw), pdl in itertools.product(parsed.items(), pdl_settings):
-        lm.pdl = pdl
+        lm.with_backend(pdl=pdl)
         label = f"{mode} +pdl" if pdl else mode
         last = {}
 
@@ -315,8 +308,8 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
             last["result"] = out
 
         timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
-        stats = last["result"].stats if "early_exit" in kw or "speculative" in kw else None
-        blocks, heads, filled = mode_traffic(kw, config, stats)
+        stats = last["result"].stats
+        blocks, heads, filled = mode_traffic(stats)
         nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
         row = timing_row(meta, "mexit", label, batch, timing, nbytes, copy_gbs)
         row["pdl"] = pdl
@@ -325,10 +318,11 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
                    torch_launches_per_step=counted["torch"], weight_bytes_per_step=nbytes)
         if "early_exit" in kw:
             row["mean_exit_layer"] = stats["mean_exit_layer"]
-        if "speculative" in kw:
-            row.update(engine="eager", acceptance_rate=stats["acceptance_rate"],
+        if "speculative" in kw:  # launches_per_step: per generated token of a row
+            row.update(acceptance_rate=stats["acceptance_rate"],
                        mean_accepted_per_verification=stats["mean_accepted_per_verification"],
-                       weight_bytes_ratio=stats["weight_bytes_ratio"])
+                       weight_bytes_ratio=stats["weight_bytes_ratio"],
+                       host_reads_per_round=stats["host_reads"] / max(stats["rounds"], 1))
         rows.append(row)
         print(f"  mexit {label} B={batch} P={args.prompt_len} N={args.new_tokens}: "
               f"{row.get('invalid') or format(row['ms_per_token'], '.3f') + ' ms/token'}", file=sys.stderr)
@@ -360,7 +354,7 @@ def autocontrastive_gen_rows(lm, prompts, device, dtype, args, meta, copy_gbs, c
         return [dict(meta, impl="autocontrastive-gen", mode="acd", skipped=ACD_GEN_MISSING)]
     import transformers
 
-    from mexit.checkpoint import state_dict_from_weights
+    from mexit.model.checkpoint import state_dict_from_weights
 
     config = lm.config
     top = config.n_layer if config.n_layer in config.exit_layers else "original"
@@ -412,7 +406,7 @@ def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, a
 def hf_launches_per_step(model, ids, mask, extra, steps: int = 3) -> float:
     """A transformers model's launches per decode step, counted like mexit's (uncompiled runs only: a compiled
     or graph-captured model dispatches nothing countable)."""
-    from mexit.launches import count_launches, total
+    from mexit.ops.launches import count_launches, total
 
     if extra:
         return None

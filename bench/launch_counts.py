@@ -23,7 +23,7 @@ EXITS = tuple(range(2, 25, 2))
 
 def modes() -> dict:
     """name -> (generate kwargs, budget): 5 launches per executed block plus the mode's fixed part."""
-    from mexit.early_exit import ExitPolicy
+    from mexit.decoding.early_exit import ExitPolicy
 
     def ee(threshold, exits, schedule="segments"):
         return dict(early_exit=ExitPolicy(threshold, exits=exits, schedule=schedule))
@@ -42,8 +42,8 @@ def modes() -> dict:
 
 def count(batches: list[int], only: list[str] | None = None) -> list[dict]:
     import mexit
-    from mexit.config import ModelConfig
-    from mexit.launches import launches_per_step
+    from mexit.bench.common import launches_per_step
+    from mexit.model.config import ModelConfig
 
     config = ModelConfig(n_layer=N_LAYER, n_embd=64, n_head=4, vocab_size=512, n_positions=256, exit_layers=EXITS,
                          eos_token_id=511)

@@ -149,7 +149,7 @@ def train_base(work: Path, steps: int, batch: int, seq_len: int, lr: float) -> d
 
 def add_exits(work: Path, steps: int, batch: int, seq_len: int) -> Path:
     """`mexit train-heads` on the frozen base: heads on EXITS, written under work/multiexit."""
-    from mexit.train_heads import HeadTrainingConfig, train_heads
+    from mexit.training.heads import HeadTrainingConfig, train_heads
 
     out = work / "multiexit"
     if (out / "train_report.json").exists():

@@ -5,7 +5,7 @@
 For every (draft exit, k, threshold) over the prompt file, greedy, against full-depth decoding of the same target
 (the original head) on the same prompts: acceptance rate and tokens per verification; the exact cost per
 generated token relative to full depth (weight bytes from the run's block and head passes, and launches counted
-by mexit.launches: Triton kernels plus kernel-launching torch ops); and the measured speed-up, timed interleaved
+by mexit/ops/launches.py: Triton kernels plus kernel-launching torch ops); and the measured speed-up, timed interleaved
 with full depth (median of the pairs' ratios, min..max). Every setting's tokens are checked against full depth
 (lossless). Writes speculative.json / .csv / .md."""
 
@@ -45,7 +45,7 @@ def run_all(lm, ids, max_new, batch, **kw):
 
 
 def launches_per_token(lm, ids, max_new, batch, **kw) -> float:
-    from mexit.launches import count_launches, total
+    from mexit.ops.launches import count_launches, total
 
     with torch.inference_mode(), count_launches() as counts:
         tokens, _, _ = run_all(lm, ids, max_new, batch, **kw)
@@ -54,9 +54,9 @@ def launches_per_token(lm, ids, max_new, batch, **kw) -> float:
 
 def sweep(args) -> list[dict]:
     import mexit
-    from mexit.speculative import SpeculativeConfig
+    from mexit.decoding.speculative import SpeculativeConfig
 
-    lm = mexit.load(args.model, device=args.device, backend=args.backend, engine="eager")
+    lm = mexit.load(args.model, device=args.device, backend=args.backend, engine=args.engine)
     config = lm.config
     exits = args.draft_exits or [e for e in config.exit_layers if e < config.n_layer]
     settings = [SpeculativeConfig(e, k, None if str(t).lower() == "none" else float(t))
@@ -66,8 +66,8 @@ def sweep(args) -> list[dict]:
     ids, encoding = encode(lm, read_prompts(args.prompts))
     ids = ids[: args.n_prompts]
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=str(args.model), encoding=encoding,
-                n_prompts=len(ids), max_new_tokens=args.max_new_tokens, batch=args.batch, backend=lm.backend,
-                engine="eager")
+                n_prompts=len(ids), max_new_tokens=args.max_new_tokens, batch=args.batch, backend=lm.backend.name,
+                engine=lm.engine)
     print(f"# full-depth reference: {len(ids)} prompts x {args.max_new_tokens} tokens, batch {args.batch}",
           file=sys.stderr, flush=True)
     run_all(lm, ids[: args.batch], 2, args.batch)  # warm-up
@@ -86,8 +86,8 @@ def sweep(args) -> list[dict]:
         st = [r.stats for r in results]
         drafted, accepted = sum(s["drafted"] for s in st), sum(s["accepted"] for s in st)
         verifications = sum(s["verifications"] for s in st)
-        spec_bytes = sum(s["weight_bytes_per_token"] * s["tokens_per_row"] for s in st)
-        full_bytes = sum(s["full_depth_weight_bytes_per_token"] * s["tokens_per_row"] for s in st)
+        spec_bytes = sum(s["weight_bytes_per_token"] * s["decoded_tokens_per_row"] for s in st)
+        full_bytes = sum(s["full_depth_weight_bytes_per_token"] * s["decoded_tokens_per_row"] for s in st)
         rows.append(dict(
             meta, draft_exit=spec.draft_exit, draft_len=spec.draft_len, draft_threshold=spec.draft_threshold,
             acceptance_rate=accepted / drafted if drafted else 0.0,
@@ -111,7 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
     p.add_argument("--repeats", type=int, default=3, help="interleaved (full depth, setting) timing pairs")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"], help="exit-stage backend")
+    p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"], help="ops backend")
+    p.add_argument("--engine", default="eager", choices=["auto", "eager", "static", "graph"],
+                   help="decode engine (graph: CUDA graphs of the draft, lower and verification pieces)")
     p.add_argument("--out", default="speculative_results", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

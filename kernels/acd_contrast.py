@@ -22,7 +22,6 @@ from .launch import pdl_options
 from .step_epilogue import arrive, embed_block, finish_row
 from .step_epilogue_ref import StepIO
 
-LAUNCHES = {"acd_contrast": 0}
 
 
 @triton.jit
@@ -162,5 +161,4 @@ def acd_contrast(logits: torch.Tensor, lse: torch.Tensor, alpha: float = 0.1, mi
                      BLOCK_T=triton.next_power_of_2(n_tiles), BLOCK_V=1024, WRITE_LOG_Q=with_logprobs,
                      THR_FROM_MAX=from_max, EMIT=emit is not None, BLOCK_D=embed_block(D), USE_PDL=pdl, num_warps=4,
                      **options)
-    LAUNCHES["acd_contrast"] += 1
     return token, (log_q if with_logprobs else None)

@@ -21,7 +21,6 @@ import triton.language as tl
 
 from .launch import pdl_options
 
-LAUNCHES = {"decode_attention": 0}  # counts wrapper calls, so tests can assert which path ran
 SPLIT_FROM = 512  # caches shorter than this are never split
 SPLIT_SLOTS = 128  # a split covers at least this many slots
 
@@ -154,5 +153,4 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
         _decode_attention_merge[(B, H)](part, skip_arg, y, H, d, splits, HEAD_DIM=hd,
                                         BLOCK_S=triton.next_power_of_2(splits), HAS_SKIP=skip is not None,
                                         USE_PDL=pdl, **pdl_options(pdl))
-    LAUNCHES["decode_attention"] += 1
     return y

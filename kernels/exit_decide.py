@@ -19,7 +19,6 @@ from .launch import pdl_options
 from .step_epilogue import arrive, embed_block, finish_row
 from .step_epilogue_ref import StepIO
 
-LAUNCHES = {"exit_decide": 0}  # counts wrapper calls, so tests can assert which path ran
 
 
 @triton.jit
@@ -114,4 +113,3 @@ def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, 
                        HAS_FIRED_NONE=fired_none is not None, FINAL=final, EMIT=emit is not None,
                        BLOCK_B=max(triton.next_power_of_2(B), 2), BLOCK_D=embed_block(D), USE_PDL=pdl,
                        num_warps=4, **pdl_options(pdl))
-    LAUNCHES["exit_decide"] += 1

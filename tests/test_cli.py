@@ -5,7 +5,7 @@ import json
 import pytest
 
 import mexit
-from mexit.cli import main
+from mexit.frontends.cli import main
 
 
 def run_cli(capsys, *argv):

@@ -9,7 +9,7 @@ from reference import hf_block_outputs, hf_head_logits
 from transformers import GenerationConfig, TextStreamer
 
 import mexit
-from mexit.compat import AutoMultiExitModel, FastMultiExitModel
+from mexit.frontends.compat import AutoMultiExitModel, FastMultiExitModel
 from mexit.kernels.acd_contrast_ref import acd_contrast_ref
 
 IDS = torch.tensor([[0, 0, 5, 17, 200], [42, 7, 128, 255, 1]])

@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_utils import DEVICE, poisoned_allocations, rel_err
 
-from mexit.kernels import decode_attention as kernel_module
 from mexit.kernels.decode_attention import choose_splits, decode_attention
 from mexit.kernels.decode_attention_ref import decode_attention_ref
+from mexit.ops.launches import count_launches
 
 
 def make_inputs(B, H, T, hd, slot, dtype, seed=0):
@@ -34,10 +34,9 @@ def test_matches_float64_reference(B, H, T, hd, slot, dtype, monkeypatch):
     k_ref, v_ref = k.double(), v.double()
     valid_ref = valid.clone()
     want = decode_attention_ref(qkv.double(), k_ref, v_ref, valid_ref, slot_t)
-    before = kernel_module.LAUNCHES["decode_attention"]
-    with poisoned_allocations(monkeypatch):
+    with count_launches() as launched, poisoned_allocations(monkeypatch):
         y = decode_attention(qkv, k, v, valid, slot_t)
-    assert kernel_module.LAUNCHES["decode_attention"] == before + 1
+    assert launched["triton:_decode_attention"] == 1
     assert valid[:, slot].all() and torch.equal(valid, valid_ref)  # the slot marked, nothing else
     assert y.dtype == dtype and y.shape == (B, H * hd) and not torch.isnan(y).any()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]

@@ -9,8 +9,8 @@ import torch
 from reference import naive_exit_states
 
 import mexit
-from mexit.cli import main as cli_main
-from mexit.early_exit import ExitPolicy
+from mexit.decoding.early_exit import ExitPolicy
+from mexit.frontends.cli import main as cli_main
 
 PROMPTS = [[5, 17, 200, 3], [99], [42, 7, 128, 255, 1, 64, 12]]
 N_NEW = 10

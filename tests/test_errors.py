@@ -165,7 +165,7 @@ def flipped_header(path):
 
 @pytest.mark.parametrize("damage", [cut_in_half, huge_header, flipped_header])
 def test_damaged_safetensors_is_one_named_error(checkpoint, damage, capsys):
-    from mexit.cli import main
+    from mexit.frontends.cli import main
 
     damage(checkpoint / "model.safetensors")
     before = digest(checkpoint)
@@ -184,7 +184,7 @@ class NotATensor:
 def test_pickle_with_objects_is_refused_in_one_line(tmp_path, capsys):
     from conftest import make_hf_checkpoint
 
-    from mexit.cli import main
+    from mexit.frontends.cli import main
 
     make_hf_checkpoint(tmp_path, fmt="bin")
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
@@ -203,7 +203,7 @@ def test_pickle_with_objects_is_refused_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("name,value", [("transformer.h.1.mlp.c_fc.weight", float("nan")),
                                         ("name_to_lm_exit_head.lm_head_2.weight", float("inf"))])
 def test_non_finite_tensor_is_refused_by_name(checkpoint, name, value, capsys):
-    from mexit.cli import main
+    from mexit.frontends.cli import main
 
     def poison(state):
         state[name].view(-1)[0 if value != value else slice(None)] = value

@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_utils import DEVICE
 
-from mexit.kernels import exit_decide as kernel_module
 from mexit.kernels.exit_decide import exit_decide
 from mexit.kernels.exit_decide_ref import exit_decide_ref
+from mexit.ops.launches import count_launches
 
 
 def make_state(B, D, T, dtype, seed):
@@ -51,9 +51,9 @@ def test_counts_launches_and_rejects_bad_buffers():
     state = make_state(3, 32, 8, torch.float32, 0)
     args = [state[k] for k in ("confidence", "thresholds", "step", "running", "fired", "candidate", "chosen",
                                "h_last", "h_exit", "exit_at", "conf_at", "flags")]
-    before = kernel_module.LAUNCHES["exit_decide"]
-    exit_decide(2, *args)
-    assert kernel_module.LAUNCHES["exit_decide"] == before + 1
+    with count_launches() as launched:
+        exit_decide(2, *args)
+    assert launched["triton:_exit_decide"] == 1
     args[10] = state["conf_at"].double()
     with pytest.raises(ValueError, match="float32"):
         exit_decide(2, *args)

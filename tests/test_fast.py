@@ -5,9 +5,9 @@ import torch
 from test_generate import MODES, PROMPTS, mexit_kwargs
 
 import mexit
-from mexit.fast import StaticStep
-from mexit.kernels import fused_linear
-from mexit.static_state import batch_bucket, length_bucket, resolve_engine
+from mexit.engines.static import StaticEngine, StaticState, batch_bucket, length_bucket
+from mexit.generate import resolve_engine
+from mexit.ops.launches import count_launches
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,9 +36,9 @@ def test_fused_layers_equal_torch_path(tiny_checkpoint, eager, case):
     backend's eager loop."""
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton")
     kw = dict(max_new_tokens=8, eos_token_id=None, **mexit_kwargs(case))
-    before = fused_linear.LAUNCHES["fused_linear"]
-    out = fast.generate(PROMPTS, **kw)
-    assert out.backend == "triton" and fused_linear.LAUNCHES["fused_linear"] > before
+    with count_launches() as launched:
+        out = fast.generate(PROMPTS, **kw)
+    assert out.backend == "triton" and launched["triton:_fused_linear"] > 0
     assert out.tokens == eager.generate(PROMPTS, **kw).tokens
 
 
@@ -49,7 +49,7 @@ def test_reused_across_calls_and_sampling(tiny_checkpoint, eager, engine):
     first = fast.generate(PROMPTS, **kw).tokens
     fast.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 3, **kw)  # same bucket, other contents
     assert fast.generate(PROMPTS, **kw).tokens == first
-    assert len(fast._static_steps) == 1
+    assert len(fast._engine.states) == 1
     sample = dict(max_new_tokens=10, eos_token_id=None, do_sample=True, seed=5, top_p=0.9, exit_layer=3)
     assert fast.generate(PROMPTS, **sample).tokens == eager.generate(PROMPTS, **sample).tokens
 
@@ -81,8 +81,8 @@ def test_static_step_has_no_host_sync(tiny_checkpoint):
     """The step body must be capturable: on CPU, check it never reads a device value into Python."""
     lm = mexit.load(tiny_checkpoint[0], engine="static")
     lm.generate(PROMPTS, max_new_tokens=3, contrast=(4, 2), eos_token_id=None)
-    step = next(iter(lm._static_steps.values()))
-    assert isinstance(step, StaticStep)
+    step = next(iter(lm._engine.states.values()))
+    assert isinstance(step, StaticState)
     calls = []
     real_item, real_bool, real_tolist = torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist
     try:
@@ -90,7 +90,7 @@ def test_static_step_has_no_host_sync(tiny_checkpoint):
         torch.Tensor.__bool__ = lambda self: calls.append("bool") or real_bool(self)
         torch.Tensor.tolist = lambda self: calls.append("tolist") or real_tolist(self)
         with torch.inference_mode():
-            step.step()
+            step.run_step()
     finally:
         torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist = real_item, real_bool, real_tolist
     assert calls == []
@@ -98,7 +98,7 @@ def test_static_step_has_no_host_sync(tiny_checkpoint):
 
 def test_compiled_static_step_equals_eager(tiny_checkpoint, eager):
     """torch.compile of the static step's layers (fixed mode and early-exit segments) changes no token."""
-    from mexit.early_exit import ExitPolicy
+    from mexit.decoding.early_exit import ExitPolicy
 
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], compile=True)
     kw = dict(max_new_tokens=8, eos_token_id=None)
@@ -112,8 +112,8 @@ def test_compile_with_triton_backend_warns_and_runs_the_fused_kernels(tiny_check
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton", compile=True)
     with pytest.warns(UserWarning, match="already fused kernels: not compiling"):
         out = fast.generate(PROMPTS, max_new_tokens=4, eos_token_id=None)
-    (state,) = fast._static_steps.values()
-    assert state.run_layers == state._step_states  # not wrapped by torch.compile
+    (state,) = fast._engine.states.values()
+    assert not state.compile_layers  # the blocks are not wrapped by torch.compile
     assert out.tokens == eager.generate(PROMPTS, max_new_tokens=4, eos_token_id=None).tokens
 
 
@@ -121,9 +121,9 @@ def test_capture_failure_falls_back_to_the_static_step(tiny_checkpoint, eager, m
     def broken_capture(self):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(StaticStep, "capture", broken_capture)
+    monkeypatch.setattr(StaticState, "capture", broken_capture)
     lm = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static")
-    lm.engine = "graph"  # as on a CUDA machine
+    lm._engine = StaticEngine(graph=True)  # as on a CUDA machine
     with pytest.warns(UserWarning, match="CUDA graph capture failed"):
         out = lm.generate(PROMPTS, max_new_tokens=6, eos_token_id=None)
     assert out.engine == "static"
@@ -141,16 +141,15 @@ def test_fp16_fast_path_equals_fp16_eager(tiny_checkpoint, case):
 
 def test_large_batch_uses_torch_matmuls_and_the_attention_kernel(tiny_checkpoint, eager):
     """Above `fused_max_rows` rows (here set to 16) the static step keeps torch's matmuls but attends through the
-    decode-attention kernel (it reads only the slots written so far); tokens equal the eager torch loop."""
-    from mexit.kernels import decode_attention
-
+    decode-attention kernel (it reads only the slots written so far); tokens equal the eager torch loop. Counted on
+    the static engine (a graph's replays launch nothing a counter sees)."""
     prompts = [PROMPTS[i % len(PROMPTS)][: 2 + i % 5] for i in range(19)]  # bucket 32
-    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton")
-    fast.model.fused_max_rows = 16
-    before = fused_linear.LAUNCHES["fused_linear"], decode_attention.LAUNCHES["decode_attention"]
-    out = fast.generate(prompts, max_new_tokens=5, eos_token_id=None, exit_layer=3)
-    assert fused_linear.LAUNCHES["fused_linear"] == before[0]
-    assert decode_attention.LAUNCHES["decode_attention"] == before[1] + 3 * 4  # 3 blocks, 4 decode steps
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static", backend="triton")
+    fast.with_backend(fused_max_rows=16)
+    with count_launches() as launched:
+        out = fast.generate(prompts, max_new_tokens=5, eos_token_id=None, exit_layer=3)
+    assert launched["triton:_fused_linear"] == 0
+    assert launched["triton:_decode_attention"] == 3 * 4  # 3 blocks, 4 decode steps
     assert out.tokens == eager.generate(prompts, max_new_tokens=5, eos_token_id=None, exit_layer=3).tokens
 
 
@@ -172,7 +171,7 @@ def test_long_cache_splits_the_attention(tmp_path):
 def test_pdl_gives_the_same_tokens_or_warns_where_it_cannot_run(tiny_checkpoint, eager):
     """On a Hopper-or-newer GPU the PDL kernels (captured in CUDA graphs) give the eager tokens in every mode;
     elsewhere (CPU, the interpreter) pdl=True says it cannot run and generates the same tokens without it."""
-    from mexit.early_exit import ExitPolicy
+    from mexit.decoding.early_exit import ExitPolicy
     from mexit.kernels.launch import pdl_supported
 
     if pdl_supported(torch.device(DEVICE)):

@@ -6,10 +6,9 @@ import torch
 from test_early_exit import N_NEW, POLICIES, PROMPTS
 
 import mexit
-from mexit.early_exit import ExitPolicy
-from mexit.fast_early_exit import PredicatedEarlyExit, StaticEarlyExit
-from mexit.kernels import exit_decide, exit_head, fused_linear, propagate_kv
-from mexit.static_state import batch_bucket
+from mexit.decoding.early_exit import ExitPolicy
+from mexit.engines.static import StaticState, batch_bucket
+from mexit.ops.launches import count_launches
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,8 +20,8 @@ def eager(tiny_checkpoint):
     return mexit.load(tiny_checkpoint[0], device=DEVICE, engine="eager")
 
 
-def static_state(lm) -> StaticEarlyExit:
-    (state,) = [s for s in lm._static_steps.values() if isinstance(s, StaticEarlyExit)]
+def static_state(lm) -> StaticState:
+    (state,) = [s for s in lm._engine.states.values() if s.exits is not None]
     return state
 
 
@@ -42,7 +41,7 @@ def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, variant, policy)
     backend = "triton" if variant == "predicated" else "torch"  # predication needs the kernels' skip flag
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine, backend=backend)
     assert_same_run(fast, eager, PROMPTS, policy, engine)
-    assert isinstance(static_state(fast), PredicatedEarlyExit) == (variant == "predicated")
+    assert static_state(fast).predicated == (variant == "predicated")
 
 
 @pytest.mark.parametrize("variant,backend", [("segments", "torch"), ("deferred", "torch"), ("segments", "triton"),
@@ -52,12 +51,14 @@ def test_single_row_equals_eager_scheduler(tiny_checkpoint, eager, variant, back
     fills are the propagate_kv kernel."""
     policy = ExitPolicy(0.15, exits=(1, 2, 3))
     policy = {"segments": policy, "deferred": deferred(policy), "predicated": predicated(policy)}[variant]
-    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend=backend)
-    before = propagate_kv.LAUNCHES["propagate_kv"]
-    for prompt in PROMPTS:
-        assert_same_run(fast, eager, [prompt], policy, ENGINES[-1])
-    fills = propagate_kv.LAUNCHES["propagate_kv"] - before
-    assert (fills > 0) == (backend == "triton" and variant != "predicated")  # predicated: fills inside the blocks
+    for engine in ENGINES:
+        fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine, backend=backend)
+        with count_launches() as launched:  # counted on the static engine: graph replays launch nothing it sees
+            for prompt in PROMPTS:
+                assert_same_run(fast, eager, [prompt], policy, engine)
+        fills = launched["triton:_propagate_kv"]
+        if engine == "static":  # predicated: fills inside the blocks
+            assert (fills > 0) == (backend == "triton" and variant != "predicated")
 
 
 def assert_same_run(fast, eager, prompts, policy, engine):
@@ -70,9 +71,10 @@ def assert_same_run(fast, eager, prompts, policy, engine):
     for a, b in zip(ours.confidences, theirs.confidences):
         assert a == pytest.approx(b, abs=1e-5)
     # the cache: predicated blocks and the fill step give the eager scheduler's propagated keys/values
-    (state,) = [s for s in fast._static_steps.values()
-                if s.key.mode == policy and s.key.batch == batch_bucket(len(prompts))]
-    state.flush_pending()
+    (state,) = [s for key, s in fast._engine.states.items()
+                if key.mode == policy and key.batch == batch_bucket(len(prompts))]
+    if state.pending is not None:
+        state.pending.flush()
     longest = max(map(len, prompts))
     used = longest + N_NEW - 1
     for b in range(len(prompts)):
@@ -123,30 +125,29 @@ def test_deferred_fills_only_when_a_deep_token_needs_it(tiny_checkpoint, engine)
     shallow = fast.generate([PROMPTS[0]], N_NEW, eos_token_id=None,
                             early_exit=ExitPolicy(0.0, exits=(2,), propagation="deferred"))
     assert shallow.stats["weight_fill_blocks"] == 0 and shallow.stats["fills"] == 0  # nothing ever runs block 3
-    assert len(static_state(fast).pending) == N_NEW - 1
+    assert len(static_state(fast).pending.entries) == N_NEW - 1
     mixed = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=deferred(ExitPolicy(0.3)))
     eager_fill = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=ExitPolicy(0.3))
     assert mixed.tokens == eager_fill.tokens
     assert mixed.stats["weight_fill_blocks"] <= eager_fill.stats["weight_fill_blocks"]
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_predicated_step_is_one_piece(tiny_checkpoint, engine):
+def test_predicated_step_is_one_piece(tiny_checkpoint):
     """No host read, one piece per step; every block's four fused kernels and every head launch on each step
-    (those past the exit return at once); the weight reads derived from the exits equal the segment schedule's."""
+    (those past the exit return at once); the weight reads derived from the exits equal the segment schedule's.
+    Counted on the static engine (the step a graph captures, uncaptured)."""
     folder = tiny_checkpoint[0]
-    segments = mexit.load(folder, device=DEVICE, engine=engine, backend="triton")
-    fast = mexit.load(folder, device=DEVICE, engine=engine, backend="triton")
+    segments = mexit.load(folder, device=DEVICE, engine="static", backend="triton")
+    fast = mexit.load(folder, device=DEVICE, engine="static", backend="triton")
     steps = N_NEW - 1
     for policy in (ExitPolicy(0.0, exits=(1, 2, 3)), ExitPolicy(0.9, measure="cosine")):  # all exit at 1; mixed
-        counters = (fused_linear.LAUNCHES, "fused_linear"), (exit_head.LAUNCHES, "exit_head"), \
-            (exit_decide.LAUNCHES, "exit_decide")
-        before = [c[name] for c, name in counters]
-        out = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=predicated(policy))
-        launched = [c[name] - b for (c, name), b in zip(counters, before)]
-        assert launched[0] == 4 * 4 * steps  # 4 blocks x 4 matmuls, decode steps only
-        assert launched[1] == 4 * N_NEW  # 3 checked exits (or cosine's heads) + the final head, prefill included
-        assert launched[2] == 4 * N_NEW  # one decision kernel per checked exit and the final one (it emits)
+        with count_launches() as launched:
+            out = fast.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=predicated(policy))
+        assert launched["triton:_fused_linear"] == 4 * 4 * steps  # 4 blocks x 4 matmuls, decode steps only
+        # 3 checked exits (or cosine's heads) + the final head; one decision per checked exit and the final one
+        # (it emits); the prompt's step included
+        assert launched["triton:_exit_head_merge"] == 4 * N_NEW
+        assert launched["triton:_exit_decide"] == 4 * N_NEW
         assert out.stats["host_reads"] == 0 and out.stats["segments"] == 0
         reference = segments.generate(PROMPTS, N_NEW, eos_token_id=None, early_exit=policy)
         assert out.tokens == reference.tokens and out.exit_layers == reference.exit_layers

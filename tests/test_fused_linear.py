@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_utils import DEVICE, poisoned_allocations, rel_err
 
-from mexit.kernels import fused_linear as kernel_module
 from mexit.kernels.fused_linear import fused_linear
 from mexit.kernels.fused_linear_ref import fused_linear_ref
+from mexit.ops.launches import count_launches
 
 
 def make_inputs(M, K, N, dtype, seed=0):
@@ -30,11 +30,10 @@ OPTIONS = [dict(), dict(ln=True), dict(ln=True, gelu=True), dict(residual=True),
 def test_matches_float64_reference(M, K, N, dtype, options, monkeypatch):
     x, w, b, ln, res = make_inputs(M, K, N, dtype, seed=M * 31 + N)
     kw = dict(gelu=options.get("gelu", False))
-    before = kernel_module.LAUNCHES["fused_linear"]
-    with poisoned_allocations(monkeypatch):
+    with count_launches() as launched, poisoned_allocations(monkeypatch):
         y = fused_linear(x, w, b, ln=(*ln, 1e-5) if options.get("ln") else None,
                          residual=res if options.get("residual") else None, **kw)
-    assert kernel_module.LAUNCHES["fused_linear"] == before + 1
+    assert launched["triton:_fused_linear"] == 1
     ref = fused_linear_ref(x.double(), w.double(), b.double(),
                            ln=(ln[0].double(), ln[1].double(), 1e-5) if options.get("ln") else None,
                            residual=res.double() if options.get("residual") else None, **kw)

@@ -91,9 +91,13 @@ def test_text_in_text_out(tiny_checkpoint):
     assert out.text[0] == lm.tokenizer.decode(out.tokens[0])
 
 
-def test_sampler_inverse_cdf():
-    from mexit.sampling import sample_from_scores
+def sample_from_scores(scores, uniform, temperature=1.0, top_k=0, top_p=1.0):
+    from mexit.decoding.sampling import SamplingConfig, choose
 
+    return choose(None, scores, SamplingConfig(True, temperature, top_k, top_p), uniform)
+
+
+def test_sampler_inverse_cdf():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     scores = probs.log().expand(1000, 4)
     uniform = (torch.arange(1000) + 0.5) / 1000
@@ -107,8 +111,6 @@ def test_sampler_inverse_cdf():
 
 
 def test_sampler_ties_keep_index_order():
-    from mexit.sampling import sample_from_scores
-
     scores = torch.zeros(4, 6)  # six equally likely tokens: inverse CDF walks them in index order
     uniform = torch.tensor([0.01, 0.2, 0.55, 0.99])
     assert sample_from_scores(scores, uniform).tolist() == [0, 1, 3, 5]

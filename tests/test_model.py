@@ -5,25 +5,25 @@ import torch
 from reference import hf_block_outputs, hf_head_logits
 
 import mexit
-from mexit.generation import Decoder, left_pad
 
 
 def run_mexit(model, seq, prefill_len, layers):
     """Prefill seq[:prefill_len], then decode the rest one token at a time; hidden states per layer, [T, d]."""
-    decoder = Decoder(model, left_pad([seq[:prefill_len]], model.device), len(seq) - prefill_len)
-    h, slot = decoder.prefill_input()
+    cache = model.new_cache(1, len(seq))
+    cache.valid[:, :prefill_len] = True
+    h = model.embed(torch.tensor([seq[:prefill_len]]), torch.arange(prefill_len)[None])
     per_layer = {layer: [] for layer in layers}
-    out, start = {}, 0
+    start = 0
     for layer in layers:  # keep every position of the prefill, not only the last
-        h = model.run_layers(h, start, layer, decoder.cache, slot)
-        out[layer], start = h[0], layer
-    for layer in layers:
-        per_layer[layer].append(out[layer])
-    for step, token in enumerate(seq[prefill_len:]):
-        h, slot = decoder.step_input(torch.tensor([token]), step)
-        states = decoder.run_to(h, slot, layers)
+        h = model.run_layers(h, start, layer, cache, 0)
+        per_layer[layer].append(h[0])
+        start = layer
+    for slot in range(prefill_len, len(seq)):
+        cache.valid[:, slot] = True
+        h = model.embed(torch.tensor([[seq[slot]]]), torch.tensor([[slot]]))
+        states = model.run_to(h, layers, cache, slot)
         for layer in layers:
-            per_layer[layer].append(states[layer])
+            per_layer[layer].append(states[layer][:, -1])
     return {layer: torch.cat([t.reshape(-1, t.shape[-1]) for t in hs]) for layer, hs in per_layer.items()}
 
 
@@ -43,16 +43,16 @@ def test_original_and_exit_logits_match_transformers(tiny_checkpoint):
 
 def test_layer_ranges_compose(tiny_checkpoint):
     model = mexit.load(tiny_checkpoint[0]).model
-    batch = left_pad([[1, 2, 3, 4, 5]], "cpu")
-    whole = Decoder(model, batch, 1)
-    h0, _ = whole.prefill_input()
-    full = model.run_layers(h0, 0, 4, whole.cache, 0)
-    parts = Decoder(model, batch, 1)
-    h = model.run_layers(h0, 0, 1, parts.cache, 0)
-    h = model.run_layers(h, 1, 3, parts.cache, 0)
-    h = model.run_layers(h, 3, 4, parts.cache, 0)
+    h0 = model.embed(torch.tensor([[1, 2, 3, 4, 5]]), torch.arange(5)[None])
+    whole, parts = model.new_cache(1, 6), model.new_cache(1, 6)
+    for cache in (whole, parts):
+        cache.valid[:, :5] = True
+    full = model.run_layers(h0, 0, 4, whole, 0)
+    h = model.run_layers(h0, 0, 1, parts, 0)
+    h = model.run_layers(h, 1, 3, parts, 0)
+    h = model.run_layers(h, 3, 4, parts, 0)
     torch.testing.assert_close(h, full)
-    torch.testing.assert_close(parts.cache.k, whole.cache.k)
+    torch.testing.assert_close(parts.k, whole.k)
 
 
 def test_bin_checkpoint_loads_with_weights_only(tmp_path, tiny_checkpoint, monkeypatch):
@@ -85,7 +85,7 @@ def test_plain_gpt2_checkpoint(tmp_path):
 def test_low_precision_follows_fp32(tiny_checkpoint, dtype):
     folder, hf, _ = tiny_checkpoint
     model = mexit.load(folder, dtype=dtype).model
-    assert model.dtype == mexit.checkpoint.resolve_dtype(dtype)
+    assert model.dtype == mexit.model.checkpoint.resolve_dtype(dtype)
     seq = [5, 17, 200, 3, 99, 42]
     states = run_mexit(model, seq, prefill_len=3, layers=[4])
     ours = model.head_logits(states[4], "original")

@@ -105,7 +105,7 @@ def test_triton_backend_equals_torch(tmp_path):
 
 def exact_marginals(model, prompt: list[int], steps: int) -> list[torch.Tensor]:
     """Exact distribution of each of the first `steps` sampled tokens (temperature 1), by enumeration."""
-    from mexit.compat import FastMultiExitModel
+    from mexit.frontends.compat import FastMultiExitModel
 
     v = model.config.vocab_size
     prefixes, weights = [[]], torch.ones(1, dtype=torch.float64)
@@ -163,8 +163,8 @@ def test_cli_bench_and_drop_in(tmp_path, capsys):
     import json
 
     from mexit.bench.latency import parse_mode
-    from mexit.cli import main
-    from mexit.compat import FastMultiExitModel
+    from mexit.frontends.cli import main
+    from mexit.frontends.compat import FastMultiExitModel
 
     folder = agreeing_checkpoint(tmp_path)
     capsys.readouterr()

@@ -6,7 +6,6 @@ import pytest
 import torch
 from kernel_utils import DEVICE
 
-from mexit.kernels import step_epilogue as kernel_module
 from mexit.kernels.acd_contrast import acd_contrast
 from mexit.kernels.exit_decide import exit_decide
 from mexit.kernels.exit_decide_ref import exit_decide_ref
@@ -14,6 +13,7 @@ from mexit.kernels.exit_head import exit_head
 from mexit.kernels.exit_head_ref import exit_head_ref
 from mexit.kernels.step_epilogue import step_epilogue
 from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref
+from mexit.ops.launches import count_launches
 
 
 def make_io(B, d, T, V, P, dtype, seed, eos=5) -> StepIO:
@@ -46,9 +46,9 @@ def test_standalone_kernel_equals_reference(B, eos, dtype):
     ref = clone(ours)
     token = torch.randint(50, (B,), device=DEVICE)
     token[B // 2] = 5  # a row emitting eos finishes
-    before = kernel_module.LAUNCHES["step_epilogue"]
-    step_epilogue(token, ours)
-    assert kernel_module.LAUNCHES["step_epilogue"] == before + 1
+    with count_launches() as launched:
+        step_epilogue(token, ours)
+    assert launched["triton:_step_epilogue"] == 1
     step_epilogue_ref(token, ref)
     assert_same(ours, ref)
     assert not torch.isnan(ours.h0).any()

@@ -9,8 +9,8 @@ from conftest import make_hf_checkpoint
 from reference import hf_block_outputs
 
 import mexit
-from mexit.cli import main
-from mexit.train_heads import HeadTrainingConfig, TrainingInterrupted, train_heads
+from mexit.frontends.cli import main
+from mexit.training.heads import HeadTrainingConfig, TrainingInterrupted, train_heads
 
 TEXT = "".join(f"The {w} of the {v} is {u}, and the {v} is not {w}.\n"
                for w in ("king", "queen", "sea", "night", "day", "lord") for v in ("house", "storm", "field")
@@ -66,7 +66,7 @@ def test_resume_continues_from_the_saved_step(base, tmp_path):
     # simulate a stop at step 6: train 6 steps of the same 12-step schedule, then resume
     interrupted = config(base, tmp_path / "resumed", steps=12, save_every=6)
     calls = {"n": 0}
-    import mexit.train_heads as th
+    import mexit.training.heads as th
 
     original_step = th.HeadTrainer.step
 

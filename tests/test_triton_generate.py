@@ -4,8 +4,8 @@ import pytest
 from test_generate import MODES, PROMPTS, mexit_kwargs
 
 import mexit
-from mexit.kernels import acd_contrast, exit_head, fused_linear
-from mexit.runtime import decode_config
+from mexit.frontends.api import decode_config
+from mexit.ops.launches import count_launches
 
 
 @pytest.mark.parametrize("case", MODES, ids=lambda c: "-".join(map(str, c.values())))
@@ -13,15 +13,14 @@ def test_greedy_triton_equals_torch(tiny_checkpoint, case):
     folder = tiny_checkpoint[0]
     torch_lm = mexit.load(folder, backend="torch")
     triton_lm = mexit.load(folder, backend="triton")
-    before = dict(exit_head.LAUNCHES), dict(acd_contrast.LAUNCHES), fused_linear.LAUNCHES["fused_linear"]
     kw = dict(max_new_tokens=8, eos_token_id=None, **mexit_kwargs(case))
-    ours = triton_lm.generate(PROMPTS, **kw)
+    with count_launches() as launched:
+        ours = triton_lm.generate(PROMPTS, **kw)
     assert ours.backend == "triton"
-    assert exit_head.LAUNCHES["exit_head"] == before[0]["exit_head"] + 8
+    assert launched["triton:_exit_head_merge"] == 8  # one exit stage per token
     deepest = max(4 if h == "original" else h for h in decode_config(**mexit_kwargs(case)).heads())
-    assert fused_linear.LAUNCHES["fused_linear"] == before[2] + 4 * deepest * 7  # decode steps: fused blocks
-    expected_acd = 8 if case["mode"] == "contrast" else 0
-    assert acd_contrast.LAUNCHES["acd_contrast"] == before[1]["acd_contrast"] + expected_acd
+    assert launched["triton:_fused_linear"] == 4 * deepest * 7  # decode steps: fused blocks
+    assert launched["triton:_acd_merge"] == (8 if case["mode"] == "contrast" else 0)
     assert ours.tokens == torch_lm.generate(PROMPTS, **kw).tokens
 
 
@@ -41,20 +40,21 @@ def test_auto_backend_on_cpu_is_torch(tiny_checkpoint):
 def test_kernel_probe_and_fallback(monkeypatch):
     import torch
 
-    from mexit import heads
+    from mexit.ops import backend
 
-    assert heads.probe_kernels(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
-    monkeypatch.setattr(heads, "probe_kernels", lambda device: "CompilationError: no sm_90 support")
-    with pytest.warns(UserWarning, match="failed a probe.*CompilationError"):
-        assert heads.resolve_backend("auto", torch.device("cuda")) == "torch"
-    assert heads.resolve_backend("triton", torch.device("cpu")) == "triton"  # asked for explicitly: no probe
+    assert backend.probe_kernels(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
+    monkeypatch.setattr(backend, "probe_kernels", lambda device: "CompilationError: no sm_90 support")
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    with pytest.warns(UserWarning, match="cannot run on cuda.*CompilationError"):
+        assert backend.resolve_backend("auto", torch.device("cuda")).name == "torch"
+    assert backend.resolve_backend("triton", torch.device("cpu")).name == "triton"  # asked for: no probe
 
 
 def test_probe_names_the_failing_kernel(monkeypatch):
     import torch
 
-    from mexit import probe
     from mexit.kernels import decode_attention, propagate_kv
+    from mexit.ops import probe
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probe.probe_kernels.cache_clear()

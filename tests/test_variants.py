@@ -10,7 +10,7 @@ from conftest import make_hf_checkpoint
 from reference import hf_block_outputs, hf_greedy, hf_head_logits
 
 import mexit
-from mexit.compat import FastMultiExitModel
+from mexit.frontends.compat import FastMultiExitModel
 
 VARIANTS = {
     "untied": dict(tie_word_embeddings=False),
@@ -66,7 +66,7 @@ def test_logits_equal_transformers(variant):
 
 
 def test_early_exit_final_head_is_the_untied_head(tmp_path):
-    from mexit.early_exit import ExitPolicy
+    from mexit.decoding.early_exit import ExitPolicy
 
     hf, heads = make_hf_checkpoint(tmp_path, tie_word_embeddings=False)
     lm = mexit.load(tmp_path)

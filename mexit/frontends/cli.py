@@ -187,7 +187,7 @@ def add_train_heads_parser(sub) -> None:
 
 
 def run_train_heads(args) -> int:
-    from mexit.train_heads import HeadTrainingConfig, TrainingInterrupted, train_heads
+    from mexit.training.heads import HeadTrainingConfig, TrainingInterrupted, train_heads
 
     cfg = HeadTrainingConfig(
         model=args.model, data=args.data, out=args.out, exits=tuple(args.exits), eval_data=args.eval_data,
@@ -201,7 +201,7 @@ def run_train_heads(args) -> int:
     except TrainingInterrupted as err:
         print(f"error: {err}", file=sys.stderr)
         return 130
-    from mexit.train_heads import report_markdown
+    from mexit.training.heads import report_markdown
 
     print(report_markdown(report))
     print(f"wrote {args.out}")
@@ -209,19 +209,17 @@ def run_train_heads(args) -> int:
 
 
 def warn_ignored_compile(lm) -> None:
-    if lm.compile and (lm.engine == "eager" or lm.backend == "triton"):
-        warnings.warn(f"--compile ignored: nothing is compiled on the {lm.engine} engine with the {lm.backend} backend "
-                      "(it applies to the static/graph engines' torch layers)", stacklevel=2)
+    if lm.compile and (lm.engine == "eager" or lm.backend.triton):
+        warnings.warn(f"--compile ignored: nothing is compiled on the {lm.engine} engine with the {lm.backend.name} "
+                      "backend (it applies to the static/graph engines' torch layers)", stacklevel=2)
 
 
 def load_lm(args):
-    import mexit
-    from mexit.checkpoint import resolve_device
+    from mexit.frontends.api import MultiExitLM
 
-    device = resolve_device(args.device)
-    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
-                    compile=args.compile, check_weights=not args.no_weight_check, pdl=args.pdl)
+    lm = MultiExitLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+                                     engine=args.engine, compile=args.compile,
+                                     check_weights=not args.no_weight_check, pdl=args.pdl)
     warn_ignored_compile(lm)
     return lm
 
@@ -303,7 +301,7 @@ def run_generate(args) -> int:
     if args.no_eos:
         common["eos_token_id"] = None
     if args.mode == "early-exit":
-        from mexit.early_exit import ExitPolicy
+        from mexit.decoding.early_exit import ExitPolicy
 
         policy = ExitPolicy(threshold=args.threshold, measure=args.measure,
                             exits=tuple(args.exits) if args.exits else None, min_layer=args.min_layer,
@@ -312,7 +310,7 @@ def run_generate(args) -> int:
         timer.begin()
         result = lm.generate(prompts, early_exit=policy, **common)
     elif args.mode == "speculative":
-        from mexit.speculative import SpeculativeConfig
+        from mexit.decoding.speculative import SpeculativeConfig
 
         spec = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold)
         timer.begin()
@@ -356,7 +354,7 @@ def run_generate(args) -> int:
 
 
 def main(argv=None) -> int:
-    from mexit import __version__
+    from mexit.version import __version__
 
     parser = Parser(prog="mexit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mexit {__version__}")

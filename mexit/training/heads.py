@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import EXIT_HEAD_NAME, read_state_dict, resolve_device, resolve_dtype
-from .model import MultiExitGPT2
+from mexit.model.checkpoint import EXIT_HEAD_NAME, read_state_dict, resolve_device, resolve_dtype
+from mexit.model.decoder import MultiExitGPT2
 
 LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
 STATE_FILE = "trainer_state.pt"
@@ -68,7 +68,7 @@ class HeadTrainingConfig:
 
 def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
     """Every check that needs no model weights, before any work. Returns the base folder and its config.json."""
-    from .checkpoint import read_config, resolve_folder
+    from mexit.model.checkpoint import read_config, resolve_folder
 
     base = resolve_folder(cfg.model)
     config = read_config(base)  # the loader's own checks of config.json
@@ -252,7 +252,7 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     Returns the report (held-out loss and perplexity per head at the start and the end, throughput)."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import load
+    from mexit.model.checkpoint import load
 
     base, hf_config = check_inputs(cfg)
     device = resolve_device(cfg.device)

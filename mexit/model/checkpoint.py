@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .model import MultiExitGPT2, Weights
+from .decoder import MultiExitGPT2, Weights
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -27,7 +27,10 @@ _IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of 
 EXIT_HEAD_NAME = "name_to_lm_exit_head.lm_head_{}.weight"
 
 
-def resolve_dtype(dtype) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device | None = None) -> torch.dtype:
+    """A dtype name or torch dtype; None: the default of every entry point, fp16 on CUDA and fp32 elsewhere."""
+    if dtype is None:
+        return torch.float16 if device is not None and device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():
             return dtype
@@ -130,9 +133,11 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02, device
     return weights_from_state_dict(state, config)
 
 
-def random_model(config: ModelConfig, seed: int = 0, dtype="fp32", device="cpu") -> MultiExitGPT2:
-    """A RANDOM-WEIGHT model of `config`'s shape: for tests and latency benchmarks only, never for quality."""
-    weights = random_weights(config, seed, device=resolve_device(device), dtype=resolve_dtype(dtype))
+def random_model(config: ModelConfig, seed: int = 0, dtype=None, device="cpu") -> MultiExitGPT2:
+    """A RANDOM-WEIGHT model of `config`'s shape: for tests and latency benchmarks only, never for quality.
+    dtype None: fp16 on CUDA, fp32 elsewhere."""
+    device = resolve_device(device)
+    weights = random_weights(config, seed, device=device, dtype=resolve_dtype(dtype, device))
     return MultiExitGPT2(config, weights, random_weights=True)
 
 
@@ -256,10 +261,12 @@ def read_config(folder: Path) -> ModelConfig:
         raise ValueError(f"{path}: {err}") from None
 
 
-def load(path_or_id: str | os.PathLike, dtype="fp32", device=None, check_weights: bool = True) -> MultiExitGPT2:
-    """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id) onto `device` in `dtype`. check_weights:
-    refuse tensors holding NaN or inf (one reduction per tensor), naming them."""
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
+def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: bool = True) -> MultiExitGPT2:
+    """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id) onto `device` (None: cuda when available) in
+    `dtype` (None: fp16 on CUDA, fp32 elsewhere). check_weights: refuse tensors holding NaN or inf (one reduction
+    per tensor), naming them."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     folder = resolve_folder(path_or_id)
     config = read_config(folder)
     state = read_state_dict(folder)

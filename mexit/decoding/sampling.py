@@ -31,47 +31,34 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def row_uniforms(seed: int | tuple[int, ...] | None, rows: int, steps: int, device) -> torch.Tensor:
-    """[steps, rows] uniform numbers, one stream per row: row r draws its `steps` numbers from its own generator
-    seeded with seed (or seed[r]), so a row samples the same tokens alone and in any batch. seed None: unseeded."""
+def row_uniforms(seed: int | tuple[int, ...] | None, rows: int, count: int, device) -> torch.Tensor:
+    """[rows, count] uniform numbers, one stream per row: row r draws its numbers from its own generator seeded
+    with seed (or seed[r]), so a row samples the same tokens alone and in any batch. seed None: unseeded."""
     if isinstance(seed, tuple):
         if len(seed) != rows:
             raise ValueError(f"{len(seed)} seeds for {rows} prompts: pass one seed, or one per prompt")
         seeds = list(seed)
     else:
         seeds = [seed] * rows
-    out = torch.empty(steps, rows, device=device)
+    out = torch.empty(rows, count, device=device)
     for r, row_seed in enumerate(seeds):
         gen = None if row_seed is None else torch.Generator(device=device).manual_seed(int(row_seed))
-        out[:, r] = torch.rand(steps, generator=gen, device=device)
+        out[r] = torch.rand(count, generator=gen, device=device)
     return out
 
 
-def sample_from_scores(scores: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0) -> torch.Tensor:
-    """scores: [B, V] logits or log-probabilities; uniform: [B] in [0, 1). Returns [B] int64.
-
-    Inverse-CDF sampling over the distribution sorted by probability (descending), after temperature,
-    top-k (keep the k most likely) and top-p (keep the smallest prefix whose mass reaches top_p)."""
-    probs = torch.softmax(scores.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # ties in index order, on any device
-    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
-    if top_k:
-        keep[:, top_k:] = False
-    if top_p < 1.0:
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        keep &= mass_before < top_p
-    kept = torch.where(keep, sorted_probs, 0.0)
-    cdf = kept.cumsum(-1)
-    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
-    pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)  # rounding at the top edge stays inside the kept set
-    pick = pick.clamp(min=0)  # NaN scores (a predicated, unwritten head whose pick is discarded) keep a valid index
-    return order.gather(-1, pick).squeeze(-1)
+def choose(greedy: torch.Tensor, scores: torch.Tensor | None, sampling: SamplingConfig,
+           uniform: torch.Tensor | None) -> torch.Tensor:
+    """The token chooser of every mode and engine: the greedy tokens [B], or a draw from scores [B, V] (logits or
+    log-probabilities) after temperature / top-k / top-p with one uniform number per row ([B] in [0, 1))."""
+    if not sampling.do_sample:
+        return greedy
+    probs = sampling_probs(scores, sampling.temperature, sampling.top_k, sampling.top_p)
+    return sample_from_probs(probs, uniform)
 
 
 def sampling_probs(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """[..., V] logits or log-probabilities -> the fp32 distribution `sample_from_scores` draws from: softmax
+    """[..., V] logits or log-probabilities -> the fp32 distribution `choose` draws from: softmax
     after temperature, zero outside top-k / top-p (same rules, same tie order), renormalized."""
     probs = torch.softmax(scores.float() / temperature, dim=-1)
     if not top_k and top_p >= 1.0:
@@ -93,7 +80,8 @@ def kept_tokens(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torc
 
 
 def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw in index order: probs [B, V] (need not be normalized), uniform [B] in [0, 1) -> [B]."""
+    """Inverse-CDF draw in index order: probs [B, V] (need not be normalized), uniform [B] in [0, 1) -> [B] int64.
+    Never a zero-probability token; NaN rows (a predicated head no kept value reads) still give a valid index."""
     cdf = probs.float().cumsum(-1)
     target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
     pick = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)

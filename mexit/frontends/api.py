@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import warnings
 
 import torch
 
-from .checkpoint import load as load_model
-from .checkpoint import random_model
-from .config import DecodeConfig, ModelConfig, MultiExitConfiguration
-from .generation import GenerationResult, generate_tokens
-from .heads import resolve_backend
-from .model import MultiExitGPT2
-from .sampling import SamplingConfig
-from .static_engine import generate_static
-from .static_state import resolve_engine
+from mexit.decoding.early_exit import ExitPolicy
+from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration
+from mexit.decoding.sampling import SamplingConfig
+from mexit.decoding.speculative import Speculation, SpeculativeConfig
+from mexit.generate import GenerationResult, generate, new_engine, resolve_engine
+from mexit.model.checkpoint import load as load_model
+from mexit.model.checkpoint import random_model
+from mexit.model.config import ModelConfig
+from mexit.model.decoder import MultiExitGPT2
+from mexit.ops import Backend
+from mexit.ops.backend import resolve_backend
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
@@ -50,37 +52,53 @@ def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
 
 
 class MultiExitLM:
-    """A multi-exit GPT-2 ready to generate. Build with `MultiExitLM.from_pretrained` or `MultiExitLM.random`."""
+    """A multi-exit GPT-2 ready to generate. Build with `MultiExitLM.from_pretrained` or `MultiExitLM.random`.
 
-    def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str = "auto", engine: str = "auto",
-                 compile: bool = False, pdl: bool = False):
+    backend: "auto" / "torch" / "triton" (or a ready `mexit.ops.Backend`); engine: "auto" / "eager" / "static" /
+    "graph" (the engine object keeps built static steps between calls); compile: torch.compile the static steps'
+    layers (torch backend); pdl: programmatic dependent launch (triton, Hopper or newer); fused_max_rows: the
+    largest decode batch that runs fused-linear kernels (triton)."""
+
+    def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str | Backend = "auto", engine: str = "auto",
+                 compile: bool = False, pdl: bool = False, fused_max_rows: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.requested_backend, self.requested_engine = backend, engine
-        self.backend = resolve_backend(backend, model.device)
-        self.engine = resolve_engine(engine, model.device)
+        self.settings = dict(backend=backend, engine=engine, compile=compile, pdl=pdl, fused_max_rows=fused_max_rows)
+        if isinstance(backend, Backend):
+            self.backend = backend
+        else:
+            self.backend = resolve_backend(backend, model.device, pdl,
+                                           **({} if fused_max_rows is None else dict(fused_max_rows=fused_max_rows)))
         self.compile = compile  # torch.compile the layers of static steps (static / graph engines)
-        self._static_steps: dict = {}  # StepKey -> StaticStep (captured CUDA graphs), reused across calls
-        self.pdl = pdl and self.pdl_available()  # programmatic dependent launch in the static steps' kernels
-        if pdl and not self.pdl:
-            warnings.warn("pdl=True needs the triton backend, a static engine and a CUDA GPU of compute capability "
-                          "9.0 or newer: running without programmatic dependent launch", stacklevel=2)
+        self.engine = engine
 
-    def pdl_available(self) -> bool:
-        """Whether the static steps' kernels can launch with programmatic dependent launch here."""
-        from mexit.kernels.launch import pdl_supported
+    @property
+    def engine(self) -> str:
+        """The engine generations run on ("eager", "static" or "graph"); setting it starts a new engine."""
+        return self._engine.name
 
-        return self.backend == "triton" and self.engine != "eager" and pdl_supported(self.model.device)
+    @engine.setter
+    def engine(self, name: str) -> None:
+        self._engine = new_engine(resolve_engine(name, self.model.device), self.compile)
+
+    @property
+    def pdl(self) -> bool:
+        return self.backend.pdl
+
+    def with_backend(self, **changes) -> None:
+        """Change backend settings in place (pdl, fused_max_rows): later calls build steps for the new settings."""
+        self.backend = dataclasses.replace(self.backend, **changes)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, dtype="fp32", device=None, backend: str = "auto",
+    def from_pretrained(cls, path_or_id: str | os.PathLike, dtype=None, device=None, backend: str = "auto",
                         engine: str = "auto", compile: bool = False, check_weights: bool = True,
                         pdl: bool = False) -> MultiExitLM:
+        """dtype None: fp16 on CUDA, fp32 on CPU (the rule of every entry point)."""
         model = load_model(path_or_id, dtype=dtype, device=device, check_weights=check_weights)
         return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile, pdl=pdl)
 
     @classmethod
-    def random(cls, config: ModelConfig, seed: int = 0, dtype="fp32", device="cpu", backend="auto",
+    def random(cls, config: ModelConfig, seed: int = 0, dtype=None, device="cpu", backend="auto",
                engine="auto", compile: bool = False, pdl: bool = False) -> MultiExitLM:
         """RANDOM weights of `config`'s shape (benchmarks, tests); `is_random` says so."""
         return cls(random_model(config, seed=seed, dtype=dtype, device=device), backend=backend, engine=engine,
@@ -110,9 +128,10 @@ class MultiExitLM:
     def generate(self, prompts, max_new_tokens: int = 32, *, mode: str | None = None, exit_layer: int | None = None,
                  contrast: tuple | None = None, alpha: float = 0.1, min_candidates: int = 1,
                  multi_exit_config: MultiExitConfiguration | None = None, decode: DecodeConfig | None = None,
-                 early_exit=None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | list[int] | None = None, eos_token_id: int | None | str = "config",
-                 return_cache: bool = False, on_token=None, keep_logits: bool = False, speculative=None,
+                 early_exit: ExitPolicy | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | list[int] | None = None,
+                 eos_token_id: int | None | str = "config", return_cache: bool = False, on_token=None,
+                 keep_logits: bool = False, speculative: SpeculativeConfig | None = None,
                  **acd_names) -> GenerationResult:
         """Generate `max_new_tokens` per prompt (text, a list of texts, token ids, or a list of id lists).
 
@@ -121,46 +140,42 @@ class MultiExitLM:
         `multi_exit_config`, or a ready `decode=DecodeConfig(...)`.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead, and
         `speculative=SpeculativeConfig(...)` decodes the chosen mode self-speculatively (the same greedy tokens, the
-        same sampling distribution; eager engine). eos_token_id: "config" uses the checkpoint's, None never stops
-        early. seed: one for every row or one per row; each row samples from
-        its own random stream, so a row gets the same tokens alone and in any batch. return_cache keeps the final
-        KV cache on the result, keep_logits every step's [B, V] logits of the mode (both: eager engine, fixed
-        modes). on_token(tokens [B]) receives every step's tokens (streaming; speculative: row 0's, as emitted)."""
+        same sampling distribution). Every mode runs on every engine. eos_token_id: "config" uses the checkpoint's,
+        None never stops early. seed: one for every row or one per row; each row samples from its own random
+        stream, so a row gets the same tokens alone and in any batch. return_cache keeps the real rows' final KV
+        cache on the result, keep_logits every step's [B, V] logits of the mode (fixed modes). on_token(tokens [B])
+        receives the tokens of every position as it completes (a device tensor)."""
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         eos = self.config.eos_token_id if eos_token_id == "config" else eos_token_id
         ids = self.encode(prompts)
         if early_exit is not None:
             if mode is not None or exit_layer is not None or contrast is not None or acd_names or decode:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
-        elif decode is None:
-            decode = decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, **acd_names)
-        if keep_logits and (early_exit is not None or speculative is not None):
-            raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not "
-                                      "those of one fixed pass per token")
-        if speculative is not None:
-            if early_exit is not None:
+            if speculative is not None:
                 raise ValueError("speculative decoding verifies a fixed mode: do not combine it with early_exit")
-            from .speculative import generate_speculative
-
-            if self.engine != "eager":
-                warnings.warn(f"speculative decoding runs on the eager engine (not implemented on the {self.engine} "
-                              "engine yet)", stacklevel=2)
-            result = generate_speculative(self.model, ids, speculative, decode, max_new_tokens, sampling, eos,
-                                          self.backend, return_cache, on_token)
-            if self.tokenizer is not None:
-                result.text = [self.tokenizer.decode(row) for row in result.tokens]
-            return result
-        if self.engine != "eager" and not (return_cache or keep_logits):  # the static step (CUDA graphs on "graph")
-            result = generate_static(self._static_steps, self.model, ids, early_exit or decode, max_new_tokens,
-                                     sampling, eos, self.backend, self.engine, on_token, self.compile, self.pdl)
-        elif early_exit is not None:
-            from .early_exit import generate_early_exit
-
-            result = generate_early_exit(self.model, ids, early_exit, max_new_tokens, sampling, eos, self.backend,
-                                         return_cache, on_token)
+            early_exit.check_engine(self.engine, self.backend.name)
+            spec = early_exit
         else:
-            result = generate_tokens(self.model, ids, decode, max_new_tokens, sampling, eos, self.backend,
-                                     return_cache, on_token, keep_logits)
+            spec = decode or decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config,
+                                           **acd_names)
+            if speculative is not None:
+                spec = Speculation(speculative, spec)
+        result = generate(self.model, ids, spec, self._engine, self.backend, max_new_tokens, sampling, eos,
+                          on_token=on_token, return_cache=return_cache, keep_logits=keep_logits)
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
         return result
+
+
+def load(path_or_id, dtype=None, device=None, backend: str = "auto", engine: str = "auto", compile: bool = False,
+         check_weights: bool = True, pdl: bool = False) -> MultiExitLM:
+    """Load a GPT-2 or multi-exit GPT-2 checkpoint (local folder or hub id) ready to `generate`.
+
+    dtype: fp32 / fp16 / bf16; None: fp16 on CUDA, fp32 elsewhere (the CLI and the drop-in use the same rule).
+    backend: ops through "triton" kernels or the "torch" references (auto: triton on CUDA).
+    engine: "graph" (CUDA graphs), "static" (the same steps without capture) or "eager" (auto: graph on CUDA).
+    compile: torch.compile the static steps' layers (torch backend). check_weights: refuse tensors that hold NaN or
+    inf (naming them). pdl: the kernels use programmatic dependent launch (triton backend, Hopper or newer GPU;
+    off by default: measured 2.6 % slower at batch 1 on an H200, bench/RESULTS.md)."""
+    return MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine,
+                                       compile=compile, check_weights=check_weights, pdl=pdl)

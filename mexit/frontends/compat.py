@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DecodeConfig, MultiExitConfiguration
-from .generation import Decoder, left_pad
-from .heads import exit_stage
-from .model import MultiExitGPT2
-from .runtime import MultiExitLM, decode_config
-from .sampling import kept_tokens
+from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, mode_scores
+from mexit.decoding.prompts import left_pad
+from mexit.decoding.sampling import kept_tokens
+from mexit.model.checkpoint import resolve_device, resolve_dtype, resolve_folder
+from mexit.model.decoder import MultiExitGPT2
+from mexit.ops import TORCH
+
+from .api import MultiExitLM, decode_config
 
 # transformers' defaults for fields a GenerationConfig leaves unset (transformers 5 stores None for them)
 DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -98,8 +100,6 @@ class FastMultiExitModel:
         device) are accepted beside mexit's dtype / device."""
         from transformers import GenerationConfig
 
-        from .checkpoint import resolve_device, resolve_folder
-
         unknown = set(mode) - {"mode", "exit_layer", "contrast", "alpha", "min_candidates", "use_original_head",
                                "output_layer_index", "contrast_layer_indices"}
         if unknown:
@@ -109,7 +109,6 @@ class FastMultiExitModel:
         device = resolve_device(resolve_device_map(device_map, device))
         if torch_dtype is not None:
             dtype = dtype_name(torch_dtype, resolve_folder(path_or_id))
-        dtype = dtype or ("fp16" if device.type == "cuda" else "fp32")
         lm = MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine,
                                          check_weights=check_weights)
         if mode and multi_exit_config is not None:
@@ -145,7 +144,7 @@ class FastMultiExitModel:
 
     def parameters(self):
         """The weight tensors (per-layer tensors stacked over layers), as transformers' parameters() yields them."""
-        from .checkpoint import named_weights
+        from mexit.model.checkpoint import named_weights
 
         return (tensor for _name, tensor in named_weights(self.lm.model.w))
 
@@ -159,8 +158,6 @@ class FastMultiExitModel:
                 dtype = arg
             else:
                 device = arg
-        from .checkpoint import resolve_device, resolve_dtype
-
         device = resolve_device(device) if device is not None else self.device
         dtype = resolve_dtype(dtype) if dtype is not None else self.dtype
         if device == self.device and dtype == self.dtype:
@@ -168,8 +165,7 @@ class FastMultiExitModel:
         old = self.lm
         model = MultiExitGPT2(old.model.config, old.model.w.to(device=device, dtype=dtype), folder=old.model.folder,
                               random_weights=old.model.random_weights)
-        self.lm = MultiExitLM(model, old.tokenizer, backend=old.requested_backend, engine=old.requested_engine,
-                              compile=old.compile)
+        self.lm = MultiExitLM(model, old.tokenizer, **old.settings)  # the settings asked for, pdl included
         return self
 
     def cuda(self, device=None) -> FastMultiExitModel:
@@ -289,20 +285,14 @@ class FastMultiExitModel:
             raise NotImplementedError("forward on right-padded input: mexit's forward takes left padding")
         prompts = [row[m].tolist() for row, m in zip(input_ids, mask)]
         batch = left_pad(prompts, self.device)
-        decoder = Decoder(model, batch, 1)
-        h, _ = decoder.prefill_input()
+        h = model.embed(batch.ids, batch.positions)
         b, t, d = h.shape
-        layers = [model.config.n_layer if head == "original" else head for head in self.decode.heads()]
-        states = model.run_to(h, layers, decoder.cache, 0)
-        hidden = torch.stack([states[layer].reshape(b * t, d) for layer in layers])
-        out = exit_stage(model, hidden, self.decode.heads(), "torch")
-        if self.decode.mode == "contrast":
-            from mexit.kernels.acd_contrast_ref import acd_contrast_ref
-
-            logits = acd_contrast_ref(out.logits[0], out.logits[1], self.decode.alpha, self.decode.min_candidates)
-        else:
-            logits = out.logits[0]
-        logits = logits.view(b, t, -1)
+        cache = model.new_cache(b, t)
+        cache.valid.copy_(batch.valid)
+        layers = [model.layer_of(head) for head in self.decode.heads()]
+        states = model.run_to(h, layers, cache, 0)
+        hidden = [states[layer].reshape(b * t, d) for layer in layers]
+        logits = mode_scores(model, self.decode, hidden, TORCH, logits=True).logits.view(b, t, -1)
         loss = None
         if labels is not None:
             labels = torch.where(mask, labels.to(self.device), -100)  # padding never counts

@@ -1,105 +1,21 @@
-"""Model shape (from a GPT-2 `config.json`) and the decoding settings a user picks."""
+"""The fixed modes: every token from one head (the original, or an exit) or from Autocontrastive Decoding of two
+heads (Gera et al. 2023; design.md section 2). `mode_scores` is the one place a mode's heads become its scores;
+`FixedMode.step` is the whole decode step, on any engine."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
-SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
-# GPT2Config fields that change the forward pass, with the value under which mexit refuses the checkpoint
-# (the ones it implements are fields of ModelConfig).
-REFUSED_FIELDS = {"add_cross_attention": True}
+import torch
 
+from mexit import ops
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a multi-exit GPT-2. `exit_layers` are 1-based block indices that carry an exit head."""
+from .step import Mode, Rows
 
-    n_layer: int
-    n_embd: int
-    n_head: int
-    vocab_size: int
-    n_positions: int
-    layer_norm_epsilon: float = 1e-5
-    exit_layers: tuple[int, ...] = ()
-    eos_token_id: int | None = None
-    n_inner: int | None = None  # MLP width; None: 4 * n_embd
-    scale_attn_weights: bool = True  # scores scaled by 1/sqrt(head_dim)
-    scale_attn_by_inverse_layer_idx: bool = False  # and by 1/(block index + 1) (Mistral / Stanford CRFM GPT-2s)
-    reorder_and_upcast_attn: bool = False  # scores and softmax in fp32 (what mexit's attention does in half too)
-    tie_word_embeddings: bool = True  # False: the original head is the checkpoint's own lm_head.weight
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_inner is not None and self.n_inner < 1:
-            raise ValueError(f"n_inner must be >= 1, got {self.n_inner}")
-        bad = [layer for layer in self.exit_layers if not 1 <= layer <= self.n_layer]
-        if bad:
-            raise ValueError(f"exit layers {bad} are outside 1..n_layer={self.n_layer}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def inner_dim(self) -> int:
-        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
-
-    def attn_scale(self, block: int) -> float:
-        """Attention score scale of block `block` (0-based), as transformers' GPT2Attention computes it."""
-        scale = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
-        return scale / (block + 1) if self.scale_attn_by_inverse_layer_idx else scale
-
-    @classmethod
-    def from_hf(cls, hf_config) -> ModelConfig:
-        """Build from a transformers `GPT2Config` (multi-exit checkpoints add `lm_head_layer_indices`)."""
-        if getattr(hf_config, "model_type", "gpt2") != "gpt2":
-            raise ValueError(f"unsupported model_type {hf_config.model_type!r}: mexit runs GPT-2 checkpoints")
-        act = getattr(hf_config, "activation_function", "gelu_new")
-        if act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"unsupported activation_function {act!r}; expected one of {SUPPORTED_ACTIVATIONS}")
-        for name, refused in REFUSED_FIELDS.items():
-            if getattr(hf_config, name, None) == refused:
-                raise ValueError(f"config.json sets {name}={refused!r}, which mexit does not implement")
-        exits = tuple(sorted(int(i) for i in (getattr(hf_config, "lm_head_layer_indices", None) or ())))
-        n_inner = getattr(hf_config, "n_inner", None)
-        return cls(
-            n_layer=hf_config.n_layer,
-            n_embd=hf_config.n_embd,
-            n_head=hf_config.n_head,
-            vocab_size=hf_config.vocab_size,
-            n_positions=hf_config.n_positions,
-            layer_norm_epsilon=hf_config.layer_norm_epsilon,
-            exit_layers=exits,
-            eos_token_id=getattr(hf_config, "eos_token_id", None),
-            n_inner=None if n_inner is None or n_inner == 4 * hf_config.n_embd else int(n_inner),
-            scale_attn_weights=bool(getattr(hf_config, "scale_attn_weights", True)),
-            scale_attn_by_inverse_layer_idx=bool(getattr(hf_config, "scale_attn_by_inverse_layer_idx", False)),
-            reorder_and_upcast_attn=bool(getattr(hf_config, "reorder_and_upcast_attn", False)),
-            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
-        )
-
-    def to_hf(self):
-        """The transformers `GPT2Config` this shape saves as (with `lm_head_layer_indices` when it has exits)."""
-        from transformers import GPT2Config
-
-        hf = GPT2Config(
-            n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, vocab_size=self.vocab_size,
-            n_positions=self.n_positions, layer_norm_epsilon=self.layer_norm_epsilon,
-            activation_function="gelu_new", eos_token_id=self.eos_token_id, bos_token_id=self.eos_token_id,
-            n_inner=self.n_inner, scale_attn_weights=self.scale_attn_weights,
-            scale_attn_by_inverse_layer_idx=self.scale_attn_by_inverse_layer_idx,
-            reorder_and_upcast_attn=self.reorder_and_upcast_attn, tie_word_embeddings=self.tie_word_embeddings,
-        )
-        if self.exit_layers:
-            hf.lm_head_layer_indices = list(self.exit_layers)
-        return hf
-
-
-GPT2_MEDIUM_MULTIEXIT = ModelConfig(
-    n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024,
-    exit_layers=tuple(range(2, 25, 2)), eos_token_id=50256,
-)
+if TYPE_CHECKING:
+    from mexit.model.config import ModelConfig
+    from mexit.model.decoder import MultiExitGPT2
 
 
 @dataclass(frozen=True)
@@ -195,3 +111,63 @@ class MultiExitConfiguration:
                              "number or 'original'")
         return DecodeConfig("contrast", upper=upper, lower=int(lower), alpha=self.alpha,
                             min_candidates=self.minimum_candidates)
+
+
+class ModeScores(NamedTuple):
+    """token: the greedy choice [B] int64; scores: [B, V] fp32 to sample from (the head's log-softmax, ACD's log q),
+    or None; logits: [B, V] fp32 "logits" of the mode (the head's logits, ACD's log q), or None."""
+
+    token: torch.Tensor
+    scores: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+def mode_scores(model: MultiExitGPT2, decode: DecodeConfig, hidden, backend: ops.Backend, scores: bool = False,
+                logits: bool = False, emit=None) -> ModeScores:
+    """The mode's next-token distribution from the raw states of its heads' layers (hidden: [E, B, d] or E tensors
+    [B, d], in `decode.heads()` order; ln_f is applied here). scores / logits: also return those. emit (a StepIO):
+    the last kernel also ends the decode step with the greedy token (`step_epilogue_ref`)."""
+    w, eps = model.w, model.config.layer_norm_epsilon
+    heads = [model.head_weight(head) for head in decode.heads()]
+    if decode.mode != "contrast":
+        out = ops.exit_head(hidden, w.ln_f_w, w.ln_f_b, eps, heads, backend, with_logprobs=scores, emit=emit)
+        return ModeScores(out.argmax[0], out.logprobs[0] if scores else None, out.logits[0] if logits else None)
+    out = ops.exit_head(hidden, w.ln_f_w, w.ln_f_b, eps, heads, backend)
+    token, log_q = ops.acd_contrast(out, decode.alpha, decode.min_candidates, backend, with_logprobs=scores or logits,
+                                    emit=emit)
+    return ModeScores(token, log_q if scores else None, log_q if logits else None)
+
+
+class FixedMode(Mode):
+    """A decode step of a fixed mode: the heads' layers, their scores, the token."""
+
+    def __init__(self, model: MultiExitGPT2, decode: DecodeConfig):
+        decode.validate_for(model.config)
+        self.model, self.config = model, decode
+        self.layers = [model.layer_of(head) for head in decode.heads()]
+        self.stops = sorted(set(self.layers))  # the layers whose states a step reads
+        self.depth = max(self.layers)
+        self.full_heads = len(self.layers)  # heads a step reads (it is full depth)
+
+    def step(self, rows: Rows) -> None:
+        """One token per row: the states at the heads' layers, the mode's scores, the choice, the step's end (in
+        the last kernel when the engine allows it)."""
+        states = {layer: rows.states(layer) for layer in self.stops}  # in depth order: blocks run once
+        hidden = [states[layer] for layer in self.layers]
+        io = rows.fused_emit()
+        out = mode_scores(self.model, self.config, hidden, rows.backend, scores=rows.sampling.do_sample,
+                          logits=rows.keep_logits, emit=io)
+        if rows.keep_logits:
+            rows.keep(out.logits)
+        if io is None:
+            rows.emit(rows.choose(out.token, out.scores))
+
+    def pieces(self, rows: Rows) -> dict:
+        """The step as pieces a graph engine captures: one."""
+        return {"step": lambda: self.step(rows)}
+
+    def run(self, rows: Rows) -> None:
+        rows.launch("step", lambda: self.step(rows))
+        if not rows.prefilling:
+            rows.counters["weight_blocks"] += self.depth
+            rows.counters["weight_heads"] += self.full_heads

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # allocations and metadata: no kernel runs
@@ -88,22 +87,3 @@ def total(counts: Counter) -> dict:
     triton = sum(v for k, v in counts.items() if k.startswith("triton:"))
     torch_ops = sum(v for k, v in counts.items() if k.startswith("torch:"))
     return {"triton": triton, "torch": torch_ops, "launches": triton + torch_ops}
-
-
-def launches_per_step(lm, prompts, kw: dict, steps: int = 3) -> dict:
-    """Launches of one decode step of `lm.generate(prompts, ..., **kw)`, averaged over `steps` steps: the count of
-    a generation of steps + 1 tokens minus that of 1 token, on the static engine when `lm` captures graphs (the
-    same step, uncaptured), else on `lm`'s own engine."""
-    from .runtime import MultiExitLM
-
-    counter = lm
-    if lm.engine == "graph":
-        counter = MultiExitLM(lm.model, lm.tokenizer, backend=lm.backend, engine="static")
-    with torch.inference_mode():
-        counter.generate(prompts, steps + 1, eos_token_id=None, **kw)  # warm: compilation, probes, buffers
-        with count_launches() as one:
-            counter.generate(prompts, 1, eos_token_id=None, **kw)
-        with count_launches() as many:
-            counter.generate(prompts, steps + 1, eos_token_id=None, **kw)
-    a, b = total(one), total(many)
-    return {k: (b[k] - a[k]) / steps for k in a}

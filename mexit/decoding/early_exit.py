@@ -1,0 +1,179 @@
+"""Confidence-gated early exit (CALM, Schuster et al. 2022) with state propagation that keeps the KV cache
+consistent.
+
+Per token, the layers run in segments between the checked exits. At each checked exit every still-running row
+measures its confidence; rows at or above the threshold take their token from that exit's head and stop. Every
+skipped block j still needs keys/values at that position for later tokens: state propagation computes them from
+the exited hidden state, K_j, V_j = c_attn_j(ln_1_j(h_exit))[k, v] (design.md section 3), at once (eager) or
+right before a later token runs block j (deferred). How is the engine's business: the eager engine fills the
+exited rows' blocks, the static engine runs frozen rows through the blocks (their key/value writes are the
+propagation) and fills the rest once no row runs. The prefill decides token 0 on states of every layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch.nn.functional as F
+
+from .step import Mode, Rows
+
+if TYPE_CHECKING:
+    from mexit.model.config import ModelConfig
+    from mexit.model.decoder import MultiExitGPT2
+
+MEASURES = ("max-prob", "margin", "cosine")
+PROPAGATION = ("eager", "deferred")
+SCHEDULES = ("segments", "predicated")
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """When a token may stop.
+
+    measure: "max-prob" (max softmax probability of the exit's head, CALM's default), "margin" (top-1 minus
+    top-2 probability), or "cosine" (cosine similarity of the hidden states at this checked exit and the
+    previous one: no head needed to decide). threshold: exit when confidence >= threshold ([0, 1]; [-1, 1]
+    for cosine). decay_tau: CALM's decaying threshold 0.9*T + 0.1*T*exp(-tau*t/N) with N = max_steps (default
+    the generation length). exits: checked exit layers (default: all of the checkpoint's below the final
+    head's depth), min_layer: no exit below it. final_head: the head of tokens that never exit ("original" or
+    an exit layer, which then sets the depth). propagation: "eager" or "deferred". schedule (the static and
+    graph engines): "segments" (a graph per segment between checked exits, one flag read per check) or
+    "predicated" (the whole step one graph; kernels after the exit read a device flag and return; needs the
+    triton backend and eager propagation). Both give the same tokens, exits and cache."""
+
+    threshold: float
+    measure: str = "max-prob"
+    exits: tuple[int, ...] | None = None
+    min_layer: int = 1
+    decay_tau: float | None = None
+    max_steps: int | None = None
+    final_head: int | str = "original"
+    propagation: str = "eager"
+    schedule: str = "segments"
+
+    def __post_init__(self):
+        if self.measure not in MEASURES:
+            raise ValueError(f"unknown confidence measure {self.measure!r}; use one of {MEASURES}")
+        low = -1.0 if self.measure == "cosine" else 0.0
+        if not (isinstance(self.threshold, (int, float)) and low <= self.threshold <= 1.0):
+            raise ValueError(f"threshold for {self.measure} must be in [{low:g}, 1], got {self.threshold}")
+        if self.decay_tau is not None and not self.decay_tau >= 0:
+            raise ValueError(f"decay_tau must be >= 0, got {self.decay_tau}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.propagation not in PROPAGATION:
+            raise ValueError(f"unknown propagation {self.propagation!r}; use one of {PROPAGATION}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
+        if self.schedule == "predicated" and self.propagation != "eager":
+            raise ValueError("the predicated schedule propagates states inside each skipped block (eager); "
+                             "deferred propagation needs schedule='segments'")
+        if self.min_layer < 1:
+            raise ValueError(f"min_layer must be >= 1, got {self.min_layer}")
+
+    def check_engine(self, engine: str, backend: str) -> None:
+        """The predicated schedule's kernels read device flags: on the static / graph engines it needs triton (the
+        eager engine compacts rows instead and ignores `schedule`)."""
+        if self.schedule == "predicated" and engine in ("static", "graph") and backend != "triton":
+            raise ValueError(f"the predicated early-exit schedule needs backend='triton' (its kernels read the skip "
+                             f"flag), got {backend!r}; use schedule='segments' with the torch backend")
+
+    def depth(self, config: ModelConfig) -> int:
+        return config.n_layer if self.final_head == "original" else int(self.final_head)
+
+    def checked_exits(self, config: ModelConfig) -> list[int]:
+        """The exits checked, validated against the checkpoint: below the depth, at or above min_layer."""
+        if self.final_head != "original" and self.final_head not in config.exit_layers:
+            raise ValueError(f"final head {self.final_head} is not an exit of this checkpoint "
+                             f"({list(config.exit_layers) or 'none'})")
+        exits = config.exit_layers if self.exits is None else tuple(self.exits)
+        missing = sorted(set(exits) - set(config.exit_layers))
+        if missing:
+            raise ValueError(f"exit layers {missing} are not in this checkpoint; its exits are "
+                             f"{list(config.exit_layers) or 'none'}")
+        if self.min_layer > config.n_layer:
+            raise ValueError(f"min_layer {self.min_layer} is above the model's {config.n_layer} layers")
+        checked = sorted(layer for layer in set(exits) if self.min_layer <= layer < self.depth(config))
+        if not checked:
+            raise ValueError(f"no exit to check: exits {list(exits)} with min_layer {self.min_layer} leave none below "
+                             f"depth {self.depth(config)}")
+        return checked
+
+    def previous_layers(self, config: ModelConfig) -> dict[int, int]:
+        """{checked exit: the layer cosine compares it with}: the previous checked exit; for the first one the
+        checkpoint exit below it, or 0 (the embeddings)."""
+        checked = self.checked_exits(config)
+        below = [layer for layer in config.exit_layers if layer < checked[0]]
+        return dict(zip(checked, [below[-1] if below else 0] + checked[:-1]))
+
+    def threshold_at(self, step: int, n_steps: int) -> float:
+        """CALM: lambda_t = 0.9*lambda + 0.1*lambda*exp(-tau*t/N); the plain threshold without decay_tau."""
+        if self.decay_tau is None:
+            return self.threshold
+        n = self.max_steps or n_steps
+        return 0.9 * self.threshold + 0.1 * self.threshold * math.exp(-self.decay_tau * step / n)
+
+
+class EarlyExit(Mode):
+    """The decode step of an ExitPolicy: segments of blocks between the stops (checked exits, the final depth and,
+    for cosine, the layers compared with), a decision at each checked exit, the final head for rows still
+    running. Each segment is a piece (a CUDA graph on the graph engine); after a check the engine says whether a
+    row still runs, and if none does the step ends there."""
+
+    uses_exits = True
+    full_heads = 1  # full depth: the final head
+
+    def __init__(self, model: MultiExitGPT2, policy: ExitPolicy):
+        config = model.config
+        self.model, self.policy = model, policy
+        self.depth = policy.depth(config)
+        self.checked = policy.checked_exits(config)
+        self.previous = policy.previous_layers(config)
+        self.final_head = policy.final_head
+        self.cosine = policy.measure == "cosine"
+        self.saved_layers = set(self.previous.values()) if self.cosine else set()
+        self.stops = sorted({self.depth, *self.checked, *self.saved_layers} - {0})
+
+    def segment(self, rows: Rows, index: int) -> None:
+        """Blocks up to stop `index`, then that stop's check (or the final head, which ends the step)."""
+        layer = self.stops[index]
+        if index == 0 and 0 in self.saved_layers:
+            rows.save(0, rows.states(0))
+        h = rows.states(layer)
+        if layer in self.saved_layers:
+            rows.save(layer, h)
+        if layer == self.depth:
+            verdict = rows.candidate(h, self.final_head)
+            rows.decide_final(layer, verdict.max_prob, verdict.token)
+        elif layer in self.checked:
+            if self.cosine:  # decide without a head; `fired_token` runs it for the rows that fire
+                confidence = F.cosine_similarity(h.float(), rows.saved(self.previous[layer]).float(), dim=-1)
+                rows.decide(layer, confidence, None, h)
+            else:
+                verdict = rows.candidate(h, layer)
+                confidence = verdict.max_prob if self.policy.measure == "max-prob" else verdict.margin
+                rows.decide(layer, confidence, verdict.token, h)
+
+    def pieces(self, rows: Rows) -> dict:
+        """The step's pieces by key (the engine adds the pieces that end a step early)."""
+        pieces = {("segment", i): functools.partial(self.segment, rows, i) for i in range(len(self.stops))}
+        if self.cosine:
+            pieces.update({("cosine_head", layer): functools.partial(rows.fired_token, layer)
+                           for layer in self.checked})
+        return pieces
+
+    def run(self, rows: Rows) -> None:
+        """One step: segment by segment until no row runs."""
+        for index, layer in enumerate(self.stops):
+            rows.launch(("segment", index), functools.partial(self.segment, rows, index))
+            if layer not in self.checked:
+                continue
+            if self.cosine and rows.any_fired():
+                rows.launch(("cosine_head", layer), functools.partial(rows.fired_token, layer))
+            if not rows.any_running():
+                rows.end_early(layer)
+                return

@@ -1,0 +1,55 @@
+"""A batch of prompts as the decoder takes it: validated token ids, left-padded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from mexit.model.config import ModelConfig
+
+
+@dataclass
+class PaddedBatch:
+    """Left-padded prompts. ids, positions: [B, P] int64; valid: [B, P] bool (False on padding)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+
+def check_prompts(prompts, config: ModelConfig, max_new_tokens: int) -> list[list[int]]:
+    """Validate token-id prompts: a non-empty batch of non-empty rows of ids in the vocabulary, fitting the
+    context together with max_new_tokens. Returns them as lists of ints."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if not prompts:
+        raise ValueError("no prompts were given")
+    if isinstance(prompts[0], int):
+        prompts = [prompts]
+    prompts = [list(map(int, row)) for row in prompts]
+    if any(len(row) == 0 for row in prompts):
+        raise ValueError("empty prompt: every row needs at least one token")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    bad = sorted({t for row in prompts for t in row if not 0 <= t < config.vocab_size})
+    if bad:
+        raise ValueError(f"token ids {bad[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > config.n_positions:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {config.n_positions} positions")
+    return prompts
+
+
+def left_pad(prompts: list[list[int]], device) -> PaddedBatch:
+    longest = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for b, row in enumerate(prompts):
+        ids[b, longest - len(row):] = torch.tensor(row)
+        valid[b, longest - len(row):] = True
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return PaddedBatch(ids.to(device), positions.to(device), valid.to(device))

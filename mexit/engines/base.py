@@ -1,0 +1,267 @@
+"""What both engines share: one batch's decode state on the device and the `Rows` primitives that do not depend on
+how rows are skipped.
+
+The state (`StepIO`: tokens, positions, finished rows, the output columns, step index, cache slot, the next
+input embedding) advances through the step epilogue op, so a step needs no host value on any engine: the eager
+engine reads values when it chooses to (compaction, stopping), the static engine only at the points its schedule
+names. Exit bookkeeping (`ExitState`) is the early-exit decision op's. Deferred state propagation (`PendingKV`)
+fills the keys/values a later token's blocks are about to read, on either engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from mexit import ops
+from mexit.decoding.sampling import SamplingConfig, choose
+from mexit.decoding.stats import per_token, weight_reads
+from mexit.decoding.step import Candidate
+from mexit.kernels.step_epilogue_ref import StepIO
+
+if TYPE_CHECKING:
+    from mexit.decoding.prompts import PaddedBatch
+    from mexit.model.decoder import KVCache, MultiExitGPT2
+
+
+@dataclass
+class ExitState:
+    """Per-row exit bookkeeping of B rows over T steps (see `exit_decide_ref`): thresholds [T] fp32 (per step);
+    running, fired [B] bool; chosen [B] int64 (the step's token so far); h_exit [B, d] (frozen states); exit_at
+    [B, T] int64 and conf_at [B, T] fp32 (per step: exit layer, confidence); flags [2] bool (a row fired, a row
+    runs); no_confidence [B] fp32 zeros; saved: {layer: [B, d]} states a cosine check compares with. Predicated
+    schedule only: skip [1] int32 (no row runs), cosine_skip [1] int32 (no row fired)."""
+
+    thresholds: torch.Tensor
+    running: torch.Tensor
+    fired: torch.Tensor
+    chosen: torch.Tensor
+    h_exit: torch.Tensor
+    exit_at: torch.Tensor
+    conf_at: torch.Tensor
+    flags: torch.Tensor
+    no_confidence: torch.Tensor
+    saved: dict
+    skip: torch.Tensor | None = None
+    cosine_skip: torch.Tensor | None = None
+
+    @classmethod
+    def new(cls, b: int, t: int, d: int, saved_layers, dtype, device, predicated: bool) -> ExitState:
+        z = dict(device=device)
+        return cls(torch.zeros(t, **z), torch.zeros(b, dtype=torch.bool, **z), torch.zeros(b, dtype=torch.bool, **z),
+                   torch.zeros(b, dtype=torch.long, **z), torch.zeros(b, d, dtype=dtype, **z),
+                   torch.zeros(b, t, dtype=torch.long, **z), torch.zeros(b, t, **z),
+                   torch.zeros(2, dtype=torch.bool, **z), torch.zeros(b, **z),
+                   {layer: torch.zeros(b, d, dtype=dtype, **z) for layer in saved_layers},
+                   torch.zeros(1, dtype=torch.int32, **z) if predicated else None,
+                   torch.zeros(1, dtype=torch.int32, **z) if predicated else None)
+
+
+class PendingKV:
+    """Deferred state propagation: exited positions whose keys/values of blocks [first, depth) are still owed,
+    filled right before blocks that need them run (design.md section 3, deferred fill). Entries: (rows [n] int64,
+    slots [n] int64, hidden [n, d], next block owed)."""
+
+    def __init__(self, state: DecodeState, depth: int):
+        self.state, self.depth = state, depth
+        self.entries: list[list] = []
+
+    def add(self, rows: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor, first: int) -> None:
+        if first < self.depth and len(rows):
+            self.entries.append([rows, slots, hidden, first])
+
+    def fill(self, start: int, end: int) -> None:
+        """Fill what blocks [start, end) owe, one batched fill per first block (its weights read once)."""
+        due = [e for e in self.entries if e[3] < end]
+        for first in sorted({max(e[3], start) for e in due}):
+            group = [e for e in due if max(e[3], start) == first]
+            rows, slots, hidden = (torch.cat([e[i] for e in group]) for i in range(3))
+            st = self.state
+            st.model.fill_kv(hidden, first, end, st.cache, rows, slots, st.backend)
+            st.counters["weight_fill_blocks"] += end - first
+            st.counters["kv_filled"] += len(rows) * (end - first)
+        for e in due:
+            e[3] = end
+        self.entries = [e for e in self.entries if e[3] < self.depth]
+
+    @torch.inference_mode()
+    def flush(self) -> None:
+        """Fill everything still owed (the cache is then complete)."""
+        self.fill(0, self.depth)
+
+
+class DecodeState:
+    """One batch of `rows` rows (padding rows included), `slots` cache slots and `steps` output columns, run by
+    `mode` on `backend`. Subclasses say how blocks and heads run on rows that have left a step."""
+
+    engine = ""
+
+    def __init__(self, model: MultiExitGPT2, backend: ops.Backend, mode, sampling: SamplingConfig, rows: int,
+                 slots: int, steps: int, keep_logits: bool = False, predicated: bool = False):
+        config, dev = model.config, model.device
+        self.model, self.backend, self.mode, self.sampling, self.keep_logits = model, backend, mode, sampling, \
+            keep_logits
+        self.rows, self.steps = rows, steps
+        self.cache = model.new_cache(rows, slots)
+        long = dict(dtype=torch.long, device=dev)
+        self.io = StepIO(tokens=torch.zeros(rows, **long), positions=torch.zeros(rows, **long),
+                         finished=torch.zeros(rows, dtype=torch.bool, device=dev), eos=torch.full((1,), -1, **long),
+                         out=torch.zeros(rows, steps, **long), step=torch.zeros(1, **long),
+                         slot=torch.zeros(1, **long), arrivals=torch.zeros(1, dtype=torch.int32, device=dev),
+                         wte=model.w.wte, wpe=model.w.wpe, h0=torch.zeros(rows, config.n_embd, dtype=model.dtype,
+                                                                          device=dev))
+        self.uniform = torch.zeros(steps, rows, device=dev) if sampling.do_sample else None
+        self.kept = torch.zeros(steps, rows, config.vocab_size, device=dev) if keep_logits else None
+        self.exits = None
+        if mode.uses_exits:
+            self.exits = ExitState.new(rows, steps, config.n_embd, mode.saved_layers, model.dtype, dev, predicated)
+        self.counters: dict = {}
+        self.pending: PendingKV | None = None
+        self.layer, self.current, self.prefill_states = 0, None, None
+        self.prompt_len = self.decoded = self.real_rows = self.max_new_tokens = 0
+        self.eos = None
+        self.buffers = mode.buffers(self)
+
+    # ---- the batch's lifecycle ----
+    def prefill(self, batch: PaddedBatch, real_rows: int, eos: int | None, max_new_tokens: int,
+                uniform: torch.Tensor | None, thresholds: list[float] | None = None) -> None:
+        """Start a batch (already padded to `rows`; rows past `real_rows` are padding, finished from the start):
+        run the prompt through every layer the mode reads, and let the mode's step emit token 0. uniform:
+        [real_rows, n] the rows' random streams (sampling); thresholds: the exit threshold of each step."""
+        io, p = self.io, batch.ids.shape[1]
+        self.prompt_len, self.real_rows, self.eos, self.max_new_tokens = p, real_rows, eos, max_new_tokens
+        self.cache.valid.zero_()
+        self.cache.valid[:, :p] = batch.valid
+        io.finished.copy_(torch.arange(self.rows, device=io.finished.device) >= real_rows)
+        io.eos.fill_(-1 if eos is None else eos)
+        io.step.zero_()
+        io.slot.fill_(p - 1)  # the step epilogue advances it to the first decode token's slot
+        io.positions.copy_(batch.positions[:, -1])
+        io.arrivals.zero_()
+        if uniform is not None:
+            n = min(uniform.shape[1], self.steps)
+            self.uniform.zero_()
+            self.uniform[:n, : uniform.shape[0]] = uniform[:, :n].T
+        if self.exits is not None:
+            self.exits.running.copy_(~io.finished)
+            self.exits.thresholds[: len(thresholds)] = torch.tensor(thresholds, device=io.step.device)
+            if self.exits.skip is not None:
+                self.exits.skip.zero_()
+        self.counters = dict(weight_reads(), kv_filled=0, **self.engine_counters())
+        h = self.model.embed(batch.ids, batch.positions)
+        states = self.model.run_to(h, [layer for layer in self.mode.stops if layer], self.cache, 0, self.backend)
+        self.prefill_states = {0: h[:, -1], **{layer: x[:, -1] for layer, x in states.items()}}
+        self.start_step()
+        self.mode.run(self)
+        self.prefill_states = None
+        self.decoded = 0
+        self.mode.start(self, uniform)
+
+    def start_step(self) -> None:
+        """Before a step's pieces run (the prefill's too): the host's view of it."""
+        self.layer, self.deepest = 0, 0
+
+    @property
+    def prefilling(self) -> bool:
+        """The prompt's step: its states are computed; the weight-read counters cover decode steps only."""
+        return self.prefill_states is not None
+
+    def engine_counters(self) -> dict:
+        """The engine's own counters (besides the weight reads)."""
+        return {}
+
+    def advance(self) -> None:
+        """One decode step, and its weight reads where the host sees them."""
+        self.start_step()
+        self.run_step()
+        self.counters["steps"] += 1
+        self.decoded += 1
+
+    def run_step(self) -> None:
+        self.mode.run(self)
+
+    def read(self, tensor: torch.Tensor) -> list:
+        """A device-to-host read: the host waits for the device (counted outside the prompt's step)."""
+        if not self.prefilling:
+            self.counters["host_reads"] = self.counters.get("host_reads", 0) + 1
+        return tensor.tolist()
+
+    def finished(self) -> bool:
+        """Whether every row has finished (a host read)."""
+        return self.read(self.io.finished.all())
+
+    def describe(self, result) -> None:
+        """Per-token exit layers and confidences (early exit) and the statistics, onto a GenerationResult."""
+        stats = dict(self.counters)
+        if self.exits is not None:
+            lengths = [len(t) for t in result.tokens]
+            produced = max(lengths)
+            exit_at = self.exits.exit_at[: self.real_rows, :produced].tolist()
+            conf_at = self.exits.conf_at[: self.real_rows, :produced].tolist()
+            result.exit_layers = [row[:n] for row, n in zip(exit_at, lengths)]
+            result.confidences = [row[:n] for row, n in zip(conf_at, lengths)]
+            stats.update(depth=self.mode.depth,
+                         mean_exit_layer=sum(map(sum, result.exit_layers)) / max(sum(lengths), 1))
+        result.stats = stats
+        self.mode.describe(self, result)
+        config, dtype = self.model.config, self.model.dtype
+        decoded = sum(map(len, result.tokens)) / self.real_rows - 1 if "rounds" in stats else stats["steps"]
+        stats.update(per_token(stats, config, dtype, decoded, self.mode.depth, self.mode.full_heads))
+
+    def returned_cache(self) -> KVCache:
+        """The cache of the real rows (owed keys/values filled), for inspection."""
+        if self.pending is not None:
+            self.pending.flush()
+        c, n = self.cache, self.real_rows
+        return dataclasses.replace(c, k=c.k[:, :n].clone(), v=c.v[:, :n].clone(), valid=c.valid[:n].clone())
+
+    # ---- Rows primitives shared by both engines ----
+    def uniform_now(self) -> torch.Tensor | None:
+        """This step's uniform numbers [rows] (sampling), read on the device at the step index."""
+        return self.uniform.index_select(0, self.io.step)[0] if self.uniform is not None else None
+
+    def choose(self, greedy: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+        return choose(greedy, scores, self.sampling, self.uniform_now())
+
+    def emit(self, token: torch.Tensor) -> None:
+        ops.step_epilogue(token, self.io, self.backend)
+
+    def fused_emit(self) -> StepIO | None:
+        """Greedy steps end in the kernel that picks the token (triton backend)."""
+        return self.io if self.backend.triton and not self.sampling.do_sample and not self.keep_logits else None
+
+    def keep(self, logits: torch.Tensor) -> None:
+        self.kept.index_copy_(0, self.io.step, logits[None].float())
+
+    def decide(self, layer: int, confidence: torch.Tensor, token: torch.Tensor | None, hidden: torch.Tensor) -> None:
+        x = self.exits
+        ops.exit_decide(layer, confidence, x.thresholds, self.io.step, x.running, x.fired, token, x.chosen, hidden,
+                        x.h_exit, x.exit_at, x.conf_at, x.flags, self.backend, x.skip, x.cosine_skip,
+                        arrivals=self.io.arrivals)
+
+    def decide_final(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None) -> None:
+        """Every running row exits at `layer` with `token`; the chosen tokens end the step."""
+        x = self.exits
+        ops.exit_decide(layer, x.no_confidence if confidence is None else confidence, x.thresholds, self.io.step,
+                        x.running, x.fired, token, x.chosen, None, x.h_exit, x.exit_at, x.conf_at, x.flags,
+                        self.backend, x.skip, x.cosine_skip, final=True, emit=self.io, arrivals=self.io.arrivals)
+
+    def save(self, layer: int, hidden: torch.Tensor) -> None:
+        self.exits.saved[layer].copy_(hidden)
+
+    def saved(self, layer: int) -> torch.Tensor:
+        return self.exits.saved[layer]
+
+    def head_out(self, hidden: torch.Tensor, head, skip: torch.Tensor | None = None):
+        """The exit stage of one head over rows hidden [n, d] (softmax statistics; log-probabilities to sample)."""
+        w = self.model.w
+        return ops.exit_head([hidden], w.ln_f_w, w.ln_f_b, self.model.config.layer_norm_epsilon,
+                             [self.model.head_weight(head)], self.backend, with_logprobs=self.sampling.do_sample,
+                             skip=skip)
+
+    def verdict(self, out, uniform: torch.Tensor | None) -> Candidate:
+        """A head's output as a Candidate: the sampler's token with `uniform` (one per row of out)."""
+        scores = out.logprobs[0] if out.logprobs is not None else None
+        return Candidate(choose(out.argmax[0], scores, self.sampling, uniform), out.max_prob[0], out.margin[0])

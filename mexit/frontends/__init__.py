@@ -1,0 +1,1 @@
+"""Front ends: the Python API, the transformers / autocontrastive-gen drop-in, the command line."""

@@ -1,0 +1,112 @@
+"""The one generate loop: prompts, the engine's prefill, a step per token until the budget or every row's end,
+streaming, and the result with its statistics. Every mode runs through it on every engine."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .decoding.early_exit import EarlyExit, ExitPolicy
+from .decoding.fixed import DecodeConfig, FixedMode
+from .decoding.prompts import check_prompts
+from .decoding.sampling import SamplingConfig, row_uniforms
+from .decoding.speculative import Speculation, Speculative
+from .engines.eager import EagerEngine
+from .engines.static import StaticEngine
+from .ops import Backend
+
+if TYPE_CHECKING:
+    from .model.decoder import MultiExitGPT2
+
+ENGINES = ("auto", "eager", "static", "graph")
+
+
+@dataclass
+class GenerationResult:
+    """tokens[b]: the new token ids of row b (ending at and including eos when it was produced).
+    `backend` says which ops ran (torch / triton), `engine` which engine (eager / static / graph); `exit_layers`
+    and `confidences` (per row and token) are filled by early exit; `stats` uses `mexit.decoding.stats`' names."""
+
+    tokens: list[list[int]]
+    backend: str
+    engine: str = "eager"
+    text: list[str] | None = None
+    exit_layers: list[list[int]] | None = None
+    confidences: list[list[float]] | None = None
+    stats: dict = field(default_factory=dict)
+    cache: object = None  # the KVCache of the real rows after generation, when asked for (tests, inspection)
+    logits: list | None = None  # every step's [B, V] fp32 logits of the mode (ACD: log q), when asked for
+    drafted: list[list[bool]] | None = None  # speculative: per token, drafted and accepted (else the target's)
+
+
+def resolve_engine(name: str, device: torch.device) -> str:
+    """auto -> graph on CUDA, eager elsewhere; graph without CUDA falls back to static with a warning."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")
+    if name == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if name == "graph" and device.type != "cuda":
+        warnings.warn("CUDA graphs need a CUDA device: running the same static step eagerly", stacklevel=3)
+        return "static"
+    return name
+
+
+def new_engine(name: str, compile_layers: bool = False):
+    """An engine by its resolved name (the static ones keep their built steps between calls)."""
+    return EagerEngine() if name == "eager" else StaticEngine(graph=name == "graph", compile_layers=compile_layers)
+
+
+def build_mode(model: MultiExitGPT2, spec):
+    """The mode object of a mode's settings (a DecodeConfig, an ExitPolicy or a Speculation), checked against the
+    checkpoint."""
+    if isinstance(spec, ExitPolicy):
+        return EarlyExit(model, spec)
+    if isinstance(spec, DecodeConfig):
+        return FixedMode(model, spec)
+    if isinstance(spec, Speculation):
+        return Speculative(model, spec)
+    raise TypeError(f"unknown mode settings {type(spec).__name__}")
+
+
+def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_new_tokens: int,
+             sampling: SamplingConfig, eos: int | None, on_token=None, return_cache: bool = False,
+             keep_logits: bool = False) -> GenerationResult:
+    """Generate `max_new_tokens` per prompt (token ids) in the mode `spec` on `engine`. on_token(tokens [B]) gets
+    every step's tokens (a device tensor: reading it waits for the step); return_cache keeps the real rows' KV
+    cache; keep_logits every step's [B, V] logits (fixed modes). Seeded sampling gives each row its own random
+    stream, so a row samples the same tokens alone and in any batch, on every engine."""
+    prompts = check_prompts(prompts, model.config, max_new_tokens)
+    mode = build_mode(model, spec)
+    if keep_logits and not isinstance(spec, DecodeConfig):
+        raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not those "
+                                  "of one fixed pass per token")
+    rows = len(prompts)
+    uniform = row_uniforms(sampling.seed, rows, mode.streams_needed(max_new_tokens), model.device) \
+        if sampling.do_sample else None
+    thresholds = [spec.threshold_at(i, max_new_tokens) for i in range(max_new_tokens)] \
+        if isinstance(spec, ExitPolicy) else None
+    state = engine.start(model, backend, mode, spec, prompts, sampling, eos, max_new_tokens, uniform, thresholds,
+                         keep_logits)
+    mode = state.mode  # a static engine's step keeps the mode object it was built with
+    streamed = 0 if on_token is None else mode.stream(state, on_token, 0)
+    while mode.more(state, engine.check_every):
+        state.advance()
+        if on_token is not None:
+            streamed = mode.stream(state, on_token, streamed)
+    result = GenerationResult(tokens=cut_at_eos(mode.tokens(state), eos), backend=backend.name, engine=state.engine)
+    state.describe(result)
+    if keep_logits:
+        result.logits = list(state.kept[: state.decoded + 1, :rows].clone())
+    if return_cache:
+        result.cache = state.returned_cache()
+    return result
+
+
+def cut_at_eos(table: list[list[int]], eos: int | None) -> list[list[int]]:
+    """Each row up to and including its first eos."""
+    if eos is None:
+        return table
+    return [row[: row.index(eos) + 1] if eos in row else row for row in table]

@@ -1,0 +1,1 @@
+"""The model: its configuration, the decoder (blocks, cache, state propagation) and checkpoints."""

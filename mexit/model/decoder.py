@@ -1,0 +1,222 @@
+"""The multi-exit GPT-2 decoder: embeddings, any contiguous range of blocks against a static KV cache, state
+propagation, and the heads' weights. Its matmuls and decode attention are ops (`mexit.ops`): on the torch backend
+the references, which tests hold against transformers' GPT-2; on the triton backend decode steps (one position per
+row) run the fused kernels (fp32 accumulation, one rounding per kernel) and prompts keep the torch ops.
+
+Weights of the same kind are stacked over layers (`attn_w[j]` is block j's c_attn), so that state propagation
+can read the key/value weights of many skipped layers in one batched matmul (or one kernel). Blocks are numbered
+0..n_layer-1 here; exit layer L (1-based, as in the checkpoint) is the output of block L-1, and `h_0` is the
+embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from mexit import ops
+from mexit.ops import TORCH, Backend
+
+from .config import ModelConfig
+
+
+@dataclass
+class Weights:
+    """All tensors of a multi-exit GPT-2. Per-layer tensors have a leading n_layer dimension.
+
+    Conv1D layout as in the checkpoint: `attn_w` is [L, d, 3d] (y = x @ W + b, output split q|k|v),
+    `attn_proj_w` [L, d, d], `fc_w` [L, d, 4d], `fc_proj_w` [L, 4d, d]. Heads are [V, d].
+    """
+
+    wte: torch.Tensor
+    wpe: torch.Tensor
+    ln_1_w: torch.Tensor
+    ln_1_b: torch.Tensor
+    attn_w: torch.Tensor
+    attn_b: torch.Tensor
+    attn_proj_w: torch.Tensor
+    attn_proj_b: torch.Tensor
+    ln_2_w: torch.Tensor
+    ln_2_b: torch.Tensor
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    fc_proj_w: torch.Tensor
+    fc_proj_b: torch.Tensor
+    ln_f_w: torch.Tensor
+    ln_f_b: torch.Tensor
+    exit_heads: dict[int, torch.Tensor]
+    lm_head: torch.Tensor | None = None  # [V, d] an untied checkpoint's own output head; None: tied to wte
+
+    def to(self, device=None, dtype=None) -> Weights:
+        moved = {f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)
+                 if f.name not in ("exit_heads", "lm_head")}
+        heads = {layer: w.to(device=device, dtype=dtype) for layer, w in self.exit_heads.items()}
+        lm_head = self.lm_head.to(device=device, dtype=dtype) if self.lm_head is not None else None
+        return Weights(**moved, exit_heads=heads, lm_head=lm_head)
+
+
+@dataclass
+class KVCache:
+    """Static cache for `batch` rows and `max_length` slots: k, v are [n_layer, B, n_head, T, head_dim].
+
+    `valid[b, t]` marks the slots that hold a real token of row b (left padding stays False).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+
+
+class MultiExitGPT2:
+    """Runs embeddings, any contiguous range of blocks, and state propagation against a static KV cache."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, folder=None, random_weights: bool = False):
+        self.config = config
+        self.w = weights
+        self.folder = folder  # checkpoint folder it was loaded from (tokenizer files live there)
+        self.random_weights = random_weights  # True for benchmark / test models: label every result
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.wte.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w.wte.dtype
+
+    def layer_of(self, head: int | str) -> int:
+        """The layer whose output a head reads: an exit layer's own number; "original" reads the last block."""
+        return self.config.n_layer if head == "original" else int(head)
+
+    def head_weight(self, head: int | str) -> torch.Tensor:
+        """[V, d] weight of `head`: "original" (the checkpoint's lm_head, or the tied embedding) or an exit
+        layer number."""
+        if head == "original":
+            return self.w.lm_head if self.w.lm_head is not None else self.w.wte
+        if head not in self.w.exit_heads:
+            raise ValueError(f"exit layer {head} is not in this checkpoint; its exits are "
+                             f"{sorted(self.w.exit_heads) or 'none'}")
+        return self.w.exit_heads[head]
+
+    def new_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty cache of `batch` rows and `slots` slots (a slot is a cache column: positions are separate, so
+        speculative decoding may use more slots than the context has positions)."""
+        c = self.config
+        shape = (c.n_layer, batch, c.n_head, slots, c.head_dim)
+        return KVCache(
+            k=torch.zeros(shape, device=self.device, dtype=self.dtype),
+            v=torch.zeros(shape, device=self.device, dtype=self.dtype),
+            valid=torch.zeros(batch, slots, device=self.device, dtype=torch.bool),
+        )
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions: [B, S] int64 -> h_0 [B, S, d]."""
+        return self.w.wte[ids] + self.w.wpe[positions]
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h, (self.config.n_embd,), self.w.ln_f_w, self.w.ln_f_b, self.config.layer_norm_epsilon)
+
+    def head_logits(self, h: torch.Tensor, head: int | str) -> torch.Tensor:
+        """Reference exit: head(ln_f(h)) in fp32. h: [..., d] -> [..., V]."""
+        return F.linear(self.final_norm(h), self.head_weight(head)).float()
+
+    def run_layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache, slot, backend: Backend = TORCH,
+                   rows: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+                   live: torch.Tensor | None = None) -> torch.Tensor:
+        """Turn h_start into h_end: run blocks start..end-1 on h [b, S, d] whose tokens sit at cache slots
+        slot..slot+S-1. `rows` (int64 [b]) selects the cache rows when only some rows run; None means all.
+        A tensor `slot` ([1] int64, all rows) keeps every shape static for CUDA graph capture: the tokens attend
+        over the whole cache, masked by `cache.valid` (which must already mark their slots) and causally.
+        Decode steps (S = 1) run their ops on `backend` (the triton kernels: fused linears, and with a tensor slot
+        the decode-attention kernel, which marks the slot itself); prompts run the torch ops.
+        live ([b] bool): rows that are False are frozen: their input passes through every block unchanged, so
+        their key/value writes are state propagation from it. skip ([1] int32 on the device, triton): while set,
+        every row is frozen and the blocks read only c_attn's key/value weights."""
+        for j in range(start, end):
+            h = self._block(j, h, cache, slot, backend if h.shape[1] == 1 else TORCH, rows, skip, live)
+        return h
+
+    def run_to(self, h: torch.Tensor, layers, cache: KVCache, slot, backend: Backend = TORCH,
+               rows: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Run h_0 [b, S, d] up to max(layers); {layer: h_layer [b, S, d]} for every layer in `layers`."""
+        states, start = {}, 0
+        for layer in sorted(set(layers)):
+            h = states[layer] = self.run_layers(h, start, layer, cache, slot, backend, rows)
+            start = layer
+        return states
+
+    def _block(self, j, x, cache, slot, backend, rows, skip, live):
+        c, w = self.config, self.w
+        b, s, d = x.shape
+        eps = c.layer_norm_epsilon
+        x = x.reshape(b * s, d)
+        if live is not None and s > 1:
+            live = live.repeat_interleave(s)
+        qkv = ops.fused_linear(x, w.attn_w[j], w.attn_b[j], backend, ln=(w.ln_1_w[j], w.ln_1_b[j], eps), skip=skip,
+                               skip_cols=d)
+        y = self._attention(j, qkv.view(b, s, 3 * d), cache, slot, rows, backend, skip).reshape(b * s, d)
+        x = ops.fused_linear(y, w.attn_proj_w[j], w.attn_proj_b[j], backend, residual=x, live=live, skip=skip)
+        m = ops.fused_linear(x, w.fc_w[j], w.fc_b[j], backend, ln=(w.ln_2_w[j], w.ln_2_b[j], eps), gelu=True,
+                             skip=skip)
+        return ops.fused_linear(m, w.fc_proj_w[j], w.fc_proj_b[j], backend, residual=x, live=live,
+                                skip=skip).view(b, s, d)
+
+    def _attention(self, j, qkv, cache, slot, rows, backend, skip) -> torch.Tensor:
+        """Write this step's keys/values (qkv [b, S, 3d]) into block j's cache and attend: [b, S, d]. On the
+        triton backend a decode step with a tensor slot over all rows runs the decode-attention kernel (it marks
+        the slot valid and reads only the slots up to this one); otherwise torch's attention, over the slots up to
+        the last new one (an int slot) or the whole length bucket, masked (a tensor slot)."""
+        c = self.config
+        b, s, _ = qkv.shape
+        d = c.n_embd
+        if backend.triton and isinstance(slot, torch.Tensor) and rows is None and s == 1:
+            return ops.decode_attention(qkv.view(b, 3 * d), cache.k[j], cache.v[j], cache.valid, slot, backend,
+                                        skip=skip, scale=c.attn_scale(j)).view(b, 1, d)
+        if skip is not None:
+            raise ValueError("a skip flag needs the decode-attention kernel: one position per row, all rows, "
+                             "a tensor slot, the triton backend")
+        q, k, v = (t.view(b, s, c.n_head, c.head_dim).transpose(1, 2) for t in qkv.split(d, dim=-1))
+        if isinstance(slot, torch.Tensor):  # static shapes (CUDA graphs): slots on the device
+            slots = slot if s == 1 else slot + torch.arange(s, device=slot.device)
+            cache.k[j].index_copy_(2, slots, k)
+            cache.v[j].index_copy_(2, slots, v)
+            keys, values, mask = cache.k[j], cache.v[j], cache.valid[:, None, None, :]  # valid: slots <= this one
+            if s > 1:  # several new positions: each sees the slots up to its own
+                mask = mask & (torch.arange(keys.shape[2], device=slot.device) <= slots[:, None])
+        elif rows is None:
+            cache.k[j, :, :, slot:slot + s] = k
+            cache.v[j, :, :, slot:slot + s] = v
+            keys, values = cache.k[j, :, :, :slot + s], cache.v[j, :, :, :slot + s]
+            mask = attention_mask(cache.valid[:, :slot + s], slot, s)[:, None]
+        else:
+            cache.k[j, rows, :, slot:slot + s] = k
+            cache.v[j, rows, :, slot:slot + s] = v
+            keys, values = cache.k[j, rows, :, :slot + s], cache.v[j, rows, :, :slot + s]
+            mask = attention_mask(cache.valid[rows, :slot + s], slot, s)[:, None]
+        if c.reorder_and_upcast_attn and q.dtype != torch.float32:  # scores and softmax in fp32
+            y = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                               scale=c.attn_scale(j)).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.attn_scale(j))
+        return y.transpose(1, 2).reshape(b, s, d)
+
+    def fill_kv(self, h: torch.Tensor, start: int, end: int, cache: KVCache, rows: torch.Tensor,
+                slots: torch.Tensor, backend: Backend = TORCH) -> None:
+        """State propagation: keys/values of blocks start..end-1 for positions (rows[i], slots[i]) computed from
+        h [N, d], the hidden state at which those positions exited, reading only the skipped blocks' k|v weights
+        (2·d² of each block's 12·d²): one batched matmul, or one Triton launch."""
+        w = self.w
+        ops.propagate_kv(h, w.ln_1_w, w.ln_1_b, w.attn_w, w.attn_b, cache.k, cache.v, rows, slots, start, end,
+                         self.config.layer_norm_epsilon, backend)
+
+
+def attention_mask(valid: torch.Tensor, slot: int, s: int) -> torch.Tensor:
+    """[b, s, slot+s] bool: query i (at slot+i) sees valid keys at or before its slot, and always itself
+    (a left-padding query then has one key and stays finite; nothing real attends to it)."""
+    t = slot + s
+    key_pos = torch.arange(t, device=valid.device)
+    query_pos = torch.arange(slot, t, device=valid.device)[:, None]
+    causal = key_pos[None, :] <= query_pos
+    return (valid[:, None, :] & causal) | (key_pos[None, :] == query_pos)

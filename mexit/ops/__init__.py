@@ -1,0 +1,172 @@
+"""One dispatch point for the kernels: each op runs its Triton kernel (`mexit.kernels`) or its PyTorch `*_ref`,
+chosen here from a `Backend` and nowhere else. Both give the same function; an option only one of them offers
+(a device skip flag) raises a named error on the other. Every tensor stays on its device: no op reads a value
+into Python, so any of them can be captured in a CUDA graph.
+
+Kernel modules import triton, so they are imported only when the triton backend runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mexit.kernels.acd_contrast_ref import acd_contrast_ref
+from mexit.kernels.exit_decide_ref import exit_decide_ref
+from mexit.kernels.exit_head_ref import ExitHeadOutput, exit_head_ref
+from mexit.kernels.fused_linear_ref import fused_linear_ref
+from mexit.kernels.propagate_kv_ref import propagate_kv_ref
+from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref
+
+# Decode batches up to this many rows run fused-linear kernels on the triton backend; larger ones cuBLAS matmuls
+# (torch) around the decode-attention kernel. 64: by the bytes/launch model the fused block reads the same weight
+# bytes in 5 launches instead of about 14. Measured on an H200 (bench/RESULTS.md), the fused block is slower than
+# cuBLAS + the attention kernel at batch 1 and 64: the tiles need tuning before this cut-off is settled.
+FUSED_MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How ops run. name: "torch" (the references) or "triton" (the kernels; on CPU under TRITON_INTERPRET=1).
+    fused_max_rows: triton only, the largest row count that runs the fused-linear kernel (more rows: cuBLAS).
+    pdl: triton only, kernels launch with programmatic dependent launch (Hopper or newer, compiled).
+    Hashable: a static decode step is built for one Backend (it is part of the step key)."""
+
+    name: str = "torch"
+    fused_max_rows: int = FUSED_MAX_ROWS
+    pdl: bool = False
+
+    def __post_init__(self):
+        if self.name not in ("torch", "triton"):
+            raise ValueError(f"unknown backend {self.name!r}; use torch or triton")
+        if self.fused_max_rows < 0:
+            raise ValueError(f"fused_max_rows must be >= 0, got {self.fused_max_rows}")
+        if self.pdl and self.name != "triton":
+            raise ValueError("pdl needs the triton backend")
+
+    @property
+    def triton(self) -> bool:
+        return self.name == "triton"
+
+
+TORCH = Backend()
+
+
+def _needs_triton(backend: Backend, what: str) -> None:
+    if not backend.triton:
+        raise ValueError(f"{what} needs the triton backend (the kernels read it on the device)")
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: Backend = TORCH,
+                 ln: tuple[torch.Tensor, torch.Tensor, float] | None = None, gelu: bool = False,
+                 residual: torch.Tensor | None = None, live: torch.Tensor | None = None,
+                 skip: torch.Tensor | None = None, skip_cols: int | None = None) -> torch.Tensor:
+    """y = residual + gelu(layer_norm(x) @ weight + bias) [M, N]; rows where `live` is False get the residual.
+    x [M, K], weight [K, N] (Conv1D layout), bias [N], ln (w [K], b [K], eps), residual [M, N], live [M] bool.
+    The triton kernel runs up to `backend.fused_max_rows` rows, or at any size with a skip flag ([1] int32 on the
+    device: every row frozen, columns below skip_cols not computed; triton only)."""
+    if skip is not None:
+        _needs_triton(backend, "a skip flag")
+    if backend.triton and (x.shape[0] <= backend.fused_max_rows or skip is not None):
+        from mexit.kernels.fused_linear import fused_linear as kernel
+
+        return kernel(x, weight, bias, ln=ln, gelu=gelu, residual=residual, live=live, skip=skip,
+                      skip_cols=skip_cols, pdl=backend.pdl)
+    return fused_linear_ref(x, weight, bias, ln=ln, gelu=gelu, residual=residual, live=live)
+
+
+def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
+                     slot: torch.Tensor, backend: Backend = TORCH, skip: torch.Tensor | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """One new position per row at cache slot `slot` ([1] int64): writes its key/value, marks the slot valid and
+    attends over the valid slots. qkv [B, 3d], cache_k / cache_v [B, H, T, hd], valid [B, T] bool -> y [B, d].
+    skip ([1] int32, triton only): while set, only the key/value is written (state propagation)."""
+    if skip is not None:
+        _needs_triton(backend, "a skip flag")
+    if backend.triton:
+        from mexit.kernels.decode_attention import decode_attention as kernel
+
+        return kernel(qkv, cache_k, cache_v, valid, slot, skip=skip, scale=scale, pdl=backend.pdl)
+    from mexit.kernels.decode_attention_ref import decode_attention_ref
+
+    return decode_attention_ref(qkv, cache_k, cache_v, valid, slot, scale=scale)
+
+
+def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w: torch.Tensor,
+                 attn_b: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, rows: torch.Tensor,
+                 slots: torch.Tensor, start: int, end: int, eps: float, backend: Backend = TORCH) -> None:
+    """State propagation: keys/values of blocks start..end-1 for positions (rows[i], slots[i]) from the exited
+    states h [N, d], K_j, V_j = c_attn_j(ln_1_j(h))[k, v], into cache_k / cache_v [L, B, H, T, hd] (CALM)."""
+    if start >= end or h.shape[0] == 0:
+        return
+    args = (h, ln_w, ln_b, attn_w, attn_b, cache_k, cache_v, rows, slots, start, end, eps)
+    if backend.triton:
+        from mexit.kernels.propagate_kv import propagate_kv as kernel
+
+        kernel(*args, pdl=backend.pdl)
+    else:
+        propagate_kv_ref(*args)
+
+
+def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float,
+              heads: list[torch.Tensor], backend: Backend = TORCH, with_logprobs: bool = False,
+              skip: torch.Tensor | None = None, emit: StepIO | None = None) -> ExitHeadOutput:
+    """The exit stage: logits[e] = heads[e] @ ln_f(hidden[e]) with softmax statistics (fp32). hidden [E, B, d] or
+    E tensors [B, d] (E = 1 or 2 on triton), heads E x [V, d]. skip ([1] int32, triton only): while set, nothing
+    is read or written. emit (one head): each row's argmax ends the decode step (`step_epilogue_ref`)."""
+    if skip is not None:
+        _needs_triton(backend, "a skip flag")
+    if backend.triton:
+        from mexit.kernels.exit_head import exit_head as kernel
+
+        return kernel(hidden, ln_w, ln_b, eps, heads, with_logprobs=with_logprobs, skip=skip, emit=emit,
+                      pdl=backend.pdl)
+    out = exit_head_ref(hidden, ln_w, ln_b, eps, heads, with_logprobs=with_logprobs)
+    if emit is not None:
+        step_epilogue_ref(out.argmax[0], emit)
+    return out
+
+
+def acd_contrast(out: ExitHeadOutput, alpha: float, min_candidates: int, backend: Backend = TORCH,
+                 with_logprobs: bool = False, emit: StepIO | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Autocontrastive Decoding (design.md section 2) of the exit stage's two heads (upper first): the greedy token
+    [B] int64 and, if asked, log q [B, V] fp32. emit: the token ends the decode step (`step_epilogue_ref`)."""
+    if backend.triton:
+        from mexit.kernels.acd_contrast import acd_contrast as kernel
+
+        return kernel(out.logits, out.lse, alpha, min_candidates, with_logprobs=with_logprobs,
+                      max_logit=out.max_logit, emit=emit, pdl=backend.pdl)
+    log_q = acd_contrast_ref(out.logits[0], out.logits[1], alpha, min_candidates)
+    token = log_q.argmax(-1)
+    if emit is not None:
+        step_epilogue_ref(token, emit)
+    return token, (log_q if with_logprobs else None)
+
+
+def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, step: torch.Tensor,
+                running: torch.Tensor, fired: torch.Tensor, candidate: torch.Tensor | None, chosen: torch.Tensor,
+                h_last: torch.Tensor | None, h_exit: torch.Tensor, exit_at: torch.Tensor, conf_at: torch.Tensor,
+                flags: torch.Tensor, backend: Backend = TORCH, skip: torch.Tensor | None = None,
+                fired_none: torch.Tensor | None = None, final: bool = False, emit: StepIO | None = None,
+                arrivals: torch.Tensor | None = None) -> None:
+    """The exit decision at `layer` for every row, in place (see `exit_decide_ref` for the tensors)."""
+    args = (layer, confidence, thresholds, step, running, fired, candidate, chosen, h_last, h_exit, exit_at, conf_at,
+            flags, skip, fired_none)
+    if backend.triton:
+        from mexit.kernels.exit_decide import exit_decide as kernel
+
+        kernel(*args, final=final, emit=emit, arrivals=arrivals, pdl=backend.pdl)
+    else:
+        exit_decide_ref(*args, final=final, emit=emit)
+
+
+def step_epilogue(token: torch.Tensor, io: StepIO, backend: Backend = TORCH) -> None:
+    """End a decode step with `token` [B] int64: eos masking, the output column, the next step's input embedding,
+    position, slot and step index (`step_epilogue_ref`)."""
+    if backend.triton:
+        from mexit.kernels.step_epilogue import step_epilogue as kernel
+
+        kernel(token, io, pdl=backend.pdl)
+    else:
+        step_epilogue_ref(token, io)

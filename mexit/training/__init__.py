@@ -1,0 +1,1 @@
+"""Training: exit heads on a frozen base."""
