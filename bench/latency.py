@@ -279,7 +279,7 @@ def run(args) -> list[dict]:
     run_meta.update(copy_gb_s=copy_only, read_gb_s=read_only)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print(f"# {label} on {run_meta['device']}, {run_meta['dtype']}, backend {lm.backend}, engine {lm.engine}, "
+    print(f"# {label} on {run_meta['device']}, {run_meta['dtype']}, backend {lm.backend.name}, engine {lm.engine}, "
           f"memory bandwidth {copy_gbs:.0f} GB/s (copy {copy_only:.0f}, read {read_only:.0f})", file=sys.stderr)
     for (prompt_len, new_tokens), batch in itertools.product(lengths, args.batch):
         case = copy.copy(args)

@@ -244,3 +244,18 @@ def test_ablation_ctrl_c_says_what_was_saved(tiny_checkpoint, tmp_path, prompt_f
     assert "interrupted: 1 of 3 new settings saved" in err and "rerun the same command to resume" in err
     assert len((tmp_path / "abl" / "ablation.jsonl").read_text().splitlines()) == 1
 
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_speculative_rows_on_every_engine(tiny_checkpoint, tmp_path, engine):
+    """`spec:L:K` runs on the engine asked for; its rows carry acceptance, launches per generated token and
+    device-to-host reads per round (one per round without a draft threshold)."""
+    argv = latency_args(tiny_checkpoint[0], tmp_path, modes=["spec:2:3", "spec:1:2:0.3"], engine=engine,
+                        baselines=[])
+    assert latency.main(argv) == 0
+    rows = [r for r in json.loads((tmp_path / "latency.json").read_text()) if r["impl"] == "mexit"]
+    assert rows and all(r["engine"] == engine for r in rows)
+    for r in rows:
+        assert r["launches_per_step"] > 0 and r["weight_bytes_ratio"] > 0
+        assert r["acceptance_rate"] is None or 0 <= r["acceptance_rate"] <= 1  # None: nothing was drafted
+        assert r["host_reads_per_round"] == 1 if r["mode"] == "spec:2:3" else r["host_reads_per_round"] >= 1

@@ -184,3 +184,46 @@ def test_pdl_gives_the_same_tokens_or_warns_where_it_cannot_run(tiny_checkpoint,
     kw = dict(max_new_tokens=4, eos_token_id=None)
     for mode in ({}, dict(contrast=(4, 2)), dict(early_exit=ExitPolicy(0.3, exits=(2,), schedule="predicated"))):
         assert fast.generate(PROMPTS, **mode, **kw).tokens == eager.generate(PROMPTS, **mode, **kw).tokens
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cache_and_logits_on_the_static_engines(tiny_checkpoint, eager, engine):
+    """return_cache and keep_logits run on the engine asked for (no silent switch to eager) and give the eager
+    engine's cache (real rows, every slot written) and logits."""
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine)
+    kw = dict(max_new_tokens=6, eos_token_id=None, contrast=(4, 2), return_cache=True, keep_logits=True)
+    ours, theirs = fast.generate(PROMPTS, **kw), eager.generate(PROMPTS, **kw)
+    assert ours.engine == engine and ours.tokens == theirs.tokens
+    used = theirs.cache.valid.shape[1] - 1  # the last token is never fed
+    assert torch.equal(ours.cache.valid[:, :used], theirs.cache.valid[:, :used])
+    torch.testing.assert_close(ours.cache.k[:, :, :, :used], theirs.cache.k[:, :, :, :used], atol=1e-5, rtol=1e-5)
+    assert len(ours.logits) == len(theirs.logits) == 6
+    for a, b in zip(ours.logits, theirs.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_backend_settings_are_part_of_the_step_key(tiny_checkpoint):
+    """A static step is built for one Backend: changing the fused-row cut-off builds another, never reuses one
+    captured for other kernels."""
+    fast = mexit.load(tiny_checkpoint[0], engine="static", backend="triton")
+    fast.generate(PROMPTS, max_new_tokens=2, eos_token_id=None)
+    fast.with_backend(fused_max_rows=0)
+    with count_launches() as launched:
+        fast.generate(PROMPTS, max_new_tokens=2, eos_token_id=None)
+    assert len(fast._engine.states) == 2 and launched["triton:_fused_linear"] == 0
+
+
+def test_one_dtype_rule_and_the_drop_in_keeps_its_settings(tiny_checkpoint):
+    from mexit.decoding.fixed import DecodeConfig
+    from mexit.frontends.compat import FastMultiExitModel
+    from mexit.model.checkpoint import resolve_dtype
+
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert mexit.load(tiny_checkpoint[0]).model.dtype == (torch.float16 if DEVICE == "cuda" else torch.float32)
+    with pytest.warns(UserWarning, match="pdl=True needs"):
+        lm = mexit.load(tiny_checkpoint[0], device="cpu", backend="triton", engine="static", pdl=True)
+    model = FastMultiExitModel(lm, DecodeConfig())
+    with pytest.warns(UserWarning, match="pdl=True needs"):  # asked for again: the setting travels
+        model.half()
+    assert model.dtype == torch.float16 and model.lm.settings["pdl"] is True and model.lm.engine == "static"

@@ -202,3 +202,72 @@ def test_small_real_model_greedy_equals_full_depth():
             assert out.tokens == full
             rates.append(out.stats["acceptance_rate"])
     assert max(rates) > 0.3 and min(rates) < 1.0  # drafts accepted and rejected
+
+
+STATIC = ["static"] + (["graph"] if torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    folder = agreeing_checkpoint(tmp_path_factory.mktemp("spec_engines"))
+    return {name: mexit.load(folder, device=DEVICE, engine=name) for name in ["eager", *STATIC]}
+
+
+def assert_same_as_eager(engines, prompts, n, **kw):
+    """Every static engine gives the eager engine's tokens, drafted flags and statistics."""
+    want = engines["eager"].generate(prompts, n, **kw)
+    for name in STATIC:
+        got = engines[name].generate(prompts, n, **kw)
+        assert got.engine == name
+        assert got.tokens == want.tokens and got.drafted == want.drafted, (name, kw)
+        assert got.stats == pytest.approx(want.stats), (name, kw)
+    return want
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_static_engine_equals_eager_for_every_target_and_draft_len(engines, target):
+    depth = max(v if isinstance(v, int) else 4 for v in [target.get("exit_layer", 4), *target.get("contrast", [])])
+    for draft_exit in range(1, depth):
+        for k in range(1, 6):
+            spec = SpeculativeConfig(draft_exit, k, 0.3 if k == 4 else None)
+            assert_same_as_eager(engines, PROMPTS[:3], N_NEW, eos_token_id=None, speculative=spec, **target)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_static_engine_batches_eos_and_budgets(engines, batch):
+    prompts = PROMPTS[:batch]  # different prompt lengths
+    full = engines["eager"].generate(prompts, N_NEW, eos_token_id=None).tokens
+    eos = full[0][4]  # inside a round for draft lengths above 1
+    for spec in (SpeculativeConfig(2, 3), SpeculativeConfig(1, 5, 0.3)):
+        out = assert_same_as_eager(engines, prompts, N_NEW, eos_token_id=eos, speculative=spec)
+        assert out.tokens == engines["eager"].generate(prompts, N_NEW, eos_token_id=eos).tokens
+        for budget in (1, 2, 5):  # budgets ending inside a round
+            out = assert_same_as_eager(engines, prompts, budget, eos_token_id=None, speculative=spec)
+            assert out.tokens == [row[:budget] for row in full]
+            assert sum(map(sum, out.drafted)) == out.stats["accepted"]  # no draft past the budget is counted
+
+
+def test_static_engine_sampling_and_reuse(engines):
+    spec = SpeculativeConfig(2, 3)
+    for target in (dict(), dict(contrast=(4, 2))):  # ACD whose lower exit drafts: its logits are reused
+        assert_same_as_eager(engines, PROMPTS[:4], N_NEW, eos_token_id=None, do_sample=True, seed=[5, 6, 7, 8],
+                             top_k=50, speculative=spec, **target)
+
+
+def test_static_engine_reads_the_host_once_per_round(engines):
+    """Without a draft threshold a round reads the device once (every row's count); a threshold adds one read per
+    draft. Reported as `host_reads` beside `rounds`."""
+    lm = engines[STATIC[-1]]
+    out = lm.generate(PROMPTS[:3], N_NEW, eos_token_id=None, speculative=SpeculativeConfig(2, 3))
+    assert out.stats["host_reads"] == out.stats["rounds"]
+    out = lm.generate(PROMPTS[:3], N_NEW, eos_token_id=None, speculative=SpeculativeConfig(2, 3, 0.3))
+    assert out.stats["rounds"] < out.stats["host_reads"] <= 4 * out.stats["rounds"]
+
+
+def test_speculative_streams_every_row_per_position(engines):
+    for name, lm in engines.items():
+        streamed = []
+        out = lm.generate(PROMPTS[:3], N_NEW, eos_token_id=None, speculative=SpeculativeConfig(2, 4),
+                          on_token=lambda t: streamed.append(t.tolist()))
+        assert [list(col) for col in zip(*streamed)] == out.tokens, name

@@ -149,15 +149,15 @@ class DecodeState:
             self.exits.thresholds[: len(thresholds)] = torch.tensor(thresholds, device=io.step.device)
             if self.exits.skip is not None:
                 self.exits.skip.zero_()
-        self.counters = dict(weight_reads(), kv_filled=0, **self.engine_counters())
+        self.counters = dict(weight_reads(), kv_filled=0, host_reads=0, **self.engine_counters())
         h = self.model.embed(batch.ids, batch.positions)
         states = self.model.run_to(h, [layer for layer in self.mode.stops if layer], self.cache, 0, self.backend)
         self.prefill_states = {0: h[:, -1], **{layer: x[:, -1] for layer, x in states.items()}}
         self.start_step()
         self.mode.run(self)
+        self.mode.start(self, uniform)
         self.prefill_states = None
         self.decoded = 0
-        self.mode.start(self, uniform)
 
     def start_step(self) -> None:
         """Before a step's pieces run (the prefill's too): the host's view of it."""
@@ -184,8 +184,7 @@ class DecodeState:
 
     def read(self, tensor: torch.Tensor) -> list:
         """A device-to-host read: the host waits for the device (counted outside the prompt's step)."""
-        if not self.prefilling:
-            self.counters["host_reads"] = self.counters.get("host_reads", 0) + 1
+        self.counters["host_reads"] += not self.prefilling
         return tensor.tolist()
 
     def finished(self) -> bool:

@@ -80,7 +80,7 @@ class StaticState(DecodeState):
             self.pending = PendingKV(self, self.mode.depth)
 
     def engine_counters(self) -> dict:
-        return dict(segments=0, fills=0, host_reads=0) if self.exits is not None else dict(host_reads=0)
+        return dict(segments=0, fills=0) if self.exits is not None else {}
 
     # ---- pieces ----
     def pieces(self) -> dict:
