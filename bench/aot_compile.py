@@ -46,7 +46,10 @@ class Launch:
     launch_pdl: bool = False
 
 
-def arg_type(value) -> str:
+def arg_type(value) -> str | tuple:
+    """Triton's signature type of a runtime argument (a tuple of them for a tuple argument)."""
+    if isinstance(value, tuple):
+        return tuple(arg_type(v) for v in value)
     if isinstance(value, torch.Tensor):
         return "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64",
                       torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8"}[value.dtype]
@@ -57,6 +60,11 @@ def arg_type(value) -> str:
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"unsupported kernel argument {type(value).__name__}")
+
+
+def flat_types(signature: tuple) -> list[str]:
+    """Every argument type of a recorded signature, tuple arguments flattened."""
+    return [x for _, t in signature for x in (t if isinstance(t, tuple) else (t,))]
 
 
 def record(fn_under_test) -> set[Launch]:
@@ -170,7 +178,7 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
     signature = {name: signature[name] for name in fn.arg_names}
     row = dict(kernel=launch.kernel, target=target, num_warps=launch.num_warps, num_stages=launch.num_stages,
                constexprs={k: v for k, v in constexprs.items()},
-               dtypes=sorted({t for _, t in launch.signature if t.startswith("*f") or t.startswith("*b")}))
+               dtypes=sorted({t for t in flat_types(launch.signature) if t.startswith("*f") or t.startswith("*b")}))
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v
                                                                 for k, v in constexprs.items()})

@@ -23,7 +23,6 @@ from .step_epilogue import arrive, embed_block, finish_row
 from .step_epilogue_ref import StepIO
 
 
-
 @triton.jit
 def _threshold(thr_ptr, b, log_alpha, FROM_MAX: tl.constexpr):
     """Row b's plausibility threshold on the upper logits: thr[b], or max logit + log(alpha) (one candidate)."""
@@ -72,10 +71,16 @@ def _acd_tiles(
 
 @triton.jit
 def _acd_merge(
-    stats_ptr, arg_ptr, logits_ptr, lse_ptr, thr_ptr, token_ptr, log_q_ptr,
-    tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, slot_ptr, arrivals_ptr, wte_ptr, wpe_ptr,
-    h0_ptr,
-    B, V, n_tiles, log_alpha, T, D, P,
+    stats_ptr,  # [4, B, n_tiles] fp32: per tile max of d over S, sum of exp, upper mass of S, best log p_u off S
+    arg_ptr,  # [2, B, n_tiles] int32: their indices
+    logits_ptr,  # [2, B, V] fp32, upper exit first
+    lse_ptr,  # [2, B] fp32
+    thr_ptr,  # [B] fp32: the plausibility threshold, or the max upper logit (THR_FROM_MAX)
+    token_ptr,  # [B] int64: the greedy token
+    log_q_ptr,  # [B, V] fp32 (WRITE_LOG_Q)
+    io,  # EMIT: the step state, StepIO.pointers() (tokens, positions, finished, eos, out, step, slot, arrivals, ...)
+    B, V, n_tiles, log_alpha,
+    T, D, P,  # EMIT: out's row length, embedding width, positions
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_LOG_Q: tl.constexpr, THR_FROM_MAX: tl.constexpr,
     EMIT: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -115,9 +120,8 @@ def _acd_merge(
             log_q = tl.where(upper >= thr, lp_u - lp_l - lse_s + log_mass, lp_u)
             tl.store(log_q_ptr + b.to(tl.int64) * V + cols, log_q, mask=ok)
     if EMIT:
-        finish_row(b, token, tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, wte_ptr, wpe_ptr,
-                   h0_ptr, h0_ptr, T, D, P, False, BLOCK_D)
-        arrive(B, step_ptr, slot_ptr, arrivals_ptr)
+        finish_row(b, token, io, io[10], T, D, P, False, BLOCK_D)
+        arrive(B, io[5], io[6], io[7])
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -157,7 +161,7 @@ def acd_contrast(logits: torch.Tensor, lse: torch.Tensor, alpha: float = 0.1, mi
     log_q = torch.empty(B, V, device=logits.device, dtype=torch.float32) if with_logprobs else token
     step_io = emit.pointers() if emit is not None else (token,) * 11
     T, D, P = emit.sizes() if emit is not None else (1, 1, 1)
-    _acd_merge[(B,)](stats, args, logits, lse, thr, token, log_q, *step_io, B, V, n_tiles, math.log(alpha), T, D, P,
+    _acd_merge[(B,)](stats, args, logits, lse, thr, token, log_q, step_io, B, V, n_tiles, math.log(alpha), T, D, P,
                      BLOCK_T=triton.next_power_of_2(n_tiles), BLOCK_V=1024, WRITE_LOG_Q=with_logprobs,
                      THR_FROM_MAX=from_max, EMIT=emit is not None, BLOCK_D=embed_block(D), USE_PDL=pdl, num_warps=4,
                      **options)

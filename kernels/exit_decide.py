@@ -20,19 +20,26 @@ from .step_epilogue import arrive, embed_block, finish_row
 from .step_epilogue_ref import StepIO
 
 
-
 @triton.jit
 def _exit_decide(
-    conf_ptr, thresholds_ptr, running_ptr, fired_ptr, candidate_ptr, chosen_ptr, h_last_ptr, h_exit_ptr,
-    exit_at_ptr, conf_at_ptr, flags_ptr, skip_ptr, fired_none_ptr,
-    tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, slot_ptr, arrivals_ptr, wte_ptr, wpe_ptr,
-    h0_ptr,
-    B, D, T, h_last_stride, layer, T_out, P,
+    conf_ptr,  # [B] fp32: each row's confidence at this layer
+    thresholds_ptr,  # [T] fp32: the threshold of each step
+    state,  # exit bookkeeping: running [B] bool, fired [B] bool, chosen [B] int64, h_exit [B, D], exit_at [B, T]
+    #         int64, conf_at [B, T] fp32, flags [2] bool (a row fired, a row runs)
+    candidate_ptr,  # [B] int64 (HAS_CANDIDATE): this exit's token
+    h_last_ptr,  # [B, D] rows h_last_stride apart: the states at this layer (not FINAL)
+    skip_ptr, fired_none_ptr,  # [1] int32 (HAS_SKIP, HAS_FIRED_NONE): no row runs / no row fired
+    io,  # the step state, StepIO.pointers(): io[5] the step index, io[7] the arrival count; the rest with EMIT
+    B, D, T, h_last_stride, layer,
+    T_out, P,  # EMIT: out's row length, positions
     HAS_CANDIDATE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_FIRED_NONE: tl.constexpr, FINAL: tl.constexpr,
     EMIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+    running_ptr, fired_ptr, chosen_ptr, h_exit_ptr = state[0], state[1], state[2], state[3]
+    exit_at_ptr, conf_at_ptr, flags_ptr = state[4], state[5], state[6]
+    step_ptr, arrivals_ptr = io[5], io[7]
     b = tl.program_id(0)
     step = tl.load(step_ptr)
     confidence = tl.load(conf_ptr + b)
@@ -58,12 +65,11 @@ def _exit_decide(
     tl.store(fired_ptr + b, fire)
     still = running & (fire == 0)
     if EMIT:  # the step ends: emit the token, the row runs next step unless it finished; its state is the input
-        done = finish_row(b, token, tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, wte_ptr,
-                          wpe_ptr, h0_ptr, h_exit_ptr, T_out, D, P, True, BLOCK_D)
+        done = finish_row(b, token, io, h_exit_ptr, T_out, D, P, True, BLOCK_D)
         still = done == 0
     tl.store(running_ptr + b, still)
     if EMIT:
-        last = arrive(B, step_ptr, slot_ptr, arrivals_ptr)
+        last = arrive(B, step_ptr, io[6], arrivals_ptr)
     else:
         last = arrive(B, step_ptr, step_ptr, arrivals_ptr, False)
     if last:  # every row is decided: the flags over all rows
@@ -104,10 +110,11 @@ def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, 
         arrivals = emit.arrivals if emit is not None else torch.zeros(1, dtype=torch.int32, device=h_exit.device)
     step_io = emit.pointers() if emit is not None else (chosen, chosen, fired, chosen, chosen, step, step, arrivals,
                                                          h_exit, h_exit, h_exit)
+    step_io = step_io[:7] + (arrivals,) + step_io[8:]
     T_out, _, P = emit.sizes() if emit is not None else (1, D, 1)
-    _exit_decide[(B,)](confidence, thresholds, running, fired, candidate if candidate is not None else chosen,
-                       chosen, h_last, h_exit, exit_at, conf_at, flags, skip if skip is not None else flags,
-                       fired_none if fired_none is not None else flags, *step_io[:7], arrivals, *step_io[8:],
+    state = (running, fired, chosen, h_exit, exit_at, conf_at, flags)
+    _exit_decide[(B,)](confidence, thresholds, state, candidate if candidate is not None else chosen, h_last,
+                       skip if skip is not None else flags, fired_none if fired_none is not None else flags, step_io,
                        B, D, T, h_last.stride(0), layer, T_out, P,
                        HAS_CANDIDATE=candidate is not None, HAS_SKIP=skip is not None,
                        HAS_FIRED_NONE=fired_none is not None, FINAL=final, EMIT=emit is not None,

@@ -26,7 +26,6 @@ from .step_epilogue_ref import StepIO
 from .tiles import dot_acc, normalized_tile, row_stats
 
 
-
 @triton.jit
 def _exit_head_tiles(
     x0_ptr, x1_ptr, ln_w_ptr, ln_b_ptr, w0_ptr, w1_ptr, logits_ptr, stats_ptr, arg_ptr, skip_ptr,
@@ -98,10 +97,15 @@ def _head_tile(w_rows, k, D, col_ok, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _exit_head_merge(
-    stats_ptr, arg_ptr, logits_ptr, logprobs_ptr, out_ptr, argmax_ptr, skip_ptr,
-    tokens_ptr, positions_ptr, finished_ptr, eos_ptr, tok_out_ptr, step_ptr, slot_ptr, arrivals_ptr, wte_ptr,
-    wpe_ptr, h0_ptr,
-    B, V, n_tiles, n_rows, T, D, P,
+    stats_ptr,  # [4, 2, B, n_tiles] fp32: per tile max, sum of exp, sum of exp * logit, second max
+    arg_ptr,  # [E, B, n_tiles] int32: per tile argmax
+    logits_ptr, logprobs_ptr,  # [E, B, V] fp32 (logprobs written with WRITE_LOGPROBS)
+    out_ptr,  # [5, E * B] fp32: lse, max prob, margin, entropy, max logit
+    argmax_ptr,  # [E * B] int64
+    skip_ptr,  # [1] int32 (HAS_SKIP): nonzero skips the program
+    io,  # EMIT: the step state, StepIO.pointers() (tokens, positions, finished, eos, out, step, slot, arrivals, ...)
+    B, V, n_tiles, n_rows,  # rows per exit, vocabulary, tiles, E * B
+    T, D, P,  # EMIT: out's row length, embedding width, positions
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_LOGPROBS: tl.constexpr, HAS_SKIP: tl.constexpr,
     EMIT: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -141,9 +145,8 @@ def _exit_head_merge(
                 z = tl.load(logits_ptr + row + cols, mask=cols < V, other=0.0)
                 tl.store(logprobs_ptr + row + cols, z - lse, mask=cols < V)
         if EMIT:  # one exit: program r is row r; the greedy token ends the step
-            finish_row(r, token, tokens_ptr, positions_ptr, finished_ptr, eos_ptr, tok_out_ptr, step_ptr, wte_ptr,
-                       wpe_ptr, h0_ptr, h0_ptr, T, D, P, False, BLOCK_D)
-            arrive(n_rows, step_ptr, slot_ptr, arrivals_ptr)
+            finish_row(r, token, io, io[10], T, D, P, False, BLOCK_D)
+            arrive(n_rows, io[5], io[6], io[7])
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -199,7 +202,7 @@ def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_weight: torch.Te
     step_io = emit.pointers() if emit is not None else (argmax,) * 11
     T, D_io, P = emit.sizes() if emit is not None else (1, 1, 1)
     _exit_head_merge[(E * B,)](stats, args, logits, logprobs, out, argmax, skip if skip is not None else args,
-                               *step_io, B, V, n_tiles, E * B, T, D_io, P, BLOCK_T=triton.next_power_of_2(n_tiles),
+                               step_io, B, V, n_tiles, E * B, T, D_io, P, BLOCK_T=triton.next_power_of_2(n_tiles),
                                BLOCK_V=1024, WRITE_LOGPROBS=with_logprobs, HAS_SKIP=skip is not None,
                                EMIT=emit is not None, BLOCK_D=embed_block(D_io), USE_PDL=pdl, **options)
     lse, max_prob, margin, entropy, max_logit = out.view(5, E, B).unbind(0)

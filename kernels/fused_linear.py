@@ -28,7 +28,6 @@ from .launch import pdl_options
 from .tiles import ln_matmul, weight_tile
 
 
-
 @triton.jit
 def _tanh(u):
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # no libdevice under the interpreter; saturates to +-1

@@ -17,7 +17,6 @@ from .launch import pdl_options
 from .tiles import ln_matmul, weight_tile
 
 
-
 @triton.jit
 def _propagate_kv(
     h_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, k_ptr, v_ptr, rows_ptr, slots_ptr,

@@ -17,12 +17,13 @@ from .launch import pdl_options
 from .step_epilogue_ref import StepIO
 
 
-
 @triton.jit
-def finish_row(b, token, tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, wte_ptr, wpe_ptr,
-               h0_ptr, h_copy_ptr, T, D, P, COPY: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row b's share of `step_epilogue_ref` (the step index and slot are advanced by `arrive`). With COPY, the
-    next input h0 is also written to h_copy (early exit's frozen state). Returns whether row b is finished."""
+def finish_row(b, token, io, h_copy_ptr, T, D, P, COPY: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row b's share of `step_epilogue_ref` (the step index and slot are advanced by `arrive`). io: the step state's
+    pointers in `StepIO.pointers()` order. With COPY, the next input h0 is also written to h_copy (early exit's
+    frozen state). Returns whether row b is finished."""
+    tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr = io[0], io[1], io[2], io[3], io[4], io[5]
+    wte_ptr, wpe_ptr, h0_ptr = io[8], io[9], io[10]
     step = tl.load(step_ptr)
     eos = tl.load(eos_ptr)
     done = tl.load(finished_ptr + b).to(tl.int1)
@@ -63,16 +64,16 @@ def arrive(n_programs, step_ptr, slot_ptr, arrivals_ptr, ADVANCE: tl.constexpr =
 
 @triton.jit
 def _step_epilogue(
-    token_ptr, tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr, slot_ptr, arrivals_ptr,
-    wte_ptr, wpe_ptr, h0_ptr, B, T, D, P,
+    token_ptr,  # [B] int64: this step's choice per row
+    io,  # the step state: StepIO.pointers() (tokens, positions, finished, eos, out, step, slot, arrivals, wte, wpe, h0)
+    B, T, D, P,  # rows, out's row length, embedding width, positions
     BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
-    finish_row(b, tl.load(token_ptr + b), tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr,
-               wte_ptr, wpe_ptr, h0_ptr, h0_ptr, T, D, P, False, BLOCK_D)
-    arrive(B, step_ptr, slot_ptr, arrivals_ptr)
+    finish_row(b, tl.load(token_ptr + b), io, io[10], T, D, P, False, BLOCK_D)
+    arrive(B, io[5], io[6], io[7])
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -88,5 +89,5 @@ def step_epilogue(token: torch.Tensor, io: StepIO, pdl: bool = False) -> None:
     if token.shape != (B,) or token.dtype != torch.int64:
         raise ValueError(f"token must be int64 [{B}], got {tuple(token.shape)} {token.dtype}")
     T, D, P = io.sizes()
-    _step_epilogue[(B,)](token.contiguous(), *io.pointers(), B, T, D, P, BLOCK_D=embed_block(D), USE_PDL=pdl,
+    _step_epilogue[(B,)](token.contiguous(), io.pointers(), B, T, D, P, BLOCK_D=embed_block(D), USE_PDL=pdl,
                          **pdl_options(pdl))
