@@ -2,9 +2,9 @@
 
 Stage 1 (`_exit_head_tiles`, grid = vocabulary tiles x exits x row blocks) reads each head's weights exactly
 once: every program normalizes its hidden rows (fp32 statistics), computes a [rows, BLOCK_V] logit tile with
-fp32 accumulation, stores it, and stores the tile's max, sum of exp, sum of exp*logit, argmax and second max.
+fp32 accumulation, stores it, and stores the tile's max, sum of exp, argmax and second max.
 Stage 2 (`_exit_head_merge`, one program per exit and row) merges the tiles into log-sum-exp, max probability,
-top-1 minus top-2 probability, entropy, the max logit and the argmax (first index on ties), and writes log-softmax
+top-1 minus top-2 probability, the max logit and the argmax (first index on ties), and writes log-softmax
 if asked. With `emit` (one exit, greedy decoding) the merge also ends the decode step: it emits its row's argmax
 and sets the next step up (`step_epilogue.finish_row`). An optional device flag skips both stages (early exit
 predicated inside one CUDA graph). With `pdl`, stage 1 loads its first weight tile before waiting on the kernel
@@ -75,14 +75,12 @@ def _exit_head_tiles(
         tile_arg = pid_v * BLOCK_V + tl.argmax(z, axis=1, tie_break_left=True)
         p = tl.exp(z - tile_max[:, None])
         tile_sum = tl.sum(p, axis=1)
-        tile_zsum = tl.sum(p * tl.where(col_ok[None, :], acc, 0.0), axis=1)
         tile_second = tl.max(tl.where(cols[None, :] == tile_arg[:, None], float("-inf"), z), axis=1)
         stat = (e * B + rows) * n_tiles + pid_v
-        plane = 2 * B * n_tiles  # stats: [4, E(<=2), B, n_tiles] fp32 (a plane per statistic, stride for E=2)
+        plane = 2 * B * n_tiles  # stats: [3, E(<=2), B, n_tiles] fp32 (a plane per statistic, stride for E=2)
         tl.store(stats_ptr + stat, tile_max, mask=row_ok)
         tl.store(stats_ptr + plane + stat, tile_sum, mask=row_ok)
-        tl.store(stats_ptr + 2 * plane + stat, tile_zsum, mask=row_ok)
-        tl.store(stats_ptr + 3 * plane + stat, tile_second, mask=row_ok)
+        tl.store(stats_ptr + 2 * plane + stat, tile_second, mask=row_ok)
         tl.store(arg_ptr + stat, tile_arg, mask=row_ok)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -97,10 +95,10 @@ def _head_tile(w_rows, k, D, col_ok, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _exit_head_merge(
-    stats_ptr,  # [4, 2, B, n_tiles] fp32: per tile max, sum of exp, sum of exp * logit, second max
+    stats_ptr,  # [3, 2, B, n_tiles] fp32: per tile max, sum of exp, second max
     arg_ptr,  # [E, B, n_tiles] int32: per tile argmax
     logits_ptr, logprobs_ptr,  # [E, B, V] fp32 (logprobs written with WRITE_LOGPROBS)
-    out_ptr,  # [5, E * B] fp32: lse, max prob, margin, entropy, max logit
+    out_ptr,  # [4, E * B] fp32: lse, max prob, margin, max logit
     argmax_ptr,  # [E * B] int64
     skip_ptr,  # [1] int32 (HAS_SKIP): nonzero skips the program
     io,  # EMIT: the step state, StepIO.pointers() (tokens, positions, finished, eos, out, step, slot, arrivals, ...)
@@ -126,17 +124,15 @@ def _exit_head_merge(
         token = tl.load(arg_ptr + r * n_tiles + first).to(tl.int64)
         scale = tl.where(t_ok, tl.exp(tile_max - best), 0.0)
         total = tl.sum(tl.load(base + plane, mask=t_ok, other=0.0) * scale, axis=0)
-        zsum = tl.sum(tl.load(base + 2 * plane, mask=t_ok, other=0.0) * scale, axis=0)
-        tile_second = tl.load(base + 3 * plane, mask=t_ok, other=float("-inf"))
+        tile_second = tl.load(base + 2 * plane, mask=t_ok, other=float("-inf"))
         second = tl.max(tl.where(t == first, tile_second, tile_max), axis=0)
         lse = best + tl.log(total)
         top1 = tl.exp(best - lse)
-        # out: [5, n_rows] = lse, max_prob, margin, entropy, max logit
+        # out: [4, n_rows] = lse, max_prob, margin, max logit
         tl.store(out_ptr + r, lse)
         tl.store(out_ptr + n_rows + r, top1)
         tl.store(out_ptr + 2 * n_rows + r, top1 - tl.exp(second - lse))
-        tl.store(out_ptr + 3 * n_rows + r, lse - zsum / total)
-        tl.store(out_ptr + 4 * n_rows + r, best)
+        tl.store(out_ptr + 3 * n_rows + r, best)
         tl.store(argmax_ptr + r, token)
         if WRITE_LOGPROBS:
             row = r.to(tl.int64) * V
@@ -188,7 +184,7 @@ def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_weight: torch.Te
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     dev = xs[0].device
     logits = torch.empty(E, B, V, device=dev, dtype=torch.float32)
-    stats = torch.empty(4, 2, B, n_tiles, device=dev, dtype=torch.float32)
+    stats = torch.empty(3, 2, B, n_tiles, device=dev, dtype=torch.float32)
     args = torch.empty(E, B, n_tiles, device=dev, dtype=torch.int32)
     grid = (n_tiles, E, triton.cdiv(B, cfg["BLOCK_B"]))
     options = pdl_options(pdl)
@@ -196,7 +192,7 @@ def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_weight: torch.Te
                            skip if skip is not None else args, B, V, D, n_tiles, eps,
                            FP32_IEEE=xs[0].dtype == torch.float32, HAS_SKIP=skip is not None, USE_PDL=pdl,
                            **cfg, **options)
-    out = torch.empty(5, E * B, device=dev, dtype=torch.float32)
+    out = torch.empty(4, E * B, device=dev, dtype=torch.float32)
     argmax = torch.empty(E * B, device=dev, dtype=torch.int64)
     logprobs = torch.empty_like(logits) if with_logprobs else logits
     step_io = emit.pointers() if emit is not None else (argmax,) * 11
@@ -205,7 +201,7 @@ def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_weight: torch.Te
                                step_io, B, V, n_tiles, E * B, T, D_io, P, BLOCK_T=triton.next_power_of_2(n_tiles),
                                BLOCK_V=1024, WRITE_LOGPROBS=with_logprobs, HAS_SKIP=skip is not None,
                                EMIT=emit is not None, BLOCK_D=embed_block(D_io), USE_PDL=pdl, **options)
-    lse, max_prob, margin, entropy, max_logit = out.view(5, E, B).unbind(0)
-    return ExitHeadOutput(logits=logits, lse=lse, max_prob=max_prob, margin=margin, entropy=entropy,
+    lse, max_prob, margin, max_logit = out.view(4, E, B).unbind(0)
+    return ExitHeadOutput(logits=logits, lse=lse, max_prob=max_prob, margin=margin,
                           argmax=argmax.view(E, B), max_logit=max_logit,
                           logprobs=logprobs if with_logprobs else None)

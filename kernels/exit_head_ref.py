@@ -12,14 +12,13 @@ import torch.nn.functional as F
 @dataclass
 class ExitHeadOutput:
     """Per exit e and row b. logits, logprobs: [E, B, V] fp32 (logprobs None unless asked for);
-    lse, max_prob, margin (top-1 minus top-2 probability), entropy (nats): [E, B] fp32; argmax: [E, B] int64
+    lse, max_prob, margin (top-1 minus top-2 probability): [E, B] fp32; argmax: [E, B] int64
     (first index on ties); max_logit: [E, B] fp32 (the largest logit)."""
 
     logits: torch.Tensor
     lse: torch.Tensor
     max_prob: torch.Tensor
     margin: torch.Tensor
-    entropy: torch.Tensor
     argmax: torch.Tensor
     max_logit: torch.Tensor
     logprobs: torch.Tensor | None = None
@@ -45,7 +44,6 @@ def exit_head_ref(hidden: torch.Tensor | Sequence[torch.Tensor], ln_weight: torc
         lse=torch.logsumexp(logits, dim=-1),
         max_prob=top2[..., 0],
         margin=top2[..., 0] - top2[..., 1],
-        entropy=-torch.where(probs > 0, probs * logprobs, 0.0).sum(-1),
         argmax=logits.argmax(-1),
         max_logit=logits.max(-1).values,
         logprobs=logprobs if with_logprobs else None,

@@ -8,7 +8,7 @@ from mexit.kernels.exit_head import exit_head
 from mexit.kernels.exit_head_ref import exit_head_ref
 from mexit.ops.launches import count_launches
 
-FIELDS = ("logits", "lse", "max_prob", "margin", "entropy")
+FIELDS = ("logits", "lse", "max_prob", "margin")
 
 
 def make_inputs(E, B, V, D, dtype, seed=0, scale=0.6):
@@ -29,9 +29,9 @@ def check_against_float64(E, B, V, D, dtype, monkeypatch, with_logprobs=True):
     ref = exit_head_ref(x.double(), ln_w.double(), ln_b.double(), 1e-5, [h.double() for h in heads],
                         with_logprobs=True)
     for name in FIELDS + (("logprobs",) if with_logprobs else ()):
-        # fp16 rounds the normalized rows before the dot; the margin, a difference of two probabilities, and the
-        # entropy amplify that relative error
-        tol = 1e-5 if dtype == torch.float32 else 1e-2 if name in ("margin", "entropy") else 3e-3
+        # fp16 rounds the normalized rows before the dot; the margin, a difference of two probabilities, amplifies
+        # that relative error
+        tol = 1e-5 if dtype == torch.float32 else 1e-2 if name == "margin" else 3e-3
         if dtype == torch.bfloat16:  # 8 mantissa bits
             tol *= 8
         ours = getattr(out, name)

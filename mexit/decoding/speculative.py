@@ -304,7 +304,7 @@ class Speculative(Mode):
         low = rows.buffers.draft_logits.transpose(0, 1).reshape(up.logits.shape[1], -1)
         both = ExitHeadOutput(logits=torch.stack([up.logits[0], low]),
                               lse=torch.stack([up.lse[0], torch.logsumexp(low, -1)]), max_prob=up.max_prob,
-                              margin=up.margin, entropy=up.entropy, argmax=up.argmax,
+                              margin=up.margin, argmax=up.argmax,
                               max_logit=torch.stack([up.max_logit[0], low.max(-1).values]))
         return ops.acd_contrast(both, target.alpha, target.min_candidates, rows.backend, with_logprobs=sampling)
 

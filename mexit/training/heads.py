@@ -15,7 +15,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -63,7 +63,6 @@ class HeadTrainingConfig:
     overwrite: bool = False
     seed: int = 0
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
@@ -304,7 +303,7 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     def state(step):
         return {"step": step, "exits": list(trainer.exits), "total_steps": total, "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "history": history, "eval_start": eval_start,
-                "seconds": seconds, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+                "seconds": seconds, "config": asdict(cfg)}
 
     import sys
 
