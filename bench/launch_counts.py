@@ -5,7 +5,7 @@ batch bucket, with each mode's budget: static engine, triton backend (the step C
 
 Counts depend on the structure only (blocks, exits, batch bucket), not the width, so the model here is
 gpt2-medium's depth and exits at width 64 with a 512-token vocabulary (RANDOM weights): exact, and quick under the
-interpreter. A count is Triton launches plus kernel-launching torch operations (`mexit/launches.py`).
+interpreter. A count is Triton launches plus kernel-launching torch operations (`mexit/ops/launches.py`).
 """
 
 from __future__ import annotations
