@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 
 from .launch import pdl_options
-from .step_epilogue_ref import StepIO
+from .step_epilogue_ref import EOS_SLOTS, StepIO
+
+_EOS_SLOTS = tl.constexpr(EOS_SLOTS)
 
 
 @triton.jit
@@ -25,10 +27,10 @@ def finish_row(b, token, io, h_copy_ptr, T, D, P, COPY: tl.constexpr, BLOCK_D: t
     tokens_ptr, positions_ptr, finished_ptr, eos_ptr, out_ptr, step_ptr = io[0], io[1], io[2], io[3], io[4], io[5]
     wte_ptr, wpe_ptr, h0_ptr = io[8], io[9], io[10]
     step = tl.load(step_ptr)
-    eos = tl.load(eos_ptr)
+    stops = tl.load(eos_ptr + tl.arange(0, _EOS_SLOTS))  # the stop ids, -1 in unused slots
     done = tl.load(finished_ptr + b).to(tl.int1)
-    token = tl.where(done, eos, token)
-    done = done | (token == eos)
+    token = tl.where(done, tl.load(eos_ptr), token)
+    done = done | (tl.max((stops == token).to(tl.int32), axis=0) != 0)
     tl.store(finished_ptr + b, done)
     tl.store(out_ptr + b.to(tl.int64) * T + step, token)
     tl.store(tokens_ptr + b, token)

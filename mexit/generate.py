@@ -40,6 +40,7 @@ class GenerationResult:
     cache: object = None  # the KVCache of the real rows after generation, when asked for (tests, inspection)
     logits: list | None = None  # every step's [B, V] fp32 logits of the mode (ACD: log q), when asked for
     drafted: list[list[bool]] | None = None  # speculative: per token, drafted and accepted (else the target's)
+    seed: int | tuple | None = None  # sampling: the seed used (drawn when none was given)
 
 
 def resolve_engine(name: str, device: torch.device) -> str:
@@ -72,13 +73,17 @@ def build_mode(model: MultiExitGPT2, spec):
 
 
 def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_new_tokens: int,
-             sampling: SamplingConfig, eos: int | None, on_token=None, return_cache: bool = False,
+             sampling: SamplingConfig, eos, on_token=None, return_cache: bool = False,
              keep_logits: bool = False) -> GenerationResult:
-    """Generate `max_new_tokens` per prompt (token ids) in the mode `spec` on `engine`. on_token(tokens [B]) gets
-    every step's tokens (a device tensor: reading it waits for the step); return_cache keeps the real rows' KV
+    """Generate `max_new_tokens` per prompt (token ids) in the mode `spec` on `engine`, stopping a row at any of the
+    stop ids `eos` (None, an id, or a sequence of at most 8). on_token(tokens [B]) gets the tokens of every position
+    (a device tensor: reading it waits for the step; rows that have finished read eos); with stop ids it is not called
+    again once every row has finished. return_cache keeps the real rows' KV
     cache; keep_logits every step's [B, V] logits (fixed modes). Seeded sampling gives each row its own random
     stream, so a row samples the same tokens alone and in any batch, on every engine."""
     prompts = check_prompts(prompts, model.config, max_new_tokens)
+    max_new_tokens = int(max_new_tokens)
+    eos = stop_tuple(eos)
     mode = build_mode(model, spec)
     if keep_logits and not isinstance(spec, DecodeConfig):
         raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not those "
@@ -92,7 +97,8 @@ def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_
                          keep_logits)
     mode = state.mode  # a static engine's step keeps the mode object it was built with
     streamed = 0 if on_token is None else mode.stream(state, on_token, 0)
-    while mode.more(state, engine.check_every):
+    check_every = 1 if on_token is not None else engine.check_every  # a finished row streams nothing more
+    while mode.more(state, check_every):
         state.advance()
         if on_token is not None:
             streamed = mode.stream(state, on_token, streamed)
@@ -105,8 +111,18 @@ def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_
     return result
 
 
-def cut_at_eos(table: list[list[int]], eos: int | None) -> list[list[int]]:
-    """Each row up to and including its first eos."""
+def cut_at_eos(table: list[list[int]], eos: tuple[int, ...] | None) -> list[list[int]]:
+    """Each row up to and including its first stop id."""
     if eos is None:
         return table
-    return [row[: row.index(eos) + 1] if eos in row else row for row in table]
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in table]
+
+
+def stop_tuple(eos) -> tuple[int, ...] | None:
+    """Stop ids as given (None, an id, or a sequence of ids) as a tuple of ints, or None for none."""
+    if eos is None:
+        return None
+    ids = (eos,) if isinstance(eos, int) else tuple(eos)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
+    return ids or None

@@ -69,8 +69,6 @@ def cli(capsys, *argv):
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",
       "--exits", "2,2"], "lists a layer twice"),
     (["generate", "--model", "M", "--input-ids", "1", "--threshold", "0.5"], "apply to --mode early-exit"),
-    (["generate", "--model", "M", "--input-ids", "1", "--mode", "contrast", "--contrast", "original,4"],
-     "both read layer 4"),
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "contrast", "--contrast", "4,2",
       "--min-candidates", "999"], "exceeds the vocabulary"),
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",

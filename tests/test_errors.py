@@ -243,5 +243,23 @@ def test_contrast_decode_limits(checkpoint):
     lm = mexit.load(checkpoint)
     with pytest.raises(ValueError, match="min_candidates=300 exceeds the vocabulary"):
         lm.generate([[1, 2]], 2, contrast=(4, 2), min_candidates=300)
-    with pytest.raises(ValueError, match="both read layer 4"):
-        lm.generate([[1, 2]], 2, contrast=("original", 4))
+    with pytest.raises(ValueError, match="exit_layer and contrast choose different modes"):
+        lm.generate([[1, 2]], 2, exit_layer=4, contrast=(4, 2))
+    with pytest.raises(ValueError, match="not both"):
+        lm.generate([[1, 2]], 2, exit_layer=4, output_layer_index=2)
+
+
+def test_original_head_against_the_exit_head_of_the_same_layer(checkpoint):
+    """contrast=("original", n_layer): the tied head against the separately trained exit head of the last layer,
+    as autocontrastive-gen allows."""
+    from mexit.kernels.acd_contrast_ref import acd_contrast_ref
+
+    lm = mexit.load(checkpoint)
+    prompt = [5, 17, 200]
+    out = lm.generate([prompt], 1, contrast=("original", 4), eos_token_id=None)
+    model = lm.model
+    cache = model.new_cache(1, 3)
+    cache.valid.fill_(True)
+    h = model.run_layers(model.embed(torch.tensor([prompt]), torch.arange(3)[None]), 0, 4, cache, 0)[0, -1]
+    want = acd_contrast_ref(model.head_logits(h, "original")[None], model.head_logits(h, 4)[None]).argmax(-1)
+    assert out.tokens == [[int(want)]]

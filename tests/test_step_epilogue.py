@@ -12,7 +12,7 @@ from mexit.kernels.exit_decide_ref import exit_decide_ref
 from mexit.kernels.exit_head import exit_head
 from mexit.kernels.exit_head_ref import exit_head_ref
 from mexit.kernels.step_epilogue import step_epilogue
-from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref
+from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref, stop_ids
 from mexit.ops.launches import count_launches
 
 
@@ -20,7 +20,7 @@ def make_io(B, d, T, V, P, dtype, seed, eos=5) -> StepIO:
     """Random state: some rows finished, positions up to the table's end, step and slot inside T."""
     g = torch.Generator().manual_seed(seed)
     io = StepIO(tokens=torch.randint(V, (B,), generator=g), positions=torch.randint(P, (B,), generator=g),
-                finished=torch.rand(B, generator=g) < 0.3, eos=torch.tensor([eos]),
+                finished=torch.rand(B, generator=g) < 0.3, eos=stop_ids(None if eos == -1 else eos),
                 out=torch.randint(V, (B, T), generator=g),
                 step=torch.tensor([int(torch.randint(T, (1,), generator=g))]), slot=torch.tensor([7]),
                 arrivals=torch.zeros(1, dtype=torch.int32), wte=torch.randn(V, d, generator=g).to(dtype),
@@ -40,12 +40,14 @@ def assert_same(a: StepIO, b: StepIO):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("B,eos", [(1, 5), (3, -1), (7, 5), (64, 5)])
+@pytest.mark.parametrize("B,eos", [(1, 5), (3, -1), (7, 5), (64, 5), (7, (9, 5, 11))])
 def test_standalone_kernel_equals_reference(B, eos, dtype):
     ours = make_io(B, 48, 20, 50, 30, dtype, seed=B, eos=eos)
     ref = clone(ours)
     token = torch.randint(50, (B,), device=DEVICE)
-    token[B // 2] = 5  # a row emitting eos finishes
+    token[B // 2] = 5  # a row emitting a stop id finishes
+    if B > 3:
+        token[B - 1] = 11 if isinstance(eos, tuple) else 12
     with count_launches() as launched:
         step_epilogue(token, ours)
     assert launched["triton:_step_epilogue"] == 1

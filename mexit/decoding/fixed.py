@@ -65,9 +65,6 @@ class DecodeConfig:
                     f"exit layer {head} is not in this checkpoint; its exits are {list(config.exit_layers) or 'none'}"
                 )
         if self.mode == "contrast":
-            if self.upper == "original" and self.lower >= config.n_layer:
-                raise ValueError(f"contrast ('original', {self.lower}): the lower exit must sit below the original "
-                                 f"head's depth ({config.n_layer} layers); both read layer {config.n_layer}")
             if self.min_candidates > config.vocab_size:
                 raise ValueError(f"min_candidates={self.min_candidates} exceeds the vocabulary ({config.vocab_size})")
 

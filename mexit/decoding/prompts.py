@@ -29,11 +29,15 @@ def check_prompts(prompts, config: ModelConfig, max_new_tokens: int) -> list[lis
         raise ValueError("no prompts were given")
     if isinstance(prompts[0], int):
         prompts = [prompts]
+    if any(isinstance(t, bool) or not isinstance(t, int) and not (isinstance(t, float) and t.is_integer())
+           for row in prompts for t in row):
+        raise ValueError("token ids must be integers")
     prompts = [list(map(int, row)) for row in prompts]
     if any(len(row) == 0 for row in prompts):
         raise ValueError("empty prompt: every row needs at least one token")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, float))
+            or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     bad = sorted({t for row in prompts for t in row if not 0 <= t < config.vocab_size})
     if bad:
         raise ValueError(f"token ids {bad[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")

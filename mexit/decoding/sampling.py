@@ -12,13 +12,17 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """do_sample=False is greedy. top_k=0 and top_p=1.0 switch those filters off."""
+    """do_sample=False is greedy. top_k=0 and top_p=1.0 switch those filters off. With both, top-p keeps the
+    smallest prefix of the whole distribution (by descending probability) whose mass reaches top_p, intersected
+    with the top k; top_p_after_top_k=True applies top-p to the top k renormalized instead (transformers' processor
+    order: temperature, top-k, top-p)."""
 
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | tuple[int, ...] | None = None  # one seed for every row, or one per row
+    top_p_after_top_k: bool = False
 
     def __post_init__(self):
         if isinstance(self.seed, list):
@@ -53,29 +57,34 @@ def choose(greedy: torch.Tensor, scores: torch.Tensor | None, sampling: Sampling
     log-probabilities) after temperature / top-k / top-p with one uniform number per row ([B] in [0, 1))."""
     if not sampling.do_sample:
         return greedy
-    probs = sampling_probs(scores, sampling.temperature, sampling.top_k, sampling.top_p)
-    return sample_from_probs(probs, uniform)
+    return sample_from_probs(sampling_probs(scores, sampling), uniform)
 
 
-def sampling_probs(scores: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """[..., V] logits or log-probabilities -> the fp32 distribution `choose` draws from: softmax
-    after temperature, zero outside top-k / top-p (same rules, same tie order), renormalized."""
-    probs = torch.softmax(scores.float() / temperature, dim=-1)
-    if not top_k and top_p >= 1.0:
+def sampling_probs(scores: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """[..., V] logits or log-probabilities -> the fp32 distribution `choose` draws from: softmax after temperature,
+    zero outside top-k / top-p (`kept_tokens`), renormalized."""
+    probs = torch.softmax(scores.float() / sampling.temperature, dim=-1)
+    if not sampling.top_k and sampling.top_p >= 1.0:
         return probs
-    kept = torch.where(kept_tokens(probs, top_k, top_p), probs, 0.0)
+    kept = torch.where(kept_tokens(probs, sampling), probs, 0.0)
     return kept / kept.sum(-1, keepdim=True)
 
 
-def kept_tokens(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """[..., V] bool in vocabulary order: the tokens top-k / top-p keep (the k most likely; the smallest prefix,
-    by descending probability with ties in index order, whose mass reaches top_p)."""
+def kept_tokens(probs: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """[..., V] bool in vocabulary order: the tokens top-k / top-p keep: the k most likely, and the smallest prefix
+    by descending probability (ties in index order) whose mass reaches top_p, of the whole distribution or, with
+    top_p_after_top_k, of the top k renormalized (transformers' order)."""
+    top_k, top_p = sampling.top_k, sampling.top_p
     sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
     keep = torch.ones_like(sorted_probs, dtype=torch.bool)
     if top_k:
         keep[..., top_k:] = False
     if top_p < 1.0:
-        keep &= (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+        mass = sorted_probs
+        if top_k and sampling.top_p_after_top_k:
+            mass = torch.where(keep, sorted_probs, 0.0)
+            mass = mass / mass.sum(-1, keepdim=True)
+        keep &= (mass.cumsum(-1) - mass) < top_p
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 

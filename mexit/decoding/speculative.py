@@ -177,7 +177,7 @@ class Speculative(Mode):
         for t in (buf.drafted_total, buf.accepted, buf.verifications):
             t.zero_()
         if rows.eos is not None:
-            io.out[:, 1:] = rows.eos  # columns past a row's end read eos
+            io.out[:, 1:] = rows.eos[0]  # columns past a row's end read eos
         if streams is not None:
             rounds = (streams.shape[1] - 1) // (2 * self.k + 1)
             per_round = streams[:, 1: 1 + rounds * (2 * self.k + 1)].reshape(streams.shape[0], rounds, -1)
@@ -249,7 +249,7 @@ class Speculative(Mode):
         i = buf.draft_i
         out = self.draft_head(rows, self.lower_pass(rows, i), i)
         if s.do_sample:
-            probs = sampling_probs(out.logits[0], s.temperature, s.top_k, s.top_p)
+            probs = sampling_probs(out.logits[0], s)
             uniform = buf.streams.index_select(0, buf.round)[0]
             draft = sample_from_probs(probs, uniform.index_select(1, i)[:, 0])
             confidence = probs.max(-1).values
@@ -317,16 +317,16 @@ class Speculative(Mode):
         seq = torch.where(drafted, torch.cat([buf.drafts, buf.drafts[:, :1]], 1), token[:, None])
         n_new = accepted + 1
         was_finished = io.finished.clone()
-        if rows.eos is not None:
-            is_eos = (seq == rows.eos) & (j < n_new[:, None])
-            n_new = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, n_new)
+        stops = (seq[..., None] == io.eos).any(-1)  # [B, k + 1]: a stop id (io.eos pads with -1)
+        is_eos = stops & (j < n_new[:, None])
+        n_new = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, n_new)
         n_new = torch.minimum(n_new, rows.max_new_tokens - buf.count).masked_fill(was_finished, 0)
         write = j < n_new[:, None]
         cols = buf.count[:, None] + j
         io.out.scatter_(1, cols, torch.where(write, seq, io.out.gather(1, cols)))
         buf.drafted.scatter_(1, cols, torch.where(write, drafted, buf.drafted.gather(1, cols)))
         buf.count.add_(n_new)
-        ended = (write & (seq == (rows.eos if rows.eos is not None else -1))).any(-1)
+        ended = (write & stops).any(-1)
         io.finished.copy_(was_finished | ended | (buf.count >= rows.max_new_tokens))
         running = (~was_finished).long()
         buf.drafted_total.add_(buf.n_drafts * running)
@@ -392,7 +392,7 @@ def accept_sampled(scores: torch.Tensor, buf: RoundBuffers, sampling) -> tuple[t
     scores; p: the drafts' distributions; the round's uniform numbers: [k, 2k) for the tests, 2k for the draw."""
     b, k1, v = scores.shape
     k = k1 - 1
-    q = sampling_probs(scores, sampling.temperature, sampling.top_k, sampling.top_p)
+    q = sampling_probs(scores, sampling)
     p = buf.draft_probs.transpose(0, 1)  # [B, k, V]
     u = buf.streams.index_select(0, buf.round)[0]  # [B, 2k + 1]
     drafts = buf.drafts[..., None]

@@ -19,7 +19,7 @@ from mexit import ops
 from mexit.decoding.sampling import SamplingConfig, choose
 from mexit.decoding.stats import per_token, weight_reads
 from mexit.decoding.step import Candidate
-from mexit.kernels.step_epilogue_ref import StepIO
+from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
 
 if TYPE_CHECKING:
     from mexit.decoding.prompts import PaddedBatch
@@ -107,7 +107,7 @@ class DecodeState:
         self.cache = model.new_cache(rows, slots)
         long = dict(dtype=torch.long, device=dev)
         self.io = StepIO(tokens=torch.zeros(rows, **long), positions=torch.zeros(rows, **long),
-                         finished=torch.zeros(rows, dtype=torch.bool, device=dev), eos=torch.full((1,), -1, **long),
+                         finished=torch.zeros(rows, dtype=torch.bool, device=dev), eos=stop_ids(None, dev),
                          out=torch.zeros(rows, steps, **long), step=torch.zeros(1, **long),
                          slot=torch.zeros(1, **long), arrivals=torch.zeros(1, dtype=torch.int32, device=dev),
                          wte=model.w.wte, wpe=model.w.wpe, h0=torch.zeros(rows, config.n_embd, dtype=model.dtype,
@@ -135,7 +135,7 @@ class DecodeState:
         self.cache.valid.zero_()
         self.cache.valid[:, :p] = batch.valid
         io.finished.copy_(torch.arange(self.rows, device=io.finished.device) >= real_rows)
-        io.eos.fill_(-1 if eos is None else eos)
+        io.eos.copy_(stop_ids(eos))
         io.step.zero_()
         io.slot.fill_(p - 1)  # the step epilogue advances it to the first decode token's slot
         io.positions.copy_(batch.positions[:, -1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import torch
 
@@ -20,6 +21,29 @@ from mexit.ops import Backend
 from mexit.ops.backend import resolve_backend
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+# Every field of transformers' GenerationConfig is applied, inert (changes nothing mexit computes), or refused by name
+# unless it holds one of its "off" values (tests/test_compat.py enumerates the installed transformers' fields). The
+# native API takes the applied fields of a checkpoint's generation_config.json as its defaults (pad_token_id and the
+# output_* fields only matter to the drop-in).
+NATIVE_DEFAULTS = ("max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id")
+APPLIED = NATIVE_DEFAULTS + ("pad_token_id", "return_dict_in_generate", "output_scores", "output_logits")
+INERT = ("_from_model_config", "transformers_version", "bos_token_id", "decoder_start_token_id", "use_cache",
+         "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile", "low_memory",
+         "prefill_chunk_size", "continuous_batching_config", "is_assistant", "early_stopping", "length_penalty",
+         "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+         "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "assistant_ensemble_weight")
+OFF = {"num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "diversity_penalty": (0.0,),
+       "penalty_alpha": (0.0,), "repetition_penalty": (1.0,), "encoder_repetition_penalty": (1.0,),
+       "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "min_length": (0,), "min_new_tokens": (0,),
+       "bad_words_ids": (), "force_words_ids": (), "constraints": (), "suppress_tokens": (),
+       "begin_suppress_tokens": (), "forced_bos_token_id": (), "forced_eos_token_id": (), "sequence_bias": (),
+       "guidance_scale": (1.0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
+       "min_p": (0.0,), "top_h": (), "exponential_decay_length_penalty": (), "renormalize_logits": (False,),
+       "remove_invalid_values": (False,), "output_attentions": (False,), "output_hidden_states": (False,),
+       "stop_strings": (), "max_time": (), "watermarking_config": (), "prompt_lookup_num_tokens": (),
+       "assistant_early_exit": (), "speculation_type": (), "use_mtp": (False,), "token_healing": (False,),
+       "dola_layers": ()}
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 def load_tokenizer(folder):
@@ -31,20 +55,52 @@ def load_tokenizer(folder):
     return AutoTokenizer.from_pretrained(folder)
 
 
+def read_generation_config(folder):
+    """transformers' GenerationConfig of a checkpoint folder's `generation_config.json`, or None without one."""
+    if folder is None or not (folder / "generation_config.json").exists():
+        return None
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(folder)
+
+
+def generation_defaults(generation_config, warn: bool = True) -> dict:
+    """The fields a checkpoint's generation_config.json sets that the native API applies as defaults; the fields it
+    sets that mexit does not implement (away from their off values) are named once, here."""
+    if generation_config is None:
+        return {}
+    given = {k: v for k, v in generation_config.to_diff_dict().items() if v is not None}
+    ignored = {k: v for k, v in given.items() if k not in APPLIED + INERT and v not in OFF.get(k, ())}
+    if ignored and warn:
+        warnings.warn(f"generation_config.json sets {', '.join(f'{k}={v!r}' for k, v in sorted(ignored.items()))}, "
+                      "which mexit does not implement: those fields are not applied", stacklevel=3)
+    return {k: v for k, v in given.items() if k in NATIVE_DEFAULTS}
+
+
 def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_candidates=1,
                   multi_exit_config: MultiExitConfiguration | None = None, **acd_names) -> DecodeConfig:
     """Build a DecodeConfig from mexit's names (mode/exit_layer/contrast) or autocontrastive-gen's
-    (use_original_head / output_layer_index / contrast_layer_indices, or a whole MultiExitConfiguration)."""
+    (use_original_head / output_layer_index / contrast_layer_indices, or a whole MultiExitConfiguration). Names of
+    two modes at once are an error."""
     unknown = set(acd_names) - {"use_original_head", "output_layer_index", "contrast_layer_indices"}
     if unknown:
         raise TypeError(f"unexpected arguments: {sorted(unknown)}")
+    given = [name for name, value in (("mode", mode), ("exit_layer", exit_layer), ("contrast", contrast),
+                                       ("multi_exit_config", multi_exit_config)) if value is not None]
     if acd_names:
-        if multi_exit_config is not None or mode is not None:
-            raise ValueError("pass either mode=... or autocontrastive-gen's names, not both")
+        if given:
+            raise ValueError(f"pass either mexit's mode arguments ({', '.join(given)}) or autocontrastive-gen's "
+                             f"names ({', '.join(sorted(acd_names))}), not both")
         acd_names.setdefault("use_original_head", False)
         multi_exit_config = MultiExitConfiguration(alpha=alpha, minimum_candidates=min_candidates, **acd_names)
     if multi_exit_config is not None:
+        if len(given) > 1:
+            raise ValueError(f"multi_exit_config chooses the mode: do not combine it with {given[0]}")
         return multi_exit_config.to_decode_config()
+    if exit_layer is not None and contrast is not None:
+        raise ValueError("exit_layer and contrast choose different modes: pass one")
+    if mode == "original" and (exit_layer is not None or contrast is not None):
+        raise ValueError("mode 'original' takes no exit_layer or contrast")
     mode = mode or ("exit" if exit_layer is not None else "contrast" if contrast is not None else "original")
     upper, lower = contrast if contrast is not None else (None, None)
     return DecodeConfig(mode, exit_layer=exit_layer, upper=upper, lower=lower, alpha=alpha,
@@ -60,9 +116,12 @@ class MultiExitLM:
     largest decode batch that runs fused-linear kernels (triton)."""
 
     def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str | Backend = "auto", engine: str = "auto",
-                 compile: bool = False, pdl: bool = False, fused_max_rows: int | None = None):
+                 compile: bool = False, pdl: bool = False, fused_max_rows: int | None = None, generation_config=None):
         self.model = model
         self.tokenizer = tokenizer
+        read = generation_config is None  # else one carried over from a copy of this model: named already
+        self.generation_config = read_generation_config(model.folder) if read else generation_config
+        self.defaults = generation_defaults(self.generation_config, warn=read)
         self.settings = dict(backend=backend, engine=engine, compile=compile, pdl=pdl, fused_max_rows=fused_max_rows)
         if isinstance(backend, Backend):
             self.backend = backend
@@ -112,8 +171,16 @@ class MultiExitLM:
     def is_random(self) -> bool:
         return self.model.random_weights
 
-    def encode(self, prompts) -> list[list[int]]:
-        """str / list[str] through the tokenizer; token ids pass through."""
+    def encode(self, prompts, attention_mask=None) -> list[list[int]]:
+        """str / list[str] through the tokenizer; token ids pass through; a [B, T] id tensor with its attention mask
+        [B, T] (1: token, 0: padding, left or right) keeps each row's tokens."""
+        if attention_mask is not None:
+            if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2:
+                raise ValueError("attention_mask goes with a [batch, length] tensor of token ids")
+            mask = torch.as_tensor(attention_mask).bool()
+            if mask.shape != prompts.shape:
+                raise ValueError(f"attention_mask {tuple(mask.shape)} does not match the ids {tuple(prompts.shape)}")
+            return [row[m].tolist() for row, m in zip(prompts.cpu(), mask.cpu())]
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str):
@@ -125,29 +192,55 @@ class MultiExitLM:
         return prompts
 
     @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens: int = 32, *, mode: str | None = None, exit_layer: int | None = None,
-                 contrast: tuple | None = None, alpha: float = 0.1, min_candidates: int = 1,
-                 multi_exit_config: MultiExitConfiguration | None = None, decode: DecodeConfig | None = None,
-                 early_exit: ExitPolicy | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | list[int] | None = None,
-                 eos_token_id: int | None | str = "config", return_cache: bool = False, on_token=None,
-                 keep_logits: bool = False, speculative: SpeculativeConfig | None = None,
+    def generate(self, prompts, max_new_tokens: int | None = None, *, mode: str | None = None,
+                 exit_layer: int | None = None, contrast: tuple | None = None, alpha: float = 0.1,
+                 min_candidates: int = 1, multi_exit_config: MultiExitConfiguration | None = None,
+                 decode: DecodeConfig | None = None, early_exit: ExitPolicy | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None,
+                 seed: int | list[int] | None = None, eos_token_id: int | list[int] | None | str = "config",
+                 attention_mask=None, return_cache: bool = False, on_token=None, keep_logits: bool = False,
+                 speculative: SpeculativeConfig | None = None, sampling: SamplingConfig | None = None,
                  **acd_names) -> GenerationResult:
-        """Generate `max_new_tokens` per prompt (text, a list of texts, token ids, or a list of id lists).
+        """Generate up to `max_new_tokens` per prompt (text, a list of texts, token ids, a list of id lists, or a
+        [B, T] id tensor with its `attention_mask`: padding is dropped, left or right).
 
         Modes: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
         "original"), autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices` or
-        `multi_exit_config`, or a ready `decode=DecodeConfig(...)`.
+        `multi_exit_config`, or a ready `decode=DecodeConfig(...)`; naming two modes is an error.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead, and
         `speculative=SpeculativeConfig(...)` decodes the chosen mode self-speculatively (the same greedy tokens, the
-        same sampling distribution). Every mode runs on every engine. eos_token_id: "config" uses the checkpoint's,
-        None never stops early. seed: one for every row or one per row; each row samples from its own random
-        stream, so a row gets the same tokens alone and in any batch. return_cache keeps the real rows' final KV
-        cache on the result, keep_logits every step's [B, V] logits of the mode (fixed modes). on_token(tokens [B])
-        receives the tokens of every position as it completes (a device tensor)."""
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
-        eos = self.config.eos_token_id if eos_token_id == "config" else eos_token_id
-        ids = self.encode(prompts)
+        same sampling distribution). Every mode runs on every engine.
+
+        Arguments left None take the checkpoint's generation_config.json (max_new_tokens, or max_length minus the
+        longest prompt; do_sample, temperature, top_k, top_p), then mexit's defaults (32 tokens, greedy, temperature
+        1, no top-k / top-p). eos_token_id: "config" stops at the checkpoint's stop ids (generation_config.json, else
+        config.json), an id or a list of ids stops at those, None never stops early. seed: one for every row or one
+        per row (each row samples from its own random stream, so a row gets the same tokens alone and in any batch,
+        in fp32; half precision may differ in the last bits between batch compositions); a sampled run without one
+        draws one and reports it as `result.seed`. return_cache keeps the real rows' final KV cache on the result,
+        keep_logits every step's [B, V] logits of the mode (fixed modes). on_token(tokens [B]) receives the tokens
+        of every position as it completes (a device tensor; a finished row reads eos, and once every row has
+        finished it is not called again). sampling: a ready SamplingConfig instead of do_sample ... seed."""
+        d = self.defaults
+        if sampling is None:
+            do_sample = bool(first(do_sample, d.get("do_sample"), False))
+            sampling = SamplingConfig(do_sample, first(temperature, d.get("temperature"), 1.0),
+                                      first(top_k, d.get("top_k"), 0), first(top_p, d.get("top_p"), 1.0), seed)
+        elif any(v is not None for v in (do_sample, temperature, top_k, top_p, seed)):
+            raise ValueError("sampling= sets do_sample, temperature, top_k, top_p and seed: do not pass them too")
+        if sampling.do_sample and sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**31 - 1, ())))
+        eos = self.stop_ids() if eos_token_id == "config" else eos_token_id
+        ids = self.encode(prompts, attention_mask)
+        if max_new_tokens is None:
+            max_new_tokens = d.get("max_new_tokens")
+        if max_new_tokens is None and "max_length" in d:
+            max_new_tokens = d["max_length"] - max(map(len, ids))
+            if max_new_tokens < 1:
+                raise ValueError(f"generation_config.json's max_length {d['max_length']} leaves no room after the "
+                                 "longest prompt: pass max_new_tokens")
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         if early_exit is not None:
             if mode is not None or exit_layer is not None or contrast is not None or acd_names or decode:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
@@ -156,15 +249,28 @@ class MultiExitLM:
             early_exit.check_engine(self.engine, self.backend.name)
             spec = early_exit
         else:
+            if decode is not None and (mode or exit_layer is not None or contrast is not None or acd_names
+                                       or multi_exit_config is not None):
+                raise ValueError("decode= chooses the mode: do not combine it with other mode arguments")
             spec = decode or decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config,
                                            **acd_names)
             if speculative is not None:
                 spec = Speculation(speculative, spec)
         result = generate(self.model, ids, spec, self._engine, self.backend, max_new_tokens, sampling, eos,
                           on_token=on_token, return_cache=return_cache, keep_logits=keep_logits)
+        result.seed = sampling.seed if sampling.do_sample else None
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
         return result
+
+    def stop_ids(self):
+        """The checkpoint's stop ids: generation_config.json's eos_token_id, else config.json's."""
+        return self.defaults.get("eos_token_id", self.config.eos_token_id)
+
+
+def first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
 
 
 def load(path_or_id, dtype=None, device=None, backend: str = "auto", engine: str = "auto", compile: bool = False,

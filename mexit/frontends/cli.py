@@ -327,6 +327,8 @@ def run_generate(args) -> int:
     if args.json:
         payload = {"tokens": result.tokens, "backend": result.backend, "engine": result.engine,
                    "random_weights": lm.is_random, **timing}
+        if result.seed is not None:
+            payload["seed"] = result.seed
         if result.text is not None:
             payload["text"] = result.text
         if result.exit_layers is not None:
@@ -340,6 +342,8 @@ def run_generate(args) -> int:
             payload["speculative"] = result.stats
         print(json.dumps(strict_json(payload), allow_nan=False))
         return 0
+    if result.seed is not None and args.seed is None:
+        print(f"# seed {result.seed} (pass --seed {result.seed} to repeat this run)", file=sys.stderr)
     for b, tokens in enumerate(result.tokens):
         print(result.text[b] if result.text is not None else ",".join(map(str, tokens)))
         if result.exit_layers is not None:

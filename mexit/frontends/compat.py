@@ -23,24 +23,14 @@ import torch
 
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, mode_scores
 from mexit.decoding.prompts import left_pad
-from mexit.decoding.sampling import kept_tokens
+from mexit.decoding.sampling import SamplingConfig, kept_tokens
 from mexit.model.checkpoint import resolve_device, resolve_dtype, resolve_folder
 from mexit.model.decoder import MultiExitGPT2
 from mexit.ops import TORCH
 
-from .api import MultiExitLM, decode_config
+from .api import OFF, MultiExitLM, decode_config, first
 
-# transformers' defaults for fields a GenerationConfig leaves unset (transformers 5 stores None for them)
-DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
-UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-               "min_new_tokens": None, "min_length": 0, "penalty_alpha": None, "num_beam_groups": 1,
-               "stop_strings": None, "bad_words_ids": None, "force_words_ids": None, "suppress_tokens": None,
-               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-               "sequence_bias": None, "guidance_scale": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-               "eta_cutoff": 0.0, "min_p": None, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
-               "exponential_decay_length_penalty": None, "renormalize_logits": False,
-               "output_attentions": False, "output_hidden_states": False, "assistant_model": None,
-               "prompt_lookup_num_tokens": None, "max_time": None, "watermarking_config": None}
+TRANSFORMERS_MAX_NEW_TOKENS = 20  # transformers 5: new tokens when no max_length is set anywhere
 
 
 class UnsupportedAttribute(NotImplementedError, AttributeError):
@@ -98,8 +88,6 @@ class FastMultiExitModel:
                         check_weights: bool = True, **mode) -> FastMultiExitModel:
         """transformers-style loading: torch_dtype (a dtype, its name or "auto") and device_map ("auto", a
         device) are accepted beside mexit's dtype / device."""
-        from transformers import GenerationConfig
-
         unknown = set(mode) - {"mode", "exit_layer", "contrast", "alpha", "min_candidates", "use_original_head",
                                "output_layer_index", "contrast_layer_indices"}
         if unknown:
@@ -114,10 +102,7 @@ class FastMultiExitModel:
         if mode and multi_exit_config is not None:
             raise ValueError("pass either multi_exit_config or mexit's mode arguments, not both")
         decode = decode_config(**mode) if mode else (multi_exit_config or MultiExitConfiguration()).to_decode_config()
-        gen_config = None
-        if (lm.model.folder / "generation_config.json").exists():
-            gen_config = GenerationConfig.from_pretrained(lm.model.folder)
-        return cls(lm, decode, gen_config)
+        return cls(lm, decode, lm.generation_config)
 
     @property
     def device(self) -> torch.device:
@@ -165,7 +150,8 @@ class FastMultiExitModel:
         old = self.lm
         model = MultiExitGPT2(old.model.config, old.model.w.to(device=device, dtype=dtype), folder=old.model.folder,
                               random_weights=old.model.random_weights)
-        self.lm = MultiExitLM(model, old.tokenizer, **old.settings)  # the settings asked for, pdl included
+        self.lm = MultiExitLM(model, old.tokenizer, generation_config=old.generation_config,
+                              **old.settings)  # the settings asked for, pdl included
         return self
 
     def cuda(self, device=None) -> FastMultiExitModel:
@@ -191,18 +177,18 @@ class FastMultiExitModel:
                                   "parameters)")
 
     def _settings(self, generation_config, kwargs) -> object:
+        """The call's GenerationConfig: the one passed (else the model's) updated with kwargs; a field set away from
+        its off values that mexit does not implement is refused by name."""
         config = copy.deepcopy(generation_config or self.generation_config)
         unused = config.update(**kwargs)
         if unused:
             raise TypeError(f"generate() got unsupported arguments: {sorted(unused)}")
-        for name, default in DEFAULTS.items():
-            if getattr(config, name, None) is None:
-                setattr(config, name, default)
-        for name, default in UNSUPPORTED.items():
-            value = getattr(config, name, default)
-            if value is not None and value != default:
-                raise NotImplementedError(f"{name}={value} is not supported by mexit's generate (greedy and "
-                                          "sampling with temperature / top-k / top-p only)")
+        for name, off in OFF.items():
+            value = getattr(config, name, None)
+            if value is not None and value not in off:
+                raise NotImplementedError(f"{name}={value!r} is not supported by mexit's generate (greedy and "
+                                          "sampling with temperature / top-k / top-p; speculative= for assisted "
+                                          "decoding)")
         return config
 
     @torch.inference_mode()
@@ -213,7 +199,7 @@ class FastMultiExitModel:
         self-speculatively: the same greedy output, the same sampling distribution."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
-        check_ids(input_ids, attention_mask)
+        check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
         return_dict = kwargs.pop("return_dict_in_generate", None)
         want_scores, want_logits = kwargs.pop("output_scores", None), kwargs.pop("output_logits", None)
         cfg = self._settings(generation_config, kwargs)
@@ -221,13 +207,8 @@ class FastMultiExitModel:
         want_scores = cfg.output_scores if want_scores is None else want_scores
         want_logits = getattr(cfg, "output_logits", False) if want_logits is None else want_logits
         eos = cfg.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            if len(set(eos)) > 1:
-                raise NotImplementedError("several eos_token_ids are not supported; pass one")
-            eos = eos[0] if eos else None
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
-        if pad is None:
-            pad = 0
+        stops = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else stops[0] if stops else 0
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -238,18 +219,26 @@ class FastMultiExitModel:
             warnings.warn("right-padded input: decoder-only generation expects left padding; each row is "
                           "continued from its last unmasked token", stacklevel=2)
         prompts = [row[m].tolist() for row, m in zip(input_ids, mask)]
-        max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else cfg.max_length - input_ids.shape[1]
-        if max_new < 1:
-            raise ValueError(f"nothing to generate: max_length {cfg.max_length} <= input length {input_ids.shape[1]}")
+        if cfg.max_new_tokens is not None:
+            max_new = cfg.max_new_tokens
+        elif cfg.max_length is not None:  # set by the caller or the checkpoint: the total length
+            max_new = cfg.max_length - input_ids.shape[1]
+            if max_new < 1:
+                raise ValueError(f"nothing to generate: max_length {cfg.max_length} <= input length "
+                                 f"{input_ids.shape[1]}")
+        else:
+            max_new = TRANSFORMERS_MAX_NEW_TOKENS
         on_token = None
         if streamer is not None:
             streamer.put(input_ids.cpu())
             on_token = lambda tokens: streamer.put(tokens.cpu())  # noqa: E731
-        sampling = dict(do_sample=bool(cfg.do_sample), temperature=cfg.temperature if cfg.do_sample else 1.0,
-                        top_k=(cfg.top_k or 0) if cfg.do_sample else 0, top_p=cfg.top_p if cfg.do_sample else 1.0)
+        sampling = SamplingConfig(do_sample=bool(cfg.do_sample), top_p_after_top_k=True,
+                                  temperature=first(cfg.temperature, 1.0) if cfg.do_sample else 1.0,
+                                  top_k=first(cfg.top_k, 50) if cfg.do_sample else 0,
+                                  top_p=first(cfg.top_p, 1.0) if cfg.do_sample else 1.0)
         keep = bool(return_dict and (want_scores or want_logits))
-        result = self.lm.generate(prompts, max_new, decode=self.decode, eos_token_id=eos, on_token=on_token,
-                                  keep_logits=keep, speculative=speculative, **sampling)
+        result = self.lm.generate(prompts, max_new, decode=self.decode, eos_token_id=stops, on_token=on_token,
+                                  keep_logits=keep, speculative=speculative, sampling=sampling)
         if streamer is not None:
             streamer.end()
         width = max(len(row) for row in result.tokens)
@@ -264,7 +253,7 @@ class FastMultiExitModel:
             if want_logits:
                 extra["logits"] = tuple(result.logits)
             if want_scores:
-                extra["scores"] = tuple(warp(z, **sampling) for z in result.logits)
+                extra["scores"] = tuple(warp(z, sampling) for z in result.logits)
             return GenerateDecoderOnlyOutput(sequences=sequences, **extra)
         return sequences
 
@@ -276,7 +265,7 @@ class FastMultiExitModel:
         unsupported = {k: v for k, v in kwargs.items() if v not in (None, False)}
         if unsupported:
             raise NotImplementedError(f"forward arguments not supported by mexit: {sorted(unsupported)}")
-        check_ids(input_ids, attention_mask)
+        check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
         model = self.lm.model
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -303,7 +292,8 @@ class FastMultiExitModel:
     forward = __call__
 
 
-def check_ids(input_ids, attention_mask) -> None:
+def check_ids(input_ids, attention_mask, vocab_size: int) -> None:
+    """A [batch, length] id tensor, its mask's shape, and every unmasked id inside the vocabulary."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a 2-D tensor [batch, length], got {shape} (add a batch dimension: "
@@ -311,15 +301,20 @@ def check_ids(input_ids, attention_mask) -> None:
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                          f"{tuple(input_ids.shape)}")
+    used = input_ids if attention_mask is None else input_ids[attention_mask.to(input_ids.device).bool()]
+    bad = used[(used < 0) | (used >= vocab_size)]
+    if len(bad):
+        raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary "
+                         f"0..{vocab_size - 1}")
 
 
-def warp(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """The scores mexit's sampler draws from: logits / temperature with tokens outside top-k / top-p at -inf
     (greedy: the logits unchanged, as transformers' scores without logits processors)."""
-    if not do_sample:
+    if not sampling.do_sample:
         return logits
-    scores = logits.float() / temperature
-    return scores.masked_fill(~kept_tokens(scores.softmax(-1), top_k, top_p), float("-inf"))
+    scores = logits.float() / sampling.temperature
+    return scores.masked_fill(~kept_tokens(scores.softmax(-1), sampling), float("-inf"))
 
 
 class AutoMultiExitModel:

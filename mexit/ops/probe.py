@@ -113,13 +113,13 @@ def _step_epilogue(device, gen) -> str | None:
     the same state as the reference, twice (the arrival count must come back to zero)."""
     from mexit.kernels.exit_head import exit_head
     from mexit.kernels.step_epilogue import step_epilogue
-    from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref
+    from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref, stop_ids
 
     def state():
         return StepIO(tokens=torch.zeros(3, dtype=torch.long, device=device),
                       positions=torch.tensor([4, 7, 9], device=device),
                       finished=torch.tensor([False, True, False], device=device),
-                      eos=torch.tensor([2], device=device), out=torch.zeros(3, 8, dtype=torch.long, device=device),
+                      eos=stop_ids((2, 4), device), out=torch.zeros(3, 8, dtype=torch.long, device=device),
                       step=torch.tensor([1], device=device), slot=torch.tensor([9], device=device),
                       arrivals=torch.zeros(1, dtype=torch.int32, device=device),
                       wte=torch.arange(16 * 64, device=device).view(16, 64).half(),
