@@ -22,9 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main
+from mexit.bench.common import add_subcommand, markdown_table, pyplot, run_metadata, script_main, set_threads
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 
@@ -88,6 +86,8 @@ def setting_key(setting: dict, run_id: str) -> str:
 def timed_generate(lm, ids, batch, max_new, stats=None, **kw):
     """Generate every prompt in batches; returns (tokens per prompt, exit layers per prompt, seconds). stats:
     speculative counters summed over the batches land there."""
+    import torch
+
     tokens, layers = [], []
     device = lm.model.device
     if device.type == "cuda":
@@ -111,17 +111,20 @@ def timed_generate(lm, ids, batch, max_new, stats=None, **kw):
     return tokens, layers, time.perf_counter() - start
 
 
-@torch.inference_mode()
 def continuation_loglik(lm, prompt: list[int], continuation: list[int]) -> float:
     """Mean log-probability of `continuation` under the full model (original head), given `prompt`."""
+    import torch
+
     model = lm.model
     seq = prompt + continuation
-    cache = model.new_cache(1, len(seq))
-    cache.valid.fill_(True)
-    h = model.embed(torch.tensor([seq], device=model.device), torch.arange(len(seq), device=model.device)[None])
-    h = model.run_layers(h, 0, model.config.n_layer, cache, 0)
-    logprobs = model.head_logits(h[0, len(prompt) - 1: -1], "original").log_softmax(-1)
-    return logprobs.gather(-1, torch.tensor(continuation, device=model.device)[:, None]).mean().item()
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(seq))
+        cache.valid.fill_(True)
+        positions = torch.arange(len(seq), device=model.device)[None]
+        h = model.embed(torch.tensor([seq], device=model.device), positions)
+        h = model.run_layers(h, 0, model.config.n_layer, cache, 0)
+        logprobs = model.head_logits(h[0, len(prompt) - 1: -1], "original").log_softmax(-1)
+        return logprobs.gather(-1, torch.tensor(continuation, device=model.device)[:, None]).mean().item()
 
 
 def repetition_rate(tokens: list[int], n: int = 4) -> float:
@@ -165,6 +168,7 @@ def load_lm(args):
     from mexit.model.checkpoint import resolve_device
 
     device = resolve_device(args.device)
+    set_threads(args.threads, device)
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if args.model:
         return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
@@ -245,12 +249,8 @@ def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows([dict(r, exit_histogram=json.dumps(r["exit_histogram"])) for r in rows])
-    if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot() if plot else None
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         markers = "osD^vP*X"
@@ -283,6 +283,7 @@ def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="text file, one prompt per line")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
@@ -303,6 +304,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved (full depth, setting) timing pairs per setting; the speed-up is their median")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else 1 on CPU)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="Triton kernels or the PyTorch reference (auto: triton on cuda)")
@@ -317,7 +319,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main_args(args) -> int:
     rows = run(args)
     print(markdown_table(rows, COLUMNS))
-    print(f"wrote {args.out}/ablation.jsonl, ablation.csv" + ("" if args.no_plot else ", ablation.png"))
+    plotted = not args.no_plot and (Path(args.out) / "ablation.png").exists()
+    print(f"wrote {args.out}/ablation.jsonl, ablation.csv" + (", ablation.png" if plotted else ""))
     return 0
 
 

@@ -11,18 +11,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def run_metadata(device: torch.device, dtype) -> dict:
     """Device name, versions and commit: every results row carries these."""
+    import torch
     import transformers
 
     meta = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"),
         "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),  # CPU ops' threads (torch.set_num_threads / OMP_NUM_THREADS)
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # runnable processes on the machine when the run started
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -44,6 +49,8 @@ def run_metadata(device: torch.device, dtype) -> dict:
 
 def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> list[float]:
     """Per-call times in ms: CUDA events around each call on GPU (after warm-up), a host clock on CPU."""
+    import torch
+
     for _ in range(warmup):
         fn()
     times = []
@@ -77,6 +84,8 @@ def kernel_ms(fn, device: torch.device, graph: bool = True) -> float:
 def kernel_bench_target(smoke: bool, dtype: str, script: str) -> tuple[torch.device, torch.dtype] | None:
     """(device, dtype) of a kernel benchmark: a CUDA GPU, or with --smoke the CPU under TRITON_INTERPRET=1 in
     fp32. None (after saying why) when neither is possible."""
+    import torch
+
     from mexit.model.checkpoint import resolve_dtype
 
     if smoke:
@@ -93,6 +102,8 @@ def kernel_bench_target(smoke: bool, dtype: str, script: str) -> tuple[torch.dev
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured copy bandwidth in GB/s (device-to-device on GPU, memory-to-memory on CPU), counting bytes read
     plus bytes written; median of repeated copies."""
+    import torch
+
     if device.type != "cuda":
         nbytes = min(nbytes, 1 << 28)
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
@@ -104,6 +115,8 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
 def read_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured read bandwidth in GB/s: a matrix-vector product over a matrix larger than any cache (fp16 on GPU,
     fp32 on CPU, all cores), the access pattern of a decode step streaming its weights; median of repeats."""
+    import torch
+
     if device.type != "cuda":
         nbytes = min(nbytes, 1 << 28)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -112,6 +125,42 @@ def read_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     x = torch.randn(cols, dtype=dtype, device=device)
     ms = statistics.median(time_ms(lambda: torch.mv(weight, x), device, warmup=3, repeats=15))
     return weight.numel() * dtype.itemsize / (ms * 1e-3) / 1e9
+
+
+def set_threads(threads: int | None, device) -> None:
+    """CPU ops' thread count for a benchmark: `threads`, else OMP_NUM_THREADS when set, else 1 on a CPU device
+    (with two threads a busy 2-core machine gave 5x slower and 3x noisier steps than with one). CUDA runs keep
+    torch's default (the host only launches work)."""
+    import torch
+
+    if threads is None and os.environ.get("OMP_NUM_THREADS") is None and device.type == "cpu":
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def spread_note(median: float, low: float, high: float, limit: float = 0.25) -> str | None:
+    """A note when repeats spread more than `limit` of their median (a busy machine; compare within one run)."""
+    if median > 0 and (high - low) / median > limit:
+        return (f"wide spread: {low:.4g}..{high:.4g} around {median:.4g} (more than {limit:.0%}); the machine was "
+                "busy or the run too short")
+    return None
+
+
+def pyplot():
+    """matplotlib's pyplot (headless), or None with a note when matplotlib is not installed: plots are optional,
+    results are written first."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_results(rows: list[dict], out_dir: str | Path, stem: str) -> Path:
@@ -161,6 +210,8 @@ def launches_per_step(lm, prompts, kw: dict, steps: int = 3) -> dict:
     """Launches of one decode step of `lm.generate(prompts, ..., **kw)`, averaged over `steps` steps: the count of
     a generation of steps + 1 tokens minus that of 1 token, on the static engine when `lm` captures graphs (the
     same step, uncaptured), else on `lm`'s own engine."""
+    import torch
+
     from mexit.frontends.api import MultiExitLM
     from mexit.ops.launches import count_launches, total
 

@@ -26,19 +26,24 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mexit.bench.common import (
     add_subcommand,
     copy_bandwidth_gbs,
     launches_per_step,
     markdown_table,
+    pyplot,
     read_bandwidth_gbs,
     run_metadata,
     script_main,
+    set_threads,
+    spread_note,
     write_results,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 INVOKED_AS = {"mexit": "mexit", "__main__.py": "python -m mexit"}  # how the recorded command starts
 ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / transformers 4.26; try "
@@ -107,6 +112,8 @@ def default_modes(config) -> list[str]:
 def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: float, filled: float = 0.0) -> float:
     """Bytes one decode step must move: weights of `layers` blocks and `heads` exit heads, the k|v weights of
     `filled` propagated blocks, and the KV cache of the blocks run (context positions, batch rows)."""
+    import torch
+
     elem = torch.finfo(dtype).bits // 8
     d, v, inner = config.n_embd, config.vocab_size, config.inner_dim
     block = (4 * d * d + 2 * d * inner + 9 * d + inner) * elem  # c_attn, c_proj, c_fc, mlp c_proj; biases, norms
@@ -142,11 +149,18 @@ def timing_row(meta, impl, mode, batch, timing, nbytes, bandwidth_gbs) -> dict:
                    f"({nbytes / 1e6:.1f} MB at {bandwidth_gbs:.0f} GB/s)")
     if problem:
         return dict(row, invalid=problem)
-    return dict(row, **timing, tokens_per_s=batch * 1e3 / timing["ms_per_token"],
-                pct_roofline=100 * floor_ms / timing["ms_per_token"])
+    row = dict(row, **timing, tokens_per_s=batch * 1e3 / timing["ms_per_token"],
+               pct_roofline=100 * floor_ms / timing["ms_per_token"])
+    note = spread_note(timing["ms_per_token"], timing["ms_per_token_min"], timing["ms_per_token_max"])
+    if note:
+        print(f"warning: {impl} {mode} batch {batch}: {note}", file=sys.stderr)
+        row["note"] = note
+    return row
 
 
 def sync(device):
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -163,6 +177,8 @@ class StepClock:
         self.tokens = 0
 
     def mark(self):
+        import torch
+
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -239,10 +255,13 @@ def transformers_baseline(lm, device, dtype):
 
 
 def run(args) -> list[dict]:
+    import torch
+
     import mexit
     from mexit.model.checkpoint import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
+    set_threads(args.threads, device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
     if args.model:
         lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
@@ -293,6 +312,8 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
              pdl_settings=(False,)) -> list[dict]:
     """Every mode (with programmatic dependent launch off and / or on, one after the other) and baseline at one
     batch size, prompt length and generation length."""
+    import torch
+
     config, device, dtype = lm.config, lm.model.device, lm.model.dtype
     prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
     context = args.prompt_len + args.new_tokens // 2
@@ -335,6 +356,7 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
 
 def transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context) -> list[dict]:
     """transformers generate (eager), and with a static cache + torch.compile on CUDA."""
+
     hf = transformers_baseline(lm, device, dtype)
     variants = {"transformers eager": {}}
     if device.type == "cuda" and not args.no_compile:
@@ -379,6 +401,8 @@ def autocontrastive_gen_rows(lm, prompts, device, dtype, args, meta, copy_gbs, c
 def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, args, meta, copy_gbs, context, config,
                     reraise=False) -> dict:
     """Time a transformers-style model's generate like mexit's rows (traffic = blocks, heads per step)."""
+    import torch
+
     ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(ids)
 
@@ -406,6 +430,8 @@ def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, a
 def hf_launches_per_step(model, ids, mask, extra, steps: int = 3) -> float:
     """A transformers model's launches per decode step, counted like mexit's (uncompiled runs only: a compiled
     or graph-captured model dispatches nothing countable)."""
+    import torch
+
     from mexit.ops.launches import count_launches, total
 
     if extra:
@@ -443,20 +469,17 @@ def save(rows: list[dict], out_dir: str, plot: bool) -> list[Path]:
     r0 = rows[0]
     engine = r0["engine"] + (" (compiled)" if r0.get("compiled") else "")
     header = (f"{r0['model']} | {r0['device']} | {r0['dtype']} | backend {r0['backend']}, engine {engine} | "
-              f"commit {r0.get('commit')}\n\ncommand: `{r0['command']}`\n\n")
+              f"{r0['threads']} CPU threads, load {r0['load_avg_1m']} | commit {r0.get('commit')}\n\n"
+              f"command: `{r0['command']}`\n\n")
     (out / "latency.md").write_text(header + table + ("\n\nSkipped:\n" + "\n".join(skipped) if skipped else "") + "\n")
     paths.append(out / "latency.md")
-    if plot:
-        paths.append(plot_rows(rows, out / "latency.png"))
+    plt = pyplot() if plot else None
+    if plt is not None:
+        paths.append(plot_rows(plt, rows, out / "latency.png"))
     return paths
 
 
-def plot_rows(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_rows(plt, rows: list[dict], path: Path) -> Path:
     timed = [r for r in rows if "skipped" not in r and "invalid" not in r]
     batches = sorted({r["batch"] for r in timed})
     labels = list(dict.fromkeys(f"{r['impl']} {r['mode']}" for r in timed))
@@ -477,6 +500,7 @@ def plot_rows(rows: list[dict], path: Path) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
@@ -486,7 +510,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--fused-max-rows", type=int, help="triton backend: largest decode batch that runs fused-linear "
-                   "blocks (default 16; 0 = cuBLAS matmuls always)")
+                   "blocks (default 64; 0 = cuBLAS matmuls always)")
     p.add_argument("--pdl", default="off", choices=["off", "on", "both"],
                    help="programmatic dependent launch between the step's kernels (triton backend on Hopper or newer); "
                    "both: every mode with it off, then on, in the same run")
@@ -494,16 +518,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on cuda, 1 on cpu")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[32], help="prompt lengths in tokens")
     p.add_argument("--new-tokens", type=int, nargs="+", default=None, help="default: 128 on cuda, 8 on cpu")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs per measurement (default: 3 cuda, 1 cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default: 10 cuda, 3 cpu)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per measurement (default: 2 cuda, 1 cpu)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default: 5 cuda, 2 cpu)")
     p.add_argument("--baselines", nargs="*", default=["transformers", "autocontrastive-gen"],
                    help="any of: transformers autocontrastive-gen (none: mexit only)")
     p.add_argument("--no-compile", action="store_true", help="skip transformers' static cache + torch.compile")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else 1 on CPU)")
     p.add_argument("--out", default="bench_results", help="output folder (JSON, CSV, markdown, PNG)")
 
 
 def fill_defaults(args) -> None:
+    import torch
+
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.batch = args.batch or ([1, 8] if cuda else [1])
     args.new_tokens = args.new_tokens or [128 if cuda else 8]

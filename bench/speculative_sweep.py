@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from mexit.bench.ablate import encode, read_prompts
 from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, write_results
 
@@ -30,6 +28,8 @@ COLUMNS = ["draft_exit", "draft_len", "draft_threshold", "acceptance_rate", "tok
 
 def run_all(lm, ids, max_new, batch, **kw):
     """Generate every prompt (`batch` per call); returns (tokens, the runs' results, seconds)."""
+    import torch
+
     device = lm.model.device
     results, tokens = [], []
     if device.type == "cuda":
@@ -45,6 +45,8 @@ def run_all(lm, ids, max_new, batch, **kw):
 
 
 def launches_per_token(lm, ids, max_new, batch, **kw) -> float:
+    import torch
+
     from mexit.ops.launches import count_launches, total
 
     with torch.inference_mode(), count_launches() as counts:

@@ -1,19 +1,31 @@
-"""mexit: a fast early-exit and Autocontrastive Decoding runtime for multi-exit GPT-2 checkpoints."""
+"""mexit: a fast early-exit and Autocontrastive Decoding runtime for multi-exit GPT-2 checkpoints.
 
-from .decoding.early_exit import ExitPolicy
-from .decoding.fixed import DecodeConfig, MultiExitConfiguration
-from .decoding.sampling import SamplingConfig
-from .decoding.speculative import SpeculativeConfig
-from .frontends.api import MultiExitLM, load
-from .frontends.compat import AutoMultiExitModel, FastMultiExitModel
-from .generate import GenerationResult
-from .model.checkpoint import random_model, save_checkpoint
-from .model.config import GPT2_MEDIUM_MULTIEXIT, ModelConfig
-from .model.decoder import MultiExitGPT2
+The public names load on first use (so `mexit --help` and the CLI's errors do not wait for torch)."""
+
+import importlib
+
 from .version import __version__
 
-__all__ = [
-    "GPT2_MEDIUM_MULTIEXIT", "AutoMultiExitModel", "DecodeConfig", "ExitPolicy", "FastMultiExitModel",
-    "GenerationResult", "ModelConfig", "MultiExitConfiguration", "MultiExitGPT2", "MultiExitLM", "SamplingConfig",
-    "SpeculativeConfig", "__version__", "load", "random_model", "save_checkpoint",
-]
+_WHERE = {
+    "ExitPolicy": "mexit.decoding.early_exit", "DecodeConfig": "mexit.decoding.fixed",
+    "MultiExitConfiguration": "mexit.decoding.fixed", "SamplingConfig": "mexit.decoding.sampling",
+    "SpeculativeConfig": "mexit.decoding.speculative", "MultiExitLM": "mexit.frontends.api",
+    "load": "mexit.frontends.api", "AutoMultiExitModel": "mexit.frontends.compat",
+    "FastMultiExitModel": "mexit.frontends.compat", "GenerationResult": "mexit.generate",
+    "random_model": "mexit.model.checkpoint", "save_checkpoint": "mexit.model.checkpoint",
+    "GPT2_MEDIUM_MULTIEXIT": "mexit.model.config", "ModelConfig": "mexit.model.config",
+    "MultiExitGPT2": "mexit.model.decoder",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'mexit' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])
+
+
+__all__ = ["__version__", *sorted(_WHERE)]

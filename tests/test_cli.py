@@ -86,7 +86,7 @@ def test_ignored_flags_warn(tiny_checkpoint, capsys):
     rc, _, err = cli(capsys, "generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "1,2", "--top-k", "5",
                      "--temperature", "0.7", "--compile", "--max-new-tokens", "2")
     assert rc == 0
-    assert "warning: --temperature, --top-k ignored: greedy decoding" in err
+    assert "warning: --temperature, --top-k unused: greedy decoding" in err
     assert "warning: --compile ignored" in err
 
 
@@ -115,3 +115,37 @@ def test_stream_prints_the_generated_text(tiny_checkpoint, capsys):
                      "--no-eos")
     assert rc == 0
     assert out == mexit.load(folder).generate("Hello", 6, eos_token_id=None).text[0] + "\n"
+
+
+def test_help_does_not_wait_for_torch():
+    """`mexit ... --help` and its usage errors import neither torch nor transformers: they answer at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mexit.frontends.cli import main\n"
+            "codes = [main(['generate', '--help']), main(['--help']), main(['bench', '--help'])]\n"
+            "print(codes, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[0, 0, 0] False False")
+    assert "bench-speculative" in out and "default 64" in out.replace("\n", " ").replace("  ", " ")
+
+
+def test_unsupported_devices_are_one_line(tiny_checkpoint, capsys):
+    for device in ("tpu", "mps", "cuda:x"):
+        assert main(["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "1", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: unsupported device") and err.count("\n") == 1
+
+
+def test_results_come_before_the_optional_plot(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from mexit.bench import latency
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    argv = ["--model", str(tiny_checkpoint[0]), "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--modes",
+            "original", "--baselines", "--out", str(tmp_path)]
+    assert latency.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "| mexit | original |" in captured.out and "plot skipped: matplotlib is not installed" in captured.err
+    assert (tmp_path / "latency.md").exists() and not (tmp_path / "latency.png").exists()

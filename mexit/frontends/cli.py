@@ -1,4 +1,4 @@
-"""Command line: `mexit generate`, `mexit train-heads`, `mexit bench`, `mexit ablate`.
+"""Command line: `mexit generate`, `mexit train-heads`, `mexit bench`, `mexit ablate`, `mexit bench-speculative`.
 
 A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
 keeps its traceback and exits 1."""
@@ -86,12 +86,20 @@ def add_generate_parser(sub) -> None:
                     help="stop drafting at a draft whose top probability is below this (default: never)")
     p.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (share of the top prob)")
     p.add_argument("--min-candidates", type=int, default=1, help="ACD: tokens always kept in the plausible set")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt at most")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (needs --do-sample; 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely (needs --do-sample; 0: off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (needs --do-sample; 1.0: off)")
-    p.add_argument("--seed", type=int, help="seed of the sampler (each row its own stream)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens generated per prompt at most (default: the checkpoint's generation_config.json, else "
+                        "32)")
+    p.add_argument("--do-sample", action="store_true", default=None,
+                   help="sample instead of greedy decoding (default: the checkpoint's generation_config.json, else "
+                        "greedy)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: generation_config.json, else 1.0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k most likely (default: generation_config.json, else 0: off)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass (default: generation_config.json, else 1.0: off)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the sampler, each row its own stream (default: drawn, and printed)")
     p.add_argument("--no-eos", action="store_true", help="never stop at the end-of-text token")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     ee = p.add_argument_group("early exit (--mode early-exit)")
@@ -144,11 +152,6 @@ def check_generate_flags(args) -> None:
         raise UsageError("--mode early-exit needs --threshold")
     if args.exits and len(set(args.exits)) != len(args.exits):
         raise UsageError(f"--exits lists a layer twice: {args.exits}")
-    unsampled = [flag(n) for n in ("temperature", "top_k", "top_p") if getattr(args, n) is not None]
-    if unsampled and not args.do_sample:
-        warnings.warn(f"{', '.join(unsampled)} ignored: greedy decoding (add --do-sample to sample)", stacklevel=2)
-    if args.seed is not None and not args.do_sample:
-        warnings.warn("--seed ignored: greedy decoding (add --do-sample to sample)", stacklevel=2)
     if args.stream and args.json:
         raise UsageError("--stream and --json are exclusive (JSON is printed once at the end)")
     if args.stream and len(args.prompt or args.input_ids or []) != 1:
@@ -293,10 +296,12 @@ def run_generate(args) -> int:
                          "(the eager engine runs the reference scheduler)")
     prompts = args.prompt if args.prompt else args.input_ids
     timer = Timer(lm.model.device, sys.stdout if args.stream else None, lm.tokenizer)
-    common = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                  temperature=args.temperature if args.do_sample and args.temperature is not None else 1.0,
-                  top_k=args.top_k if args.do_sample and args.top_k is not None else 0,
-                  top_p=args.top_p if args.do_sample and args.top_p is not None else 1.0,
+    unsampled = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p", "seed")
+                 if getattr(args, n) is not None]
+    if unsampled and not (args.do_sample or lm.defaults.get("do_sample")):
+        warnings.warn(f"{', '.join(unsampled)} unused: greedy decoding (add --do-sample to sample)", stacklevel=2)
+    common = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p,
                   seed=args.seed, on_token=timer.on_token)
     if args.no_eos:
         common["eos_token_id"] = None

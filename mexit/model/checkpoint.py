@@ -40,12 +40,17 @@ def resolve_dtype(dtype, device: torch.device | None = None) -> torch.dtype:
 
 
 def resolve_device(device) -> torch.device:
-    device = torch.device("cuda" if device in (None, "auto") and torch.cuda.is_available()
-                          else "cpu" if device in (None, "auto") else device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for, but this torch build sees no CUDA GPU")
+    """A device name, index or torch.device as cpu or cuda; None / "auto": cuda when available."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device}; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for, but this torch build sees no CUDA GPU")
     return device
 
 
