@@ -136,3 +136,25 @@ def test_native_attention_mask_and_lengths(tiny_checkpoint):
     sampled = lm.generate([[5, 6]], 4, do_sample=True, **kw)
     assert isinstance(sampled.seed, int)  # drawn and reported: the run can be repeated
     assert lm.generate([[5, 6]], 4, do_sample=True, seed=sampled.seed, **kw).tokens == sampled.tokens
+
+
+def test_autocontrastive_gen_configuration_forms():
+    from enum import Enum
+
+    from mexit import DecodeConfig, MultiExitConfiguration
+
+    class VocabularyProjectionMode(Enum):  # autocontrastive-gen's enum, as its scripts pass it
+        LAYER_SPECIFIC_PROJECTION = 0
+        SHARED_PROJECTION_CAST_OUTPUTS = 1
+
+    given = MultiExitConfiguration(vocab_projection_mode=VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION,
+                                   use_original_head="False", contrast_layer_indices="original;4")
+    assert given.to_decode_config() == DecodeConfig("contrast", upper="original", lower=4)
+    exit6 = MultiExitConfiguration(use_original_head="False", output_layer_index="6", lm_head_layer_indices="2;4;6")
+    assert exit6.to_decode_config() == DecodeConfig("exit", exit_layer=6) and exit6.lm_head_layer_indices == (2, 4, 6)
+    with pytest.raises(ValueError, match="SHARED_PROJECTION_CAST_OUTPUTS"):
+        MultiExitConfiguration(vocab_projection_mode=VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS)
+    with pytest.raises(ValueError, match="use_original_head=True"):
+        MultiExitConfiguration(contrast_layer_indices=(8, 4))  # at construction, as autocontrastive-gen does
+    with pytest.raises(ValueError, match="must be True or False"):
+        MultiExitConfiguration(use_original_head="no")

@@ -72,8 +72,12 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class MultiExitConfiguration:
     """autocontrastive-gen's configuration names and defaults: set `use_original_head=False` and one of
-    `output_layer_index` or `contrast_layer_indices=(upper, lower)` (upper may be "original")."""
+    `output_layer_index` or `contrast_layer_indices=(upper, lower)` (upper may be "original"). Its string forms
+    (`use_original_head="False"`, `contrast_layer_indices="original;4"`, `lm_head_layer_indices="2;4"`,
+    `output_layer_index="6"`) are read as autocontrastive-gen reads them. vocab_projection_mode: only the exit
+    heads' layer-specific projection (LAYER_SPECIFIC_PROJECTION, the published checkpoint's) is implemented."""
 
+    vocab_projection_mode: object = "LAYER_SPECIFIC_PROJECTION"
     use_original_head: bool = True
     output_layer_index: int | None = None
     contrast_layer_indices: tuple | None = None
@@ -82,6 +86,28 @@ class MultiExitConfiguration:
     freeze_parameters: bool = False
     alpha: float = 0.1
     minimum_candidates: int = 1
+
+    def __post_init__(self):
+        def parsed(name, value):
+            object.__setattr__(self, name, value)
+
+        mode = getattr(self.vocab_projection_mode, "name", self.vocab_projection_mode)
+        if str(mode).upper() != "LAYER_SPECIFIC_PROJECTION":
+            raise ValueError(f"vocab_projection_mode {mode}: mexit implements LAYER_SPECIFIC_PROJECTION (a trained "
+                             "head per exit) only")
+        if isinstance(self.use_original_head, str):
+            if self.use_original_head not in ("True", "False"):
+                raise ValueError(f"use_original_head must be True or False, got {self.use_original_head!r}")
+            parsed("use_original_head", self.use_original_head == "True")
+        if isinstance(self.output_layer_index, str):
+            parsed("output_layer_index", int(self.output_layer_index))
+        for name in ("contrast_layer_indices", "lm_head_layer_indices"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                parsed(name, tuple(v if v == "original" else int(v) for v in value.split(";")))
+        if self.contrast_layer_indices is not None and self.use_original_head:
+            raise ValueError(f"contrast_layer_indices={self.contrast_layer_indices!r} with use_original_head=True: "
+                             "the original head alone or a contrast, not both (set use_original_head=False)")
 
     def to_decode_config(self) -> DecodeConfig:
         if self.contrast_function is not None:
