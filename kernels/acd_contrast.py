@@ -1,4 +1,5 @@
-"""ACD contrast and greedy token choice on the exit stage's logits (design.md section 2), in two launches.
+"""ACD contrast and greedy token choice on the exit stage's logits (Gera et al. 2023; the formula in
+`acd_contrast_ref`), in two launches.
 
 Stage 1 (`_acd_tiles`, grid = vocabulary tiles x rows): marks the plausible set S with a logit threshold (see
 `plausibility_threshold`) and stores per tile: the max of d = log p_u - log p_l over S (+ index), the sum of

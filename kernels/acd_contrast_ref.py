@@ -1,4 +1,5 @@
-"""Plain PyTorch reference of Autocontrastive Decoding's contrast (design.md section 2, autocontrastive-gen)."""
+"""Plain PyTorch reference of Autocontrastive Decoding's contrast (Gera et al. 2023, as autocontrastive-gen
+computes it)."""
 
 from __future__ import annotations
 

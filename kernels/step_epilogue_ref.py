@@ -23,9 +23,10 @@ class StepIO:
     """The device-side state one decode step reads and advances (B rows, T cache slots, d = n_embd).
 
     tokens, positions [B] int64 (this step's input token and its position); finished [B] bool; eos [EOS_SLOTS]
-    int64 (the stop ids, -1 in unused slots; a finished row emits eos[0]); out [B, T] int64 (every step's token); step [1] int64 (column of out); slot [1] int64 (cache slot
-    of this step's token); h0 [B, d] (this step's input, wte[token] + wpe[position]); wte [V, d], wpe [P, d];
-    arrivals [1] int32 (zero between kernels: the epilogue kernels count their finished programs in it)."""
+    int64 (the stop ids, -1 in unused slots; a finished row emits eos[0]); out [B, T] int64 (every step's token);
+    step [1] int64 (column of out); slot [1] int64 (cache slot of this step's token); h0 [B, d] (this step's input,
+    wte[token] + wpe[position]); wte [V, d], wpe [P, d]; arrivals [1] int32 (zero between kernels: the epilogue
+    kernels count their finished programs in it)."""
 
     tokens: torch.Tensor
     positions: torch.Tensor

@@ -39,7 +39,7 @@ def log_softmax64(z: np.ndarray) -> np.ndarray:
 
 
 def acd_numpy(z_upper: np.ndarray, z_lower: np.ndarray, alpha=0.1, k=1) -> np.ndarray:
-    """One row of design.md's ACD formula in float64, written element by element."""
+    """One row of the ACD formula (Gera et al. 2023) in float64, written element by element."""
     p_u, p_l = np.exp(log_softmax64(z_upper)), np.exp(log_softmax64(z_lower))
     thr = min(alpha * p_u.max(), np.sort(p_u)[::-1][k - 1])
     in_s = p_u >= thr

@@ -1,4 +1,4 @@
-"""The ACD contrast kernel against acd_contrast_ref in float64, and the design.md formula."""
+"""The ACD contrast kernel against acd_contrast_ref in float64, and the ACD formula."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""acd_contrast_ref (the runtime's torch path) against an element-by-element float64 reference of design.md."""
+"""acd_contrast_ref (the runtime's torch path) against an element-by-element float64 reference of the formula."""
 
 import numpy as np
 import pytest

@@ -4,7 +4,7 @@ consistent.
 Per token, the layers run in segments between the checked exits. At each checked exit every still-running row
 measures its confidence; rows at or above the threshold take their token from that exit's head and stop. Every
 skipped block j still needs keys/values at that position for later tokens: state propagation computes them from
-the exited hidden state, K_j, V_j = c_attn_j(ln_1_j(h_exit))[k, v] (design.md section 3), at once (eager) or
+the exited hidden state, K_j, V_j = c_attn_j(ln_1_j(h_exit))[k, v] (CALM, Schuster et al. 2022), at once (eager) or
 right before a later token runs block j (deferred). How is the engine's business: the eager engine fills the
 exited rows' blocks, the static engine runs frozen rows through the blocks (their key/value writes are the
 propagation) and fills the rest once no row runs. The prefill decides token 0 on states of every layer.

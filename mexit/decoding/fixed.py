@@ -1,6 +1,6 @@
 """The fixed modes: every token from one head (the original, or an exit) or from Autocontrastive Decoding of two
-heads (Gera et al. 2023; design.md section 2). `mode_scores` is the one place a mode's heads become its scores;
-`FixedMode.step` is the whole decode step, on any engine."""
+heads (Gera et al. 2023; autocontrastive-gen's calculate_contrasted_logits). `mode_scores` is the one place a mode's
+heads become its scores; `FixedMode.step` is the whole decode step, on any engine."""
 
 from __future__ import annotations
 

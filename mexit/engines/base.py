@@ -61,7 +61,7 @@ class ExitState:
 
 class PendingKV:
     """Deferred state propagation: exited positions whose keys/values of blocks [first, depth) are still owed,
-    filled right before blocks that need them run (design.md section 3, deferred fill). Entries: (rows [n] int64,
+    filled right before blocks that need them run (FREE, Bae et al. 2023: deferred fill). Entries: (rows [n] int64,
     slots [n] int64, hidden [n, d], next block owed)."""
 
     def __init__(self, state: DecodeState, depth: int):

@@ -130,8 +130,9 @@ def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_w: torch.Tensor,
 
 def acd_contrast(out: ExitHeadOutput, alpha: float, min_candidates: int, backend: Backend = TORCH,
                  with_logprobs: bool = False, emit: StepIO | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Autocontrastive Decoding (design.md section 2) of the exit stage's two heads (upper first): the greedy token
-    [B] int64 and, if asked, log q [B, V] fp32. emit: the token ends the decode step (`step_epilogue_ref`)."""
+    """Autocontrastive Decoding (Gera et al. 2023, as autocontrastive-gen computes it) of the exit stage's two heads
+    (upper first): the greedy token [B] int64 and, if asked, log q [B, V] fp32. emit: the token ends the decode step
+    (`step_epilogue_ref`)."""
     if backend.triton:
         from mexit.kernels.acd_contrast import acd_contrast as kernel
 
