@@ -132,3 +132,16 @@ def test_cli_errors(base, tmp_path, capsys):
                  str(tmp_path / "cli"), "--seq-len", "32", "--batch-size", "4", "--steps", "3"]) == 0
     assert "held-out loss" in capsys.readouterr().out
     assert mexit.load(tmp_path / "cli").config.exit_layers == (2, 3)
+
+
+def test_defaults_fit_the_model_and_resume_extends(base, tmp_path, capfd):
+    """The tiny base has 64 positions: the default sequence length is its context (not 512); tokenizing whole
+    files prints no maximum-length warning; a resumed run may ask for more steps (the schedule is stretched)."""
+    report = train_heads(config(base, tmp_path / "out", seq_len=None, steps=2))
+    assert report["training"]["seq_len"] == 64
+    assert "longer than the specified maximum" not in capfd.readouterr().err
+    with pytest.warns(UserWarning, match="2 steps extended to 4"):
+        extended = train_heads(config(base, tmp_path / "out", seq_len=None, steps=4, resume=True))
+    assert extended["training"]["steps"] == 4
+    with pytest.raises(ValueError, match="past this run's 3 steps"):
+        train_heads(config(base, tmp_path / "out", seq_len=None, steps=3, resume=True))

@@ -167,7 +167,8 @@ def add_train_heads_parser(sub) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out without --eval-data")
     p.add_argument("--exits", type=parse_ints, required=True, help="exit layers to train, e.g. 2,4,6")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per training sequence (default: 512, or the model's context if shorter)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
@@ -184,7 +185,8 @@ def add_train_heads_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--eval-max-blocks", type=int, default=256, help="held-out sequences evaluated at most")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
-    p.add_argument("--resume", action="store_true", help="continue the training saved in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training saved in --out (a longer --steps / --epochs extends it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(run=run_train_heads)
 

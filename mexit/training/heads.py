@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class HeadTrainingConfig:
     exits: tuple[int, ...]
     eval_data: list[str] | None = None
     eval_fraction: float = 0.05
-    seq_len: int = 512
+    seq_len: int | None = None  # None: 512 (autocontrastive-gen's recipe), or the model's context if shorter
     batch_size: int = 8
     steps: int | None = None
     epochs: float | None = None
@@ -90,6 +91,8 @@ def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
         raise ValueError(f"exits {bad} are outside 1..n_layer={n_layer}")
     if len(set(cfg.exits)) != len(cfg.exits):
         raise ValueError(f"duplicate exits in {list(cfg.exits)}")
+    if cfg.seq_len is None:
+        cfg.seq_len = min(512, n_positions)
     if not 2 <= cfg.seq_len <= n_positions:
         raise ValueError(f"seq_len must be in 2..{n_positions} (the model's context), got {cfg.seq_len}")
     if cfg.batch_size < 1:
@@ -123,6 +126,7 @@ def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
 def token_blocks(tokenizer, paths: list[str], seq_len: int) -> torch.Tensor:
     """Texts joined by eos (as autocontrastive-gen's grouped texts), cut into [N, seq_len] int64 blocks."""
     eos = tokenizer.eos_token_id
+    tokenizer.model_max_length = 2**62  # whole files: cut into blocks here, not truncated (and no length warning)
     ids: list[int] = []
     for path in paths:
         ids += tokenizer(Path(path).read_text(errors="replace"))["input_ids"]
@@ -284,9 +288,14 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     start_step, history, eval_start, seconds = 0, [], None, 0.0
     if cfg.resume:
         saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
-        if tuple(saved["exits"]) != trainer.exits or saved["total_steps"] != total:
-            raise ValueError(f"--resume: {out} was trained with exits {saved['exits']} for {saved['total_steps']} "
-                             f"steps; this run asks for {list(trainer.exits)} and {total}")
+        if tuple(saved["exits"]) != trainer.exits:
+            raise ValueError(f"--resume: {out} trains exits {saved['exits']}; this run asks for "
+                             f"{list(trainer.exits)}")
+        if total < saved["step"]:
+            raise ValueError(f"--resume: {out} is at step {saved['step']}, past this run's {total} steps")
+        if total != saved["total_steps"]:  # the linear schedule is stretched (or shrunk) to the new length
+            warnings.warn(f"--resume: {saved['total_steps']} steps extended to {total}: the learning rate follows "
+                          f"the linear schedule of {total} steps from step {saved['step']} on", stacklevel=2)
         with torch.no_grad():
             for L, w in saved["heads"].items():
                 trainer.heads[int(L)].copy_(w)
