@@ -3,19 +3,21 @@
     mexit ablate --model PATH [--prompts FILE] --thresholds 0.5 0.7 0.9 --measures max-prob cosine \\
                  --exit-sets all 8,12,16 --decay-tau none 4 --max-new-tokens 32 --out ablation
 
-For every setting (threshold x measure x exit set x decay schedule) over the prompt file (default: a small set
-shipped with mexit): mean exit layer and the histogram of exit layers; measured speed-up against full-depth
-generation (same prompts, engine and device, timed end to end); token agreement with the full-depth greedy
-output; the full model's mean log-likelihood of the generated continuation (a quality proxy); and the 4-gram
-repetition rate. Writes ablation.jsonl (resumable: finished settings are not rerun), ablation.csv, and
-ablation.png (quality against speed-up). Every setting is validated before any work starts."""
+For every setting (threshold x measure x exit set x decay schedule) over the prompt file (default: the model
+folder's prompts.txt when it ships one, else a small general set shipped with mexit): mean exit layer and the
+histogram of exit layers; measured speed-up against full-depth generation (same prompts, engine and device, timed
+end to end); token agreement with the full-depth greedy output; the full model's mean log-likelihood of the
+generated continuation (a quality proxy); and the 4-gram repetition rate. The full-depth reference is a row of
+its own, and the settings on the Pareto front of speed-up against log-likelihood (no other setting is both
+faster and better) are marked and listed: those are worth using. Writes ablation.jsonl (resumable: finished
+settings are not rerun), ablation.csv, and ablation.png (log-likelihood and agreement against speed-up). Every
+setting is validated before any work starts."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import hashlib
-import itertools
 import json
 import statistics
 import sys
@@ -25,6 +27,12 @@ from pathlib import Path
 from mexit.bench.common import add_subcommand, markdown_table, pyplot, run_metadata, script_main, set_threads
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
+
+
+def default_prompts(model) -> Path:
+    """The model folder's own prompts.txt (prompts in the model's domain), else mexit's general set."""
+    own = Path(model) / "prompts.txt" if model else None
+    return own if own is not None and own.is_file() else DEFAULT_PROMPTS
 
 
 def read_prompts(path) -> list[str]:
@@ -181,6 +189,7 @@ def load_lm(args):
 def run(args) -> list[dict]:
     from tqdm import tqdm
 
+    args.prompts = args.prompts or default_prompts(args.model)
     prompts = read_prompts(args.prompts)
     if args.max_new_tokens < 1 or args.batch < 1 or args.repeats < 1:
         raise ValueError("--max-new-tokens, --batch and --repeats must be >= 1")
@@ -233,14 +242,50 @@ def run(args) -> list[dict]:
               f"({len(plan) - len(todo) + saved} of {len(plan)} done); rerun the same command to resume",
               file=sys.stderr)
         raise SystemExit(130) from None
-    rows = [done[setting_key(s, run_id)] for s in plan]
+    rows = [full_depth_row(lm, ids, reference, meta, reference_seconds, args)]
+    rows += [done[setting_key(s, run_id)] for s in plan]
+    mark_pareto(rows)
     write_outputs(rows, out, plot=not args.no_plot)
     return rows
 
 
+def full_depth_row(lm, ids, reference, meta, seconds: float, args) -> dict:
+    """The reference as a row: what every setting is measured against."""
+    n = lm.config.n_layer
+    return dict(meta, measure="full depth", threshold=None, exits=None, decay_tau=None, mean_exit_layer=n,
+                exit_histogram={str(n): sum(map(len, reference))}, weight_bytes_ratio=1.0, seconds=seconds,
+                full_depth_seconds=seconds, speedup=1.0, speedup_min=1.0, speedup_max=1.0, repeats=1,
+                agreement=1.0, loglik=sum(continuation_loglik(lm, p, t) for p, t in zip(ids, reference)) / len(ids),
+                repetition=sum(map(repetition_rate, reference)) / len(reference))
+
+
+def mark_pareto(rows: list[dict]) -> None:
+    """pareto = True for the rows no other row beats on both speed-up and log-likelihood (ties kept)."""
+    for r in rows:
+        r["pareto"] = not any(o["speedup"] >= r["speedup"] and o["loglik"] >= r["loglik"]
+                              and (o["speedup"] > r["speedup"] or o["loglik"] > r["loglik"]) for o in rows)
+
+
+def describe(row: dict) -> str:
+    if row["measure"] == "full depth":
+        return "full depth"
+    if row.get("draft_len"):
+        return f"speculative, {row['exits']}, k={row['draft_len']}"
+    tau = f", decay {row['decay_tau']:g}" if row.get("decay_tau") is not None else ""
+    return f"{row['measure']} >= {row['threshold']:g}, exits {row['exits']}{tau}"
+
+
+def pareto_summary(rows: list[dict]) -> str:
+    """The settings worth using, fastest first: each with its speed-up, log-likelihood and agreement."""
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: -r["speedup"])
+    lines = [f"- {describe(r)}: speed-up {r['speedup']:.2f} ({r['speedup_min']:.2f}..{r['speedup_max']:.2f}), "
+             f"log-likelihood {r['loglik']:.3f}, agreement {r['agreement']:.2f}" for r in front]
+    return "Worth using (no other setting is both faster and better by log-likelihood):\n" + "\n".join(lines)
+
+
 COLUMNS = ["measure", "threshold", "exits", "decay_tau", "draft_len", "mean_exit_layer", "weight_bytes_ratio",
            "acceptance_rate", "speedup", "speedup_min", "speedup_max", "agreement", "loglik",
-           "repetition"]
+           "repetition", "pareto"]
 
 
 def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
@@ -251,41 +296,54 @@ def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
         writer.writerows([dict(r, exit_histogram=json.dumps(r["exit_histogram"])) for r in rows])
     plt = pyplot() if plot else None
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        markers = "osD^vP*X"
-        exit_sets = list(dict.fromkeys(str(r["exits"]) for r in rows))
-        measures = list(dict.fromkeys(r["measure"] for r in rows))
-        series = itertools.product(enumerate(exit_sets), enumerate(measures))
-        for n, ((i, exit_set), (j, measure)) in enumerate(series):
-            pts = sorted((r for r in rows if str(r["exits"]) == exit_set and r["measure"] == measure),
-                         key=lambda r: (r["threshold"] is None, r["threshold"] or 0, r.get("draft_len") or 0))
-            if not pts:
-                continue
-            x = [r["speedup"] for r in pts]
-            err = [[r["speedup"] - r.get("speedup_min", r["speedup"]) for r in pts],
-                   [r.get("speedup_max", r["speedup"]) - r["speedup"] for r in pts]]
-            colour = colours[n % len(colours)]  # one colour per curve, one marker per exit set
-            ax.errorbar(x, [r["loglik"] for r in pts], xerr=err, fmt=markers[i % len(markers)] + "-", lw=0.8,
-                        color=colour, label=f"{measure}, exits {exit_set}", capsize=2, ms=5)
-            for end, r in enumerate((pts[0], pts[-1]) if len(pts) > 1 else pts):  # label each curve's ends only
-                label = f"k={r['draft_len']}" if r.get("draft_len") else f"{r['threshold']:g}"
-                ax.annotate(label, (r["speedup"], r["loglik"]), fontsize=7, color=colour, textcoords="offset points",
-                            xytext=(5, (-1) ** end * (5 + 8 * j)))  # curves' labels stacked apart
+        plot_rows(plt, rows, out / "ablation.png")
+
+
+def plot_rows(plt, rows: list[dict], path: Path) -> None:
+    """Log-likelihood and agreement against the measured speed-up: a curve per (measure, exit set) drawn in
+    speed-up order, the full-depth reference as a star, the Pareto front circled and labelled."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    settings = [r for r in rows if r["measure"] != "full depth"]
+    curves = list(dict.fromkeys((r["measure"], str(r["exits"])) for r in settings))
+    exit_sets = list(dict.fromkeys(str(r["exits"]) for r in settings))
+    for ax, key, label in ((axes[0], "loglik", "full model's mean log-likelihood of the output"),
+                           (axes[1], "agreement", "token agreement with full depth")):
+        for n, (measure, exit_set) in enumerate(curves):
+            pts = sorted((r for r in settings if (r["measure"], str(r["exits"])) == (measure, exit_set)),
+                         key=lambda r: r["speedup"])  # speed-up order: no zig-zag
+            err = [[r["speedup"] - r["speedup_min"] for r in pts], [r["speedup_max"] - r["speedup"] for r in pts]]
+            ax.errorbar([r["speedup"] for r in pts], [r[key] for r in pts], xerr=err, lw=0.8, capsize=2, ms=5,
+                        fmt=markers[exit_sets.index(exit_set) % len(markers)] + "-", color=colours[n % len(colours)],
+                        label=f"{measure}, exits {exit_set}")
+        for r in rows:
+            if r["measure"] == "full depth":
+                ax.plot([r["speedup"]], [r[key]], "k*", ms=11, label="full depth")
+        front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["speedup"])
+        ax.plot([r["speedup"] for r in front], [r[key] for r in front], "o", mfc="none", mec="black", ms=11,
+                label="Pareto front (speed-up, log-likelihood)")
+        if key == "loglik":  # labels on the front only, alternating above and below
+            for i, r in enumerate(front):
+                text = "full depth" if r["measure"] == "full depth" else (
+                    f"k={r['draft_len']}" if r.get("draft_len") else f"{r['measure']} {r['threshold']:g}")
+                ax.annotate(text, (r["speedup"], r[key]), fontsize=7, textcoords="offset points",
+                            xytext=(6, 9 if i % 2 else -13))
         ax.axvline(1.0, color="gray", lw=0.5)
-        ax.set_xlabel("measured speed-up vs full depth (median, min..max of interleaved pairs)")
-        ax.set_ylabel("full model's mean log-likelihood of the output")
-        ax.set_title(f"{rows[0]['model']}\n{rows[0]['device']}, {rows[0]['dtype']}", fontsize=8)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        fig.savefig(out / "ablation.png", dpi=120)
-        plt.close(fig)
+        ax.set_xlabel("measured speed-up vs full depth (median, min..max)")
+        ax.set_ylabel(label)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{rows[0]['model']} | {rows[0]['device']}, {rows[0]['dtype']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="text file, one prompt per line")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: the model folder's prompts.txt, "
+                   "else bench/prompts.txt)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
                    help="confidence thresholds to sweep")
     p.add_argument("--measures", nargs="+", default=["max-prob", "margin", "cosine"],
@@ -319,6 +377,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main_args(args) -> int:
     rows = run(args)
     print(markdown_table(rows, COLUMNS))
+    print(pareto_summary(rows))
     plotted = not args.no_plot and (Path(args.out) / "ablation.png").exists()
     print(f"wrote {args.out}/ablation.jsonl, ablation.csv" + (", ablation.png" if plotted else ""))
     return 0

@@ -174,6 +174,7 @@ def write_fp16(src: Path, dest: Path) -> None:
     config["torch_dtype"] = config["dtype"] = "float16"
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copy(src.parent / "base" / "base_report.json", dest / "base_report.json")
+    shutil.copy(Path(__file__).with_name("shakespeare_prompts.txt"), dest / "prompts.txt")  # prompts in its domain
 
 
 def main(argv=None) -> int:

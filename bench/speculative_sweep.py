@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from mexit.bench.ablate import encode, read_prompts
+from mexit.bench.ablate import default_prompts, encode, read_prompts
 from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, write_results
 
-DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 COLUMNS = ["draft_exit", "draft_len", "draft_threshold", "acceptance_rate", "tokens_per_verification",
            "weight_bytes_ratio", "launches_ratio", "speedup", "speedup_min", "speedup_max", "lossless"]
 
@@ -65,7 +64,7 @@ def sweep(args) -> list[dict]:
                 for e in exits for k in args.draft_lens for t in args.thresholds]
     for s in settings:
         s.validate_for(lm.model, mexit.DecodeConfig())
-    ids, encoding = encode(lm, read_prompts(args.prompts))
+    ids, encoding = encode(lm, read_prompts(args.prompts or default_prompts(args.model)))
     ids = ids[: args.n_prompts]
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=str(args.model), encoding=encoding,
                 n_prompts=len(ids), max_new_tokens=args.max_new_tokens, batch=args.batch, backend=lm.backend.name,
@@ -104,7 +103,8 @@ def sweep(args) -> list[dict]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="multi-exit checkpoint folder")
-    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="text file, one prompt per line")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: the model folder's prompts.txt, "
+                   "else bench/prompts.txt)")
     p.add_argument("--n-prompts", type=int, default=10, help="prompts used (the first N)")
     p.add_argument("--draft-exits", type=int, nargs="*", help="default: every exit below the top layer")
     p.add_argument("--draft-lens", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="drafts per verification")

@@ -1,5 +1,6 @@
 """The latency benchmark and the threshold ablation run on CPU on a tiny checkpoint: fields and invariants."""
 
+import csv
 import json
 
 import pytest
@@ -98,7 +99,16 @@ def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, 
         m.setattr(ablate, "evaluate", lambda *a, **k: pytest.fail("a finished setting ran again"))
         assert ablate.main(argv) == 0
     assert len((out / "ablation.jsonl").read_text().splitlines()) == len(rows)
-    assert (out / "ablation.csv").read_text().count("\n") == len(rows) + 1
+    table = list(csv.DictReader((out / "ablation.csv").open()))
+    assert len(table) == len(rows) + 1 and table[0]["measure"] == "full depth"  # the reference is a row too
+    reference = table[0]
+    assert float(reference["speedup"]) == 1.0 and float(reference["agreement"]) == 1.0
+    assert float(reference["loglik"]) == pytest.approx(full[0]["loglik"], abs=1e-6)
+    for r in table:  # a row is on the Pareto front iff no other row is both faster and better
+        beaten = any(float(o["speedup"]) >= float(r["speedup"]) and float(o["loglik"]) >= float(r["loglik"])
+                     and (float(o["speedup"]) > float(r["speedup"]) or float(o["loglik"]) > float(r["loglik"]))
+                     for o in table)
+        assert (r["pareto"] == "True") == (not beaten)
     # other run settings (here deferred propagation) measure other speed-ups: nothing is reused
     again = ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.4], propagation=["deferred"])
     assert ablate.main(again) == 0
