@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl_options
+from .launch import interpreted, pdl_options
 
 SPLIT_FROM = 512  # caches shorter than this are never split
 SPLIT_SLOTS = 128  # a split covers at least this many slots
@@ -126,10 +126,11 @@ def multiprocessors(device: torch.device) -> int:
 
 def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, valid: torch.Tensor,
                      slot: torch.Tensor, skip: torch.Tensor | None = None, splits: int | None = None,
-                     block_t: int = 64, scale: float | None = None, pdl: bool = False) -> torch.Tensor:
+                     block_t: int | None = None, scale: float | None = None, pdl: bool = False) -> torch.Tensor:
     """Triton version of `decode_attention_ref`: qkv [B, 3d], cache_k / cache_v [B, H, T, hd] contiguous (written
     at `slot`), valid [B, T] bool (slot marked), slot [1] int64, one float dtype; hd a power of two. splits: how
-    many programs share a row's cache (default `choose_splits`); scale: of the scores (default 1/sqrt(hd)); pdl:
+    many programs share a row's cache (default `choose_splits`); block_t: slots per loop step (default 64, 256 under
+    the interpreter); scale: of the scores (default 1/sqrt(hd)); pdl:
     launch with programmatic dependent launch (`kernels.launch`). Returns y [B, d]."""
     B, H, T, hd = cache_k.shape
     d = H * hd
@@ -138,6 +139,7 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
                          f"valid {tuple(valid.shape)}")
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()) or hd & (hd - 1):
         raise ValueError(f"the cache must be contiguous with a power-of-two head size, got head size {hd}")
+    block_t = block_t or (256 if interpreted() else 64)  # slots per loop step (the interpreter: fewer steps)
     splits = splits or choose_splits(B, H, T, qkv.device)
     chunk = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
     splits = triton.cdiv(T, chunk)

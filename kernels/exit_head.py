@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .exit_head_ref import ExitHeadOutput
-from .launch import pdl_options
+from .launch import interpreted, pdl_options
 from .step_epilogue import arrive, embed_block, finish_row
 from .step_epilogue_ref import StepIO
 from .tiles import dot_acc, normalized_tile, row_stats
@@ -158,6 +158,12 @@ def tile_config(batch: int) -> dict:
     return dict(BLOCK_B=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3)
 
 
+def interpreter_config(batch: int, d: int) -> dict:
+    """Under the interpreter: every row in one block, vocabulary tiles of 1024 (a few dozen programs)."""
+    return dict(BLOCK_B=max(16, triton.next_power_of_2(batch)), BLOCK_V=1024,
+                BLOCK_D=min(256, triton.next_power_of_2(d)), num_warps=4, num_stages=1)
+
+
 def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_weight: torch.Tensor, ln_bias: torch.Tensor,
               eps: float, heads: list[torch.Tensor], with_logprobs: bool = False, config: dict | None = None,
               skip: torch.Tensor | None = None, emit: StepIO | None = None, pdl: bool = False) -> ExitHeadOutput:
@@ -180,7 +186,7 @@ def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_weight: torch.Te
     if emit is not None and (E != 1 or skip is not None or emit.tokens.shape[0] != B):
         raise ValueError("emit takes one exit over the step's rows, without a skip flag")
     xs = [x.contiguous() for x in xs]
-    cfg = dict(config or tile_config(B))
+    cfg = dict(config or (interpreter_config(B, D) if interpreted() else tile_config(B)))
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     dev = xs[0].device
     logits = torch.empty(E, B, V, device=dev, dtype=torch.float32)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl_options
+from .launch import interpreted, pdl_options
 from .tiles import ln_matmul, weight_tile
 
 
@@ -96,6 +96,12 @@ def tile_config(rows: int, cols: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)  # 4 warps spill (triton 3.6)
 
 
+def interpreter_config(rows: int, cols: int, k: int) -> dict:
+    """Under the interpreter: one row block and tiles of up to 256 x 256 (a handful of programs)."""
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=min(256, triton.next_power_of_2(cols)),
+                BLOCK_K=min(256, triton.next_power_of_2(k)), num_warps=4, num_stages=1)
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  ln: tuple[torch.Tensor, torch.Tensor, float] | None = None, gelu: bool = False,
                  residual: torch.Tensor | None = None, live: torch.Tensor | None = None,
@@ -120,7 +126,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         raise ValueError("x, weight, bias and residual must share one dtype")
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
-    cfg = dict(config or tile_config(M, N))
+    cfg = dict(config or (interpreter_config(M, N, K) if interpreted() else tile_config(M, N)))
     if config is None and skip is not None and (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (16, 32):
         cfg["num_warps"] = 8  # at 4 warps the skippable variant spills on sm_90a (bench/aot_compile.py)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)

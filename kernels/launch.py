@@ -1,4 +1,4 @@
-"""Host-side launch settings the kernels share: programmatic dependent launch (PDL)."""
+"""Host-side launch settings the kernels share: programmatic dependent launch (PDL), the interpreter's tiles."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def pdl_supported(device: torch.device) -> bool:
 @functools.cache
 def _capability(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
+
+
+def interpreted() -> bool:
+    """Whether kernels run under Triton's interpreter (CPU tensors): each program then runs one after another in
+    Python, so the launch settings use few, large tiles instead of the GPU's many small ones."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pdl_options(pdl: bool) -> dict:

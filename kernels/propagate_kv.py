@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl_options
+from .launch import interpreted, pdl_options
 from .tiles import ln_matmul, weight_tile
 
 
@@ -70,8 +70,12 @@ def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w
         return
     h, rows, slots = h.contiguous(), rows.contiguous(), slots.contiguous()
     block_m = 16 if N <= 16 else 64
-    grid = (triton.cdiv(2 * D, 64), end - start, triton.cdiv(N, block_m))
+    block_n = block_k = 64
+    if interpreted():  # few, large tiles
+        block_m, block_n, block_k = max(16, triton.next_power_of_2(N)), min(256, 2 * D), min(256, D)
+    grid = (triton.cdiv(2 * D, block_n), end - start, triton.cdiv(N, block_m))
     _propagate_kv[grid](h, ln_w, ln_b, attn_w, attn_b, cache_k, cache_v, rows, slots, N, D, B, H, T, start, eps,
-                        HEAD_DIM=hd, FP32_IEEE=h.dtype == torch.float32, USE_PDL=pdl, BLOCK_M=block_m, BLOCK_N=64,
-                        BLOCK_K=64, num_warps=4 if block_m == 16 and not pdl else 8,  # else 4 warps spill (aot_compile)
+                        HEAD_DIM=hd, FP32_IEEE=h.dtype == torch.float32, USE_PDL=pdl, BLOCK_M=block_m,
+                        BLOCK_N=block_n, BLOCK_K=block_k,
+                        num_warps=4 if block_m == 16 and not pdl else 8,  # else 4 warps spill (aot_compile)
                         **pdl_options(pdl))
