@@ -73,6 +73,10 @@ def add_generate_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--input-ids", action="append", type=parse_ints, help="comma-separated token ids (repeatable)")
+    src.add_argument("--prompts-file", help="a data set: one prompt per line, or JSONL objects with \"prompt\" or "
+                     "\"input_ids\" (and an optional \"id\"); needs --out")
+    p.add_argument("--out", help="--prompts-file: JSONL written in input order, one line per prompt (a rerun resumes)")
+    p.add_argument("--batch", type=int, default=8, help="--prompts-file: prompts per generate call")
     p.add_argument("--mode", default="original",
                    choices=["original", "exit", "contrast", "early-exit", "speculative"],
                    help="original head, one exit (--exit-layer), ACD (--contrast), confidence-gated early exit, or "
@@ -154,6 +158,12 @@ def check_generate_flags(args) -> None:
         raise UsageError(f"--exits lists a layer twice: {args.exits}")
     if args.stream and args.json:
         raise UsageError("--stream and --json are exclusive (JSON is printed once at the end)")
+    if args.prompts_file and not args.out:
+        raise UsageError("--prompts-file needs --out (the JSONL the results go to)")
+    if args.out and not args.prompts_file:
+        raise UsageError("--out goes with --prompts-file (use --json to print one prompt batch's results)")
+    if args.prompts_file and (args.stream or args.json):
+        raise UsageError("--prompts-file writes its results to --out: --stream and --json do not apply")
     if args.stream and len(args.prompt or args.input_ids or []) != 1:
         raise UsageError("--stream prints the text of one prompt: pass exactly one")
 
@@ -290,6 +300,30 @@ def strict_json(value):
     return value
 
 
+def generate_kwargs(args) -> dict:
+    """`generate` keyword arguments of the mode, lengths and sampling flags (not the prompts, seed or callback)."""
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p)
+    if args.no_eos:
+        kw["eos_token_id"] = None
+    if args.mode == "early-exit":
+        from mexit.decoding.early_exit import ExitPolicy
+
+        kw["early_exit"] = ExitPolicy(threshold=args.threshold, measure=args.measure,
+                                      exits=tuple(args.exits) if args.exits else None, min_layer=args.min_layer,
+                                      decay_tau=args.decay_tau, max_steps=args.max_new_tokens,
+                                      propagation=args.propagation, schedule=args.schedule)
+        return kw
+    if args.mode == "speculative":
+        from mexit.decoding.speculative import SpeculativeConfig
+
+        kw["speculative"] = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold)
+    else:
+        kw["mode"] = args.mode
+    return dict(kw, exit_layer=args.exit_layer, contrast=args.contrast, alpha=args.alpha,
+                min_candidates=args.min_candidates)
+
+
 def run_generate(args) -> int:
     check_generate_flags(args)
     lm = load_lm(args)
@@ -302,31 +336,16 @@ def run_generate(args) -> int:
                  if getattr(args, n) is not None]
     if unsampled and not (args.do_sample or lm.defaults.get("do_sample")):
         warnings.warn(f"{', '.join(unsampled)} unused: greedy decoding (add --do-sample to sample)", stacklevel=2)
-    common = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p,
-                  seed=args.seed, on_token=timer.on_token)
-    if args.no_eos:
-        common["eos_token_id"] = None
-    if args.mode == "early-exit":
-        from mexit.decoding.early_exit import ExitPolicy
+    kw = generate_kwargs(args)
+    if args.prompts_file:
+        from mexit.frontends.datasets import generate_file
 
-        policy = ExitPolicy(threshold=args.threshold, measure=args.measure,
-                            exits=tuple(args.exits) if args.exits else None, min_layer=args.min_layer,
-                            decay_tau=args.decay_tau, max_steps=args.max_new_tokens, propagation=args.propagation,
-                            schedule=args.schedule)
-        timer.begin()
-        result = lm.generate(prompts, early_exit=policy, **common)
-    elif args.mode == "speculative":
-        from mexit.decoding.speculative import SpeculativeConfig
-
-        spec = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold)
-        timer.begin()
-        result = lm.generate(prompts, exit_layer=args.exit_layer, contrast=args.contrast, alpha=args.alpha,
-                             min_candidates=args.min_candidates, speculative=spec, **common)
-    else:
-        timer.begin()
-        result = lm.generate(prompts, mode=args.mode, exit_layer=args.exit_layer, contrast=args.contrast,
-                             alpha=args.alpha, min_candidates=args.min_candidates, **common)
+        summary = generate_file(lm, args.prompts_file, args.out, args.batch, seed=args.seed, **kw)
+        seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
+        print(f"wrote {args.out}: {summary['written']} prompts ({summary['skipped']} already there{seed})")
+        return 0
+    timer.begin()
+    result = lm.generate(prompts, seed=args.seed, on_token=timer.on_token, **kw)
     timing = timer.report(len(result.tokens))
     if args.stream:
         timer.write_stream(final=True)

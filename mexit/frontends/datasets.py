@@ -1,0 +1,94 @@
+"""Generation over a data set: a prompts file in, one JSON line per prompt out, in input order, batched and
+resumable (`mexit generate --prompts-file`).
+
+Input: a text file with one prompt per line, or JSONL with one object per line holding "prompt" (text) or
+"input_ids" (token ids) and optionally "id". Output: JSONL, one object per prompt with its index, id, prompt,
+tokens (and text, exit layers, drafted flags where the mode has them), written as each batch finishes. A rerun
+skips the prompts the file already holds. Sampled runs give row i the seed `seed + i`, so a prompt gets the same
+tokens whatever the batch size, the resume point or the machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_prompt_file(path) -> list[dict]:
+    """[{"index", "prompt" | "input_ids", "id"?}] from a text file (one prompt per line) or JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"prompts file {path} holds no prompt")
+    if path.suffix != ".jsonl":
+        return [{"index": i, "prompt": line.strip()} for i, line in enumerate(lines)]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {i + 1} is not JSON: {err.msg}") from None
+        if not isinstance(item, dict) or ("prompt" in item) == ("input_ids" in item):
+            raise ValueError(f"{path} line {i + 1}: an object with either \"prompt\" or \"input_ids\"")
+        record = {"index": i, **{k: item[k] for k in ("id", "prompt", "input_ids") if k in item}}
+        records.append(record)
+    return records
+
+
+def finished_indices(out: Path, records: list[dict]) -> set[int]:
+    """Indices an earlier run already wrote to `out` (each checked against this prompts file)."""
+    if not out.exists():
+        return set()
+    done = set()
+    for n, line in enumerate(out.read_text().splitlines()):
+        row = json.loads(line)
+        i = row.get("index")
+        if not isinstance(i, int) or i >= len(records) or any(row.get(k) != records[i].get(k)
+                                                              for k in ("prompt", "input_ids", "id")):
+            raise ValueError(f"{out} line {n + 1} does not belong to this prompts file: use another --out")
+        done.add(i)
+    return done
+
+
+def generate_file(lm, prompts_file, out, batch: int = 8, seed: int | None = None, progress: bool = True,
+                  **generate_kw) -> dict:
+    """Generate for every prompt of `prompts_file` into `out` (JSONL), `batch` prompts per call; generate_kw go to
+    `lm.generate` (mode, lengths, sampling). Returns {"prompts", "skipped", "written", "seed"}."""
+    import torch
+
+    records = read_prompt_file(prompts_file)
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    out = Path(out)
+    done = finished_indices(out, records)
+    sampling = generate_kw.get("do_sample") or lm.defaults.get("do_sample")
+    if sampling and seed is None:
+        seed = int(torch.randint(2**31 - 1 - len(records), ()))
+    todo = [r for r in records if r["index"] not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    with open(out, "a") as f, tqdm(total=len(records), initial=len(done), desc="generate", unit="prompt",
+                                   disable=not progress) as bar:
+        for start in range(0, len(todo), batch):
+            chunk = todo[start: start + batch]
+            prompts = [r["prompt"] if "prompt" in r else r["input_ids"] for r in chunk]
+            if len({"prompt" in r for r in chunk}) > 1:  # text and ids in one batch: ids for all
+                prompts = [lm.encode(p)[0] if isinstance(p, str) else p for p in prompts]
+            seeds = [seed + r["index"] for r in chunk] if sampling else None
+            result = lm.generate(prompts, seed=seeds, **generate_kw)
+            for b, r in enumerate(chunk):
+                row = dict(r, tokens=result.tokens[b])
+                if result.text is not None:
+                    row["text"] = result.text[b]
+                if result.exit_layers is not None:
+                    row["exit_layers"] = result.exit_layers[b]
+                if result.drafted is not None:
+                    row["drafted"] = result.drafted[b]
+                if sampling:
+                    row["seed"] = seeds[b]
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+    return {"prompts": len(records), "skipped": len(done), "written": len(todo), "seed": seed}
