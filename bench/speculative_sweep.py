@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from mexit.bench.ablate import default_prompts, encode, read_prompts
-from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, write_results
+from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, set_threads, write_results
 
 COLUMNS = ["draft_exit", "draft_len", "draft_threshold", "acceptance_rate", "tokens_per_verification",
            "weight_bytes_ratio", "launches_ratio", "speedup", "speedup_min", "speedup_max", "lossless"]
@@ -56,7 +56,9 @@ def launches_per_token(lm, ids, max_new, batch, **kw) -> float:
 def sweep(args) -> list[dict]:
     import mexit
     from mexit.decoding.speculative import SpeculativeConfig
+    from mexit.model.checkpoint import resolve_device
 
+    set_threads(args.threads, resolve_device(args.device))
     lm = mexit.load(args.model, device=args.device, backend=args.backend, engine=args.engine)
     config = lm.config
     exits = args.draft_exits or [e for e in config.exit_layers if e < config.n_layer]
@@ -113,6 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
     p.add_argument("--repeats", type=int, default=3, help="interleaved (full depth, setting) timing pairs")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else 1 on CPU)")
     p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"], help="ops backend")
     p.add_argument("--engine", default="eager", choices=["auto", "eager", "static", "graph"],
                    help="decode engine (graph: CUDA graphs of the draft, lower and verification pieces)")

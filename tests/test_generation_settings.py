@@ -158,3 +158,19 @@ def test_autocontrastive_gen_configuration_forms():
         MultiExitConfiguration(contrast_layer_indices=(8, 4))  # at construction, as autocontrastive-gen does
     with pytest.raises(ValueError, match="must be True or False"):
         MultiExitConfiguration(use_original_head="no")
+
+
+@pytest.mark.parametrize("engine", ["static", "eager"])
+def test_the_drop_in_streamer_stops_with_the_row(engine, capsys):
+    """transformers' TextStreamer through the drop-in: the text ends where the row does (no eos text repeated
+    until the engine's next all-finished check)."""
+    from transformers import AutoTokenizer, TextStreamer
+
+    model = FastMultiExitModel.from_pretrained(SMALL, engine=engine)
+    tokenizer = AutoTokenizer.from_pretrained(SMALL)
+    ids = tokenizer("ROMEO. But soft,", return_tensors="pt").input_ids
+    free = model.generate(ids, max_new_tokens=30, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    eos = free[3]
+    capsys.readouterr()
+    model.generate(ids, max_new_tokens=30, eos_token_id=eos, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    assert capsys.readouterr().out == tokenizer.decode(free[: free.index(eos) + 1]) + "\n"
