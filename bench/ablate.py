@@ -24,7 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-from mexit.bench.common import add_subcommand, markdown_table, pyplot, run_metadata, script_main, set_threads
+from mexit.bench.common import (
+    add_subcommand,
+    markdown_table,
+    pyplot,
+    run_metadata,
+    script_main,
+    set_threads,
+    spread_note,
+)
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 
@@ -156,8 +164,14 @@ def evaluate(lm, ids, setting, reference, args) -> dict:
         times.append(seconds)
     flat = [x for row in layers for x in row]
     histogram = {str(layer): flat.count(layer) for layer in sorted(set(flat))}
+    note = spread_note(statistics.median(ratios), min(ratios), max(ratios))
+    if note:
+        print(f"warning: {setting['measure']} {setting['threshold']}: speed-up {note}", file=sys.stderr)
+        extra_note = {"note": note}
+    else:
+        extra_note = {}
     agree = [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(tokens, reference)]
-    extra = dict(weight_bytes_ratio=stats["weight_bytes"] / stats["full_depth_weight_bytes"])
+    extra = dict(extra_note, weight_bytes_ratio=stats["weight_bytes"] / stats["full_depth_weight_bytes"])
     if "draft_len" in setting:
         extra.update(draft_len=setting["draft_len"], acceptance_rate=stats["accepted"] / max(stats["drafted"], 1))
     return dict(
