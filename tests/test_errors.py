@@ -73,6 +73,7 @@ def test_hub_id_offline(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
     with pytest.raises(FileNotFoundError, match="pass its local folder"):
         mexit.load("IBM/gpt2-medium-multiexit")
 
@@ -210,7 +211,7 @@ def test_non_finite_tensor_is_refused_by_name(checkpoint, name, value, capsys):
 
     edit_state(checkpoint, poison)
     before = digest(checkpoint)
-    with pytest.raises(ValueError, match=f"non-finite values .* {name}"):
+    with pytest.raises(ValueError, match=rf"{name} holds non-finite values \(NaN or inf\)"):
         mexit.load(checkpoint)
     assert main(["generate", "--model", str(checkpoint), "--input-ids", "1,2"]) == 2
     assert name in capsys.readouterr().err
@@ -221,7 +222,8 @@ def test_non_finite_tensor_is_refused_by_name(checkpoint, name, value, capsys):
 def test_overflow_in_half_precision_is_refused(checkpoint):
     edit_state(checkpoint, lambda s: s["transformer.h.0.mlp.c_proj.weight"].view(-1).__setitem__(3, 1e6))
     mexit.load(checkpoint)  # fine in fp32
-    with pytest.raises(ValueError, match=r"transformer.h.\*.mlp.c_proj.weight \(in float16\)"):
+    with pytest.raises(ValueError, match=r"transformer.h.0.mlp.c_proj.weight holds values up to 1e\+06, beyond "
+                                         r"float16's range \(\+-6.55e\+04\)"):
         mexit.load(checkpoint, dtype="fp16")
 
 

@@ -105,8 +105,15 @@ def test_random_model_and_roundtrip(tmp_path):
     torch.testing.assert_close(loaded.w.exit_heads[1], model.w.exit_heads[1])
 
 
-def test_hub_id_resolves_through_huggingface_hub(tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("repo_files,weights", [
+    (["config.json", "model.safetensors", "pytorch_model.bin"], ["model.safetensors"]),
+    (["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin", "README.md"],
+     ["pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]),
+])
+def test_hub_id_downloads_one_layout(tiny_checkpoint, monkeypatch, repo_files, weights):
     import huggingface_hub
+
+    from mexit.model.files import METADATA_FILES
 
     asked = []
 
@@ -114,7 +121,22 @@ def test_hub_id_resolves_through_huggingface_hub(tiny_checkpoint, monkeypatch):
         asked.append((repo_id, allow_patterns))
         return str(tiny_checkpoint[0])
 
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **_kw: repo_files)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     lm = mexit.load("IBM/gpt2-medium-multiexit")
-    assert asked[0][0] == "IBM/gpt2-medium-multiexit" and "*.safetensors" in asked[0][1]
+    assert asked == [("IBM/gpt2-medium-multiexit", [*METADATA_FILES, *weights])]
     assert lm.config.exit_layers == (1, 2, 3, 4) and lm.tokenizer is not None
+
+
+def test_hub_id_offline_uses_the_cached_snapshot(tiny_checkpoint, monkeypatch):
+    import huggingface_hub
+
+    def offline(*_a, **_kw):
+        raise ConnectionError("no network")
+
+    cached = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: cached.append(kw) or str(tiny_checkpoint[0]))
+    assert mexit.load("IBM/gpt2-medium-multiexit").config.n_layer == 4
+    assert cached == [{"local_files_only": True}]

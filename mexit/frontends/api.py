@@ -277,7 +277,8 @@ def load(path_or_id, dtype=None, device=None, backend: str = "auto", engine: str
          check_weights: bool = True, pdl: bool = False) -> MultiExitLM:
     """Load a GPT-2 or multi-exit GPT-2 checkpoint (local folder or hub id) ready to `generate`.
 
-    dtype: fp32 / fp16 / bf16; None: fp16 on CUDA, fp32 elsewhere (the CLI and the drop-in use the same rule).
+    dtype: fp32 / fp16 / bf16, or "auto" (the stored dtype); None: fp16 on CUDA, fp32 elsewhere (the CLI and the
+    drop-in use the same rule).
     backend: ops through "triton" kernels or the "torch" references (auto: triton on CUDA).
     engine: "graph" (CUDA graphs), "static" (the same steps without capture) or "eager" (auto: graph on CUDA).
     compile: torch.compile the static steps' layers (torch backend). check_weights: refuse tensors that hold NaN or

@@ -1,4 +1,5 @@
-"""Command line: `mexit generate`, `mexit train-heads`, `mexit bench`, `mexit ablate`, `mexit bench-speculative`.
+"""Command line: `mexit generate`, `mexit train-heads`, `mexit convert`, `mexit bench`, `mexit ablate`,
+`mexit bench-speculative`.
 
 A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
 keeps its traceback and exits 1."""
@@ -223,6 +224,34 @@ def run_train_heads(args) -> int:
     return 0
 
 
+def add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="rewrite a checkpoint as safetensors in a chosen dtype (loads faster, smaller)",
+                       formatter_class=help_formatter(),
+                       description="Reads any layout mexit loads (pytorch_model.bin, sharded .bin, safetensors) and "
+                                   "writes safetensors (sharded with an index above --shard-size), config.json with "
+                                   "the source's fields, generation_config.json and the tokenizer files. The output "
+                                   "loads in mexit and in transformers' GPT2LMHeadModel.")
+    p.add_argument("src", help="checkpoint folder or hub id")
+    p.add_argument("out", help="output folder (new, or holding no weights)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="stored dtype (default: the source's)")
+    p.add_argument("--shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB")
+    p.add_argument("--no-weight-check", action="store_true", help="skip the NaN / inf / range check of the tensors")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args) -> int:
+    from mexit.model.files import weight_files
+    from mexit.model.save import convert, parse_size
+
+    parse_size(args.shard_size)  # a bad size fails before the read
+    out = convert(args.src, args.out, dtype=args.dtype, max_shard_size=args.shard_size,
+                  check_weights=not args.no_weight_check)
+    files = weight_files(out)
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {out}: {len(files)} safetensors file(s), {size / 1e9:.2f} GB")
+    return 0
+
+
 def warn_ignored_compile(lm) -> None:
     if lm.compile and (lm.engine == "eager" or lm.backend.triton):
         warnings.warn(f"--compile ignored: nothing is compiled on the {lm.engine} engine with the {lm.backend.name} "
@@ -391,6 +420,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate_parser(sub)
     add_train_heads_parser(sub)
+    add_convert_parser(sub)
     from mexit.bench.ablate import add_parser as add_ablate_parser
     from mexit.bench.latency import add_parser as add_bench_parser
     from mexit.bench.speculative_sweep import add_parser as add_speculative_parser

@@ -9,8 +9,8 @@ pad_token_id (eos when unset) until every row has finished or max_new_tokens is 
 `return_dict_in_generate=True` with `output_scores` / `output_logits` adds per-step [B, V] tensors. `model(input_ids)`
 returns `.logits` of the configured head (ACD's log q in contrast mode) at every position, as
 autocontrastive-gen's forward does, and `.loss` with `labels=`. The object answers what scripts call after
-`from_pretrained` (`eval`, `to`, `device`, `dtype`, `config`, `generation_config`, `parameters`); what it does
-not implement raises NotImplementedError naming it.
+`from_pretrained` (`eval`, `to`, `device`, `dtype`, `config`, `generation_config`, `parameters`, `save_pretrained`);
+what it does not implement raises NotImplementedError naming it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, mode_scores
 from mexit.decoding.prompts import left_pad
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
-from mexit.model.checkpoint import resolve_device, resolve_dtype, resolve_folder
+from mexit.model.checkpoint import resolve_device, resolve_dtype
 from mexit.model.decoder import MultiExitGPT2
 from mexit.ops import TORCH
 
@@ -59,16 +59,9 @@ def resolve_device_map(device_map, device):
     return torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
 
 
-def dtype_name(torch_dtype, folder) -> str | None:
-    """transformers' torch_dtype ("auto": the checkpoint's own, a torch dtype or its name) as mexit's name."""
-    if torch_dtype is None:
-        return None
-    if torch_dtype == "auto":
-        import json
-
-        config = json.loads((folder / "config.json").read_text()) if folder is not None else {}
-        torch_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return str(torch_dtype).removeprefix("torch.")
+def dtype_name(torch_dtype) -> str | None:
+    """transformers' torch_dtype ("auto": the checkpoint's stored dtype, a torch dtype or its name) as mexit's."""
+    return None if torch_dtype is None else str(torch_dtype).removeprefix("torch.")
 
 
 class FastMultiExitModel:
@@ -96,7 +89,7 @@ class FastMultiExitModel:
             raise ValueError("pass dtype or torch_dtype, not both")
         device = resolve_device(resolve_device_map(device_map, device))
         if torch_dtype is not None:
-            dtype = dtype_name(torch_dtype, resolve_folder(path_or_id))
+            dtype = dtype_name(torch_dtype)
         lm = MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine,
                                          check_weights=check_weights)
         if mode and multi_exit_config is not None:
@@ -132,6 +125,22 @@ class FastMultiExitModel:
         from mexit.model.checkpoint import named_weights
 
         return (tensor for _name, tensor in named_weights(self.lm.model.w))
+
+    def save_pretrained(self, save_directory, max_shard_size: int | str = "50GB", safe_serialization: bool = True,
+                        is_main_process: bool = True, **kwargs) -> None:
+        """transformers' save_pretrained (its defaults): the weights in their current dtype as safetensors (sharded
+        with an index above max_shard_size), config.json keeping the source's fields, this model's
+        generation_config, and the source's tokenizer files (`mexit.model.save.save_checkpoint`). Other options
+        (push_to_hub, variant, ...) raise NotImplementedError naming them."""
+        from mexit.model.save import save_checkpoint
+
+        if kwargs:
+            raise NotImplementedError(f"save_pretrained arguments not supported by mexit: {sorted(kwargs)}")
+        if not safe_serialization:
+            raise NotImplementedError("save_pretrained(safe_serialization=False): mexit writes safetensors only")
+        if is_main_process:
+            save_checkpoint(self.lm.model, save_directory, max_shard_size)
+            self.generation_config.save_pretrained(save_directory)
 
     def to(self, *args, **kwargs) -> FastMultiExitModel:
         """`.to(device)`, `.to(dtype)` or both, as torch modules take them; moves the weights in place."""
@@ -174,7 +183,7 @@ class FastMultiExitModel:
             raise AttributeError(name)
         raise UnsupportedAttribute(f"{type(self).__name__}.{name} is not implemented by mexit's drop-in (it offers "
                                   "generate, __call__ / forward, eval, to, device, dtype, config, generation_config, "
-                                  "parameters)")
+                                  "parameters, save_pretrained)")
 
     def _settings(self, generation_config, kwargs) -> object:
         """The call's GenerationConfig: the one passed (else the model's) updated with kwargs; a field set away from

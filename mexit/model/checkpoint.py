@@ -1,20 +1,25 @@
-"""Load and save multi-exit GPT-2 checkpoints (transformers' on-disk format), and build random-weight models."""
+"""Load multi-exit GPT-2 checkpoints (transformers' on-disk layouts) into stacked weights, and build random-weight
+models."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
 from .decoder import MultiExitGPT2, Weights
+from .files import StoredTensor, hub_patterns, open_tensors
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-# checkpoint name suffix (after "transformer.h.{i}.") -> (Weights field, transpose needed)
+# checkpoint name suffix (after "transformer.h.{i}.") -> Weights field (stacked over layers)
 _BLOCK_TENSORS = {
     "ln_1.weight": "ln_1_w", "ln_1.bias": "ln_1_b",
     "attn.c_attn.weight": "attn_w", "attn.c_attn.bias": "attn_b",
@@ -23,7 +28,7 @@ _BLOCK_TENSORS = {
     "mlp.c_fc.weight": "fc_w", "mlp.c_fc.bias": "fc_b",
     "mlp.c_proj.weight": "fc_proj_w", "mlp.c_proj.bias": "fc_proj_b",
 }
-_IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of older files
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older files
 EXIT_HEAD_NAME = "name_to_lm_exit_head.lm_head_{}.weight"
 
 
@@ -73,24 +78,28 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_finite(state: dict[str, torch.Tensor]) -> None:
-    """Refuse NaN or infinite values, naming every tensor that holds them (one reduction per tensor)."""
-    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise ValueError(f"non-finite values (NaN or inf) in {len(bad)} tensor(s): {', '.join(sorted(bad)[:8])}"
-                         f"{' ...' if len(bad) > 8 else ''}; the checkpoint is corrupted (check_weights=False / "
-                         "--no-weight-check loads it anyway)")
+def canonical(stored: dict[str, StoredTensor], config: ModelConfig) -> dict[str, StoredTensor]:
+    """transformers' GPT2LMHeadModel names: `module.` (DataParallel) dropped, bare GPT2Model names prefixed with
+    `transformer.`; with tied embeddings a matrix stored once as `lm_head.weight` is the embedding (transformers
+    loads such files), and one stored twice is read once, from `transformer.wte.weight`."""
+    stored = {k.removeprefix("module."): v for k, v in stored.items()}
+    if "transformer.wte.weight" not in stored and "wte.weight" in stored:  # bare GPT2Model files
+        stored = {("transformer." + k if not k.startswith(("lm_head", "name_to_lm_exit_head")) else k): v
+                  for k, v in stored.items()}
+    if config.tie_word_embeddings and "lm_head.weight" in stored:
+        head = stored.pop("lm_head.weight")
+        stored.setdefault("transformer.wte.weight", head)
+    return stored
 
 
-def weights_from_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> Weights:
-    """Validate names and shapes against `config` and stack per-layer tensors. Raises naming every problem."""
+def check_layout(stored: dict[str, StoredTensor], config: ModelConfig) -> None:
+    """Names, shapes and dtypes against `config`, before any tensor is read. Raises naming every problem."""
     shapes = expected_shapes(config)
-    optional = {"lm_head.weight": (config.vocab_size, config.n_embd)}
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(k for k in state if k not in shapes and k not in optional
-                        and not k.endswith(_IGNORED_SUFFIXES))
-    wrong = [f"{k}: {tuple(state[k].shape)} (expected {s})" for k, s in {**shapes, **optional}.items()
-             if k in state and tuple(state[k].shape) != s]
+    missing = sorted(set(shapes) - set(stored))
+    unexpected = sorted(k for k in stored if k not in shapes and not k.endswith(_IGNORED_SUFFIXES))
+    wrong = [f"{k}: {s.shape} (expected {shapes[k]})" for k, s in stored.items()
+             if k in shapes and s.shape != shapes[k]]
+    not_float = [f"{k} ({s.dtype})" for k, s in stored.items() if k in shapes and not s.dtype.is_floating_point]
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
@@ -98,44 +107,180 @@ def weights_from_state_dict(state: dict[str, torch.Tensor], config: ModelConfig)
         problems.append(f"unexpected tensors (not in config.json's shape or exits): {', '.join(unexpected)}")
     if wrong:
         problems.append(f"wrong shapes: {'; '.join(wrong)}")
+    if not_float:
+        problems.append(f"not floating-point: {', '.join(not_float)}")
     if problems:
         raise ValueError("checkpoint does not match its config:\n  " + "\n  ".join(problems))
 
-    def stack(suffix):
-        return torch.stack([state[f"transformer.h.{i}.{suffix}"] for i in range(config.n_layer)])
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back a large CPU tensor not yet written with 2 MB pages (madvise MADV_HUGEPAGE; transparent huge
+    pages are in `madvise` mode on most distributions). Writing a few GB of fresh memory then costs one fault per
+    2 MB instead of per 4 KB: 2-3x less CPU time for a load on a 2-core VM (bench/load_checkpoint.py). A hint only:
+    elsewhere, or when refused, nothing happens."""
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    if end <= start:
+        return
+    _libc().madvise(start, end - start, _MADV_HUGEPAGE)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def empty_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Weights:
+    """Uninitialized weights of `config`'s shape: the buffers a load writes into (pages are touched as written,
+    huge pages asked for on the CPU)."""
+    shapes = expected_shapes(config)
+
+    def empty(*shape):
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        advise_huge_pages(tensor)
+        return tensor
 
     return Weights(
-        wte=state["transformer.wte.weight"], wpe=state["transformer.wpe.weight"],
-        **{field: stack(suffix) for suffix, field in _BLOCK_TENSORS.items()},
-        ln_f_w=state["transformer.ln_f.weight"], ln_f_b=state["transformer.ln_f.bias"],
-        exit_heads={layer: state[EXIT_HEAD_NAME.format(layer)] for layer in config.exit_layers},
-        lm_head=None if config.tie_word_embeddings else state["lm_head.weight"],
+        wte=empty(*shapes["transformer.wte.weight"]), wpe=empty(*shapes["transformer.wpe.weight"]),
+        **{field: empty(config.n_layer, *shapes[f"transformer.h.0.{suffix}"])
+           for suffix, field in _BLOCK_TENSORS.items()},
+        ln_f_w=empty(config.n_embd), ln_f_b=empty(config.n_embd),
+        exit_heads={layer: empty(config.vocab_size, config.n_embd) for layer in config.exit_layers},
+        lm_head=None if config.tie_word_embeddings else empty(config.vocab_size, config.n_embd),
     )
 
 
-def state_dict_from_weights(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
-    state = {"transformer.wte.weight": weights.wte, "transformer.wpe.weight": weights.wpe,
-             "transformer.ln_f.weight": weights.ln_f_w, "transformer.ln_f.bias": weights.ln_f_b}
+# checkpoint name -> Weights field of the unstacked tensors (exit heads aside)
+_WHOLE_FIELDS = {"transformer.wte.weight": "wte", "transformer.wpe.weight": "wpe", "transformer.ln_f.weight": "ln_f_w",
+                 "transformer.ln_f.bias": "ln_f_b", "lm_head.weight": "lm_head"}
+
+
+def checkpoint_tensors(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> the tensor of `weights` it is (per-layer names are views of the stacked buffers)."""
+    named = {name: getattr(weights, field) for name, field in _WHOLE_FIELDS.items()
+             if getattr(weights, field) is not None}  # lm_head: None when tied
     for suffix, field in _BLOCK_TENSORS.items():
         stacked = getattr(weights, field)
-        state.update({f"transformer.h.{i}.{suffix}": stacked[i] for i in range(config.n_layer)})
-    state.update({EXIT_HEAD_NAME.format(layer): w for layer, w in weights.exit_heads.items()})
-    if weights.lm_head is not None:
-        state["lm_head.weight"] = weights.lm_head
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        named.update({f"transformer.h.{i}.{suffix}": stacked[i] for i in range(config.n_layer)})
+    named.update({EXIT_HEAD_NAME.format(layer): w for layer, w in weights.exit_heads.items()})
+    return named
+
+
+class Staging:
+    """Host-to-GPU copies through one reusable pinned buffer: the cast happens on the host, into the buffer, so the
+    bus carries the target dtype and host memory holds one tensor at a time."""
+
+    def __init__(self, nbytes: int):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        stage = self.buffer[: dst.numel() * dst.element_size()].view(dst.dtype).view(dst.shape)
+        stage.copy_(src)
+        dst.copy_(stage, non_blocking=True)
+        torch.cuda.current_stream(dst.device).synchronize()  # the buffer is reused by the next tensor
+
+
+def range_problem(name: str, dst: torch.Tensor, src: torch.Tensor) -> str | None:
+    """One pass over the cast tensor: NaN propagates through aminmax, a value beyond the target dtype's range became
+    inf. Only a failing tensor reads its source again, to say which of the two happened."""
+    if dst.numel() == 0:
+        return None
+    low, high = torch.aminmax(dst)
+    if math.isfinite(low.item()) and math.isfinite(high.item()):
+        return None
+    if not bool(torch.isfinite(src).all()):
+        return f"{name} holds non-finite values (NaN or inf)"
+    dtype = str(dst.dtype).removeprefix("torch.")
+    return (f"{name} holds values up to {src.abs().max().item():.4g}, beyond {dtype}'s range "
+            f"(+-{torch.finfo(dst.dtype).max:.4g})")
+
+
+def adoptable(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """Whether a stored tensor can be the weight itself instead of being copied: no cast, no move, and laid out as
+    the buffer it replaces (contiguous, 8-byte aligned: what safetensors writers guarantee for memory mapping; torch
+    zip records are 64-byte aligned)."""
+    return (dst.device.type == "cpu" and src.dtype == dst.dtype and src.shape == dst.shape and src.is_contiguous()
+            and src.data_ptr() % 8 == 0)
+
+
+def adopt(weights: Weights, name: str, tensor: torch.Tensor, config: ModelConfig) -> None:
+    """Make `tensor` the unstacked weight `name` of `weights` in place of its buffer."""
+    exits = {EXIT_HEAD_NAME.format(layer): layer for layer in config.exit_layers}
+    if name in exits:
+        weights.exit_heads[exits[name]] = tensor
+    else:
+        setattr(weights, _WHOLE_FIELDS[name], tensor)
+
+
+def fill(weights: Weights, stored: dict[str, StoredTensor], config: ModelConfig, check: bool = True,
+         desc: str = "loading") -> None:
+    """Copy every stored tensor, in file order, straight into its place in `weights`, cast once to their dtype;
+    each entry is dropped from `stored` once read (releasing it). An unstacked tensor (embeddings, heads) that needs
+    no cast on the CPU is used as it is read instead (`adoptable`): from a memory-mapped file its weights are the
+    file's pages, shared with the page cache, as transformers does. check: one range pass per tensor; every tensor
+    holding NaN or inf, or values beyond the target dtype's range, is named in one ValueError. A progress bar
+    shows on a terminal for loads over 1 GB."""
+    from tqdm import tqdm
+
+    targets = checkpoint_tensors(weights, config)
+    unstacked = set(_WHOLE_FIELDS) | {EXIT_HEAD_NAME.format(layer) for layer in config.exit_layers}
+    staging = None
+    if weights.wte.device.type == "cuda":
+        staging = Staging(max(t.numel() * t.element_size() for t in targets.values()))
+    total = sum(stored[name].nbytes for name in targets)
+    problems = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if total > 1e9 else True,
+              leave=False) as bar:
+        for name in list(stored):
+            entry = stored.pop(name)
+            if name not in targets:  # causal-mask buffers of older files
+                continue
+            src, dst = entry.read(), targets[name]
+            if name in unstacked and adoptable(src, dst):
+                adopt(weights, name, src, config)
+                dst = src
+            elif staging is not None:
+                staging.copy(dst, src)
+            else:
+                dst.copy_(src)
+            if check and (problem := range_problem(name, dst, src)):
+                problems.append(problem)
+            bar.update(entry.nbytes)
+            del src, dst, entry
+    if problems:
+        raise ValueError(f"{len(problems)} tensor(s) cannot be loaded: {'; '.join(problems[:8])}"
+                         f"{' ...' if len(problems) > 8 else ''} (check_weights=False / --no-weight-check loads "
+                         "them anyway)")
+
+
+def state_dict_from_weights(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> contiguous CPU tensor (views of the stacked buffers where the weights are on the CPU)."""
+    return {k: v.detach().contiguous().cpu() for k, v in checkpoint_tensors(weights, config).items()}
 
 
 def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02, device="cpu", dtype=torch.float32) -> Weights:
     """GPT-2-style random init (normal(0, std) matrices and biases, unit layernorms), drawn on `device` (the
     values depend on the device's generator), stored in `dtype`."""
+    device = resolve_device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    state = {}
+    weights = empty_weights(config, dtype, device)
+    targets = checkpoint_tensors(weights, config)
     for name, shape in expected_shapes(config).items():
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            state[name] = torch.ones(shape, device=device, dtype=dtype)
+            targets[name].fill_(1.0)
         else:  # nonzero biases too, so that every bias path is exercised
-            state[name] = (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
-    return weights_from_state_dict(state, config)
+            targets[name].copy_(torch.randn(shape, generator=gen, device=device) * std)
+    return weights
 
 
 def random_model(config: ModelConfig, seed: int = 0, dtype=None, device="cpu") -> MultiExitGPT2:
@@ -144,18 +289,6 @@ def random_model(config: ModelConfig, seed: int = 0, dtype=None, device="cpu") -
     device = resolve_device(device)
     weights = random_weights(config, seed, device=device, dtype=resolve_dtype(dtype, device))
     return MultiExitGPT2(config, weights, random_weights=True)
-
-
-def save_checkpoint(model: MultiExitGPT2, folder: str | os.PathLike) -> Path:
-    """Write `config.json` + `model.safetensors` in transformers' GPT-2 layout plus the exit heads."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.to_hf().save_pretrained(folder)
-    save_file(state_dict_from_weights(model.w, model.config), folder / "model.safetensors",
-              metadata={"format": "pt"})
-    return folder
 
 
 def named_weights(weights: Weights):
@@ -171,7 +304,8 @@ def named_weights(weights: Weights):
 
 
 def resolve_folder(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id downloaded through huggingface_hub."""
+    """A local folder as is; otherwise a hub id downloaded through huggingface_hub: its metadata and the weights of
+    one layout (`files.hub_patterns`)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -179,11 +313,15 @@ def resolve_folder(path_or_id: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is a file; pass the checkpoint folder that holds config.json")
     if str(path_or_id).startswith((".", "/", "~")) or os.sep + os.sep in str(path_or_id):
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
+    repo = str(path_or_id)
     try:
-        return Path(snapshot_download(str(path_or_id), allow_patterns=[
-            "*.json", "*.safetensors", "pytorch_model.bin", "*.txt", "*.model"]))
+        try:
+            patterns = hub_patterns(list_repo_files(repo))
+        except Exception:  # offline: a snapshot downloaded earlier, if any
+            return Path(snapshot_download(repo, local_files_only=True))
+        return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as err:  # hub unreachable, unknown id, gated repo...
         raise FileNotFoundError(
             f"{path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
@@ -191,60 +329,11 @@ def resolve_folder(path_or_id: str | os.PathLike) -> Path:
         ) from err
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """One safetensors file; a truncated or corrupted file is a ValueError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # bad header, short file, bad offsets
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted: {reason})") from None
-
-
-def read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """`pytorch_model.bin` with weights_only=True: a file holding other objects is refused without running it."""
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        import re
-
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        detail = f" (it asks for {found.group(1)})" if found else ""
-        raise ValueError(f"refused to load {path}: it holds pickled objects other than tensors{detail}, and mexit "
-                         "never runs a checkpoint's code; convert it to safetensors with a tool you trust") from None
-    except (RuntimeError, OSError, EOFError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted: {reason})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return state
-
-
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """safetensors (single or sharded) preferred; `pytorch_model.bin` loaded with weights_only=True."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.exists():
-        return read_safetensors(single)
-    if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
-            raise ValueError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err})") from None
-        state = {}
-        for shard in shards:
-            if not (folder / shard).exists():
-                raise FileNotFoundError(f"shard {shard} listed in {index.name} is missing from {folder}")
-            state.update(read_safetensors(folder / shard))
-        return state
-    binary = folder / "pytorch_model.bin"
-    if binary.exists():
-        return read_pickle(binary)
-    raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors, a sharded "
-                            "model.safetensors.index.json, or pytorch_model.bin")
+def stored_state(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors of `folder` that `config` uses, as stored (memory-mapped where the file allows; not cast)."""
+    stored = canonical(open_tensors(folder), config)
+    check_layout(stored, config)
+    return {name: stored[name].read() for name in expected_shapes(config)}
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -267,23 +356,23 @@ def read_config(folder: Path) -> ModelConfig:
 
 
 def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: bool = True) -> MultiExitGPT2:
-    """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id) onto `device` (None: cuda when available) in
-    `dtype` (None: fp16 on CUDA, fp32 elsewhere). check_weights: refuse tensors holding NaN or inf (one reduction
-    per tensor), naming them."""
+    """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id, any layout of `mexit.model.files`) onto
+    `device` (None: cuda when available) in `dtype` (None: fp16 on CUDA, fp32 elsewhere; "auto": the stored dtype).
+
+    Names, shapes and dtypes are checked before any tensor is read; then each tensor is read once (memory-mapped
+    where the file allows), cast straight into its place in the stacked weights (on CUDA through one pinned
+    buffer) and released. check_weights: one range pass per tensor refuses NaN, inf and values beyond `dtype`'s
+    range, naming the tensors. Peak memory is about the loaded weights plus one tensor (legacy non-zip `.bin`
+    files are read whole first)."""
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    auto = isinstance(dtype, str) and dtype == "auto"
+    dtype = None if auto else resolve_dtype(dtype, device)
     folder = resolve_folder(path_or_id)
     config = read_config(folder)
-    state = read_state_dict(folder)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if "transformer.wte.weight" not in state and "wte.weight" in state:  # bare GPT2Model files
-        state = {("transformer." + k if not k.startswith(("lm_head", "name_to_lm_exit_head")) else k): v
-                 for k, v in state.items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied: transformers uses wte whatever the file holds
-    if check_weights:
-        check_finite(state)
-    weights = weights_from_state_dict(state, config).to(device=device, dtype=dtype)
-    if check_weights and dtype != torch.float32:  # values beyond the half-precision range turn into inf
-        check_finite({f"{name} (in {str(dtype).removeprefix('torch.')})": t for name, t in named_weights(weights)})
+    stored = canonical(open_tensors(folder), config)
+    check_layout(stored, config)
+    if auto:
+        dtype = resolve_dtype(stored["transformer.wte.weight"].dtype)
+    weights = empty_weights(config, dtype, device)
+    fill(weights, stored, config, check_weights, desc=f"loading {folder.name}")
     return MultiExitGPT2(config, weights, folder=folder)

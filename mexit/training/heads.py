@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mexit.model.checkpoint import EXIT_HEAD_NAME, read_state_dict, resolve_device, resolve_dtype
+from mexit.model.checkpoint import EXIT_HEAD_NAME, resolve_device, resolve_dtype, stored_state
 from mexit.model.decoder import MultiExitGPT2
 
 LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
 STATE_FILE = "trainer_state.pt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json")
 
 
 class TrainingInterrupted(Exception):
@@ -205,29 +203,20 @@ class HeadTrainer:
         return {str(k): {"loss": v / count, "perplexity": math.exp(min(v / count, 50.0))} for k, v in sums.items()}
 
 
-def save_output(out: Path, base: Path, hf_config: dict, trainer: HeadTrainer, raw_state: dict, extra_state: dict,
+def save_output(out: Path, base: Path, hf_config: dict, trainer: HeadTrainer, base_state: dict, extra_state: dict,
                 report: dict | None) -> None:
-    """Write the multi-exit checkpoint (safetensors, config.json, tokenizer), the trainer state (fp32 heads,
-    optimizer, step) and, at the end, the report. Files are written under temporary names and renamed."""
-    from safetensors.torch import save_file
+    """Write the multi-exit checkpoint (the base's tensors as stored, the heads in the embedding's dtype, config.json,
+    tokenizer), the trainer state (fp32 heads, optimizer, step) and, at the end, the report. Files are written under
+    temporary names and renamed."""
+    from mexit.model.save import write_checkpoint
 
-    out.mkdir(parents=True, exist_ok=True)
-    store = next(v.dtype for k, v in raw_state.items() if k.endswith("wte.weight"))
-    state, seen = {}, set()
-    for name, tensor in raw_state.items():  # a tied .bin may share storage between wte and lm_head
-        state[name] = tensor.clone() if tensor.untyped_storage().data_ptr() in seen else tensor
-        seen.add(tensor.untyped_storage().data_ptr())
-    state.update({EXIT_HEAD_NAME.format(L): w.detach().to(store).cpu().contiguous()
-                  for L, w in trainer.heads.items()})
-    save_file(state, out / "model.safetensors.tmp", metadata={"format": "pt"})
-    (out / "model.safetensors.tmp").replace(out / "model.safetensors")
+    store = base_state["transformer.wte.weight"].dtype
+    state = {**base_state, **{EXIT_HEAD_NAME.format(L): w.detach().to(store).cpu().contiguous()
+                              for L, w in trainer.heads.items()}}
     config = dict(hf_config)
     existing = [int(x) for x in (config.get("lm_head_layer_indices") or [])]
     config["lm_head_layer_indices"] = sorted(set(existing) | set(trainer.exits))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (base / name).exists():
-            shutil.copy(base / name, out / name)
+    write_checkpoint(state, out, config, source=base)
     torch.save({**extra_state, "heads": {L: w.detach().float().cpu() for L, w in trainer.heads.items()}},
                out / (STATE_FILE + ".tmp"))
     (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
@@ -279,7 +268,7 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
 
     model = load(base, dtype=resolve_dtype("bf16" if bf16 else "fp32"), device=device)
-    raw_state = {k.removeprefix("module."): v for k, v in read_state_dict(base).items()}
+    base_state = stored_state(base, model.config)  # written back as stored, beside the trained heads
     trainer = HeadTrainer(model, tuple(cfg.exits), cfg.init, bf16)
     out = Path(cfg.out)
     params = list(trainer.heads.values())
@@ -345,10 +334,10 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
                 bar.write(f"step {step}: held-out loss " + ", ".join(
                     f"{k}={v['loss']:.3f}" for k, v in history[-1]["eval"].items()))
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_output(out, base, hf_config, trainer, raw_state, state(step), None)
+                save_output(out, base, hf_config, trainer, base_state, state(step), None)
     except KeyboardInterrupt:
         bar.close()
-        save_output(out, base, hf_config, trainer, raw_state, state(step), None)
+        save_output(out, base, hf_config, trainer, base_state, state(step), None)
         raise TrainingInterrupted(f"interrupted at step {step} of {total}; saved to {out}. Resume with the same "
                                   "command plus --resume") from None
     bar.close()
@@ -363,5 +352,5 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
         "history": [{"step": h["step"], **({"eval": h["eval"]} if "eval" in h else {})} for h in history
                     if "eval" in h],
     }
-    save_output(out, base, hf_config, trainer, raw_state, state(step), report)
+    save_output(out, base, hf_config, trainer, base_state, state(step), report)
     return report

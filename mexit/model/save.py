@@ -1,0 +1,114 @@
+"""Write checkpoints as transformers does: safetensors (sharded with an index above a size), `config.json` keeping
+the source's fields, and the source's `generation_config.json` and tokenizer files; `convert` rewrites any layout
+`load` reads in a chosen dtype."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load, resolve_folder, state_dict_from_weights
+from .decoder import MultiExitGPT2
+from .files import LAYOUTS, METADATA_FILES
+
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub counts
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "2GB", "500MB" (decimal units). Raises ValueError naming the value."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)\s*", str(size).upper())
+    if found is None or float(found.group(1)) <= 0:
+        raise ValueError(f"shard size {size!r} is not a positive size such as 2GB, 500MB or a number of bytes")
+    return int(float(found.group(1)) * SIZE_UNITS[found.group(2)])
+
+
+def weight_file_in(folder: Path) -> str | None:
+    """The first weight file or index `folder` holds, if any."""
+    return next((name for layout in LAYOUTS for name in layout[:2] if (folder / name).exists()), None)
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], folder: str | os.PathLike, config: dict,
+                     source: Path | None = None, max_shard_size: int | str = "5GB") -> Path:
+    """Write `state` (checkpoint names -> CPU tensors) as safetensors shards of at most `max_shard_size` (one
+    `model.safetensors` when it fits, else `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`),
+    `config` as config.json, and copy `source`'s generation_config.json and tokenizer files. Files are written
+    under temporary names and renamed; safetensors files of an earlier save that the new one does not use are
+    removed (they would shadow it). A progress bar shows on a terminal for writes over 1 GB."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=parse_size(max_shard_size))
+    umask = os.umask(0)
+    os.umask(umask)  # safetensors writes 0600 files; the others get the usual 0666 & ~umask
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {folder.name}",
+              disable=None if total > 1e9 else True, leave=False) as bar:
+        for filename, names in split.filename_to_tensors.items():
+            # safetensors refuses tensors that share storage: per-layer views of stacked buffers are copied here,
+            # one shard at a time
+            part = {n: state[n].clone() if state[n].untyped_storage().nbytes() > state[n].nbytes else state[n]
+                    for n in names}
+            save_file(part, folder / f"{filename}.tmp", metadata={"format": "pt"})
+            os.chmod(folder / f"{filename}.tmp", 0o666 & ~umask)
+            (folder / f"{filename}.tmp").replace(folder / filename)
+            bar.update(sum(t.nbytes for t in part.values()))
+            del part
+    single, index, _ = LAYOUTS[0]
+    if split.is_sharded:
+        (folder / index).write_text(json.dumps({"metadata": {"total_size": total},
+                                                "weight_map": split.tensor_to_filename}, indent=2) + "\n")
+    kept = {*split.filename_to_tensors, *([index] if split.is_sharded else [])}
+    for path in [*folder.glob("model-*-of-*.safetensors"), folder / single, folder / index]:
+        if path.exists() and path.name not in kept:
+            path.unlink()
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if source is not None and source.resolve() != folder.resolve():
+        for name in METADATA_FILES:
+            if name != "config.json" and (source / name).is_file():
+                shutil.copy(source / name, folder / name)
+    return folder
+
+
+def config_of(model: MultiExitGPT2) -> dict:
+    """config.json for `model`: the source folder's, with every field kept (`architectures`, custom fields...),
+    else the one its shape implies; the dtype and exit layers are those of `model`."""
+    source = model.folder / "config.json" if model.folder is not None else None
+    if source is not None and source.is_file():
+        config = json.loads(source.read_text())
+    else:
+        config = json.loads(model.config.to_hf().to_json_string(use_diff=True))
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    if "dtype" in config:  # transformers 5's name for it
+        config["dtype"] = config["torch_dtype"]
+    if model.config.exit_layers:
+        config["lm_head_layer_indices"] = list(model.config.exit_layers)
+    return config
+
+
+def save_checkpoint(model: MultiExitGPT2, folder: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+    """Write `model` in transformers' GPT-2 layout plus the exit heads, in its dtype: loads in mexit and in
+    transformers' GPT2LMHeadModel (the exit heads reported as unexpected keys). See `write_checkpoint`."""
+    return write_checkpoint(state_dict_from_weights(model.w, model.config), folder, config_of(model),
+                            model.folder, max_shard_size)
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, dtype=None, max_shard_size: int | str = "2GB",
+            check_weights: bool = True) -> Path:
+    """Rewrite the checkpoint `src` (folder or hub id, any layout `load` reads) into the new folder `out` as
+    safetensors in `dtype` (None: the stored dtype). Peak memory is the weights in `dtype` plus one shard's
+    per-layer tensors. Raises ValueError when `out` already holds weights."""
+    out = Path(out)
+    if out.exists() and (found := weight_file_in(out)):
+        raise ValueError(f"{out} already holds weights ({found}); convert writes into a new or weight-free folder")
+    model = load(resolve_folder(src), dtype=dtype or "auto", device="cpu", check_weights=check_weights)
+    return save_checkpoint(model, out, max_shard_size)
