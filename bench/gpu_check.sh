@@ -12,6 +12,7 @@
 #                                     # block, and a predicated (skipped) block (~4 min)
 #   bash bench/gpu_check.sh decode    # end-to-end decode: graph engine, early exit, baselines (issues 4-6, ~7 min)
 #   bash bench/gpu_check.sh extra     # torch.compile'd steps and the eager engine for comparison (~5 min)
+#   bash bench/gpu_check.sh load      # the 3.9 GB checkpoint's loads, CPU rows and onto the GPU + first token (~5 min)
 set -uo pipefail
 stage=${1:-quick}
 OUT=${OUT:-gpu_results}
@@ -32,8 +33,8 @@ case "$stage" in
 quick)
   timeout 120 python3 -m pytest -q -n 4 tests/test_fused_linear.py tests/test_decode_attention.py \
     tests/test_exit_head.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_acd_contrast.py \
-    tests/test_step_epilogue.py tests/test_fast.py tests/test_fast_early_exit.py tests/test_speculative.py 2>&1 \
-    | tee "$OUT/tests.txt" | tail -6
+    tests/test_step_epilogue.py tests/test_fast.py tests/test_fast_early_exit.py tests/test_speculative.py \
+    tests/test_load_checkpoint.py 2>&1 | tee "$OUT/tests.txt" | tail -6
   timeout 60 python3 bench/bench_fused_linear.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
   timeout 40 python3 bench/bench_exit_head.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -12
   timeout 180 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
@@ -84,5 +85,8 @@ extra)
     --modes original acd:24,12 ee:max-prob:0:12:deferred --out "$OUT/graph_compile" 2>&1 | tail -10
   timeout 200 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --repeats 3 --engine eager --baselines \
     --modes original acd:24,12 ee:max-prob:0:12 --out "$OUT/eager" 2>&1 | tail -10 ;;
-*) echo "unknown stage $stage: quick | tests | kernels | decode | extra"; exit 2 ;;
+load)
+  timeout 540 python3 -m mexit.bench.load_checkpoint --work /tmp/mexit_load --device cuda --repeats 3 \
+    --out "$OUT/load" 2>&1 | tail -16 ;;
+*) echo "unknown stage $stage: quick | tests | kernels | decode | extra | load"; exit 2 ;;
 esac

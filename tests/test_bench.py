@@ -269,3 +269,20 @@ def test_speculative_rows_on_every_engine(tiny_checkpoint, tmp_path, engine):
         assert r["launches_per_step"] > 0 and r["weight_bytes_ratio"] > 0
         assert r["acceptance_rate"] is None or 0 <= r["acceptance_rate"] <= 1  # None: nothing was drafted
         assert r["host_reads_per_round"] == 1 if r["mode"] == "spec:2:3" else r["host_reads_per_round"] >= 1
+
+
+def test_load_benchmark_smoke(tmp_path):
+    from mexit.bench import load_checkpoint
+
+    kinds = ["torch-mmap-copy", "mexit-fp16", "mexit-fp16-safetensors", "transformers-fp32"]
+    assert load_checkpoint.main(["--work", str(tmp_path / "work"), "--size", "tiny", "--repeats", "1",
+                                 "--kinds", *kinds, "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "load_checkpoint.json").read_text(), parse_constant=pytest.fail)
+    rows = {row["kind"]: row for row in report["rows"]}
+    assert list(rows) == ["convert-fp16", *kinds]  # the safetensors row needs a converted folder first
+    assert rows["torch-mmap-copy"]["cpu_vs_floor"] == 1 and report["meta"]["threads"] == 1
+    for row in rows.values():
+        assert row["wall_s"] > 0 and row["cpu_s"] >= 0 and row["user_s"] + row["sys_s"] == pytest.approx(row["cpu_s"])
+        assert row["peak_anon_gb"] >= row["anon_before_gb"] > 0 and row["touch_s"] >= 0
+    assert (tmp_path / "work" / "fp16-safetensors" / "model.safetensors").exists()
+    assert "(the floor)" in (tmp_path / "out" / "load_checkpoint.md").read_text()

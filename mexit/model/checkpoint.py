@@ -363,7 +363,9 @@ def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: 
     where the file allows), cast straight into its place in the stacked weights (on CUDA through one pinned
     buffer) and released. check_weights: one range pass per tensor refuses NaN, inf and values beyond `dtype`'s
     range, naming the tensors. Peak memory is about the loaded weights plus one tensor (legacy non-zip `.bin`
-    files are read whole first)."""
+    files are read whole first). On the CPU, embeddings and heads stored in `dtype` are the file's own pages
+    (private mapping: writes stay in memory), as in transformers: replace a loaded checkpoint's files with new
+    ones (as `convert` and `save_pretrained` do), never truncate them in place."""
     device = resolve_device(device)
     auto = isinstance(dtype, str) and dtype == "auto"
     dtype = None if auto else resolve_dtype(dtype, device)
