@@ -1,5 +1,8 @@
 """The native decoder against transformers' GPT-2: original-head and exit logits, prefill and decode steps."""
 
+import json
+import os
+
 import pytest
 import torch
 from reference import hf_block_outputs, hf_head_logits
@@ -108,7 +111,7 @@ def test_random_model_and_roundtrip(tmp_path):
 @pytest.mark.parametrize("repo_files,weights", [
     (["config.json", "model.safetensors", "pytorch_model.bin"], ["model.safetensors"]),
     (["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin", "README.md"],
-     ["pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]),
+     ["pytorch_model.bin.index.json"]),
 ])
 def test_hub_id_downloads_one_layout(tiny_checkpoint, monkeypatch, repo_files, weights):
     import huggingface_hub
@@ -140,3 +143,37 @@ def test_hub_id_offline_uses_the_cached_snapshot(tiny_checkpoint, monkeypatch):
                         lambda repo_id, **kw: cached.append(kw) or str(tiny_checkpoint[0]))
     assert mexit.load("IBM/gpt2-medium-multiexit").config.n_layer == 4
     assert cached == [{"local_files_only": True}]
+
+
+def test_hub_shards_are_those_the_index_names(tiny_checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    sharded = mexit.convert(tiny_checkpoint[0], tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (sharded / first).rename(sharded / "custom-name.safetensors")  # transformers reads any name the index gives
+    index["weight_map"] = {k: "custom-name.safetensors" if v == first else v for k, v in index["weight_map"].items()}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **_kw: sorted(os.listdir(sharded)))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns=None, **_kw: asked.append(allow_patterns) or str(sharded))
+    assert mexit.load("someone/sharded").config.n_layer == 4
+    assert asked[1] == list(dict.fromkeys(index["weight_map"].values()))
+    assert "custom-name.safetensors" in asked[1] and "model.safetensors.index.json" in asked[0]
+
+
+def test_hub_refusal_is_reported_not_hidden_by_the_cache(monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def unknown(*_a, **_kw):  # what the hub client raises for a 404 (a stand-in for its HTTP response)
+        raise RepositoryNotFoundError("404 Client Error. Repository Not Found for url: ...",
+                                      response=SimpleNamespace(headers={}, request=None, status_code=404))
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", unknown)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("no cache lookup"))
+    with pytest.raises(FileNotFoundError, match="the Hugging Face hub refused it .RepositoryNotFoundError: 404"):
+        mexit.load("someone/no-such-model")

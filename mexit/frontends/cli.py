@@ -56,7 +56,8 @@ def help_formatter():
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="fp32, fp16, bf16 or auto (the stored dtype) (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="exit stage: Triton kernels or the PyTorch reference (auto: triton on cuda)")
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
@@ -241,14 +242,14 @@ def add_convert_parser(sub) -> None:
 
 def run_convert(args) -> int:
     from mexit.model.files import weight_files
-    from mexit.model.save import convert, parse_size
+    from mexit.model.save import convert
 
-    parse_size(args.shard_size)  # a bad size fails before the read
     out = convert(args.src, args.out, dtype=args.dtype, max_shard_size=args.shard_size,
                   check_weights=not args.no_weight_check)
     files = weight_files(out)
     size = sum(f.stat().st_size for f in files)
-    print(f"wrote {out}: {len(files)} safetensors file(s), {size / 1e9:.2f} GB")
+    print(f"wrote {out}: {len(files)} safetensors file(s), "
+          f"{f'{size / 1e9:.2f} GB' if size >= 1e8 else f'{size / 1e6:.2f} MB'}")
     return 0
 
 
@@ -437,7 +438,7 @@ def main(argv=None) -> int:
         warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)
         try:
             return args.run(args)
-        except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
+        except (ValueError, OSError, NotImplementedError) as err:  # OSError: missing files, a full disk...
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
 

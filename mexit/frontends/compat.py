@@ -126,16 +126,20 @@ class FastMultiExitModel:
 
         return (tensor for _name, tensor in named_weights(self.lm.model.w))
 
-    def save_pretrained(self, save_directory, max_shard_size: int | str = "50GB", safe_serialization: bool = True,
-                        is_main_process: bool = True, **kwargs) -> None:
-        """transformers' save_pretrained (its defaults): the weights in their current dtype as safetensors (sharded
-        with an index above max_shard_size), config.json keeping the source's fields, this model's
-        generation_config, and the source's tokenizer files (`mexit.model.save.save_checkpoint`). Other options
-        (push_to_hub, variant, ...) raise NotImplementedError naming them."""
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False,
+                        max_shard_size: int | str = "50GB", safe_serialization: bool = True, variant=None,
+                        **kwargs) -> None:
+        """transformers' save_pretrained (its order and defaults): the weights in their current dtype as safetensors
+        (sharded with an index above max_shard_size), config.json keeping the source's fields, this model's
+        generation_config, and the source's tokenizer files (`mexit.model.save.save_checkpoint`). Options mexit
+        does not implement (a state_dict, push_to_hub, a variant, pickle files, any other keyword) raise
+        NotImplementedError naming them when they are set to anything but their default."""
         from mexit.model.save import save_checkpoint
 
-        if kwargs:
-            raise NotImplementedError(f"save_pretrained arguments not supported by mexit: {sorted(kwargs)}")
+        asked = {"state_dict": state_dict, "push_to_hub": push_to_hub, "variant": variant, **kwargs}
+        refused = sorted(name for name, value in asked.items() if value not in (None, False))
+        if refused:
+            raise NotImplementedError(f"save_pretrained arguments not supported by mexit: {refused}")
         if not safe_serialization:
             raise NotImplementedError("save_pretrained(safe_serialization=False): mexit writes safetensors only")
         if is_main_process:

@@ -14,7 +14,7 @@ import torch
 
 from .config import ModelConfig
 from .decoder import MultiExitGPT2, Weights
-from .files import StoredTensor, hub_patterns, open_tensors
+from .files import StoredTensor, hub_patterns, open_tensors, shard_names
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -314,19 +314,32 @@ def resolve_folder(path_or_id: str | os.PathLike) -> Path:
     if str(path_or_id).startswith((".", "/", "~")) or os.sep + os.sep in str(path_or_id):
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
 
     repo = str(path_or_id)
     try:
+        repo_files = list_repo_files(repo)
+    except HfHubHTTPError as err:  # the hub answered: unknown or gated repository, no access
+        raise FileNotFoundError(f"{repo!r} is not a local folder, and the Hugging Face hub refused it "
+                                f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    except Exception as err:  # no answer (offline, no network): a snapshot downloaded earlier, if any
         try:
-            patterns = hub_patterns(list_repo_files(repo))
-        except Exception:  # offline: a snapshot downloaded earlier, if any
             return Path(snapshot_download(repo, local_files_only=True))
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except Exception as err:  # hub unreachable, unknown id, gated repo...
-        raise FileNotFoundError(
-            f"{path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
-            f"({type(err).__name__}: {err}). Offline, download the checkpoint elsewhere and pass its local folder."
-        ) from err
+        except Exception:
+            raise FileNotFoundError(
+                f"{repo!r} is not a local folder, the Hugging Face hub could not be reached ({type(err).__name__}: "
+                f"{err}) and no copy of it is cached. Offline, download the checkpoint elsewhere and pass its local "
+                "folder.") from None
+    try:
+        patterns = hub_patterns(repo_files)
+        folder = Path(snapshot_download(repo, allow_patterns=patterns))
+        index = next((folder / name for name in patterns if name.endswith(".index.json")), None)
+        if index is not None and index.is_file():  # the shards, as the index names them
+            folder = Path(snapshot_download(repo, allow_patterns=shard_names(index)))
+        return folder
+    except (HfHubHTTPError, OSError) as err:
+        raise FileNotFoundError(f"{repo!r}: downloading from the Hugging Face hub failed ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def stored_state(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -367,14 +380,18 @@ def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: 
     (private mapping: writes stay in memory), as in transformers: replace a loaded checkpoint's files with new
     ones (as `convert` and `save_pretrained` do), never truncate them in place."""
     device = resolve_device(device)
-    auto = isinstance(dtype, str) and dtype == "auto"
+    auto = isinstance(dtype, str) and dtype.lower() == "auto"
     dtype = None if auto else resolve_dtype(dtype, device)
     folder = resolve_folder(path_or_id)
     config = read_config(folder)
     stored = canonical(open_tensors(folder), config)
     check_layout(stored, config)
     if auto:
-        dtype = resolve_dtype(stored["transformer.wte.weight"].dtype)
+        stored_dtype = stored["transformer.wte.weight"].dtype
+        if stored_dtype not in DTYPES.values():
+            raise ValueError(f"dtype 'auto': {folder} stores {str(stored_dtype).removeprefix('torch.')}, which mexit "
+                             "does not compute in; pass dtype fp32, fp16 or bf16")
+        dtype = stored_dtype
     weights = empty_weights(config, dtype, device)
     fill(weights, stored, config, check_weights, desc=f"loading {folder.name}")
     return MultiExitGPT2(config, weights, folder=folder)

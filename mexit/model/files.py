@@ -67,14 +67,15 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def hub_patterns(repo_files: list[str]) -> list[str]:
-    """What to download of a hub repository holding `repo_files`: its metadata and the weights of the first layout
-    it holds (one layout only, as transformers does, and never the others' files)."""
+    """What to download first of a hub repository holding `repo_files`: its metadata and the weight file or index of
+    the first layout it holds (one layout only, as transformers does; a sharded layout's shards are those its
+    index names)."""
     names = set(repo_files)
-    for single, index, shards in LAYOUTS:
+    for single, index, _ in LAYOUTS:
         if single in names:
             return [*METADATA_FILES, single]
         if index in names:
-            return [*METADATA_FILES, index, shards]
+            return [*METADATA_FILES, index]
     return list(METADATA_FILES)
 
 

@@ -20,36 +20,59 @@ SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, a
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "2GB", "500MB" (decimal units). Raises ValueError naming the value."""
+    """Bytes from an int or a string like "2GB", "500MB", "20000" (decimal units). Raises ValueError naming the
+    value."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)\s*", str(size).upper())
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", str(size).upper())
     if found is None or float(found.group(1)) <= 0:
         raise ValueError(f"shard size {size!r} is not a positive size such as 2GB, 500MB or a number of bytes")
-    return int(float(found.group(1)) * SIZE_UNITS[found.group(2)])
+    return int(float(found.group(1)) * SIZE_UNITS.get(found.group(2), 1))
 
 
 def weight_file_in(folder: Path) -> str | None:
-    """The first weight file or index `folder` holds, if any."""
-    return next((name for layout in LAYOUTS for name in layout[:2] if (folder / name).exists()), None)
+    """The first weight file, index or shard `folder` holds, if any."""
+    named = (name for single, index, _ in LAYOUTS for name in (single, index) if (folder / name).exists())
+    return next(named, None) or next((p.name for *_, shards in LAYOUTS for p in folder.glob(shards)), None)
+
+
+def file_mode() -> int:
+    """The mode new files get (0666 less the umask), read without changing the umask where Linux shows it."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def replace_file(path: Path, write) -> None:
+    """`write(temporary path)`, then the usual mode and an atomic rename onto `path`: a reader never sees half a
+    file, and a read-only file of an earlier save is replaced, not opened for writing."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.chmod(tmp, file_mode())
+    tmp.replace(path)
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], folder: str | os.PathLike, config: dict,
                      source: Path | None = None, max_shard_size: int | str = "5GB") -> Path:
     """Write `state` (checkpoint names -> CPU tensors) as safetensors shards of at most `max_shard_size` (one
     `model.safetensors` when it fits, else `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`),
-    `config` as config.json, and copy `source`'s generation_config.json and tokenizer files. Files are written
-    under temporary names and renamed; safetensors files of an earlier save that the new one does not use are
-    removed (they would shadow it). A progress bar shows on a terminal for writes over 1 GB."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    `config` as config.json, and copy `source`'s generation_config.json and tokenizer files. Every file is written
+    under a temporary name and renamed (`replace_file`); safetensors files of an earlier save that the new one does
+    not use are removed (they would shadow it). A progress bar shows on a terminal for writes over 1 GB."""
+    from huggingface_hub import constants, split_state_dict_into_shards_factory
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    split = split_torch_state_dict_into_shards(state, max_shard_size=parse_size(max_shard_size))
-    umask = os.umask(0)
-    os.umask(umask)  # safetensors writes 0600 files; the others get the usual 0666 & ~umask
+    # each tensor counts its own bytes: per-layer views of one stacked buffer are distinct tensors on disk
+    split = split_state_dict_into_shards_factory(state, get_storage_size=lambda t: t.nbytes,
+                                                 filename_pattern=constants.SAFETENSORS_WEIGHTS_FILE_PATTERN,
+                                                 max_shard_size=parse_size(max_shard_size))
     total = sum(t.numel() * t.element_size() for t in state.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {folder.name}",
               disable=None if total > 1e9 else True, leave=False) as bar:
@@ -58,24 +81,23 @@ def write_checkpoint(state: dict[str, torch.Tensor], folder: str | os.PathLike, 
             # one shard at a time
             part = {n: state[n].clone() if state[n].untyped_storage().nbytes() > state[n].nbytes else state[n]
                     for n in names}
-            save_file(part, folder / f"{filename}.tmp", metadata={"format": "pt"})
-            os.chmod(folder / f"{filename}.tmp", 0o666 & ~umask)
-            (folder / f"{filename}.tmp").replace(folder / filename)
+            replace_file(folder / filename, lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
             bar.update(sum(t.nbytes for t in part.values()))
             del part
     single, index, _ = LAYOUTS[0]
     if split.is_sharded:
-        (folder / index).write_text(json.dumps({"metadata": {"total_size": total},
-                                                "weight_map": split.tensor_to_filename}, indent=2) + "\n")
+        index_text = json.dumps({"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}, indent=2)
+        replace_file(folder / index, lambda tmp: tmp.write_text(index_text + "\n"))
     kept = {*split.filename_to_tensors, *([index] if split.is_sharded else [])}
     for path in [*folder.glob("model-*-of-*.safetensors"), folder / single, folder / index]:
         if path.exists() and path.name not in kept:
             path.unlink()
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    replace_file(folder / "config.json", lambda tmp: tmp.write_text(config_text))
     if source is not None and source.resolve() != folder.resolve():
         for name in METADATA_FILES:
             if name != "config.json" and (source / name).is_file():
-                shutil.copy(source / name, folder / name)
+                replace_file(folder / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
     return folder
 
 
@@ -106,9 +128,23 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype=None, max_shar
             check_weights: bool = True) -> Path:
     """Rewrite the checkpoint `src` (folder or hub id, any layout `load` reads) into the new folder `out` as
     safetensors in `dtype` (None: the stored dtype). Peak memory is the weights in `dtype` plus one shard's
-    per-layer tensors. Raises ValueError when `out` already holds weights."""
+    per-layer tensors. Raises ValueError when `out` is a file or already holds weights, before anything is read; a
+    failed conversion removes the folder it created."""
     out = Path(out)
+    parse_size(max_shard_size)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; convert writes into a folder")
     if out.exists() and (found := weight_file_in(out)):
         raise ValueError(f"{out} already holds weights ({found}); convert writes into a new or weight-free folder")
-    model = load(resolve_folder(src), dtype=dtype or "auto", device="cpu", check_weights=check_weights)
-    return save_checkpoint(model, out, max_shard_size)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create {out} ({err.strerror or err})") from None
+    try:
+        model = load(resolve_folder(src), dtype=dtype or "auto", device="cpu", check_weights=check_weights)
+        return save_checkpoint(model, out, max_shard_size)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
