@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
-        "dev": ["pytest>=7", "pytest-xdist>=3", "ruff", "matplotlib", "triton>=3.0; platform_system == 'Linux'"],
+        "ray": ["ray[data]>=2.9"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "ruff", "matplotlib", "triton>=3.0; platform_system == 'Linux'",
+                "ray[data]>=2.9"],
     },
     entry_points={"console_scripts": ["mexit=mexit.frontends.cli:main"]},
 )

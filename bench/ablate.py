@@ -200,64 +200,148 @@ def load_lm(args):
     return lm, "RANDOM weights, gpt2-medium-multiexit shape (quality numbers are meaningless)"
 
 
-def run(args) -> list[dict]:
-    from tqdm import tqdm
+class Sweep:
+    """What every setting of a sweep is measured against, prepared once per process (or Ray worker): the model,
+    the validated settings, the encoded prompts, the run's metadata and id, and the full-depth reference (stage 1).
+    `evaluate(i)` measures setting i: a row without its key."""
 
+    def __init__(self, args):
+        from mexit.decoding.prompts import check_prompts
+
+        self.args = args
+        self.lm, label = load_lm(args)
+        lm = self.lm
+        self.plan = settings(args, lm.config)  # validates everything before any generation
+        for setting in self.plan:
+            if "policy" in setting:
+                setting["policy"].check_engine(lm.engine, lm.backend.name)
+        self.ids, encoding = encode(lm, read_prompts(args.prompts))
+        check_prompts(self.ids, lm.config, args.max_new_tokens)  # prompt + new tokens fit the context
+        self.meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding,
+                         engine=lm.engine, backend=lm.backend.name, prompts=str(args.prompts), n_prompts=len(self.ids),
+                         max_new_tokens=args.max_new_tokens, batch=args.batch)
+        # what the measured speed-up depends on: a resumed sweep reuses rows only from the same run settings
+        self.run_id = hashlib.sha256(json.dumps([label, self.ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
+                                                 str(lm.model.device), lm.engine, lm.backend.name, lm.compile,
+                                                 args.propagation, args.schedule]).encode()).hexdigest()[:12]
+        timed_generate(lm, self.ids[: args.batch], args.batch, 2)  # warm-up (graph capture, kernel compilation)
+        self.reference, _, self.reference_seconds = timed_generate(lm, self.ids, args.batch, args.max_new_tokens)
+
+    def keys(self) -> list[str]:
+        return [setting_key(s, self.run_id) for s in self.plan]
+
+    def evaluate(self, index: int) -> dict:
+        return dict(self.meta, run_id=self.run_id,
+                    **evaluate(self.lm, self.ids, self.plan[index], self.reference, self.args))
+
+    def full_depth_row(self) -> dict:
+        return full_depth_row(self.lm, self.ids, self.reference, self.meta, self.reference_seconds, self.args)
+
+
+class SweepWorker:
+    """A Sweep on a Ray worker (`--ray`): a failure to prepare is raised by the first call, as a plain error."""
+
+    def __init__(self, args):
+        try:
+            self.sweep, self.error = Sweep(args), None
+        except (ValueError, OSError, NotImplementedError) as err:
+            self.sweep, self.error = None, err
+
+    def describe(self) -> tuple[str, list[str], dict]:
+        if self.error is not None:
+            raise self.error
+        return self.sweep.run_id, self.sweep.keys(), self.sweep.meta
+
+    def evaluate(self, index: int) -> tuple[int, dict]:
+        from mexit.frontends.cluster import where
+
+        return index, dict(self.sweep.evaluate(index), worker=where())
+
+    def full_depth_row(self) -> dict:
+        return self.sweep.full_depth_row()
+
+
+def finished_rows(log: Path) -> dict[str, dict]:
+    """Rows an earlier run wrote to ablation.jsonl, by key."""
+    return {row["key"]: row for row in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
+
+
+def run(args) -> list[dict]:
+    """The sweep in this process, or across a Ray cluster with --ray; rows are appended to ablation.jsonl as they
+    finish (a rerun of the same command skips them), then the csv, the plot and the Pareto front are written."""
     args.prompts = args.prompts or default_prompts(args.model)
-    prompts = read_prompts(args.prompts)
+    read_prompts(args.prompts)
     if args.max_new_tokens < 1 or args.batch < 1 or args.repeats < 1:
         raise ValueError("--max-new-tokens, --batch and --repeats must be >= 1")
-    lm, label = load_lm(args)
-    plan = settings(args, lm.config)  # validates everything before any generation
-    for setting in plan:
-        if "policy" in setting:
-            setting["policy"].check_engine(lm.engine, lm.backend.name)
-    ids, encoding = encode(lm, prompts)
-    meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding, engine=lm.engine,
-                backend=lm.backend.name, prompts=str(args.prompts), n_prompts=len(prompts),
-                max_new_tokens=args.max_new_tokens, batch=args.batch)
-    # what the measured speed-up depends on: a resumed sweep reuses rows only from the same run settings
-    run_id = hashlib.sha256(json.dumps([label, ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
-                                        str(lm.model.device), lm.engine, lm.backend.name, lm.compile, args.propagation,
-                                        args.schedule]).encode()).hexdigest()[:12]
-    from mexit.decoding.prompts import check_prompts
-
-    check_prompts(ids, lm.config, args.max_new_tokens)  # prompt + new tokens fit the context, before any work
     out = Path(args.out)
     log = out / "ablation.jsonl"
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            row = json.loads(line)
-            done[row["key"]] = row
-    print(f"# stage 1/2: full-depth reference ({len(ids)} prompts, batch {args.batch}, {args.max_new_tokens} new "
-          "tokens)", file=sys.stderr, flush=True)
-    timed_generate(lm, ids[: args.batch], args.batch, 2)  # warm-up (graph capture, kernel compilation)
-    reference, _, reference_seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens)
-    rows = []
-    todo = [s for s in plan if setting_key(s, run_id) not in done]
-    expected = len(todo) * args.repeats * 2.5 * reference_seconds  # reference + setting (+ warm-up, quality)
-    print(f"# stage 2/2: {label}: {len(plan)} settings, {len(plan) - len(todo)} already in {log}; each timed "
-          f"{args.repeats}x interleaved with the full-depth reference; expected about {expected:.0f} s",
+    done = finished_rows(log)
+    print(f"# stage 1/2: full-depth reference (prompts from {args.prompts}, batch {args.batch}, "
+          f"{args.max_new_tokens} new tokens{', on every Ray worker' if args.ray else ''})", file=sys.stderr,
+          flush=True)
+    if args.ray:
+        return run_on_ray(args, out, log, done)
+    sweep = Sweep(args)
+    keys = sweep.keys()
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    expected = len(todo) * args.repeats * 2.5 * sweep.reference_seconds  # reference + setting (+ warm-up, quality)
+    print(f"# stage 2/2: {sweep.meta['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in {log}; "
+          f"each timed {args.repeats}x interleaved with the full-depth reference; expected about {expected:.0f} s",
           file=sys.stderr, flush=True)
+    record(((i, sweep.evaluate(i)) for i in todo), keys, todo, out, log, done, args.quiet)
+    return finish(sweep.full_depth_row(), keys, done, out, args)
+
+
+def run_on_ray(args, out: Path, log: Path, done: dict) -> list[dict]:
+    """Every setting a task on a Ray worker that timed it against its own full-depth reference (a speed-up never
+    mixes machines); the workers must agree on the run (same prompts, settings, dtype, engine and backend)."""
+    from mexit.frontends.cluster import Workers, connect, worker_resources
+
+    connect(args.ray)
+    count, options = worker_resources(args.threads or 1)
+    workers = Workers(SweepWorker, (args,), count, options)
+    try:
+        described = workers.call_all("describe")
+        if len({(run_id, tuple(keys)) for run_id, keys, _ in described}) > 1:
+            raise ValueError("the Ray workers disagree on the run (a mixed cluster: "
+                             f"{sorted({meta['device'] for *_, meta in described})}); give the sweep one kind of "
+                             "worker")
+        keys = described[0][1]
+        todo = [i for i, key in enumerate(keys) if key not in done]
+        print(f"# stage 2/2: {described[0][2]['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in "
+              f"{log}; {len(todo)} across {count} Ray worker(s) ({described[0][2]['device']}), each timed "
+              f"{args.repeats}x interleaved with its worker's full-depth reference", file=sys.stderr, flush=True)
+        record(workers.map("evaluate", todo), keys, todo, out, log, done, args.quiet)
+        reference = workers.call_all("full_depth_row")[0]
+    finally:
+        workers.close()
+    return finish(reference, keys, done, out, args)
+
+
+def record(results, keys: list[str], todo: list[int], out: Path, log: Path, done: dict, quiet: bool) -> None:
+    """Append each (index, row) to ablation.jsonl as it arrives, with a progress bar; Ctrl-C says what was saved."""
+    from tqdm import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     saved = 0
     try:
-        with open(log, "a") as f:
-            for setting in tqdm(todo, desc="ablation", disable=args.quiet):
-                row = dict(meta, key=setting_key(setting, run_id), run_id=run_id,
-                           **evaluate(lm, ids, setting, reference, args))
+        with open(log, "a") as f, tqdm(total=len(todo), desc="ablation", unit="setting", disable=quiet) as bar:
+            for index, row in results:
+                row = dict(row, key=keys[index])
                 f.write(json.dumps(row, allow_nan=False) + "\n")
                 f.flush()
                 done[row["key"]] = row
                 saved += 1
+                bar.update()
     except KeyboardInterrupt:
         print(f"error: interrupted: {saved} of {len(todo)} new settings saved in {log} "
-              f"({len(plan) - len(todo) + saved} of {len(plan)} done); rerun the same command to resume",
+              f"({len(keys) - len(todo) + saved} of {len(keys)} done); rerun the same command to resume",
               file=sys.stderr)
         raise SystemExit(130) from None
-    rows = [full_depth_row(lm, ids, reference, meta, reference_seconds, args)]
-    rows += [done[setting_key(s, run_id)] for s in plan]
+
+
+def finish(reference: dict, keys: list[str], done: dict, out: Path, args) -> list[dict]:
+    rows = [reference] + [done[key] for key in keys]
     mark_pareto(rows)
     write_outputs(rows, out, plot=not args.no_plot)
     return rows
@@ -386,6 +470,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="ablation_results", help="output folder (resumable)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="spread the settings over a Ray cluster: one worker per GPU (per --threads CPUs without "
+                        "GPUs), each timing its settings against its own full-depth reference; 'auto' (the default "
+                        "with --ray): the cluster this machine runs or a new local one; else a cluster address")
 
 
 def main_args(args) -> int:

@@ -254,58 +254,121 @@ def transformers_baseline(lm, device, dtype):
     return hf.to(device=device, dtype=dtype).eval()
 
 
-def run(args) -> list[dict]:
-    import torch
+class LatencyBench:
+    """A benchmark prepared once per process (or Ray worker): the model, the validated modes, the run's metadata
+    and the measured memory bandwidth. `cases()` lists (prompt length, new tokens, batch); `case_rows(i)` measures
+    case i: every mode and baseline, one after the other on this device."""
 
-    import mexit
-    from mexit.model.checkpoint import resolve_device, resolve_dtype
+    def __init__(self, args):
+        import mexit
+        from mexit.kernels.launch import pdl_supported
+        from mexit.model.checkpoint import resolve_device, resolve_dtype
 
-    device = resolve_device(args.device)
-    set_threads(args.threads, device)
-    dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
-    if args.model:
-        lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
-                        compile=args.compile)
-        label = str(args.model)
-    else:
-        lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend,
-                                      engine=args.engine, compile=args.compile)
-        label = "RANDOM weights, gpt2-medium-multiexit shape"
-    if args.fused_max_rows is not None:
-        lm.with_backend(fused_max_rows=args.fused_max_rows)
-    pdl_settings = {"off": [False], "on": [True], "both": [False, True]}[args.pdl]
-    from mexit.kernels.launch import pdl_supported
+        self.args = args
+        device = resolve_device(args.device)
+        set_threads(args.threads, device)
+        dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
+        if args.model:
+            lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
+                            compile=args.compile)
+            self.label = str(args.model)
+        else:
+            lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device,
+                                          backend=args.backend, engine=args.engine, compile=args.compile)
+            self.label = "RANDOM weights, gpt2-medium-multiexit shape"
+        if args.fused_max_rows is not None:
+            lm.with_backend(fused_max_rows=args.fused_max_rows)
+        self.lm = lm
+        self.pdl_settings = {"off": [False], "on": [True], "both": [False, True]}[args.pdl]
+        if any(self.pdl_settings) and not (lm.backend.triton and lm.engine != "eager" and pdl_supported(device)):
+            raise ValueError(f"--pdl {args.pdl} needs the triton backend, the static or graph engine and a CUDA GPU "
+                             "of compute capability 9.0 or newer")
+        config = lm.config
+        modes = args.modes or default_modes(config)
+        self.parsed = {m: parse_mode(m, config) for m in modes}
+        for kw in self.parsed.values():
+            if "early_exit" in kw:
+                kw["early_exit"].check_engine(lm.engine, lm.backend.name)
+        lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
+        for p, n in lengths:
+            if p + n > config.n_positions:
+                raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
+        self.run_meta = dict(run_metadata(device, dtype), model=self.label, random_weights=lm.is_random,
+                             backend=lm.backend.name, engine=lm.engine, compiled=lm.compile,
+                             fused_max_rows=lm.backend.fused_max_rows,
+                             command=" ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python bench/latency.py"),
+                                               *sys.argv[1:]]))
+        copy_only, read_only = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)
+        self.copy_gbs = max(copy_only, read_only)  # the roofline's bandwidth: the faster access pattern measured
+        self.run_meta.update(copy_gb_s=copy_only, read_gb_s=read_only)
 
-    if any(pdl_settings) and not (lm.backend.triton and lm.engine != "eager" and pdl_supported(device)):
-        raise ValueError(f"--pdl {args.pdl} needs the triton backend, the static or graph engine and a CUDA GPU of "
-                         "compute capability 9.0 or newer")
-    config = lm.config
-    modes = args.modes or default_modes(config)
-    parsed = {m: parse_mode(m, config) for m in modes}
-    for kw in parsed.values():
-        if "early_exit" in kw:
-            kw["early_exit"].check_engine(lm.engine, lm.backend.name)
-    lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
-    for p, n in lengths:
-        if p + n > config.n_positions:
-            raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
-    run_meta = dict(run_metadata(device, dtype), model=label, random_weights=lm.is_random, backend=lm.backend.name,
-                    engine=lm.engine, compiled=lm.compile, fused_max_rows=lm.backend.fused_max_rows,
-                    command=" ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python bench/latency.py"),
-                                      *sys.argv[1:]]))
-    copy_only, read_only = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)
-    copy_gbs = max(copy_only, read_only)  # the roofline's bandwidth: the faster access pattern measured
-    run_meta.update(copy_gb_s=copy_only, read_gb_s=read_only)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    print(f"# {label} on {run_meta['device']}, {run_meta['dtype']}, backend {lm.backend.name}, engine {lm.engine}, "
-          f"memory bandwidth {copy_gbs:.0f} GB/s (copy {copy_only:.0f}, read {read_only:.0f})", file=sys.stderr)
-    for (prompt_len, new_tokens), batch in itertools.product(lengths, args.batch):
-        case = copy.copy(args)
+    def cases(self) -> list[tuple[int, int, int]]:
+        return [(p, n, b) for (p, n), b in itertools.product(
+            [(p, n) for p in self.args.prompt_len for n in self.args.new_tokens], self.args.batch)]
+
+    def describe(self) -> str:
+        m = self.run_meta
+        return (f"# {self.label} on {m['device']}, {m['dtype']}, backend {self.lm.backend.name}, engine "
+                f"{self.lm.engine}, memory bandwidth {self.copy_gbs:.0f} GB/s (copy {m['copy_gb_s']:.0f}, read "
+                f"{m['read_gb_s']:.0f})")
+
+    def case_rows(self, index: int) -> list[dict]:
+        import torch
+
+        prompt_len, new_tokens, batch = self.cases()[index]
+        case = copy.copy(self.args)
         case.prompt_len, case.new_tokens = prompt_len, new_tokens
-        meta = dict(run_meta, prompt_len=prompt_len, new_tokens=new_tokens)
-        rows += run_case(lm, parsed, batch, case, meta, copy_gbs, gen, pdl_settings)
-    return rows
+        meta = dict(self.run_meta, prompt_len=prompt_len, new_tokens=new_tokens)
+        gen = torch.Generator().manual_seed(index)  # the case's prompts, wherever it runs
+        return run_case(self.lm, self.parsed, batch, case, meta, self.copy_gbs, gen, self.pdl_settings)
+
+
+class LatencyWorker:
+    """A LatencyBench on a Ray worker (`--ray`): each case's rows say which machine timed them."""
+
+    def __init__(self, args):
+        try:
+            self.bench, self.error = LatencyBench(args), None
+        except (ValueError, OSError, NotImplementedError) as err:
+            self.bench, self.error = None, err
+
+    def describe(self) -> tuple[int, str]:
+        if self.error is not None:
+            raise self.error
+        return len(self.bench.cases()), self.bench.describe()
+
+    def case_rows(self, index: int) -> tuple[int, list[dict]]:
+        from mexit.frontends.cluster import where
+
+        return index, [dict(row, worker=where()) for row in self.bench.case_rows(index)]
+
+
+def run(args) -> list[dict]:
+    """Every case in this process, or each case a task on a Ray worker with --ray (its modes and baselines timed
+    one after the other on that worker's device); rows in case order."""
+    if args.ray:
+        return run_on_ray(args)
+    bench = LatencyBench(args)
+    print(bench.describe(), file=sys.stderr)
+    return [row for index in range(len(bench.cases())) for row in bench.case_rows(index)]
+
+
+def run_on_ray(args) -> list[dict]:
+    from mexit.frontends.cluster import Workers, connect, worker_resources
+
+    connect(args.ray)
+    count, options = worker_resources(args.threads or 1)
+    workers = Workers(LatencyWorker, (args,), count, options)
+    try:
+        described = workers.call_all("describe")
+        for line in sorted({text for _, text in described}):
+            print(line, file=sys.stderr)
+        cases = described[0][0]
+        print(f"# {cases} case(s) across {count} Ray worker(s)", file=sys.stderr)
+        done = dict(workers.map("case_rows", range(cases)))
+    finally:
+        workers.close()
+    return [row for index in range(cases) for row in done[index]]
 
 
 def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, gen,
@@ -526,6 +589,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else 1 on CPU)")
     p.add_argument("--out", default="bench_results", help="output folder (JSON, CSV, markdown, PNG)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="each (prompt length, new tokens, batch) case a task on a Ray worker, one per GPU (per "
+                        "--threads CPUs without GPUs); rows name the worker that timed them; 'auto' (the default "
+                        "with --ray): the cluster this machine runs or a new local one; else a cluster address")
 
 
 def fill_defaults(args) -> None:

@@ -98,3 +98,15 @@ def test_one_loop_steps_a_generation():
     loops = [node for node in ast.walk(ast.parse((ROOT / "generate.py").read_text()))
              if isinstance(node, (ast.For, ast.While))]
     assert len(loops) == 1
+
+
+def test_only_the_cluster_module_imports_ray():
+    """Ray is an optional extra: one module of mexit (and none of kernels/ or bench/) imports it."""
+    importers = set()
+    for path in [*ROOT.rglob("*.py"), *(ROOT.parent / "bench").rglob("*.py"), *(ROOT.parent / "kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(name == "ray" or name.startswith("ray.") for name in names):
+                importers.add(str(path.relative_to(ROOT.parent)))
+    assert importers == {"mexit/frontends/cluster.py"}

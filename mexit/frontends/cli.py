@@ -79,6 +79,12 @@ def add_generate_parser(sub) -> None:
                      "\"input_ids\" (and an optional \"id\"); needs --out")
     p.add_argument("--out", help="--prompts-file: JSONL written in input order, one line per prompt (a rerun resumes)")
     p.add_argument("--batch", type=int, default=8, help="--prompts-file: prompts per generate call")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="--prompts-file on a Ray cluster (Ray Data): one model per GPU (per --threads CPUs without "
+                        "GPUs), the same output file as one machine writes; 'auto' (the default with --ray): the "
+                        "cluster this machine runs or a new local one; else a cluster address")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (with --ray and no GPUs: per worker; default 1 "
+                   "there, torch's default here)")
     p.add_argument("--mode", default="original",
                    choices=["original", "exit", "contrast", "early-exit", "speculative"],
                    help="original head, one exit (--exit-layer), ACD (--contrast), confidence-gated early exit, or "
@@ -166,6 +172,10 @@ def check_generate_flags(args) -> None:
         raise UsageError("--out goes with --prompts-file (use --json to print one prompt batch's results)")
     if args.prompts_file and (args.stream or args.json):
         raise UsageError("--prompts-file writes its results to --out: --stream and --json do not apply")
+    if args.ray and not args.prompts_file:
+        raise UsageError("--ray goes with --prompts-file (a data set spread over a cluster)")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.stream and len(args.prompt or args.input_ids or []) != 1:
         raise UsageError("--stream prints the text of one prompt: pass exactly one")
 
@@ -257,6 +267,20 @@ def warn_ignored_compile(lm) -> None:
     if lm.compile and (lm.engine == "eager" or lm.backend.triton):
         warnings.warn(f"--compile ignored: nothing is compiled on the {lm.engine} engine with the {lm.backend.name} "
                       "backend (it applies to the static/graph engines' torch layers)", stacklevel=2)
+
+
+def run_generate_on_ray(args) -> int:
+    from mexit.frontends.api import MultiExitLM
+    from mexit.frontends.cluster import generate_file_on_ray
+
+    load_kw = dict(path_or_id=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+                   engine=args.engine, compile=args.compile, check_weights=not args.no_weight_check, pdl=args.pdl)
+    summary = generate_file_on_ray(MultiExitLM.from_pretrained, load_kw, args.prompts_file, args.out, args.batch,
+                                   seed=args.seed, address=args.ray, threads=args.threads or 1,
+                                   **generate_kwargs(args))
+    seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
+    print(f"wrote {args.out}: {summary['written']} prompts ({summary['skipped']} already there{seed}) on Ray")
+    return 0
 
 
 def load_lm(args):
@@ -356,6 +380,12 @@ def generate_kwargs(args) -> dict:
 
 def run_generate(args) -> int:
     check_generate_flags(args)
+    if args.ray:
+        return run_generate_on_ray(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     lm = load_lm(args)
     if args.schedule != "segments" and lm.engine == "eager":
         raise UsageError(f"--schedule {args.schedule} is a fast-path schedule: use --engine static or graph "

@@ -5,7 +5,8 @@ Input: a text file with one prompt per line, or JSONL with one object per line h
 "input_ids" (token ids) and optionally "id". Output: JSONL, one object per prompt with its index, id, prompt,
 tokens (and text, exit layers, drafted flags where the mode has them), written as each batch finishes. A rerun
 skips the prompts the file already holds. Sampled runs give row i the seed `seed + i`, so a prompt gets the same
-tokens whatever the batch size, the resume point or the machine."""
+tokens whatever the batch size, the resume point or the machine. `mexit.frontends.cluster.generate_file_on_ray`
+spreads the same over a Ray cluster."""
 
 from __future__ import annotations
 
@@ -51,12 +52,55 @@ def finished_indices(out: Path, records: list[dict]) -> set[int]:
     return done
 
 
+def generate_rows(lm, records: list[dict], seed: int | None, **generate_kw) -> list[dict]:
+    """One generate call for `records` (read_prompt_file's); each output row is its record plus tokens (and text,
+    exit layers, drafted flags where the mode has them). Sampled: row i samples with seed + i (and says so)."""
+    sampling = generate_kw.get("do_sample") or lm.defaults.get("do_sample")
+    prompts = [r["prompt"] if "prompt" in r else r["input_ids"] for r in records]
+    if len({"prompt" in r for r in records}) > 1:  # text and ids in one batch: ids for all
+        prompts = [lm.encode(p)[0] if isinstance(p, str) else p for p in prompts]
+    seeds = [seed + r["index"] for r in records] if sampling else None
+    result = lm.generate(prompts, seed=seeds, **generate_kw)
+    rows = []
+    for b, r in enumerate(records):
+        row = dict(r, tokens=result.tokens[b])
+        if result.text is not None:
+            row["text"] = result.text[b]
+        if result.exit_layers is not None:
+            row["exit_layers"] = result.exit_layers[b]
+        if result.drafted is not None:
+            row["drafted"] = result.drafted[b]
+        if sampling:
+            row["seed"] = seeds[b]
+        rows.append(row)
+    return rows
+
+
+def new_seed(records: list[dict]) -> int:
+    """A base seed for a sampled run given none: seed + i stays a valid seed for every row i."""
+    import torch
+
+    return int(torch.randint(2**31 - 1 - len(records), ()))
+
+
+def write_rows(rows, out: Path, total: int, done: int, progress: bool) -> None:
+    """Append rows (an iterable of lists of rows, as they finish) to `out` as JSON lines, with a progress bar."""
+    from tqdm import tqdm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f, tqdm(total=total, initial=done, desc="generate", unit="prompt",
+                                   disable=not progress) as bar:
+        for batch in rows:
+            for row in batch:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+            f.flush()
+            bar.update(len(batch))
+
+
 def generate_file(lm, prompts_file, out, batch: int = 8, seed: int | None = None, progress: bool = True,
                   **generate_kw) -> dict:
     """Generate for every prompt of `prompts_file` into `out` (JSONL), `batch` prompts per call; generate_kw go to
     `lm.generate` (mode, lengths, sampling). Returns {"prompts", "skipped", "written", "seed"}."""
-    import torch
-
     records = read_prompt_file(prompts_file)
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
@@ -64,31 +108,24 @@ def generate_file(lm, prompts_file, out, batch: int = 8, seed: int | None = None
     done = finished_indices(out, records)
     sampling = generate_kw.get("do_sample") or lm.defaults.get("do_sample")
     if sampling and seed is None:
-        seed = int(torch.randint(2**31 - 1 - len(records), ()))
+        seed = new_seed(records)
     todo = [r for r in records if r["index"] not in done]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
-    with open(out, "a") as f, tqdm(total=len(records), initial=len(done), desc="generate", unit="prompt",
-                                   disable=not progress) as bar:
-        for start in range(0, len(todo), batch):
-            chunk = todo[start: start + batch]
-            prompts = [r["prompt"] if "prompt" in r else r["input_ids"] for r in chunk]
-            if len({"prompt" in r for r in chunk}) > 1:  # text and ids in one batch: ids for all
-                prompts = [lm.encode(p)[0] if isinstance(p, str) else p for p in prompts]
-            seeds = [seed + r["index"] for r in chunk] if sampling else None
-            result = lm.generate(prompts, seed=seeds, **generate_kw)
-            for b, r in enumerate(chunk):
-                row = dict(r, tokens=result.tokens[b])
-                if result.text is not None:
-                    row["text"] = result.text[b]
-                if result.exit_layers is not None:
-                    row["exit_layers"] = result.exit_layers[b]
-                if result.drafted is not None:
-                    row["drafted"] = result.drafted[b]
-                if sampling:
-                    row["seed"] = seeds[b]
-                f.write(json.dumps(row, allow_nan=False) + "\n")
-            f.flush()
-            bar.update(len(chunk))
+    batches = (generate_rows(lm, todo[i: i + batch], seed, **generate_kw) for i in range(0, len(todo), batch))
+    write_rows(batches, out, len(records), len(done), progress)
     return {"prompts": len(records), "skipped": len(done), "written": len(todo), "seed": seed}
+
+
+class GenerateWorker:
+    """A model loaded once on a worker (`mexit.frontends.cluster.generate_file_on_ray`) by `load(**load_kw)` (e.g.
+    MultiExitLM.from_pretrained): batches of JSON-encoded records in, JSON-encoded rows out, in the same order."""
+
+    def __init__(self, load, load_kw: dict, seed: int, generate_kw: dict):
+        self.lm = load(**load_kw)
+        self.seed, self.generate_kw = seed, generate_kw
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        records = [json.loads(text) for text in batch["record"]]
+        rows = generate_rows(self.lm, records, self.seed, **self.generate_kw)
+        return {"row": np.array([json.dumps(row, allow_nan=False) for row in rows], dtype=object)}

@@ -1,0 +1,140 @@
+"""Sweeps and data sets on a Ray cluster (a local one with 2 CPU workers, started here): the same rows and files
+as one process writes, a worker killed mid-sweep losing nothing, and resumption."""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mexit.bench import ablate
+from mexit.frontends.cli import main
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"prompt number {i} about the cat and the sea" for i in range(24)) + "\n")
+    return path
+
+
+def sweep_args(folder, out, prompts, *extra):
+    return ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "12", "--repeats", "1",
+            "--thresholds", "0.0", "0.4", "1.0", "--measures", "max-prob", "cosine", "--out", str(out), "--quiet",
+            "--no-plot", *extra]
+
+
+def read_rows(out):
+    return {row["key"]: row for row in map(json.loads, (out / "ablation.jsonl").read_text().splitlines())}
+
+
+def kill_a_busy_worker(stop: threading.Event, killed: list) -> None:
+    """SIGKILL the first sweep worker seen evaluating a setting (Ray titles it ray::SweepWorker.evaluate)."""
+    while not stop.is_set() and not killed:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if b"SweepWorker.evaluate" in cmdline.read_bytes():
+                    pid = int(cmdline.parent.name)
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            except (OSError, ProcessLookupError):  # a process that ended meanwhile
+                continue
+        time.sleep(0.002)
+
+
+def test_ablation_on_ray_equals_one_process_and_loses_nothing(cluster, tiny_checkpoint, tmp_path, prompts, capsys):
+    folder = tiny_checkpoint[0]
+    assert ablate.main(sweep_args(folder, tmp_path / "one", prompts)) == 0
+    alone = read_rows(tmp_path / "one")
+
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_a_busy_worker, args=(stop, killed))
+    killer.start()
+    try:
+        assert ablate.main(sweep_args(folder, tmp_path / "ray", prompts, "--ray")) == 0
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no worker was seen evaluating: the kill was not exercised"
+    spread = read_rows(tmp_path / "ray")
+    assert spread.keys() == alone.keys() and len(spread) == 6  # the same settings, each once, none lost
+    for key, row in spread.items():
+        for column in ("agreement", "loglik", "repetition", "mean_exit_layer", "exit_histogram", "weight_bytes_ratio"):
+            assert row[column] == alone[key][column], (key, column)
+        assert row["speedup"] > 0 and row["seconds"] > 0 and row["full_depth_seconds"] > 0
+    assert len({row["worker"] for row in spread.values()}) >= 2  # spread over workers (a restart is a new one)
+    csv_rows = (tmp_path / "ray" / "ablation.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 1 + 6 and csv_rows[1].startswith("full depth")
+
+    capsys.readouterr()
+    assert ablate.main(sweep_args(folder, tmp_path / "ray", prompts, "--ray")) == 0  # a rerun: nothing to do
+    assert "6 settings, 6 already in" in capsys.readouterr().err
+    assert len((tmp_path / "ray" / "ablation.jsonl").read_text().splitlines()) == 6
+
+
+def test_bad_settings_on_ray_are_one_error(cluster, tiny_checkpoint, tmp_path, prompts):
+    with pytest.raises(ValueError, match=r"exit layers \[9\] are not in this checkpoint"):
+        ablate.main(sweep_args(tiny_checkpoint[0], tmp_path / "bad", prompts, "--exit-sets", "2,9", "--ray"))
+
+
+@pytest.mark.parametrize("sampling", [[], ["--do-sample", "--seed", "11", "--top-k", "20"]], ids=["greedy", "sampled"])
+def test_prompts_file_on_ray_equals_one_machine(cluster, tiny_checkpoint, tmp_path, sampling, capsys):
+    data = tmp_path / "data.jsonl"
+    lines = [{"prompt": f"line {i} of the data"} if i % 3 else {"input_ids": [i + 1, 7, 9], "id": f"r{i}"}
+             for i in range(11)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ["generate", "--model", str(tiny_checkpoint[0]), "--prompts-file", str(data), "--max-new-tokens", "7",
+              "--batch", "3", *sampling]
+    assert main([*common, "--out", str(tmp_path / "one.jsonl")]) == 0
+    assert main([*common, "--out", str(tmp_path / "ray.jsonl"), "--ray"]) == 0
+    one, spread = (tmp_path / "one.jsonl").read_text(), (tmp_path / "ray.jsonl").read_text()
+    assert spread == one and len(one.splitlines()) == 11
+    assert [json.loads(line)["index"] for line in spread.splitlines()] == list(range(11))  # input order
+    (tmp_path / "ray.jsonl").write_text("".join(one.splitlines(keepends=True)[:4]))  # an interrupted run
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "ray.jsonl"), "--ray"]) == 0
+    assert "7 prompts (4 already there" in capsys.readouterr().out
+    assert (tmp_path / "ray.jsonl").read_text() == one
+
+
+def test_ray_flags_without_ray_or_prompts_file(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    data = tmp_path / "data.txt"
+    data.write_text("hello\n")
+    base = ["generate", "--model", str(tiny_checkpoint[0]), "--max-new-tokens", "2"]
+    assert main([*base, "--prompts-file", str(data), "--out", str(tmp_path / "o.jsonl"), "--ray"]) == 2
+    assert 'pip install "mexit[ray]"' in capsys.readouterr().err
+    assert main([*base, "--prompt", "hi", "--ray"]) == 2
+    assert "--ray goes with --prompts-file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--ray needs Ray"):
+        ablate.main(sweep_args(tiny_checkpoint[0], tmp_path / "x", data, "--ray"))
+
+
+def test_latency_cases_on_ray(cluster, tiny_checkpoint, tmp_path):
+    from mexit.bench import latency
+
+    argv = ["--model", str(tiny_checkpoint[0]), "--batch", "1", "2", "--prompt-len", "5", "--new-tokens", "4",
+            "--warmup", "0", "--repeats", "1", "--modes", "original", "acd:4,2", "ee:max-prob:0:2", "--baselines",
+            "--no-compile", "--no-plot"]
+    assert latency.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert latency.main([*argv, "--out", str(tmp_path / "ray"), "--ray"]) == 0
+    one, spread = (json.loads((tmp_path / name / "latency.json").read_text()) for name in ("one", "ray"))
+    assert [(r["mode"], r["batch"]) for r in spread] == [(r["mode"], r["batch"]) for r in one]  # case order
+    for a, b in zip(one, spread):  # what does not depend on the clock is equal; each row says who timed it
+        for column in ("launches_per_step", "weight_bytes_per_step", "step_mb"):
+            assert a[column] == b[column], column
+        assert b["ms_per_token"] > 0 and "pid" in b["worker"] and "worker" not in a
