@@ -230,35 +230,22 @@ class Sweep:
     def keys(self) -> list[str]:
         return [setting_key(s, self.run_id) for s in self.plan]
 
-    def evaluate(self, index: int) -> dict:
-        return dict(self.meta, run_id=self.run_id,
-                    **evaluate(self.lm, self.ids, self.plan[index], self.reference, self.args))
-
-    def full_depth_row(self) -> dict:
-        return full_depth_row(self.lm, self.ids, self.reference, self.meta, self.reference_seconds, self.args)
-
-
-class SweepWorker:
-    """A Sweep on a Ray worker (`--ray`): a failure to prepare is raised by the first call, as a plain error."""
-
-    def __init__(self, args):
-        try:
-            self.sweep, self.error = Sweep(args), None
-        except (ValueError, OSError, NotImplementedError) as err:
-            self.sweep, self.error = None, err
-
     def describe(self) -> tuple[str, list[str], dict]:
-        if self.error is not None:
-            raise self.error
-        return self.sweep.run_id, self.sweep.keys(), self.sweep.meta
+        """What a Ray driver checks the workers agree on: the run id, the settings' keys, the device."""
+        return self.run_id, self.keys(), self.meta
 
     def evaluate(self, index: int) -> tuple[int, dict]:
+        """Setting `index` measured: (index, its row, naming the process that timed it)."""
         from mexit.frontends.cluster import where
 
-        return index, dict(self.sweep.evaluate(index), worker=where())
+        return index, dict(self.meta, run_id=self.run_id, worker=where(),
+                           **evaluate(self.lm, self.ids, self.plan[index], self.reference, self.args))
 
     def full_depth_row(self) -> dict:
-        return self.sweep.full_depth_row()
+        from mexit.frontends.cluster import where
+
+        return dict(full_depth_row(self.lm, self.ids, self.reference, self.meta, self.reference_seconds, self.args),
+                    worker=where())
 
 
 def finished_rows(log: Path) -> dict[str, dict]:
@@ -288,31 +275,36 @@ def run(args) -> list[dict]:
     print(f"# stage 2/2: {sweep.meta['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in {log}; "
           f"each timed {args.repeats}x interleaved with the full-depth reference; expected about {expected:.0f} s",
           file=sys.stderr, flush=True)
-    record(((i, sweep.evaluate(i)) for i in todo), keys, todo, out, log, done, args.quiet)
+    record(map(sweep.evaluate, todo), keys, todo, out, log, done, args.quiet)
     return finish(sweep.full_depth_row(), keys, done, out, args)
 
 
 def run_on_ray(args, out: Path, log: Path, done: dict) -> list[dict]:
     """Every setting a task on a Ray worker that timed it against its own full-depth reference (a speed-up never
-    mixes machines); the workers must agree on the run (same prompts, settings, dtype, engine and backend)."""
-    from mexit.frontends.cluster import Workers, connect, worker_resources
+    mixes machines); the workers must agree on the run (same prompts, settings, dtype, engine, backend and device
+    kind)."""
+    from mexit.frontends.cluster import Workers, absolute, connect, worker_resources
 
+    args.model, args.prompts = absolute(args.model), absolute(args.prompts)  # workers start in other folders
     connect(args.ray)
-    count, options = worker_resources(args.threads or 1)
-    workers = Workers(SweepWorker, (args,), count, options)
+    count, options = worker_resources(args.device, args.threads or 1)
+    workers = Workers(Sweep, (args,), count, options)
     try:
         described = workers.call_all("describe")
-        if len({(run_id, tuple(keys)) for run_id, keys, _ in described}) > 1:
-            raise ValueError("the Ray workers disagree on the run (a mixed cluster: "
-                             f"{sorted({meta['device'] for *_, meta in described})}); give the sweep one kind of "
-                             "worker")
-        keys = described[0][1]
+        if len({(run_id, tuple(keys), meta["device"]) for run_id, keys, meta in described}) > 1:
+            raise ValueError("the Ray workers disagree on the run (devices "
+                             f"{sorted({meta['device'] for *_, meta in described})}); sweep each kind on its own")
+        keys, meta = described[0][1], described[0][2]
         todo = [i for i, key in enumerate(keys) if key not in done]
-        print(f"# stage 2/2: {described[0][2]['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in "
-              f"{log}; {len(todo)} across {count} Ray worker(s) ({described[0][2]['device']}), each timed "
-              f"{args.repeats}x interleaved with its worker's full-depth reference", file=sys.stderr, flush=True)
+        print(f"# stage 2/2: {meta['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in {log}; "
+              f"{len(todo)} across {count} Ray worker(s) ({meta['device']}), each timed {args.repeats}x interleaved "
+              "with its worker's full-depth reference", file=sys.stderr, flush=True)
         record(workers.map("evaluate", todo), keys, todo, out, log, done, args.quiet)
-        reference = workers.call_all("full_depth_row")[0]
+        reference = workers.call_one("full_depth_row")
+    except KeyboardInterrupt:
+        print(f"error: interrupted; finished settings are in {log}: rerun the same command to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         workers.close()
     return finish(reference, keys, done, out, args)

@@ -296,8 +296,7 @@ class LatencyBench:
         self.run_meta = dict(run_metadata(device, dtype), model=self.label, random_weights=lm.is_random,
                              backend=lm.backend.name, engine=lm.engine, compiled=lm.compile,
                              fused_max_rows=lm.backend.fused_max_rows,
-                             command=" ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python bench/latency.py"),
-                                               *sys.argv[1:]]))
+                             command=args.command)
         copy_only, read_only = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)
         self.copy_gbs = max(copy_only, read_only)  # the roofline's bandwidth: the faster access pattern measured
         self.run_meta.update(copy_gb_s=copy_only, read_gb_s=read_only)
@@ -312,35 +311,18 @@ class LatencyBench:
                 f"{self.lm.engine}, memory bandwidth {self.copy_gbs:.0f} GB/s (copy {m['copy_gb_s']:.0f}, read "
                 f"{m['read_gb_s']:.0f})")
 
-    def case_rows(self, index: int) -> list[dict]:
+    def case_rows(self, index: int) -> tuple[int, list[dict]]:
+        """Case `index` measured: (index, its rows, each naming the process that timed it)."""
         import torch
+
+        from mexit.frontends.cluster import where
 
         prompt_len, new_tokens, batch = self.cases()[index]
         case = copy.copy(self.args)
         case.prompt_len, case.new_tokens = prompt_len, new_tokens
-        meta = dict(self.run_meta, prompt_len=prompt_len, new_tokens=new_tokens)
+        meta = dict(self.run_meta, prompt_len=prompt_len, new_tokens=new_tokens, worker=where())
         gen = torch.Generator().manual_seed(index)  # the case's prompts, wherever it runs
-        return run_case(self.lm, self.parsed, batch, case, meta, self.copy_gbs, gen, self.pdl_settings)
-
-
-class LatencyWorker:
-    """A LatencyBench on a Ray worker (`--ray`): each case's rows say which machine timed them."""
-
-    def __init__(self, args):
-        try:
-            self.bench, self.error = LatencyBench(args), None
-        except (ValueError, OSError, NotImplementedError) as err:
-            self.bench, self.error = None, err
-
-    def describe(self) -> tuple[int, str]:
-        if self.error is not None:
-            raise self.error
-        return len(self.bench.cases()), self.bench.describe()
-
-    def case_rows(self, index: int) -> tuple[int, list[dict]]:
-        from mexit.frontends.cluster import where
-
-        return index, [dict(row, worker=where()) for row in self.bench.case_rows(index)]
+        return index, run_case(self.lm, self.parsed, batch, case, meta, self.copy_gbs, gen, self.pdl_settings)
 
 
 def run(args) -> list[dict]:
@@ -350,22 +332,25 @@ def run(args) -> list[dict]:
         return run_on_ray(args)
     bench = LatencyBench(args)
     print(bench.describe(), file=sys.stderr)
-    return [row for index in range(len(bench.cases())) for row in bench.case_rows(index)]
+    return [row for index in range(len(bench.cases())) for row in bench.case_rows(index)[1]]
 
 
 def run_on_ray(args) -> list[dict]:
-    from mexit.frontends.cluster import Workers, connect, worker_resources
+    from mexit.frontends.cluster import Workers, absolute, connect, worker_resources
 
+    args.model = absolute(args.model)  # workers start in other folders
+    cases = len(args.prompt_len) * len(args.new_tokens) * len(args.batch)
     connect(args.ray)
-    count, options = worker_resources(args.threads or 1)
-    workers = Workers(LatencyWorker, (args,), count, options)
+    count, options = worker_resources(args.device, args.threads or 1, cases)
+    workers = Workers(LatencyBench, (args,), count, options)
     try:
-        described = workers.call_all("describe")
-        for line in sorted({text for _, text in described}):
+        for line in sorted(set(workers.call_all("describe"))):
             print(line, file=sys.stderr)
-        cases = described[0][0]
         print(f"# {cases} case(s) across {count} Ray worker(s)", file=sys.stderr)
         done = dict(workers.map("case_rows", range(cases)))
+    except KeyboardInterrupt:
+        print("error: interrupted; no rows written", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         workers.close()
     return [row for index in range(cases) for row in done[index]]
@@ -598,6 +583,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def fill_defaults(args) -> None:
     import torch
 
+    args.command = " ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python bench/latency.py"), *sys.argv[1:]])
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.batch = args.batch or ([1, 8] if cuda else [1])
     args.new_tokens = args.new_tokens or [128 if cuda else 8]

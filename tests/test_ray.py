@@ -33,20 +33,22 @@ def prompts(tmp_path):
 
 def sweep_args(folder, out, prompts, *extra):
     return ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "12", "--repeats", "1",
-            "--thresholds", "0.0", "0.4", "1.0", "--measures", "max-prob", "cosine", "--out", str(out), "--quiet",
-            "--no-plot", *extra]
+            "--thresholds", "0.0", "0.3", "0.6", "1.0", "--measures", "max-prob", "cosine", "--out", str(out),
+            "--quiet", "--no-plot", *extra]
 
 
 def read_rows(out):
     return {row["key"]: row for row in map(json.loads, (out / "ablation.jsonl").read_text().splitlines())}
 
 
-def kill_a_busy_worker(stop: threading.Event, killed: list) -> None:
-    """SIGKILL the first sweep worker seen evaluating a setting (Ray titles it ray::SweepWorker.evaluate)."""
+def kill_a_busy_worker(log: Path, stop: threading.Event, killed: list) -> None:
+    """Once the sweep has written a row, SIGKILL a worker busy with a task (Ray titles it ray::Guarded.call)."""
+    while not stop.is_set() and not (log.exists() and log.read_text()):
+        time.sleep(0.002)
     while not stop.is_set() and not killed:
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
-                if b"SweepWorker.evaluate" in cmdline.read_bytes():
+                if b"Guarded.call" in cmdline.read_bytes():
                     pid = int(cmdline.parent.name)
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
@@ -62,7 +64,7 @@ def test_ablation_on_ray_equals_one_process_and_loses_nothing(cluster, tiny_chec
     alone = read_rows(tmp_path / "one")
 
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_a_busy_worker, args=(stop, killed))
+    killer = threading.Thread(target=kill_a_busy_worker, args=(tmp_path / "ray" / "ablation.jsonl", stop, killed))
     killer.start()
     try:
         assert ablate.main(sweep_args(folder, tmp_path / "ray", prompts, "--ray")) == 0
@@ -71,19 +73,19 @@ def test_ablation_on_ray_equals_one_process_and_loses_nothing(cluster, tiny_chec
         killer.join()
     assert killed, "no worker was seen evaluating: the kill was not exercised"
     spread = read_rows(tmp_path / "ray")
-    assert spread.keys() == alone.keys() and len(spread) == 6  # the same settings, each once, none lost
+    assert spread.keys() == alone.keys() and len(spread) == 8  # the same settings, each once, none lost
     for key, row in spread.items():
         for column in ("agreement", "loglik", "repetition", "mean_exit_layer", "exit_histogram", "weight_bytes_ratio"):
             assert row[column] == alone[key][column], (key, column)
         assert row["speedup"] > 0 and row["seconds"] > 0 and row["full_depth_seconds"] > 0
     assert len({row["worker"] for row in spread.values()}) >= 2  # spread over workers (a restart is a new one)
     csv_rows = (tmp_path / "ray" / "ablation.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + 1 + 6 and csv_rows[1].startswith("full depth")
+    assert len(csv_rows) == 1 + 1 + 8 and csv_rows[1].startswith("full depth")
 
     capsys.readouterr()
     assert ablate.main(sweep_args(folder, tmp_path / "ray", prompts, "--ray")) == 0  # a rerun: nothing to do
-    assert "6 settings, 6 already in" in capsys.readouterr().err
-    assert len((tmp_path / "ray" / "ablation.jsonl").read_text().splitlines()) == 6
+    assert "8 settings, 8 already in" in capsys.readouterr().err
+    assert len((tmp_path / "ray" / "ablation.jsonl").read_text().splitlines()) == 8
 
 
 def test_bad_settings_on_ray_are_one_error(cluster, tiny_checkpoint, tmp_path, prompts):
@@ -106,9 +108,27 @@ def test_prompts_file_on_ray_equals_one_machine(cluster, tiny_checkpoint, tmp_pa
     assert [json.loads(line)["index"] for line in spread.splitlines()] == list(range(11))  # input order
     (tmp_path / "ray.jsonl").write_text("".join(one.splitlines(keepends=True)[:4]))  # an interrupted run
     capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "ray.jsonl"), "--ray"]) == 0
+    resume = [arg for arg in common if arg not in ("--seed", "11")]  # a sampled run resumes with its own seed
+    assert main([*resume, "--out", str(tmp_path / "ray.jsonl"), "--ray"]) == 0
     assert "7 prompts (4 already there" in capsys.readouterr().out
     assert (tmp_path / "ray.jsonl").read_text() == one
+    if sampling:
+        (tmp_path / "ray.jsonl").write_text("".join(one.splitlines(keepends=True)[:4]))
+        assert main([*resume, "--seed", "12", "--out", str(tmp_path / "ray.jsonl"), "--ray"]) == 2
+        assert "was sampled with seed 11 + row index" in capsys.readouterr().err
+
+
+def test_worker_errors_are_one_line(cluster, tiny_checkpoint, tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("hello\nworld\n")
+    base = ["generate", "--prompts-file", str(data), "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2",
+            "--ray"]
+    assert main([*base, "--model", str(tmp_path / "no_such_model")]) == 2
+    err = capsys.readouterr().err  # Ray's own log lines come first
+    assert err.strip().splitlines()[-1].startswith("error: ") and "does not exist" in err and "Traceback" not in err
+    assert main([*base, "--model", str(tiny_checkpoint[0]), "--device", "cuda"]) == 2
+    assert "the Ray cluster has no GPU" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_ray_flags_without_ray_or_prompts_file(tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -137,4 +157,4 @@ def test_latency_cases_on_ray(cluster, tiny_checkpoint, tmp_path):
     for a, b in zip(one, spread):  # what does not depend on the clock is equal; each row says who timed it
         for column in ("launches_per_step", "weight_bytes_per_step", "step_mb"):
             assert a[column] == b[column], column
-        assert b["ms_per_token"] > 0 and "pid" in b["worker"] and "worker" not in a
+        assert b["ms_per_token"] > 0 and "pid" in b["worker"] and b["command"] == a["command"]  # the driver's

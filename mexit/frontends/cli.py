@@ -271,9 +271,9 @@ def warn_ignored_compile(lm) -> None:
 
 def run_generate_on_ray(args) -> int:
     from mexit.frontends.api import MultiExitLM
-    from mexit.frontends.cluster import generate_file_on_ray
+    from mexit.frontends.cluster import absolute, generate_file_on_ray
 
-    load_kw = dict(path_or_id=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+    load_kw = dict(path_or_id=absolute(args.model), dtype=args.dtype, device=args.device, backend=args.backend,
                    engine=args.engine, compile=args.compile, check_weights=not args.no_weight_check, pdl=args.pdl)
     summary = generate_file_on_ray(MultiExitLM.from_pretrained, load_kw, args.prompts_file, args.out, args.batch,
                                    seed=args.seed, address=args.ray, threads=args.threads or 1,

@@ -1,18 +1,25 @@
 """Work across machines on a Ray cluster: the only module of mexit that imports Ray (`pip install "mexit[ray]"`).
 
-A sweep or a data set is spread over workers, one per GPU of the cluster (one per `threads` CPUs where it has none).
-A worker is a plain class holding what its tasks share (a loaded model, prompts, a reference); here it becomes a
-Ray actor that Ray restarts after a crash, on any node with room, retrying the task it was running.
+A sweep or a data set is spread over workers, one per GPU of the cluster (one per `threads` CPUs where it has none or
+the run asks for the CPU). A worker is a plain class built once per worker from the run's arguments (a loaded model,
+prompts, a reference), with methods that each do one task. Files (the checkpoint, prompts) are read by the workers:
+on a cluster of several machines they must exist at the same absolute path on each (a shared filesystem).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 INSTALL_HINT = 'pip install "mexit[ray]" (Ray on every machine of the cluster, with mexit)'
+ATTEMPTS = 3  # a task whose worker dies this often (a setting that crashes its process) stops the run
+USER_ERRORS = (ValueError, OSError, NotImplementedError, RuntimeError)
 
 
 def require_ray():
@@ -27,71 +34,130 @@ def require_ray():
 def connect(address: str | None = "auto"):
     """Join a Ray cluster: "auto" one already running for this machine (RAY_ADDRESS, `ray start`), else a new one
     on this machine alone; anything else is a cluster address ("ray://host:10001", "host:6379"). A process already
-    connected stays on its cluster. Returns the ray module."""
+    connected stays on its cluster (and says so if another address was asked for). Returns the ray module."""
     ray = require_ray()
-    if not ray.is_initialized():
-        try:
-            ray.init(address=None if address in (None, "auto") else address, log_to_driver=False)
-        except ConnectionError as err:
-            raise ValueError(f"cannot reach the Ray cluster at {address}: {err}") from None
+    if ray.is_initialized():
+        if address not in (None, "auto"):
+            raise ValueError(f"this process is already connected to a Ray cluster; --ray {address} cannot join another")
+        return ray
+    try:
+        ray.init(address=None if address in (None, "auto") else address, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise ValueError(f"cannot start or reach the Ray cluster {address!r}: {str(err).splitlines()[0]}") from None
     return ray
 
 
-def worker_resources(threads: int = 1) -> tuple[int, dict]:
-    """(workers, Ray options of each): one GPU per worker where the cluster has GPUs, else `threads` CPUs."""
+def worker_resources(device: str | None, threads: int = 1, tasks: int | None = None) -> tuple[int, dict]:
+    """(workers, Ray options of each) for a run on `device` (None: cuda where the cluster has GPUs): one GPU per
+    worker, else `threads` CPUs per worker; never more workers than `tasks`."""
     ray = require_ray()
     total = ray.cluster_resources()
-    if total.get("GPU", 0) >= 1:
-        return int(total["GPU"]), {"num_gpus": 1, "num_cpus": 1}
-    return max(1, int(total.get("CPU", 1)) // max(threads, 1)), {"num_cpus": max(threads, 1)}
+    gpus = int(total.get("GPU", 0))
+    wants_cuda = device is not None and str(device).startswith("cuda")
+    if wants_cuda and gpus == 0:
+        raise ValueError(f"--device {device} was asked for, but the Ray cluster has no GPU")
+    if gpus and (device is None or wants_cuda):
+        count, options = gpus, {"num_gpus": 1, "num_cpus": 1}
+    else:
+        count, options = max(1, int(total.get("CPU", 1)) // max(threads, 1)), {"num_cpus": max(threads, 1)}
+    return max(1, min(count, tasks if tasks is not None else count)), options
+
+
+def absolute(path: str | os.PathLike | None) -> str | None:
+    """A local path made absolute (workers start in other folders); a hub id or None as is."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
 
 
 def where() -> str:
-    """This worker's machine and device, for the rows it writes."""
+    """The process this runs in: its machine, GPU and pid, for the rows it writes."""
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     return f"{socket.gethostname()}{f' gpu {gpus}' if gpus else ''} pid {os.getpid()}"
 
 
-def unwrap(error: BaseException) -> BaseException:
-    """A task's own exception (a ValueError, ...) out of Ray's wrapper, so that callers see one clear error."""
-    ray = require_ray()
-    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
-        error = error.cause
-    return error
+class Guarded:
+    """`build(*args)` on a worker. A failure to build (a missing file, a bad setting, no GPU) is raised again by
+    every call, so that the driver gets it as a plain error instead of a dead worker."""
+
+    def __init__(self, build, *args):
+        try:
+            self.target, self.error = build(*args), None
+        except USER_ERRORS as err:
+            self.target, self.error = None, err
+
+    def call(self, method: str, *args):
+        if self.error is not None:
+            raise self.error
+        return getattr(self.target, method)(*args)
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class Workers:
-    """`count` Ray actors of `worker_class(*init_args)`, each with `options` (worker_resources), restarted after a
-    crash with their running task retried. `call(method, *args)` runs a method on one worker; `map(method, items)`
-    runs `method(item)` for every item across the workers and yields the results as they finish."""
+    """`count` Ray actors, each a `Guarded(build, *args)` with `options` (worker_resources). A worker that dies is
+    restarted by Ray (up to ATTEMPTS times); the task it was running goes to the next free worker, and a task that
+    killed ATTEMPTS workers stops the run with an error naming it."""
 
-    def __init__(self, worker_class, init_args: tuple, count: int, options: dict):
+    def __init__(self, build, args: tuple, count: int, options: dict):
         ray = require_ray()
-        remote = ray.remote(worker_class).options(max_restarts=-1, max_task_retries=-1, **options)
-        self.ray, self.actors = ray, [remote.remote(*init_args) for _ in range(count)]
+        remote = ray.remote(Guarded).options(max_restarts=ATTEMPTS, max_task_retries=0, **options)
+        self.ray, self.actors = ray, [remote.remote(build, *args) for _ in range(count)]
 
-    def get(self, refs):
-        try:
-            return self.ray.get(refs)
-        except self.ray.exceptions.RayTaskError as err:
-            raise unwrap(err) from None
+    def error(self, err: BaseException) -> BaseException:
+        """A task's own exception out of Ray's wrapper, or a worker's death as one ValueError."""
+        while isinstance(err, self.ray.exceptions.RayTaskError) and err.cause is not None:
+            err = err.cause
+        if isinstance(err, USER_ERRORS):
+            return err
+        return ValueError(f"a Ray worker failed: {first_line(err)}")
+
+    def get(self, submit):
+        """ray.get of what `submit()` returns, submitted again while the workers die and restart."""
+        for attempt in range(ATTEMPTS + 1):
+            try:
+                return self.ray.get(submit())
+            except self.ray.exceptions.RayActorError as err:
+                if attempt == ATTEMPTS:
+                    raise ValueError(f"a Ray worker died {ATTEMPTS + 1} times: {first_line(err)}") from None
+            except self.ray.exceptions.RayError as err:
+                raise self.error(err) from None
+
+    def call_one(self, method: str, *args):
+        """`method(*args)` on the first worker."""
+        return self.get(lambda: self.actors[0].call.remote(method, *args))
 
     def call_all(self, method: str, *args) -> list:
         """`method(*args)` on every worker; their results in worker order."""
-        return self.get([getattr(actor, method).remote(*args) for actor in self.actors])
+        return self.get(lambda: [actor.call.remote(method, *args) for actor in self.actors])
 
     def map(self, method: str, items: Iterable) -> Iterator:
-        from ray.util import ActorPool
-
-        pool = ActorPool(self.actors)
-        results = pool.map_unordered(lambda actor, item: getattr(actor, method).remote(item), list(items))
-        while True:
+        """`method(item)` for every item, each on a free worker; results as they finish."""
+        queue, idle, running = deque(items), list(range(len(self.actors))), {}
+        attempts, deaths = {}, [0] * len(self.actors)
+        while queue or running:
+            if not running and not idle:
+                raise ValueError(f"every Ray worker died {ATTEMPTS + 1} times; {len(queue)} task(s) not done")
+            while queue and idle:
+                worker, item = idle.pop(), queue.popleft()
+                running[self.actors[worker].call.remote(method, item)] = (worker, item)
+            ready, _ = self.ray.wait(list(running), num_returns=1)
+            worker, item = running.pop(ready[0])
             try:
-                yield next(results)
-            except StopIteration:
-                return
-            except self.ray.exceptions.RayTaskError as err:
-                raise unwrap(err) from None
+                result = self.ray.get(ready[0])
+            except self.ray.exceptions.RayActorError as err:  # the worker died: Ray restarts it; the task goes on
+                attempts[item], deaths[worker] = attempts.get(item, 0) + 1, deaths[worker] + 1
+                if attempts[item] >= ATTEMPTS:
+                    raise ValueError(f"task {item!r} ended its Ray worker {attempts[item]} times (last: "
+                                     f"{first_line(err)}); stopping") from None
+                if deaths[worker] <= ATTEMPTS:  # restarts left: its next task waits for the restart
+                    idle.append(worker)
+                queue.appendleft(item)
+                continue
+            except self.ray.exceptions.RayError as err:
+                raise self.error(err) from None
+            idle.append(worker)
+            yield result
 
     def close(self) -> None:
         for actor in self.actors:
@@ -101,39 +167,40 @@ class Workers:
 def generate_file_on_ray(load, load_kw: dict, prompts_file, out, batch: int = 8, seed: int | None = None,
                          progress: bool = True, address: str = "auto", threads: int = 1, **generate_kw) -> dict:
     """`datasets.generate_file` through Ray Data: the prompts not yet in `out` become a data set mapped in batches
-    by one GenerateWorker (a model loaded by `load(**load_kw)`, e.g. MultiExitLM.from_pretrained) per GPU of the
-    cluster (per `threads` CPUs without GPUs). Rows come back and are written in input order; row i samples with
-    seed + i, so the file equals a single-machine run's. Returns {"prompts", "skipped", "written", "seed"}."""
-    from pathlib import Path
+    by one GenerateWorker (a model loaded by `load(**load_kw)`, e.g. MultiExitLM.from_pretrained, with `threads`
+    CPU threads) per GPU of the cluster (per `threads` CPUs without GPUs). Rows come back and are written in input
+    order; row i samples with seed + i, so the file equals a single-machine run's. A worker's error (a missing
+    checkpoint, a bad setting) is raised here as a ValueError. Returns {"prompts", "skipped", "written", "seed"}."""
+    from .datasets import GenerateWorker, new_seed, open_output, write_rows
 
-    from .datasets import GenerateWorker, finished_indices, new_seed, read_prompt_file, write_rows
-
-    records = read_prompt_file(prompts_file)
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
-    out = Path(out)
-    done = finished_indices(out, records)
+    records, done, seed = open_output(prompts_file, out, batch, seed)
     todo = [r for r in records if r["index"] not in done]
     seed = new_seed(records) if seed is None else seed  # used by the workers only where the run samples
     ray = connect(address)
-    count, options = worker_resources(threads)
+    count, options = worker_resources(load_kw.get("device"), threads, len(todo))
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray Data's notes on its own deprecated settings
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    context.enable_progress_bars = False
+    context.enable_progress_bars = False  # mexit shows its own, and Ray Data's plans and progress logs are quieted
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("ray.data")]:
+        logging.getLogger(name).setLevel(logging.ERROR)
     written = []
 
     def rows_in_order():
         dataset = ray.data.from_items([{"record": json.dumps(r)} for r in todo]).map_batches(
-            GenerateWorker, fn_constructor_args=(load, load_kw, seed, generate_kw), batch_size=batch, concurrency=count,
-            batch_format="numpy", **options)
+            GenerateWorker, fn_constructor_args=(load, load_kw, seed, generate_kw, threads), batch_size=batch,
+            compute=ray.data.ActorPoolStrategy(size=count), batch_format="numpy", **options)
         try:
             for item in dataset.iter_rows():
-                written.append(json.loads(item["row"]))
-                yield written[-1:]
-        except ray.exceptions.RayTaskError as err:
-            raise unwrap(err) from None
+                row = json.loads(item["row"])
+                if "error" in row:
+                    raise ValueError(row["error"])
+                written.append(row)
+                yield [row]
+        except ray.exceptions.RayError as err:
+            raise ValueError(f"a Ray worker failed: {first_line(err)}") from None
 
     if todo:
-        write_rows(rows_in_order(), out, len(records), len(done), progress)
+        write_rows(rows_in_order(), Path(out), len(records), len(done), progress)
     sampled = any("seed" in row for row in written)
     return {"prompts": len(records), "skipped": len(done), "written": len(written), "seed": seed if sampled else None}

@@ -84,48 +84,82 @@ def new_seed(records: list[dict]) -> int:
 
 
 def write_rows(rows, out: Path, total: int, done: int, progress: bool) -> None:
-    """Append rows (an iterable of lists of rows, as they finish) to `out` as JSON lines, with a progress bar."""
+    """Append rows (an iterable of lists of rows, as they finish) to `out` as JSON lines, with a progress bar; the
+    file is opened at the first row (a run that fails before it leaves no file)."""
     from tqdm import tqdm
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f, tqdm(total=total, initial=done, desc="generate", unit="prompt",
-                                   disable=not progress) as bar:
-        for batch in rows:
-            for row in batch:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
-            f.flush()
-            bar.update(len(batch))
+    f = None
+    try:
+        with tqdm(total=total, initial=done, desc="generate", unit="prompt", disable=not progress) as bar:
+            for batch in rows:
+                if f is None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    f = open(out, "a")
+                for row in batch:
+                    f.write(json.dumps(row, allow_nan=False) + "\n")
+                f.flush()
+                bar.update(len(batch))
+    finally:
+        if f is not None:
+            f.close()
+
+
+def open_output(prompts_file, out, batch: int, seed: int | None) -> tuple[list[dict], set[int], int | None]:
+    """(records, indices already in `out`, seed): a resumed sampled run keeps the base seed its rows were drawn
+    with (ValueError if another --seed is given), so its remaining rows are what an uninterrupted run writes."""
+    records = read_prompt_file(prompts_file)
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    out = Path(out)
+    done = finished_indices(out, records)
+    earlier = {row["seed"] - row["index"] for row in map(json.loads, out.read_text().splitlines()) if "seed" in row} \
+        if done else set()
+    if earlier:
+        if seed is not None and {seed} != earlier:
+            raise ValueError(f"{out} was sampled with seed {min(earlier)} + row index; resume it with that --seed "
+                             "or write to another --out")
+        seed = min(earlier)
+    return records, done, seed
 
 
 def generate_file(lm, prompts_file, out, batch: int = 8, seed: int | None = None, progress: bool = True,
                   **generate_kw) -> dict:
     """Generate for every prompt of `prompts_file` into `out` (JSONL), `batch` prompts per call; generate_kw go to
     `lm.generate` (mode, lengths, sampling). Returns {"prompts", "skipped", "written", "seed"}."""
-    records = read_prompt_file(prompts_file)
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
-    out = Path(out)
-    done = finished_indices(out, records)
+    records, done, seed = open_output(prompts_file, out, batch, seed)
     sampling = generate_kw.get("do_sample") or lm.defaults.get("do_sample")
     if sampling and seed is None:
         seed = new_seed(records)
     todo = [r for r in records if r["index"] not in done]
     batches = (generate_rows(lm, todo[i: i + batch], seed, **generate_kw) for i in range(0, len(todo), batch))
-    write_rows(batches, out, len(records), len(done), progress)
+    write_rows(batches, Path(out), len(records), len(done), progress)
     return {"prompts": len(records), "skipped": len(done), "written": len(todo), "seed": seed}
 
 
 class GenerateWorker:
     """A model loaded once on a worker (`mexit.frontends.cluster.generate_file_on_ray`) by `load(**load_kw)` (e.g.
-    MultiExitLM.from_pretrained): batches of JSON-encoded records in, JSON-encoded rows out, in the same order."""
+    MultiExitLM.from_pretrained) with `threads` CPU threads: batches of JSON-encoded records in, JSON-encoded rows
+    out, in the same order. A user error (a missing checkpoint, a bad setting) comes back as rows holding "error",
+    for the driver to raise."""
 
-    def __init__(self, load, load_kw: dict, seed: int, generate_kw: dict):
-        self.lm = load(**load_kw)
+    def __init__(self, load, load_kw: dict, seed: int, generate_kw: dict, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
         self.seed, self.generate_kw = seed, generate_kw
+        try:
+            self.lm, self.error = load(**load_kw), None
+        except (ValueError, OSError, NotImplementedError, RuntimeError) as err:
+            self.lm, self.error = None, err
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
         records = [json.loads(text) for text in batch["record"]]
-        rows = generate_rows(self.lm, records, self.seed, **self.generate_kw)
+        try:
+            if self.error is not None:
+                raise self.error
+            rows = generate_rows(self.lm, records, self.seed, **self.generate_kw)
+        except (ValueError, OSError, NotImplementedError, RuntimeError) as err:
+            rows = [{"error": " ".join(str(err).split()) or type(err).__name__} for _ in records]
         return {"row": np.array([json.dumps(row, allow_nan=False) for row in rows], dtype=object)}
