@@ -10,6 +10,7 @@ import torch
 
 from mexit.decoding.early_exit import ExitPolicy
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration
+from mexit.decoding.layers import LayerPredictions, layer_predictions
 from mexit.decoding.sampling import SamplingConfig
 from mexit.decoding.speculative import Speculation, SpeculativeConfig
 from mexit.generate import GenerationResult, generate, new_engine, resolve_engine
@@ -262,6 +263,15 @@ class MultiExitLM:
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
         return result
+
+    def layer_predictions(self, prompts, top_k: int = 5) -> list[LayerPredictions]:
+        """Per prompt (text, texts, ids or id lists, as `generate` takes them): what each exit head and the original
+        head predict at every position, from one pass through the blocks (`mexit.decoding.layers`): top-k tokens
+        with their log-probabilities and each head's entropy (nats); shapes in LayerPredictions."""
+        ids = self.encode(prompts)
+        if ids and isinstance(ids[0], int):
+            ids = [ids]
+        return [layer_predictions(self.model, row, top_k) for row in ids]
 
     def stop_ids(self):
         """The checkpoint's stop ids: generation_config.json's eos_token_id, else config.json's."""

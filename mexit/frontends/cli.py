@@ -1,5 +1,5 @@
-"""Command line: `mexit generate`, `mexit train-heads`, `mexit convert`, `mexit bench`, `mexit ablate`,
-`mexit bench-speculative`.
+"""Command line: `mexit generate`, `mexit layers`, `mexit train-heads`, `mexit convert`, `mexit bench`,
+`mexit ablate`, `mexit bench-speculative`.
 
 A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
 keeps its traceback and exits 1."""
@@ -12,6 +12,7 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 
 
 class UsageError(ValueError):
@@ -443,6 +444,40 @@ def run_generate(args) -> int:
     return 0
 
 
+def add_layers_parser(sub) -> None:
+    p = sub.add_parser("layers", help="what every exit head and the original head predict at each position",
+                       formatter_class=help_formatter(),
+                       description="One pass over the prompt: per position, each head's top-k tokens with their "
+                                   "probabilities and its entropy. Prints heads x positions (top-1 and its "
+                                   "probability), or JSON, and can draw a heatmap.")
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--input-ids", type=parse_ints, help="comma-separated token ids")
+    p.add_argument("--top-k", type=int, default=5, help="tokens kept per head and position")
+    p.add_argument("--json", action="store_true", help="print one strict-JSON object (shapes: heads x positions x k)")
+    p.add_argument("--plot", help="write a PNG heatmap of heads x positions there")
+    p.set_defaults(run=run_layers)
+
+
+def run_layers(args) -> int:
+    from mexit.frontends.lens import plot, table
+
+    lm = load_lm(args)
+    pred = lm.layer_predictions(args.prompt if args.prompt is not None else args.input_ids, args.top_k)[0]
+    decode = lm.tokenizer.decode if lm.tokenizer is not None else (lambda ids: ",".join(map(str, ids)))
+    if args.plot:
+        plot(pred, decode, Path(args.plot), title=f"{Path(str(args.model)).name}: top-1 prediction of each head"
+             + (" (RANDOM weights)" if lm.is_random else ""))
+    if args.json:
+        print(json.dumps(dict(pred.to_dict(decode), random_weights=lm.is_random), allow_nan=False))
+    else:
+        print(table(pred, decode))
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv=None) -> int:
     from mexit.version import __version__
 
@@ -452,6 +487,7 @@ def main(argv=None) -> int:
     add_generate_parser(sub)
     add_train_heads_parser(sub)
     add_convert_parser(sub)
+    add_layers_parser(sub)
     from mexit.bench.ablate import add_parser as add_ablate_parser
     from mexit.bench.latency import add_parser as add_bench_parser
     from mexit.bench.speculative_sweep import add_parser as add_speculative_parser

@@ -1,0 +1,47 @@
+"""Per-layer predictions (`lm.layer_predictions`, `mexit layers`) against transformers' hidden states."""
+
+import json
+
+import pytest
+import torch
+from reference import hf_block_outputs, hf_head_logits
+
+import mexit
+from mexit.frontends.cli import main
+
+
+def test_equal_log_softmax_of_each_head_on_transformers_hidden_states(tiny_checkpoint):
+    folder, hf, heads = tiny_checkpoint
+    lm = mexit.load(folder, dtype="fp32", backend="torch")
+    prompts = [[5, 17, 200, 3, 99, 12], [42]]
+    predictions = lm.layer_predictions(prompts, top_k=4)
+    assert len(predictions) == 2
+    for ids, pred in zip(prompts, predictions):
+        outputs = hf_block_outputs(hf, torch.tensor([ids]))
+        assert pred.heads == [*lm.config.exit_layers, "original"] and pred.input_ids == ids
+        assert pred.tokens.shape == pred.logprobs.shape == (len(pred.heads), len(ids), 4)
+        assert pred.entropy.shape == (len(pred.heads), len(ids)) and pred.logprobs.dtype == torch.float32
+        for h, head in enumerate(pred.heads):
+            reference = torch.log_softmax(hf_head_logits(hf, heads, outputs, head)[0].double(), dim=-1)  # [T, V]
+            top = reference.topk(4, dim=-1)
+            assert torch.equal(pred.tokens[h], top.indices), head
+            torch.testing.assert_close(pred.logprobs[h].double(), top.values, atol=2e-5, rtol=0)
+            entropy = -(reference.exp() * reference).sum(-1)
+            torch.testing.assert_close(pred.entropy[h].double(), entropy, atol=2e-5, rtol=0)
+
+
+def test_cli_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
+    folder = str(tiny_checkpoint[0])
+    assert main(["layers", "--model", folder, "--prompt", "Hello world", "--top-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)
+    positions = len(out["input_ids"])
+    assert out["heads"][-1] == "original" and len(out["token_text"]) == len(out["heads"])
+    assert all(len(head) == positions and all(len(cell) == 3 for cell in head) for head in out["logprobs"])
+    assert main(["layers", "--model", folder, "--input-ids", "5,6,7", "--plot", str(tmp_path / "l.png")]) == 0
+    text = capsys.readouterr().out
+    assert "original |" in text and "exit 2 |" in text and (tmp_path / "l.png").stat().st_size > 10_000
+    for argv, needle in ((["--prompt", "Hi", "--top-k", "0"], "top_k must be in 1.."),
+                         (["--input-ids", ",".join(["1"] * 300)], "exceeds the context")):
+        assert main(["layers", "--model", folder, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1
