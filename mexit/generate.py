@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .decoding.dola import DolaConfig, DolaMode
 from .decoding.early_exit import EarlyExit, ExitPolicy
 from .decoding.fixed import DecodeConfig, FixedMode
 from .decoding.prompts import check_prompts
@@ -61,10 +62,12 @@ def new_engine(name: str, compile_layers: bool = False):
 
 
 def build_mode(model: MultiExitGPT2, spec):
-    """The mode object of a mode's settings (a DecodeConfig, an ExitPolicy or a Speculation), checked against the
-    checkpoint."""
+    """The mode object of a mode's settings (a DecodeConfig, a DolaConfig, an ExitPolicy or a Speculation), checked
+    against the checkpoint."""
     if isinstance(spec, ExitPolicy):
         return EarlyExit(model, spec)
+    if isinstance(spec, DolaConfig):
+        return DolaMode(model, spec)
     if isinstance(spec, DecodeConfig):
         return FixedMode(model, spec)
     if isinstance(spec, Speculation):

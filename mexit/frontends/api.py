@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from mexit.decoding.dola import DolaConfig
 from mexit.decoding.early_exit import ExitPolicy
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration
 from mexit.decoding.layers import LayerPredictions, layer_predictions
@@ -202,6 +203,7 @@ class MultiExitLM:
                  seed: int | list[int] | None = None, eos_token_id: int | list[int] | None | str = "config",
                  attention_mask=None, return_cache: bool = False, on_token=None, keep_logits: bool = False,
                  speculative: SpeculativeConfig | None = None, sampling: SamplingConfig | None = None,
+                 dola_layers: str | list[int] | None = None, dola_heads: str = "embedding",
                  **acd_names) -> GenerationResult:
         """Generate up to `max_new_tokens` per prompt (text, a list of texts, token ids, a list of id lists, or a
         [B, T] id tensor with its `attention_mask`: padding is dropped, left or right).
@@ -211,7 +213,9 @@ class MultiExitLM:
         `multi_exit_config`, or a ready `decode=DecodeConfig(...)`; naming two modes is an error.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead, and
         `speculative=SpeculativeConfig(...)` decodes the chosen mode self-speculatively (the same greedy tokens, the
-        same sampling distribution). Every mode runs on every engine.
+        same sampling distribution). `dola_layers="low" | "high" | [layers]` decodes with DoLa as transformers 4.51.3
+        did (`mexit.decoding.dola`; each row picks its own premature layer), `dola_heads="exit"` with the
+        checkpoint's exit heads as the premature distributions. Every mode runs on every engine.
 
         Arguments left None take the checkpoint's generation_config.json (max_new_tokens, or max_length minus the
         longest prompt; do_sample, temperature, top_k, top_p), then mexit's defaults (32 tokens, greedy, temperature
@@ -242,7 +246,14 @@ class MultiExitLM:
                 raise ValueError(f"generation_config.json's max_length {d['max_length']} leaves no room after the "
                                  "longest prompt: pass max_new_tokens")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        if early_exit is not None:
+        if dola_layers is not None:
+            if (mode is not None or exit_layer is not None or contrast is not None or acd_names or decode
+                    or early_exit is not None or speculative is not None or multi_exit_config is not None):
+                raise ValueError("dola_layers chooses the mode (DoLa): do not combine it with other mode arguments")
+            spec = DolaConfig(dola_layers if isinstance(dola_layers, str) else tuple(dola_layers), dola_heads)
+        elif dola_heads != "embedding":
+            raise ValueError("dola_heads goes with dola_layers")
+        elif early_exit is not None:
             if mode is not None or exit_layer is not None or contrast is not None or acd_names or decode:
                 raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
             if speculative is not None:

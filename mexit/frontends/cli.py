@@ -48,6 +48,15 @@ def parse_contrast(text: str) -> tuple:
             f"--contrast takes UPPER,LOWER (UPPER may be 'original'), got {text!r}") from None
 
 
+def parse_dola_layers(text: str):
+    if text in ("low", "high"):
+        return text
+    try:
+        return parse_ints(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--dola-layers takes low, high or L1,L2,..., got {text!r}") from None
+
+
 def help_formatter():
     from mexit.bench.common import HelpFormatter
 
@@ -87,11 +96,17 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads of torch (with --ray and no GPUs: per worker; default 1 "
                    "there, torch's default here)")
     p.add_argument("--mode", default="original",
-                   choices=["original", "exit", "contrast", "early-exit", "speculative"],
-                   help="original head, one exit (--exit-layer), ACD (--contrast), confidence-gated early exit, or "
-                        "self-speculative decoding of the original head (or of --exit-layer / --contrast)")
+                   choices=["original", "exit", "contrast", "dola", "early-exit", "speculative"],
+                   help="original head, one exit (--exit-layer), ACD (--contrast), DoLa (--dola-layers), "
+                        "confidence-gated early exit, or self-speculative decoding of the original head (or of "
+                        "--exit-layer / --contrast)")
     p.add_argument("--exit-layer", type=int, help="--mode exit: the exit layer that produces the tokens")
     p.add_argument("--contrast", type=parse_contrast, help="--mode contrast: UPPER,LOWER; UPPER may be 'original'")
+    p.add_argument("--dola-layers", type=parse_dola_layers,
+                   help="--mode dola: candidate premature layers: low, high or L1,L2,... (transformers' rules)")
+    p.add_argument("--dola-heads", default="embedding", choices=["embedding", "exit"],
+                   help="--mode dola: premature logits from the output embedding on raw block outputs "
+                        "(transformers), or from the checkpoint's exit heads")
     sp = p.add_argument_group("self-speculative decoding (--mode speculative): the target mode's exact output")
     sp.add_argument("--draft-exit", type=int, help="exit layer whose head drafts (required)")
     sp.add_argument("--draft-len", type=int, default=1, help="drafts per verification at most")
@@ -148,6 +163,10 @@ def check_generate_flags(args) -> None:
         raise UsageError(f"--contrast applies to --mode contrast (or speculative), not --mode {args.mode}")
     if args.mode != "contrast" and args.contrast is None and (args.alpha != 0.1 or args.min_candidates != 1):
         raise UsageError("--alpha and --min-candidates apply to ACD (--contrast)")
+    if args.mode == "dola" and args.dola_layers is None:
+        raise UsageError("--mode dola needs --dola-layers (low, high or L1,L2,...)")
+    if args.mode != "dola" and (args.dola_layers is not None or args.dola_heads != "embedding"):
+        raise UsageError(f"--dola-layers and --dola-heads apply to --mode dola, not --mode {args.mode}")
     if spec and args.exit_layer is not None and args.contrast is not None:
         raise UsageError("--mode speculative verifies one target: pass --exit-layer or --contrast, not both")
     if spec and args.draft_exit is None:
@@ -369,6 +388,8 @@ def generate_kwargs(args) -> dict:
                                       decay_tau=args.decay_tau, max_steps=args.max_new_tokens,
                                       propagation=args.propagation, schedule=args.schedule)
         return kw
+    if args.mode == "dola":
+        return dict(kw, dola_layers=args.dola_layers, dola_heads=args.dola_heads)
     if args.mode == "speculative":
         from mexit.decoding.speculative import SpeculativeConfig
 

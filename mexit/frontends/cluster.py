@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -120,6 +121,7 @@ class Workers:
             except self.ray.exceptions.RayActorError as err:
                 if attempt == ATTEMPTS:
                     raise ValueError(f"a Ray worker died {ATTEMPTS + 1} times: {first_line(err)}") from None
+                time.sleep(0.5 * (attempt + 1))  # a restart takes a moment
             except self.ray.exceptions.RayError as err:
                 raise self.error(err) from None
 
@@ -145,6 +147,11 @@ class Workers:
             worker, item = running.pop(ready[0])
             try:
                 result = self.ray.get(ready[0])
+            except self.ray.exceptions.ActorUnavailableError:  # restarting: the task waits for a free worker
+                queue.appendleft(item)
+                idle.insert(0, worker)  # asked again last
+                time.sleep(0.1)
+                continue
             except self.ray.exceptions.RayActorError as err:  # the worker died: Ray restarts it; the task goes on
                 attempts[item], deaths[worker] = attempts.get(item, 0) + 1, deaths[worker] + 1
                 if attempts[item] >= ATTEMPTS:

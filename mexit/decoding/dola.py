@@ -1,0 +1,152 @@
+"""DoLa (Chuang et al., ICLR 2024: Decoding by Contrasting Layers) as transformers 4.51.3 ran it
+(`generation/utils.py`: `_dola_decoding`, `_dola_select_contrast`, `_relative_top_filter`), and a multi-exit variant
+whose premature distributions come from the checkpoint's trained exit heads.
+
+Per step: the final distribution is the original head's; each candidate premature layer L gives logits from the
+output embedding applied to the raw output of block L (no final layernorm; layer 0 is the embeddings), or with
+`heads="exit"` from exit head L after ln_f. Among several candidates the one with the largest Jensen-Shannon
+divergence from the final distribution is taken; the scores are log_softmax(final) - log_softmax(premature) on the
+tokens whose final probability is at least `relative_top` times the largest (the others -inf). Greedy takes their
+argmax, sampling samples them. Each row picks its own premature layer (transformers picks one for the whole batch
+from the mean divergence over its rows: the same for a single row)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .step import Mode, Rows
+
+if TYPE_CHECKING:
+    from mexit.model.config import ModelConfig
+    from mexit.model.decoder import MultiExitGPT2
+
+
+@dataclass(frozen=True)
+class DolaConfig:
+    """layers: "low", "high" or candidate layer numbers (transformers' `dola_layers`); heads: "embedding" (the
+    output embedding on raw block outputs, as transformers) or "exit" (the checkpoint's exit heads, after ln_f);
+    relative_top: the plausibility filter's share of the top probability (transformers' fixed 0.1)."""
+
+    layers: str | tuple = "high"
+    heads: str = "embedding"
+    relative_top: float = 0.1
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):
+            if self.layers not in ("low", "high"):
+                raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {self.layers!r}")
+        else:
+            layers = tuple(self.layers)
+            if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+                raise ValueError(f"dola_layers must be 'low', 'high' or a list of layer numbers >= 0, got {layers!r}")
+            object.__setattr__(self, "layers", layers)
+        if self.heads not in ("embedding", "exit"):
+            raise ValueError(f"dola_heads must be 'embedding' or 'exit', got {self.heads!r}")
+        if not 0.0 < self.relative_top <= 1.0:
+            raise ValueError(f"relative_top must be in (0, 1], got {self.relative_top}")
+
+    def candidates(self, config: ModelConfig) -> list[int]:
+        """The candidate premature layers, by transformers 4.51.3's rules (`_dola_decoding`): "low" / "high" are
+        every second layer of the lower / upper half from a start layer (2 with tied embeddings and more than two
+        layers; 0 when untied), at most 20 layers' span past 40 layers; a list keeps its layers below the last one.
+        With heads="exit", "low" / "high" are the exits in that half and a list must name exits."""
+        final = config.n_layer
+        if self.heads == "exit":
+            exits = [x for x in config.exit_layers if x < final]
+            if self.layers == "low":
+                chosen = [x for x in exits if x <= final // 2]
+            elif self.layers == "high":
+                chosen = [x for x in exits if x > final // 2]
+            else:
+                missing = [x for x in self.layers if x not in exits]
+                if missing:
+                    raise ValueError(f"dola_heads='exit': layers {missing} have no exit head below the last layer; "
+                                     f"this checkpoint's are {exits or 'none'}")
+                chosen = list(self.layers)
+            if not chosen:
+                raise ValueError(f"dola_heads='exit', dola_layers={self.layers!r}: no exit head in that range "
+                                 f"(exits {list(config.exit_layers)})")
+            return chosen
+        start = 0 if not config.tie_word_embeddings else 2 if final > 2 else 1 if final == 2 else 0
+        if self.layers == "low":
+            if start == final // 2:
+                return [start]
+            return list(range(start, final // 2, 2)) if final <= 40 else list(range(start, 20, 2))
+        if self.layers == "high":
+            return list(range(final // 2, final, 2)) if final <= 40 else list(range(final - 20, final, 2))
+        chosen = [x for x in self.layers if x < final]
+        if not chosen:
+            raise ValueError(f"dola_layers {list(self.layers)}: no layer below the last ({final})")
+        return chosen
+
+
+def relative_top_filter(final: torch.Tensor, premature: torch.Tensor, relative_top: float = 0.1):
+    """transformers' `_relative_top_filter` (min_tokens_to_keep 1): log-softmax of both; tokens whose final
+    log-probability is below log(max prob * relative_top) become -inf in the final and -1e-3 in the premature."""
+    final, premature = final.log_softmax(dim=-1), premature.log_softmax(dim=-1)
+    top = final.max(dim=-1).values
+    threshold = torch.min(top, top + np.log(relative_top)).unsqueeze(-1)
+    low = final < threshold
+    return final.masked_fill(low, -float("inf")), premature.masked_fill(low, -1e-3)
+
+
+def js_divergence(final: torch.Tensor, premature: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence per candidate and row as transformers computes it (KL terms averaged over the
+    vocabulary, not summed: the choice is the same). final: [B, V] logits; premature: [C, B, V] -> [C, B]."""
+    p_final, p_premature = F.softmax(final, dim=-1), F.softmax(premature, dim=-1)
+    mean = 0.5 * (p_final[None] + p_premature)
+    kl1 = F.kl_div(F.log_softmax(final, dim=-1)[None], mean, reduction="none").mean(-1)
+    kl2 = F.kl_div(F.log_softmax(premature, dim=-1), mean, reduction="none").mean(-1)
+    return 0.5 * (kl1 + kl2)
+
+
+def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: float = 0.1) -> torch.Tensor:
+    """final: [B, V] fp32 logits of the last layer; premature: [C, B, V] of the candidates -> [B, V] DoLa scores,
+    each row contrasted with its own most divergent candidate."""
+    if premature.shape[0] == 1:
+        chosen = premature[0]
+    else:
+        best = js_divergence(final, premature).argmax(dim=0)  # [B]
+        chosen = premature.gather(0, best[None, :, None].expand(1, *final.shape))[0]
+    final, chosen = relative_top_filter(final, chosen, relative_top)
+    return final - chosen
+
+
+class DolaMode(Mode):
+    """A DoLa decode step: every layer runs; the original head and the candidates' logits give the scores."""
+
+    def __init__(self, model: MultiExitGPT2, dola: DolaConfig):
+        self.model, self.config = model, dola
+        self.candidates = dola.candidates(model.config)
+        final = model.config.n_layer
+        self.stops = sorted({*self.candidates, final})
+        self.depth = final
+        self.full_heads = 1 + len(self.candidates)  # the final head and every candidate's
+
+    def premature_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self.config.heads == "exit":
+            return self.model.head_logits(hidden, layer)
+        return F.linear(hidden, self.model.head_weight("original")).float()  # raw block output, no ln_f
+
+    def step(self, rows: Rows) -> None:
+        states = {layer: rows.states(layer) for layer in self.stops}  # in depth order: blocks run once
+        final = self.model.head_logits(states[self.depth], "original")
+        premature = torch.stack([self.premature_logits(layer, states[layer]) for layer in self.candidates])
+        scores = dola_scores(final, premature, self.config.relative_top)
+        if rows.keep_logits:
+            rows.keep(scores)
+        rows.emit(rows.choose(scores.argmax(dim=-1), scores if rows.sampling.do_sample else None))
+
+    def pieces(self, rows: Rows) -> dict:
+        return {"step": lambda: self.step(rows)}
+
+    def run(self, rows: Rows) -> None:
+        rows.launch("step", lambda: self.step(rows))
+        if not rows.prefilling:
+            rows.counters["weight_blocks"] += self.depth
+            rows.counters["weight_heads"] += self.full_heads

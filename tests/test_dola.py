@@ -1,0 +1,94 @@
+"""DoLa against transformers 4.51.3's tokens (recorded in a side environment by tests/dola_reference.py on
+checkpoints rebuilt here bit for bit), per-row layer choice, the multi-exit variant and the settings' errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dola_reference import DOLA_LAYERS, SHAPES, write_checkpoint
+
+import mexit
+from mexit.decoding.dola import DolaConfig, dola_scores, js_divergence
+from mexit.frontends.cli import main
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "dola_transformers_4.51.3.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folders = {}
+    for name, (n_layer, tied) in SHAPES.items():
+        folder = tmp_path_factory.mktemp(name)
+        assert write_checkpoint(folder, n_layer, tied) == RECORDED["checkpoints"][name]["digest"], name
+        folders[name] = folder
+    return folders
+
+
+@pytest.mark.parametrize("name,engine,backend", [(name, engine, "torch") for name in SHAPES for engine in
+                                                 ("eager", "static")] + [("tied-8", "eager", "triton")])
+def test_greedy_tokens_equal_transformers_4_51(checkpoints, name, engine, backend):
+    lm = mexit.load(checkpoints[name], dtype="fp32", engine=engine, backend=backend)
+    runs = [r for r in RECORDED["checkpoints"][name]["runs"] if r["repetition_penalty"] == 1.0]
+    assert len(runs) == len(DOLA_LAYERS) * 3
+    for run in runs:
+        out = lm.generate([run["prompt"]], RECORDED["new_tokens"], dola_layers=run["dola_layers"], eos_token_id=None)
+        assert out.tokens[0] == run["tokens"], (run["dola_layers"], run["prompt"])
+
+
+def test_candidate_layers_follow_transformers_rules():
+    from mexit.model.config import ModelConfig
+
+    def shape(n_layer, tied=True):
+        return ModelConfig(n_layer=n_layer, n_embd=8, n_head=2, vocab_size=11, n_positions=8, exit_layers=(),
+                           tie_word_embeddings=tied)
+
+    assert DolaConfig("low").candidates(shape(24)) == [2, 4, 6, 8, 10]
+    assert DolaConfig("high").candidates(shape(24)) == [12, 14, 16, 18, 20, 22]
+    assert DolaConfig("low").candidates(shape(4)) == [2] and DolaConfig("high").candidates(shape(4)) == [2]
+    assert DolaConfig("low").candidates(shape(6, tied=False)) == [0, 2]
+    assert DolaConfig("high").candidates(shape(48)) == list(range(28, 48, 2))
+    assert DolaConfig((3, 30, 7)).candidates(shape(24)) == [3, 7]
+
+
+def test_each_row_takes_its_own_premature_layer(checkpoints):
+    lm = mexit.load(checkpoints["tied-12"], dtype="fp32", backend="torch")
+    prompts = [r["prompt"] for r in RECORDED["checkpoints"]["tied-12"]["runs"][:3]]
+    for engine in ("eager", "static"):
+        lm = mexit.load(checkpoints["tied-12"], dtype="fp32", backend="torch", engine=engine)
+        batch = lm.generate(prompts, 10, dola_layers="high", eos_token_id=None).tokens
+        assert batch == [lm.generate([p], 10, dola_layers="high", eos_token_id=None).tokens[0] for p in prompts]
+    final = torch.randn(3, 50) * 3
+    premature = torch.randn(4, 3, 50) * 3
+    premature[2, 1] = final[1]  # row 1's candidate 2 equals the final distribution: never the most divergent
+    chosen = js_divergence(final, premature).argmax(0)
+    assert chosen[1] != 2
+    per_row = torch.stack([dola_scores(final[b:b + 1], premature[chosen[b]:chosen[b] + 1, b:b + 1])[0]
+                           for b in range(3)])
+    torch.testing.assert_close(dola_scores(final, premature), per_row)
+
+
+def test_multi_exit_dola_and_errors(tiny_checkpoint, capsys):
+    folder = tiny_checkpoint[0]
+    lm = mexit.load(folder, dtype="fp32", backend="torch")
+    out = lm.generate([[5, 17, 200]], 6, dola_layers=[2], dola_heads="exit", eos_token_id=None)
+    final = mexit.load(folder, dtype="fp32", backend="torch")
+    # by hand: the first token contrasts the original head with exit 2's head (ln_f then the head)
+    from mexit.decoding.dola import relative_top_filter
+    model = final.model
+    cache = model.new_cache(1, 3)
+    cache.valid[:, :3] = True
+    ids = torch.tensor([[5, 17, 200]])
+    states = model.run_to(model.embed(ids, torch.arange(3)[None]), [2, 4], cache, 0)
+    top, low = relative_top_filter(model.head_logits(states[4][0, -1:], "original"),
+                                   model.head_logits(states[2][0, -1:], 2))
+    assert out.tokens[0][0] == int((top - low).argmax())
+    for kw, needle in ((dict(dola_layers="mid"), "dola_layers must be"), (dict(dola_layers=[9]), "no layer below"),
+                       (dict(dola_layers=[4], dola_heads="exit"), "have no exit head"),
+                       (dict(dola_layers="high", mode="exit", exit_layer=2), "do not combine"),
+                       (dict(dola_heads="exit"), "dola_heads goes with dola_layers")):
+        with pytest.raises(ValueError, match=needle):
+            lm.generate([[1, 2]], 2, **kw)
+    assert main(["generate", "--model", str(folder), "--input-ids", "5,17,200", "--max-new-tokens", "6", "--mode",
+                 "dola", "--dola-layers", "2", "--dola-heads", "exit", "--no-eos", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == out.tokens
