@@ -51,7 +51,8 @@ ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / t
 
 
 def parse_mode(spec: str, config) -> dict:
-    """'original' | 'exit:L' | 'acd:U,L' | 'ee:MEASURE:THR[:L1,L2]' -> generate() keyword arguments."""
+    """'original' | 'exit:L' | 'acd:U,L' | 'dola:low|high|L1,L2[:exit]' | 'ee:MEASURE:THR[:L1,L2]' |
+    'spec:L:K[:T]' -> generate() keyword arguments."""
     from mexit.decoding.early_exit import ExitPolicy
 
     kind, _, rest = spec.partition(":")
@@ -63,6 +64,12 @@ def parse_mode(spec: str, config) -> dict:
         elif kind == "acd":
             upper, lower = rest.split(",")
             kw = dict(contrast=(upper if upper == "original" else int(upper), int(lower)))
+        elif kind == "dola":
+            layers, _, heads = rest.partition(":")
+            if not layers or heads not in ("", "exit"):
+                raise ValueError
+            kw = dict(dola_layers=layers if layers in ("low", "high") else [int(x) for x in layers.split(",")],
+                      dola_heads=heads or "embedding")
         elif kind == "spec":
             parts = rest.split(":")
             if len(parts) not in (2, 3):
@@ -81,8 +88,9 @@ def parse_mode(spec: str, config) -> dict:
         else:
             raise ValueError
     except (ValueError, IndexError):
-        raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER, spec:DRAFT_EXIT:K[:THRESHOLD] "
-                         f"or ee:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]") from None
+        raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER, dola:low|high|L1,L2[:exit], "
+                         "spec:DRAFT_EXIT:K[:THRESHOLD] or ee:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]"
+                         ) from None
     if kind == "ee":
         kw = dict(early_exit=ExitPolicy(**kw))
     heads = [kw.get("exit_layer")] + list(kw.get("contrast", ()))
@@ -92,6 +100,11 @@ def parse_mode(spec: str, config) -> dict:
                          f"(exits {list(config.exit_layers)})")
     if "early_exit" in kw:
         kw["early_exit"].checked_exits(config)
+    if "dola_layers" in kw:
+        from mexit.decoding.dola import DolaConfig
+
+        layers = kw["dola_layers"]
+        DolaConfig(layers if isinstance(layers, str) else tuple(layers), kw["dola_heads"]).candidates(config)
     if "speculative" in kw:
         draft = kw["speculative"].draft_exit
         if draft not in config.exit_layers or draft >= config.n_layer:

@@ -25,6 +25,7 @@ D, HEADS, VOCAB, POSITIONS = 32, 4, 257, 64
 DOLA_LAYERS = ["low", "high", [2, 4], [0, 3, 5], [1, 2, 3]]
 PROMPTS = [[5], [17, 200, 3, 9], [42, 7, 128, 255, 1, 64, 12, 90, 33]]
 NEW_TOKENS = 10
+SMALL_MODEL_PROMPTS = ["ROMEO. But soft, what light", "KING HENRY. Once more unto the breach", "To be, or not"]
 
 
 def write_checkpoint(folder: Path, n_layer: int, tied: bool, seed: int = 0, std: float = 0.35) -> str:
@@ -85,6 +86,21 @@ def record(out: Path) -> None:
                         runs.append({"dola_layers": layers, "repetition_penalty": penalty, "prompt": prompt,
                                      "tokens": out_ids[0, len(prompt):].tolist()})
             results["checkpoints"][name] = {"n_layer": n_layer, "tied": tied, "digest": digest, "runs": runs}
+    small = Path(__file__).resolve().parents[1] / "bench" / "small_model"  # the shipped model, read in fp32
+    model = GPT2LMHeadModel.from_pretrained(small, torch_dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(small)
+    runs = []
+    for layers in ("low", "high", [2, 6]):
+        for penalty in (1.0, 1.2):
+            for text in SMALL_MODEL_PROMPTS:
+                prompt = tokenizer.encode(text)
+                out_ids = model.generate(torch.tensor([prompt]), dola_layers=layers, do_sample=False,
+                                         max_new_tokens=NEW_TOKENS, repetition_penalty=penalty, eos_token_id=None,
+                                         pad_token_id=model.config.eos_token_id)
+                runs.append({"dola_layers": layers, "repetition_penalty": penalty, "prompt": prompt,
+                             "tokens": out_ids[0, len(prompt):].tolist()})
+    digest = hashlib.sha256((small / "model.safetensors").read_bytes()).hexdigest()
+    results["small_model"] = {"digest": digest, "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
 

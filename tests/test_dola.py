@@ -92,3 +92,34 @@ def test_multi_exit_dola_and_errors(tiny_checkpoint, capsys):
     assert main(["generate", "--model", str(folder), "--input-ids", "5,17,200", "--max-new-tokens", "6", "--mode",
                  "dola", "--dola-layers", "2", "--dola-heads", "exit", "--no-eos", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == out.tokens
+
+
+def test_shipped_small_model_equals_transformers_4_51():
+    import hashlib
+
+    small = Path(__file__).resolve().parents[1] / "bench" / "small_model"
+    recorded = RECORDED["small_model"]
+    assert hashlib.sha256((small / "model.safetensors").read_bytes()).hexdigest() == recorded["digest"]
+    lm = mexit.load(small, dtype="fp32", backend="torch")
+    runs = [r for r in recorded["runs"] if r["repetition_penalty"] == 1.0]
+    assert len(runs) == 9
+    for run in runs:
+        out = lm.generate([run["prompt"]], RECORDED["new_tokens"], dola_layers=run["dola_layers"], eos_token_id=None)
+        assert out.tokens[0] == run["tokens"], (run["dola_layers"], run["prompt"])
+
+
+def test_bench_rows_count_dola_launches_and_bytes(tiny_checkpoint, tmp_path):
+    from mexit.bench import latency
+
+    argv = ["--model", str(tiny_checkpoint[0]), "--batch", "1", "--prompt-len", "5", "--new-tokens", "4", "--warmup",
+            "0", "--repeats", "1", "--engine", "static", "--modes", "original", "dola:high", "dola:0,2", "dola:2:exit",
+            "--baselines", "--no-plot", "--out", str(tmp_path)]
+    assert latency.main(argv) == 0
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "latency.json").read_text())}
+    head = rows["original"]["weight_bytes_per_step"]
+    # a DoLa step reads the final head and each candidate's (4 layers, tied: high = [2]; exit head 2)
+    assert rows["dola:high"]["weight_bytes_per_step"] > head and rows["dola:2:exit"]["weight_bytes_per_step"] > head
+    assert rows["dola:0,2"]["weight_bytes_per_step"] > rows["dola:high"]["weight_bytes_per_step"]
+    assert all(rows[m]["launches_per_step"] > rows["original"]["launches_per_step"] for m in rows if "dola" in m)
+    with pytest.raises(ValueError, match="unknown mode 'dola:'"):
+        latency.main([*argv[:-6], "--modes", "dola:", "--out", str(tmp_path / "bad")])
