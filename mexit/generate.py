@@ -88,7 +88,7 @@ def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_
     max_new_tokens = int(max_new_tokens)
     eos = stop_tuple(eos)
     mode = build_mode(model, spec)
-    if keep_logits and not isinstance(spec, DecodeConfig):
+    if keep_logits and not isinstance(spec, (DecodeConfig, DolaConfig)):
         raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not those "
                                   "of one fixed pass per token")
     rows = len(prompts)

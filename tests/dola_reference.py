@@ -64,6 +64,14 @@ def write_checkpoint(folder: Path, n_layer: int, tied: bool, seed: int = 0, std:
     return digest.hexdigest()
 
 
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids left-padded with the last vocabulary id, and the attention mask."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[VOCAB - 1] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
 def record(out: Path) -> None:
     import tempfile
 
@@ -86,6 +94,14 @@ def record(out: Path) -> None:
                         runs.append({"dola_layers": layers, "repetition_penalty": penalty, "prompt": prompt,
                                      "tokens": out_ids[0, len(prompt):].tolist()})
             results["checkpoints"][name] = {"n_layer": n_layer, "tied": tied, "digest": digest, "runs": runs}
+        model = GPT2LMHeadModel.from_pretrained(Path(tmp) / "tied-12", torch_dtype=torch.float32).eval()
+        ids, mask = left_padded(PROMPTS)
+        results["batches"] = []
+        for layers in DOLA_LAYERS:  # transformers' one premature layer per batch
+            out_ids = model.generate(ids, attention_mask=mask, dola_layers=layers, do_sample=False,
+                                     max_new_tokens=NEW_TOKENS, pad_token_id=VOCAB - 1, eos_token_id=None)
+            results["batches"].append({"checkpoint": "tied-12", "dola_layers": layers,
+                                       "tokens": out_ids[:, ids.shape[1]:].tolist()})
     small = Path(__file__).resolve().parents[1] / "bench" / "small_model"  # the shipped model, read in fp32
     model = GPT2LMHeadModel.from_pretrained(small, torch_dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(small)

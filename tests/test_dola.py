@@ -123,3 +123,22 @@ def test_bench_rows_count_dola_launches_and_bytes(tiny_checkpoint, tmp_path):
     assert all(rows[m]["launches_per_step"] > rows["original"]["launches_per_step"] for m in rows if "dola" in m)
     with pytest.raises(ValueError, match="unknown mode 'dola:'"):
         latency.main([*argv[:-6], "--modes", "dola:", "--out", str(tmp_path / "bad")])
+
+
+def test_drop_in_takes_one_layer_per_batch_as_transformers(checkpoints):
+    from dola_reference import left_padded
+
+    from mexit.frontends.compat import AutoMultiExitModel
+
+    model = AutoMultiExitModel.from_pretrained(checkpoints["tied-12"], dtype="fp32")
+    native = mexit.load(checkpoints["tied-12"], dtype="fp32", backend="torch")
+    ids, mask = left_padded([r["prompt"] for r in RECORDED["checkpoints"]["tied-12"]["runs"][:3]])
+    differs = 0
+    for case in RECORDED["batches"]:
+        out = model.generate(ids, attention_mask=mask, dola_layers=case["dola_layers"], do_sample=False,
+                             max_new_tokens=RECORDED["new_tokens"], eos_token_id=None)
+        assert out[:, ids.shape[1]:].tolist() == case["tokens"], case["dola_layers"]
+        per_row = native.generate([row[m].tolist() for row, m in zip(ids, mask.bool())], RECORDED["new_tokens"],
+                                  dola_layers=case["dola_layers"], eos_token_id=None).tokens
+        differs += per_row != case["tokens"]
+    assert differs > 0  # the batch rule changes some rows' tokens here: both rules are exercised

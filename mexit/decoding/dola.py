@@ -7,8 +7,8 @@ output embedding applied to the raw output of block L (no final layernorm; layer
 `heads="exit"` from exit head L after ln_f. Among several candidates the one with the largest Jensen-Shannon
 divergence from the final distribution is taken; the scores are log_softmax(final) - log_softmax(premature) on the
 tokens whose final probability is at least `relative_top` times the largest (the others -inf). Greedy takes their
-argmax, sampling samples them. Each row picks its own premature layer (transformers picks one for the whole batch
-from the mean divergence over its rows: the same for a single row)."""
+argmax, sampling samples them. Each row picks its own premature layer; `per_batch` picks one for the whole batch
+from the mean divergence over its rows, as transformers did (the same for a single row)."""
 
 from __future__ import annotations
 
@@ -30,11 +30,14 @@ if TYPE_CHECKING:
 class DolaConfig:
     """layers: "low", "high" or candidate layer numbers (transformers' `dola_layers`); heads: "embedding" (the
     output embedding on raw block outputs, as transformers) or "exit" (the checkpoint's exit heads, after ln_f);
-    relative_top: the plausibility filter's share of the top probability (transformers' fixed 0.1)."""
+    relative_top: the plausibility filter's share of the top probability (transformers' fixed 0.1); per_batch:
+    one premature layer for all rows from their mean divergence, as transformers chose it (rows still running;
+    transformers also counts finished rows, fed padding), instead of one per row."""
 
     layers: str | tuple = "high"
     heads: str = "embedding"
     relative_top: float = 0.1
+    per_batch: bool = False  # transformers' rule: one premature layer for the batch (the drop-in)
 
     def __post_init__(self):
         if isinstance(self.layers, str):
@@ -105,13 +108,21 @@ def js_divergence(final: torch.Tensor, premature: torch.Tensor) -> torch.Tensor:
     return 0.5 * (kl1 + kl2)
 
 
-def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: float = 0.1) -> torch.Tensor:
+def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: float = 0.1,
+                batch_rows: torch.Tensor | None = None) -> torch.Tensor:
     """final: [B, V] fp32 logits of the last layer; premature: [C, B, V] of the candidates -> [B, V] DoLa scores,
-    each row contrasted with its own most divergent candidate."""
+    each row contrasted with its own most divergent candidate, or (batch_rows: [B] bool, the rows that count) all
+    rows with the candidate most divergent on average over those rows."""
     if premature.shape[0] == 1:
         chosen = premature[0]
     else:
-        best = js_divergence(final, premature).argmax(dim=0)  # [B]
+        js = js_divergence(final, premature)  # [C, B]
+        if batch_rows is None:
+            best = js.argmax(dim=0)  # [B]
+        else:
+            weights = batch_rows.to(js.dtype)
+            mean = (js * weights).sum(-1) / weights.sum().clamp_min(1)
+            best = mean.argmax().expand(final.shape[0])
         chosen = premature.gather(0, best[None, :, None].expand(1, *final.shape))[0]
     final, chosen = relative_top_filter(final, chosen, relative_top)
     return final - chosen
@@ -137,7 +148,10 @@ class DolaMode(Mode):
         states = {layer: rows.states(layer) for layer in self.stops}  # in depth order: blocks run once
         final = self.model.head_logits(states[self.depth], "original")
         premature = torch.stack([self.premature_logits(layer, states[layer]) for layer in self.candidates])
-        scores = dola_scores(final, premature, self.config.relative_top)
+        batch_rows = None
+        if self.config.per_batch:  # the real rows still running
+            batch_rows = ~rows.io.finished & (torch.arange(final.shape[0], device=final.device) < rows.real_rows)
+        scores = dola_scores(final, premature, self.config.relative_top, batch_rows)
         if rows.keep_logits:
             rows.keep(scores)
         rows.emit(rows.choose(scores.argmax(dim=-1), scores if rows.sampling.do_sample else None))

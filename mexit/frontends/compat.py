@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mexit.decoding.dola import DolaConfig
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, mode_scores
 from mexit.decoding.prompts import left_pad
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
@@ -197,6 +198,8 @@ class FastMultiExitModel:
         if unused:
             raise TypeError(f"generate() got unsupported arguments: {sorted(unused)}")
         for name, off in OFF.items():
+            if name == "dola_layers":  # generate's own
+                continue
             value = getattr(config, name, None)
             if value is not None and value not in off:
                 raise NotImplementedError(f"{name}={value!r} is not supported by mexit's generate (greedy and "
@@ -209,13 +212,21 @@ class FastMultiExitModel:
                  generation_config=None, streamer=None, speculative=None, **kwargs):
         """transformers' signature; returns a [B, T + new] tensor (or an object with `.sequences` when
         return_dict_in_generate=True). speculative=SpeculativeConfig(...) decodes the configured mode
-        self-speculatively: the same greedy output, the same sampling distribution."""
+        self-speculatively: the same greedy output, the same sampling distribution. dola_layers="low" | "high" |
+        [layers] decodes with DoLa as transformers 4.51.3 did, one premature layer for the whole batch (its rule;
+        the native API picks one per row)."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
         return_dict = kwargs.pop("return_dict_in_generate", None)
         want_scores, want_logits = kwargs.pop("output_scores", None), kwargs.pop("output_logits", None)
+        dola_layers = kwargs.pop("dola_layers", None)
         cfg = self._settings(generation_config, kwargs)
+        dola_layers = first(dola_layers, getattr(cfg, "dola_layers", None), False) or None
+        if dola_layers is not None and speculative is not None:
+            raise ValueError("dola_layers and speculative= choose different decoding: pass one")
+        decode = self.decode if dola_layers is None else DolaConfig(
+            dola_layers if isinstance(dola_layers, str) else tuple(dola_layers), per_batch=True)
         return_dict = cfg.return_dict_in_generate if return_dict is None else return_dict
         want_scores = cfg.output_scores if want_scores is None else want_scores
         want_logits = getattr(cfg, "output_logits", False) if want_logits is None else want_logits
@@ -250,7 +261,7 @@ class FastMultiExitModel:
                                   top_k=first(cfg.top_k, 50) if cfg.do_sample else 0,
                                   top_p=first(cfg.top_p, 1.0) if cfg.do_sample else 1.0)
         keep = bool(return_dict and (want_scores or want_logits))
-        result = self.lm.generate(prompts, max_new, decode=self.decode, eos_token_id=stops, on_token=on_token,
+        result = self.lm.generate(prompts, max_new, decode=decode, eos_token_id=stops, on_token=on_token,
                                   keep_logits=keep, speculative=speculative, sampling=sampling)
         if streamer is not None:
             streamer.end()
