@@ -101,11 +101,11 @@ def test_shipped_small_model_equals_transformers_4_51():
     recorded = RECORDED["small_model"]
     assert hashlib.sha256((small / "model.safetensors").read_bytes()).hexdigest() == recorded["digest"]
     lm = mexit.load(small, dtype="fp32", backend="torch")
-    runs = [r for r in recorded["runs"] if r["repetition_penalty"] == 1.0]
-    assert len(runs) == 9
-    for run in runs:
-        out = lm.generate([run["prompt"]], RECORDED["new_tokens"], dola_layers=run["dola_layers"], eos_token_id=None)
-        assert out.tokens[0] == run["tokens"], (run["dola_layers"], run["prompt"])
+    assert len(recorded["runs"]) == 18  # low / high / [2, 6] x repetition penalty 1.0 / 1.2 x 3 prompts
+    for run in recorded["runs"]:
+        out = lm.generate([run["prompt"]], RECORDED["new_tokens"], dola_layers=run["dola_layers"],
+                          repetition_penalty=run["repetition_penalty"], eos_token_id=None)
+        assert out.tokens[0] == run["tokens"], (run["dola_layers"], run["repetition_penalty"], run["prompt"])
 
 
 def test_bench_rows_count_dola_launches_and_bytes(tiny_checkpoint, tmp_path):

@@ -151,7 +151,7 @@ class DolaMode(Mode):
         batch_rows = None
         if self.config.per_batch:  # the real rows still running
             batch_rows = ~rows.io.finished & (torch.arange(final.shape[0], device=final.device) < rows.real_rows)
-        scores = dola_scores(final, premature, self.config.relative_top, batch_rows)
+        scores = rows.penalize(dola_scores(final, premature, self.config.relative_top, batch_rows))
         if rows.keep_logits:
             rows.keep(scores)
         rows.emit(rows.choose(scores.argmax(dim=-1), scores if rows.sampling.do_sample else None))

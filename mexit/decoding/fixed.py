@@ -177,6 +177,13 @@ class FixedMode(Mode):
         the last kernel when the engine allows it)."""
         states = {layer: rows.states(layer) for layer in self.stops}  # in depth order: blocks run once
         hidden = [states[layer] for layer in self.layers]
+        if rows.sampling.repetition_penalty != 1.0:  # the penalty applies to the logits (ACD: log q), then the choice
+            out = mode_scores(self.model, self.config, hidden, rows.backend, logits=True)
+            if rows.keep_logits:
+                rows.keep(out.logits)
+            scores = rows.penalize(out.logits)
+            rows.emit(rows.choose(scores.argmax(dim=-1), scores))
+            return
         io = rows.fused_emit()
         out = mode_scores(self.model, self.config, hidden, rows.backend, scores=rows.sampling.do_sample,
                           logits=rows.keep_logits, emit=io)

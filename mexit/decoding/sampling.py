@@ -23,6 +23,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | tuple[int, ...] | None = None  # one seed for every row, or one per row
     top_p_after_top_k: bool = False
+    repetition_penalty: float = 1.0  # transformers' RepetitionPenaltyLogitsProcessor on the mode's scores
 
     def __post_init__(self):
         if isinstance(self.seed, list):
@@ -33,6 +34,16 @@ class SamplingConfig:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def penalize_repetition(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor (CTRL, Keskar et al. 2019): for every token the row has seen
+    (prompt and output so far), a score below 0 is multiplied by `penalty` and one above divided by it. scores:
+    [B, V] fp32 (a head's logits, ACD's log q, DoLa's scores); seen: [B, V] bool."""
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalized, scores)
 
 
 def row_uniforms(seed: int | tuple[int, ...] | None, rows: int, count: int, device) -> torch.Tensor:

@@ -68,6 +68,10 @@ class Rows(Protocol):
     def emit(self, token: torch.Tensor) -> None:
         """End the step with `token` [B] (eos masking, output, next input)."""
 
+    def penalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """The mode's scores [B, V] after the repetition penalty on the tokens each row has seen (unchanged
+        without one)."""
+
     def fused_emit(self) -> StepIO | None:
         """The step state a greedy mode's last kernel may end the step with, or None (then call `emit`)."""
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mexit import ops
-from mexit.decoding.sampling import SamplingConfig, choose
+from mexit.decoding.sampling import SamplingConfig, choose, penalize_repetition
 from mexit.decoding.stats import per_token, weight_reads
 from mexit.decoding.step import Candidate
 from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
@@ -114,6 +114,9 @@ class DecodeState:
                                                                           device=dev))
         self.uniform = torch.zeros(steps, rows, device=dev) if sampling.do_sample else None
         self.kept = torch.zeros(steps, rows, config.vocab_size, device=dev) if keep_logits else None
+        # tokens each row has seen (prompt and output; one spare column takes the padding): repetition penalty
+        self.seen = torch.zeros(rows, config.vocab_size + 1, dtype=torch.bool, device=dev) \
+            if sampling.repetition_penalty != 1.0 else None
         self.exits = None
         if mode.uses_exits:
             self.exits = ExitState.new(rows, steps, config.n_embd, mode.saved_layers, model.dtype, dev, predicated)
@@ -150,6 +153,10 @@ class DecodeState:
             if self.exits.skip is not None:
                 self.exits.skip.zero_()
         self.counters = dict(weight_reads(), kv_filled=0, host_reads=0, **self.engine_counters())
+        if self.seen is not None:
+            self.seen.zero_()
+            padding = torch.full_like(batch.ids, self.model.config.vocab_size)
+            self.seen[: batch.ids.shape[0]].scatter_(1, torch.where(batch.valid, batch.ids, padding), True)
         h = self.model.embed(batch.ids, batch.positions)
         states = self.model.run_to(h, [layer for layer in self.mode.stops if layer], self.cache, 0, self.backend)
         self.prefill_states = {0: h[:, -1], **{layer: x[:, -1] for layer, x in states.items()}}
@@ -226,10 +233,20 @@ class DecodeState:
 
     def emit(self, token: torch.Tensor) -> None:
         ops.step_epilogue(token, self.io, self.backend)
+        if self.seen is not None:  # a finished row's token may be -1 (no stop id): the spare column takes it
+            tokens = self.io.tokens
+            self.seen.scatter_(1, torch.where(tokens >= 0, tokens, self.seen.shape[1] - 1)[:, None], True)
+
+    def penalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """The mode's scores [B, V] after the repetition penalty (as they are without one)."""
+        if self.seen is None:
+            return scores
+        return penalize_repetition(scores, self.seen[:, :-1], self.sampling.repetition_penalty)
 
     def fused_emit(self) -> StepIO | None:
-        """Greedy steps end in the kernel that picks the token (triton backend)."""
-        return self.io if self.backend.triton and not self.sampling.do_sample and not self.keep_logits else None
+        """Greedy steps end in the kernel that picks the token (triton backend; not with a repetition penalty)."""
+        return self.io if (self.backend.triton and not self.sampling.do_sample and not self.keep_logits
+                           and self.seen is None) else None
 
     def keep(self, logits: torch.Tensor) -> None:
         self.kept.index_copy_(0, self.io.step, logits[None].float())

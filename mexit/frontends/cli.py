@@ -104,6 +104,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--contrast", type=parse_contrast, help="--mode contrast: UPPER,LOWER; UPPER may be 'original'")
     p.add_argument("--dola-layers", type=parse_dola_layers,
                    help="--mode dola: candidate premature layers: low, high or L1,L2,... (transformers' rules)")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="transformers' repetition penalty on the mode's scores (1: off; fixed modes and DoLa; "
+                        "default: the checkpoint's generation_config.json, else 1)")
     p.add_argument("--dola-heads", default="embedding", choices=["embedding", "exit"],
                    help="--mode dola: premature logits from the output embedding on raw block outputs "
                         "(transformers), or from the checkpoint's exit heads")
@@ -377,7 +380,7 @@ def strict_json(value):
 def generate_kwargs(args) -> dict:
     """`generate` keyword arguments of the mode, lengths and sampling flags (not the prompts, seed or callback)."""
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p)
+              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
     if args.no_eos:
         kw["eos_token_id"] = None
     if args.mode == "early-exit":
