@@ -102,11 +102,12 @@ def test_every_generation_config_field_is_implemented_or_refused(two_stops):
     assert not unclassified
     model = FastMultiExitModel.from_pretrained(SMALL)
     ids = torch.tensor([[5, 6, 7]])
-    for field, value in (("token_healing", True), ("top_h", 0.3), ("num_beams", 2), ("no_repeat_ngram_size", 3)):
+    for field, value in (("token_healing", True), ("top_h", 0.3), ("num_beams", 2), ("min_new_tokens", 3)):
         with pytest.raises(NotImplementedError, match=field):
             model.generate(ids, max_new_tokens=2, **{field: value})
-    assert model.generate(ids, max_new_tokens=2, no_repeat_ngram_size=0).shape == (1, 5)  # off: fine
-    assert model.generate(ids, max_new_tokens=2, repetition_penalty=1.2).shape == (1, 5)  # tests/test_repetition_*
+    assert model.generate(ids, max_new_tokens=2, min_new_tokens=0).shape == (1, 5)  # off: fine
+    for field, value in (("repetition_penalty", 1.2), ("no_repeat_ngram_size", 2)):  # tests/test_repetition_*
+        assert model.generate(ids, max_new_tokens=2, **{field: value}).shape == (1, 5)
     assert model.generate(ids, max_new_tokens=2, dola_layers="high").shape == (1, 5)  # DoLa (tests/test_dola.py)
 
 

@@ -74,7 +74,7 @@ def test_modes_without_it_refuse_by_name(tiny_checkpoint, capsys):
 
     lm = mexit.load(tiny_checkpoint[0], backend="torch")
     for kw in (dict(early_exit=ExitPolicy(threshold=0.5)), dict(speculative=SpeculativeConfig(2, 2))):
-        with pytest.raises(NotImplementedError, match="repetition_penalty with early exit or speculative"):
+        with pytest.raises(NotImplementedError, match="no_repeat_ngram_size with early exit or speculative"):
             lm.generate([[1, 2]], 3, repetition_penalty=1.2, **kw)
     with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
         lm.generate([[1, 2]], 3, repetition_penalty=0.0)
@@ -82,3 +82,34 @@ def test_modes_without_it_refuse_by_name(tiny_checkpoint, capsys):
                  "--repetition-penalty", "1.2", "--no-eos", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == lm.generate([[1, 2, 3]], 5, repetition_penalty=1.2,
                                                                         eos_token_id=None).tokens
+
+
+def transformers_ngram_tokens(hf, prompt, n, penalty=1.0, new=16):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, no_repeat_ngram_size=n,
+                      repetition_penalty=penalty, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("engine,backend", [("eager", "torch"), ("static", "torch"), ("eager", "triton")])
+def test_no_repeat_ngram_size_equals_transformers(tiny_checkpoint, engine, backend):
+    folder, hf, _ = tiny_checkpoint
+    lm = mexit.load(folder, dtype="fp32", engine=engine, backend=backend)
+    prompts = [[5, 17, 5, 17, 200], [42, 7, 128, 255, 1, 64, 12], [9]]
+    for n, penalty in ((1, 1.0), (2, 1.0), (3, 1.0), (2, 1.3)):
+        expected = [transformers_ngram_tokens(hf, p, n, penalty) for p in prompts]
+        got = lm.generate(prompts, 16, no_repeat_ngram_size=n, repetition_penalty=penalty, eos_token_id=None).tokens
+        assert got == expected, (n, penalty)
+        for row in got:  # no n-gram twice in the output itself
+            grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+            assert len(grams) == len(set(grams))
+    assert [transformers_ngram_tokens(hf, p, 2) for p in prompts] != [transformers_ngram_tokens(hf, p, 0)
+                                                                     for p in prompts]
+
+
+def test_dola_and_acd_take_ngram_bans(tiny_checkpoint):
+    lm = mexit.load(tiny_checkpoint[0], dtype="fp32", backend="torch")
+    for kw in (dict(dola_layers=[2]), dict(contrast=(4, 2))):
+        tokens = lm.generate([[3, 3, 3]], 20, no_repeat_ngram_size=2, eos_token_id=None, **kw).tokens[0]
+        seq = [3, 3, 3] + tokens
+        grams = [tuple(seq[i:i + 2]) for i in range(len(seq) - 1)]
+        assert all(grams.count(g) == 1 for g in grams[2:]), kw  # the prompt's own repeat (3, 3) aside

@@ -177,7 +177,7 @@ class FixedMode(Mode):
         the last kernel when the engine allows it)."""
         states = {layer: rows.states(layer) for layer in self.stops}  # in depth order: blocks run once
         hidden = [states[layer] for layer in self.layers]
-        if rows.sampling.repetition_penalty != 1.0:  # the penalty applies to the logits (ACD: log q), then the choice
+        if rows.sampling.controls_repetition:  # penalty and n-gram bans on the logits (ACD: log q), then the choice
             out = mode_scores(self.model, self.config, hidden, rows.backend, logits=True)
             if rows.keep_logits:
                 rows.keep(out.logits)

@@ -24,6 +24,7 @@ class SamplingConfig:
     seed: int | tuple[int, ...] | None = None  # one seed for every row, or one per row
     top_p_after_top_k: bool = False
     repetition_penalty: float = 1.0  # transformers' RepetitionPenaltyLogitsProcessor on the mode's scores
+    no_repeat_ngram_size: int = 0  # transformers' NoRepeatNGramLogitsProcessor (0: off)
 
     def __post_init__(self):
         if isinstance(self.seed, list):
@@ -36,6 +37,12 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if int(self.no_repeat_ngram_size) != self.no_repeat_ngram_size or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size}")
+
+    @property
+    def controls_repetition(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
 
 def penalize_repetition(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -44,6 +51,26 @@ def penalize_repetition(scores: torch.Tensor, seen: torch.Tensor, penalty: float
     [B, V] fp32 (a head's logits, ACD's log q, DoLa's scores); seen: [B, V] bool."""
     penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
     return torch.where(seen, penalized, scores)
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, written: torch.Tensor, last: torch.Tensor,
+                        n: int) -> torch.Tensor:
+    """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already in the row's
+    sequence gets -inf. scores: [B, V]; history: [B, L] int64 token of each cache slot; written: [B, L] bool (a
+    token of the row's sequence is there: prompt, not padding, and outputs so far); last: [1] int64 the slot of the
+    sequence's last token. No device-to-host read (CUDA graphs)."""
+    b, v = scores.shape
+    if n == 1:  # every token the row has seen
+        banned = torch.zeros(b, v + 1, dtype=torch.bool, device=scores.device)
+        return scores.masked_fill(banned.scatter_(1, torch.where(written, history, v), True)[:, :v], -float("inf"))
+    windows, complete = history.unfold(1, n, 1), written.unfold(1, n, 1).all(-1)  # [B, W, n], [B, W]
+    offsets = torch.arange(1 - n + 1, 1, device=scores.device)  # the last n - 1 slots, ending at `last`
+    tail = (last + offsets).clamp(min=0)[None].expand(b, n - 1)
+    recent, recent_ok = history.gather(1, tail), written.gather(1, tail).all(-1) & (last >= n - 2)
+    match = (windows[..., :-1] == recent[:, None, :]).all(-1) & complete & recent_ok[:, None]
+    banned = torch.zeros(b, v + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(match, windows[..., -1], v), True)
+    return scores.masked_fill(banned[:, :v], -float("inf"))
 
 
 def row_uniforms(seed: int | tuple[int, ...] | None, rows: int, count: int, device) -> torch.Tensor:

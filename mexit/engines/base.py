@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mexit import ops
-from mexit.decoding.sampling import SamplingConfig, choose, penalize_repetition
+from mexit.decoding.sampling import SamplingConfig, ban_repeated_ngrams, choose, penalize_repetition
 from mexit.decoding.stats import per_token, weight_reads
 from mexit.decoding.step import Candidate
 from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
@@ -117,6 +117,11 @@ class DecodeState:
         # tokens each row has seen (prompt and output; one spare column takes the padding): repetition penalty
         self.seen = torch.zeros(rows, config.vocab_size + 1, dtype=torch.bool, device=dev) \
             if sampling.repetition_penalty != 1.0 else None
+        # the token at each cache slot, and whether it is one of the row's sequence: no_repeat_ngram_size
+        self.history = torch.zeros(rows, slots, dtype=torch.long, device=dev) if sampling.no_repeat_ngram_size \
+            else None
+        self.written = torch.zeros(rows, slots, dtype=torch.bool, device=dev) if sampling.no_repeat_ngram_size \
+            else None
         self.exits = None
         if mode.uses_exits:
             self.exits = ExitState.new(rows, steps, config.n_embd, mode.saved_layers, model.dtype, dev, predicated)
@@ -153,6 +158,11 @@ class DecodeState:
             if self.exits.skip is not None:
                 self.exits.skip.zero_()
         self.counters = dict(weight_reads(), kv_filled=0, host_reads=0, **self.engine_counters())
+        if self.history is not None:
+            self.history.zero_()
+            self.written.zero_()
+            self.history[: batch.ids.shape[0], :p] = batch.ids
+            self.written[: batch.ids.shape[0], :p] = batch.valid
         if self.seen is not None:
             self.seen.zero_()
             padding = torch.full_like(batch.ids, self.model.config.vocab_size)
@@ -236,17 +246,25 @@ class DecodeState:
         if self.seen is not None:  # a finished row's token may be -1 (no stop id): the spare column takes it
             tokens = self.io.tokens
             self.seen.scatter_(1, torch.where(tokens >= 0, tokens, self.seen.shape[1] - 1)[:, None], True)
+        if self.history is not None:  # the emitted token sits at the next step's slot
+            slot = self.io.slot.clamp(max=self.history.shape[1] - 1)[None].expand(self.rows, 1)
+            self.history.scatter_(1, slot, self.io.tokens[:, None].clamp(min=0))
+            self.written.scatter_(1, slot, (~self.io.finished)[:, None])
 
     def penalize(self, scores: torch.Tensor) -> torch.Tensor:
-        """The mode's scores [B, V] after the repetition penalty (as they are without one)."""
-        if self.seen is None:
-            return scores
-        return penalize_repetition(scores, self.seen[:, :-1], self.sampling.repetition_penalty)
+        """The mode's scores [B, V] after the repetition controls: the penalty on seen tokens, then the banned
+        n-grams (as they are without them)."""
+        if self.seen is not None:
+            scores = penalize_repetition(scores, self.seen[:, :-1], self.sampling.repetition_penalty)
+        if self.history is not None:
+            scores = ban_repeated_ngrams(scores, self.history, self.written, self.io.slot,
+                                         self.sampling.no_repeat_ngram_size)
+        return scores
 
     def fused_emit(self) -> StepIO | None:
         """Greedy steps end in the kernel that picks the token (triton backend; not with a repetition penalty)."""
         return self.io if (self.backend.triton and not self.sampling.do_sample and not self.keep_logits
-                           and self.seen is None) else None
+                           and not self.sampling.controls_repetition) else None
 
     def keep(self, logits: torch.Tensor) -> None:
         self.kept.index_copy_(0, self.io.step, logits[None].float())

@@ -41,7 +41,7 @@ def length_bucket(length: int, n_positions: int) -> int:
 @dataclass(frozen=True)
 class StepKey:
     """What a static step is built for: the mode's settings (a DecodeConfig, a DolaConfig or an ExitPolicy), the
-    sampling settings baked into it (the repetition penalty too), the backend (kernels, PDL, the fused-row cut-off),
+    sampling settings baked into it (the repetition controls too), the backend (kernels, PDL, the fused-row cut-off),
     the batch and length buckets, and whether it keeps every step's logits."""
 
     mode: object
@@ -54,6 +54,7 @@ class StepKey:
     length: int
     keep_logits: bool = False
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
 
 class StaticState(DecodeState):
@@ -287,7 +288,7 @@ class StaticEngine:
         slots = max(length, -(-mode.slots(prompt_len, max_new_tokens) // LENGTH_QUANTUM) * LENGTH_QUANTUM)
         columns = max(length, -(-mode.columns(max_new_tokens) // LENGTH_QUANTUM) * LENGTH_QUANTUM)
         key = StepKey(spec, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, backend, bucket,
-                      slots, keep_logits, sampling.repetition_penalty)
+                      slots, keep_logits, sampling.repetition_penalty, sampling.no_repeat_ngram_size)
         state = self.states.get(key)
         if state is None:
             compile_layers = self.compile_layers

@@ -28,7 +28,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 # native API takes the applied fields of a checkpoint's generation_config.json as its defaults (pad_token_id and the
 # output_* fields only matter to the drop-in).
 NATIVE_DEFAULTS = ("max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-                   "repetition_penalty")
+                   "repetition_penalty", "no_repeat_ngram_size")
 APPLIED = NATIVE_DEFAULTS + ("pad_token_id", "return_dict_in_generate", "output_scores", "output_logits")
 INERT = ("_from_model_config", "transformers_version", "bos_token_id", "decoder_start_token_id", "use_cache",
          "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile", "low_memory",
@@ -37,7 +37,7 @@ INERT = ("_from_model_config", "transformers_version", "bos_token_id", "decoder_
          "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "assistant_ensemble_weight")
 OFF = {"num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "diversity_penalty": (0.0,),
        "penalty_alpha": (0.0,), "encoder_repetition_penalty": (1.0,),
-       "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "min_length": (0,), "min_new_tokens": (0,),
+       "encoder_no_repeat_ngram_size": (0,), "min_length": (0,), "min_new_tokens": (0,),
        "bad_words_ids": (), "force_words_ids": (), "constraints": (), "suppress_tokens": (),
        "begin_suppress_tokens": (), "forced_bos_token_id": (), "forced_eos_token_id": (), "sequence_bias": (),
        "guidance_scale": (1.0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
@@ -205,7 +205,8 @@ class MultiExitLM:
                  attention_mask=None, return_cache: bool = False, on_token=None, keep_logits: bool = False,
                  speculative: SpeculativeConfig | None = None, sampling: SamplingConfig | None = None,
                  dola_layers: str | list[int] | None = None, dola_heads: str = "embedding",
-                 repetition_penalty: float | None = None, **acd_names) -> GenerationResult:
+                 repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
+                 **acd_names) -> GenerationResult:
         """Generate up to `max_new_tokens` per prompt (text, a list of texts, token ids, a list of id lists, or a
         [B, T] id tensor with its `attention_mask`: padding is dropped, left or right).
 
@@ -227,18 +228,21 @@ class MultiExitLM:
         draws one and reports it as `result.seed`. return_cache keeps the real rows' final KV cache on the result,
         keep_logits every step's [B, V] logits of the mode (fixed modes). on_token(tokens [B]) receives the tokens
         of every position as it completes (a device tensor; a finished row reads eos, and once every row has
-        finished it is not called again). repetition_penalty: transformers' (1: off; fixed modes and DoLa), applied to
-        the mode's scores before the choice. sampling: a ready SamplingConfig instead of do_sample ... seed and
-        repetition_penalty."""
+        finished it is not called again). repetition_penalty, no_repeat_ngram_size: transformers' (1 / 0: off; fixed
+        modes and DoLa), applied to the mode's scores before the choice. sampling: a ready SamplingConfig instead of
+        do_sample ... seed and the repetition controls."""
         d = self.defaults
         if sampling is None:
             do_sample = bool(first(do_sample, d.get("do_sample"), False))
             sampling = SamplingConfig(do_sample, first(temperature, d.get("temperature"), 1.0),
                                       first(top_k, d.get("top_k"), 0), first(top_p, d.get("top_p"), 1.0), seed,
-                                      repetition_penalty=first(repetition_penalty, d.get("repetition_penalty"), 1.0))
-        elif any(v is not None for v in (do_sample, temperature, top_k, top_p, seed, repetition_penalty)):
-            raise ValueError("sampling= sets do_sample, temperature, top_k, top_p, seed and repetition_penalty: do "
-                             "not pass them too")
+                                      repetition_penalty=first(repetition_penalty, d.get("repetition_penalty"), 1.0),
+                                      no_repeat_ngram_size=first(no_repeat_ngram_size, d.get("no_repeat_ngram_size"),
+                                                                 0))
+        elif any(v is not None for v in (do_sample, temperature, top_k, top_p, seed, repetition_penalty,
+                                         no_repeat_ngram_size)):
+            raise ValueError("sampling= sets do_sample, temperature, top_k, top_p, seed and the repetition controls: "
+                             "do not pass them too")
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**31 - 1, ())))
         eos = self.stop_ids() if eos_token_id == "config" else eos_token_id

@@ -107,6 +107,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float,
                    help="transformers' repetition penalty on the mode's scores (1: off; fixed modes and DoLa; "
                         "default: the checkpoint's generation_config.json, else 1)")
+    p.add_argument("--no-repeat-ngram-size", type=int,
+                   help="never repeat an n-gram of this size (transformers'; 0: off; fixed modes and DoLa)")
     p.add_argument("--dola-heads", default="embedding", choices=["embedding", "exit"],
                    help="--mode dola: premature logits from the output embedding on raw block outputs "
                         "(transformers), or from the checkpoint's exit heads")
@@ -380,7 +382,8 @@ def strict_json(value):
 def generate_kwargs(args) -> dict:
     """`generate` keyword arguments of the mode, lengths and sampling flags (not the prompts, seed or callback)."""
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+              no_repeat_ngram_size=args.no_repeat_ngram_size)
     if args.no_eos:
         kw["eos_token_id"] = None
     if args.mode == "early-exit":

@@ -258,6 +258,7 @@ class FastMultiExitModel:
             on_token = lambda tokens: streamer.put(tokens.cpu())  # noqa: E731
         sampling = SamplingConfig(do_sample=bool(cfg.do_sample), top_p_after_top_k=True,
                                   repetition_penalty=first(cfg.repetition_penalty, 1.0),
+                                  no_repeat_ngram_size=first(cfg.no_repeat_ngram_size, 0),
                                   temperature=first(cfg.temperature, 1.0) if cfg.do_sample else 1.0,
                                   top_k=first(cfg.top_k, 50) if cfg.do_sample else 0,
                                   top_p=first(cfg.top_p, 1.0) if cfg.do_sample else 1.0)
