@@ -81,16 +81,17 @@ def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_
     """Generate `max_new_tokens` per prompt (token ids) in the mode `spec` on `engine`, stopping a row at any of the
     stop ids `eos` (None, an id, or a sequence of at most 8). on_token(tokens [B]) gets the tokens of every position
     (a device tensor: reading it waits for the step; rows that have finished read eos); with stop ids it is not called
-    again once every row has finished. return_cache keeps the real rows' KV
-    cache; keep_logits every step's [B, V] logits (fixed modes). Seeded sampling gives each row its own random
-    stream, so a row samples the same tokens alone and in any batch, on every engine."""
+    again once every row has finished. return_cache keeps the real rows' KV cache; keep_logits every step's [B, V]
+    logits (fixed modes; DoLa: its scores). Seeded sampling gives each row its own random stream, so a row samples
+    the same tokens alone and in any batch, on every engine."""
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     eos = stop_tuple(eos)
     mode = build_mode(model, spec)
     if sampling.controls_repetition and isinstance(spec, (ExitPolicy, Speculation)):
         raise NotImplementedError("repetition_penalty / no_repeat_ngram_size with early exit or speculative decoding "
-                                  "is not implemented (fixed modes and DoLa take them)")
+                                  "is not implemented (fixed modes and DoLa take them); pass repetition_penalty=1 and "
+                                  "no_repeat_ngram_size=0 (a checkpoint's generation_config.json may set them)")
     if keep_logits and not isinstance(spec, (DecodeConfig, DolaConfig)):
         raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not those "
                                   "of one fixed pass per token")

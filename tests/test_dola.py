@@ -49,6 +49,9 @@ def test_candidate_layers_follow_transformers_rules():
     assert DolaConfig("low").candidates(shape(6, tied=False)) == [0, 2]
     assert DolaConfig("high").candidates(shape(48)) == list(range(28, 48, 2))
     assert DolaConfig((3, 30, 7)).candidates(shape(24)) == [3, 7]
+    exits = ModelConfig(n_layer=8, n_embd=8, n_head=2, vocab_size=11, n_positions=8, exit_layers=(2, 4, 6, 8))
+    assert DolaConfig("low", "exit").candidates(exits) == [2]  # transformers' halves: below 4, and from 4
+    assert DolaConfig("high", "exit").candidates(exits) == [4, 6]
 
 
 def test_each_row_takes_its_own_premature_layer(checkpoints):

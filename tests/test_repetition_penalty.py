@@ -113,3 +113,19 @@ def test_dola_and_acd_take_ngram_bans(tiny_checkpoint):
         seq = [3, 3, 3] + tokens
         grams = [tuple(seq[i:i + 2]) for i in range(len(seq) - 1)]
         assert all(grams.count(g) == 1 for g in grams[2:]), kw  # the prompt's own repeat (3, 3) aside
+
+
+def test_edges_of_the_controls(tiny_checkpoint):
+    folder, hf, _ = tiny_checkpoint
+    lm = mexit.load(folder, dtype="fp32", backend="torch")
+    # an n-gram longer than any sequence the batch holds bans nothing (transformers: the same)
+    assert lm.generate([[1, 2]], 3, no_repeat_ngram_size=50, eos_token_id=None).tokens == lm.generate(
+        [[1, 2]], 3, eos_token_id=None).tokens
+    model = AutoMultiExitModel.from_pretrained(folder, dtype="fp32")
+    with pytest.raises(NotImplementedError, match="output_scores / output_logits with DoLa or the repetition"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, repetition_penalty=1.2,
+                       return_dict_in_generate=True, output_scores=True)
+    for generate in (lambda: lm.generate([[1, 2]], 2, dola_layers=5),
+                     lambda: model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, dola_layers=5)):
+        with pytest.raises(ValueError, match="dola_layers must be 'low', 'high' or a list"):
+            generate()

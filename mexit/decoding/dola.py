@@ -61,10 +61,10 @@ class DolaConfig:
         final = config.n_layer
         if self.heads == "exit":
             exits = [x for x in config.exit_layers if x < final]
-            if self.layers == "low":
-                chosen = [x for x in exits if x <= final // 2]
+            if self.layers == "low":  # transformers' halves: low below final // 2, high from it
+                chosen = [x for x in exits if x < final // 2]
             elif self.layers == "high":
-                chosen = [x for x in exits if x > final // 2]
+                chosen = [x for x in exits if x >= final // 2]
             else:
                 missing = [x for x in self.layers if x not in exits]
                 if missing:
@@ -148,9 +148,8 @@ class DolaMode(Mode):
         states = {layer: rows.states(layer) for layer in self.stops}  # in depth order: blocks run once
         final = self.model.head_logits(states[self.depth], "original")
         premature = torch.stack([self.premature_logits(layer, states[layer]) for layer in self.candidates])
-        batch_rows = None
-        if self.config.per_batch:  # the real rows still running
-            batch_rows = ~rows.io.finished & (torch.arange(final.shape[0], device=final.device) < rows.real_rows)
+        # the rows still running (padding rows are finished from the prefill): a tensor, so a captured step replays it
+        batch_rows = ~rows.io.finished if self.config.per_batch else None
         scores = rows.penalize(dola_scores(final, premature, self.config.relative_top, batch_rows))
         if rows.keep_logits:
             rows.keep(scores)

@@ -60,6 +60,8 @@ def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, written: to
     token of the row's sequence is there: prompt, not padding, and outputs so far); last: [1] int64 the slot of the
     sequence's last token. No device-to-host read (CUDA graphs)."""
     b, v = scores.shape
+    if n > history.shape[1]:  # longer than any sequence this batch can hold: nothing to ban
+        return scores
     if n == 1:  # every token the row has seen
         banned = torch.zeros(b, v + 1, dtype=torch.bool, device=scores.device)
         return scores.masked_fill(banned.scatter_(1, torch.where(written, history, v), True)[:, :v], -float("inf"))

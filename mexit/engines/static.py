@@ -55,6 +55,7 @@ class StepKey:
     keep_logits: bool = False
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    top_p_after_top_k: bool = False
 
 
 class StaticState(DecodeState):
@@ -288,7 +289,8 @@ class StaticEngine:
         slots = max(length, -(-mode.slots(prompt_len, max_new_tokens) // LENGTH_QUANTUM) * LENGTH_QUANTUM)
         columns = max(length, -(-mode.columns(max_new_tokens) // LENGTH_QUANTUM) * LENGTH_QUANTUM)
         key = StepKey(spec, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p, backend, bucket,
-                      slots, keep_logits, sampling.repetition_penalty, sampling.no_repeat_ngram_size)
+                      slots, keep_logits, sampling.repetition_penalty, sampling.no_repeat_ngram_size,
+                      sampling.top_p_after_top_k)
         state = self.states.get(key)
         if state is None:
             compile_layers = self.compile_layers

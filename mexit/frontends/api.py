@@ -226,11 +226,11 @@ class MultiExitLM:
         per row (each row samples from its own random stream, so a row gets the same tokens alone and in any batch,
         in fp32; half precision may differ in the last bits between batch compositions); a sampled run without one
         draws one and reports it as `result.seed`. return_cache keeps the real rows' final KV cache on the result,
-        keep_logits every step's [B, V] logits of the mode (fixed modes). on_token(tokens [B]) receives the tokens
-        of every position as it completes (a device tensor; a finished row reads eos, and once every row has
-        finished it is not called again). repetition_penalty, no_repeat_ngram_size: transformers' (1 / 0: off; fixed
-        modes and DoLa), applied to the mode's scores before the choice. sampling: a ready SamplingConfig instead of
-        do_sample ... seed and the repetition controls."""
+        keep_logits every step's [B, V] logits of the mode (fixed modes; DoLa: its scores). on_token(tokens [B])
+        receives the tokens of every position as it completes (a device tensor; a finished row reads eos, and once
+        every row has finished it is not called again). repetition_penalty, no_repeat_ngram_size: transformers'
+        (1 / 0: off; fixed modes and DoLa), applied to the mode's scores before the choice. sampling: a ready
+        SamplingConfig instead of do_sample ... seed and the repetition controls."""
         d = self.defaults
         if sampling is None:
             do_sample = bool(first(do_sample, d.get("do_sample"), False))
@@ -259,6 +259,8 @@ class MultiExitLM:
             if (mode is not None or exit_layer is not None or contrast is not None or acd_names or decode
                     or early_exit is not None or speculative is not None or multi_exit_config is not None):
                 raise ValueError("dola_layers chooses the mode (DoLa): do not combine it with other mode arguments")
+            if not isinstance(dola_layers, (str, list, tuple)):
+                raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {dola_layers!r}")
             spec = DolaConfig(dola_layers if isinstance(dola_layers, str) else tuple(dola_layers), dola_heads)
         elif dola_heads != "embedding":
             raise ValueError("dola_heads goes with dola_layers")

@@ -214,7 +214,8 @@ class FastMultiExitModel:
         return_dict_in_generate=True). speculative=SpeculativeConfig(...) decodes the configured mode
         self-speculatively: the same greedy output, the same sampling distribution. dola_layers="low" | "high" |
         [layers] decodes with DoLa as transformers 4.51.3 did, one premature layer for the whole batch (its rule;
-        the native API picks one per row)."""
+        the native API picks one per row). repetition_penalty and no_repeat_ngram_size count each row's own tokens:
+        transformers also counts a left-padded row's padding ids."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
@@ -222,7 +223,9 @@ class FastMultiExitModel:
         want_scores, want_logits = kwargs.pop("output_scores", None), kwargs.pop("output_logits", None)
         dola_layers = kwargs.pop("dola_layers", None)
         cfg = self._settings(generation_config, kwargs)
-        dola_layers = first(dola_layers, getattr(cfg, "dola_layers", None), False) or None
+        dola_layers = dola_layers if dola_layers is not None else getattr(cfg, "dola_layers", None)
+        if dola_layers is not None and not isinstance(dola_layers, (str, list, tuple)):
+            raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {dola_layers!r}")
         if dola_layers is not None and speculative is not None:
             raise ValueError("dola_layers and speculative= choose different decoding: pass one")
         decode = self.decode if dola_layers is None else DolaConfig(
@@ -263,6 +266,9 @@ class FastMultiExitModel:
                                   top_k=first(cfg.top_k, 50) if cfg.do_sample else 0,
                                   top_p=first(cfg.top_p, 1.0) if cfg.do_sample else 1.0)
         keep = bool(return_dict and (want_scores or want_logits))
+        if keep and (dola_layers is not None or sampling.controls_repetition):
+            raise NotImplementedError("output_scores / output_logits with DoLa or the repetition controls: mexit keeps "
+                                      "one kind of logits per step, not transformers' raw and processed pair")
         result = self.lm.generate(prompts, max_new, decode=decode, eos_token_id=stops, on_token=on_token,
                                   keep_logits=keep, speculative=speculative, sampling=sampling)
         if streamer is not None:
