@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .step import Mode, Rows
+from .step import OneStep, Rows
 
 if TYPE_CHECKING:
     from mexit.model.config import ModelConfig
@@ -128,7 +128,7 @@ def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: floa
     return final - chosen
 
 
-class DolaMode(Mode):
+class DolaMode(OneStep):
     """A DoLa decode step: every layer runs; the original head and the candidates' logits give the scores."""
 
     def __init__(self, model: MultiExitGPT2, dola: DolaConfig):
@@ -154,12 +154,3 @@ class DolaMode(Mode):
         if rows.keep_logits:
             rows.keep(scores)
         rows.emit(rows.choose(scores.argmax(dim=-1), scores if rows.sampling.do_sample else None))
-
-    def pieces(self, rows: Rows) -> dict:
-        return {"step": lambda: self.step(rows)}
-
-    def run(self, rows: Rows) -> None:
-        rows.launch("step", lambda: self.step(rows))
-        if not rows.prefilling:
-            rows.counters["weight_blocks"] += self.depth
-            rows.counters["weight_heads"] += self.full_heads

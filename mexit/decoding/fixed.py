@@ -11,7 +11,7 @@ import torch
 
 from mexit import ops
 
-from .step import Mode, Rows
+from .step import OneStep, Rows
 
 if TYPE_CHECKING:
     from mexit.model.config import ModelConfig
@@ -161,7 +161,7 @@ def mode_scores(model: MultiExitGPT2, decode: DecodeConfig, hidden, backend: ops
     return ModeScores(token, log_q if scores else None, log_q if logits else None)
 
 
-class FixedMode(Mode):
+class FixedMode(OneStep):
     """A decode step of a fixed mode: the heads' layers, their scores, the token."""
 
     def __init__(self, model: MultiExitGPT2, decode: DecodeConfig):
@@ -191,13 +191,3 @@ class FixedMode(Mode):
             rows.keep(out.logits)
         if io is None:
             rows.emit(rows.choose(out.token, out.scores))
-
-    def pieces(self, rows: Rows) -> dict:
-        """The step as pieces a graph engine captures: one."""
-        return {"step": lambda: self.step(rows)}
-
-    def run(self, rows: Rows) -> None:
-        rows.launch("step", lambda: self.step(rows))
-        if not rows.prefilling:
-            rows.counters["weight_blocks"] += self.depth
-            rows.counters["weight_heads"] += self.full_heads

@@ -164,3 +164,21 @@ class Mode:
 
     def describe(self, rows: Rows, result) -> None:
         """Mode-specific results and statistics onto the GenerationResult."""
+
+
+class OneStep(Mode):
+    """A mode whose decode step is one piece that reads `depth` blocks and `full_heads` heads (fixed heads, DoLa);
+    a subclass writes `step(rows)`."""
+
+    def step(self, rows: Rows) -> None:
+        raise NotImplementedError
+
+    def pieces(self, rows: Rows) -> dict:
+        """The step as pieces a graph engine captures: one."""
+        return {"step": lambda: self.step(rows)}
+
+    def run(self, rows: Rows) -> None:
+        rows.launch("step", lambda: self.step(rows))
+        if not rows.prefilling:
+            rows.counters["weight_blocks"] += self.depth
+            rows.counters["weight_heads"] += self.full_heads
