@@ -96,8 +96,11 @@ def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, 
     """Triton version of `exit_decide_ref` (same arguments; skip / fired_none int32; emit's step is `step`).
     arrivals: a [1] int32 zero the kernel counts its programs in and leaves zero (emit's, or a new one: pass one
     to keep a step free of torch operations). h_exit, exit_at, conf_at must be contiguous and h_last's rows
-    contiguous. pdl: launch with programmatic dependent launch (`kernels.launch`)."""
+    contiguous; a strided confidence or candidate is copied. pdl: launch with programmatic dependent launch
+    (`kernels.launch`)."""
     B, D = h_exit.shape
+    confidence = confidence.contiguous()
+    candidate = candidate.contiguous() if candidate is not None else None
     T = exit_at.shape[1]
     h_last = h_exit if h_last is None else h_last
     if not (h_exit.is_contiguous() and exit_at.is_contiguous() and conf_at.is_contiguous()) or h_last.stride(1) != 1:

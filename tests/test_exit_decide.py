@@ -12,12 +12,12 @@ from mexit.ops.launches import count_launches
 def make_state(B, D, T, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     state = dict(
-        confidence=torch.rand(B, generator=g),
+        confidence=torch.rand(B, 2, generator=g)[:, 0],  # strided views, as a [B, 2] top-2's first column
         thresholds=torch.rand(T, generator=g),
         step=torch.tensor([int(torch.randint(T, (1,), generator=g))]),
         running=torch.rand(B, generator=g) < 0.7,
         fired=torch.rand(B, generator=g) < 0.5,
-        candidate=torch.randint(1000, (B,), generator=g),
+        candidate=torch.randint(1000, (B, 2), generator=g)[:, 1],
         chosen=torch.randint(1000, (B,), generator=g),
         h_last=torch.randn(B, 2, D, generator=g).to(dtype)[:, 1],  # a strided view, as h[:, -1]
         h_exit=torch.randn(B, D, generator=g).to(dtype),
