@@ -61,7 +61,7 @@ tests)
   timeout 500 python3 -m pytest -q -n 4 tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
     tests/test_decode_attention.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_triton_generate.py \
     tests/test_fast.py tests/test_fast_early_exit.py tests/test_speculative.py tests/test_launches.py \
-    tests/test_generate.py tests/test_early_exit.py 2>&1 | tee "$OUT/tests.txt" | tail -8 ;;
+    tests/test_generate.py tests/test_early_exit.py tests/test_repetition_penalty.py tests/test_dola.py 2>&1 | tee "$OUT/tests.txt" | tail -8 ;;
 kernels)
   timeout 240 python3 bench/bench_exit_head.py --batch 1 8 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -20
   timeout 240 python3 bench/bench_fused_linear.py --batch 1 8 16 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" \

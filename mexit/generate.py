@@ -88,10 +88,6 @@ def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_
     max_new_tokens = int(max_new_tokens)
     eos = stop_tuple(eos)
     mode = build_mode(model, spec)
-    if sampling.controls_repetition and isinstance(spec, (ExitPolicy, Speculation)):
-        raise NotImplementedError("repetition_penalty / no_repeat_ngram_size with early exit or speculative decoding "
-                                  "is not implemented (fixed modes and DoLa take them); pass repetition_penalty=1 and "
-                                  "no_repeat_ngram_size=0 (a checkpoint's generation_config.json may set them)")
     if keep_logits and not isinstance(spec, (DecodeConfig, DolaConfig)):
         raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not those "
                                   "of one fixed pass per token")

@@ -53,26 +53,50 @@ def penalize_repetition(scores: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, penalized, scores)
 
 
-def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, written: torch.Tensor, last: torch.Tensor,
-                        n: int) -> torch.Tensor:
+def seen_tokens(history: torch.Tensor, last: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N, V] bool: the tokens of each sequence up to and including position last. history: [N, L] int64 the
+    sequence by position (entries past `last` are ignored); last: [N] int64."""
+    written = torch.arange(history.shape[1], device=history.device) <= last[:, None]
+    seen = torch.zeros(history.shape[0], vocab + 1, dtype=torch.bool, device=history.device)
+    return seen.scatter_(1, torch.where(written, history, vocab), True)[:, :vocab]
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, last: torch.Tensor, n: int) -> torch.Tensor:
     """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already in the row's
-    sequence gets -inf. scores: [B, V]; history: [B, L] int64 token of each cache slot; written: [B, L] bool (a
-    token of the row's sequence is there: prompt, not padding, and outputs so far); last: [1] int64 the slot of the
-    sequence's last token. No device-to-host read (CUDA graphs)."""
+    sequence gets -inf. scores: [N, V]; history: [N, L] int64 each sequence by position (entries past `last` are
+    ignored); last: [N] int64 the position of its last token. No device-to-host read (CUDA graphs)."""
     b, v = scores.shape
     if n > history.shape[1]:  # longer than any sequence this batch can hold: nothing to ban
         return scores
     if n == 1:  # every token the row has seen
-        banned = torch.zeros(b, v + 1, dtype=torch.bool, device=scores.device)
-        return scores.masked_fill(banned.scatter_(1, torch.where(written, history, v), True)[:, :v], -float("inf"))
-    windows, complete = history.unfold(1, n, 1), written.unfold(1, n, 1).all(-1)  # [B, W, n], [B, W]
-    offsets = torch.arange(1 - n + 1, 1, device=scores.device)  # the last n - 1 slots, ending at `last`
-    tail = (last + offsets).clamp(min=0)[None].expand(b, n - 1)
-    recent, recent_ok = history.gather(1, tail), written.gather(1, tail).all(-1) & (last >= n - 2)
-    match = (windows[..., :-1] == recent[:, None, :]).all(-1) & complete & recent_ok[:, None]
+        return scores.masked_fill(seen_tokens(history, last, v), -float("inf"))
+    windows = history.unfold(1, n, 1)  # [N, W, n]: window w covers positions w .. w + n - 1
+    ends = torch.arange(windows.shape[1], device=scores.device) + n - 1
+    offsets = torch.arange(2 - n, 1, device=scores.device)  # the sequence's last n - 1 positions
+    recent = history.gather(1, (last[:, None] + offsets).clamp(min=0))
+    match = (windows[..., :-1] == recent[:, None, :]).all(-1) & (ends <= last[:, None]) & (last >= n - 2)[:, None]
     banned = torch.zeros(b, v + 1, dtype=torch.bool, device=scores.device)
     banned.scatter_(1, torch.where(match, windows[..., -1], v), True)
     return scores.masked_fill(banned[:, :v], -float("inf"))
+
+
+def control_repetition(scores: torch.Tensor, history: torch.Tensor, last: torch.Tensor,
+                       sampling: SamplingConfig) -> torch.Tensor:
+    """A mode's scores after the repetition controls: the penalty on the tokens seen, then the banned n-grams
+    (unchanged without them). scores: [N, V] fp32 with last [N], or [N, J, V] with last [N, J] (J positions of
+    each sequence: a speculative round's drafts, written in history); history: [N, L] int64 each sequence by
+    position; last: the position each score follows."""
+    if not sampling.controls_repetition:
+        return scores
+    shape = scores.shape
+    if last.dim() == 2:
+        history = history.repeat_interleave(last.shape[1], dim=0)
+        scores, last = scores.reshape(-1, shape[-1]), last.reshape(-1)
+    if sampling.repetition_penalty != 1.0:
+        scores = penalize_repetition(scores, seen_tokens(history, last, shape[-1]), sampling.repetition_penalty)
+    if sampling.no_repeat_ngram_size:
+        scores = ban_repeated_ngrams(scores, history, last, sampling.no_repeat_ngram_size)
+    return scores.reshape(shape)
 
 
 def row_uniforms(seed: int | tuple[int, ...] | None, rows: int, count: int, device) -> torch.Tensor:

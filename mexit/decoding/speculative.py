@@ -23,6 +23,11 @@ per round. The eager engine runs the same pieces uncaptured.
 
 The target is any fixed mode: the original head, an exit, or ACD (upper, lower). With ACD and drafts from its
 lower exit, the drafts' logits are the lower exit's logits at those positions and are reused.
+
+The repetition controls (`control_repetition`) apply to every draft's logits and to the target's scores at every
+round position, each on the row's sequence up to that position (the round's drafts are written into the
+sequence as they are made): the target's scores are then exactly its own step's, so the output stays identical
+(greedy) or distributed as the target's (sampling: p is the controlled draft distribution).
 """
 
 from __future__ import annotations
@@ -245,17 +250,22 @@ class Speculative(Mode):
 
     def draft_step(self, rows: Rows) -> None:
         """Propose: one draft per row at the next round position, and who still proposes."""
-        buf, s = rows.buffers, rows.sampling
+        buf, s, controlled = rows.buffers, rows.sampling, rows.history is not None
         i = buf.draft_i
         out = self.draft_head(rows, self.lower_pass(rows, i), i)
+        logits = rows.penalize(out.logits[0], rows.io.positions + i) if controlled else out.logits[0]
         if s.do_sample:
-            probs = sampling_probs(out.logits[0], s)
+            probs = sampling_probs(logits, s)
             uniform = buf.streams.index_select(0, buf.round)[0]
             draft = sample_from_probs(probs, uniform.index_select(1, i)[:, 0])
             confidence = probs.max(-1).values
             buf.draft_probs.index_copy_(0, i, probs[None])
+        elif controlled:
+            draft, confidence = logits.argmax(-1), logits.softmax(-1).max(-1).values
         else:
             draft, confidence = out.argmax[0], out.max_prob[0]
+        if controlled:  # the draft's position in the row's sequence: later drafts and verification see it
+            rows.remember(draft, rows.io.positions + i + 1)
         proposing = buf.proposing & (i < rows.max_new_tokens - buf.count - 1)  # the budget can keep it
         if self.spec.draft_threshold is not None:
             proposing &= confidence >= self.spec.draft_threshold
@@ -283,12 +293,19 @@ class Speculative(Mode):
             h = states[layer] = model.run_layers(h, start, layer, rows.cache, io.slot, rows.backend)
             start = layer
         hidden = [states[layer].reshape(b * k1, -1) for layer in self.target.layers]
-        sampling = rows.sampling.do_sample
+        sampling, controlled = rows.sampling.do_sample, rows.history is not None
         if self.reuse:
-            choice, scores = self.reuse_scores(rows, hidden[0], sampling)
+            choice, scores = self.reuse_scores(rows, hidden[0], sampling or controlled)
+        elif controlled:  # the controls act on the target's logits (ACD: log q), as in its own step
+            out = mode_scores(model, self.target.config, hidden, rows.backend, logits=True)
+            choice, scores = out.token, out.logits
         else:
             out = mode_scores(model, self.target.config, hidden, rows.backend, scores=sampling)
             choice, scores = out.token, out.scores
+        if controlled:  # round position j follows the row's position + j (its drafts are in the history)
+            positions = io.positions[:, None] + torch.arange(k1, device=io.positions.device)
+            scores = rows.penalize(scores.view(b, k1, -1), positions).view(b * k1, -1)
+            choice = scores.argmax(-1)
         choice = choice.view(b, k1)
         if sampling:
             accepted, token = accept_sampled(scores.view(b, k1, -1), buf, rows.sampling)
@@ -296,7 +313,7 @@ class Speculative(Mode):
             accepted, token = accept_greedy(choice, buf)
         self.emit(rows, accepted, token)
 
-    def reuse_scores(self, rows: Rows, upper: torch.Tensor, sampling: bool):
+    def reuse_scores(self, rows: Rows, upper: torch.Tensor, with_logprobs: bool):
         """ACD whose lower exit drafts: the upper head at every position, the drafts' logits as the lower's."""
         w, config, target = self.model.w, self.model.config, self.target.config
         up = ops.exit_head([upper], w.ln_f_w, w.ln_f_b, config.layer_norm_epsilon,
@@ -306,7 +323,7 @@ class Speculative(Mode):
                               lse=torch.stack([up.lse[0], torch.logsumexp(low, -1)]), max_prob=up.max_prob,
                               margin=up.margin, argmax=up.argmax,
                               max_logit=torch.stack([up.max_logit[0], low.max(-1).values]))
-        return ops.acd_contrast(both, target.alpha, target.min_candidates, rows.backend, with_logprobs=sampling)
+        return ops.acd_contrast(both, target.alpha, target.min_candidates, rows.backend, with_logprobs=with_logprobs)
 
     def emit(self, rows: Rows, accepted: torch.Tensor, token: torch.Tensor) -> None:
         """Each unfinished row keeps its accepted drafts and the target's token (cut at eos and at the budget);
@@ -336,6 +353,8 @@ class Speculative(Mode):
         rows.cache.valid.index_copy_(1, slots, (j <= accepted[:, None]) & ~was_finished[:, None])
         width, steps = buf.n_drafts.max(), buf.draft_i
         io.slot.add_(torch.where(width == steps, width + 1, steps))
+        if rows.history is not None:
+            rows.remember(token, io.positions + accepted + 1)
         io.positions.add_(accepted + 1)
         io.tokens.copy_(token)
         buf.x.copy_(token)

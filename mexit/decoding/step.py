@@ -45,6 +45,7 @@ class Rows(Protocol):
     real_rows: int
     max_new_tokens: int
     buffers: object
+    history: torch.Tensor | None  # [B, L] int64 each row's sequence by position (with the repetition controls)
 
     @property
     def prefilling(self) -> bool:
@@ -68,9 +69,12 @@ class Rows(Protocol):
     def emit(self, token: torch.Tensor) -> None:
         """End the step with `token` [B] (eos masking, output, next input)."""
 
-    def penalize(self, scores: torch.Tensor) -> torch.Tensor:
-        """The mode's scores [B, V] after the repetition penalty on the tokens each row has seen (unchanged
-        without one)."""
+    def penalize(self, scores: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """The mode's scores after the repetition controls on each row's sequence (unchanged without them): [B, V]
+        following each row's last position, or following the positions `last` ([B], or [B, J] for [B, J, V])."""
+
+    def remember(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write tokens [B] at positions [B] of the rows' sequences (with the repetition controls)."""
 
     def fused_emit(self) -> StepIO | None:
         """The step state a greedy mode's last kernel may end the step with, or None (then call `emit`)."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mexit import ops
-from mexit.decoding.sampling import SamplingConfig, ban_repeated_ngrams, choose, penalize_repetition
+from mexit.decoding.sampling import SamplingConfig, choose, control_repetition
 from mexit.decoding.stats import per_token, weight_reads
 from mexit.decoding.step import Candidate
 from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
@@ -114,13 +114,9 @@ class DecodeState:
                                                                           device=dev))
         self.uniform = torch.zeros(steps, rows, device=dev) if sampling.do_sample else None
         self.kept = torch.zeros(steps, rows, config.vocab_size, device=dev) if keep_logits else None
-        # tokens each row has seen (prompt and output; one spare column takes the padding): repetition penalty
-        self.seen = torch.zeros(rows, config.vocab_size + 1, dtype=torch.bool, device=dev) \
-            if sampling.repetition_penalty != 1.0 else None
-        # the token at each cache slot, and whether it is one of the row's sequence: no_repeat_ngram_size
-        self.history = torch.zeros(rows, slots, dtype=torch.long, device=dev) if sampling.no_repeat_ngram_size \
-            else None
-        self.written = torch.zeros(rows, slots, dtype=torch.bool, device=dev) if sampling.no_repeat_ngram_size \
+        # the repetition controls: each row's sequence by position (prompt, then output; no padding), a spare last
+        # column taking the padding and any position past the batch's
+        self.history = torch.zeros(rows, slots + 1, dtype=torch.long, device=dev) if sampling.controls_repetition \
             else None
         self.exits = None
         if mode.uses_exits:
@@ -160,13 +156,8 @@ class DecodeState:
         self.counters = dict(weight_reads(), kv_filled=0, host_reads=0, **self.engine_counters())
         if self.history is not None:
             self.history.zero_()
-            self.written.zero_()
-            self.history[: batch.ids.shape[0], :p] = batch.ids
-            self.written[: batch.ids.shape[0], :p] = batch.valid
-        if self.seen is not None:
-            self.seen.zero_()
-            padding = torch.full_like(batch.ids, self.model.config.vocab_size)
-            self.seen[: batch.ids.shape[0]].scatter_(1, torch.where(batch.valid, batch.ids, padding), True)
+            spare = torch.full_like(batch.positions, self.history.shape[1] - 1)
+            self.history[: batch.ids.shape[0]].scatter_(1, torch.where(batch.valid, batch.positions, spare), batch.ids)
         h = self.model.embed(batch.ids, batch.positions)
         states = self.model.run_to(h, [layer for layer in self.mode.stops if layer], self.cache, 0, self.backend)
         self.prefill_states = {0: h[:, -1], **{layer: x[:, -1] for layer, x in states.items()}}
@@ -243,23 +234,25 @@ class DecodeState:
 
     def emit(self, token: torch.Tensor) -> None:
         ops.step_epilogue(token, self.io, self.backend)
-        if self.seen is not None:  # a finished row's token may be -1 (no stop id): the spare column takes it
-            tokens = self.io.tokens
-            self.seen.scatter_(1, torch.where(tokens >= 0, tokens, self.seen.shape[1] - 1)[:, None], True)
-        if self.history is not None:  # the emitted token sits at the next step's slot
-            slot = self.io.slot.clamp(max=self.history.shape[1] - 1)[None].expand(self.rows, 1)
-            self.history.scatter_(1, slot, self.io.tokens[:, None].clamp(min=0))
-            self.written.scatter_(1, slot, (~self.io.finished)[:, None])
+        if self.history is not None:  # the emitted token at its position (a finished row's may be -1: no matter)
+            self.remember(self.io.tokens, self.io.positions)
 
-    def penalize(self, scores: torch.Tensor) -> torch.Tensor:
-        """The mode's scores [B, V] after the repetition controls: the penalty on seen tokens, then the banned
-        n-grams (as they are without them)."""
-        if self.seen is not None:
-            scores = penalize_repetition(scores, self.seen[:, :-1], self.sampling.repetition_penalty)
-        if self.history is not None:
-            scores = ban_repeated_ngrams(scores, self.history, self.written, self.io.slot,
-                                         self.sampling.no_repeat_ngram_size)
-        return scores
+    def remember(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write tokens [B] at positions [B] of the rows' sequences (the repetition controls' history)."""
+        spare = self.history.shape[1] - 1
+        self.history.scatter_(1, positions.clamp(max=spare)[:, None], tokens.clamp(min=0)[:, None])
+
+    def penalize(self, scores: torch.Tensor, last: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The mode's scores after the repetition controls (`control_repetition`; unchanged without them). scores:
+        [B, V] at each row's last position (`last` None), [B, V] with last [B] or [B, J, V] with last [B, J] (the
+        positions they follow); rows [n] int64: scores [n, V] of those rows only."""
+        if self.history is None:
+            return scores
+        history = self.history if rows is None else self.history[rows]
+        if last is None:
+            last = self.io.positions if rows is None else self.io.positions[rows]
+        return control_repetition(scores, history, last.clamp(max=self.history.shape[1] - 2), self.sampling)
 
     def fused_emit(self) -> StepIO | None:
         """Greedy steps end in the kernel that picks the token (triton backend; not with a repetition penalty)."""
@@ -281,6 +274,8 @@ class DecodeState:
         ops.exit_decide(layer, x.no_confidence if confidence is None else confidence, x.thresholds, self.io.step,
                         x.running, x.fired, token, x.chosen, None, x.h_exit, x.exit_at, x.conf_at, x.flags,
                         self.backend, x.skip, x.cosine_skip, final=True, emit=self.io, arrivals=self.io.arrivals)
+        if self.history is not None:
+            self.remember(self.io.tokens, self.io.positions)
 
     def save(self, layer: int, hidden: torch.Tensor) -> None:
         self.exits.saved[layer].copy_(hidden)
@@ -295,7 +290,13 @@ class DecodeState:
                              [self.model.head_weight(head)], self.backend, with_logprobs=self.sampling.do_sample,
                              skip=skip)
 
-    def verdict(self, out, uniform: torch.Tensor | None) -> Candidate:
-        """A head's output as a Candidate: the sampler's token with `uniform` (one per row of out)."""
+    def verdict(self, out, uniform: torch.Tensor | None, rows: torch.Tensor | None = None) -> Candidate:
+        """A head's output as a Candidate: the sampler's token with `uniform` (one per row of out: every row, or
+        `rows`). With the repetition controls, token and confidence come from the controlled logits."""
+        if self.history is not None:
+            scores = self.penalize(out.logits[0], rows=rows)
+            top2 = scores.softmax(-1).topk(2, dim=-1).values
+            return Candidate(choose(scores.argmax(-1), scores, self.sampling, uniform), top2[:, 0],
+                             top2[:, 0] - top2[:, 1])
         scores = out.logprobs[0] if out.logprobs is not None else None
         return Candidate(choose(out.argmax[0], scores, self.sampling, uniform), out.max_prob[0], out.margin[0])

@@ -69,7 +69,7 @@ class EagerState(DecodeState):
     def candidate(self, hidden: torch.Tensor, head) -> Candidate:
         live = self.live
         uniform = self.uniform_now()
-        verdict = self.verdict(self.head_out(hidden[live], head), None if uniform is None else uniform[live])
+        verdict = self.verdict(self.head_out(hidden[live], head), None if uniform is None else uniform[live], live)
         self.count_head(len(live))
         return Candidate(*(torch.zeros(self.rows, dtype=t.dtype, device=t.device).index_copy(0, live, t)
                            for t in verdict))
@@ -98,7 +98,7 @@ class EagerState(DecodeState):
     def fired_token(self, head) -> None:
         rows, x = self.fired_rows, self.exits
         uniform = self.uniform_now()
-        verdict = self.verdict(self.head_out(x.h_exit[rows], head), None if uniform is None else uniform[rows])
+        verdict = self.verdict(self.head_out(x.h_exit[rows], head), None if uniform is None else uniform[rows], rows)
         x.chosen.index_copy_(0, rows, verdict.token)
         self.count_head(len(rows))
 

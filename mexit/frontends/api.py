@@ -229,7 +229,8 @@ class MultiExitLM:
         keep_logits every step's [B, V] logits of the mode (fixed modes; DoLa: its scores). on_token(tokens [B])
         receives the tokens of every position as it completes (a device tensor; a finished row reads eos, and once
         every row has finished it is not called again). repetition_penalty, no_repeat_ngram_size: transformers'
-        (1 / 0: off; fixed modes and DoLa), applied to the mode's scores before the choice. sampling: a ready
+        (1 / 0: off; every mode), applied to the mode's scores before the choice (early exit: to each checked
+        head's logits, confidence included; speculative: to the drafts' and the target's). sampling: a ready
         SamplingConfig instead of do_sample ... seed and the repetition controls."""
         d = self.defaults
         if sampling is None:

@@ -105,10 +105,10 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--dola-layers", type=parse_dola_layers,
                    help="--mode dola: candidate premature layers: low, high or L1,L2,... (transformers' rules)")
     p.add_argument("--repetition-penalty", type=float,
-                   help="transformers' repetition penalty on the mode's scores (1: off; fixed modes and DoLa; "
+                   help="transformers' repetition penalty on the mode's scores (1: off; every mode; "
                         "default: the checkpoint's generation_config.json, else 1)")
     p.add_argument("--no-repeat-ngram-size", type=int,
-                   help="never repeat an n-gram of this size (transformers'; 0: off; fixed modes and DoLa)")
+                   help="never repeat an n-gram of this size (transformers'; 0: off; every mode)")
     p.add_argument("--dola-heads", default="embedding", choices=["embedding", "exit"],
                    help="--mode dola: premature logits from the output embedding on raw block outputs "
                         "(transformers), or from the checkpoint's exit heads")
