@@ -298,7 +298,8 @@ class LatencyBench:
                              "of compute capability 9.0 or newer")
         config = lm.config
         modes = args.modes or default_modes(config)
-        self.parsed = {m: parse_mode(m, config) for m in modes}
+        self.controls = repetition_controls(args)
+        self.parsed = {m: dict(parse_mode(m, config), **self.controls) for m in modes}
         for kw in self.parsed.values():
             if "early_exit" in kw:
                 kw["early_exit"].check_engine(lm.engine, lm.backend.name)
@@ -308,7 +309,7 @@ class LatencyBench:
                 raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
         self.run_meta = dict(run_metadata(device, dtype), model=self.label, random_weights=lm.is_random,
                              backend=lm.backend.name, engine=lm.engine, compiled=lm.compile,
-                             fused_max_rows=lm.backend.fused_max_rows,
+                             fused_max_rows=lm.backend.fused_max_rows, **self.controls,
                              command=args.command)
         copy_only, read_only = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)
         self.copy_gbs = max(copy_only, read_only)  # the roofline's bandwidth: the faster access pattern measured
@@ -336,6 +337,16 @@ class LatencyBench:
         meta = dict(self.run_meta, prompt_len=prompt_len, new_tokens=new_tokens, worker=where())
         gen = torch.Generator().manual_seed(index)  # the case's prompts, wherever it runs
         return index, run_case(self.lm, self.parsed, batch, case, meta, self.copy_gbs, gen, self.pdl_settings)
+
+
+def repetition_controls(args) -> dict:
+    """The repetition controls every row runs with (mexit's modes and the baselines' generate alike)."""
+    controls = {}
+    if args.repetition_penalty is not None:
+        controls["repetition_penalty"] = args.repetition_penalty
+    if args.no_repeat_ngram_size is not None:
+        controls["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    return controls
 
 
 def run(args) -> list[dict]:
@@ -419,9 +430,10 @@ def transformers_rows(lm, prompts, device, dtype, args, meta, copy_gbs, context)
     """transformers generate (eager), and with a static cache + torch.compile on CUDA."""
 
     hf = transformers_baseline(lm, device, dtype)
-    variants = {"transformers eager": {}}
+    controls = repetition_controls(args)
+    variants = {"transformers eager": controls}
     if device.type == "cuda" and not args.no_compile:
-        variants["transformers static+compile"] = dict(cache_implementation="static")
+        variants["transformers static+compile"] = dict(cache_implementation="static", **controls)
     n = lm.config.n_layer
     return [hf_generate_row(name, hf, "original", (n, 1), extra, prompts, device, dtype, args, meta, copy_gbs,
                             context, lm.config) for name, extra in variants.items()]
@@ -452,7 +464,8 @@ def autocontrastive_gen_rows(lm, prompts, device, dtype, args, meta, copy_gbs, c
         model.tie_weights()
         model = model.to(device=device, dtype=dtype).eval()
         heads = len(config.exit_layers) + 1
-        return [hf_generate_row("autocontrastive-gen", model, mode, (config.n_layer, heads), {}, prompts, device,
+        return [hf_generate_row("autocontrastive-gen", model, mode, (config.n_layer, heads), repetition_controls(args),
+                                prompts, device,
                                 dtype, args, meta, copy_gbs, context, config, reraise=True)]
     except Exception as err:  # say why, do not hide: e.g. its forward targets transformers 4.26
         reason = f"failed under transformers {transformers.__version__}: {err!r}"[:300]
@@ -495,12 +508,12 @@ def hf_launches_per_step(model, ids, mask, extra, steps: int = 3) -> float:
 
     from mexit.ops.launches import count_launches, total
 
-    if extra:
+    if "cache_implementation" in extra:
         return None
 
     def run(n):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=0)
+                       pad_token_id=0, **extra)
 
     with torch.inference_mode():
         with count_launches() as one:
@@ -576,6 +589,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="programmatic dependent launch between the step's kernels (triton backend on Hopper or newer); "
                    "both: every mode with it off, then on, in the same run")
     p.add_argument("--modes", nargs="+", help="default: original, a middle exit, ACD top vs middle, early exit")
+    p.add_argument("--repetition-penalty", type=float, help="every row (the baselines too) with transformers' "
+                   "repetition penalty")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="every row (the baselines too) with transformers' n-gram "
+                   "ban")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 8 on cuda, 1 on cpu")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[32], help="prompt lengths in tokens")
     p.add_argument("--new-tokens", type=int, nargs="+", default=None, help="default: 128 on cuda, 8 on cpu")
@@ -608,6 +625,9 @@ def fill_defaults(args) -> None:
         raise ValueError("--new-tokens must be >= 2 (decode time is measured from the first to the last token)")
     if min(args.batch) < 1 or min(args.prompt_len) < 1:
         raise ValueError("batch sizes and --prompt-len must be >= 1")
+    from mexit.decoding.sampling import SamplingConfig
+
+    SamplingConfig(**repetition_controls(args))  # bad values: a named error before anything loads
     unknown = set(args.baselines) - {"transformers", "autocontrastive-gen"}
     if unknown:
         raise ValueError(f"unknown baselines {sorted(unknown)}")
