@@ -271,6 +271,27 @@ def test_speculative_rows_on_every_engine(tiny_checkpoint, tmp_path, engine):
         assert r["host_reads_per_round"] == 1 if r["mode"] == "spec:2:3" else r["host_reads_per_round"] >= 1
 
 
+def test_repetition_controls_reach_every_row(tiny_checkpoint, tmp_path):
+    """--repetition-penalty / --no-repeat-ngram-size run in every mode and the transformers baseline (rows say so,
+    the controls' launches are counted); a bad value is a named error before anything loads."""
+    folder = tiny_checkpoint[0]
+    common = dict(modes=["original", "ee:max-prob:0.3", "spec:2:2", "dola:high"], baselines=["transformers"])
+    assert latency.main(latency_args(folder, tmp_path / "off", **common)) == 0
+    assert latency.main(latency_args(folder, tmp_path / "on", **common, **{"repetition-penalty": "1.2",
+                                                                          "no-repeat-ngram-size": "2"})) == 0
+    off, on = (json.loads((tmp_path / name / "latency.json").read_text()) for name in ("off", "on"))
+    assert {(r["impl"], r["mode"]) for r in on} == {(r["impl"], r["mode"]) for r in off}
+    assert all(r["repetition_penalty"] == 1.2 and r["no_repeat_ngram_size"] == 2 for r in on)
+    assert not any("repetition_penalty" in r for r in off)
+    launches = {(r["mode"], r["batch"], r["prompt_len"]): r["launches_per_step"] for r in off if r["impl"] == "mexit"}
+    for r in on:
+        if r["impl"] == "mexit" and r["mode"] in ("original", "dola:high"):
+            assert r["launches_per_step"] > launches[(r["mode"], r["batch"], r["prompt_len"])]
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be an integer >= 0, got -1"):
+        latency.main(latency_args(folder, tmp_path / "bad", **{"no-repeat-ngram-size": "-1"}))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_load_benchmark_smoke(tmp_path):
     from mexit.bench import load_checkpoint
 
