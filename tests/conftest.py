@@ -72,4 +72,14 @@ def tiny_checkpoint(tmp_path_factory):
     """(folder, transformers model, exit heads) of a 4-layer multi-exit checkpoint with exits 1..4."""
     folder = tmp_path_factory.mktemp("tiny")
     model, heads = make_hf_checkpoint(folder)
+    write_predictors(folder, model.config.n_embd, (1, 2, 3))
     return folder, model, heads
+
+
+def write_predictors(folder, d, exits, seed=0):
+    """Random learned exit predictors (confidences spread over (0, 1)) for `exits`, in the stored format."""
+    from mexit.model.predictors import ExitPredictors, save_predictors
+
+    g = torch.Generator().manual_seed(seed)
+    save_predictors(folder, ExitPredictors(tuple(exits), torch.randn(len(exits), d, generator=g) / d ** 0.5,
+                                           0.3 * torch.randn(len(exits), generator=g), 1e-5))

@@ -15,7 +15,7 @@ from mexit.frontends.cli import main as cli_main
 PROMPTS = [[5, 17, 200, 3], [99], [42, 7, 128, 255, 1, 64, 12]]
 N_NEW = 10
 POLICIES = [ExitPolicy(0.3), ExitPolicy(0.2, "margin"), ExitPolicy(0.8, "cosine"),
-            ExitPolicy(0.25, exits=(1, 3), min_layer=1), ExitPolicy(0.4, decay_tau=4.0)]
+            ExitPolicy(0.25, exits=(1, 3), min_layer=1), ExitPolicy(0.4, decay_tau=4.0), ExitPolicy(0.6, "learned")]
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +27,22 @@ def run(lm, policy, prompts=PROMPTS, **kw):
     return lm.generate(prompts, N_NEW, eos_token_id=None, early_exit=policy, **kw)
 
 
-@pytest.mark.parametrize("measure", ["max-prob", "margin", "cosine"])
+@pytest.mark.parametrize("measure", ["max-prob", "margin", "cosine", "learned"])
 def test_unreachable_threshold_is_full_depth(lm, measure):
     out = run(lm, ExitPolicy(1.0, measure))
     assert out.tokens == lm.generate(PROMPTS, N_NEW, eos_token_id=None).tokens
     assert all(layer == 4 for row in out.exit_layers for layer in row)
+    if measure == "learned":  # the predictors learned agreement with the original head, not exit 3's
+        with pytest.raises(ValueError, match="the predictors learned agreement with the 'original' head"):
+            run(lm, ExitPolicy(1.0, measure, final_head=3))
+        return
     top3 = run(lm, ExitPolicy(1.0, measure, final_head=3))
     assert top3.tokens == lm.generate(PROMPTS, N_NEW, eos_token_id=None, exit_layer=3).tokens
 
 
 @pytest.mark.parametrize("layer", [1, 2, 3])
-@pytest.mark.parametrize("measure,threshold", [("max-prob", 0.0), ("margin", 0.0), ("cosine", -1.0)])
+@pytest.mark.parametrize("measure,threshold", [("max-prob", 0.0), ("margin", 0.0), ("cosine", -1.0),
+                                               ("learned", 0.0)])
 def test_always_exiting_at_one_layer_is_the_fixed_exit(lm, layer, measure, threshold):
     out = run(lm, ExitPolicy(threshold, measure, exits=(layer,)))
     assert out.tokens == lm.generate(PROMPTS, N_NEW, eos_token_id=None, exit_layer=layer).tokens
@@ -79,7 +84,7 @@ def test_eager_equals_deferred(lm, policy):
     assert eager.tokens == deferred.tokens and eager.exit_layers == deferred.exit_layers
     torch.testing.assert_close(eager.cache.k, deferred.cache.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eager.cache.v, deferred.cache.v, atol=1e-5, rtol=1e-5)
-    assert eager.stats["kv_filled"] == deferred.stats["kv_filled"] == sum(
+    assert eager.stats["kv_filled"] == deferred.stats["kv_filled"] + deferred.stats["kv_owed"] == sum(
         4 - x for row in eager.exit_layers for x in row[1:])
 
 

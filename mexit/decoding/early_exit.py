@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from mexit.model.config import ModelConfig
     from mexit.model.decoder import MultiExitGPT2
 
-MEASURES = ("max-prob", "margin", "cosine")
+MEASURES = ("max-prob", "margin", "cosine", "learned")
+HEAD_FREE = ("cosine", "learned")  # measures that decide without a head: it runs for the rows that fire
 PROPAGATION = ("eager", "deferred")
 SCHEDULES = ("segments", "predicated")
 
@@ -37,16 +38,17 @@ SCHEDULES = ("segments", "predicated")
 class ExitPolicy:
     """When a token may stop.
 
-    measure: "max-prob" (max softmax probability of the exit's head, CALM's default), "margin" (top-1 minus
-    top-2 probability), or "cosine" (cosine similarity of the hidden states at this checked exit and the
-    previous one: no head needed to decide). threshold: exit when confidence >= threshold ([0, 1]; [-1, 1]
-    for cosine). decay_tau: CALM's decaying threshold 0.9*T + 0.1*T*exp(-tau*t/N) with N = max_steps (default
-    the generation length). exits: checked exit layers (default: all of the checkpoint's below the final
-    head's depth), min_layer: no exit below it. final_head: the head of tokens that never exit ("original" or
-    an exit layer, which then sets the depth). propagation: "eager" or "deferred". schedule (the static and
-    graph engines): "segments" (a graph per segment between checked exits, one flag read per check) or
-    "predicated" (the whole step one graph; kernels after the exit read a device flag and return; needs the
-    triton backend and eager propagation). Both give the same tokens, exits and cache."""
+    measure: "max-prob" (max softmax probability of the exit's head, CALM's default), "margin" (top-1 minus top-2
+    probability), "cosine" (cosine similarity of the hidden states at this checked exit and the previous one) or
+    "learned" (the checkpoint's learned exit predictor: the probability that the exit agrees with the final head,
+    `mexit.model.predictors`); the last two decide without reading a head. threshold: exit when confidence >=
+    threshold ([0, 1]; [-1, 1] for cosine). decay_tau: CALM's decaying threshold 0.9*T + 0.1*T*exp(-tau*t/N) with N
+    = max_steps (default the generation length). exits: checked exit layers (default: all of the checkpoint's below
+    the final head's depth), min_layer: no exit below it. final_head: the head of tokens that never exit ("original"
+    or an exit layer, which then sets the depth). propagation: "eager" or "deferred". schedule (the static and graph
+    engines): "segments" (a graph per segment between checked exits, one flag read per check) or "predicated" (the
+    whole step one graph; kernels after the exit read a device flag and return; needs the triton backend and eager
+    propagation). Both give the same tokens, exits and cache."""
 
     threshold: float
     measure: str = "max-prob"
@@ -125,7 +127,8 @@ class EarlyExit(Mode):
     """The decode step of an ExitPolicy: segments of blocks between the stops (checked exits, the final depth and,
     for cosine, the layers compared with), a decision at each checked exit, the final head for rows still
     running. Each segment is a piece (a CUDA graph on the graph engine); after a check the engine says whether a
-    row still runs, and if none does the step ends there."""
+    row still runs, and if none does the step ends there. A head-free measure (cosine, learned) decides first; the
+    exit's head then runs once for the rows that fired (`fired_head` piece)."""
 
     uses_exits = True
     full_heads = 1  # full depth: the final head
@@ -138,6 +141,8 @@ class EarlyExit(Mode):
         self.previous = policy.previous_layers(config)
         self.final_head = policy.final_head
         self.cosine = policy.measure == "cosine"
+        self.head_free = policy.measure in HEAD_FREE
+        self.predictors = check_predictors(model, policy, self.checked) if policy.measure == "learned" else None
         self.saved_layers = set(self.previous.values()) if self.cosine else set()
         self.stops = sorted({self.depth, *self.checked, *self.saved_layers} - {0})
 
@@ -153,9 +158,11 @@ class EarlyExit(Mode):
             verdict = rows.candidate(h, self.final_head)
             rows.decide_final(layer, verdict.max_prob, verdict.token)
         elif layer in self.checked:
-            if self.cosine:  # decide without a head; `fired_token` runs it for the rows that fire
-                confidence = F.cosine_similarity(h.float(), rows.saved(self.previous[layer]).float(), dim=-1)
-                rows.decide(layer, confidence, None, h)
+            if self.cosine:
+                rows.decide(layer, F.cosine_similarity(h.float(), rows.saved(self.previous[layer]).float(), dim=-1),
+                            None, h)
+            elif self.predictors is not None:
+                rows.decide(layer, self.predictors.confidence(layer, h), None, h)
             else:
                 verdict = rows.candidate(h, layer)
                 confidence = verdict.max_prob if self.policy.measure == "max-prob" else verdict.margin
@@ -164,8 +171,8 @@ class EarlyExit(Mode):
     def pieces(self, rows: Rows) -> dict:
         """The step's pieces by key (the engine adds the pieces that end a step early)."""
         pieces = {("segment", i): functools.partial(self.segment, rows, i) for i in range(len(self.stops))}
-        if self.cosine:
-            pieces.update({("cosine_head", layer): functools.partial(rows.fired_token, layer)
+        if self.head_free:
+            pieces.update({("fired_head", layer): functools.partial(rows.fired_token, layer)
                            for layer in self.checked})
         return pieces
 
@@ -175,8 +182,24 @@ class EarlyExit(Mode):
             rows.launch(("segment", index), functools.partial(self.segment, rows, index))
             if layer not in self.checked:
                 continue
-            if self.cosine and rows.any_fired():
-                rows.launch(("cosine_head", layer), functools.partial(rows.fired_token, layer))
+            if self.head_free and rows.any_fired():
+                rows.launch(("fired_head", layer), functools.partial(rows.fired_token, layer))
             if not rows.any_running():
                 rows.end_early(layer)
                 return
+
+
+def check_predictors(model: MultiExitGPT2, policy: ExitPolicy, checked: list[int]):
+    """The checkpoint's learned predictors for `checked`, trained against the policy's final head."""
+    predictors = model.predictors
+    if predictors is None:
+        raise ValueError("measure 'learned' needs the checkpoint's exit predictors (exit_predictors.safetensors): "
+                         "train them with `mexit train-exit-predictors --model FOLDER --data TEXT`")
+    missing = sorted(set(checked) - set(predictors.layers))
+    if missing:
+        raise ValueError(f"measure 'learned': no exit predictor for exits {missing}; this checkpoint has them for "
+                         f"{list(predictors.layers)} (pass exits=... or train the others)")
+    if str(predictors.final_head) != str(policy.final_head):
+        raise ValueError(f"measure 'learned': the predictors learned agreement with the {predictors.final_head!r} "
+                         f"head, the policy's final head is {policy.final_head!r}")
+    return predictors

@@ -3,14 +3,15 @@
 Counters over the decode steps after the prompt's (the prefill reads every weight once for all its positions):
 - `steps`: decode steps (speculative decoding: rounds);
 - `weight_blocks`: blocks whose weights some row read; `weight_heads`: heads read (exit heads and the original);
-- `weight_fill_blocks`: blocks whose key/value weights were read only to propagate exited states.
+- `weight_fill_blocks`: blocks whose key/value weights were read only to propagate exited states;
+- `weight_predictors`: learned exit predictors read (d + 1 fp32 weights each).
 Derived per generated token of a row (decoded tokens: all but the first, `decoded_tokens_per_row`):
 `weight_bytes_per_token`, `full_depth_weight_bytes_per_token` (the same tokens decoded at full depth by the
 target) and their ratio `weight_bytes_ratio`.
 Early exit adds `exits` (per row and token: `GenerationResult.exit_layers`), `mean_exit_layer`, `checks`,
-`head_rows`, `blocks_run`, `kv_filled`; speculative decoding `drafted`, `accepted`, `verifications`,
-`acceptance_rate`; the static engine `host_reads` (device-to-host reads that wait for the GPU), `segments`
-and `fills` (early-exit pieces launched)."""
+`head_rows`, `blocks_run`, `kv_filled` (deferred propagation: `kv_owed`, what no later token needed); speculative
+decoding `drafted`, `accepted`, `verifications`, `acceptance_rate`; the static engine `host_reads` (device-to-host
+reads that wait for the GPU), `segments` and `fills` (early-exit pieces launched)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def weight_reads() -> dict:
-    return dict(steps=0, weight_blocks=0, weight_heads=0, weight_fill_blocks=0)
+    return dict(steps=0, weight_blocks=0, weight_heads=0, weight_fill_blocks=0, weight_predictors=0)
 
 
 def block_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -32,12 +33,13 @@ def block_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     return (4 * d * d + 2 * d * inner + 9 * d + inner) * dtype.itemsize
 
 
-def weight_bytes(config: ModelConfig, dtype: torch.dtype, blocks: float, heads: float, fill_blocks: float = 0.0
-                 ) -> float:
-    """Bytes of `blocks` blocks, `heads` heads ([V, d] each) and the key/value weights (2·d²) of `fill_blocks`."""
+def weight_bytes(config: ModelConfig, dtype: torch.dtype, blocks: float, heads: float, fill_blocks: float = 0.0,
+                 predictors: float = 0.0) -> float:
+    """Bytes of `blocks` blocks, `heads` heads ([V, d] each), the key/value weights (2·d²) of `fill_blocks` and
+    `predictors` learned exit predictors (d + 1 fp32 each)."""
     d = config.n_embd
     return (blocks * block_bytes(config, dtype) + heads * config.vocab_size * d * dtype.itemsize
-            + fill_blocks * 2 * d * d * dtype.itemsize)
+            + fill_blocks * 2 * d * d * dtype.itemsize + predictors * (d + 1) * 4)
 
 
 def per_token(stats: dict, config: ModelConfig, dtype: torch.dtype, decoded_per_row: float, depth: int,
@@ -47,7 +49,8 @@ def per_token(stats: dict, config: ModelConfig, dtype: torch.dtype, decoded_per_
     if not decoded_per_row:
         return dict(decoded_tokens_per_row=0, weight_bytes_per_token=0.0, full_depth_weight_bytes_per_token=0.0,
                     weight_bytes_ratio=None)
-    spent = weight_bytes(config, dtype, stats["weight_blocks"], stats["weight_heads"], stats["weight_fill_blocks"])
+    spent = weight_bytes(config, dtype, stats["weight_blocks"], stats["weight_heads"], stats["weight_fill_blocks"],
+                         stats.get("weight_predictors", 0))
     full = weight_bytes(config, dtype, depth, heads)
     return dict(decoded_tokens_per_row=decoded_per_row, weight_bytes_per_token=spent / decoded_per_row,
                 full_depth_weight_bytes_per_token=full, weight_bytes_ratio=spent / decoded_per_row / full)

@@ -32,7 +32,7 @@ class ExitState:
     running, fired [B] bool; chosen [B] int64 (the step's token so far); h_exit [B, d] (frozen states); exit_at
     [B, T] int64 and conf_at [B, T] fp32 (per step: exit layer, confidence); flags [2] bool (a row fired, a row
     runs); no_confidence [B] fp32 zeros; saved: {layer: [B, d]} states a cosine check compares with. Predicated
-    schedule only: skip [1] int32 (no row runs), cosine_skip [1] int32 (no row fired)."""
+    schedule only: skip [1] int32 (no row runs), fired_skip [1] int32 (no row fired)."""
 
     thresholds: torch.Tensor
     running: torch.Tensor
@@ -45,7 +45,7 @@ class ExitState:
     no_confidence: torch.Tensor
     saved: dict
     skip: torch.Tensor | None = None
-    cosine_skip: torch.Tensor | None = None
+    fired_skip: torch.Tensor | None = None
 
     @classmethod
     def new(cls, b: int, t: int, d: int, saved_layers, dtype, device, predicated: bool) -> ExitState:
@@ -85,6 +85,10 @@ class PendingKV:
         for e in due:
             e[3] = end
         self.entries = [e for e in self.entries if e[3] < self.depth]
+
+    def owed(self) -> int:
+        """Keys/values (position x block) still owed."""
+        return sum(len(e[0]) * (self.depth - e[3]) for e in self.entries)
 
     @torch.inference_mode()
     def flush(self) -> None:
@@ -211,6 +215,8 @@ class DecodeState:
             result.confidences = [row[:n] for row, n in zip(conf_at, lengths)]
             stats.update(depth=self.mode.depth,
                          mean_exit_layer=sum(map(sum, result.exit_layers)) / max(sum(lengths), 1))
+        if self.pending is not None:  # deferred keys/values no later token needed (filled if the cache is returned)
+            stats["kv_owed"] = self.pending.owed()
         result.stats = stats
         self.mode.describe(self, result)
         config, dtype = self.model.config, self.model.dtype
@@ -265,7 +271,7 @@ class DecodeState:
     def decide(self, layer: int, confidence: torch.Tensor, token: torch.Tensor | None, hidden: torch.Tensor) -> None:
         x = self.exits
         ops.exit_decide(layer, confidence, x.thresholds, self.io.step, x.running, x.fired, token, x.chosen, hidden,
-                        x.h_exit, x.exit_at, x.conf_at, x.flags, self.backend, x.skip, x.cosine_skip,
+                        x.h_exit, x.exit_at, x.conf_at, x.flags, self.backend, x.skip, x.fired_skip,
                         arrivals=self.io.arrivals)
 
     def decide_final(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None) -> None:
@@ -273,7 +279,7 @@ class DecodeState:
         x = self.exits
         ops.exit_decide(layer, x.no_confidence if confidence is None else confidence, x.thresholds, self.io.step,
                         x.running, x.fired, token, x.chosen, None, x.h_exit, x.exit_at, x.conf_at, x.flags,
-                        self.backend, x.skip, x.cosine_skip, final=True, emit=self.io, arrivals=self.io.arrivals)
+                        self.backend, x.skip, x.fired_skip, final=True, emit=self.io, arrivals=self.io.arrivals)
         if self.history is not None:
             self.remember(self.io.tokens, self.io.positions)
 

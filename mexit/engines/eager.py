@@ -80,6 +80,7 @@ class EagerState(DecodeState):
 
     def decide(self, layer: int, confidence: torch.Tensor, token: torch.Tensor | None, hidden: torch.Tensor) -> None:
         self.counters["checks"] += len(self.live)
+        self.counters["weight_predictors"] += self.mode.predictors is not None and not self.prefilling
         super().decide(layer, confidence, token, hidden)
         x = self.exits
         fired = self.fired_rows = x.fired.nonzero()[:, 0]

@@ -142,8 +142,9 @@ class StaticState(DecodeState):
             start, end = self.segment_blocks(key[1])
             c["segments"] += 1
             c["weight_blocks"] += end - start
-            c["weight_heads"] += end == mode.depth or (end in mode.checked and not mode.cosine)
-        elif key[0] == "cosine_head":
+            c["weight_heads"] += end == mode.depth or (end in mode.checked and not mode.head_free)
+            c["weight_predictors"] += end in mode.checked and mode.predictors is not None
+        elif key[0] == "fired_head":
             c["weight_heads"] += 1
         elif key[0] == "fill":
             c["fills"] += 1
@@ -207,7 +208,7 @@ class StaticState(DecodeState):
 
     def fired_token(self, head) -> None:
         x = self.exits
-        token = self.verdict(self.head_out(x.h_exit, head, x.cosine_skip), self.uniform_now()).token
+        token = self.verdict(self.head_out(x.h_exit, head, x.fired_skip), self.uniform_now()).token
         x.chosen.copy_(torch.where(x.fired, token, x.chosen))
 
     def read_flags(self) -> list[bool]:
@@ -257,9 +258,11 @@ class StaticState(DecodeState):
                 deepest = max(exits)
                 reads["weight_blocks"] += deepest
                 reads["weight_fill_blocks"] += mode.depth - deepest
-                fired = {layer for layer in exits if layer < mode.depth} if mode.cosine else \
+                fired = {layer for layer in exits if layer < mode.depth} if mode.head_free else \
                     [layer for layer in mode.checked if layer <= deepest]
                 reads["weight_heads"] += len(fired) + (deepest == mode.depth)
+                if mode.predictors is not None:
+                    reads["weight_predictors"] += sum(layer <= deepest for layer in mode.checked)
             self.counters.update(reads)
         super().describe(result)
 

@@ -1,5 +1,5 @@
-"""Command line: `mexit generate`, `mexit layers`, `mexit train-heads`, `mexit convert`, `mexit bench`,
-`mexit ablate`, `mexit bench-speculative`.
+"""Command line: `mexit generate`, `mexit layers`, `mexit train-heads`, `mexit train-exit-predictors`,
+`mexit convert`, `mexit bench`, `mexit ablate`, `mexit bench-speculative`.
 
 A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
 keeps its traceback and exits 1."""
@@ -137,8 +137,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     ee = p.add_argument_group("early exit (--mode early-exit)")
     ee.add_argument("--threshold", type=float, help="confidence needed to exit (required)")
-    ee.add_argument("--measure", default="max-prob", choices=["max-prob", "margin", "cosine"],
-                    help="confidence: top-1 probability, top-1 minus top-2, or cosine of consecutive exits' states")
+    ee.add_argument("--measure", default="max-prob", choices=["max-prob", "margin", "cosine", "learned"],
+                    help="confidence: top-1 probability, top-1 minus top-2, cosine of consecutive exits' states, or "
+                         "the checkpoint's learned exit predictors (mexit train-exit-predictors)")
     ee.add_argument("--exits", type=parse_ints, help="checked exit layers, e.g. 8,12,16 (default: all)")
     ee.add_argument("--min-layer", type=int, default=1, help="no exit below this layer")
     ee.add_argument("--decay-tau", type=float, help="CALM's decaying threshold with this tau (off by default)")
@@ -257,6 +258,58 @@ def run_train_heads(args) -> int:
 
     print(report_markdown(report))
     print(f"wrote {args.out}")
+    return 0
+
+
+def add_train_predictors_parser(sub) -> None:
+    p = sub.add_parser("train-exit-predictors", formatter_class=help_formatter(),
+                       help="learn per-exit predictors of agreement with the final head (--measure learned)",
+                       description="Per checked exit, a logistic probe on the standardized hidden state (d + 1 "
+                                   "weights) learns whether the exit's top-1 token equals the final head's (CALM's "
+                                   "consistency oracle), base and heads frozen. Writes exit_predictors.safetensors "
+                                   "and exit_predictors_report.{json,md} into the checkpoint folder.")
+    p.add_argument("--model", required=True, help="local multi-exit checkpoint folder (the predictors go into it)")
+    p.add_argument("--data", nargs="+", required=True, help="training text files")
+    p.add_argument("--eval-data", nargs="+", help="held-out text files (default: the last --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out without --eval-data")
+    p.add_argument("--exits", type=parse_ints, help="exits to learn (default: every exit below the final head)")
+    p.add_argument("--final-head", default="original", type=parse_head,
+                   help="the head whose tokens the labels compare with: original or an exit layer")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: 256, or the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default: two epochs)")
+    length.add_argument("--epochs", type=float, help="passes over the data (default: 2)")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate (linear schedule)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--save-every", type=int, default=0, help="save the training state every N steps (0: at the end)")
+    p.add_argument("--eval-max-blocks", type=int, default=256, help="held-out sequences evaluated at most")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--resume", action="store_true", help="continue the training saved in the folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the folder's existing predictors")
+    p.set_defaults(run=run_train_predictors)
+
+
+def parse_head(text: str):
+    return "original" if text == "original" else int(text)
+
+
+def run_train_predictors(args) -> int:
+    from mexit.training.common import TrainingInterrupted
+    from mexit.training.predictors import PredictorTrainingConfig, report_markdown, train_exit_predictors
+
+    cfg = PredictorTrainingConfig(
+        model=args.model, data=args.data, exits=tuple(args.exits) if args.exits else None, final_head=args.final_head,
+        eval_data=args.eval_data, eval_fraction=args.eval_fraction, seq_len=args.seq_len, batch_size=args.batch_size,
+        steps=args.steps, epochs=args.epochs, lr=args.lr, device=args.device, save_every=args.save_every,
+        eval_max_blocks=args.eval_max_blocks, resume=args.resume, overwrite=args.overwrite, seed=args.seed)
+    try:
+        report = train_exit_predictors(cfg)
+    except TrainingInterrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 130
+    print(report_markdown(report))
+    print(f"wrote {Path(args.model) / 'exit_predictors.safetensors'}")
     return 0
 
 
@@ -513,6 +566,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate_parser(sub)
     add_train_heads_parser(sub)
+    add_train_predictors_parser(sub)
     add_convert_parser(sub)
     add_layers_parser(sub)
     from mexit.bench.ablate import add_parser as add_ablate_parser

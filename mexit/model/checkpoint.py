@@ -15,6 +15,7 @@ import torch
 from .config import ModelConfig
 from .decoder import MultiExitGPT2, Weights
 from .files import StoredTensor, hub_patterns, open_tensors, shard_names
+from .predictors import load_predictors
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -394,4 +395,6 @@ def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: 
         dtype = stored_dtype
     weights = empty_weights(config, dtype, device)
     fill(weights, stored, config, check_weights, desc=f"loading {folder.name}")
-    return MultiExitGPT2(config, weights, folder=folder)
+    model = MultiExitGPT2(config, weights, folder=folder)
+    model.predictors = load_predictors(folder, config.n_embd, config.exit_layers, device)
+    return model

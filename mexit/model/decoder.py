@@ -12,6 +12,7 @@ embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from mexit import ops
 from mexit.ops import TORCH, Backend
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .predictors import ExitPredictors
 
 
 @dataclass
@@ -77,6 +81,7 @@ class MultiExitGPT2:
         self.w = weights
         self.folder = folder  # checkpoint folder it was loaded from (tokenizer files live there)
         self.random_weights = random_weights  # True for benchmark / test models: label every result
+        self.predictors: ExitPredictors | None = None  # learned exit predictors stored beside the weights
 
     @property
     def device(self) -> torch.device:

@@ -24,13 +24,11 @@ import torch.nn.functional as F
 
 from mexit.model.checkpoint import EXIT_HEAD_NAME, resolve_device, resolve_dtype, stored_state
 from mexit.model.decoder import MultiExitGPT2
+from mexit.model.predictors import PREDICTOR_FILE
 
-LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
+from .common import LOGITS_PER_CHUNK, TrainingInterrupted, lr_factor, token_blocks
+
 STATE_FILE = "trainer_state.pt"
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training: the state was saved; the message says how to resume."""
 
 
 @dataclass
@@ -121,26 +119,6 @@ def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
     return base, hf_config
 
 
-def token_blocks(tokenizer, paths: list[str], seq_len: int) -> torch.Tensor:
-    """Texts joined by eos (as autocontrastive-gen's grouped texts), cut into [N, seq_len] int64 blocks."""
-    eos = tokenizer.eos_token_id
-    tokenizer.model_max_length = 2**62  # whole files: cut into blocks here, not truncated (and no length warning)
-    ids: list[int] = []
-    for path in paths:
-        ids += tokenizer(Path(path).read_text(errors="replace"))["input_ids"]
-        if eos is not None:
-            ids.append(eos)
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1 over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 class HeadTrainer:
     """Frozen base + trainable heads; one `step` per batch of token blocks [B, T]."""
 
@@ -217,6 +195,7 @@ def save_output(out: Path, base: Path, hf_config: dict, trainer: HeadTrainer, ba
     existing = [int(x) for x in (config.get("lm_head_layer_indices") or [])]
     config["lm_head_layer_indices"] = sorted(set(existing) | set(trainer.exits))
     write_checkpoint(state, out, config, source=base)
+    (out / PREDICTOR_FILE).unlink(missing_ok=True)  # the base's exit predictors learned other heads
     torch.save({**extra_state, "heads": {L: w.detach().float().cpu() for L, w in trainer.heads.items()}},
                out / (STATE_FILE + ".tmp"))
     (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
