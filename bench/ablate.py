@@ -69,12 +69,14 @@ def parse_exit_set(text: str, config) -> tuple[int, ...] | None:
         raise ValueError(f"exit set {text!r}: use 'all' or comma-separated layers like 8,12,16") from None
 
 
-def settings(args, config) -> list[dict]:
-    """Every (measure, threshold, exits, decay) setting, each validated as an ExitPolicy for this checkpoint."""
-    from mexit.decoding.early_exit import ExitPolicy
+def settings(args, model) -> list[dict]:
+    """Every (measure, threshold, exits, decay) setting, each validated as an ExitPolicy for this checkpoint (its
+    learned predictors too)."""
+    from mexit.decoding.early_exit import EarlyExit, ExitPolicy
 
-    out = []
-    for measure in args.measures:
+    config, out = model.config, []
+    measures = args.measures or ["max-prob", "margin", "cosine", *(["learned"] if model.predictors else [])]
+    for measure in measures:
         for threshold in args.thresholds:
             for exit_set in args.exit_sets:
                 for tau in args.decay_tau:
@@ -82,7 +84,7 @@ def settings(args, config) -> list[dict]:
                     policy = ExitPolicy(threshold=threshold, measure=measure, exits=parse_exit_set(exit_set, config),
                                         decay_tau=decay, min_layer=args.min_layer, propagation=args.propagation,
                                         schedule=args.schedule)
-                    policy.checked_exits(config)
+                    EarlyExit(model, policy)
                     out.append(dict(measure=measure, threshold=threshold, exits=exit_set, decay_tau=decay,
                                     policy=policy, generate_kw=dict(early_exit=policy)))
     for text in args.spec or []:
@@ -211,7 +213,7 @@ class Sweep:
         self.args = args
         self.lm, label = load_lm(args)
         lm = self.lm
-        self.plan = settings(args, lm.config)  # validates everything before any generation
+        self.plan = settings(args, lm.model)  # validates everything before any generation
         for setting in self.plan:
             if "policy" in setting:
                 setting["policy"].check_engine(lm.engine, lm.backend.name)
@@ -436,8 +438,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "else bench/prompts.txt)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
                    help="confidence thresholds to sweep")
-    p.add_argument("--measures", nargs="+", default=["max-prob", "margin", "cosine"],
-                   help="confidence measures to sweep (max-prob, margin, cosine)")
+    p.add_argument("--measures", nargs="+", default=None,
+                   help="confidence measures to sweep: max-prob, margin, cosine, learned (default: those four, "
+                        "learned where the checkpoint has exit predictors)")
     p.add_argument("--exit-sets", nargs="+", default=["all"], help="'all' or comma-separated exit layers")
     p.add_argument("--decay-tau", nargs="+", default=["none"], help="CALM decay tau values; 'none' = fixed")
     p.add_argument("--min-layer", type=int, default=1, help="no exit below this layer")

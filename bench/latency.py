@@ -122,24 +122,28 @@ def default_modes(config) -> list[str]:
     return ["original", f"exit:{mid}", f"acd:{top},{mid}", f"ee:max-prob:0:{mid}"]
 
 
-def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: float, filled: float = 0.0) -> float:
+def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: float, filled: float = 0.0,
+               predictors: float = 0.0) -> float:
     """Bytes one decode step must move: weights of `layers` blocks and `heads` exit heads, the k|v weights of
-    `filled` propagated blocks, and the KV cache of the blocks run (context positions, batch rows)."""
+    `filled` propagated blocks, `predictors` learned exit predictors (d + 1 fp32 each), and the KV cache of the
+    blocks run (context positions, batch rows)."""
     import torch
 
     elem = torch.finfo(dtype).bits // 8
     d, v, inner = config.n_embd, config.vocab_size, config.inner_dim
     block = (4 * d * d + 2 * d * inner + 9 * d + inner) * elem  # c_attn, c_proj, c_fc, mlp c_proj; biases, norms
     kv = 2 * batch * context * d * elem
-    return layers * (block + kv) + heads * v * d * elem + filled * 2 * d * d * elem
+    return layers * (block + kv) + heads * v * d * elem + filled * 2 * d * d * elem + predictors * (d + 1) * 4
 
 
-def mode_traffic(stats: dict) -> tuple[float, float, float]:
-    """(blocks, heads, propagated blocks) whose weights one decode step reads, from the run's counters (averages
+def mode_traffic(stats: dict) -> tuple[float, float, float, float]:
+    """(blocks, heads, propagated blocks, predictors) whose weights one decode step reads, from the run's counters
+    (averages
     over its decode steps; speculative decoding: per generated token of a row, every pass reading its weights once
     for all rows)."""
     per = max(stats["tokens_per_row"] - 1, 1e-9) if "rounds" in stats else max(stats["steps"], 1)
-    return stats["weight_blocks"] / per, stats["weight_heads"] / per, stats["weight_fill_blocks"] / per
+    return (stats["weight_blocks"] / per, stats["weight_heads"] / per, stats["weight_fill_blocks"] / per,
+            stats.get("weight_predictors", 0) / per)
 
 
 CACHE_RESIDENT_BYTES = 256e6  # below this a step may run from caches, faster than memory bandwidth allows
@@ -274,6 +278,7 @@ class LatencyBench:
 
     def __init__(self, args):
         import mexit
+        from mexit.decoding.early_exit import EarlyExit
         from mexit.kernels.launch import pdl_supported
         from mexit.model.checkpoint import resolve_device, resolve_dtype
 
@@ -303,6 +308,7 @@ class LatencyBench:
         for kw in self.parsed.values():
             if "early_exit" in kw:
                 kw["early_exit"].check_engine(lm.engine, lm.backend.name)
+                EarlyExit(lm.model, kw["early_exit"])  # checked against the checkpoint (learned: its predictors)
         lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
         for p, n in lengths:
             if p + n > config.n_positions:
@@ -402,15 +408,14 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
 
         timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
         stats = last["result"].stats
-        blocks, heads, filled = mode_traffic(stats)
-        nbytes = step_bytes(config, dtype, batch, context, blocks, heads, filled)
+        nbytes = step_bytes(config, dtype, batch, context, *mode_traffic(stats))
         row = timing_row(meta, "mexit", label, batch, timing, nbytes, copy_gbs)
         row["pdl"] = pdl
         counted = launches_per_step(lm, prompts, kw)
         row.update(launches_per_step=counted["launches"], triton_launches_per_step=counted["triton"],
                    torch_launches_per_step=counted["torch"], weight_bytes_per_step=nbytes)
         if "early_exit" in kw:
-            row["mean_exit_layer"] = stats["mean_exit_layer"]
+            row.update(mean_exit_layer=stats["mean_exit_layer"], weight_bytes_ratio=stats["weight_bytes_ratio"])
         if "speculative" in kw:  # launches_per_step: per generated token of a row
             row.update(acceptance_rate=stats["acceptance_rate"],
                        mean_accepted_per_verification=stats["mean_accepted_per_verification"],

@@ -113,11 +113,13 @@ def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, 
     again = ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.4], propagation=["deferred"])
     assert ablate.main(again) == 0
     rows_after = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
-    assert len(rows_after) == len(rows) + 3  # 3 measures x 1 threshold, run afresh
+    assert len(rows_after) == len(rows) + 4  # 4 measures x 1 threshold, run afresh (learned: it has predictors)
+    assert {r["measure"] for r in rows_after[len(rows):]} == {"max-prob", "margin", "cosine", "learned"}
 
 
 @pytest.mark.parametrize("kw,message", [
     (dict(measures=["entropy"]), "unknown confidence measure 'entropy'"),
+    (dict(measures=["learned"], **{"exit-sets": ["4"]}), "no exit to check"),
     (dict(**{"exit-sets": ["2,9"]}), r"exit layers \[9\] are not in this checkpoint"),
     (dict(thresholds=[1.5]), r"threshold for max-prob must be in \[0, 1\]"),
     (dict(**{"exit-sets": ["a,b"]}), "exit set 'a,b'"),

@@ -172,3 +172,24 @@ def test_learned_reads_predictors_not_heads(tiny_checkpoint):
         by_prob = lm.generate(prompts, n, eos_token_id=None, early_exit=ExitPolicy(1.0)).stats
         head = c.vocab_size * c.n_embd * 4  # max-prob reads a head at every check: 4 heads a token
         assert by_prob["weight_bytes_ratio"] == pytest.approx((full + 3 * head) / full)
+
+
+def test_learned_without_predictors_is_refused_before_work(folder, tmp_path, capsys):
+    from mexit.bench import ablate, latency
+
+    path = folder[0]
+    message = "measure 'learned' needs the checkpoint's exit predictors"
+    with pytest.raises(ValueError, match=message):
+        mexit.load(path).generate([[1, 2]], 3, early_exit=ExitPolicy(0.5, "learned"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello world\n")
+    with pytest.raises(ValueError, match=message):
+        ablate.main(["--model", str(path), "--prompts", str(prompts), "--measures", "learned", "--out",
+                     str(tmp_path / "abl"), "--quiet", "--no-plot"])
+    with pytest.raises(ValueError, match=message):
+        latency.main(["--model", str(path), "--modes", "ee:learned:0.5", "--out", str(tmp_path / "lat")])
+    assert not (tmp_path / "abl").exists() and not (tmp_path / "lat").exists()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--input-ids", "1,2", "--mode", "early-exit", "--measure",
+                 "learned", "--threshold", "0.5"]) == 2
+    assert capsys.readouterr().err.startswith("error: measure 'learned' needs")
