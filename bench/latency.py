@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -279,6 +280,7 @@ class LatencyBench:
     def __init__(self, args):
         import mexit
         from mexit.decoding.early_exit import EarlyExit
+        from mexit.decoding.fixed import DecodeConfig
         from mexit.kernels.launch import pdl_supported
         from mexit.model.checkpoint import resolve_device, resolve_dtype
 
@@ -304,7 +306,18 @@ class LatencyBench:
         config = lm.config
         modes = args.modes or default_modes(config)
         self.controls = repetition_controls(args)
-        self.parsed = {m: dict(parse_mode(m, config), **self.controls) for m in modes}
+        self.parsed = {}
+        for m in modes:
+            kw = dict(parse_mode(m, config), **self.controls)
+            if "speculative" not in kw:
+                self.parsed[m] = kw
+                continue
+            for n in args.draft_vocab or [0]:  # 0: the full draft head
+                spec = dataclasses.replace(kw["speculative"], draft_vocab=n or None)
+                spec.validate_for(lm.model, DecodeConfig())  # the checkpoint's token counts, with draft_vocab
+                self.parsed[f"{m} vocab={n}" if n else m] = dict(kw, speculative=spec)
+        if args.draft_vocab and not any(m.startswith("spec:") for m in modes):
+            raise ValueError("--draft-vocab applies to speculative modes (spec:L:K[:T]); none was asked for")
         for kw in self.parsed.values():
             if "early_exit" in kw:
                 kw["early_exit"].check_engine(lm.engine, lm.backend.name)
@@ -594,6 +607,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="programmatic dependent launch between the step's kernels (triton backend on Hopper or newer); "
                    "both: every mode with it off, then on, in the same run")
     p.add_argument("--modes", nargs="+", help="default: original, a middle exit, ACD top vs middle, early exit")
+    p.add_argument("--draft-vocab", type=int, nargs="+", metavar="N",
+                   help="speculative modes also (0: the full head) with the draft head restricted to the N most "
+                        "frequent tokens (the checkpoint's token_counts.safetensors); rows 'spec:L:K vocab=N'")
     p.add_argument("--repetition-penalty", type=float, help="every row (the baselines too) with transformers' "
                    "repetition penalty")
     p.add_argument("--no-repeat-ngram-size", type=int, help="every row (the baselines too) with transformers' n-gram "

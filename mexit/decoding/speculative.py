@@ -40,6 +40,7 @@ import torch
 
 from mexit import ops
 from mexit.kernels.exit_head_ref import ExitHeadOutput
+from mexit.model.token_counts import draft_vocabulary
 
 from .fixed import DecodeConfig, FixedMode, mode_scores
 from .sampling import sample_from_probs, sampling_probs
@@ -51,14 +52,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """draft_exit: the exit layer whose head drafts (below the target's depth); draft_len: drafts per round at
-    most; draft_threshold: stop a row's drafting at a draft whose top probability is below it (None: never).
-    The default draft_len=1 is the cheapest setting measured on the small real model (bench/RESULTS.md): each
-    draft reads its exit head, so longer drafts pay only with high acceptance."""
+    """draft_exit: the exit layer whose head drafts (below the target's depth); draft_len: drafts per round at most;
+    draft_threshold: stop a row's drafting at a draft whose top probability is below it (None: never); draft_vocab:
+    draft from the draft exit's head restricted to the checkpoint's draft_vocab most frequent tokens (FR-Spec, Zhao
+    et al. 2025; its `token_counts.safetensors`): a draft reads draft_vocab / V of the head, the draft distribution
+    is the restricted one, and verification keeps the output exact. The default draft_len=1 is the cheapest setting
+    measured on the small real model (bench/RESULTS.md): each draft reads its exit head, so longer drafts pay only
+    with high acceptance."""
 
     draft_exit: int
     draft_len: int = 1
     draft_threshold: float | None = None
+    draft_vocab: int | None = None
 
     def __post_init__(self):
         if isinstance(self.draft_exit, bool) or not isinstance(self.draft_exit, int):
@@ -67,6 +72,9 @@ class SpeculativeConfig:
             raise ValueError(f"draft_len must be an integer >= 1, got {self.draft_len!r}")
         if self.draft_threshold is not None and not 0.0 <= self.draft_threshold <= 1.0:
             raise ValueError(f"draft_threshold must be in [0, 1], got {self.draft_threshold}")
+        if self.draft_vocab is not None and (isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int)
+                                             or self.draft_vocab < 2):
+            raise ValueError(f"draft_vocab must be an integer >= 2 (tokens), got {self.draft_vocab!r}")
 
     def validate_for(self, model: MultiExitGPT2, target: DecodeConfig) -> int:
         """Check the draft exit against the checkpoint and the target; returns the target's depth."""
@@ -79,6 +87,12 @@ class SpeculativeConfig:
         if self.draft_exit >= depth:
             raise ValueError(f"draft exit {self.draft_exit} must sit below the target's depth ({depth} layers): a "
                              "draft as deep as its target saves nothing")
+        if self.draft_vocab is not None:
+            if self.draft_vocab > config.vocab_size:
+                raise ValueError(f"draft_vocab {self.draft_vocab} exceeds the vocabulary ({config.vocab_size})")
+            if model.token_counts is None:
+                raise ValueError("draft_vocab needs the checkpoint's token frequencies (token_counts.safetensors): "
+                                 "count them with `mexit count-tokens --model FOLDER --data TEXT`")
         return depth
 
 
@@ -92,11 +106,11 @@ class Speculation:
 
 @dataclass
 class RoundBuffers:
-    """One batch's speculative state (B rows, k = draft_len, V vocabulary, T output columns and rounds).
-    x [B] int64: the next token to feed; draft_i [1] int64: drafts made this round; drafts [B, k] int64;
-    draft_logits [k + 1, B, V] fp32 (the draft exit's logits per position); draft_probs [k, B, V] fp32 (sampling:
-    the draft distributions); proposing [B] bool, any_proposing [1] bool, n_drafts [B] int64; count [B] int64:
-    tokens emitted per row; saved {layer: [B, k + 1, d]}: states of the draft exit's layers at the round's
+    """One batch's speculative state (B rows, k = draft_len, V vocabulary, T output columns and rounds). x [B] int64:
+    the next token to feed; draft_i [1] int64: drafts made this round; drafts [B, k] int64; draft_logits [k + 1, B,
+    V] fp32 (the draft exit's logits per position, when ACD's lower exit drafts); draft_probs [k, B, V] fp32
+    (sampling: the draft distributions); proposing [B] bool, any_proposing [1] bool, n_drafts [B] int64; count [B]
+    int64: tokens emitted per row; saved {layer: [B, k + 1, d]}: states of the draft exit's layers at the round's
     positions; streams [T, B, 2k + 1] fp32: each round's uniform numbers per row (sampling); round [1] int64;
     drafted [B, T] bool: per emitted token, a draft the target kept; drafted_total / accepted / verifications [B]
     int64. Host side: remaining (each unfinished row's token budget left, as last read)."""
@@ -104,7 +118,7 @@ class RoundBuffers:
     x: torch.Tensor
     draft_i: torch.Tensor
     drafts: torch.Tensor
-    draft_logits: torch.Tensor
+    draft_logits: torch.Tensor | None
     draft_probs: torch.Tensor | None
     proposing: torch.Tensor
     any_proposing: torch.Tensor
@@ -134,7 +148,13 @@ class Speculative(Mode):
         layers = self.target.layers
         self.low_layers = sorted({layer for layer in layers if layer < self.draft_exit} | {self.draft_exit})
         self.high_layers = sorted({layer for layer in layers if layer > self.draft_exit})
-        self.reuse = target.mode == "contrast" and target.lower == self.draft_exit  # drafts' logits are its lower
+        self.draft_ids, self.draft_weight = None, model.head_weight(self.draft_exit)
+        if spec.draft_vocab is not None:  # the head's rows of the most frequent tokens, gathered once
+            self.draft_ids = draft_vocabulary(model.token_counts, spec.draft_vocab).to(model.device)
+            self.draft_weight = self.draft_weight.index_select(0, self.draft_ids)
+        self.draft_share = self.draft_weight.shape[0] / model.config.vocab_size  # of a head, read per draft
+        # drafts' logits are ACD's lower ones (not with a restricted draft head)
+        self.reuse = target.mode == "contrast" and target.lower == self.draft_exit and self.draft_ids is None
         self.stops = self.target.stops
         self.full_heads = self.target.full_heads
 
@@ -158,7 +178,7 @@ class Speculative(Mode):
         sampling = rows.sampling.do_sample
         return RoundBuffers(
             x=torch.zeros(b, **long), draft_i=torch.zeros(1, **long), drafts=torch.zeros(b, k, **long),
-            draft_logits=torch.zeros(k + 1, b, v, device=dev),
+            draft_logits=torch.zeros(k + 1, b, v, device=dev) if self.reuse else None,
             draft_probs=torch.zeros(k, b, v, device=dev) if sampling else None,
             proposing=torch.zeros(b, dtype=torch.bool, device=dev),
             any_proposing=torch.zeros(1, dtype=torch.bool, device=dev), n_drafts=torch.zeros(b, **long),
@@ -210,7 +230,7 @@ class Speculative(Mode):
             rows.launch("draft", functools.partial(self.draft_step, rows))
             steps += 1
             c["weight_blocks"] += self.draft_exit
-            c["weight_heads"] += 1
+            c["weight_heads"] += self.draft_share
             if self.spec.draft_threshold is not None and not rows.read(buf.any_proposing)[0]:
                 completed = False  # no row proposes any more: the last draft is not verified
                 break
@@ -242,18 +262,30 @@ class Speculative(Mode):
         return h[:, 0]
 
     def draft_head(self, rows: Rows, h: torch.Tensor, index: torch.Tensor):
+        """The draft head on h [B, d] (restricted to the draft vocabulary: its logits, argmax and probabilities
+        over those tokens only)."""
         w = self.model.w
-        out = ops.exit_head([h], w.ln_f_w, w.ln_f_b, self.model.config.layer_norm_epsilon,
-                            [self.model.head_weight(self.draft_exit)], rows.backend)
-        rows.buffers.draft_logits.index_copy_(0, index, out.logits)
+        out = ops.exit_head([h], w.ln_f_w, w.ln_f_b, self.model.config.layer_norm_epsilon, [self.draft_weight],
+                            rows.backend)
+        if self.reuse:
+            rows.buffers.draft_logits.index_copy_(0, index, out.logits)
         return out
+
+    def draft_logits(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, V] fp32: -inf outside a restricted draft vocabulary, argmax [B] int64 token ids)."""
+        if self.draft_ids is None:
+            return out.logits[0], out.argmax[0]
+        logits = out.logits.new_full((out.logits.shape[1], self.model.config.vocab_size), -float("inf"))
+        return logits.index_copy_(1, self.draft_ids, out.logits[0]), self.draft_ids[out.argmax[0]]
 
     def draft_step(self, rows: Rows) -> None:
         """Propose: one draft per row at the next round position, and who still proposes."""
         buf, s, controlled = rows.buffers, rows.sampling, rows.history is not None
         i = buf.draft_i
         out = self.draft_head(rows, self.lower_pass(rows, i), i)
-        logits = rows.penalize(out.logits[0], rows.io.positions + i) if controlled else out.logits[0]
+        logits, top1 = self.draft_logits(out)
+        if controlled:
+            logits = rows.penalize(logits, rows.io.positions + i)
         if s.do_sample:
             probs = sampling_probs(logits, s)
             uniform = buf.streams.index_select(0, buf.round)[0]
@@ -263,7 +295,7 @@ class Speculative(Mode):
         elif controlled:
             draft, confidence = logits.argmax(-1), logits.softmax(-1).max(-1).values
         else:
-            draft, confidence = out.argmax[0], out.max_prob[0]
+            draft, confidence = top1, out.max_prob[0]
         if controlled:  # the draft's position in the row's sequence: later drafts and verification see it
             rows.remember(draft, rows.io.positions + i + 1)
         proposing = buf.proposing & (i < rows.max_new_tokens - buf.count - 1)  # the budget can keep it
@@ -388,7 +420,8 @@ class Speculative(Mode):
         total = sum(map(len, result.tokens))
         st = result.stats
         st.update(rounds=st["steps"], draft_exit=self.spec.draft_exit, draft_len=self.spec.draft_len,
-                  draft_threshold=self.spec.draft_threshold, drafted=drafted, accepted=accepted,
+                  draft_threshold=self.spec.draft_threshold, draft_vocab=self.spec.draft_vocab, drafted=drafted,
+                  accepted=accepted,
                   verifications=verifications, tokens_per_row=total / n,
                   acceptance_rate=accepted / drafted if drafted else None,
                   mean_accepted_per_verification=(accepted + verifications) / verifications if verifications else None,

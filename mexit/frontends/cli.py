@@ -1,5 +1,5 @@
 """Command line: `mexit generate`, `mexit layers`, `mexit train-heads`, `mexit train-exit-predictors`,
-`mexit convert`, `mexit bench`, `mexit ablate`, `mexit bench-speculative`.
+`mexit count-tokens`, `mexit convert`, `mexit bench`, `mexit ablate`, `mexit bench-speculative`.
 
 A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
 keeps its traceback and exits 1."""
@@ -115,6 +115,9 @@ def add_generate_parser(sub) -> None:
     sp = p.add_argument_group("self-speculative decoding (--mode speculative): the target mode's exact output")
     sp.add_argument("--draft-exit", type=int, help="exit layer whose head drafts (required)")
     sp.add_argument("--draft-len", type=int, default=1, help="drafts per verification at most")
+    sp.add_argument("--draft-vocab", type=int,
+                    help="draft from the N most frequent tokens only (the checkpoint's token_counts.safetensors; "
+                         "the output stays exact)")
     sp.add_argument("--draft-threshold", type=float,
                     help="stop drafting at a draft whose top probability is below this (default: never)")
     p.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (share of the top prob)")
@@ -177,8 +180,9 @@ def check_generate_flags(args) -> None:
         raise UsageError("--mode speculative verifies one target: pass --exit-layer or --contrast, not both")
     if spec and args.draft_exit is None:
         raise UsageError("--mode speculative needs --draft-exit")
-    if not spec and (args.draft_exit is not None or args.draft_len != 1 or args.draft_threshold is not None):
-        raise UsageError("--draft-exit, --draft-len and --draft-threshold apply to --mode speculative")
+    if not spec and (args.draft_exit is not None or args.draft_len != 1 or args.draft_threshold is not None
+                     or args.draft_vocab is not None):
+        raise UsageError("--draft-exit, --draft-len, --draft-threshold and --draft-vocab apply to --mode speculative")
     if args.mode == "exit" and args.exit_layer is None:
         raise UsageError("--mode exit needs --exit-layer")
     if args.mode == "contrast" and args.contrast is None:
@@ -288,6 +292,30 @@ def add_train_predictors_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the training saved in the folder")
     p.add_argument("--overwrite", action="store_true", help="replace the folder's existing predictors")
     p.set_defaults(run=run_train_predictors)
+
+
+def add_count_tokens_parser(sub) -> None:
+    p = sub.add_parser("count-tokens", formatter_class=help_formatter(),
+                       help="count token frequencies of a text into the checkpoint (for --draft-vocab)",
+                       description="Tokenizes the text files with the checkpoint's tokenizer and writes how often each "
+                                   "token occurs as token_counts.safetensors into the checkpoint folder: the "
+                                   "frequency ranking that --draft-vocab N restricts draft heads to.")
+    p.add_argument("--model", required=True, help="local checkpoint folder (the counts go into it)")
+    p.add_argument("--data", nargs="+", required=True, help="text files")
+    p.add_argument("--overwrite", action="store_true", help="replace the folder's existing counts")
+    p.set_defaults(run=run_count_tokens)
+
+
+def run_count_tokens(args) -> int:
+    from mexit.training.common import write_token_counts
+
+    counts, path = write_token_counts(Path(args.model), args.data, overwrite=args.overwrite)
+    top = counts.sort(descending=True).values
+    share = {n: float(top[:n].sum() / max(int(counts.sum()), 1)) for n in (256, 1024, 4096) if n < len(counts)}
+    print(f"{int(counts.sum())} tokens, {int((counts > 0).sum())} of {len(counts)} ids seen; the most frequent "
+          + ", ".join(f"{n} cover {v:.1%}" for n, v in share.items()))
+    print(f"wrote {path}")
+    return 0
 
 
 def parse_head(text: str):
@@ -452,7 +480,7 @@ def generate_kwargs(args) -> dict:
     if args.mode == "speculative":
         from mexit.decoding.speculative import SpeculativeConfig
 
-        kw["speculative"] = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold)
+        kw["speculative"] = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold, args.draft_vocab)
     else:
         kw["mode"] = args.mode
     return dict(kw, exit_layer=args.exit_layer, contrast=args.contrast, alpha=args.alpha,
@@ -567,6 +595,7 @@ def main(argv=None) -> int:
     add_generate_parser(sub)
     add_train_heads_parser(sub)
     add_train_predictors_parser(sub)
+    add_count_tokens_parser(sub)
     add_convert_parser(sub)
     add_layers_parser(sub)
     from mexit.bench.ablate import add_parser as add_ablate_parser

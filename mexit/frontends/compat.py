@@ -165,6 +165,7 @@ class FastMultiExitModel:
         model = MultiExitGPT2(old.model.config, old.model.w.to(device=device, dtype=dtype), folder=old.model.folder,
                               random_weights=old.model.random_weights)
         model.predictors = old.model.predictors.to(device) if old.model.predictors is not None else None
+        model.token_counts = old.model.token_counts
         self.lm = MultiExitLM(model, old.tokenizer, generation_config=old.generation_config,
                               **old.settings)  # the settings asked for, pdl included
         return self

@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .decoder import MultiExitGPT2, Weights
 from .files import StoredTensor, hub_patterns, open_tensors, shard_names
 from .predictors import load_predictors
+from .token_counts import load_token_counts
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -397,4 +398,5 @@ def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: 
     fill(weights, stored, config, check_weights, desc=f"loading {folder.name}")
     model = MultiExitGPT2(config, weights, folder=folder)
     model.predictors = load_predictors(folder, config.n_embd, config.exit_layers, device)
+    model.token_counts = load_token_counts(folder, config.vocab_size)
     return model

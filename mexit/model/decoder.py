@@ -82,6 +82,7 @@ class MultiExitGPT2:
         self.folder = folder  # checkpoint folder it was loaded from (tokenizer files live there)
         self.random_weights = random_weights  # True for benchmark / test models: label every result
         self.predictors: ExitPredictors | None = None  # learned exit predictors stored beside the weights
+        self.token_counts: torch.Tensor | None = None  # [V] int64 token frequencies stored beside the weights
 
     @property
     def device(self) -> torch.device:

@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 
 from .predictors import PREDICTOR_FILE
+from .token_counts import TOKEN_COUNTS_FILE
 
 LAYOUTS = (("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
            ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json")
 # what travels with the weights (downloads, convert, save_pretrained): the learned exit predictors too
-METADATA_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, PREDICTOR_FILE)
+METADATA_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, PREDICTOR_FILE, TOKEN_COUNTS_FILE)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}

@@ -59,6 +59,7 @@ def save_predictors(folder: Path, predictors: ExitPredictors) -> Path:
                "layers": torch.tensor(predictors.layers, dtype=torch.long)}, tmp,
               metadata={"format": "pt", "eps": repr(predictors.eps), "final_head": str(predictors.final_head),
                         "info": json.dumps(predictors.info)})
+    tmp.chmod(0o644)
     tmp.replace(path)
     return path
 

@@ -31,3 +31,29 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def write_token_counts(folder: Path, paths: list[str], overwrite: bool = False):
+    """Count the tokens of the text files with the folder's tokenizer into its `token_counts.safetensors`.
+    Returns (counts [V] int64, the file's path). Errors: a missing folder, tokenizer or file, an empty file, existing
+    counts without overwrite."""
+    from transformers import AutoTokenizer
+
+    from mexit.model.checkpoint import read_config
+    from mexit.model.token_counts import TOKEN_COUNTS_FILE, count_tokens, save_token_counts
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (the counts are written into it)")
+    config = read_config(folder)
+    if not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
+        raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    if (folder / TOKEN_COUNTS_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{folder / TOKEN_COUNTS_FILE} exists: pass --overwrite to replace it")
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        if not Path(path).read_text(errors="replace").strip():
+            raise ValueError(f"data file {path} is empty")
+    counts = count_tokens(token_blocks(AutoTokenizer.from_pretrained(folder), paths, 1), config.vocab_size)
+    return counts, save_token_counts(folder, counts, [Path(p).name for p in paths])

@@ -6,7 +6,8 @@ head reads its layer's states; each head's loss is computed and back-propagated 
 logits held at once are bounded (about 2**25 values) whatever the vocabulary and the number of heads. AdamW,
 linear decay after a linear warm-up. The output folder is a checkpoint mexit and autocontrastive-gen load: the
 base's tensors and config unchanged, plus `name_to_lm_exit_head.lm_head_{L}.weight` and `lm_head_layer_indices`,
-the tokenizer files, and `train_report.{json,md}` with the held-out loss and perplexity of every head.
+the tokenizer files, the training text's token counts (`token_counts.safetensors`, for draft vocabularies) and
+`train_report.{json,md}` with the held-out loss and perplexity of every head.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from mexit.model.checkpoint import EXIT_HEAD_NAME, resolve_device, resolve_dtype, stored_state
 from mexit.model.decoder import MultiExitGPT2
 from mexit.model.predictors import PREDICTOR_FILE
+from mexit.model.token_counts import count_tokens, save_token_counts
 
 from .common import LOGITS_PER_CHUNK, TrainingInterrupted, lr_factor, token_blocks
 
@@ -332,4 +334,5 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
                     if "eval" in h],
     }
     save_output(out, base, hf_config, trainer, base_state, state(step), report)
+    save_token_counts(out, count_tokens(blocks, model.config.vocab_size), [Path(p).name for p in cfg.data])
     return report

@@ -8,7 +8,8 @@ probes train with Adam on the mean binary cross-entropy, linear decay after a li
 gives, per exit, the label's base rate (how often the exit agrees with the final head), accuracy, Brier score,
 expected calibration error (10 equal-width bins), ROC AUC, and the coverage and precision at a few thresholds:
 the share of tokens that would exit and how often those agree. The predictors and the report are written into the
-checkpoint folder, beside the heads, so `mexit.load` reads them with the weights.
+checkpoint folder, beside the heads, so `mexit.load` reads them with the weights; so are the text's token counts
+(`token_counts.safetensors`, for draft vocabularies) when the folder has none.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from mexit.model.checkpoint import resolve_device
 from mexit.model.predictors import PREDICTOR_FILE, ExitPredictors, save_predictors
+from mexit.model.token_counts import TOKEN_COUNTS_FILE, count_tokens, save_token_counts
 
 from .common import LOGITS_PER_CHUNK, TrainingInterrupted, lr_factor, token_blocks
 
@@ -314,6 +316,8 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
             "held_out": {k: {m: v[m] for m in ("base_rate", "accuracy", "ece", "auc")}
                          for k, v in report["eval"].items()}}
     save_predictors(folder, trainer.predictors(info))
+    if not (folder / TOKEN_COUNTS_FILE).exists():  # the text's token frequencies, for draft vocabularies
+        save_token_counts(folder, count_tokens(blocks, config.vocab_size), [Path(p).name for p in cfg.data])
     save_state()
     (folder / f"{REPORT}.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     (folder / f"{REPORT}.md").write_text(report_markdown(report))
