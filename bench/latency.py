@@ -137,6 +137,9 @@ def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: fl
     return layers * (block + kv) + heads * v * d * elem + filled * 2 * d * d * elem + predictors * (d + 1) * 4
 
 
+TRAFFIC = ("blocks_per_step", "heads_per_step", "fill_blocks_per_step", "predictors_per_step")
+
+
 def mode_traffic(stats: dict) -> tuple[float, float, float, float]:
     """(blocks, heads, propagated blocks, predictors) whose weights one decode step reads, from the run's counters
     (averages
@@ -421,9 +424,10 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
 
         timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
         stats = last["result"].stats
-        nbytes = step_bytes(config, dtype, batch, context, *mode_traffic(stats))
+        traffic = mode_traffic(stats)
+        nbytes = step_bytes(config, dtype, batch, context, *traffic)
         row = timing_row(meta, "mexit", label, batch, timing, nbytes, copy_gbs)
-        row["pdl"] = pdl
+        row.update(pdl=pdl, n_layer=config.n_layer, **dict(zip(TRAFFIC, traffic)))
         counted = launches_per_step(lm, prompts, kw)
         row.update(launches_per_step=counted["launches"], triton_launches_per_step=counted["triton"],
                    torch_launches_per_step=counted["torch"], weight_bytes_per_step=nbytes)

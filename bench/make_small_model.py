@@ -17,8 +17,9 @@ gpt2-medium-multiexit's proportions: an exit head (4608 x 96) costs 4.0 blocks a
    (plain loop, fixed seed, one thread count).
 4. Exits: `mexit train-heads` on the frozen base, heads on the preset's exit layers.
 5. The result is written in fp16 (about 6 MB and 9 MB) with its tokenizer and the reports of both stages.
-6. Learned exit predictors: `mexit train-exit-predictors` on the fp16 result (as it loads), written into it with
-   their held-out report (about 2 minutes).
+6. Token counts of the training text (`mexit count-tokens`, for draft vocabularies) and learned exit predictors
+   (`mexit train-exit-predictors` on the fp16 result as it loads), written into it with their held-out report
+   (about a minute).
 
 Intermediate results are cached under --work, so a rerun skips finished stages."""
 
@@ -192,8 +193,12 @@ def write_fp16(src: Path, dest: Path) -> None:
 
 
 def add_predictors(dest: Path, work: Path, steps: int) -> None:
-    """`mexit train-exit-predictors` on the written model (exits 2, 4, 6 against the original head)."""
+    """`mexit count-tokens` of the training text, then `mexit train-exit-predictors` on the written model (every
+    exit below the last layer, against the original head)."""
+    from mexit.training.common import write_token_counts
     from mexit.training.predictors import STATE_FILE, PredictorTrainingConfig, train_exit_predictors
+
+    write_token_counts(dest, [str(work / "train.txt")], overwrite=True)
 
     train_exit_predictors(PredictorTrainingConfig(model=str(dest), data=[str(work / "train.txt")],
                                                   eval_data=[str(work / "eval.txt")], steps=steps, seq_len=256,

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from mexit.bench import ablate, bench_exit_head, bench_fused_linear, latency
 
@@ -309,3 +310,28 @@ def test_load_benchmark_smoke(tmp_path):
         assert row["peak_anon_gb"] >= row["anon_before_gb"] > 0 and row["touch_s"] >= 0
     assert (tmp_path / "work" / "fp16-safetensors" / "model.safetensors").exists()
     assert "(the floor)" in (tmp_path / "out" / "load_checkpoint.md").read_text()
+
+
+def test_cost_model_prices_the_measured_traffic_at_gpt2_medium(tiny_checkpoint, tmp_path):
+    """Full depth projects to exactly 1; a learned early exit no row takes to 1 plus its predictor reads; restricted
+    draft heads to their fraction of a head."""
+    from mexit.bench import cost_model
+    from mexit.decoding.stats import block_bytes
+    from mexit.model.config import GPT2_MEDIUM_MULTIEXIT as MEDIUM
+
+    argv = latency_args(tiny_checkpoint[0], tmp_path / "b", modes=["original", "ee:learned:1", "ee:max-prob:1"],
+                        baselines=[])
+    assert latency.main(argv) == 0
+    assert cost_model.main([str(tmp_path / "b" / "latency.json"), "--out", str(tmp_path / "c")]) == 0
+    rows = {(r["mode"], r["batch"], r["blocks_per_step"]): r
+            for r in json.loads((tmp_path / "c" / "cost_model.json").read_text())}
+    full = 24 * block_bytes(MEDIUM, torch.float16) + MEDIUM.vocab_size * MEDIUM.n_embd * 2
+    for (mode, _, blocks), r in rows.items():
+        assert blocks == 4
+        if mode == "original":
+            assert r["medium_ratio"] == pytest.approx(1.0)
+        if mode == "ee:learned:1":  # three predictor reads (d + 1 fp32 each) besides full depth
+            assert r["medium_ratio"] == pytest.approx(1 + 3 * 1025 * 4 / full)
+        if mode == "ee:max-prob:1":  # three exit heads besides full depth
+            assert r["medium_ratio"] == pytest.approx(1 + 3 * MEDIUM.vocab_size * MEDIUM.n_embd * 2 / full)
+    assert cost_model.main([str(tmp_path / "missing.json")]) == 2
