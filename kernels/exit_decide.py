@@ -6,7 +6,9 @@ freezes its hidden state, and updates `running` / `fired`. The last program to f
 with an acquire-release atomic, as in `step_epilogue.arrive`) reduces over the rows and writes the flags the
 host (segment schedule) or the later kernels (predicated schedule) read. At the last layer (`final`) every running
 row exits; with `emit` the decision also ends the decode step (`step_epilogue.finish_row`) and sets the next one
-up. Only comparisons and copies: bit-identical to `exit_decide_ref`.
+up. Only comparisons and copies: bit-identical to `exit_decide_ref`; with a learned exit predictor (`probe`) the
+program also computes its row's confidence from the states (d + 1 weights), equal to the reference's up to fp32
+rounding.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ def _exit_decide(
     h_last_ptr,  # [B, D] rows h_last_stride apart: the states at this layer (not FINAL)
     skip_ptr, fired_none_ptr,  # [1] int32 (HAS_SKIP, HAS_FIRED_NONE): no row runs / no row fired
     io,  # the step state, StepIO.pointers(): io[5] the step index, io[7] the arrival count; the rest with EMIT
+    probe_w_ptr, probe_b_ptr,  # HAS_PROBE: a learned exit predictor, weight [D] fp32, bias [1] fp32
     B, D, T, h_last_stride, layer,
     T_out, P,  # EMIT: out's row length, positions
+    eps,  # HAS_PROBE: the standardization's epsilon
     HAS_CANDIDATE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_FIRED_NONE: tl.constexpr, FINAL: tl.constexpr,
-    EMIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
+    EMIT: tl.constexpr, HAS_PROBE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
@@ -42,7 +47,25 @@ def _exit_decide(
     step_ptr, arrivals_ptr = io[5], io[7]
     b = tl.program_id(0)
     step = tl.load(step_ptr)
-    confidence = tl.load(conf_ptr + b)
+    if HAS_PROBE:  # confidence = sigmoid(w . standardize(h) + b), two passes over the row (mean, then the rest)
+        dd0 = tl.arange(0, BLOCK_D)
+        row = h_last_ptr + b.to(tl.int64) * h_last_stride
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            total += tl.load(row + start + dd0, mask=(start + dd0) < D, other=0.0).to(tl.float32)
+        mean = tl.sum(total, axis=0) / D
+        sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dot = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            m = (start + dd0) < D
+            x = tl.where(m, tl.load(row + start + dd0, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+            sq += x * x
+            dot += x * tl.load(probe_w_ptr + start + dd0, mask=m, other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / D + eps)
+        confidence = tl.sigmoid(tl.sum(dot, axis=0) * rstd + tl.load(probe_b_ptr))
+        tl.store(conf_ptr + b, confidence)
+    else:
+        confidence = tl.load(conf_ptr + b)
     running = tl.load(running_ptr + b).to(tl.int32) != 0
     if FINAL:
         fire = running
@@ -92,13 +115,17 @@ def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, 
                 h_last: torch.Tensor | None, h_exit: torch.Tensor, exit_at: torch.Tensor, conf_at: torch.Tensor,
                 flags: torch.Tensor, skip: torch.Tensor | None = None, fired_none: torch.Tensor | None = None,
                 final: bool = False, emit: StepIO | None = None, arrivals: torch.Tensor | None = None,
-                pdl: bool = False) -> None:
-    """Triton version of `exit_decide_ref` (same arguments; skip / fired_none int32; emit's step is `step`).
+                probe: tuple | None = None, pdl: bool = False) -> None:
+    """Triton version of `exit_decide_ref` (same arguments; skip / fired_none int32; emit's step is `step`; with a
+    probe the confidence is computed in the kernel, in fp32, and written into `confidence`, which must then be
+    contiguous).
     arrivals: a [1] int32 zero the kernel counts its programs in and leaves zero (emit's, or a new one: pass one
     to keep a step free of torch operations). h_exit, exit_at, conf_at must be contiguous and h_last's rows
     contiguous; a strided confidence or candidate is copied. pdl: launch with programmatic dependent launch
     (`kernels.launch`)."""
     B, D = h_exit.shape
+    if probe is not None and (final or h_last is None or not confidence.is_contiguous()):
+        raise ValueError("a probe decides at a checked exit: it needs h_last, not final, and a contiguous confidence")
     confidence = confidence.contiguous()
     candidate = candidate.contiguous() if candidate is not None else None
     T = exit_at.shape[1]
@@ -116,10 +143,12 @@ def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, 
     step_io = step_io[:7] + (arrivals,) + step_io[8:]
     T_out, _, P = emit.sizes() if emit is not None else (1, D, 1)
     state = (running, fired, chosen, h_exit, exit_at, conf_at, flags)
+    probe_w, probe_b, eps = probe if probe is not None else (confidence, confidence, 0.0)
     _exit_decide[(B,)](confidence, thresholds, state, candidate if candidate is not None else chosen, h_last,
                        skip if skip is not None else flags, fired_none if fired_none is not None else flags, step_io,
-                       B, D, T, h_last.stride(0), layer, T_out, P,
+                       probe_w, probe_b, B, D, T, h_last.stride(0), layer, T_out, P, eps,
                        HAS_CANDIDATE=candidate is not None, HAS_SKIP=skip is not None,
                        HAS_FIRED_NONE=fired_none is not None, FINAL=final, EMIT=emit is not None,
+                       HAS_PROBE=probe is not None,
                        BLOCK_B=max(triton.next_power_of_2(B), 2), BLOCK_D=embed_block(D), USE_PDL=pdl,
                        num_warps=4, **pdl_options(pdl))

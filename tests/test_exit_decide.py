@@ -57,3 +57,31 @@ def test_counts_launches_and_rejects_bad_buffers():
     args[10] = state["conf_at"].double()
     with pytest.raises(ValueError, match="float32"):
         exit_decide(2, *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,D", [(1, 64), (3, 48), (7, 1024), (64, 96)])
+def test_learned_predictor_in_the_decision_equals_reference(B, D, dtype):
+    """The probe's confidence is computed in the kernel (fp32, two passes): close to the reference's, the same
+    decisions (thresholds are drawn away from the confidences' rounding), written into `confidence`."""
+    from mexit.kernels.exit_decide_ref import probe_confidence
+
+    ours = make_state(B, D, 20, dtype, seed=B + D)
+    g = torch.Generator().manual_seed(D)
+    ours["h_last"] = (torch.randn(B, D, generator=g) * 3 + 5).to(dtype).to(DEVICE)  # offset: the mean matters
+    ours["confidence"] = torch.zeros(B, device=DEVICE)
+    weight = (torch.randn(D, generator=g) / D ** 0.5).to(DEVICE)
+    bias = torch.tensor([0.2], device=DEVICE)
+    expected = probe_confidence(ours["h_last"], weight, bias, 1e-5)
+    step = int(ours["step"])
+    ours["thresholds"][step] = 0.5 if (expected - 0.5).abs().min() > 1e-4 else 0.37
+    ref = {k: v.clone() for k, v in ours.items()}
+    for state, fn in ((ours, exit_decide), (ref, exit_decide_ref)):
+        fn(7, state["confidence"], state["thresholds"], state["step"], state["running"], state["fired"], None,
+           state["chosen"], state["h_last"], state["h_exit"], state["exit_at"], state["conf_at"], state["flags"],
+           probe=(weight, bias, 1e-5))
+    torch.testing.assert_close(ours["confidence"], expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(ours["conf_at"], ref["conf_at"], atol=2e-6, rtol=0)
+    for name in ("running", "fired", "chosen", "exit_at", "h_exit", "flags"):
+        assert torch.equal(ours[name], ref[name]), name
+    assert ours["fired"].any() or not ours["running"].any() or (expected < ours["thresholds"][step]).all()

@@ -162,7 +162,7 @@ class EarlyExit(Mode):
                 rows.decide(layer, F.cosine_similarity(h.float(), rows.saved(self.previous[layer]).float(), dim=-1),
                             None, h)
             elif self.predictors is not None:
-                rows.decide(layer, self.predictors.confidence(layer, h), None, h)
+                rows.decide(layer, None, None, h, probe=self.predictors.probe(layer))
             else:
                 verdict = rows.candidate(h, layer)
                 confidence = verdict.max_prob if self.policy.measure == "max-prob" else verdict.margin

@@ -86,9 +86,12 @@ class Rows(Protocol):
     def candidate(self, hidden: torch.Tensor, head) -> Candidate:
         """`head`'s verdict on hidden [B, d] for the running rows."""
 
-    def decide(self, layer: int, confidence: torch.Tensor, token: torch.Tensor | None, hidden: torch.Tensor) -> None:
+    def decide(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None, hidden: torch.Tensor,
+               probe: tuple | None = None) -> None:
         """Running rows whose confidence [B] reaches the step's threshold exit at `layer` with `token` [B] (None:
-        chosen later by `fired_token`) and their state hidden [B, d]; the engine keeps the cache consistent."""
+        chosen later by `fired_token`) and their state hidden [B, d]; the engine keeps the cache consistent.
+        probe (weight [d], bias [1], eps) instead of a confidence: a learned exit predictor on hidden, evaluated
+        inside the decision (one kernel on the triton backend)."""
 
     def decide_final(self, layer: int, confidence: torch.Tensor, token: torch.Tensor) -> None:
         """Every row still running exits at the last layer with `token`; the step ends."""

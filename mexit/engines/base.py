@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 @dataclass
 class ExitState:
     """Per-row exit bookkeeping of B rows over T steps (see `exit_decide_ref`): thresholds [T] fp32 (per step);
-    running, fired [B] bool; chosen [B] int64 (the step's token so far); h_exit [B, d] (frozen states); exit_at
-    [B, T] int64 and conf_at [B, T] fp32 (per step: exit layer, confidence); flags [2] bool (a row fired, a row
-    runs); no_confidence [B] fp32 zeros; saved: {layer: [B, d]} states a cosine check compares with. Predicated
-    schedule only: skip [1] int32 (no row runs), fired_skip [1] int32 (no row fired)."""
+    running, fired [B] bool; chosen [B] int64 (the step's token so far); h_exit [B, d] (frozen states); exit_at [B,
+    T] int64 and conf_at [B, T] fp32 (per step: exit layer, confidence); flags [2] bool (a row fired, a row runs);
+    no_confidence [B] fp32 zeros; predicted [B] fp32 (a learned predictor's confidences); saved: {layer: [B, d]}
+    states a cosine check compares with. Predicated schedule only: skip [1] int32 (no row runs), fired_skip [1]
+    int32 (no row fired)."""
 
     thresholds: torch.Tensor
     running: torch.Tensor
@@ -43,6 +44,7 @@ class ExitState:
     conf_at: torch.Tensor
     flags: torch.Tensor
     no_confidence: torch.Tensor
+    predicted: torch.Tensor
     saved: dict
     skip: torch.Tensor | None = None
     fired_skip: torch.Tensor | None = None
@@ -53,7 +55,7 @@ class ExitState:
         return cls(torch.zeros(t, **z), torch.zeros(b, dtype=torch.bool, **z), torch.zeros(b, dtype=torch.bool, **z),
                    torch.zeros(b, dtype=torch.long, **z), torch.zeros(b, d, dtype=dtype, **z),
                    torch.zeros(b, t, dtype=torch.long, **z), torch.zeros(b, t, **z),
-                   torch.zeros(2, dtype=torch.bool, **z), torch.zeros(b, **z),
+                   torch.zeros(2, dtype=torch.bool, **z), torch.zeros(b, **z), torch.zeros(b, **z),
                    {layer: torch.zeros(b, d, dtype=dtype, **z) for layer in saved_layers},
                    torch.zeros(1, dtype=torch.int32, **z) if predicated else None,
                    torch.zeros(1, dtype=torch.int32, **z) if predicated else None)
@@ -268,11 +270,12 @@ class DecodeState:
     def keep(self, logits: torch.Tensor) -> None:
         self.kept.index_copy_(0, self.io.step, logits[None].float())
 
-    def decide(self, layer: int, confidence: torch.Tensor, token: torch.Tensor | None, hidden: torch.Tensor) -> None:
+    def decide(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None, hidden: torch.Tensor,
+               probe: tuple | None = None) -> None:
         x = self.exits
-        ops.exit_decide(layer, confidence, x.thresholds, self.io.step, x.running, x.fired, token, x.chosen, hidden,
-                        x.h_exit, x.exit_at, x.conf_at, x.flags, self.backend, x.skip, x.fired_skip,
-                        arrivals=self.io.arrivals)
+        ops.exit_decide(layer, x.predicted if confidence is None else confidence, x.thresholds, self.io.step,
+                        x.running, x.fired, token, x.chosen, hidden, x.h_exit, x.exit_at, x.conf_at, x.flags,
+                        self.backend, x.skip, x.fired_skip, arrivals=self.io.arrivals, probe=probe)
 
     def decide_final(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None) -> None:
         """Every running row exits at `layer` with `token`; the chosen tokens end the step."""

@@ -78,10 +78,11 @@ class EagerState(DecodeState):
         self.counters["head_rows"] += rows
         self.counters["weight_heads"] += not self.prefilling
 
-    def decide(self, layer: int, confidence: torch.Tensor, token: torch.Tensor | None, hidden: torch.Tensor) -> None:
+    def decide(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None, hidden: torch.Tensor,
+               probe: tuple | None = None) -> None:
         self.counters["checks"] += len(self.live)
-        self.counters["weight_predictors"] += self.mode.predictors is not None and not self.prefilling
-        super().decide(layer, confidence, token, hidden)
+        self.counters["weight_predictors"] += probe is not None and not self.prefilling
+        super().decide(layer, confidence, token, hidden, probe)
         x = self.exits
         fired = self.fired_rows = x.fired.nonzero()[:, 0]
         self.live = x.running.nonzero()[:, 0]

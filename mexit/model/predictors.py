@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from mexit.kernels.exit_decide_ref import probe_confidence
 
 PREDICTOR_FILE = "exit_predictors.safetensors"
 
@@ -36,12 +37,15 @@ class ExitPredictors:
     def row(self, layer: int) -> int:
         return self.layers.index(layer)
 
+    def probe(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(weight [d] fp32, bias [1] fp32, eps) of exit `layer`'s predictor, as the exit decision takes it."""
+        i = self.row(layer)
+        return self.weight[i], self.bias[i:i + 1], self.eps
+
     def confidence(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """h [B, d] (any float dtype) -> [B] fp32 in [0, 1]: the predicted probability that exit `layer` agrees
-        with the final head."""
-        i = self.row(layer)
-        x = F.layer_norm(h.float(), (h.shape[-1],), eps=self.eps)
-        return torch.sigmoid(x @ self.weight[i] + self.bias[i])
+        with the final head (`probe_confidence`)."""
+        return probe_confidence(h, *self.probe(layer))
 
     def to(self, device) -> ExitPredictors:
         return ExitPredictors(self.layers, self.weight.to(device), self.bias.to(device), self.eps, self.final_head,

@@ -150,16 +150,17 @@ def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, 
                 h_last: torch.Tensor | None, h_exit: torch.Tensor, exit_at: torch.Tensor, conf_at: torch.Tensor,
                 flags: torch.Tensor, backend: Backend = TORCH, skip: torch.Tensor | None = None,
                 fired_none: torch.Tensor | None = None, final: bool = False, emit: StepIO | None = None,
-                arrivals: torch.Tensor | None = None) -> None:
-    """The exit decision at `layer` for every row, in place (see `exit_decide_ref` for the tensors)."""
+                arrivals: torch.Tensor | None = None, probe: tuple | None = None) -> None:
+    """The exit decision at `layer` for every row, in place (see `exit_decide_ref` for the tensors; probe: a learned
+    exit predictor that computes the confidence from h_last)."""
     args = (layer, confidence, thresholds, step, running, fired, candidate, chosen, h_last, h_exit, exit_at, conf_at,
             flags, skip, fired_none)
     if backend.triton:
         from mexit.kernels.exit_decide import exit_decide as kernel
 
-        kernel(*args, final=final, emit=emit, arrivals=arrivals, pdl=backend.pdl)
+        kernel(*args, final=final, emit=emit, arrivals=arrivals, probe=probe, pdl=backend.pdl)
     else:
-        exit_decide_ref(*args, final=final, emit=emit)
+        exit_decide_ref(*args, final=final, emit=emit, probe=probe)
 
 
 def step_epilogue(token: torch.Tensor, io: StepIO, backend: Backend = TORCH) -> None:
