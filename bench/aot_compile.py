@@ -111,6 +111,7 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
     import mexit
     from mexit.decoding.early_exit import ExitPolicy
     from mexit.model.config import ModelConfig
+    from mexit.model.predictors import ExitPredictors
     from mexit.ops import Backend
 
     config = ModelConfig(n_layer=n_layer, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024,
@@ -122,11 +123,13 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
         "ee-deferred": dict(early_exit=ExitPolicy(0.5, exits=(1,), propagation="deferred")),
         "ee-predicated": dict(early_exit=ExitPolicy(0.5, exits=(1,), schedule="predicated")),
         "ee-cosine": dict(early_exit=ExitPolicy(0.5, measure="cosine", exits=(1,))),
+        "ee-learned": dict(early_exit=ExitPolicy(0.5, measure="learned", exits=(1,), schedule="predicated")),
         "sample": dict(do_sample=True, top_k=50, seed=0),
     }
     launches: set[Launch] = set()
     for dtype in dtypes:
         model = mexit.random_model(config, dtype=dtype)
+        model.predictors = ExitPredictors((1,), torch.zeros(1, 1024), torch.zeros(1), 1e-5)  # the fused probe
         # the kernels' launches are recorded, not run: no GPU or interpreter needed
         lm = mexit.MultiExitLM(model, backend=Backend("triton", pdl=pdl), engine="static")
         for batch in batches:
@@ -220,14 +223,15 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
 
 def run(ci: bool) -> list[dict]:
     if ci:  # representative: every kernel and schedule once, the batch buckets' tile regimes, fp16 (bf16: one)
-        launches = runtime_launches(["fp16"], [1, 64], ["original", "acd", "ee-segments", "ee-predicated"])
+        launches = runtime_launches(["fp16"], [1, 64], ["original", "acd", "ee-segments", "ee-predicated",
+                                                        "ee-learned"])
         launches |= runtime_launches(["fp16"], [1], ["sample"])
         launches |= runtime_launches(["bf16"], [16], ["acd"])
         launches |= runtime_launches(["fp16"], [1], ["original", "acd", "ee-segments", "ee-predicated", "sample"],
                                      pdl=True)
     else:
         modes = ["original", "exit", "acd", "acd-original", "ee-segments", "ee-deferred", "ee-predicated",
-                 "ee-cosine", "sample"]
+                 "ee-cosine", "ee-learned", "sample"]
         launches = runtime_launches(["fp16", "bf16"], [1, 2, 4, 8, 16, 32, 64], modes)
         launches |= runtime_launches(["fp16", "bf16"], [1, 16, 64], modes, pdl=True)
     rows = []
