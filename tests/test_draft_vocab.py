@@ -113,3 +113,19 @@ def test_count_tokens_command_and_bad_input(tiny_checkpoint, tmp_path, capsys):
     (folder / TOKEN_COUNTS_FILE).unlink()
     with pytest.raises(ValueError, match="draft_vocab needs the checkpoint's token frequencies"):
         mexit.load(folder).generate([[1, 2]], 3, speculative=SpeculativeConfig(2, 2, None, 8))
+
+
+@pytest.mark.parametrize("name", ["small_model", "small_model_12l"])
+def test_shipped_models_greedy_equals_full_depth(name):
+    """The shipped real models carry token counts: restricted drafts keep every target's greedy output."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "bench" / name
+    lm = mexit.load(folder, backend="torch", dtype="fp32")
+    assert lm.model.token_counts is not None and lm.model.predictors is not None
+    prompts = ["ROMEO. But soft, what light", "KING. Now, my lords,", "HAMLET. I have"]
+    n = lm.config.n_layer
+    for target in (dict(), dict(contrast=(n, n // 2))):
+        full = lm.generate(prompts, 24, eos_token_id=None, **target).tokens
+        for spec in (SpeculativeConfig(n // 2, 3, None, 256), SpeculativeConfig(n - 2, 1, None, 1024)):
+            assert lm.generate(prompts, 24, eos_token_id=None, speculative=spec, **target).tokens == full, spec

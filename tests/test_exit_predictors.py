@@ -193,3 +193,17 @@ def test_learned_without_predictors_is_refused_before_work(folder, tmp_path, cap
     assert main(["generate", "--model", str(path), "--input-ids", "1,2", "--mode", "early-exit", "--measure",
                  "learned", "--threshold", "0.5"]) == 2
     assert capsys.readouterr().err.startswith("error: measure 'learned' needs")
+
+
+@pytest.mark.parametrize("name", ["small_model", "small_model_12l"])
+def test_shipped_models_read_at_most_1_02x_with_an_unreachable_threshold(name):
+    from pathlib import Path
+
+    lm = mexit.load(Path(__file__).resolve().parents[1] / "bench" / name, backend="torch", dtype="fp32")
+    assert lm.model.predictors.layers == tuple(x for x in lm.config.exit_layers if x < lm.config.n_layer)
+    prompts = ["ROMEO. But soft, what light", "KING. Now, my lords,"]
+    out = lm.generate(prompts, 16, eos_token_id=None, early_exit=ExitPolicy(1.0, "learned"))
+    assert out.tokens == lm.generate(prompts, 16, eos_token_id=None).tokens
+    assert out.stats["weight_bytes_ratio"] <= 1.02
+    by_prob = lm.generate(prompts, 16, eos_token_id=None, early_exit=ExitPolicy(1.0)).stats
+    assert by_prob["weight_bytes_ratio"] > 1.4  # a head at every checked exit
