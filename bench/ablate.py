@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from mexit.bench.common import (
+    TRAFFIC,
     add_subcommand,
     markdown_table,
     pyplot,
@@ -87,12 +88,20 @@ def settings(args, model) -> list[dict]:
                     EarlyExit(model, policy)
                     out.append(dict(measure=measure, threshold=threshold, exits=exit_set, decay_tau=decay,
                                     policy=policy, generate_kw=dict(early_exit=policy)))
+    if args.draft_vocab and not args.spec:
+        raise ValueError("--draft-vocab applies to --spec settings; none was given")
     for text in args.spec or []:
-        from mexit.bench.latency import parse_mode
+        import dataclasses
 
-        spec = parse_mode(f"spec:{text}", config)["speculative"]
-        out.append(dict(measure="speculative", threshold=spec.draft_threshold, exits=f"draft {spec.draft_exit}",
-                        decay_tau=None, draft_len=spec.draft_len, generate_kw=dict(speculative=spec)))
+        from mexit.bench.latency import parse_mode
+        from mexit.decoding.fixed import DecodeConfig
+
+        for n in args.draft_vocab or [0]:  # 0: the full draft head
+            spec = dataclasses.replace(parse_mode(f"spec:{text}", config)["speculative"], draft_vocab=n or None)
+            spec.validate_for(model, DecodeConfig())  # with draft_vocab: the checkpoint's token counts
+            exits = f"draft {spec.draft_exit}" + (f" vocab {n}" if n else "")
+            out.append(dict(measure="speculative", threshold=spec.draft_threshold, exits=exits, decay_tau=None,
+                            draft_len=spec.draft_len, generate_kw=dict(speculative=spec)))
     return out
 
 
@@ -121,6 +130,10 @@ def timed_generate(lm, ids, batch, max_new, stats=None, **kw):
             stats["weight_bytes"] = stats.get("weight_bytes", 0) + st["weight_bytes_per_token"] * decoded
             stats["full_depth_weight_bytes"] = (stats.get("full_depth_weight_bytes", 0)
                                                 + st["full_depth_weight_bytes_per_token"] * decoded)
+            stats["decoded"] = stats.get("decoded", 0) + decoded
+            for key, counter in zip(TRAFFIC, ("weight_blocks", "weight_heads", "weight_fill_blocks",
+                                              "weight_predictors")):  # weights read per token of a row
+                stats[key] = stats.get(key, 0) + st.get(counter, 0) / max(st["decoded_tokens_per_row"], 1e-9) * decoded
             if out.drafted is not None:
                 for key in ("drafted", "accepted"):
                     stats[key] = stats.get(key, 0) + st[key]
@@ -173,7 +186,8 @@ def evaluate(lm, ids, setting, reference, args) -> dict:
     else:
         extra_note = {}
     agree = [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(tokens, reference)]
-    extra = dict(extra_note, weight_bytes_ratio=stats["weight_bytes"] / stats["full_depth_weight_bytes"])
+    extra = dict(extra_note, weight_bytes_ratio=stats["weight_bytes"] / stats["full_depth_weight_bytes"],
+                 n_layer=lm.config.n_layer, **{key: stats[key] / stats["decoded"] for key in TRAFFIC})
     if "draft_len" in setting:
         extra.update(draft_len=setting["draft_len"], acceptance_rate=stats["accepted"] / max(stats["drafted"], 1))
     return dict(
@@ -444,6 +458,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-sets", nargs="+", default=["all"], help="'all' or comma-separated exit layers")
     p.add_argument("--decay-tau", nargs="+", default=["none"], help="CALM decay tau values; 'none' = fixed")
     p.add_argument("--min-layer", type=int, default=1, help="no exit below this layer")
+    p.add_argument("--draft-vocab", type=int, nargs="+", metavar="N",
+                   help="each --spec setting also (0: the full head) with its draft head restricted to the N most "
+                        "frequent tokens (the checkpoint's token_counts.safetensors)")
     p.add_argument("--spec", nargs="*", default=[],
                    help="self-speculative settings DRAFT_EXIT:K[:THRESHOLD] to add (lossless: agreement 1)")
     p.add_argument("--propagation", default="eager", choices=["eager", "deferred"],

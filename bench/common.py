@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     import torch
 
 
+# what one decode step (speculative decoding: one token of a row) read, in rows of mexit bench and mexit ablate:
+# blocks, heads ([V, d] each; restricted draft heads count their share), key/value-propagated blocks, predictors
+TRAFFIC = ("blocks_per_step", "heads_per_step", "fill_blocks_per_step", "predictors_per_step")
+
+
 def run_metadata(device: torch.device, dtype) -> dict:
     """Device name, versions and commit: every results row carries these."""
     import torch

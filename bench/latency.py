@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mexit.bench.common import (
+    TRAFFIC,
     add_subcommand,
     copy_bandwidth_gbs,
     launches_per_step,
@@ -135,9 +136,6 @@ def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: fl
     block = (4 * d * d + 2 * d * inner + 9 * d + inner) * elem  # c_attn, c_proj, c_fc, mlp c_proj; biases, norms
     kv = 2 * batch * context * d * elem
     return layers * (block + kv) + heads * v * d * elem + filled * 2 * d * d * elem + predictors * (d + 1) * 4
-
-
-TRAFFIC = ("blocks_per_step", "heads_per_step", "fill_blocks_per_step", "predictors_per_step")
 
 
 def mode_traffic(stats: dict) -> tuple[float, float, float, float]:

@@ -323,7 +323,7 @@ def test_cost_model_prices_the_measured_traffic_at_gpt2_medium(tiny_checkpoint, 
                         baselines=[])
     assert latency.main(argv) == 0
     assert cost_model.main([str(tmp_path / "b" / "latency.json"), "--out", str(tmp_path / "c")]) == 0
-    rows = {(r["mode"], r["batch"], r["blocks_per_step"]): r
+    rows = {(r["setting"], r["batch"], r["blocks_per_step"]): r
             for r in json.loads((tmp_path / "c" / "cost_model.json").read_text())}
     full = 24 * block_bytes(MEDIUM, torch.float16) + MEDIUM.vocab_size * MEDIUM.n_embd * 2
     for (mode, _, blocks), r in rows.items():
@@ -335,3 +335,12 @@ def test_cost_model_prices_the_measured_traffic_at_gpt2_medium(tiny_checkpoint, 
         if mode == "ee:max-prob:1":  # three exit heads besides full depth
             assert r["medium_ratio"] == pytest.approx(1 + 3 * MEDIUM.vocab_size * MEDIUM.n_embd * 2 / full)
     assert cost_model.main([str(tmp_path / "missing.json")]) == 2
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello world\n\nThe cat sat on\n")
+    assert ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "a", prompts, measures=["learned"], thresholds=[1.0],
+                                   spec=["2:1"])) == 0
+    assert cost_model.main([str(tmp_path / "a" / "ablation.jsonl"), "--out", str(tmp_path / "d")]) == 0
+    projected = json.loads((tmp_path / "d" / "cost_model.json").read_text())
+    assert [r["setting"] for r in projected] == ["learned 1.0 all", "speculative draft 2 k=1"]
+    assert projected[0]["medium_ratio"] == pytest.approx(1 + 3 * 1025 * 4 / full)
+    assert projected[1]["acceptance_rate"] is not None and projected[1]["medium_ratio"] > 0
