@@ -3,7 +3,8 @@
 # fits one 10-minute device call; results land in $OUT (or ./gpu_results).
 #   bash bench/gpu_check.sh quick     # the essentials in one call (< 8 min): kernel + fast-path GPU tests, the
 #                                     # decode block and exit-stage benchmarks, end-to-end decode at batch 1 and 64
-#                                     # (original, ACD, exit 12, early exit on both schedules, speculative, DoLa;
+#                                     # (original, ACD, exit 12, early exit on both schedules (max-prob and
+#                                     # learned), speculative with full and 4096-token draft heads, DoLa;
 #                                     # launches and bytes per step), transformers eager in the same run; programmatic dependent
 #                                     # launch off and on (original, ACD, batch 1) in one run; ends with a markdown
 #                                     # summary to paste into bench/RESULTS.md
@@ -37,9 +38,10 @@ quick)
     tests/test_load_checkpoint.py 2>&1 | tee "$OUT/tests.txt" | tail -6
   timeout 60 python3 bench/bench_fused_linear.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
   timeout 40 python3 bench/bench_exit_head.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -12
-  timeout 180 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
+  timeout 200 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
     --no-compile --baselines transformers --modes original acd:24,12 exit:12 ee:max-prob:0:12 \
-    ee:max-prob:0:12:predicated ee:max-prob:1:6,12,18 ee:max-prob:1:6,12,18:predicated spec:12:1 spec:6:3 dola:high \
+    ee:max-prob:0:12:predicated ee:max-prob:1:6,12,18 ee:max-prob:1:6,12,18:predicated ee:learned:1:6,12,18 \
+    ee:learned:1:6,12,18:predicated spec:12:1 dola:high --draft-vocab 0 4096 \
     --no-plot --out "$OUT/graph" 2>&1 | tee "$OUT/graph.log" | tail -4
   timeout 60 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --warmup 1 --repeats 3 --engine graph \
     --backend triton --pdl both --baselines --modes original acd:24,12 --no-plot --out "$OUT/pdl" 2>&1 \

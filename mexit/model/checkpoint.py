@@ -15,7 +15,7 @@ import torch
 from .config import ModelConfig
 from .decoder import MultiExitGPT2, Weights
 from .files import StoredTensor, hub_patterns, open_tensors, shard_names
-from .predictors import load_predictors
+from .predictors import ExitPredictors, load_predictors
 from .token_counts import load_token_counts
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -287,10 +287,19 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02, device
 
 def random_model(config: ModelConfig, seed: int = 0, dtype=None, device="cpu") -> MultiExitGPT2:
     """A RANDOM-WEIGHT model of `config`'s shape: for tests and latency benchmarks only, never for quality.
-    dtype None: fp16 on CUDA, fp32 elsewhere."""
+    dtype None: fp16 on CUDA, fp32 elsewhere. It carries random learned exit predictors (every exit below the
+    last layer) and random token counts, so that every mode runs on it."""
     device = resolve_device(device)
     weights = random_weights(config, seed, device=device, dtype=resolve_dtype(dtype, device))
-    return MultiExitGPT2(config, weights, random_weights=True)
+    model = MultiExitGPT2(config, weights, random_weights=True)
+    gen = torch.Generator().manual_seed(seed)
+    exits = tuple(x for x in config.exit_layers if x < config.n_layer)
+    if exits:
+        d = config.n_embd
+        model.predictors = ExitPredictors(exits, torch.randn(len(exits), d, generator=gen) / d ** 0.5,
+                                          torch.zeros(len(exits)), config.layer_norm_epsilon).to(device)
+    model.token_counts = torch.randint(0, 1000, (config.vocab_size,), generator=gen)
+    return model
 
 
 def named_weights(weights: Weights):
