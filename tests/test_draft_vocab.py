@@ -125,7 +125,14 @@ def test_shipped_models_greedy_equals_full_depth(name):
     assert lm.model.token_counts is not None and lm.model.predictors is not None
     prompts = ["ROMEO. But soft, what light", "KING. Now, my lords,", "HAMLET. I have"]
     n = lm.config.n_layer
-    for target in (dict(), dict(contrast=(n, n // 2))):
+    rates = []
+    for target in (dict(), dict(exit_layer=n - 2), dict(contrast=(n, n // 2))):
         full = lm.generate(prompts, 24, eos_token_id=None, **target).tokens
-        for spec in (SpeculativeConfig(n // 2, 3, None, 256), SpeculativeConfig(n - 2, 1, None, 1024)):
-            assert lm.generate(prompts, 24, eos_token_id=None, speculative=spec, **target).tokens == full, spec
+        depth = n - 2 if "exit_layer" in target else n
+        for draft_exit in (x for x in lm.config.exit_layers if x < depth):
+            for k, size in ((1, 256), (3, 1024)):
+                spec = SpeculativeConfig(draft_exit, k, None, size)
+                out = lm.generate(prompts, 24, eos_token_id=None, speculative=spec, **target)
+                assert out.tokens == full, (target, spec)
+                rates.append(out.stats["acceptance_rate"])
+    assert max(rates) > 0.3 and min(rates) < 1.0  # drafts accepted and rejected
