@@ -8,6 +8,7 @@ Layouts, in transformers' order of preference: `model.safetensors`, sharded safe
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .predictors import PREDICTOR_FILE
-from .token_counts import TOKEN_COUNTS_FILE
-
 LAYOUTS = (("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
            ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json")
+PREDICTOR_FILE = "exit_predictors.safetensors"  # learned exit predictors (`predictors.py`)
+TOKEN_COUNTS_FILE = "token_counts.safetensors"  # token frequencies (`token_counts.py`)
 # what travels with the weights (downloads, convert, save_pretrained): the learned exit predictors too
 METADATA_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, PREDICTOR_FILE, TOKEN_COUNTS_FILE)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -140,3 +140,22 @@ def open_tensors(folder: Path) -> dict[str, StoredTensor]:
         stored.update(opened)
     return stored
 
+
+def file_mode() -> int:
+    """The mode new files get (0666 less the umask), read without changing the umask where Linux shows it."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def replace_file(path: Path, write) -> None:
+    """`write(temporary path)`, then the usual mode and an atomic rename onto `path`: a reader never sees half a
+    file, and a read-only file of an earlier save is replaced, not opened for writing."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.chmod(tmp, file_mode())
+    tmp.replace(path)

@@ -19,7 +19,7 @@ import torch
 
 from mexit.kernels.exit_decide_ref import probe_confidence
 
-PREDICTOR_FILE = "exit_predictors.safetensors"
+from .files import PREDICTOR_FILE, replace_file
 
 
 @dataclass
@@ -57,14 +57,12 @@ def save_predictors(folder: Path, predictors: ExitPredictors) -> Path:
     from safetensors.torch import save_file
 
     path = Path(folder) / PREDICTOR_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file({"weight": predictors.weight.detach().float().cpu().contiguous(),
+    tensors = {"weight": predictors.weight.detach().float().cpu().contiguous(),
                "bias": predictors.bias.detach().float().cpu().contiguous(),
-               "layers": torch.tensor(predictors.layers, dtype=torch.long)}, tmp,
-              metadata={"format": "pt", "eps": repr(predictors.eps), "final_head": str(predictors.final_head),
-                        "info": json.dumps(predictors.info)})
-    tmp.chmod(0o644)
-    tmp.replace(path)
+               "layers": torch.tensor(predictors.layers, dtype=torch.long)}
+    metadata = {"format": "pt", "eps": repr(predictors.eps), "final_head": str(predictors.final_head),
+                "info": json.dumps(predictors.info)}
+    replace_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import load, resolve_folder, state_dict_from_weights
 from .decoder import MultiExitGPT2
-from .files import LAYOUTS, METADATA_FILES
+from .files import LAYOUTS, METADATA_FILES, replace_file
 
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub counts
 
@@ -34,26 +34,6 @@ def weight_file_in(folder: Path) -> str | None:
     """The first weight file, index or shard `folder` holds, if any."""
     named = (name for single, index, _ in LAYOUTS for name in (single, index) if (folder / name).exists())
     return next(named, None) or next((p.name for *_, shards in LAYOUTS for p in folder.glob(shards)), None)
-
-
-def file_mode() -> int:
-    """The mode new files get (0666 less the umask), read without changing the umask where Linux shows it."""
-    try:
-        with open("/proc/self/status") as status:
-            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration):
-        umask = os.umask(0)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def replace_file(path: Path, write) -> None:
-    """`write(temporary path)`, then the usual mode and an atomic rename onto `path`: a reader never sees half a
-    file, and a read-only file of an earlier save is replaced, not opened for writing."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.chmod(tmp, file_mode())
-    tmp.replace(path)
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], folder: str | os.PathLike, config: dict,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-TOKEN_COUNTS_FILE = "token_counts.safetensors"
+from .files import TOKEN_COUNTS_FILE, replace_file
 
 
 def count_tokens(blocks: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -25,11 +25,9 @@ def save_token_counts(folder: Path, counts: torch.Tensor, sources: list[str]) ->
     from safetensors.torch import save_file
 
     path = Path(folder) / TOKEN_COUNTS_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file({"counts": counts.to(torch.long).cpu().contiguous()}, tmp,
-              metadata={"format": "pt", "sources": json.dumps(sources), "tokens": str(int(counts.sum()))})
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    tensors = {"counts": counts.to(torch.long).cpu().contiguous()}
+    metadata = {"format": "pt", "sources": json.dumps(sources), "tokens": str(int(counts.sum()))}
+    replace_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -13,6 +13,21 @@ class TrainingInterrupted(Exception):
     """Ctrl-C during training: the state was saved; the message says how to resume."""
 
 
+def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None) -> None:
+    """Checks shared by the commands that tokenize text with a checkpoint's tokenizer: the folder holds
+    tokenizer files; data names at least one file; every file exists and holds text."""
+    if not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
+        raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): the "
+                                "text is tokenized with the checkpoint's own tokenizer")
+    if not data:
+        raise ValueError("no training data: pass one or more text files with --data")
+    for path in [*data, *(eval_data or [])]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        if not Path(path).read_text(errors="replace").strip():
+            raise ValueError(f"data file {path} is empty")
+
+
 def token_blocks(tokenizer, paths: list[str], seq_len: int) -> torch.Tensor:
     """Texts joined by eos (as autocontrastive-gen's grouped texts), cut into [N, seq_len] int64 blocks."""
     eos = tokenizer.eos_token_id
@@ -46,14 +61,8 @@ def write_token_counts(folder: Path, paths: list[str], overwrite: bool = False):
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist (the counts are written into it)")
     config = read_config(folder)
-    if not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
-        raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    check_text(folder, paths)
     if (folder / TOKEN_COUNTS_FILE).exists() and not overwrite:
         raise FileExistsError(f"{folder / TOKEN_COUNTS_FILE} exists: pass --overwrite to replace it")
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        if not Path(path).read_text(errors="replace").strip():
-            raise ValueError(f"data file {path} is empty")
     counts = count_tokens(token_blocks(AutoTokenizer.from_pretrained(folder), paths, 1), config.vocab_size)
     return counts, save_token_counts(folder, counts, [Path(p).name for p in paths])

@@ -28,7 +28,7 @@ from mexit.model.decoder import MultiExitGPT2
 from mexit.model.predictors import PREDICTOR_FILE
 from mexit.model.token_counts import count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, TrainingInterrupted, lr_factor, token_blocks
+from .common import LOGITS_PER_CHUNK, TrainingInterrupted, check_text, lr_factor, token_blocks
 
 STATE_FILE = "trainer_state.pt"
 
@@ -72,16 +72,7 @@ def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
     config = read_config(base)  # the loader's own checks of config.json
     hf_config = json.loads((base / "config.json").read_text())  # written back unchanged but for the exits
     n_layer, n_positions = config.n_layer, config.n_positions
-    if not any((base / name).exists() for name in ("tokenizer.json", "vocab.json")):
-        raise FileNotFoundError(f"{base} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): "
-                                "train-heads tokenizes the text with the base's own tokenizer")
-    if not cfg.data:
-        raise ValueError("no training data: pass one or more text files with --data")
-    for path in [*cfg.data, *(cfg.eval_data or [])]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        if not Path(path).read_text(errors="replace").strip():
-            raise ValueError(f"data file {path} is empty")
+    check_text(base, cfg.data, cfg.eval_data)
     if not cfg.exits:
         raise ValueError("no exits: pass --exits, e.g. 2,4,6")
     bad = sorted({e for e in cfg.exits if not 1 <= e <= n_layer})

@@ -27,7 +27,7 @@ from mexit.model.checkpoint import resolve_device
 from mexit.model.predictors import PREDICTOR_FILE, ExitPredictors, save_predictors
 from mexit.model.token_counts import TOKEN_COUNTS_FILE, count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, TrainingInterrupted, lr_factor, token_blocks
+from .common import LOGITS_PER_CHUNK, TrainingInterrupted, check_text, lr_factor, token_blocks
 
 STATE_FILE = "exit_predictors_state.pt"
 REPORT = "exit_predictors_report"
@@ -69,8 +69,7 @@ def check_inputs(cfg: PredictorTrainingConfig):
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist: train-exit-predictors writes the "
                                 "predictors into a local checkpoint folder (download or `mexit convert` it first)")
     config = read_config(folder)
-    if not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
-        raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    check_text(folder, cfg.data, cfg.eval_data)
     if not config.exit_layers:
         raise ValueError(f"{folder} has no exit heads: train them first (mexit train-heads)")
     final = cfg.final_head
@@ -87,13 +86,6 @@ def check_inputs(cfg: PredictorTrainingConfig):
         raise ValueError(f"no exit below the final head's depth {depth}")
     if len(set(exits)) != len(exits):
         raise ValueError(f"duplicate exits in {list(cfg.exits)}")
-    if not cfg.data:
-        raise ValueError("no training data: pass one or more text files with --data")
-    for path in [*cfg.data, *(cfg.eval_data or [])]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        if not Path(path).read_text(errors="replace").strip():
-            raise ValueError(f"data file {path} is empty")
     if cfg.seq_len is None:
         cfg.seq_len = min(256, config.n_positions)
     if not 1 <= cfg.seq_len <= config.n_positions:
