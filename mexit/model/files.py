@@ -2,7 +2,9 @@
 reading them (memory-mapped where the file allows), so that a loader reads each byte once.
 
 Layouts, in transformers' order of preference: `model.safetensors`, sharded safetensors with
-`model.safetensors.index.json`, `pytorch_model.bin`, sharded `.bin` with `pytorch_model.bin.index.json`.
+`model.safetensors.index.json`, `pytorch_model.bin`, sharded `.bin` with `pytorch_model.bin.index.json`. Beside the
+weights travel config, tokenizer and side files (learned exit predictors, token counts: `METADATA_FILES`), all
+written atomically (`replace_file`).
 """
 
 from __future__ import annotations
