@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import mexit
 from mexit.decoding.early_exit import ExitPolicy
 from mexit.frontends.cli import main
+from mexit.kernels.exit_decide_ref import probe_confidence
 from mexit.model.predictors import PREDICTOR_FILE
 from mexit.training.common import TrainingInterrupted
 from mexit.training.predictors import PredictorTrainingConfig, calibration, train_exit_predictors
@@ -67,7 +68,7 @@ def test_labels_are_the_consistency_oracle_and_the_file_loads(folder):
     h = torch.randn(5, lm.config.n_embd)
     p = lm.model.predictors
     x = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
-    torch.testing.assert_close(p.confidence(2, h), torch.sigmoid(x @ p.weight[1] + p.bias[1]))
+    torch.testing.assert_close(probe_confidence(h, *p.probe(2)), torch.sigmoid(x @ p.weight[1] + p.bias[1]))
 
 
 def test_calibration_metrics_by_their_definitions():
@@ -144,12 +145,20 @@ def test_stored_predictors_are_checked_and_travel_with_the_weights(tiny_checkpoi
     assert main(["convert", str(src), str(out), "--dtype", "fp16"]) == 0
     assert mexit.load(out).model.predictors.layers == (1, 2, 3)
     stored = load_file(src / PREDICTOR_FILE)
-    for change, message in ((dict(weight=stored["weight"][:, :5].contiguous()), "do not fit 3 exits of width"),
+    for change, message in ((dict(layers=torch.tensor([2, 1, 3])), "must be distinct and ascending"),
+                            (dict(weight=stored["weight"][:, :5].contiguous()), "do not fit 3 exits of width"),
                             (dict(layers=torch.tensor([1, 2, 9])), r"exits \[9\], which this checkpoint does not"),
                             (dict(bias=torch.tensor([0.0, float("nan"), 0.0])), "NaN or inf")):
         save_file({**stored, **change}, src / PREDICTOR_FILE)
         with pytest.raises(ValueError, match=message):
             mexit.load(src)
+    for name, remedy in ((PREDICTOR_FILE, "mexit train-exit-predictors --overwrite"),
+                         ("token_counts.safetensors", "mexit count-tokens --overwrite")):
+        shutil.copy(tiny_checkpoint[0] / PREDICTOR_FILE, src / PREDICTOR_FILE)
+        (src / name).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+        with pytest.raises(ValueError, match=f"is not a readable safetensors file .*{remedy}"):
+            mexit.load(src)
+        (src / name).unlink()
 
 
 def test_learned_reads_predictors_not_heads(tiny_checkpoint):

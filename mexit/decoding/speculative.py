@@ -53,12 +53,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """draft_exit: the exit layer whose head drafts (below the target's depth); draft_len: drafts per round at most;
-    draft_threshold: stop a row's drafting at a draft whose top probability is below it (None: never); draft_vocab:
-    draft from the draft exit's head restricted to the checkpoint's draft_vocab most frequent tokens (FR-Spec, Zhao
-    et al. 2025; its `token_counts.safetensors`): a draft reads draft_vocab / V of the head, the draft distribution
-    is the restricted one, and verification keeps the output exact. The default draft_len=1 is the cheapest setting
-    measured on the small real model (bench/RESULTS.md): each draft reads its exit head, so longer drafts pay only
-    with high acceptance."""
+    draft_threshold: stop a row's drafting at a draft whose top probability is below it (None: never);
+    draft_vocab: draft from the draft exit's head restricted to the checkpoint's draft_vocab most frequent tokens
+    (FR-Spec, Zhao et al. 2025; its `token_counts.safetensors`): a draft reads draft_vocab / V of the head, the
+    draft distribution is the restricted one (draft_threshold then applies to its top probability, renormalized
+    over the N tokens), and verification keeps the output exact. The default draft_len=1 is the cheapest setting
+    measured on the small real model (bench/RESULTS.md): each draft reads its exit head, so longer drafts pay
+    only with high acceptance."""
 
     draft_exit: int
     draft_len: int = 1
@@ -271,10 +272,13 @@ class Speculative(Mode):
             rows.buffers.draft_logits.index_copy_(0, index, out.logits)
         return out
 
-    def draft_logits(self, out) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, V] fp32: -inf outside a restricted draft vocabulary, argmax [B] int64 token ids)."""
+    def draft_logits(self, out, full: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits [B, V] fp32 with -inf outside a restricted draft vocabulary, when `full` (sampling, the
+        repetition controls) else None; argmax [B] int64 token ids)."""
         if self.draft_ids is None:
             return out.logits[0], out.argmax[0]
+        if not full:
+            return None, self.draft_ids[out.argmax[0]]
         logits = out.logits.new_full((out.logits.shape[1], self.model.config.vocab_size), -float("inf"))
         return logits.index_copy_(1, self.draft_ids, out.logits[0]), self.draft_ids[out.argmax[0]]
 
@@ -283,7 +287,7 @@ class Speculative(Mode):
         buf, s, controlled = rows.buffers, rows.sampling, rows.history is not None
         i = buf.draft_i
         out = self.draft_head(rows, self.lower_pass(rows, i), i)
-        logits, top1 = self.draft_logits(out)
+        logits, top1 = self.draft_logits(out, s.do_sample or controlled)
         if controlled:
             logits = rows.penalize(logits, rows.io.positions + i)
         if s.do_sample:

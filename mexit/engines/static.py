@@ -261,8 +261,8 @@ class StaticState(DecodeState):
                 fired = {layer for layer in exits if layer < mode.depth} if mode.head_free else \
                     [layer for layer in mode.checked if layer <= deepest]
                 reads["weight_heads"] += len(fired) + (deepest == mode.depth)
-                if mode.predictors is not None:
-                    reads["weight_predictors"] += sum(layer <= deepest for layer in mode.checked)
+                if mode.predictors is not None:  # the decision kernels run (and read) at every checked exit
+                    reads["weight_predictors"] += len(mode.checked)
             self.counters.update(reads)
         super().describe(result)
 

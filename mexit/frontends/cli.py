@@ -117,7 +117,7 @@ def add_generate_parser(sub) -> None:
     sp.add_argument("--draft-len", type=int, default=1, help="drafts per verification at most")
     sp.add_argument("--draft-vocab", type=int,
                     help="draft from the N most frequent tokens only (the checkpoint's token_counts.safetensors; "
-                         "the output stays exact)")
+                         "the output stays exact; 0: the whole head, the default)")
     sp.add_argument("--draft-threshold", type=float,
                     help="stop drafting at a draft whose top probability is below this (default: never)")
     p.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (share of the top prob)")
@@ -480,7 +480,8 @@ def generate_kwargs(args) -> dict:
     if args.mode == "speculative":
         from mexit.decoding.speculative import SpeculativeConfig
 
-        kw["speculative"] = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold, args.draft_vocab)
+        kw["speculative"] = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold,
+                                              args.draft_vocab or None)
     else:
         kw["mode"] = args.mode
     return dict(kw, exit_layer=args.exit_layer, contrast=args.contrast, alpha=args.alpha,

@@ -104,6 +104,19 @@ def open_safetensors(path: Path) -> dict[str, StoredTensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted: {reason})") from None
 
 
+def read_side_file(path: Path, remedy: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A small safetensors side file read whole: (tensors, metadata). Errors: a truncated or corrupted file is a
+    ValueError naming it and `remedy` (how to write it again)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not a readable safetensors file ({reason}): delete it or {remedy}") from None
+
+
 def open_pickle(path: Path) -> dict[str, StoredTensor]:
     """A `.bin` with weights_only=True (a file holding other objects is refused without running it), memory-mapped
     when it is a zip (torch >= 1.6); legacy files are read whole."""

@@ -4,7 +4,8 @@ classifier).
 
     confidence_L(h) = sigmoid(w_L . standardize(h) + b_L),  standardize(h) = (h - mean(h)) / sqrt(var(h) + eps)
 
-over the d features of h (layernorm without an affine: ln_f's affine would fold into w_L). A check reads d + 1 fp32
+over the d features of h (layernorm without an affine: ln_f's affine would fold into w_L;
+`mexit.kernels.exit_decide_ref.probe_confidence`, which the exit decision evaluates). A check reads d + 1 fp32
 weights instead of a [V, d] head. They live beside the weights as `exit_predictors.safetensors`: `weight` [E, d]
 fp32, `bias` [E] fp32, `layers` [E] int64, and metadata (the final head the labels compared with, how they were
 trained); `mexit train-exit-predictors` writes them and `load` reads them with the checkpoint."""
@@ -17,9 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mexit.kernels.exit_decide_ref import probe_confidence
-
-from .files import PREDICTOR_FILE, replace_file
+from .files import PREDICTOR_FILE, read_side_file, replace_file
 
 
 @dataclass
@@ -42,11 +41,6 @@ class ExitPredictors:
         i = self.row(layer)
         return self.weight[i], self.bias[i:i + 1], self.eps
 
-    def confidence(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """h [B, d] (any float dtype) -> [B] fp32 in [0, 1]: the predicted probability that exit `layer` agrees
-        with the final head (`probe_confidence`)."""
-        return probe_confidence(h, *self.probe(layer))
-
     def to(self, device) -> ExitPredictors:
         return ExitPredictors(self.layers, self.weight.to(device), self.bias.to(device), self.eps, self.final_head,
                               self.info)
@@ -68,14 +62,10 @@ def save_predictors(folder: Path, predictors: ExitPredictors) -> Path:
 
 def load_predictors(folder: Path, n_embd: int, exit_layers, device) -> ExitPredictors | None:
     """The folder's predictors on `device`, checked against the checkpoint (width, exits); None without the file."""
-    from safetensors import safe_open
-
     path = Path(folder) / PREDICTOR_FILE
     if not path.is_file():
         return None
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors, meta = read_side_file(path, "write it again with `mexit train-exit-predictors --overwrite`")
     missing = {"weight", "bias", "layers"} - set(tensors)
     if missing:
         raise ValueError(f"{path}: missing tensors {sorted(missing)}")
@@ -83,6 +73,8 @@ def load_predictors(folder: Path, n_embd: int, exit_layers, device) -> ExitPredi
     if weight.shape != (len(layers), n_embd) or bias.shape != (len(layers),):
         raise ValueError(f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit {len(layers)} "
                          f"exits of width {n_embd}")
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"{path}: exits {list(layers)} must be distinct and ascending")
     unknown = sorted(set(layers) - set(exit_layers))
     if unknown:
         raise ValueError(f"{path}: predictors for exits {unknown}, which this checkpoint does not have "

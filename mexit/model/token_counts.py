@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .files import TOKEN_COUNTS_FILE, replace_file
+from .files import TOKEN_COUNTS_FILE, read_side_file, replace_file
 
 
 def count_tokens(blocks: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -33,12 +33,10 @@ def save_token_counts(folder: Path, counts: torch.Tensor, sources: list[str]) ->
 
 def load_token_counts(folder: Path, vocab: int) -> torch.Tensor | None:
     """The folder's counts [V] int64 on the CPU, checked against the vocabulary; None without the file."""
-    from safetensors.torch import load_file
-
     path = Path(folder) / TOKEN_COUNTS_FILE
     if not path.is_file():
         return None
-    tensors = load_file(path)
+    tensors, _ = read_side_file(path, "count again with `mexit count-tokens --overwrite`")
     counts = tensors.get("counts")
     if counts is None or counts.shape != (vocab,) or counts.dtype != torch.long or bool((counts < 0).any()):
         raise ValueError(f"{path}: expected counts [{vocab}] int64 >= 0, got "

@@ -23,7 +23,7 @@ def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None
         raise ValueError("no training data: pass one or more text files with --data")
     for path in [*data, *(eval_data or [])]:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
+            raise FileNotFoundError(f"data file {path} {'is not a file' if Path(path).exists() else 'does not exist'}")
         if not Path(path).read_text(errors="replace").strip():
             raise ValueError(f"data file {path} is empty")
 
@@ -59,7 +59,8 @@ def write_token_counts(folder: Path, paths: list[str], overwrite: bool = False):
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (the counts are written into it)")
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"checkpoint folder {folder} {state} (the counts are written into it)")
     config = read_config(folder)
     check_text(folder, paths)
     if (folder / TOKEN_COUNTS_FILE).exists() and not overwrite:

@@ -66,8 +66,9 @@ def check_inputs(cfg: PredictorTrainingConfig):
 
     folder = Path(cfg.model).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist: train-exit-predictors writes the "
-                                "predictors into a local checkpoint folder (download or `mexit convert` it first)")
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"checkpoint folder {folder} {state}: train-exit-predictors writes the predictors "
+                                "into a local checkpoint folder (download or `mexit convert` it first)")
     config = read_config(folder)
     check_text(folder, cfg.data, cfg.eval_data)
     if not config.exit_layers:
@@ -100,6 +101,9 @@ def check_inputs(cfg: PredictorTrainingConfig):
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
     if not 0 < cfg.eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_max_blocks < 1 or cfg.save_every < 0:
+        raise ValueError(f"eval_max_blocks must be >= 1 and save_every >= 0, got {cfg.eval_max_blocks} and "
+                         f"{cfg.save_every}")
     if cfg.resume:
         if not (folder / STATE_FILE).exists():
             raise FileNotFoundError(f"--resume: {folder} holds no {STATE_FILE} to resume from")
