@@ -20,7 +20,7 @@ POLICIES = [ExitPolicy(0.3), ExitPolicy(0.2, "margin"), ExitPolicy(0.8, "cosine"
 
 @pytest.fixture(scope="module")
 def lm(tiny_checkpoint):
-    return mexit.load(tiny_checkpoint[0], backend="torch")
+    return mexit.load(tiny_checkpoint[0], backend="torch", device="cpu")  # beside transformers on the CPU
 
 
 def run(lm, policy, prompts=PROMPTS, **kw):
