@@ -25,8 +25,8 @@ def modes() -> dict:
     """name -> (generate kwargs, budget): 5 launches per executed block plus the mode's fixed part."""
     from mexit.decoding.early_exit import ExitPolicy
 
-    def ee(threshold, exits, schedule="segments"):
-        return dict(early_exit=ExitPolicy(threshold, exits=exits, schedule=schedule))
+    def ee(threshold, exits, schedule="segments", measure="max-prob"):
+        return dict(early_exit=ExitPolicy(threshold, measure, exits=exits, schedule=schedule))
 
     return {
         "original": ({}, 5 * 24 + 3),
@@ -36,6 +36,12 @@ def modes() -> dict:
         "early exit, predicated, every exit checked": (ee(0.5, EXITS[:-1], "predicated"), 5 * 24 + 3 * 11 + 3),
         "early exit, segments, all exit at 8": (ee(0.0, (8,)), 5 * 8 + 3 + 3),
         "early exit, segments, checks at 6, 12, 18, none exits": (ee(1.0, (6, 12, 18)), 5 * 24 + 3 * 3 + 3 * 4),
+        # per check: the decision with the predictor, the fired rows' head (2 kernels, reading nothing when no
+        # row fired) and one torch `where` giving them its token
+        "learned early exit, predicated, checks at 6, 12, 18": (ee(0.5, (6, 12, 18), "predicated", "learned"),
+                                                                5 * 24 + 3 * 4 + 3),
+        "learned early exit, segments, checks at 6, 12, 18, none exits": (ee(1.0, (6, 12, 18), "segments",
+                                                                             "learned"), 5 * 24 + 3 * 2 + 3),
         "sampling (top-k 50), original": (dict(do_sample=True, top_k=50, seed=0), None),
     }
 

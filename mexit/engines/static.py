@@ -209,7 +209,7 @@ class StaticState(DecodeState):
     def fired_token(self, head) -> None:
         x = self.exits
         token = self.verdict(self.head_out(x.h_exit, head, x.fired_skip), self.uniform_now()).token
-        x.chosen.copy_(torch.where(x.fired, token, x.chosen))
+        torch.where(x.fired, token, x.chosen, out=x.chosen)  # one kernel: the fired rows take the head's token
 
     def read_flags(self) -> list[bool]:
         """(a row fired, a row runs): one device-to-host read per check."""
