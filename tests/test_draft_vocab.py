@@ -136,3 +136,18 @@ def test_shipped_models_greedy_equals_full_depth(name):
                 assert out.tokens == full, (target, spec)
                 rates.append(out.stats["acceptance_rate"])
     assert max(rates) > 0.3 and min(rates) < 1.0  # drafts accepted and rejected
+
+
+def test_draft_heads_comparison(lm, tmp_path):
+    """bench/draft_heads.py: a full-rank factor and the whole vocabulary agree with the full head exactly; shares
+    are the weights read over a head's."""
+    from mexit.bench import draft_heads
+
+    blocks = torch.tensor([PROMPTS[3] * 3, PROMPTS[0] * 4 + [7, 7]])
+    d, v = lm.config.n_embd, lm.config.vocab_size
+    rows = draft_heads.compare(lm.model, blocks, [2], [v, 16], [d, 4])
+    by = {r["head"]: r for r in rows}
+    assert by[f"vocab {v}"]["agreement"] == by["full"]["agreement"] == by[f"rank {d}"]["agreement"]
+    assert by["vocab 16"]["head_share"] == pytest.approx(16 / v)
+    assert by["rank 4"]["head_share"] == pytest.approx(4 * (v + d) / (v * d))
+    assert draft_heads.main(["--model", str(tmp_path / "missing"), "--text", "x"]) == 2
