@@ -125,6 +125,7 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
         "ee-cosine": dict(early_exit=ExitPolicy(0.5, measure="cosine", exits=(1,))),
         "ee-learned": dict(early_exit=ExitPolicy(0.5, measure="learned", exits=(1,), schedule="predicated")),
         "sample": dict(do_sample=True, top_k=50, seed=0),
+        "controls": dict(repetition_penalty=1.2, no_repeat_ngram_size=3),
     }
     launches: set[Launch] = set()
     for dtype in dtypes:
@@ -225,13 +226,13 @@ def run(ci: bool) -> list[dict]:
     if ci:  # representative: every kernel and schedule once, the batch buckets' tile regimes, fp16 (bf16: one)
         launches = runtime_launches(["fp16"], [1, 64], ["original", "acd", "ee-segments", "ee-predicated",
                                                         "ee-learned"])
-        launches |= runtime_launches(["fp16"], [1], ["sample"])
+        launches |= runtime_launches(["fp16"], [1], ["sample", "controls"])
         launches |= runtime_launches(["bf16"], [16], ["acd"])
         launches |= runtime_launches(["fp16"], [1], ["original", "acd", "ee-segments", "ee-predicated", "sample"],
                                      pdl=True)
     else:
         modes = ["original", "exit", "acd", "acd-original", "ee-segments", "ee-deferred", "ee-predicated",
-                 "ee-cosine", "ee-learned", "sample"]
+                 "ee-cosine", "ee-learned", "sample", "controls"]
         launches = runtime_launches(["fp16", "bf16"], [1, 2, 4, 8, 16, 32, 64], modes)
         launches |= runtime_launches(["fp16", "bf16"], [1, 16, 64], modes, pdl=True)
     rows = []

@@ -43,6 +43,8 @@ def modes() -> dict:
         "learned early exit, segments, checks at 6, 12, 18, none exits": (ee(1.0, (6, 12, 18), "segments",
                                                                              "learned"), 5 * 24 + 3 * 2 + 3),
         "sampling (top-k 50), original": (dict(do_sample=True, top_k=50, seed=0), None),
+        "original, repetition penalty 1.2 and no_repeat_ngram_size 3": (
+            dict(repetition_penalty=1.2, no_repeat_ngram_size=3), None),
     }
 
 

@@ -16,8 +16,8 @@ from test_speculative import PROMPTS as SPEC_PROMPTS
 import mexit
 from mexit import SpeculativeConfig
 from mexit.decoding.early_exit import ExitPolicy
-from mexit.decoding.sampling import penalize_repetition
 from mexit.frontends.compat import AutoMultiExitModel
+from mexit.kernels.control_repetition_ref import penalize_repetition
 
 PROMPTS = [[5, 17, 200, 3], [42, 7, 128, 255, 1, 64, 12], [9]]
 

@@ -9,7 +9,7 @@ right before a later token runs block j (deferred). How is the engine's business
 exited rows' blocks, the static engine runs frozen rows through the blocks (their key/value writes are the
 propagation) and fills the rest once no row runs. The prefill decides token 0 on states of every layer.
 
-With the repetition controls (`control_repetition`), a head's token and its max-prob / margin confidence come from
+With the repetition controls (`ops.control_repetition`), a head's token and its max-prob / margin confidence come from
 its logits after them, on the row's sequence so far: the distribution the token is chosen from.
 """
 

@@ -24,7 +24,7 @@ per round. The eager engine runs the same pieces uncaptured.
 The target is any fixed mode: the original head, an exit, or ACD (upper, lower). With ACD and drafts from its
 lower exit, the drafts' logits are the lower exit's logits at those positions and are reused.
 
-The repetition controls (`control_repetition`) apply to every draft's logits and to the target's scores at every
+The repetition controls (`ops.control_repetition`) apply to every draft's logits and to the target's scores at every
 round position, each on the row's sequence up to that position (the round's drafts are written into the
 sequence as they are made): the target's scores are then exactly its own step's, so the output stays identical
 (greedy) or distributed as the target's (sampling: p is the controlled draft distribution).

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mexit import ops
-from mexit.decoding.sampling import SamplingConfig, choose, control_repetition
+from mexit.decoding.sampling import SamplingConfig, choose
 from mexit.decoding.stats import per_token, weight_reads
 from mexit.decoding.step import Candidate
 from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
@@ -252,7 +252,7 @@ class DecodeState:
 
     def penalize(self, scores: torch.Tensor, last: torch.Tensor | None = None,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The mode's scores after the repetition controls (`control_repetition`; unchanged without them). scores:
+        """The mode's scores after the repetition controls (`ops.control_repetition`; unchanged without them). scores:
         [B, V] at each row's last position (`last` None), [B, V] with last [B] or [B, J, V] with last [B, J] (the
         positions they follow); rows [n] int64: scores [n, V] of those rows only."""
         if self.history is None:
@@ -260,7 +260,9 @@ class DecodeState:
         history = self.history if rows is None else self.history[rows]
         if last is None:
             last = self.io.positions if rows is None else self.io.positions[rows]
-        return control_repetition(scores, history, last.clamp(max=self.history.shape[1] - 2), self.sampling)
+        s = self.sampling
+        return ops.control_repetition(scores, history, last.clamp(max=self.history.shape[1] - 2),
+                                      s.repetition_penalty, s.no_repeat_ngram_size, self.backend)
 
     def fused_emit(self) -> StepIO | None:
         """Greedy steps end in the kernel that picks the token (triton backend; not with a repetition penalty)."""

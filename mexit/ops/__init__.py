@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mexit.kernels.acd_contrast_ref import acd_contrast_ref
+from mexit.kernels.control_repetition_ref import control_repetition_ref
 from mexit.kernels.exit_decide_ref import exit_decide_ref
 from mexit.kernels.exit_head_ref import ExitHeadOutput, exit_head_ref
 from mexit.kernels.fused_linear_ref import fused_linear_ref
@@ -161,6 +162,17 @@ def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, 
         kernel(*args, final=final, emit=emit, arrivals=arrivals, probe=probe, pdl=backend.pdl)
     else:
         exit_decide_ref(*args, final=final, emit=emit, probe=probe)
+
+
+def control_repetition(scores: torch.Tensor, history: torch.Tensor, last: torch.Tensor, penalty: float, ngram: int,
+                       backend: Backend = TORCH) -> torch.Tensor:
+    """A mode's scores after the repetition penalty and the n-gram ban (`control_repetition_ref`): one kernel on
+    triton."""
+    if backend.triton:
+        from mexit.kernels.control_repetition import control_repetition as kernel
+
+        return kernel(scores, history, last, penalty, ngram)
+    return control_repetition_ref(scores, history, last, penalty, ngram)
 
 
 def step_epilogue(token: torch.Tensor, io: StepIO, backend: Backend = TORCH) -> None:
