@@ -34,8 +34,8 @@ case "$stage" in
 quick)
   timeout 120 python3 -m pytest -q -n 4 tests/test_fused_linear.py tests/test_decode_attention.py \
     tests/test_exit_head.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_acd_contrast.py \
-    tests/test_step_epilogue.py tests/test_fast.py tests/test_fast_early_exit.py tests/test_speculative.py \
-    tests/test_load_checkpoint.py 2>&1 | tee "$OUT/tests.txt" | tail -6
+    tests/test_step_epilogue.py tests/test_control_repetition.py tests/test_fast.py tests/test_fast_early_exit.py \
+    tests/test_speculative.py tests/test_load_checkpoint.py 2>&1 | tee "$OUT/tests.txt" | tail -6
   timeout 60 python3 bench/bench_fused_linear.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
   timeout 40 python3 bench/bench_exit_head.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -12
   timeout 200 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
@@ -61,7 +61,8 @@ quick)
     && mv /tmp/all.tgz "$OUT/" ;;
 tests)
   timeout 500 python3 -m pytest -q -n 4 tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
-    tests/test_decode_attention.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_triton_generate.py \
+    tests/test_decode_attention.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_control_repetition.py \
+    tests/test_triton_generate.py \
     tests/test_fast.py tests/test_fast_early_exit.py tests/test_speculative.py tests/test_launches.py \
     tests/test_generate.py tests/test_early_exit.py tests/test_repetition_penalty.py tests/test_dola.py 2>&1 | tee "$OUT/tests.txt" | tail -8 ;;
 kernels)
