@@ -41,6 +41,32 @@ def token_blocks(tokenizer, paths: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def split_blocks(tokenizer, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training blocks, held-out blocks on `device`) of a training command's config (data, eval_data,
+    eval_fraction, seq_len, batch_size, eval_max_blocks): the held-out text, else the data's last blocks. Errors:
+    less than one batch to train on, no held-out block."""
+    blocks = token_blocks(tokenizer, cfg.data, cfg.seq_len)
+    if cfg.eval_data:
+        eval_blocks = token_blocks(tokenizer, cfg.eval_data, cfg.seq_len)
+    else:
+        n_eval = max(1, int(len(blocks) * cfg.eval_fraction))
+        blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
+    if len(blocks) < cfg.batch_size:
+        raise ValueError(f"the training data holds {len(blocks)} blocks of {cfg.seq_len} tokens, fewer than one "
+                         f"batch of {cfg.batch_size}: add text, or lower --seq-len / --batch-size")
+    if len(eval_blocks) == 0:
+        raise ValueError(f"the held-out data holds no block of {cfg.seq_len} tokens")
+    return blocks, eval_blocks[: cfg.eval_max_blocks].to(device)
+
+
+def batch_at(blocks: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The training batch of `step`: each epoch a fresh order of the blocks, seeded by seed + epoch (so a resumed
+    run sees the batches an uninterrupted one would)."""
+    epoch, index = divmod(step, len(blocks) // batch_size)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed + epoch))
+    return blocks[order[index * batch_size:(index + 1) * batch_size]]
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up to 1 over `warmup` steps, then linear decay to 0 at `total`."""
     if step < warmup:

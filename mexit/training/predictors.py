@@ -27,7 +27,7 @@ from mexit.model.checkpoint import resolve_device
 from mexit.model.predictors import PREDICTOR_FILE, ExitPredictors, save_predictors
 from mexit.model.token_counts import TOKEN_COUNTS_FILE, count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, TrainingInterrupted, check_text, lr_factor, token_blocks
+from .common import LOGITS_PER_CHUNK, TrainingInterrupted, batch_at, check_text, lr_factor, split_blocks
 
 STATE_FILE = "exit_predictors_state.pt"
 REPORT = "exit_predictors_report"
@@ -228,18 +228,7 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    blocks = token_blocks(tokenizer, cfg.data, cfg.seq_len)
-    if cfg.eval_data:
-        eval_blocks = token_blocks(tokenizer, cfg.eval_data, cfg.seq_len)
-    else:
-        n_eval = max(1, int(len(blocks) * cfg.eval_fraction))
-        blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
-    if len(blocks) < cfg.batch_size:
-        raise ValueError(f"the training data holds {len(blocks)} blocks of {cfg.seq_len} tokens, fewer than one "
-                         f"batch of {cfg.batch_size}: add text, or lower --seq-len / --batch-size")
-    if len(eval_blocks) == 0:
-        raise ValueError(f"the held-out data holds no block of {cfg.seq_len} tokens")
-    eval_blocks = eval_blocks[: cfg.eval_max_blocks].to(device)
+    blocks, eval_blocks = split_blocks(tokenizer, cfg, device)
     per_epoch = len(blocks) // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 2.0) * per_epoch))
     warmup = max(1, total // 20)
@@ -275,9 +264,7 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     try:
         while step < total:
-            epoch, index = divmod(step, per_epoch)
-            order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            batch = blocks[order[index * cfg.batch_size:(index + 1) * cfg.batch_size]].to(device)
+            batch = batch_at(blocks, step, cfg.batch_size, cfg.seed).to(device)
             t0 = time.perf_counter()
             loss = trainer.step(batch)
             opt.step()
