@@ -1,31 +1,55 @@
-from setuptools import setup
+"""mexit's packaging. The top-level `kernels/` and `bench/` folders install as `mexit.kernels` and `mexit.bench`:
+the folders have no `__init__.py` (each name is also a distribution on PyPI, and transformers imports `kernels`), so
+from the repository root they never shadow the installed distributions; `mexit/kernels/__init__.py` and
+`mexit/bench/__init__.py` read them in a checkout, and `build_py` below copies their modules into a wheel."""
 
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+TOP_LEVEL = {"kernels": ["*.py"], "bench": ["*.py", "prompts.txt", "shakespeare_prompts.txt"]}
+
+
+class BuildPy(build_py):
+    """A wheel gets `kernels/*.py` and `bench/*.py` inside `mexit/kernels/` and `mexit/bench/` (an editable install
+    reads them in place through `mexit.version.source_folder`)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for folder, patterns in TOP_LEVEL.items():
+            for pattern in patterns:
+                for file in sorted(Path(folder).glob(pattern)):
+                    self.copy_file(str(file), str(Path(self.build_lib, "mexit", folder, file.name)))
+
+
+# Version ranges are what the tests have passed on (README, "Tested versions"): the floors in the floor run, the
+# newest releases in CI.
 setup(
     name="mexit",
     version="0.1.0",
     description="Fast early-exit and Autocontrastive Decoding runtime for multi-exit GPT-2 models",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    # kernels/ and bench/ live at the top of the repo but install under the mexit namespace
-    # (a top-level `kernels` package would shadow the PyPI distribution of that name).
+    python_requires=">=3.11",
     packages=["mexit", "mexit.decoding", "mexit.engines", "mexit.frontends", "mexit.model", "mexit.ops",
               "mexit.training", "mexit.kernels", "mexit.bench"],
-    package_dir={"mexit": "mexit", "mexit.kernels": "kernels", "mexit.bench": "bench"},
-    package_data={"mexit.bench": ["prompts.txt", "shakespeare_prompts.txt"]},
+    cmdclass={"build_py": BuildPy},
     install_requires=[
-        "torch>=2.1,<3",
-        "transformers>=4.40,<6",
-        "safetensors>=0.4",
-        "huggingface_hub>=0.20",
-        "numpy",
-        "tqdm",
+        "torch>=2.11,<3",
+        "transformers>=5.17,<6",
+        "safetensors>=0.8",
+        "huggingface_hub>=1.5,<3",
+        "numpy>=1.26",
+        "tqdm>=4.66",
     ],
     extras_require={
-        "triton": ["triton>=3.0; platform_system == 'Linux'"],
-        "ray": ["ray[data]>=2.9"],
-        "dev": ["pytest>=7", "pytest-xdist>=3", "ruff", "matplotlib", "triton>=3.0; platform_system == 'Linux'",
-                "ray[data]>=2.9"],
+        "triton": ["triton>=3.6; platform_system == 'Linux'"],
+        "ray": ["ray[data]>=2.60"],
+        "dev": ["pytest>=8.3", "pytest-xdist>=3.6", "ruff", "matplotlib>=3.8",
+                "triton>=3.6; platform_system == 'Linux'", "ray[data]>=2.60"],
     },
     entry_points={"console_scripts": ["mexit=mexit.frontends.cli:main"]},
 )

@@ -1,8 +1,8 @@
 """Benchmark the fused two-exit stage (layernorm + 2 head projections + softmax stats + ACD contrast + greedy
 token) against torch eager and torch.compile of the same computation, at gpt2-medium shape, on a CUDA GPU.
 
-    python bench/bench_exit_head.py --batch 1 8 64 [--dtype fp16] [--sweep] [--out bench_results]
-    TRITON_INTERPRET=1 python bench/bench_exit_head.py --smoke     # the script's logic on CPU, small shape
+    python -m mexit.bench.bench_exit_head --batch 1 8 64 [--dtype fp16] [--sweep] [--out bench_results]
+    TRITON_INTERPRET=1 python -m mexit.bench.bench_exit_head --smoke     # the script's logic on CPU, small shape
 
 Times are medians of device-side timing (triton.testing.do_bench; `graph` columns replay a CUDA graph, which
 removes Python launch overhead). GB/s counts the bytes the stage must move: both heads once (2 x V x d),

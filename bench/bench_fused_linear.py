@@ -4,8 +4,8 @@ adds as separate kernels, attention over the whole cache bucket), torch matmuls 
 batches above `fused_max_rows` run), the predicated block (skip flag set: what a block past the exit costs inside
 one graph), and each of the four matmuls alone.
 
-    python bench/bench_fused_linear.py --batch 1 8 16 64 [--dtype fp16] [--context 160] [--sweep]
-    TRITON_INTERPRET=1 python bench/bench_fused_linear.py --smoke     # the script's logic on CPU, small shape
+    python -m mexit.bench.bench_fused_linear --batch 1 8 16 64 [--dtype fp16] [--context 160] [--sweep]
+    TRITON_INTERPRET=1 python -m mexit.bench.bench_fused_linear --smoke     # the script's logic on CPU, small shape
 
 Times are medians of triton.testing.do_bench_cudagraph (graph replay, as decoding runs). GB/s counts the bytes
 the call must read: the weights it uses (a skipped block: c_attn's key/value columns) plus, for a block, the

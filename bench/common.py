@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mexit.version import dependency_versions
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,7 +27,6 @@ TRAFFIC = ("blocks_per_step", "heads_per_step", "fill_blocks_per_step", "predict
 def run_metadata(device: torch.device, dtype) -> dict:
     """Device name, versions and commit: every results row carries these."""
     import torch
-    import transformers
 
     meta = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -33,16 +34,9 @@ def run_metadata(device: torch.device, dtype) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),  # CPU ops' threads (torch.set_num_threads / OMP_NUM_THREADS)
         "load_avg_1m": round(os.getloadavg()[0], 2),  # runnable processes on the machine when the run started
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **dependency_versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
     try:
         here = Path(__file__).resolve().parent
         meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,

@@ -1,6 +1,6 @@
 """Compare decoding modes on one checkpoint: what ACD and single exits do to the text, greedy.
 
-    python bench/compare_modes.py --model bench/small_model --prompts bench/shakespeare_prompts.txt \\
+    python -m mexit.bench.compare_modes --model bench/small_model --prompts bench/shakespeare_prompts.txt \\
         --modes original exit:4 exit:6 acd:8,2 acd:8,4 acd:8,6 acd:original,4
 
 Per mode over the prompts: the full model's mean log-likelihood of the output (original head; how plausible the

@@ -2,7 +2,7 @@
 gpt2-medium-multiexit (24 blocks, 50257 x 1024 heads, fp16).
 
     mexit ablate --model bench/small_model_12l --batch 1 --spec 2:1 --draft-vocab 0 256 --out runs/a
-    python bench/cost_model.py runs/a/ablation.jsonl [--out DIR]        # or a latency.json of mexit bench
+    python -m mexit.bench.cost_model runs/a/ablation.jsonl [--out DIR]        # or a latency.json of mexit bench
 
 Each row of `mexit ablate` (real prompts) and each `mexit` row of `mexit bench` (random prompts) carries what one
 decode step read, measured: blocks, heads (fractions for restricted draft heads), key/value-propagated blocks and

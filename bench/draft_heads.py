@@ -1,7 +1,7 @@
 """Cheap draft heads compared on held-out text: how often a draft head's top-1 equals the target's (the greedy
 acceptance of a one-token draft, teacher-forced), against the weights it reads.
 
-    python bench/draft_heads.py --model bench/small_model_12l --text eval.txt [--exits 2 4] [--out DIR]
+    python -m mexit.bench.draft_heads --model bench/small_model_12l --text eval.txt [--exits 2 4] [--out DIR]
 
 Heads compared at each draft exit L (`ln_f(h_L)` as input, the original head at full depth as target):
 - `full`: exit L's head, V x d;

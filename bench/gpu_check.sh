@@ -22,13 +22,10 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-if ! python3 -c "import mexit.kernels, mexit.bench" 2>/dev/null; then
-  # run from the repo root, the tree's own mexit/ shadows an install: give it the subpackages setup.py maps
-  echo "mexit.kernels not importable from the tree: linking kernels/ and bench/ into mexit/"
-  ln -sfn ../kernels mexit/kernels && ln -sfn ../bench mexit/bench
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py run as scripts import mexit from the tree
+# run from the repository root: mexit imports from the tree (mexit.kernels / mexit.bench read kernels/ and bench/ in
+# place), and `import kernels` still gets the installed distribution; nothing is installed on the GPU machine
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import mexit.kernels.launch, mexit.bench.latency" || { echo "mexit does not import from the tree"; exit 1; }
 
 case "$stage" in
 quick)
@@ -36,8 +33,8 @@ quick)
     tests/test_exit_head.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_acd_contrast.py \
     tests/test_step_epilogue.py tests/test_control_repetition.py tests/test_fast.py tests/test_fast_early_exit.py \
     tests/test_speculative.py tests/test_load_checkpoint.py 2>&1 | tee "$OUT/tests.txt" | tail -6
-  timeout 60 python3 bench/bench_fused_linear.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
-  timeout 40 python3 bench/bench_exit_head.py --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -12
+  timeout 60 python3 -m mexit.bench.bench_fused_linear --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" | tail -30
+  timeout 40 python3 -m mexit.bench.bench_exit_head --batch 1 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -12
   timeout 200 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
     --no-compile --baselines transformers --modes original acd:24,12 exit:12 ee:max-prob:0:12 \
     ee:max-prob:0:12:predicated ee:max-prob:1:6,12,18 ee:max-prob:1:6,12,18:predicated ee:learned:1:6,12,18 \
@@ -66,10 +63,10 @@ tests)
     tests/test_fast.py tests/test_fast_early_exit.py tests/test_speculative.py tests/test_launches.py \
     tests/test_generate.py tests/test_early_exit.py tests/test_repetition_penalty.py tests/test_dola.py 2>&1 | tee "$OUT/tests.txt" | tail -8 ;;
 kernels)
-  timeout 240 python3 bench/bench_exit_head.py --batch 1 8 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -20
-  timeout 240 python3 bench/bench_fused_linear.py --batch 1 8 16 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" \
+  timeout 240 python3 -m mexit.bench.bench_exit_head --batch 1 8 64 --out "$OUT" 2>&1 | tee "$OUT/exit_head.txt" | tail -20
+  timeout 240 python3 -m mexit.bench.bench_fused_linear --batch 1 8 16 64 --out "$OUT" 2>&1 | tee "$OUT/fused_linear.txt" \
     | tail -40
-  timeout 60 python3 bench/bench_fused_linear.py --batch 1 --context 1000 --out "$OUT/long_context" 2>&1 \
+  timeout 60 python3 -m mexit.bench.bench_fused_linear --batch 1 --context 1000 --out "$OUT/long_context" 2>&1 \
     | tee "$OUT/fused_linear_long.txt" | tail -12 ;;
 decode)
   timeout 330 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph --no-compile \

@@ -2,7 +2,7 @@
 
     mexit bench                                   # random-weight gpt2-medium-multiexit shape (labeled RANDOM)
     mexit bench --model PATH --batch 1 8 --prompt-len 32 --new-tokens 128 --modes original exit:12 acd:24,12
-    python bench/latency.py ...                   # the same
+    python -m mexit.bench.latency ...                   # the same
 
 Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`), `spec:DRAFT_EXIT:K[:THRESHOLD]`
 (self-speculative decoding of the original head: drafts from that exit, K per verification, on any engine; its
@@ -636,7 +636,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def fill_defaults(args) -> None:
     import torch
 
-    args.command = " ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python bench/latency.py"), *sys.argv[1:]])
+    args.command = " ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python -m mexit.bench.latency"), *sys.argv[1:]])
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.batch = args.batch or ([1, 8] if cuda else [1])
     args.new_tokens = args.new_tokens or [128 if cuda else 8]

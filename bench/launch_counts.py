@@ -1,7 +1,7 @@
 """Launches per decode step of gpt2-medium-multiexit's structure (24 blocks, exits 2, 4, ..., 24), per mode and
 batch bucket, with each mode's budget: static engine, triton backend (the step CUDA graphs capture, uncaptured).
 
-    TRITON_INTERPRET=1 python bench/launch_counts.py [--batch 1 16] [--out DIR]    # CPU: the interpreter
+    TRITON_INTERPRET=1 python -m mexit.bench.launch_counts [--batch 1 16] [--out DIR]    # CPU: the interpreter
 
 Counts depend on the structure only (blocks, exits, batch bucket), not the width, so the model here is
 gpt2-medium's depth and exits at width 64 with a 512-token vocabulary (RANDOM weights): exact, and quick under the

@@ -1,8 +1,8 @@
 """Recipe for mexit's small REAL multi-exit GPT-2 models, deterministic, CPU-sized (each about 30 minutes on 2
 cores):
 
-    python bench/make_small_model.py --out bench/small_model                    # shakespeare-8L
-    python bench/make_small_model.py --preset shakespeare-12L --out bench/small_model_12l \
+    python -m mexit.bench.make_small_model --out bench/small_model                    # shakespeare-8L
+    python -m mexit.bench.make_small_model --preset shakespeare-12L --out bench/small_model_12l \
         --work small_model_12l_work                                               # gpt2-medium's proportions
 
 Presets: "shakespeare-8L" (8 layers, d=128, 2048 tokens, exits 2, 4, 6, 8) and "shakespeare-12L" with

@@ -1,6 +1,6 @@
 """Self-speculative decoding sweep: which draft exit, draft length and threshold pay on a checkpoint.
 
-    python bench/speculative_sweep.py --model bench/small_model --draft-lens 1 2 3 4 6 8 --thresholds none 0.5
+    python -m mexit.bench.speculative_sweep --model bench/small_model --draft-lens 1 2 3 4 6 8 --thresholds none 0.5
 
 For every (draft exit, k, threshold) over the prompt file, greedy, against full-depth decoding of the same target
 (the original head) on the same prompts: acceptance rate and tokens per verification; the exact cost per

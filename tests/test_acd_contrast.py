@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from hf_reference import acd_numpy
 from kernel_utils import DEVICE, poisoned_allocations
-from reference import acd_numpy
 
 from mexit.kernels.acd_contrast import acd_contrast
 from mexit.kernels.acd_contrast_ref import acd_contrast_ref

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from reference import acd_numpy
+from hf_reference import acd_numpy
 
 from mexit.kernels.acd_contrast_ref import acd_contrast_ref
 

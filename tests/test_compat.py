@@ -5,7 +5,7 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from reference import hf_block_outputs, hf_head_logits
+from hf_reference import hf_block_outputs, hf_head_logits
 from transformers import GenerationConfig, TextStreamer
 
 import mexit

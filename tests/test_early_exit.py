@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from reference import naive_exit_states
+from hf_reference import naive_exit_states
 
 import mexit
 from mexit.decoding.early_exit import ExitPolicy

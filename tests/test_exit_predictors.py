@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import make_hf_checkpoint, write_predictors
-from reference import hf_block_outputs
+from hf_reference import hf_block_outputs
 from safetensors.torch import load_file, save_file
 
 import mexit

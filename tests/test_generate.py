@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import hf_greedy
+from hf_reference import hf_greedy
 
 import mexit
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from reference import hf_block_outputs, hf_head_logits
+from hf_reference import hf_block_outputs, hf_head_logits
 
 import mexit
 from mexit.frontends.cli import main

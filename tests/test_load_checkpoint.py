@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from reference import hf_greedy
+from hf_reference import hf_greedy
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from reference import hf_block_outputs, hf_head_logits
+from hf_reference import hf_block_outputs, hf_head_logits
 
 import mexit
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import naive_exit_states
+from hf_reference import naive_exit_states
 from test_speculative import CHI2_001, DEVICE, STATIC, agreeing_checkpoint, chi_square
 from test_speculative import PROMPTS as SPEC_PROMPTS
 

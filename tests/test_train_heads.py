@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import make_hf_checkpoint
-from reference import hf_block_outputs
+from hf_reference import hf_block_outputs
 
 import mexit
 from mexit.frontends.cli import main

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import make_hf_checkpoint
-from reference import hf_block_outputs, hf_greedy, hf_head_logits
+from hf_reference import hf_block_outputs, hf_greedy, hf_head_logits
 
 import mexit
 from mexit.frontends.compat import FastMultiExitModel

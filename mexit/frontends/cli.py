@@ -588,10 +588,10 @@ def run_layers(args) -> int:
 
 
 def main(argv=None) -> int:
-    from mexit.version import __version__
+    from mexit.version import version_line
 
     parser = Parser(prog="mexit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"mexit {__version__}")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate_parser(sub)
     add_train_heads_parser(sub)
