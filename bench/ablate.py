@@ -34,6 +34,7 @@ from mexit.bench.common import (
     set_threads,
     spread_note,
 )
+from mexit.values import read_text
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 
@@ -48,7 +49,7 @@ def read_prompts(path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts (one per line)")
     return prompts

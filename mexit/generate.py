@@ -18,6 +18,7 @@ from .decoding.speculative import Speculation, Speculative
 from .engines.eager import EagerEngine
 from .engines.static import StaticEngine
 from .ops import Backend
+from .values import plain
 
 if TYPE_CHECKING:
     from .model.decoder import MultiExitGPT2
@@ -123,6 +124,7 @@ def cut_at_eos(table: list[list[int]], eos: tuple[int, ...] | None) -> list[list
 
 def stop_tuple(eos) -> tuple[int, ...] | None:
     """Stop ids as given (None, an id, or a sequence of ids) as a tuple of ints, or None for none."""
+    eos = plain(eos)
     if eos is None:
         return None
     ids = (eos,) if isinstance(eos, int) else tuple(eos)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mexit.values import plain_fields
+
 from .step import OneStep, Rows
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ class DolaConfig:
     per_batch: bool = False  # transformers' rule: one premature layer for the batch (the drop-in)
 
     def __post_init__(self):
+        plain_fields(self)
         if isinstance(self.layers, str):
             if self.layers not in ("low", "high"):
                 raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {self.layers!r}")

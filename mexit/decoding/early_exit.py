@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 
+from mexit.values import plain_fields
+
 from .step import Mode, Rows
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ class ExitPolicy:
     schedule: str = "segments"
 
     def __post_init__(self):
+        plain_fields(self)
         if self.measure not in MEASURES:
             raise ValueError(f"unknown confidence measure {self.measure!r}; use one of {MEASURES}")
         low = -1.0 if self.measure == "cosine" else 0.0

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from mexit import ops
+from mexit.values import plain_fields
 
 from .step import OneStep, Rows
 
@@ -34,6 +35,7 @@ class DecodeConfig:
     min_candidates: int = 1
 
     def __post_init__(self):
+        plain_fields(self)
         if self.mode not in ("original", "exit", "contrast"):
             raise ValueError(f"unknown mode {self.mode!r}; expected original, exit or contrast")
         if self.mode == "exit" and self.exit_layer is None:
@@ -88,6 +90,7 @@ class MultiExitConfiguration:
     minimum_candidates: int = 1
 
     def __post_init__(self):
+        plain_fields(self)
         def parsed(name, value):
             object.__setattr__(self, name, value)
 

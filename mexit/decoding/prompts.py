@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mexit.values import plain
+
 if TYPE_CHECKING:
     from mexit.model.config import ModelConfig
 
@@ -22,13 +24,19 @@ class PaddedBatch:
 
 def check_prompts(prompts, config: ModelConfig, max_new_tokens: int) -> list[list[int]]:
     """Validate token-id prompts: a non-empty batch of non-empty rows of ids in the vocabulary, fitting the
-    context together with max_new_tokens. Returns them as lists of ints."""
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
+    context together with max_new_tokens (numpy / torch ids and counts as plain ones). Returns them as lists of
+    ints."""
+    prompts, max_new_tokens = plain(prompts), plain(max_new_tokens)
+    if isinstance(prompts, (int, float)) and not isinstance(prompts, bool):
+        raise ValueError(f"prompts must be token ids in a list or an array, got the single number {prompts!r}")
     if not prompts:
         raise ValueError("no prompts were given")
-    if isinstance(prompts[0], int):
+    if isinstance(prompts[0], (int, float)):
         prompts = [prompts]
+    if any(not isinstance(row, (list, tuple)) for row in prompts) or any(
+            isinstance(t, (list, tuple)) for row in prompts for t in row):
+        raise ValueError("token-id prompts are a list of ids or a list of rows of ids (a 1-d or 2-d array); got "
+                         "rows that mix ids with lists, or a deeper nesting")
     if any(isinstance(t, bool) or not isinstance(t, int) and not (isinstance(t, float) and t.is_integer())
            for row in prompts for t in row):
         raise ValueError("token ids must be integers")

@@ -27,8 +27,11 @@ class SamplingConfig:
     no_repeat_ngram_size: int = 0  # transformers' NoRepeatNGramLogitsProcessor (0: off)
 
     def __post_init__(self):
-        if isinstance(self.seed, list):
-            object.__setattr__(self, "seed", tuple(self.seed))
+        for name in ("do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty",
+                     "no_repeat_ngram_size"):  # numpy / torch values as Python ones (mexit.values.plain)
+            value = getattr(self, name)
+            value = value.tolist() if hasattr(value, "tolist") else value
+            object.__setattr__(self, name, tuple(value) if isinstance(value, (list, tuple)) else value)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:

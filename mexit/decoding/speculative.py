@@ -41,6 +41,7 @@ import torch
 from mexit import ops
 from mexit.kernels.exit_head_ref import ExitHeadOutput
 from mexit.model.token_counts import draft_vocabulary
+from mexit.values import plain_fields
 
 from .fixed import DecodeConfig, FixedMode, mode_scores
 from .sampling import sample_from_probs, sampling_probs
@@ -67,6 +68,7 @@ class SpeculativeConfig:
     draft_vocab: int | None = None
 
     def __post_init__(self):
+        plain_fields(self)
         if isinstance(self.draft_exit, bool) or not isinstance(self.draft_exit, int):
             raise ValueError(f"draft_exit must be an exit layer number, got {self.draft_exit!r}")
         if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or self.draft_len < 1:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import warnings
 
+import numpy as np
 import torch
 
 from mexit.decoding.dola import DolaConfig
@@ -21,6 +22,7 @@ from mexit.model.config import ModelConfig
 from mexit.model.decoder import MultiExitGPT2
 from mexit.ops import Backend
 from mexit.ops.backend import resolve_backend
+from mexit.values import plain
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 # Every field of transformers' GenerationConfig is applied, inert (changes nothing mexit computes), or refused by name
@@ -178,12 +180,15 @@ class MultiExitLM:
         """str / list[str] through the tokenizer; token ids pass through; a [B, T] id tensor with its attention mask
         [B, T] (1: token, 0: padding, left or right) keeps each row's tokens."""
         if attention_mask is not None:
+            if isinstance(prompts, np.ndarray):
+                prompts = torch.from_numpy(prompts)
             if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2:
                 raise ValueError("attention_mask goes with a [batch, length] tensor of token ids")
             mask = torch.as_tensor(attention_mask).bool()
             if mask.shape != prompts.shape:
                 raise ValueError(f"attention_mask {tuple(mask.shape)} does not match the ids {tuple(prompts.shape)}")
             return [row[m].tolist() for row, m in zip(prompts.cpu(), mask.cpu())]
+        prompts = plain(prompts)  # numpy / torch ids (and numpy string arrays) as lists
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str):
@@ -232,6 +237,11 @@ class MultiExitLM:
         (1 / 0: off; every mode), applied to the mode's scores before the choice (early exit: to each checked
         head's logits, confidence included; speculative: to the drafts' and the target's). sampling: a ready
         SamplingConfig instead of do_sample ... seed and the repetition controls."""
+        (max_new_tokens, exit_layer, contrast, alpha, min_candidates, do_sample, temperature, top_k, top_p, seed,
+         eos_token_id, dola_layers, repetition_penalty, no_repeat_ngram_size) = plain(
+            (max_new_tokens, exit_layer, contrast, alpha, min_candidates, do_sample, temperature, top_k, top_p, seed,
+             eos_token_id, dola_layers, repetition_penalty, no_repeat_ngram_size))  # numpy / torch values too
+        acd_names = {name: plain(value) for name, value in acd_names.items()}
         d = self.defaults
         if sampling is None:
             do_sample = bool(first(do_sample, d.get("do_sample"), False))

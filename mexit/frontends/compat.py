@@ -19,6 +19,7 @@ import copy
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mexit.decoding.dola import DolaConfig
@@ -28,6 +29,7 @@ from mexit.decoding.sampling import SamplingConfig, kept_tokens
 from mexit.model.checkpoint import resolve_device, resolve_dtype
 from mexit.model.decoder import MultiExitGPT2
 from mexit.ops import TORCH
+from mexit.values import plain
 
 from .api import OFF, MultiExitLM, decode_config, first
 
@@ -220,7 +222,7 @@ class FastMultiExitModel:
         transformers also counts a left-padded row's padding ids."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
-        check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
+        input_ids, attention_mask = check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
         return_dict = kwargs.pop("return_dict_in_generate", None)
         want_scores, want_logits = kwargs.pop("output_scores", None), kwargs.pop("output_logits", None)
         dola_layers = kwargs.pop("dola_layers", None)
@@ -235,7 +237,7 @@ class FastMultiExitModel:
         return_dict = cfg.return_dict_in_generate if return_dict is None else return_dict
         want_scores = cfg.output_scores if want_scores is None else want_scores
         want_logits = getattr(cfg, "output_logits", False) if want_logits is None else want_logits
-        eos = cfg.eos_token_id
+        eos = plain(cfg.eos_token_id)
         stops = [eos] if isinstance(eos, int) else list(eos or [])
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else stops[0] if stops else 0
         input_ids = input_ids.to(self.device)
@@ -249,7 +251,7 @@ class FastMultiExitModel:
                           "continued from its last unmasked token", stacklevel=2)
         prompts = [row[m].tolist() for row, m in zip(input_ids, mask)]
         if cfg.max_new_tokens is not None:
-            max_new = cfg.max_new_tokens
+            max_new = plain(cfg.max_new_tokens)
         elif cfg.max_length is not None:  # set by the caller or the checkpoint: the total length
             max_new = cfg.max_length - input_ids.shape[1]
             if max_new < 1:
@@ -299,7 +301,7 @@ class FastMultiExitModel:
         unsupported = {k: v for k, v in kwargs.items() if v not in (None, False)}
         if unsupported:
             raise NotImplementedError(f"forward arguments not supported by mexit: {sorted(unsupported)}")
-        check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
+        input_ids, attention_mask = check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
         model = self.lm.model
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -326,8 +328,13 @@ class FastMultiExitModel:
     forward = __call__
 
 
-def check_ids(input_ids, attention_mask, vocab_size: int) -> None:
-    """A [batch, length] id tensor, its mask's shape, and every unmasked id inside the vocabulary."""
+def check_ids(input_ids, attention_mask, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A [batch, length] id tensor (numpy arrays too), its mask's shape, at least one row, one position and one
+    unmasked token per row, and every unmasked id inside the vocabulary. Returns (ids, mask) as tensors."""
+    if isinstance(input_ids, np.ndarray):
+        input_ids = torch.from_numpy(input_ids)
+    if isinstance(attention_mask, np.ndarray):
+        attention_mask = torch.from_numpy(attention_mask)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a 2-D tensor [batch, length], got {shape} (add a batch dimension: "
@@ -335,11 +342,23 @@ def check_ids(input_ids, attention_mask, vocab_size: int) -> None:
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                          f"{tuple(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    rows, length = input_ids.shape
+    if rows == 0 or length == 0:
+        raise ValueError(f"input_ids of shape {(rows, length)} holds no token: every row needs at least one (start "
+                         "from the tokenizer's bos_token_id to generate from nothing)")
+    if attention_mask is not None:
+        empty = (~attention_mask.bool()).all(dim=1).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"attention_mask rows {empty[:10]} are all zeros: those rows hold no token (every row "
+                             "needs at least one unmasked token)")
     used = input_ids if attention_mask is None else input_ids[attention_mask.to(input_ids.device).bool()]
     bad = used[(used < 0) | (used >= vocab_size)]
     if len(bad):
         raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary "
                          f"0..{vocab_size - 1}")
+    return input_ids, attention_mask
 
 
 def warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mexit.values import read_text
+
 
 def read_prompt_file(path) -> list[dict]:
     """[{"index", "prompt" | "input_ids", "id"?}] from a text file (one prompt per line) or JSONL."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in read_text(path).splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"prompts file {path} holds no prompt")
     if path.suffix != ".jsonl":

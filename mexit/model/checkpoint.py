@@ -3,11 +3,13 @@ models."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,18 +82,27 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def canonical(stored: dict[str, StoredTensor], config: ModelConfig) -> dict[str, StoredTensor]:
+def canonical(stored: dict[str, StoredTensor], config: ModelConfig) -> tuple[dict[str, StoredTensor], ModelConfig]:
     """transformers' GPT2LMHeadModel names: `module.` (DataParallel) dropped, bare GPT2Model names prefixed with
     `transformer.`; with tied embeddings a matrix stored once as `lm_head.weight` is the embedding (transformers
-    loads such files), and one stored twice is read once, from `transformer.wte.weight`."""
+    loads such files), and one stored twice is read once, from `transformer.wte.weight`. A stored `lm_head.weight`
+    whose values differ from the embedding's while config.json says tied (a fine-tune saved untied) is kept as the
+    head, untied, as transformers 5 loads it, with one warning. Returns (tensors, the config they follow)."""
     stored = {k.removeprefix("module."): v for k, v in stored.items()}
     if "transformer.wte.weight" not in stored and "wte.weight" in stored:  # bare GPT2Model files
         stored = {("transformer." + k if not k.startswith(("lm_head", "name_to_lm_exit_head")) else k): v
                   for k, v in stored.items()}
     if config.tie_word_embeddings and "lm_head.weight" in stored:
-        head = stored.pop("lm_head.weight")
+        head, wte = stored["lm_head.weight"], stored.get("transformer.wte.weight")
+        if wte is not None and head.shape == wte.shape and not torch.equal(head.read().float(), wte.read().float()):
+            warnings.warn(f"config.json says tie_word_embeddings=true, but the stored lm_head.weight differs from "
+                          f"transformer.wte.weight ({head.file.name}): the stored head is used, untied, as "
+                          "transformers loads it; set tie_word_embeddings to false in config.json to silence this",
+                          stacklevel=3)
+            return stored, dataclasses.replace(config, tie_word_embeddings=False)
+        stored.pop("lm_head.weight")
         stored.setdefault("transformer.wte.weight", head)
-    return stored
+    return stored, config
 
 
 def check_layout(stored: dict[str, StoredTensor], config: ModelConfig) -> None:
@@ -355,7 +366,7 @@ def resolve_folder(path_or_id: str | os.PathLike) -> Path:
 
 def stored_state(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The tensors of `folder` that `config` uses, as stored (memory-mapped where the file allows; not cast)."""
-    stored = canonical(open_tensors(folder), config)
+    stored, config = canonical(open_tensors(folder), config)
     check_layout(stored, config)
     return {name: stored[name].read() for name in expected_shapes(config)}
 
@@ -395,7 +406,7 @@ def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: 
     dtype = None if auto else resolve_dtype(dtype, device)
     folder = resolve_folder(path_or_id)
     config = read_config(folder)
-    stored = canonical(open_tensors(folder), config)
+    stored, config = canonical(open_tensors(folder), config)
     check_layout(stored, config)
     if auto:
         stored_dtype = stored["transformer.wte.weight"].dtype

@@ -83,7 +83,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], folder: str | os.PathLike, 
 
 def config_of(model: MultiExitGPT2) -> dict:
     """config.json for `model`: the source folder's, with every field kept (`architectures`, custom fields...),
-    else the one its shape implies; the dtype and exit layers are those of `model`."""
+    else the one its shape implies; the dtype, exit layers and head tying are those of `model` (a stored head that the
+    source's config called tied is written untied)."""
     source = model.folder / "config.json" if model.folder is not None else None
     if source is not None and source.is_file():
         config = json.loads(source.read_text())
@@ -94,6 +95,8 @@ def config_of(model: MultiExitGPT2) -> dict:
         config["dtype"] = config["torch_dtype"]
     if model.config.exit_layers:
         config["lm_head_layer_indices"] = list(model.config.exit_layers)
+    if not model.config.tie_word_embeddings:
+        config["tie_word_embeddings"] = False
     return config
 
 

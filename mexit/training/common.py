@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from mexit.values import read_text
+
 LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
 
 
@@ -24,7 +26,7 @@ def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None
     for path in [*data, *(eval_data or [])]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data file {path} {'is not a file' if Path(path).exists() else 'does not exist'}")
-        if not Path(path).read_text(errors="replace").strip():
+        if not read_text(path, errors="replace").strip():
             raise ValueError(f"data file {path} is empty")
 
 
@@ -34,7 +36,7 @@ def token_blocks(tokenizer, paths: list[str], seq_len: int) -> torch.Tensor:
     tokenizer.model_max_length = 2**62  # whole files: cut into blocks here, not truncated (and no length warning)
     ids: list[int] = []
     for path in paths:
-        ids += tokenizer(Path(path).read_text(errors="replace"))["input_ids"]
+        ids += tokenizer(read_text(path, errors="replace"))["input_ids"]
         if eos is not None:
             ids.append(eos)
     n = len(ids) // seq_len

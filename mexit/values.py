@@ -1,0 +1,36 @@
+"""Plain Python values from numpy and torch ones, where users hand mexit token ids and settings."""
+
+import dataclasses
+
+import numpy as np
+import torch
+
+
+def plain(value):
+    """numpy / torch scalars and arrays as Python numbers and (nested) lists, a 0-d array as its number; the items
+    of a list or tuple likewise; anything else unchanged. transformers takes such values wherever it takes an int or
+    a list (token ids, max_new_tokens, eos_token_id, seeds), and so does mexit."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return value.tolist()
+    if type(value) in (list, tuple):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def plain_fields(settings) -> None:
+    """A frozen settings dataclass's fields through `plain`, in place (an array becomes a tuple: settings are
+    hashable). Call first in `__post_init__`, so validation sees plain values."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        new = plain(value)
+        if isinstance(new, list):
+            new = tuple(new)
+        if new is not value:
+            object.__setattr__(settings, field.name, new)
+
+
+def read_text(path, errors: str = "strict") -> str:
+    """A user's text file (prompts, training text) as str: UTF-8 with or without a byte-order mark (the BOM is
+    dropped, never read as U+FEFF), line ends \\r\\n and \\r read as \\n."""
+    with open(path, encoding="utf-8-sig", errors=errors, newline=None) as f:
+        return f.read()
