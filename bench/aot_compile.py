@@ -5,11 +5,12 @@ compile for sm_90a only, and their PTX must hold `griddepcontrol.wait` and `grid
 in the kernels that read weights (fused linear, exit-head tiles, state propagation), global loads issued before the
 wait.
 
-    python bench/aot_compile.py                 # full sweep: every mode and schedule, batch buckets 1..64, fp16+bf16
-    python bench/aot_compile.py --ci            # representative set (the CI test): about a minute
+    python -m mexit.bench.aot_compile              # full sweep: every mode and schedule, batch buckets 1..64, fp16+bf16
+    python -m mexit.bench.aot_compile --ci         # representative set (the CI test): about a minute
 
 How: the runtime generates at the gpt2-medium-multiexit widths (d=1024, vocabulary 50257, 16 heads; fewer layers,
-which changes no specialization) with every Triton launch recorded instead of run (`JITFunction.run` patched, no
+which changes no specialization), and at widths that are not powers of two (GPT-2 XL's d=1600 with 25 heads; d=96
+with vocabulary 1001), with every Triton launch recorded instead of run (`JITFunction.run` patched, no
 GPU needed). Each distinct (kernel, argument types, constexprs, warps, stages) is then compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; `ptxas -v` on its PTX reports registers
 and spills, the compiled metadata its shared memory. Must run WITHOUT TRITON_INTERPRET (the interpreter replaces
@@ -105,17 +106,24 @@ def record(fn_under_test) -> set[Launch]:
     return seen
 
 
-def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False) -> set[Launch]:
-    """Distinct launches of the runtime at gpt2-medium widths for every dtype, batch and mode asked for (pdl: with
-    programmatic dependent launch)."""
+GPT2_MEDIUM = (1024, 16, 50257)  # (width, heads, vocabulary)
+# widths that are not powers of two: GPT-2 XL's, and a small one with a vocabulary not a multiple of 16
+ODD_WIDTHS = [(1600, 25, 50257), (96, 6, 1001)]
+
+
+def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False,
+                     width: tuple[int, int, int] = GPT2_MEDIUM) -> set[Launch]:
+    """Distinct launches of the runtime at `width` (d, heads, vocabulary; default gpt2-medium's) for every dtype,
+    batch and mode asked for (pdl: with programmatic dependent launch)."""
     import mexit
     from mexit.decoding.early_exit import ExitPolicy
     from mexit.model.config import ModelConfig
     from mexit.model.predictors import ExitPredictors
     from mexit.ops import Backend
 
-    config = ModelConfig(n_layer=n_layer, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024,
-                         exit_layers=tuple(range(1, n_layer + 1)), eos_token_id=50256)
+    d, heads, vocab = width
+    config = ModelConfig(n_layer=n_layer, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=1024,
+                         exit_layers=tuple(range(1, n_layer + 1)), eos_token_id=vocab - 1)
     kinds = {
         "original": {}, "exit": dict(exit_layer=1), "acd": dict(contrast=(n_layer, 1)),
         "acd-original": dict(contrast=("original", 1)),
@@ -130,11 +138,11 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
     launches: set[Launch] = set()
     for dtype in dtypes:
         model = mexit.random_model(config, dtype=dtype)
-        model.predictors = ExitPredictors((1,), torch.zeros(1, 1024), torch.zeros(1), 1e-5)  # the fused probe
+        model.predictors = ExitPredictors((1,), torch.zeros(1, d), torch.zeros(1), 1e-5)  # the fused probe
         # the kernels' launches are recorded, not run: no GPU or interpreter needed
         lm = mexit.MultiExitLM(model, backend=Backend("triton", pdl=pdl), engine="static")
         for batch in batches:
-            prompts = [[(7 * r + 3) % 50257 for r in range(b, b + 5)] for b in range(batch)]
+            prompts = [[(7 * r + 3) % vocab for r in range(b, b + 5)] for b in range(batch)]
             for mode in modes:
                 kw = kinds[mode]
                 launches |= record(lambda kw=kw: lm.generate(prompts, 3, eos_token_id=None, **kw))
@@ -230,11 +238,16 @@ def run(ci: bool) -> list[dict]:
         launches |= runtime_launches(["bf16"], [16], ["acd"])
         launches |= runtime_launches(["fp16"], [1], ["original", "acd", "ee-segments", "ee-predicated", "sample"],
                                      pdl=True)
+        for width in ODD_WIDTHS:
+            launches |= runtime_launches(["fp16"], [1], ["original", "acd", "ee-segments", "ee-predicated",
+                                                         "ee-learned", "controls"], width=width)
     else:
         modes = ["original", "exit", "acd", "acd-original", "ee-segments", "ee-deferred", "ee-predicated",
                  "ee-cosine", "ee-learned", "sample", "controls"]
         launches = runtime_launches(["fp16", "bf16"], [1, 2, 4, 8, 16, 32, 64], modes)
         launches |= runtime_launches(["fp16", "bf16"], [1, 16, 64], modes, pdl=True)
+        for width in ODD_WIDTHS:
+            launches |= runtime_launches(["fp16"], [1, 16, 64], modes, width=width)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for launch in sorted(launches, key=lambda x: (x.kernel, str(x))):

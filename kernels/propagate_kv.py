@@ -72,7 +72,8 @@ def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w
     block_m = 16 if N <= 16 else 64
     block_n = block_k = 64
     if interpreted():  # few, large tiles
-        block_m, block_n, block_k = max(16, triton.next_power_of_2(N)), min(256, 2 * D), min(256, D)
+        block_m, block_n, block_k = (max(16, triton.next_power_of_2(N)), min(256, triton.next_power_of_2(2 * D)),
+                                       min(256, triton.next_power_of_2(D)))
     grid = (triton.cdiv(2 * D, block_n), end - start, triton.cdiv(N, block_m))
     _propagate_kv[grid](h, ln_w, ln_b, attn_w, attn_b, cache_k, cache_v, rows, slots, N, D, B, H, T, start, eps,
                         HEAD_DIM=hd, FP32_IEEE=h.dtype == torch.float32, USE_PDL=pdl, BLOCK_M=block_m,

@@ -30,7 +30,8 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,B,H,T,hd,N,start,end", [(4, 1, 2, 16, 16, 1, 1, 4), (4, 3, 4, 16, 8, 3, 0, 4),
-                                                    (6, 5, 2, 32, 16, 7, 2, 5), (3, 8, 2, 16, 32, 20, 1, 3)])
+                                                    (6, 5, 2, 32, 16, 7, 2, 5), (3, 8, 2, 16, 32, 20, 1, 3),
+                                                    (3, 2, 6, 16, 16, 3, 0, 3)])  # d = 96
 def test_matches_float64_reference(L, B, H, T, hd, N, start, end, dtype):
     weights, h, cache, rows, slots = make_inputs(L, B, H, T, hd, N, dtype, seed=N + end)
     want = cache.double()

@@ -1,5 +1,7 @@
 """The whole generate path through the Triton kernels (interpreter on CPU) equals the torch path."""
 
+import dataclasses
+
 import pytest
 from test_generate import MODES, PROMPTS, mexit_kwargs
 
@@ -68,3 +70,52 @@ def test_probe_names_the_failing_kernel(monkeypatch):
             assert probe.probe_kernels(device) == "propagate_kv: RuntimeError: PTX error"
     finally:
         probe.probe_kernels.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def odd_width_checkpoint(tmp_path_factory):
+    """A checkpoint whose width (96, 6 heads of 16) and vocabulary (1001) are not powers of two, as real models'
+    are (GPT-2 small 768, large 1280, XL 1600; vocabulary 50257)."""
+    from conftest import make_hf_checkpoint, write_predictors
+
+    folder = tmp_path_factory.mktemp("odd")
+    make_hf_checkpoint(folder, exits=(1, 2, 3, 4), with_tokenizer=False, n_embd=96, n_head=6, vocab_size=1001,
+                       scale=0.25)
+    write_predictors(folder, 96, (1, 2, 3))
+    return folder
+
+
+ODD_PROMPTS = [[5, 17, 1000, 3], [999], [42, 7, 128, 255, 1, 640, 12]]
+ODD_MODES = {
+    "original": dict(), "exit-2": dict(exit_layer=2), "acd-4-2": dict(contrast=(4, 2)),
+    "acd-original-1": dict(contrast=("original", 1)),
+    "dola-high": dict(dola_layers="high"), "dola-exit-heads": dict(dola_layers=[1, 2], dola_heads="exit"),
+    "controls": dict(contrast=(4, 2), repetition_penalty=1.3, no_repeat_ngram_size=2),
+    "speculative": dict(speculative=mexit.SpeculativeConfig(draft_exit=1, draft_len=3)),
+    **{f"ee-{m}-{p}-{s}": dict(early_exit=mexit.ExitPolicy(t, measure=m, propagation=p, schedule=s))
+       for m, t in (("max-prob", 0.02), ("cosine", 0.5), ("learned", 0.5))
+       for p, s in (("eager", "segments"), ("deferred", "segments"), ("eager", "predicated"))},
+}
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+@pytest.mark.parametrize("name", ODD_MODES)
+def test_every_mode_at_widths_that_are_not_powers_of_two(odd_width_checkpoint, name, engine):
+    """Every mode on the triton backend (kernels under the interpreter on CPU) at d = 96, V = 1001 gives the torch
+    backend's tokens (and exits), on both engines."""
+    kw = dict(ODD_MODES[name], max_new_tokens=6, eos_token_id=None)
+    policy = kw.get("early_exit")
+    if policy is not None and policy.schedule == "predicated" and engine == "eager":
+        pytest.skip("the predicated schedule is the static engine's")
+    reference_kw = dict(kw, early_exit=dataclasses.replace(policy, schedule="segments")) if policy else kw
+    want = mexit.load(odd_width_checkpoint, backend="torch", engine="eager").generate(ODD_PROMPTS, **reference_kw)
+    with count_launches() as launched:
+        got = mexit.load(odd_width_checkpoint, backend="triton", engine=engine).generate(ODD_PROMPTS, **kw)
+    assert got.backend == "triton" and got.engine == engine
+    assert any(name.startswith("triton:") for name in launched)
+    assert got.tokens == want.tokens
+    if policy is not None:
+        assert got.exit_layers == want.exit_layers
+        if policy.measure == "max-prob":  # the propagation kernel ran: some tokens left early
+            assert min(min(row) for row in got.exit_layers) < 4
+            assert launched["triton:_propagate_kv"] > 0 or policy.propagation == "deferred" or engine == "static"
