@@ -12,6 +12,7 @@ _WHERE = {
     "SpeculativeConfig": "mexit.decoding.speculative", "MultiExitLM": "mexit.frontends.api",
     "load": "mexit.frontends.api", "AutoMultiExitModel": "mexit.frontends.compat",
     "FastMultiExitModel": "mexit.frontends.compat", "GenerationResult": "mexit.generate",
+    "NonFiniteStates": "mexit.generate",
     "random_model": "mexit.model.checkpoint", "save_checkpoint": "mexit.model.save", "convert": "mexit.model.save",
     "GPT2_MEDIUM_MULTIEXIT": "mexit.model.config", "ModelConfig": "mexit.model.config",
     "MultiExitGPT2": "mexit.model.decoder",

@@ -43,6 +43,13 @@ class GenerationResult:
     logits: list | None = None  # every step's [B, V] fp32 logits of the mode (ACD: log q), when asked for
     drafted: list[list[bool]] | None = None  # speculative: per token, drafted and accepted (else the target's)
     seed: int | tuple | None = None  # sampling: the seed used (drawn when none was given)
+    nonfinite: dict = field(default_factory=dict)  # {row: first output token whose states held NaN / inf}
+
+
+class NonFiniteStates(RuntimeWarning):
+    """A generation computed hidden states holding NaN or inf (an overflow, typically of fp16 activations): the
+    affected rows' tokens from that step on are not the model's prediction. `GenerationResult.nonfinite` names
+    them."""
 
 
 def resolve_engine(name: str, device: torch.device) -> str:
@@ -108,6 +115,13 @@ def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_
             streamed = mode.stream(state, on_token, streamed)
     result = GenerationResult(tokens=cut_at_eos(mode.tokens(state), eos), backend=backend.name, engine=state.engine)
     state.describe(result)
+    result.nonfinite = state.nonfinite([len(row) for row in result.tokens])
+    if result.nonfinite:
+        where = ", ".join(f"row {row} from token {j}" for row, j in list(result.nonfinite.items())[:8])
+        warnings.warn(NonFiniteStates(
+            f"non-finite hidden states (NaN or inf: an activation overflowed {str(model.dtype).removeprefix('torch.')}"
+            f") in {len(result.nonfinite)} of {rows} rows: {where}; those tokens are not the model's prediction "
+            "(run in fp32 or bf16; result.nonfinite holds every row)"), stacklevel=3)
     if keep_logits:
         result.logits = list(state.kept[: state.decoded + 1, :rows].clone())
     if return_cache:

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_fused_linear", "_decode_attention", "_decode_attention_merge", "_exit_head_tiles", "_exit_head_merge",
-           "_acd_tiles", "_acd_merge", "_exit_decide", "_propagate_kv", "_step_epilogue", "_control_repetition"}
+           "_acd_tiles", "_acd_merge", "_exit_decide", "_propagate_kv", "_step_epilogue", "_control_repetition",
+           "_check_states"}
 PREFETCHING = {"_fused_linear", "_exit_head_tiles", "_propagate_kv"}
 
 
@@ -23,7 +24,7 @@ def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "aot.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "aot_compile.py"), "--ci", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "mexit.bench.aot_compile", "--ci", "--json", str(out)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())

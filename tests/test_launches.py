@@ -22,7 +22,7 @@ NOT_KERNELS = {"view", "slice", "select", "transpose", "unsqueeze", "expand", "a
                "numpy_T", "mT", "adjoint"}
 # Triton kernels each wrapper launches (at these short cache lengths decode attention does not split)
 KERNELS_PER_CALL = {"fused_linear": 1, "decode_attention": 1, "exit_head": 2, "acd_contrast": 2, "propagate_kv": 1,
-                    "exit_decide": 1, "step_epilogue": 1}
+                    "exit_decide": 1, "step_epilogue": 1, "check_states": 1}
 
 
 def profiler_ops(lm, prompts, n, kw) -> int:
@@ -87,27 +87,30 @@ def test_triton_launches_match_the_wrapper_counters(tiny_checkpoint, mode, batch
 
 @pytest.mark.parametrize("mode,depth", [("original", 4), ("exit", 2)])
 def test_fused_step_is_five_kernels_per_block_plus_the_exit_stage(tiny_checkpoint, mode, depth):
+    """5 kernels per block, the exit stage's 2, and the non-finite state check of the step's one run of blocks."""
     lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")
-    assert launches_per_step(lm, [[1, 2, 3]], MODES[mode], steps=1)["triton"] == 5 * depth + 2
+    assert launches_per_step(lm, [[1, 2, 3]], MODES[mode], steps=1)["triton"] == 5 * depth + 2 + 1
 
 
 def predicated(threshold, exits, measure="max-prob"):
     return ExitPolicy(threshold, measure, exits=exits, schedule="predicated")
 
 
-# mode -> (generate kwargs, launch budget for the tiny 4-layer model: 5 per block executed plus the mode's extra)
+# mode -> (generate kwargs, launch budget for the tiny 4-layer model: 5 per block executed plus the mode's extra,
+# plus one non-finite state check per run of blocks)
 BUDGETS = {
-    "original": ({}, 5 * 4 + 3),
-    "exit 2": (dict(exit_layer=2), 5 * 2 + 3),
-    "ACD (4, 2)": (dict(contrast=(4, 2)), 5 * 4 + 4),
-    "predicated, 1 check": (dict(early_exit=predicated(0.5, (2,))), 5 * 4 + 3 * 1 + 3),
-    "predicated, 3 checks": (dict(early_exit=predicated(0.5, (1, 2, 3))), 5 * 4 + 3 * 3 + 3),
-    "segments, all exit at 2": (dict(early_exit=ExitPolicy(0.0, exits=(2,))), 5 * 2 + 3 + 3),  # one segment runs
-    "segments, none exits": (dict(early_exit=ExitPolicy(1.0, exits=(2,))), 5 * 4 + 3 + 3 * 2),  # both run
+    "original": ({}, 5 * 4 + 3 + 1),
+    "exit 2": (dict(exit_layer=2), 5 * 2 + 3 + 1),
+    "ACD (4, 2)": (dict(contrast=(4, 2)), 5 * 4 + 4 + 2),
+    "predicated, 1 check": (dict(early_exit=predicated(0.5, (2,))), 5 * 4 + 3 * 1 + 3 + 2),
+    "predicated, 3 checks": (dict(early_exit=predicated(0.5, (1, 2, 3))), 5 * 4 + 3 * 3 + 3 + 4),
+    "segments, all exit at 2": (dict(early_exit=ExitPolicy(0.0, exits=(2,))), 5 * 2 + 3 + 3 + 1),  # one segment runs
+    "segments, none exits": (dict(early_exit=ExitPolicy(1.0, exits=(2,))), 5 * 4 + 3 + 3 * 2 + 2),  # both run
     # learned: a check is its decision kernel (the predictor inside), plus the fired rows' head (2) and one torch
     # `where` on the predicated schedule
-    "learned, predicated, 3 checks": (dict(early_exit=predicated(0.5, (1, 2, 3), "learned")), 5 * 4 + 4 * 3 + 3),
-    "learned, segments, none exits": (dict(early_exit=ExitPolicy(1.0, "learned", exits=(2,))), 5 * 4 + 3 + 1 + 3),
+    "learned, predicated, 3 checks": (dict(early_exit=predicated(0.5, (1, 2, 3), "learned")), 5 * 4 + 4 * 3 + 3 + 4),
+    "learned, segments, none exits": (dict(early_exit=ExitPolicy(1.0, "learned", exits=(2,))),
+                                      5 * 4 + 3 + 1 + 3 + 2),
 }
 
 
@@ -117,7 +120,8 @@ BUDGETS = {
 def test_decode_step_holds_its_launch_budget(tiny_checkpoint, mode, batch):
     """Static engine, triton backend: one greedy decode step is kernels only (no torch operation at all) and stays
     within the mode's budget: 5 launches per block, +3 for one head (tiles, merge that emits, or its decision), +4
-    for ACD, +3 per checked exit (head, merge, decision), segments +3 per executed segment. The count depends on
+    for ACD, +3 per checked exit (head, merge, decision), segments +3 per executed segment, +1 per run of blocks
+    (the non-finite state check). The count depends on
     the structure, not the batch (bench/launch_counts.py: the same at 1 and 16 for every mode): every mode at
     batch 1, and a mode per larger bucket (bench/launch_counts.py counts gpt2-medium's structure at any batch)."""
     lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")

@@ -110,7 +110,7 @@ class DecodeState:
         self.model, self.backend, self.mode, self.sampling, self.keep_logits = model, backend, mode, sampling, \
             keep_logits
         self.rows, self.steps = rows, steps
-        self.cache = model.new_cache(rows, slots)
+        self.cache = model.new_cache(rows, slots, check_states=True)
         long = dict(dtype=torch.long, device=dev)
         self.io = StepIO(tokens=torch.zeros(rows, **long), positions=torch.zeros(rows, **long),
                          finished=torch.zeros(rows, dtype=torch.bool, device=dev), eos=stop_ids(None, dev),
@@ -144,6 +144,8 @@ class DecodeState:
         self.prompt_len, self.real_rows, self.eos, self.max_new_tokens = p, real_rows, eos, max_new_tokens
         self.cache.valid.zero_()
         self.cache.valid[:, :p] = batch.valid
+        if self.cache.health is not None:
+            self.cache.health.zero_()
         io.finished.copy_(torch.arange(self.rows, device=io.finished.device) >= real_rows)
         io.eos.copy_(stop_ids(eos))
         io.step.zero_()
@@ -225,12 +227,27 @@ class DecodeState:
         decoded = sum(map(len, result.tokens)) / self.real_rows - 1 if "rounds" in stats else stats["steps"]
         stats.update(per_token(stats, config, dtype, decoded, self.mode.depth, self.mode.full_heads))
 
+    def nonfinite(self, lengths: list[int]) -> dict[int, int]:
+        """{row: the first output token (0-based) whose step computed a state holding NaN or inf} over the rows'
+        `lengths` output tokens (one host read, at the end of a generation). Token j of a row comes from the state
+        of its (prompt length + j)-th token in the cache's valid slots (a rejected draft's slot is not valid, so a
+        draft's overflow is not a token's); a non-finite prompt state is token 0's."""
+        c = self.cache
+        if c.health is None:
+            return {}
+        health, valid = c.health[: self.real_rows], c.valid[: self.real_rows]
+        bad = health.isnan() & valid
+        token = valid.long().cumsum(-1) - valid[:, : self.prompt_len].sum(-1, keepdim=True)  # prompt's last: 0
+        first = self.read(torch.where(bad, token.clamp(min=0), 2**62).min(-1).values)
+        return {row: j for row, (j, n) in enumerate(zip(first, lengths)) if j < n}
+
     def returned_cache(self) -> KVCache:
         """The cache of the real rows (owed keys/values filled), for inspection."""
         if self.pending is not None:
             self.pending.flush()
         c, n = self.cache, self.real_rows
-        return dataclasses.replace(c, k=c.k[:, :n].clone(), v=c.v[:, :n].clone(), valid=c.valid[:n].clone())
+        return dataclasses.replace(c, k=c.k[:, :n].clone(), v=c.v[:, :n].clone(), valid=c.valid[:n].clone(),
+                                   health=None if c.health is None else c.health[:n].clone())
 
     # ---- Rows primitives shared by both engines ----
     def uniform_now(self) -> torch.Tensor | None:

@@ -65,12 +65,15 @@ class Weights:
 class KVCache:
     """Static cache for `batch` rows and `max_length` slots: k, v are [n_layer, B, n_head, T, head_dim].
 
-    `valid[b, t]` marks the slots that hold a real token of row b (left padding stays False).
+    `valid[b, t]` marks the slots that hold a real token of row b (left padding stays False). `health[b, t]`
+    (fp32; a decode's cache only, else None): 0 while every state computed for the token at slot t is finite, NaN
+    once one was not (`ops.check_states`, after every run of blocks).
     """
 
     k: torch.Tensor
     v: torch.Tensor
     valid: torch.Tensor
+    health: torch.Tensor | None = None
 
 
 class MultiExitGPT2:
@@ -106,15 +109,17 @@ class MultiExitGPT2:
                              f"{sorted(self.w.exit_heads) or 'none'}")
         return self.w.exit_heads[head]
 
-    def new_cache(self, batch: int, slots: int) -> KVCache:
+    def new_cache(self, batch: int, slots: int, check_states: bool = False) -> KVCache:
         """An empty cache of `batch` rows and `slots` slots (a slot is a cache column: positions are separate, so
-        speculative decoding may use more slots than the context has positions)."""
+        speculative decoding may use more slots than the context has positions). check_states: with `health`, so
+        every run of blocks marks tokens whose states are not finite."""
         c = self.config
         shape = (c.n_layer, batch, c.n_head, slots, c.head_dim)
         return KVCache(
             k=torch.zeros(shape, device=self.device, dtype=self.dtype),
             v=torch.zeros(shape, device=self.device, dtype=self.dtype),
             valid=torch.zeros(batch, slots, device=self.device, dtype=torch.bool),
+            health=torch.zeros(batch, slots, device=self.device) if check_states else None,
         )
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -139,9 +144,12 @@ class MultiExitGPT2:
         the decode-attention kernel, which marks the slot itself); prompts run the torch ops.
         live ([b] bool): rows that are False are frozen: their input passes through every block unchanged, so
         their key/value writes are state propagation from it. skip ([1] int32 on the device, triton): while set,
-        every row is frozen and the blocks read only c_attn's key/value weights."""
+        every row is frozen and the blocks read only c_attn's key/value weights. A cache with `health` has the
+        tokens whose new states are not finite marked (one check per call)."""
         for j in range(start, end):
             h = self._block(j, h, cache, slot, backend if h.shape[1] == 1 else TORCH, rows, skip, live)
+        if cache.health is not None and end > start:
+            ops.check_states(h, cache.health, cache.valid, slot, rows, backend if h.shape[1] == 1 else TORCH)
         return h
 
     def run_to(self, h: torch.Tensor, layers, cache: KVCache, slot, backend: Backend = TORCH,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mexit.kernels.acd_contrast_ref import acd_contrast_ref
+from mexit.kernels.check_states_ref import check_states_ref
 from mexit.kernels.control_repetition_ref import control_repetition_ref
 from mexit.kernels.exit_decide_ref import exit_decide_ref
 from mexit.kernels.exit_head_ref import ExitHeadOutput, exit_head_ref
@@ -173,6 +174,18 @@ def control_repetition(scores: torch.Tensor, history: torch.Tensor, last: torch.
 
         return kernel(scores, history, last, penalty, ngram)
     return control_repetition_ref(scores, history, last, penalty, ngram)
+
+
+def check_states(h: torch.Tensor, health: torch.Tensor, valid: torch.Tensor, slot, rows: torch.Tensor | None = None,
+                 backend: Backend = TORCH) -> None:
+    """Mark the cache slots of tokens whose new states h [b, S, d] hold a NaN or an infinity (`check_states_ref`):
+    one kernel on triton."""
+    if backend.triton:
+        from mexit.kernels.check_states import check_states as kernel
+
+        kernel(h, health, valid, slot, rows, pdl=backend.pdl)
+    else:
+        check_states_ref(h, health, valid, slot, rows)
 
 
 def step_epilogue(token: torch.Tensor, io: StepIO, backend: Backend = TORCH) -> None:
