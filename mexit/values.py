@@ -2,19 +2,16 @@
 
 import dataclasses
 
-import numpy as np
-import torch
-
 
 def plain(value):
-    """numpy / torch scalars and arrays as Python numbers and (nested) lists, a 0-d array as its number; the items
-    of a list or tuple likewise; anything else unchanged. transformers takes such values wherever it takes an int or
-    a list (token ids, max_new_tokens, eos_token_id, seeds), and so does mexit."""
-    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
-        return value.tolist()
+    """numpy / torch scalars and arrays (anything with `.tolist()`) as Python numbers and (nested) lists, a 0-d
+    array as its number; the items of a list or tuple likewise; anything else unchanged. transformers takes such
+    values wherever it takes an int or a list (token ids, max_new_tokens, eos_token_id, seeds), and so does mexit.
+    Imports neither numpy nor torch (the CLI's help stays fast)."""
     if type(value) in (list, tuple):
         return type(value)(plain(v) for v in value)
-    return value
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) else value
 
 
 def plain_fields(settings) -> None:

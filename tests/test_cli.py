@@ -91,7 +91,9 @@ def test_ignored_flags_warn(tiny_checkpoint, capsys):
 
 
 def test_version_and_help_show_defaults(capsys):
-    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"mexit {mexit.__version__}"
+    assert main(["--version"]) == 0
+    version = capsys.readouterr().out.strip()  # with the resolved versions of what mexit runs on
+    assert version.startswith(f"mexit {mexit.__version__} (torch ") and ", transformers " in version
     for command in ("generate", "bench", "ablate", "train-heads"):
         assert main([command, "--help"]) == 0
         assert "(default: " in capsys.readouterr().out

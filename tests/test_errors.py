@@ -18,7 +18,7 @@ def digest(folder):
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    from conftest import make_hf_checkpoint
+    from tiny_checkpoints import make_hf_checkpoint
 
     make_hf_checkpoint(tmp_path)
     return tmp_path
@@ -119,7 +119,7 @@ def test_bad_generate_arguments(checkpoint, prompts, kw, message):
 
 
 def test_text_without_tokenizer(tmp_path):
-    from conftest import make_hf_checkpoint
+    from tiny_checkpoints import make_hf_checkpoint
 
     make_hf_checkpoint(tmp_path, with_tokenizer=False)
     lm = mexit.load(tmp_path)
@@ -183,7 +183,7 @@ class NotATensor:
 
 
 def test_pickle_with_objects_is_refused_in_one_line(tmp_path, capsys):
-    from conftest import make_hf_checkpoint
+    from tiny_checkpoints import make_hf_checkpoint
 
     from mexit.frontends.cli import main
 

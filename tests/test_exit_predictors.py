@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_hf_checkpoint, write_predictors
 from hf_reference import hf_block_outputs
 from safetensors.torch import load_file, save_file
+from tiny_checkpoints import make_hf_checkpoint, write_predictors
 
 import mexit
 from mexit.decoding.early_exit import ExitPolicy

@@ -155,7 +155,7 @@ def test_large_batch_uses_torch_matmuls_and_the_attention_kernel(tiny_checkpoint
 
 def test_long_cache_splits_the_attention(tmp_path):
     """A 640-slot cache at batch 1 takes the flash-decoding path (splits + merge); tokens equal the torch path."""
-    from conftest import make_hf_checkpoint
+    from tiny_checkpoints import make_hf_checkpoint
 
     from mexit.kernels import decode_attention
 

@@ -113,7 +113,7 @@ def test_every_generation_config_field_is_implemented_or_refused(two_stops):
 
 @pytest.mark.parametrize("bad", [2048, -1])
 def test_ids_outside_the_vocabulary_are_named(bad, tmp_path):
-    from conftest import make_hf_checkpoint
+    from tiny_checkpoints import make_hf_checkpoint
 
     make_hf_checkpoint(tmp_path, vocab_size=2048)
     model = FastMultiExitModel.from_pretrained(tmp_path)

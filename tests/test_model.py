@@ -59,7 +59,7 @@ def test_layer_ranges_compose(tiny_checkpoint):
 
 
 def test_bin_checkpoint_loads_with_weights_only(tmp_path, tiny_checkpoint, monkeypatch):
-    from conftest import make_hf_checkpoint
+    from tiny_checkpoints import make_hf_checkpoint
 
     make_hf_checkpoint(tmp_path, fmt="bin")
     calls = []
@@ -73,7 +73,7 @@ def test_bin_checkpoint_loads_with_weights_only(tmp_path, tiny_checkpoint, monke
 
 
 def test_plain_gpt2_checkpoint(tmp_path):
-    from conftest import make_hf_checkpoint
+    from tiny_checkpoints import make_hf_checkpoint
 
     hf, _ = make_hf_checkpoint(tmp_path, exits=())
     lm = mexit.load(tmp_path)

@@ -5,8 +5,8 @@ holds the full model's keys/values at every accepted position; sampling keeps th
 
 import pytest
 import torch
-from conftest import make_hf_checkpoint
 from safetensors.torch import load_file, save_file
+from tiny_checkpoints import make_hf_checkpoint
 
 import mexit
 from mexit import SpeculativeConfig

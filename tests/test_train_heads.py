@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_hf_checkpoint
 from hf_reference import hf_block_outputs
+from tiny_checkpoints import make_hf_checkpoint
 
 import mexit
 from mexit.frontends.cli import main

@@ -76,7 +76,7 @@ def test_probe_names_the_failing_kernel(monkeypatch):
 def odd_width_checkpoint(tmp_path_factory):
     """A checkpoint whose width (96, 6 heads of 16) and vocabulary (1001) are not powers of two, as real models'
     are (GPT-2 small 768, large 1280, XL 1600; vocabulary 50257)."""
-    from conftest import make_hf_checkpoint, write_predictors
+    from tiny_checkpoints import make_hf_checkpoint, write_predictors
 
     folder = tmp_path_factory.mktemp("odd")
     make_hf_checkpoint(folder, exits=(1, 2, 3, 4), with_tokenizer=False, n_embd=96, n_head=6, vocab_size=1001,

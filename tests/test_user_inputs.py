@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_checkpoint
 from safetensors.torch import load_file, save_file
+from tiny_checkpoints import make_hf_checkpoint
 from transformers import GPT2LMHeadModel
 
 import mexit

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_hf_checkpoint
 from hf_reference import hf_block_outputs, hf_greedy, hf_head_logits
+from tiny_checkpoints import make_hf_checkpoint
 
 import mexit
 from mexit.frontends.compat import FastMultiExitModel

@@ -22,10 +22,10 @@ class PaddedBatch:
     valid: torch.Tensor
 
 
-def check_prompts(prompts, config: ModelConfig, max_new_tokens: int) -> list[list[int]]:
+def check_prompts(prompts, config: ModelConfig, max_new_tokens: int | None) -> list[list[int]]:
     """Validate token-id prompts: a non-empty batch of non-empty rows of ids in the vocabulary, fitting the
-    context together with max_new_tokens (numpy / torch ids and counts as plain ones). Returns them as lists of
-    ints."""
+    context together with max_new_tokens (None: the prompts alone, as a forward pass reads them); numpy / torch
+    ids and counts as plain ones. Returns them as lists of ints."""
     prompts, max_new_tokens = plain(prompts), plain(max_new_tokens)
     if isinstance(prompts, (int, float)) and not isinstance(prompts, bool):
         raise ValueError(f"prompts must be token ids in a list or an array, got the single number {prompts!r}")
@@ -43,14 +43,17 @@ def check_prompts(prompts, config: ModelConfig, max_new_tokens: int) -> list[lis
     prompts = [list(map(int, row)) for row in prompts]
     if any(len(row) == 0 for row in prompts):
         raise ValueError("empty prompt: every row needs at least one token")
-    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, float))
-            or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1):
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, float))
+                                       or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     bad = sorted({t for row in prompts for t in row if not 0 <= t < config.vocab_size})
     if bad:
         raise ValueError(f"token ids {bad[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")
     longest = max(map(len, prompts))
-    if longest + max_new_tokens > config.n_positions:
+    if max_new_tokens is None and longest > config.n_positions:
+        raise ValueError(f"the longest prompt ({longest} tokens) exceeds the context of the model "
+                         f"({config.n_positions} positions)")
+    if max_new_tokens is not None and longest + max_new_tokens > config.n_positions:
         raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {config.n_positions} positions")
     return prompts

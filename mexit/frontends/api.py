@@ -13,6 +13,7 @@ from mexit.decoding.dola import DolaConfig
 from mexit.decoding.early_exit import ExitPolicy
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration
 from mexit.decoding.layers import LayerPredictions, layer_predictions
+from mexit.decoding.prompts import check_prompts
 from mexit.decoding.sampling import SamplingConfig
 from mexit.decoding.speculative import Speculation, SpeculativeConfig
 from mexit.generate import GenerationResult, generate, new_engine, resolve_engine
@@ -32,10 +33,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 NATIVE_DEFAULTS = ("max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
                    "repetition_penalty", "no_repeat_ngram_size")
 APPLIED = NATIVE_DEFAULTS + ("pad_token_id", "return_dict_in_generate", "output_scores", "output_logits")
-INERT = ("_from_model_config", "transformers_version", "bos_token_id", "decoder_start_token_id", "use_cache",
-         "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile", "low_memory",
-         "prefill_chunk_size", "continuous_batching_config", "is_assistant", "early_stopping", "length_penalty",
-         "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+INERT = ("_from_model_config", "_commit_hash", "transformers_version", "bos_token_id", "decoder_start_token_id",
+         "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+         "low_memory", "prefill_chunk_size", "continuous_batching_config", "is_assistant", "early_stopping",
+         "length_penalty", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
          "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "assistant_ensemble_weight")
 OFF = {"num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,), "diversity_penalty": (0.0,),
        "penalty_alpha": (0.0,), "encoder_repetition_penalty": (1.0,),
@@ -301,9 +302,7 @@ class MultiExitLM:
         """Per prompt (text, texts, ids or id lists, as `generate` takes them): what each exit head and the original
         head predict at every position, from one pass through the blocks (`mexit.decoding.layers`): top-k tokens
         with their log-probabilities and each head's entropy (nats); shapes in LayerPredictions."""
-        ids = self.encode(prompts)
-        if ids and isinstance(ids[0], int):
-            ids = [ids]
+        ids = check_prompts(self.encode(prompts), self.config, None)
         return [layer_predictions(self.model, row, top_k) for row in ids]
 
     def stop_ids(self):
