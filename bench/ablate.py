@@ -21,7 +21,6 @@ import hashlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from mexit.bench.common import (
@@ -34,6 +33,7 @@ from mexit.bench.common import (
     set_threads,
     spread_note,
 )
+from mexit.timing import DeviceClock
 from mexit.values import read_text
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
@@ -117,10 +117,10 @@ def timed_generate(lm, ids, batch, max_new, stats=None, **kw):
     import torch
 
     tokens, layers = [], []
-    device = lm.model.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    clock = DeviceClock(lm.model.device)
+    if clock.cuda:
+        torch.cuda.synchronize()
+    start = clock.mark()
     for i in range(0, len(ids), batch):
         out = lm.generate(ids[i: i + batch], max_new, eos_token_id=None, **kw)
         tokens += out.tokens
@@ -138,9 +138,7 @@ def timed_generate(lm, ids, batch, max_new, stats=None, **kw):
             if out.drafted is not None:
                 for key in ("drafted", "accepted"):
                     stats[key] = stats.get(key, 0) + st[key]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return tokens, layers, time.perf_counter() - start
+    return tokens, layers, clock.ms(start, clock.mark()) / 1e3
 
 
 def continuation_loglik(lm, prompt: list[int], continuation: list[int]) -> float:

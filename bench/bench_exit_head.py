@@ -12,8 +12,10 @@ the same run. Every implementation is checked against the float64 reference befo
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
+import pytest
 import torch
 
 from mexit.bench.common import (
@@ -29,12 +31,13 @@ from mexit.kernels.acd_contrast_ref import acd_contrast_ref
 V, D = 50257, 1024  # gpt2-medium head
 
 
-def make_inputs(batch, dtype, device, seed=0):
+def make_inputs(batch, dtype, device, seed=0, v=None, d=None):
+    v, d = v or V, d or D
     g = torch.Generator(device=device).manual_seed(seed)
-    hidden = torch.randn(2, batch, D, device=device, generator=g).to(dtype)
-    ln_w = (1 + 0.1 * torch.randn(D, device=device, generator=g)).to(dtype)
-    ln_b = (0.1 * torch.randn(D, device=device, generator=g)).to(dtype)
-    heads = [(torch.randn(V, D, device=device, generator=g) * 0.05).to(dtype) for _ in range(2)]
+    hidden = torch.randn(2, batch, d, device=device, generator=g).to(dtype)
+    ln_w = (1 + 0.1 * torch.randn(d, device=device, generator=g)).to(dtype)
+    ln_b = (0.1 * torch.randn(d, device=device, generator=g)).to(dtype)
+    heads = [(torch.randn(v, d, device=device, generator=g) * 0.05).to(dtype) for _ in range(2)]
     return hidden, ln_w, ln_b, heads
 
 
@@ -54,9 +57,10 @@ def fused_stage(hidden, ln_w, ln_b, heads, alpha=0.1, config=None):
     return acd_contrast(out.logits, out.lse, alpha)[0]
 
 
-def stage_bytes(batch, dtype):
+def stage_bytes(batch, dtype, v=None, d=None):
+    v, d = v or V, d or D
     elem = torch.finfo(dtype).bits // 8
-    return 2 * V * D * elem + 2 * batch * D * elem + 2 * (2 * batch * V * 4)  # heads, hidden, logits w+r
+    return 2 * v * d * elem + 2 * batch * d * elem + 2 * (2 * batch * v * 4)  # heads, hidden, logits w+r
 
 
 def check(fn, inputs, batch):
@@ -143,3 +147,39 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- the pytest-benchmark suite (bench/conftest.py: device clock, cold L2, extra_info) ----
+@functools.cache
+def compiled_stage(exits: int):
+    return torch.compile(torch_stage if exits == 2 else one_exit_torch, dynamic=False)
+
+
+def one_exit_torch(hidden, ln_w, ln_b, heads):
+    """The original head's greedy step in torch: layernorm, the head, the argmax."""
+    normed = torch.nn.functional.layer_norm(hidden[0], (hidden.shape[-1],), ln_w, ln_b, 1e-5)
+    return torch.nn.functional.linear(normed, heads[0]).float().argmax(-1)
+
+
+def one_exit_fused(hidden, ln_w, ln_b, heads):
+    from mexit.kernels.exit_head import exit_head
+
+    return exit_head(hidden[:1], ln_w, ln_b, 1e-5, heads[:1]).argmax[0]
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("impl", ["fused", "torch eager", "torch.compile"])
+@pytest.mark.parametrize("exits", [1, 2])
+def test_exit_stage(benchmark, measure, gpu_only, device, exits, impl, batch):
+    """The exit stage of one head (the greedy original head) or two (the ACD pair with its contrast): layernorm,
+    the head projections, the softmax statistics and the token, fused against torch eager and torch.compile."""
+    if gpu_only and impl == "torch.compile":
+        pytest.skip("torch.compile on the CPU smoke run: minutes of inductor compilation for a call that is not "
+                    "timed")
+    v, d, dtype = (1000, 64, torch.float32) if gpu_only else (V, D, torch.float16)
+    inputs = make_inputs(batch, dtype, device, v=v, d=d)
+    nbytes = stage_bytes(batch, dtype, v, d) // (2 if exits == 1 else 1)
+    fn = {("fused", 2): fused_stage, ("torch eager", 2): torch_stage, ("fused", 1): one_exit_fused,
+          ("torch eager", 1): one_exit_torch}.get((impl, exits)) or compiled_stage(exits)
+    benchmark.group = f"exit stage, {exits} exit{'s' if exits > 1 else ''}, batch {batch}"
+    measure(lambda: fn(*inputs), nbytes, impl=impl, batch=batch, exits=exits)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pytest
 import torch
 
 from mexit.bench.common import (
@@ -35,9 +36,11 @@ from mexit.ops import TORCH, Backend
 D, HEADS = 1024, 16  # gpt2-medium
 
 
-def block_setup(batch: int, context: int, dtype, device):
-    """A one-block model of gpt2-medium width, a static cache with `context` valid slots, one input row each."""
-    config = ModelConfig(n_layer=1, n_embd=D, n_head=HEADS, vocab_size=8, n_positions=1024)
+def block_setup(batch: int, context: int, dtype, device, d: int | None = None, heads: int | None = None):
+    """A one-block model of gpt2-medium width (or d, heads), a static cache with `context` valid slots, one input row
+    each."""
+    d, heads = d or D, heads or HEADS
+    config = ModelConfig(n_layer=1, n_embd=d, n_head=heads, vocab_size=8, n_positions=1024)
     model = random_model(config, seed=1, dtype=dtype, device=device)
     length = -(-context // 128) * 128
     cache = model.new_cache(batch, length)
@@ -45,13 +48,14 @@ def block_setup(batch: int, context: int, dtype, device):
     cache.v.normal_()
     cache.valid[:, :context] = True
     slot = torch.tensor([context - 1], device=device)
-    x = torch.randn(batch, 1, D, device=device, dtype=model.dtype)
+    x = torch.randn(batch, 1, d, device=device, dtype=model.dtype)
     return model, cache, slot, x
 
 
-def block_bytes(batch: int, context: int, elem: int, skipped: bool) -> int:
-    weights = 2 * D * D + 2 * D if skipped else 12 * D * D + 13 * D + 4 * D  # matrices, biases, layernorms
-    return weights * elem + 2 * batch * context * D * elem
+def block_bytes(batch: int, context: int, elem: int, skipped: bool, d: int | None = None) -> int:
+    d = d or D
+    weights = 2 * d * d + 2 * d if skipped else 12 * d * d + 13 * d + 4 * d  # matrices, biases, layernorms
+    return weights * elem + 2 * batch * context * d * elem
 
 
 def check_block(model, cache, slot, x, outputs: dict) -> None:
@@ -185,3 +189,47 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- the pytest-benchmark suite (bench/conftest.py: device clock, cold L2, extra_info) ----
+BLOCK_PATHS = {"fused": Backend("triton"), "torch matmuls + attention kernel": Backend("triton", fused_max_rows=0),
+               "torch": TORCH, "fused, skipped (past the exit)": Backend("triton")}
+
+
+def suite_shape(smoke: bool) -> tuple:
+    """(d, heads, context, dtype): gpt2-medium's in fp16 on a GPU; a small fp32 one for the CPU smoke run."""
+    return (64, 4, 16, torch.float32) if smoke else (D, HEADS, 160, torch.float16)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("path", list(BLOCK_PATHS))
+@pytest.mark.parametrize("cache_state", ["cold", "l2-warm"])
+def test_block(benchmark, measure, gpu_only, device, path, batch, cache_state):
+    """One gpt2-medium decode block (a predicated block with its skip flag set reads c_attn's key/value columns
+    only). Cold: the L2 flushed before every call (what a decode step sees, 24 blocks of 25 MB); l2-warm: the
+    same block replayed (its weights fit the 50 MB L2)."""
+    d, heads, context, dtype = suite_shape(gpu_only)
+    benchmark.group = f"block, batch {batch}, {cache_state}"
+    model, cache, slot, x = block_setup(batch, context, dtype, device, d, heads)
+    skip = torch.ones(1, dtype=torch.int32, device=device) if "skipped" in path else None
+    elem = torch.finfo(dtype).bits // 8
+    measure(lambda: model.run_layers(x, 0, 1, cache, slot, BLOCK_PATHS[path], skip=skip),
+            block_bytes(batch, context, elem, skip is not None, d), cold=cache_state == "cold", impl=path,
+            batch=batch, d=d, context=context)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("what", list(matmuls(D)))
+def test_block_matmul(benchmark, measure, gpu_only, device, what, impl, batch):
+    """Each of a block's four matmuls with its fused prologue / epilogue: the fused-linear kernel or cuBLAS and
+    the torch ops around it (the reference)."""
+    from mexit.kernels.fused_linear import fused_linear
+
+    d, _, _, dtype = suite_shape(gpu_only)
+    K, N, options = matmuls(d)[what]
+    benchmark.group = f"{what}, batch {batch}"
+    x, w, b, kw = matmul_inputs(batch, K, N, options, dtype, device)
+    fn = fused_linear if impl == "fused" else fused_linear_ref
+    elem = torch.finfo(dtype).bits // 8
+    measure(lambda: fn(x, w, b, **kw), (K * N + N) * elem, impl=impl, batch=batch, K=K, N=N)

@@ -47,25 +47,14 @@ def run_metadata(device: torch.device, dtype) -> dict:
 
 
 def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> list[float]:
-    """Per-call times in ms: CUDA events around each call on GPU (after warm-up), a host clock on CPU."""
-    import torch
+    """Per-call times in ms on the device clock (`mexit.timing.DeviceClock`: CUDA events around each call on a GPU,
+    perf_counter on CPU), after warm-up calls."""
+    from mexit.timing import DeviceClock
 
+    clock = DeviceClock(device)
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return [clock.time_ms(fn) for _ in range(repeats)]
 
 
 def kernel_ms(fn, device: torch.device, graph: bool = True) -> float:

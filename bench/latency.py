@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -185,31 +184,24 @@ def sync(device):
 
 
 class StepClock:
-    """Marks inside one generation: its start, its first token (prompt + first head) and its last token. On a
-    GPU each mark is a CUDA event recorded in stream order when the host reaches it, so the device's own time
-    is measured; on CPU (synchronous) a host clock."""
+    """Marks inside one generation: its start, its first token (prompt + first head) and its last token, on the
+    device clock (`mexit.timing.DeviceClock`: CUDA events recorded in stream order when the host reaches each
+    point, so the device's own time; perf_counter on CPU)."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        from mexit.timing import DeviceClock
+
+        self.clock = DeviceClock(device)
         self.device = device
         self.begin = self.first = self.last = None
         self.tokens = 0
 
-    def mark(self):
-        import torch
-
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
     def start(self) -> None:
         sync(self.device)
-        self.begin = self.mark()
+        self.begin = self.clock.mark()
 
     def on_token(self, *_args) -> None:
-        now = self.mark()
+        now = self.clock.mark()
         self.first = self.first or now
         self.last = now
         self.tokens += 1
@@ -218,10 +210,7 @@ class StepClock:
         """(prefill ms, ms per later decode step)."""
         if self.tokens < 2:
             raise RuntimeError(f"the generation reported {self.tokens} tokens; decode timing needs 2 or more")
-        if self.cuda:
-            self.last.synchronize()
-            return self.begin.elapsed_time(self.first), self.first.elapsed_time(self.last) / (self.tokens - 1)
-        return (self.first - self.begin) * 1e3, (self.last - self.first) * 1e3 / (self.tokens - 1)
+        return self.clock.ms(self.begin, self.first), self.clock.ms(self.first, self.last) / (self.tokens - 1)
 
 
 class ClockStreamer:

@@ -15,11 +15,11 @@ import argparse
 import csv
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from mexit.bench.ablate import default_prompts, encode, read_prompts
 from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, set_threads, write_results
+from mexit.timing import DeviceClock
 
 COLUMNS = ["draft_exit", "draft_len", "draft_threshold", "acceptance_rate", "tokens_per_verification",
            "weight_bytes_ratio", "launches_ratio", "speedup", "speedup_min", "speedup_max", "lossless"]
@@ -29,18 +29,16 @@ def run_all(lm, ids, max_new, batch, **kw):
     """Generate every prompt (`batch` per call); returns (tokens, the runs' results, seconds)."""
     import torch
 
-    device = lm.model.device
+    clock = DeviceClock(lm.model.device)
     results, tokens = [], []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    if clock.cuda:
+        torch.cuda.synchronize()
+    start = clock.mark()
     for i in range(0, len(ids), batch):
         out = lm.generate(ids[i:i + batch], max_new, eos_token_id=None, **kw)
         results.append(out)
         tokens += out.tokens
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return tokens, results, time.perf_counter() - start
+    return tokens, results, clock.ms(start, clock.mark()) / 1e3
 
 
 def launches_per_token(lm, ids, max_new, batch, **kw) -> float:

@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "mexit"
 # lowest first; a module may import its own layer and the ones below (kernels/ and bench/ live outside mexit/: their
 # packages' __init__ modules are here)
-LAYERS = {"version": 0, "values": 0, "ops": 0, "kernels": 0, "model": 1, "training": 2, "decoding": 2, "engines": 3,
-          "generate": 4, "frontends": 5, "bench": 6, "__init__": 6, "__main__": 6}
+LAYERS = {"version": 0, "values": 0, "timing": 0, "ops": 0, "kernels": 0, "model": 1, "training": 2, "decoding": 2,
+          "engines": 3, "generate": 4, "frontends": 5, "bench": 6, "__init__": 6, "__main__": 6}
 MAX_CHAIN = 7
 
 

@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -400,30 +399,25 @@ def load_lm(args):
 
 
 class Timer:
-    """Wall-clock of one generate call split at its first token (prefill + first head) and the rest (decode);
-    on CUDA the device is synchronized at those two points only."""
+    """One generate call split at its first token (prefill + first head) and the rest (decode), on the device
+    clock (`mexit.timing.DeviceClock`: CUDA events on a GPU, so only the device's own time; perf_counter on CPU)."""
 
     def __init__(self, device, stream_to=None, tokenizer=None):
-        self.device, self.stream_to, self.tokenizer = device, stream_to, tokenizer
+        from mexit.timing import DeviceClock
+
+        self.clock = DeviceClock(device)
+        self.stream_to, self.tokenizer = stream_to, tokenizer
         self.start = self.first = None
         self.steps = 0
         self.printed = ""
         self.ids: list[int] = []
 
-    def sync(self):
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
-
     def begin(self):
-        self.sync()
-        self.start = time.perf_counter()
+        self.start = self.clock.mark()
 
     def on_token(self, tokens):
         if self.first is None:
-            self.sync()
-            self.first = time.perf_counter()
+            self.first = self.clock.mark()
         self.steps += 1
         if self.stream_to is not None:
             self.ids.append(int(tokens[0]))
@@ -438,14 +432,14 @@ class Timer:
             self.printed = text
 
     def report(self, rows: int) -> dict:
-        self.sync()
-        end = time.perf_counter()
-        decode_s = end - self.first if self.first is not None else 0.0
+        end = self.clock.mark()
+        decode_s = self.clock.ms(self.first, end) / 1e3 if self.first is not None else 0.0
         decode_steps = max(0, self.steps - 1)
-        return {"prefill_ms": round((self.first - self.start) * 1e3, 3) if self.first else None,
+        return {"prefill_ms": round(self.clock.ms(self.start, self.first), 3) if self.first else None,
                 "ms_per_token": round(decode_s * 1e3 / decode_steps, 3) if decode_steps else None,
                 "tokens_per_s": round(rows * decode_steps / decode_s, 2) if decode_steps and decode_s > 0 else None,
-                "timing": "wall clock of this call (first use includes kernel compilation / graph capture); "
+                "timing": "device clock of this call (CUDA events on a GPU; first use includes kernel compilation / "
+                          "graph capture); "
                           "prefill_ms: prompt + first token; ms_per_token and tokens_per_s: later steps, all rows"}
 
 

@@ -1,0 +1,55 @@
+"""The pytest-benchmark suite in bench/: it runs on CPU and writes its JSON with the decode calls' extra_info and
+the machine's info, a second run prints the comparison with the stored one, and --benchmark-compare-fail fails a
+run made slower on purpose."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SELECT = [str(ROOT / "bench" / "bench_decode.py"), "-k", "original and 1", "--benchmark-only", "-p", "no:xdist",
+          "-p", "no:cacheprovider"]
+
+
+def suite(tmp_path, *extra):
+    # run from tmp_path: pytest-benchmark names its storage relative to the working folder
+    done = subprocess.run([sys.executable, "-m", "pytest", *SELECT, "--benchmark-storage=file://runs", *extra],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_runs_save_compare_and_fail_on_a_regression(tmp_path):
+    out = tmp_path / "out.json"
+    rc, log = suite(tmp_path, f"--benchmark-json={out}", "--benchmark-save=baseline")
+    assert rc == 0, log[-3000:]
+    run = json.loads(out.read_text())
+    (row,) = run["benchmarks"]
+    assert row["group"] == "decode call, small model, batch 1" and row["stats"]["rounds"] >= 5
+    info = row["extra_info"]
+    assert info["clock"] == "perf_counter" and info["threads"] >= 1 and info["launches"] > 0
+    assert 0 < info["ms_per_token_min"] <= info["ms_per_token"] <= info["ms_per_token_max"]
+    assert info["gb_s"] > 0 and 0 < info["pct_copy"] and info["bytes"] == info["weight_bytes_per_token"] * 32
+    machine = run["machine_info"]["mexit"]
+    assert machine["device"].startswith("cpu") and machine["copy_gbs"] > 0 and machine["torch"]
+    assert list((tmp_path / "runs").rglob("*_baseline.json"))
+
+    rc, log = suite(tmp_path, "--benchmark-compare")
+    assert rc == 0 and "0001_baseline" in log and "(NOW)" in log, log[-3000:]
+
+    rc, log = suite(tmp_path, "--benchmark-compare", "--benchmark-compare-fail=median:5%", "--bench-slowdown-ms=400")
+    assert rc != 0 and "Performance has regressed" in log, log[-3000:]
+
+
+def test_the_gpu_script_perf_stage_dry_runs_on_cpu(tmp_path):
+    """`DRY=1 bash bench/gpu_check.sh perf` (CI's dry run of the GPU stage): the suite once under
+    --benchmark-disable, its summary written, nothing stored in the tree."""
+    import os
+
+    env = {**os.environ, "DRY": "1", "OUT": str(tmp_path), "SELECT": "decode_attention and 128"}
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "perf"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "pytest-benchmark suite, exit 0" in summary and " passed" in summary
+    assert not (ROOT / "bench" / "benchmarks" / "cpu-dry-run").exists()
