@@ -28,7 +28,8 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,T,hd,slot", [(1, 4, 128, 16, 0), (3, 2, 128, 8, 37), (7, 4, 256, 16, 200),
-                                            (64, 2, 128, 8, 127), (1, 16, 256, 64, 159)])
+                                            (64, 2, 128, 8, 127), (1, 16, 256, 64, 159),
+                                            (3, 6, 128, 16, 90)])  # d = 96
 def test_matches_float64_reference(B, H, T, hd, slot, dtype, monkeypatch):
     qkv, k, v, valid, slot_t = make_inputs(B, H, T, hd, slot, dtype, seed=B + slot)
     k_ref, v_ref = k.double(), v.double()
