@@ -3,6 +3,7 @@ the machine's info, a second run prints the comparison with the stored one, and 
 run made slower on purpose."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ SELECT = [str(ROOT / "bench" / "bench_decode.py"), "-k", "original and 1", "--be
 
 def suite(tmp_path, *extra):
     # run from tmp_path: pytest-benchmark names its storage relative to the working folder
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not this run's xdist worker
     done = subprocess.run([sys.executable, "-m", "pytest", *SELECT, "--benchmark-storage=file://runs", *extra],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -44,9 +46,8 @@ def test_runs_save_compare_and_fail_on_a_regression(tmp_path):
 def test_the_gpu_script_perf_stage_dry_runs_on_cpu(tmp_path):
     """`DRY=1 bash bench/gpu_check.sh perf` (CI's dry run of the GPU stage): the suite once under
     --benchmark-disable, its summary written, nothing stored in the tree."""
-    import os
-
-    env = {**os.environ, "DRY": "1", "OUT": str(tmp_path), "SELECT": "decode_attention and 128"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(DRY="1", OUT=str(tmp_path), SELECT="decode_attention and 128")
     done = subprocess.run(["bash", "bench/gpu_check.sh", "perf"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -5,8 +5,8 @@ with the reason). Placeholders are filled with test inputs: PATH and path/to/gpt
 gpt2-folder copies of it, the shipped models are copies (commands write predictors and token counts into them),
 cuda runs on the cpu, and the data files the commands name are written from the shipped prompts."""
 
+import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +20,7 @@ README = (ROOT / "README.md").read_text()
 # shell lines not run here, by what they need
 NOT_RUN = {
     "python3 -m venv": "the set-up command: .ci/run runs it",
-    "python -m pytest": "the test command: .ci/run runs it",
+    "python -m pytest -q -n 2": "the test command: .ci/run runs it",
     "ibm-research/": "a hub download (network)",
     " ... ": "an elided command (its flags are shown on the line above)",
     "--ray": "a Ray cluster (tests/test_ray.py starts a local one for the same commands)",
@@ -63,8 +63,10 @@ def workdir(tmp_path_factory):
     return work
 
 
-# commands that train or sweep run shorter here: the README's flags, then these (the last value of a flag wins)
+# commands that train or sweep run shorter here: the README's flags, then these (the last value of a flag wins);
+# the benchmark suite runs one decode call of its own folder
 SHORTER = {"mexit ablate": " --max-new-tokens 4 --repeats 1", "mexit train-exit-predictors": " --steps 10"}
+SUITE = ("python -m pytest bench ", f"python -m pytest {ROOT / 'bench' / 'bench_decode.py'} -k 'original and 1' ")
 
 
 def fill(command: str, work: Path) -> str:
@@ -93,14 +95,13 @@ def test_every_readme_shell_command_runs(workdir, line, command):
     skipped = next((why for key, why in NOT_RUN.items() if key in command), None)
     if skipped:
         pytest.skip(f"README.md:{line} needs {skipped}")
-    command = fill(command, workdir) + next((extra for key, extra in SHORTER.items() if command.startswith(key)), "")
-    argv = shlex.split(command)
-    assert argv[0] in ("mexit", "python"), f"README.md:{line}: an unexpected command {argv[0]}"
-    argv = [sys.executable, "-m", "mexit", *argv[1:]] if argv[0] == "mexit" else [sys.executable, *argv[1:]]
-    done = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    command = fill(command, workdir).replace(*SUITE)
+    command += next((extra for key, extra in SHORTER.items() if command.startswith(key)), "")
+    assert command.split()[0] in ("mexit", "python"), f"README.md:{line}: an unexpected command"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not this run's xdist worker
+    env.update(PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    done = subprocess.run(["bash", "-c", command], cwd=workdir, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"README.md:{line}: {command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-
 
 def test_the_skips_are_few_and_named():
     """What is not run is a short, named list: set-up, network, elided and cluster lines."""
