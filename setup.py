@@ -20,9 +20,11 @@ class BuildPy(build_py):
         if getattr(self, "editable_mode", False):
             return
         for folder, patterns in TOP_LEVEL.items():
-            for pattern in patterns:
-                for file in sorted(Path(folder).glob(pattern)):
-                    self.copy_file(str(file), str(Path(self.build_lib, "mexit", folder, file.name)))
+            files = sorted(f for pattern in patterns for f in Path(folder).glob(pattern))
+            if not files:  # an sdist without the folders (MANIFEST.in carries them) would build a broken wheel
+                raise RuntimeError(f"{folder}/ holds no modules: mexit.{folder} would be empty")
+            for file in files:
+                self.copy_file(str(file), str(Path(self.build_lib, "mexit", folder, file.name)))
 
 
 # Version ranges are what the tests have passed on (README, "Tested versions"): the floors in the floor run, the

@@ -53,9 +53,12 @@ def block_setup(batch: int, context: int, dtype, device, d: int | None = None, h
 
 
 def block_bytes(batch: int, context: int, elem: int, skipped: bool, d: int | None = None) -> int:
+    """Bytes a block must move: its weights and the cached keys / values it attends over; a skipped block reads
+    c_attn's key/value columns and writes the new keys / values, and attends over nothing."""
     d = d or D
-    weights = 2 * d * d + 2 * d if skipped else 12 * d * d + 13 * d + 4 * d  # matrices, biases, layernorms
-    return weights * elem + 2 * batch * context * d * elem
+    if skipped:
+        return (2 * d * d + 2 * d) * elem + 2 * batch * d * elem
+    return (12 * d * d + 13 * d + 4 * d) * elem + 2 * batch * context * d * elem  # matrices, biases, layernorms
 
 
 def check_block(model, cache, slot, x, outputs: dict) -> None:
@@ -213,8 +216,9 @@ def test_block(benchmark, measure, gpu_only, device, path, batch, cache_state):
     model, cache, slot, x = block_setup(batch, context, dtype, device, d, heads)
     skip = torch.ones(1, dtype=torch.int32, device=device) if "skipped" in path else None
     elem = torch.finfo(dtype).bits // 8
+    attended = cache.k.shape[3] if path == "torch" else context  # torch's attention reads the whole length bucket
     measure(lambda: model.run_layers(x, 0, 1, cache, slot, BLOCK_PATHS[path], skip=skip),
-            block_bytes(batch, context, elem, skip is not None, d), cold=cache_state == "cold", impl=path,
+            block_bytes(batch, attended, elem, skip is not None, d), cold=cache_state == "cold", impl=path,
             batch=batch, d=d, context=context)
 
 

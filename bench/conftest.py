@@ -65,9 +65,12 @@ def _flush_buffer(index: int) -> torch.Tensor:
 
 
 def flush_l2(device: torch.device) -> None:
-    """Evict the L2 cache: write a buffer of twice its size (the next reads of any weight come from memory)."""
+    """Evict the L2 cache: write a buffer of twice its size (the next reads of any weight come from memory), then
+    keep the device busy for about 50 us so that the timed call's launches queue behind it: a round then times
+    the device's work, not the host's launches."""
     if device.type == "cuda":
         _flush_buffer(device.index or 0).zero_()
+        torch.cuda._sleep(100_000)
 
 
 @pytest.fixture

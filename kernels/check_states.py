@@ -29,7 +29,7 @@ def _check_states(h_ptr, health_ptr, valid_ptr, slot_ptr, rows_ptr, S, D, T, slo
     t = slot + s
     cols = tl.arange(0, BLOCK_D)
     x = tl.load(h_ptr + (i.to(tl.int64) * S + s) * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-    mark = tl.sum(x, axis=0) * 0.0
+    mark = tl.sum(x * 0.0, axis=0)  # 0, or NaN when a value is not finite
     where = health_ptr + row.to(tl.int64) * T + t
     ok = tl.load(valid_ptr + row.to(tl.int64) * T + t).to(tl.int32) != 0
     tl.store(where, tl.load(where) + mark, mask=ok)

@@ -15,12 +15,13 @@ class DeviceClock:
     """Marks and intervals on `device` (a torch.device or its type string).
 
     mark(): a point in the device's stream (no wait); ms(start, end): milliseconds between two marks (waits for
-    `end`); calling the clock returns seconds since its first call, waiting for the device: that is the `timer`
-    pytest-benchmark takes (`benchmark._timer`), so a benchmark's rounds are device time."""
+    `end`). Calling the clock is pytest-benchmark's `timer` (`benchmark._timer`, which takes `end - start`): on a
+    GPU it returns a mark whose difference with another is their seconds apart (waiting only for the later one),
+    so a round is the device's time from the first mark to the second and the start does not stall the host; on
+    CPU, perf_counter()."""
 
     def __init__(self, device):
-        self.cuda = getattr(device, "type", device) == "cuda"
-        self.base = None
+        self.cuda = str(getattr(device, "type", device)).startswith("cuda")
 
     def mark(self):
         if self.cuda:
@@ -37,11 +38,8 @@ class DeviceClock:
             return start.elapsed_time(end)
         return (end - start) * 1e3
 
-    def __call__(self) -> float:
-        now = self.mark()
-        if self.base is None:
-            self.base = now
-        return self.ms(self.base, now) / 1e3
+    def __call__(self):
+        return _Mark(self, self.mark()) if self.cuda else time.perf_counter()
 
     def time_ms(self, fn) -> float:
         """Milliseconds of one call of fn() (device time on a GPU; the device is idle before it starts)."""
@@ -58,3 +56,13 @@ class DeviceClock:
         import torch
 
         return {"clock": "cuda events" if self.cuda else "perf_counter", "threads": torch.get_num_threads()}
+
+
+class _Mark:
+    """A clock reading on the device: `later - earlier` is seconds (waits for `later`)."""
+
+    def __init__(self, clock: DeviceClock, event):
+        self.clock, self.event = clock, event
+
+    def __sub__(self, earlier: _Mark) -> float:
+        return self.clock.ms(earlier.event, self.event) / 1e3

@@ -19,9 +19,7 @@ def plain_fields(settings) -> None:
     hashable). Call first in `__post_init__`, so validation sees plain values."""
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
-        new = plain(value)
-        if isinstance(new, list):
-            new = tuple(new)
+        new = as_tuples(plain(value))
         if new is not value:
             object.__setattr__(settings, field.name, new)
 
@@ -31,3 +29,8 @@ def read_text(path, errors: str = "strict") -> str:
     dropped, never read as U+FEFF), line ends \\r\\n and \\r read as \\n."""
     with open(path, encoding="utf-8-sig", errors=errors, newline=None) as f:
         return f.read()
+
+
+def as_tuples(value):
+    """Lists (nested too) as tuples: hashable settings."""
+    return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -28,7 +28,7 @@ def test_no_top_level_name_shadows_an_installed_distribution():
     assert "transformers" in installed  # the check below sees the environment's distributions
     shadowed = {f"{folder.relative_to(ROOT)}/{name}": installed[name]
                 for folder in SEARCHED for name in importable_names(folder)
-                if name in installed and installed[name] != ["mexit"]}
+                if name in installed and set(installed[name]) != {"mexit"}}
     assert shadowed == {}
     assert not (ROOT / "kernels" / "__init__.py").exists() and not (ROOT / "bench" / "__init__.py").exists()
 

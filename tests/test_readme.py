@@ -67,6 +67,8 @@ def workdir(tmp_path_factory):
 # the benchmark suite runs one decode call of its own folder
 SHORTER = {"mexit ablate": " --max-new-tokens 4 --repeats 1", "mexit train-exit-predictors": " --steps 10"}
 SUITE = ("python -m pytest bench ", f"python -m pytest {ROOT / 'bench' / 'bench_decode.py'} -k 'original and 1' ")
+# two 5-round CPU runs on a busy 2-core machine differ by more than 10%: the README's own threshold would be noise
+LOOSER = ("--benchmark-compare-fail=median:10%", "--benchmark-compare-fail=median:300%")
 
 
 def fill(command: str, work: Path) -> str:
@@ -95,7 +97,7 @@ def test_every_readme_shell_command_runs(workdir, line, command):
     skipped = next((why for key, why in NOT_RUN.items() if key in command), None)
     if skipped:
         pytest.skip(f"README.md:{line} needs {skipped}")
-    command = fill(command, workdir).replace(*SUITE)
+    command = fill(command, workdir).replace(*SUITE).replace(*LOOSER)
     command += next((extra for key, extra in SHORTER.items() if command.startswith(key)), "")
     assert command.split()[0] in ("mexit", "python"), f"README.md:{line}: an unexpected command"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not this run's xdist worker

@@ -100,17 +100,26 @@ ODD_MODES = {
 
 @pytest.mark.parametrize("engine", ["eager", "static"])
 @pytest.mark.parametrize("name", ODD_MODES)
-def test_every_mode_at_widths_that_are_not_powers_of_two(odd_width_checkpoint, name, engine):
+def test_every_mode_at_widths_that_are_not_powers_of_two(odd_width_checkpoint, name, engine, monkeypatch, request):
     """Every mode on the triton backend (kernels under the interpreter on CPU) at d = 96, V = 1001 gives the torch
-    backend's tokens (and exits), on both engines."""
+    backend's tokens (and exits), on both engines; every allocation of the triton run is poisoned (NaN / -7), so
+    a buffer read before it is written shows."""
+    from kernel_utils import poisoned_allocations
+
     kw = dict(ODD_MODES[name], max_new_tokens=6, eos_token_id=None)
     policy = kw.get("early_exit")
     if policy is not None and policy.schedule == "predicated" and engine == "eager":
         pytest.skip("the predicated schedule is the static engine's")
+    if name == "ee-learned-eager-predicated" and engine == "static":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "open bug found by this test: learned early exit on the predicated schedule reads an unwritten buffer "
+            "for tokens of the final head (NaN-poisoned memory turns them into token 0; unpoisoned it depends on "
+            "what the memory held: it failed in one CI-like run and passed in others)")))
     reference_kw = dict(kw, early_exit=dataclasses.replace(policy, schedule="segments")) if policy else kw
     want = mexit.load(odd_width_checkpoint, backend="torch", engine="eager").generate(ODD_PROMPTS, **reference_kw)
-    with count_launches() as launched:
-        got = mexit.load(odd_width_checkpoint, backend="triton", engine=engine).generate(ODD_PROMPTS, **kw)
+    lm = mexit.load(odd_width_checkpoint, backend="triton", engine=engine)
+    with count_launches() as launched, poisoned_allocations(monkeypatch):
+        got = lm.generate(ODD_PROMPTS, **kw)
     assert got.backend == "triton" and got.engine == engine
     assert any(name.startswith("triton:") for name in launched)
     assert got.tokens == want.tokens

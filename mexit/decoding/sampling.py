@@ -31,7 +31,9 @@ class SamplingConfig:
                      "no_repeat_ngram_size"):  # numpy / torch values as Python ones (mexit.values.plain)
             value = getattr(self, name)
             value = value.tolist() if hasattr(value, "tolist") else value
-            object.__setattr__(self, name, tuple(value) if isinstance(value, (list, tuple)) else value)
+            if isinstance(value, (list, tuple)):
+                value = tuple(v.tolist() if hasattr(v, "tolist") else v for v in value)
+            object.__setattr__(self, name, value)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:

@@ -187,6 +187,8 @@ def save_output(out: Path, base: Path, hf_config: dict, trainer: HeadTrainer, ba
     config = dict(hf_config)
     existing = [int(x) for x in (config.get("lm_head_layer_indices") or [])]
     config["lm_head_layer_indices"] = sorted(set(existing) | set(trainer.exits))
+    if "lm_head.weight" in state:  # the base's own head (untied, or stored apart from a tied embedding)
+        config["tie_word_embeddings"] = False
     write_checkpoint(state, out, config, source=base)
     (out / PREDICTOR_FILE).unlink(missing_ok=True)  # the base's exit predictors learned other heads
     torch.save({**extra_state, "heads": {L: w.detach().float().cpu() for L, w in trainer.heads.items()}},
