@@ -14,8 +14,9 @@ with vocabulary 1001), with every Triton launch recorded instead of run (`JITFun
 GPU needed). Each distinct (kernel, argument types, constexprs, warps, stages) is then compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; `ptxas -v` on its PTX reports registers
 and spills, the compiled metadata its shared memory. Must run WITHOUT TRITON_INTERPRET (the interpreter replaces
-the kernels). Pointer alignment / divisibility hints are not reproduced, so a launch on a GPU may compile a
-slightly more specialized variant of the same code.
+the kernels). Divisibility by 16 (pointer addresses, integers) is recorded and compiled in as Triton's launcher
+specializes it, so vector widths match the GPU's; the one difference left is that the launcher also specializes
+an integer equal to 1 as a constant.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from mexit.ops import GEMV_MAX_ROWS
+
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory a block may use (opt-in maximum)
 TARGETS = {"sm_90a": 90, "sm_80": 80}
 
@@ -45,6 +48,7 @@ class Launch:
     num_warps: int
     num_stages: int
     launch_pdl: bool = False
+    aligned: tuple = ()  # runtime arguments divisible by 16 (pointers by address): Triton's "D" specialization
 
 
 def arg_type(value) -> str | tuple:
@@ -61,6 +65,13 @@ def arg_type(value) -> str | tuple:
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"unsupported kernel argument {type(value).__name__}")
+
+
+def divisible_by_16(value) -> bool:
+    """What Triton's launcher specializes as divisible by 16: a tensor's address, an integer (not a bool)."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
 
 
 def flat_types(signature: tuple) -> list[str]:
@@ -86,8 +97,10 @@ def record(fn_under_test) -> set[Launch]:
         constexpr_names = {names[i] for i in self.constexprs}
         signature = tuple((n, arg_type(bound[n])) for n in names if n not in constexpr_names)
         constexprs = tuple((n, bound[n]) for n in names if n in constexpr_names)
+        aligned = tuple(n for n in names if n not in constexpr_names and divisible_by_16(bound[n]))
         seen.add(Launch(self.fn.__name__, self.fn.__module__, signature, constexprs,
-                        options.get("num_warps", 4), options.get("num_stages", 3), options.get("launch_pdl", False)))
+                        options.get("num_warps", 4), options.get("num_stages", 3), options.get("launch_pdl", False),
+                        aligned))
 
     import torch.nn.functional as F
 
@@ -112,9 +125,9 @@ ODD_WIDTHS = [(1600, 25, 50257), (96, 6, 1001)]
 
 
 def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False,
-                     width: tuple[int, int, int] = GPT2_MEDIUM) -> set[Launch]:
+                     width: tuple[int, int, int] = GPT2_MEDIUM, gemv: bool = False) -> set[Launch]:
     """Distinct launches of the runtime at `width` (d, heads, vocabulary; default gpt2-medium's) for every dtype,
-    batch and mode asked for (pdl: with programmatic dependent launch)."""
+    batch and mode asked for (pdl: with programmatic dependent launch; gemv: the loop-free linear up to 8 rows)."""
     import mexit
     from mexit.decoding.early_exit import ExitPolicy
     from mexit.model.config import ModelConfig
@@ -140,33 +153,82 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
         model = mexit.random_model(config, dtype=dtype)
         model.predictors = ExitPredictors((1,), torch.zeros(1, d), torch.zeros(1), 1e-5)  # the fused probe
         # the kernels' launches are recorded, not run: no GPU or interpreter needed
-        lm = mexit.MultiExitLM(model, backend=Backend("triton", pdl=pdl), engine="static")
+        backend = Backend("triton", pdl=pdl, gemv_max_rows=GEMV_MAX_ROWS if gemv else 0)
+        lm = mexit.MultiExitLM(model, backend=backend, engine="static")
         for batch in batches:
             prompts = [[(7 * r + 3) % vocab for r in range(b, b + 5)] for b in range(batch)]
             for mode in modes:
                 kw = kinds[mode]
                 launches |= record(lambda kw=kw: lm.generate(prompts, 3, eos_token_id=None, **kw))
         # long caches at batch 1 take the split decode attention (partial softmaxes + merge)
-        if not pdl:
+        if not pdl and not gemv:
             launches |= record(lambda: lm.generate([[1] * 600], 2, eos_token_id=None))
     return launches
 
 
-PREFETCHING = {"_fused_linear", "_exit_head_tiles", "_propagate_kv"}  # load weight tiles before the PDL wait
+PREFETCHING = {"_fused_linear", "_fused_gemv", "_exit_head_tiles", "_propagate_kv"}  # weight loads before the wait
+
+
+WEIGHT_LOAD = re.compile(r"\bld\.global\.L1::evict_first\S*")  # the GEMV's weight loads (evict-first)
 
 
 def pdl_findings(launch: Launch, ptx: str) -> dict:
-    """A PDL launch's PTX: whether it waits and releases its dependents, and how many global loads come before
-    the wait (the weight prefetch); an error when one is missing."""
+    """A PDL launch's PTX: it releases its dependents before it waits (they may then launch and prefetch while it
+    runs), and the weight kernels issue global loads before the wait (their prefetch); an error when not."""
     wait = ptx.find("griddepcontrol.wait")
+    trigger = ptx.find("griddepcontrol.launch_dependents")
     loads_before = len(re.findall(r"\bld\.global", ptx[:wait])) if wait >= 0 else 0
-    found = dict(loads_before_wait=loads_before, launches_dependents="griddepcontrol.launch_dependents" in ptx)
+    found = dict(loads_before_wait=loads_before, launches_dependents=trigger >= 0,
+                 triggers_before_wait=0 <= trigger < wait)
     skippable = dict(launch.constexprs).get("HAS_SKIP", False)
-    if wait < 0 or not found["launches_dependents"]:
+    if wait < 0 or trigger < 0:
         found["error"] = "PDL variant without griddepcontrol.wait / launch_dependents in its PTX"
+    elif not found["triggers_before_wait"]:
+        found["error"] = "PDL variant waits before it lets its dependents launch"
     elif launch.kernel in PREFETCHING and not skippable and not loads_before:
         found["error"] = "PDL variant issues no weight load before griddepcontrol.wait"
     return found
+
+
+def gemv_findings(launch: Launch, ptx: str, ttir: str) -> dict:
+    """The loop-free GEMV: no loop in its TTIR (the layernorm statistics from one load), no tensor-core, ldmatrix
+    or asynchronous-copy instruction, 16-byte weight loads (where the row's bytes divide into them), and with PDL
+    every weight load before the wait (a load the compiler sank past it is an error)."""
+    weight_loads = WEIGHT_LOAD.findall(ptx)
+    wait = ptx.find("griddepcontrol.wait")
+    constexprs = dict(launch.constexprs)
+    found = dict(weight_loads=len(weight_loads), weight_loads_16B=sum(".v4.b32" in x for x in weight_loads),
+                 weight_loads_after_wait=len(WEIGHT_LOAD.findall(ptx[wait:])) if wait >= 0 else 0)
+    esize = 4 if "*fp32" in flat_types(launch.signature)[:2] else 2
+    per_thread = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] * esize // (32 * launch.num_warps)
+    vectorized = "K" in launch.aligned and "w_ptr" in launch.aligned and per_thread >= 16  # room for 16 bytes
+    if "scf.for" in ttir:
+        found["error"] = "GEMV has a loop (scf.for) in its TTIR"
+    elif any(op in ptx for op in ("mma.sync", "wgmma", "ldmatrix", "cp.async")):
+        found["error"] = "GEMV uses tensor-core / ldmatrix / cp.async instructions"
+    elif not weight_loads:
+        found["error"] = "GEMV issues no evict-first weight load"
+    elif vectorized and found["weight_loads_16B"] != len(weight_loads):
+        found["error"] = f"GEMV weight loads not all 16-byte: {sorted(set(weight_loads))}"
+    elif launch.launch_pdl and not constexprs.get("HAS_SKIP") and found["weight_loads_after_wait"]:
+        found["error"] = f"{found['weight_loads_after_wait']} weight load(s) after griddepcontrol.wait"
+    return found
+
+
+MAX_PROGRAMS_PER_SM = {90: 32, 80: 32}
+MAX_WARPS_PER_SM = {90: 64, 80: 64}
+
+
+def programs_per_sm(arch: int, warps: int, registers: int | None, shared: int) -> int | None:
+    """Resident programs (CTAs) per SM: the least of the block limit, the warp limit, the register file (64K
+    registers, allocated per warp in units of 256) and shared memory (CUDA occupancy calculator's rules)."""
+    if not registers:
+        return None
+    per_warp = -(-registers * 32 // 256) * 256
+    limits = [MAX_PROGRAMS_PER_SM[arch], MAX_WARPS_PER_SM[arch] // warps, 65536 // (per_warp * warps)]
+    if shared:
+        limits.append(SMEM_LIMIT[arch] // shared)
+    return min(limits)
 
 
 def ptxas_path(arch: int) -> str:
@@ -197,8 +259,9 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
                constexprs={k: v for k, v in constexprs.items()},
                dtypes=sorted({t for t in flat_types(launch.signature) if t.startswith("*f") or t.startswith("*b")}))
     try:
-        src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v
-                                                                for k, v in constexprs.items()})
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in launch.aligned})
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages,
                                                launch_pdl=launch.launch_pdl))
@@ -219,6 +282,10 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
                griddepcontrol="griddepcontrol" in ptx, pdl=launch.launch_pdl)
     if launch.launch_pdl:
         out.update(pdl_findings(launch, ptx))
+    if launch.kernel == "_fused_gemv":
+        gemv = gemv_findings(launch, ptx, compiled.asm["ttir"])
+        out.update({k: v for k, v in gemv.items() if k != "error" or "error" not in out})
+    out["programs_per_sm"] = programs_per_sm(arch, launch.num_warps, out["registers"], shared)
     if "error" in out:
         return out
     if info.returncode != 0:
@@ -228,6 +295,81 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
     elif shared > SMEM_LIMIT[arch]:
         out["error"] = f"shared memory {shared} B above the {target} limit {SMEM_LIMIT[arch]} B"
     return out
+
+
+SMS = {90: 132, 80: 108}  # H100 SXM / H200, A100
+GPT2_MEDIUM_MATRICES = {  # name: (K, N, epilogue constexprs)
+    "c_attn": (1024, 3072, dict(HAS_LN=True, GELU=False, HAS_RES=False)),
+    "attn c_proj": (1024, 1024, dict(HAS_LN=False, GELU=False, HAS_RES=True)),
+    "c_fc": (1024, 4096, dict(HAS_LN=True, GELU=True, HAS_RES=False)),
+    "mlp c_proj": (4096, 1024, dict(HAS_LN=False, GELU=False, HAS_RES=True)),
+}
+MIN_PROGRAMS, MIN_IN_FLIGHT, MAX_GEMV_REGISTERS, MIN_GEMV_PROGRAMS_PER_SM = 2 * 132, 4 << 20, 96, 4
+
+
+def plan(rows: list[dict]) -> list[dict]:
+    """The batch-1 weight kernels at gpt2-medium shapes (fp16), from the launch settings and the compiled
+    registers: grid, weight bytes per program, resident programs per SM, bytes requested at once per SM and in
+    total (every resident program's whole slice: a GEMV program issues its loads together), and the dependent
+    global round trips before the first product. A GEMV fails with fewer than 2 x 132 programs, less than
+    min(4 MB, the matrix) in flight, more than 96 registers or fewer than 4 programs per SM. The tiled kernel's
+    row is for comparison (in flight: one K step per program; its K loop is not pipelined, see
+    ../shared/notes/gpu-decode.md B2)."""
+    from mexit.kernels.fused_gemv import gemv_config
+    from mexit.kernels.fused_linear import tile_config
+
+    out = []
+    for name, (K, N, epilogue) in GPT2_MEDIUM_MATRICES.items():
+        for target, arch in TARGETS.items():
+            weight = K * N * 2
+            cfg = gemv_config(1, N, K)
+            match = [r for r in rows if r["kernel"] == "_fused_gemv" and r["target"] == target and not r["pdl"]
+                     and r["dtypes"] == ["*fp16"] and r["constexprs"].get("ROWS") == 1
+                     and r["constexprs"].get("BLOCK_N") == cfg["BLOCK_N"] and r["constexprs"].get("BLOCK_K") == K
+                     and not r["constexprs"].get("HAS_SKIP")
+                     and all(r["constexprs"].get(k) == v for k, v in epilogue.items())]
+            per_sm = min((r["programs_per_sm"] or 0 for r in match), default=0)
+            registers = max((r["registers"] or 0 for r in match), default=None)
+            programs = -(-N // cfg["BLOCK_N"])
+            per_program = cfg["BLOCK_N"] * K * 2
+            resident = min(programs, per_sm * SMS[arch])
+            row = dict(matrix=name, kernel="gemv", target=target, programs=programs, per_program=per_program,
+                       registers=registers, programs_per_sm=per_sm,
+                       in_flight_per_sm=min(per_sm, -(-programs // SMS[arch])) * per_program,
+                       in_flight=resident * per_program, weight=weight, round_trips=2 + epilogue["HAS_RES"])
+            problems = [] if match else ["not compiled"]
+            if programs < MIN_PROGRAMS:
+                problems.append(f"{programs} programs < {MIN_PROGRAMS}")
+            if row["in_flight"] < min(MIN_IN_FLIGHT, weight):
+                problems.append(f"{row['in_flight']} B in flight < {min(MIN_IN_FLIGHT, weight)}")
+            if registers and registers > MAX_GEMV_REGISTERS:
+                problems.append(f"{registers} registers > {MAX_GEMV_REGISTERS}")
+            if per_sm < MIN_GEMV_PROGRAMS_PER_SM:
+                problems.append(f"{per_sm} programs per SM < {MIN_GEMV_PROGRAMS_PER_SM}")
+            if problems:
+                row["error"] = "; ".join(problems)
+            out.append(row)
+            tiles = tile_config(1, N)
+            programs = -(-N // tiles["BLOCK_N"])
+            step = tiles["BLOCK_K"] * tiles["BLOCK_N"] * 2
+            out.append(dict(matrix=name, kernel="tiled", target=target, programs=programs,
+                            per_program=K * tiles["BLOCK_N"] * 2, registers=None, programs_per_sm=1,
+                            in_flight_per_sm=step, in_flight=min(programs, SMS[arch]) * step, weight=weight,
+                            round_trips=K // tiles["BLOCK_K"] + (2 * K // tiles["BLOCK_K"] if epilogue["HAS_LN"]
+                                                                 else 0) + 1 + epilogue["HAS_RES"]))
+    return out
+
+
+def plan_table(rows: list[dict]) -> str:
+    lines = ["| matrix | kernel | target | programs | KB per program | registers | programs per SM | "
+             "KB in flight per SM | MB in flight | MB weights | dependent round trips | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['matrix']} | {r['kernel']} | {r['target']} | {r['programs']} | "
+                     f"{r['per_program'] / 1024:g} | {r['registers'] or '-'} | {r['programs_per_sm']} | "
+                     f"{r['in_flight_per_sm'] / 1024:g} | {r['in_flight'] / 2**20:.2f} | {r['weight'] / 2**20:.1f} | "
+                     f"{r['round_trips']} | {r.get('error', 'ok' if r['kernel'] == 'gemv' else '-')} |")
+    return "\n".join(lines)
 
 
 def run(ci: bool) -> list[dict]:
@@ -241,6 +383,9 @@ def run(ci: bool) -> list[dict]:
         for width in ODD_WIDTHS:
             launches |= runtime_launches(["fp16"], [1], ["original", "acd", "ee-segments", "ee-predicated",
                                                          "ee-learned", "controls"], width=width)
+        launches |= runtime_launches(["fp16"], [1, 8], ["original", "ee-predicated"], gemv=True)
+        launches |= runtime_launches(["fp16"], [1], ["original", "ee-predicated"], gemv=True, pdl=True)
+        launches |= runtime_launches(["fp16"], [1], ["original"], gemv=True, width=ODD_WIDTHS[1])
     else:
         modes = ["original", "exit", "acd", "acd-original", "ee-segments", "ee-deferred", "ee-predicated",
                  "ee-cosine", "ee-learned", "sample", "controls"]
@@ -248,6 +393,10 @@ def run(ci: bool) -> list[dict]:
         launches |= runtime_launches(["fp16", "bf16"], [1, 16, 64], modes, pdl=True)
         for width in ODD_WIDTHS:
             launches |= runtime_launches(["fp16"], [1, 16, 64], modes, width=width)
+        launches |= runtime_launches(["fp16", "bf16"], [1, 2, 4, 8], modes, gemv=True)
+        launches |= runtime_launches(["fp16", "bf16"], [1, 8], modes, gemv=True, pdl=True)
+        for width in ODD_WIDTHS:
+            launches |= runtime_launches(["fp16"], [1, 8], modes, gemv=True, width=width)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for launch in sorted(launches, key=lambda x: (x.kernel, str(x))):
@@ -284,13 +433,19 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write every compilation's row to this file")
     args = p.parse_args(argv)
     rows = run(args.ci)
+    planned = plan(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(dict(compilations=rows, plan=planned), indent=1))
     print(summary(rows))
+    print("\nBatch-1 weight kernels at gpt2-medium shapes, fp16 (the plan check):\n")
+    print(plan_table(planned))
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"FAILED {r['kernel']} {r['target']} {r['constexprs']} {r['dtypes']}: {r['error']}", file=sys.stderr)
-    return 1 if errors else 0
+    for r in planned:
+        if "error" in r:
+            print(f"FAILED plan {r['matrix']} {r['kernel']} {r['target']}: {r['error']}", file=sys.stderr)
+    return 1 if errors or any("error" in r for r in planned) else 0
 
 
 if __name__ == "__main__":

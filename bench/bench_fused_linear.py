@@ -88,7 +88,7 @@ def matmuls(d: int) -> dict:
 def matmul_inputs(batch, K, N, options, dtype, device):
     g = torch.Generator(device=device).manual_seed(K + N)
     x = torch.randn(batch, K, device=device, generator=g).to(dtype)
-    w = (torch.randn(K, N, device=device, generator=g) / K**0.5).to(dtype)
+    w = (torch.randn(N, K, device=device, generator=g) / K**0.5).to(dtype)
     b = (0.1 * torch.randn(N, device=device, generator=g)).to(dtype)
     kw = dict(gelu=options.get("gelu", False))
     if options.get("ln"):

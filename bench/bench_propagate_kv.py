@@ -25,7 +25,7 @@ def test_propagate_kv(benchmark, measure, gpu_only, device, impl, skipped, rows)
     g = torch.Generator(device=device).manual_seed(rows + skipped)
     weights = dict(ln_w=1 + 0.1 * torch.randn(layers, d, device=device, generator=g),
                    ln_b=0.1 * torch.randn(layers, d, device=device, generator=g),
-                   attn_w=torch.randn(layers, d, 3 * d, device=device, generator=g) / d**0.5,
+                   attn_w=torch.randn(layers, 3 * d, d, device=device, generator=g) / d**0.5,
                    attn_b=0.1 * torch.randn(layers, 3 * d, device=device, generator=g))
     weights = {k: w.to(dtype) for k, w in weights.items()}
     cache = [torch.zeros(layers, rows, heads, slots, d // heads, device=device, dtype=dtype) for _ in range(2)]

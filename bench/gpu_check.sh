@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # Prepared checks for a lent CUDA machine (torch / triton / transformers preinstalled, no registry). Each stage
 # fits one 10-minute device call; results land in $OUT (or ./gpu_results). A session's first call:
-#   bash bench/gpu_check.sh perf && bash bench/gpu_check.sh quick      # < 9 min together, by their timeouts
-#   bash bench/gpu_check.sh perf      # the pytest-benchmark suite (bench/bench_*.py: exit stage, block and its
-#                                     # matmuls cold and L2-warm, decode attention, state propagation, decode calls
-#                                     # per mode) on the device clock, saved per card in bench/benchmarks/<card>/ and
-#                                     # compared with that card's last stored run: a median more than 10% slower
-#                                     # fails the stage (< 3 min); its tables (benchmark_tables) go to summary.md
-#   bash bench/gpu_check.sh quick     # the essentials (< 6 min): kernel + fast-path GPU tests, end-to-end decode at
-#                                     # batch 1 and 64 (original, ACD, exit 12, early exit on both schedules
-#                                     # (max-prob and learned), speculative with full and 4096-token draft heads,
-#                                     # DoLa; launches and bytes per step), transformers eager in the same run;
-#                                     # programmatic dependent launch off and on (original, ACD, batch 1); appends a
-#                                     # markdown summary to paste into bench/RESULTS.md
+#   bash bench/gpu_check.sh perf; bash bench/gpu_check.sh quick      # < 9 min together, by their timeouts
+#   bash bench/gpu_check.sh perf      # the GPU decode issue's stage (< 5.5 min): the GEMV's GPU tests (float64
+#                                     # reference; every mode's tokens on it, graph == static); a cold-weight sweep
+#                                     # of the block linears (GEMV settings, tiled, cuBLAS; 24 weight copies); the
+#                                     # per-kernel breakdown inside the captured graph (torch.profiler); end to end
+#                                     # at batch 1 and 64 on each block-linear path (cuBLAS, tiled, GEMV) with PDL
+#                                     # off and on, and the card's default routes ranked from it (routes.json, to
+#                                     # commit into mexit/ops/routes.json); the pytest-benchmark suite's block rows
+#                                     # (cold and L2-warm), stored per card in bench/benchmarks/<card>/ and compared
+#                                     # with its last stored run (a median 10% slower fails the stage); transformers
+#                                     # eager and static cache + torch.compile. Each step appends to summary.md.
+#   bash bench/gpu_check.sh quick     # the essentials (< 4 min): kernel + fast-path GPU tests, end-to-end decode at
+#                                     # batch 1 and 64 (early exit on both schedules (max-prob and learned, no row
+#                                     # exits / every row exits at 12), speculative with full and 4096-token draft
+#                                     # heads, DoLa; launches and bytes per step); appends a markdown summary
 #   bash bench/gpu_check.sh tests     # GPU tests: kernels compiled for the card, CUDA graphs captured (~3 min)
 #   bash bench/gpu_check.sh kernels   # the exit-stage and block scripts at batch 1..64 (their do_bench tables)
 #   bash bench/gpu_check.sh decode    # end-to-end decode: graph engine, early exit, baselines (issues 4-6, ~7 min)
 #   bash bench/gpu_check.sh extra     # torch.compile'd steps and the eager engine for comparison (~5 min)
 #   bash bench/gpu_check.sh load      # the 3.9 GB checkpoint's loads, CPU rows and onto the GPU + first token (~5 min)
-# Without a GPU (CI's dry run, DRY=1): `perf` runs the suite once under --benchmark-disable on the CPU.
+# Without a GPU (CI's dry run, DRY=1): `perf` runs every step on the CPU (interpreter, the shipped small model, the
+# suite under --benchmark-disable): no Python error is left for the GPU minutes.
 set -uo pipefail
 stage=${1:-quick}
 OUT=${OUT:-gpu_results}
@@ -35,8 +39,41 @@ python3 -c "import mexit.kernels.launch, mexit.bench.latency" || { echo "mexit d
 
 case "$stage" in
 perf)
+  # the GPU decode issue's prepared stage (< 5 min by its timeouts): each step appends to summary.md as it ends
   card=$( [ "${DRY:-0}" = 1 ] && echo cpu-dry-run || nvidia-smi --query-gpu=name --format=csv,noheader | head -1 \
     | tr -c 'A-Za-z0-9\n' '-')
+  log() { tee -a "$OUT/summary.md"; }
+  echo; echo "## GPU perf: $(head -2 "$OUT/gpu.txt" | tail -1) ($(date -u +%F), commit $(git rev-parse --short HEAD \
+    2>/dev/null))" | log
+  if [ "${DRY:-0}" = 1 ]; then export TRITON_INTERPRET=1; dry=(--smoke); e2e=(--model bench/small_model --device cpu
+    --backend triton --engine static --batch 1 --linear cublas gemv --pdl off --modes original --new-tokens 4
+    --warmup 0 --repeats 1); base=(--model bench/small_model --device cpu --batch 1 --modes original --new-tokens 4
+    --warmup 0 --repeats 1 --no-compile); else dry=(); e2e=(--batch 1 64 --linear cublas tiled gemv --pdl both
+    --modes original acd:24,12 exit:12 ee:max-prob:1:6,12,18:predicated spec:12:1 --new-tokens 64 --warmup 1
+    --repeats 3 --engine graph --backend triton); base=(--batch 1 64 --modes original --new-tokens 64 --warmup 1
+    --repeats 3 --engine graph); fi
+  # 1. the new kernels on this card: the GEMV against float64, every mode's tokens on it (graph == static)
+  tests=(tests/test_fused_gemv.py tests/test_fast.py tests/test_fast_early_exit.py -k gemv)
+  [ "${DRY:-0}" = 1 ] && tests=(tests/test_fused_gemv.py -k gpt2_medium_tiles)  # the interpreter: one case
+  timeout 45 python3 -m pytest -q -n 4 -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gemv_tests.txt" | tail -3
+  { echo; echo "### GEMV tests"; tail -1 "$OUT/gemv_tests.txt"; } | log
+  # 2. cold-weight sweep of the block linears (24 weight copies per candidate): GEMV settings, tiled, cuBLAS
+  timeout 50 python3 -m mexit.bench.gemv_sweep --batch 1 8 "${dry[@]}" --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.txt" \
+    | tail -3
+  { echo; echo "### Cold-weight sweep (fp16, gpt2-medium matrices)"; grep -v '^ *$' "$OUT/sweep.txt" | tail -60; } | log
+  # 3. per-kernel breakdown inside the captured graph, old and new paths
+  timeout 45 python3 -m mexit.bench.graph_breakdown --batch 1 64 --linear cublas tiled gemv --pdl off "${dry[@]}" \
+    --new-tokens 5 --out "$OUT/breakdown" > "$OUT/breakdown.txt" 2>&1
+  { echo; echo "### Where the step's time goes (graph engine, original head)"
+    cat "$OUT/breakdown/graph_breakdown.md" 2>/dev/null || tail -5 "$OUT/breakdown.txt"; } | log
+  # 4. end to end on each block-linear path, PDL off and on; the card's default routes ranked from it
+  timeout 110 python3 -m mexit bench "${e2e[@]}" --baselines transformers --no-compile --no-plot --out "$OUT/e2e" 2>&1 \
+    | tee "$OUT/e2e.log" | tail -3
+  { echo; echo "### End to end (mexit bench, fp16, prompt 32, 64 new tokens)"
+    cat "$OUT/e2e/latency.md" 2>/dev/null || tail -8 "$OUT/e2e.log"
+    echo; echo "### Default routes for this card (commit into mexit/ops/routes.json)"
+    python3 -m mexit.bench.rank_routes "$OUT/e2e/latency.json" --out "$OUT/routes.json" 2>&1 | tail -12; } | log
+  # 5. the pytest-benchmark suite (cold and L2-warm block, matmuls, GEMV), stored per card and compared
   store="bench/benchmarks/$card"  # inside the tree: pytest-benchmark names its storage relative to the working folder
   [ "${DRY:-0}" = 1 ] || mkdir -p "$store"
   flags=(--benchmark-only --benchmark-json "$OUT/suite.json" "--benchmark-storage=file://$store" --benchmark-autosave
@@ -44,40 +81,40 @@ perf)
   # compare with the card's last stored run (a card's first run has none: pytest-benchmark refuses the fail check)
   ls "$store"/*/*.json >/dev/null 2>&1 && flags+=(--benchmark-compare --benchmark-compare-fail=median:10%)
   [ "${DRY:-0}" = 1 ] && flags=(--benchmark-disable)
-  timeout 170 python3 -m pytest bench -q -p no:xdist -p no:cacheprovider ${SELECT:+-k "$SELECT"} "${flags[@]}" 2>&1 \
+  timeout 45 python3 -m pytest bench -q -p no:xdist -p no:cacheprovider -k "${SELECT:-block}" "${flags[@]}" 2>&1 \
     | tee "$OUT/suite.txt" | tail -25
   status=${PIPESTATUS[0]}
   {
-    echo; echo "## GPU perf: $(head -2 "$OUT/gpu.txt" | tail -1) ($(date -u +%F)), pytest-benchmark suite, exit $status"
+    echo; echo "### pytest-benchmark suite (-k ${SELECT:-block}), exit $status"
     echo; grep -E "passed|failed|regressed" "$OUT/suite.txt" | tail -3
     [ -f "$OUT/suite.json" ] && python3 -m mexit.bench.benchmark_tables "$OUT/suite.json"
-  } | tee -a "$OUT/summary.md"
+  } | log
   [ -d "$store" ] && mkdir -p "$OUT/benchmarks" && cp -r "$store" "$OUT/benchmarks/"
+  # 6. what a user would pick instead, same card and run: transformers eager and static cache + torch.compile
+  timeout 55 python3 -m mexit bench "${base[@]}" --baselines transformers --no-plot --out "$OUT/baselines" 2>&1 \
+    | tee "$OUT/baselines.log" | tail -3
+  { echo; echo "### Baselines (transformers eager, static cache + torch.compile)"
+    cat "$OUT/baselines/latency.md" 2>/dev/null || tail -8 "$OUT/baselines.log"; } | log
   exit "$status" ;;
 quick)
-  timeout 120 python3 -m pytest -q -n 4 tests/test_fused_linear.py tests/test_decode_attention.py \
+  timeout 100 python3 -m pytest -q -n 4 tests/test_fused_linear.py tests/test_decode_attention.py \
     tests/test_exit_head.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_acd_contrast.py \
     tests/test_step_epilogue.py tests/test_control_repetition.py tests/test_check_states.py tests/test_fast.py \
     tests/test_fast_early_exit.py tests/test_speculative.py tests/test_load_checkpoint.py 2>&1 | tee "$OUT/tests.txt" | tail -6
-  timeout 180 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 128 --repeats 3 --engine graph \
-    --no-compile --baselines transformers --modes original acd:24,12 exit:12 ee:max-prob:0:12 \
-    ee:max-prob:0:12:predicated ee:max-prob:1:6,12,18 ee:max-prob:1:6,12,18:predicated ee:learned:1:6,12,18 \
-    ee:learned:1:6,12,18:predicated spec:12:1 dola:high --draft-vocab 0 4096 \
+  timeout 130 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 64 --warmup 1 --repeats 3 \
+    --engine graph --no-compile --baselines --modes exit:12 ee:max-prob:1:12 ee:max-prob:1:12:predicated \
+    ee:learned:1:12 ee:learned:1:12:predicated ee:max-prob:0:12 ee:max-prob:0:12:predicated \
+    ee:max-prob:1:6,12,18 ee:learned:1:6,12,18:predicated spec:12:1 dola:high --draft-vocab 0 4096 \
     --no-plot --out "$OUT/graph" 2>&1 | tee "$OUT/graph.log" | tail -4
-  timeout 60 python3 -m mexit bench --batch 1 --prompt-len 32 --new-tokens 64 --warmup 1 --repeats 3 --engine graph \
-    --backend triton --pdl both --baselines --modes original acd:24,12 --no-plot --out "$OUT/pdl" 2>&1 \
-    | tee "$OUT/pdl.log" | tail -4
   {
     echo; echo "## GPU quick check: $(head -2 "$OUT/gpu.txt" | tail -1) ($(date -u +%F))"; echo
     echo "### Tests"; tail -1 "$OUT/tests.txt"; echo
-    echo "### End to end (mexit bench, graph engine, fp16, prompt 32, 128 new tokens)"
+    echo "### End to end (mexit bench, graph engine, fp16, prompt 32, 64 new tokens; the card's default routes)"
     cat "$OUT/graph/latency.md" 2>/dev/null || grep -v '^ *$' "$OUT/graph.log" | tail -40
-    echo; echo "### Programmatic dependent launch off / on (graph engine, fp16, batch 1, prompt 32, 64 new tokens)"
-    cat "$OUT/pdl/latency.md" 2>/dev/null || grep -v '^ *$' "$OUT/pdl.log" | tail -20
   } | tee -a "$OUT/summary.md"
   # the device tool returns at most 8 files: everything else travels in one archive
-  tar czf /tmp/all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.md ! -name tests.txt -delete \
-    && mv /tmp/all.tgz "$OUT/" ;;
+  tar czf /tmp/all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.md ! -name tests.txt ! -name \
+    routes.json -delete && mv /tmp/all.tgz "$OUT/" ;;
 tests)
   timeout 500 python3 -m pytest -q -n 4 tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
     tests/test_decode_attention.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_control_repetition.py \

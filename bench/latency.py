@@ -287,7 +287,12 @@ class LatencyBench:
                                           backend=args.backend, engine=args.engine, compile=args.compile)
             self.label = "RANDOM weights, gpt2-medium-multiexit shape"
         if args.fused_max_rows is not None:
+            if args.linear:
+                raise ValueError("--fused-max-rows and --linear both choose the block linears: give one")
             lm.with_backend(fused_max_rows=args.fused_max_rows)
+        if args.linear and not lm.backend.triton:
+            raise ValueError(f"--linear {' '.join(args.linear)} needs the triton backend")
+        self.linear_settings = args.linear or [None]
         self.lm = lm
         self.pdl_settings = {"off": [False], "on": [True], "both": [False, True]}[args.pdl]
         if any(self.pdl_settings) and not (lm.backend.triton and lm.engine != "eager" and pdl_supported(device)):
@@ -345,7 +350,8 @@ class LatencyBench:
         case.prompt_len, case.new_tokens = prompt_len, new_tokens
         meta = dict(self.run_meta, prompt_len=prompt_len, new_tokens=new_tokens, worker=where())
         gen = torch.Generator().manual_seed(index)  # the case's prompts, wherever it runs
-        return index, run_case(self.lm, self.parsed, batch, case, meta, self.copy_gbs, gen, self.pdl_settings)
+        return index, run_case(self.lm, self.parsed, batch, case, meta, self.copy_gbs, gen, self.pdl_settings,
+                               self.linear_settings)
 
 
 def repetition_controls(args) -> dict:
@@ -390,18 +396,20 @@ def run_on_ray(args) -> list[dict]:
 
 
 def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, gen,
-             pdl_settings=(False,)) -> list[dict]:
-    """Every mode (with programmatic dependent launch off and / or on, one after the other) and baseline at one
-    batch size, prompt length and generation length."""
+             pdl_settings=(False,), linear_settings=(None,)) -> list[dict]:
+    """Every mode (on each block-linear path asked for, with programmatic dependent launch off and / or on, one
+    after the other) and baseline at one batch size, prompt length and generation length."""
     import torch
+
+    from mexit.ops import LINEAR_PATHS
 
     config, device, dtype = lm.config, lm.model.device, lm.model.dtype
     prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
     context = args.prompt_len + args.new_tokens // 2
     rows = []
-    for (mode, kw), pdl in itertools.product(parsed.items(), pdl_settings):
-        lm.with_backend(pdl=pdl)
-        label = f"{mode} +pdl" if pdl else mode
+    for (mode, kw), linear, pdl in itertools.product(parsed.items(), linear_settings, pdl_settings):
+        lm.with_backend(pdl=pdl, **(LINEAR_PATHS[linear] if linear else {}))
+        label = mode + (f" [{linear}]" if linear else "") + (" +pdl" if pdl else "")
         last = {}
 
         def generate(n, clock, kw=kw, last=last):
@@ -414,7 +422,10 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
         traffic = mode_traffic(stats)
         nbytes = step_bytes(config, dtype, batch, context, *traffic)
         row = timing_row(meta, "mexit", label, batch, timing, nbytes, copy_gbs)
-        row.update(pdl=pdl, n_layer=config.n_layer, **dict(zip(TRAFFIC, traffic)))
+        row.update(pdl=pdl, linear_path=linear or "default",
+                   linear=lm.backend.linear_kernel(batch) if lm.backend.triton else "cublas",
+                   gemv_max_rows=lm.backend.gemv_max_rows, fused_max_rows=lm.backend.fused_max_rows,
+                   n_layer=config.n_layer, **dict(zip(TRAFFIC, traffic)))
         counted = launches_per_step(lm, prompts, kw)
         row.update(launches_per_step=counted["launches"], triton_launches_per_step=counted["triton"],
                    torch_launches_per_step=counted["torch"], weight_bytes_per_step=nbytes)
@@ -583,6 +594,7 @@ def plot_rows(plt, rows: list[dict], path: Path) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mexit.ops import LINEAR_PATHS
 
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -594,6 +606,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--fused-max-rows", type=int, help="triton backend: largest decode batch that runs fused-linear "
                    "blocks (default 64; 0 = cuBLAS matmuls always)")
+    p.add_argument("--linear", nargs="+", choices=list(LINEAR_PATHS),
+                   help="triton backend: time each mode on each of these block-linear paths (cuBLAS matmuls, the "
+                   "tiled fused-linear kernel up to 64 rows, the loop-free GEMV up to 8 rows; default: the card's "
+                   "measured choice, mexit/ops/routes.json)")
     p.add_argument("--pdl", default="off", choices=["off", "on", "both"],
                    help="programmatic dependent launch between the step's kernels (triton backend on Hopper or newer); "
                    "both: every mode with it off, then on, in the same run")

@@ -37,7 +37,8 @@ def _acd_tiles(
     logits_ptr, lse_ptr, thr_ptr, stats_ptr, arg_ptr, B, V, n_tiles, log_alpha,
     BLOCK_V: tl.constexpr, THR_FROM_MAX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
+    if USE_PDL:  # first let the next kernel launch (its reads wait for this kernel's end), then wait
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     pid_v = tl.program_id(0)
     b = tl.program_id(1)
@@ -66,8 +67,6 @@ def _acd_tiles(
     tl.store(stats_ptr + 3 * plane + i, o_max)
     tl.store(arg_ptr + i, d_arg)
     tl.store(arg_ptr + plane + i, o_arg)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -85,7 +84,8 @@ def _acd_merge(
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_LOG_Q: tl.constexpr, THR_FROM_MAX: tl.constexpr,
     EMIT: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
+    if USE_PDL:  # first let the next kernel launch (its reads wait for this kernel's end), then wait
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
@@ -123,8 +123,6 @@ def _acd_merge(
     if EMIT:
         finish_row(b, token, io, io[10], T, D, P, False, BLOCK_D)
         arrive(B, io[5], io[6], io[7])
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def plausibility_threshold(logits: torch.Tensor, alpha: float, min_candidates: int) -> torch.Tensor:

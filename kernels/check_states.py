@@ -15,9 +15,9 @@ from .launch import pdl_options
 def _check_states(h_ptr, health_ptr, valid_ptr, slot_ptr, rows_ptr, S, D, T, slot_int,
                   SLOT_ON_DEVICE: tl.constexpr, HAS_ROWS: tl.constexpr, USE_PDL: tl.constexpr,
                   BLOCK_D: tl.constexpr):
-    if USE_PDL:  # everything it reads is the previous kernels' output: wait, then let the next kernel start
-        tl.extra.cuda.gdc_wait()
+    if USE_PDL:  # everything it reads is the previous kernels' output: let the next kernel start, then wait
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     i = tl.program_id(0)
     s = tl.program_id(1)
     row = i

@@ -32,7 +32,8 @@ def _decode_attention(
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, HAS_SKIP: tl.constexpr, SPLIT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
+    if USE_PDL:  # first let the next kernel launch (its reads wait for this kernel's end), then wait
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -78,8 +79,6 @@ def _decode_attention(
             tl.store(part + HEAD_DIM + 1, total)
         else:
             tl.store(y_ptr + b.to(tl.int64) * D + h * HEAD_DIM + dd, (acc / total).to(y_ptr.dtype.element_ty))
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -87,7 +86,8 @@ def _decode_attention_merge(
     part_ptr, skip_ptr, y_ptr, H, D, splits,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SKIP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
+    if USE_PDL:  # first let the next kernel launch (its reads wait for this kernel's end), then wait
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -105,8 +105,6 @@ def _decode_attention_merge(
         weight = tl.exp(m - tl.max(m, axis=0))
         y = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
         tl.store(y_ptr + b.to(tl.int64) * D + h * HEAD_DIM + dd, y.to(y_ptr.dtype.element_ty))
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def choose_splits(batch: int, heads: int, length: int, device: torch.device) -> int:

@@ -40,7 +40,8 @@ def _exit_decide(
     EMIT: tl.constexpr, HAS_PROBE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
+    if USE_PDL:  # first let the next kernel launch (its reads wait for this kernel's end), then wait
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     running_ptr, fired_ptr, chosen_ptr, h_exit_ptr = state[0], state[1], state[2], state[3]
     exit_at_ptr, conf_at_ptr, flags_ptr = state[4], state[5], state[6]
@@ -106,8 +107,6 @@ def _exit_decide(
             tl.store(skip_ptr, 1 - any_running)
         if HAS_FIRED_NONE:
             tl.store(fired_none_ptr, 1 - any_fired)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def exit_decide(layer: int, confidence: torch.Tensor, thresholds: torch.Tensor, step: torch.Tensor,

@@ -46,6 +46,8 @@ def _exit_head_tiles(
         w_ptr = w1_ptr
         x_ptr = x1_ptr
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * D
+    if USE_PDL:  # first: the next kernel may launch and issue its weight loads (it waits before reading)
+        tl.extra.cuda.gdc_launch_dependents()
     PREFETCH: tl.constexpr = USE_PDL and not HAS_SKIP  # a skippable head reads no weight before its flag
     w_first = col_ok
     if PREFETCH:
@@ -82,8 +84,6 @@ def _exit_head_tiles(
         tl.store(stats_ptr + plane + stat, tile_sum, mask=row_ok)
         tl.store(stats_ptr + 2 * plane + stat, tile_second, mask=row_ok)
         tl.store(arg_ptr + stat, tile_arg, mask=row_ok)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -107,7 +107,8 @@ def _exit_head_merge(
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_LOGPROBS: tl.constexpr, HAS_SKIP: tl.constexpr,
     EMIT: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
+    if USE_PDL:  # first let the next kernel launch (its reads wait for this kernel's end), then wait
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     run = True
     if HAS_SKIP:
@@ -143,8 +144,6 @@ def _exit_head_merge(
         if EMIT:  # one exit: program r is row r; the greedy token ends the step
             finish_row(r, token, io, io[10], T, D, P, False, BLOCK_D)
             arrive(n_rows, io[5], io[6], io[7])
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def tile_config(batch: int) -> dict:
@@ -152,7 +151,7 @@ def tile_config(batch: int) -> dict:
     spill-free for sm_90a and sm_80 under triton 3.6 and 3.9 by bench/aot_compile.py (the former 16x128x128 / 4
     warps spilled 2.5-4 KB per thread); throughput untuned until a GPU run (bench_exit_head.py --sweep)."""
     if batch <= 16:
-        return dict(BLOCK_B=16, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_B=16, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)  # 3 stages spill: sm_80 bf16
     if batch <= 32:
         return dict(BLOCK_B=32, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
     return dict(BLOCK_B=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3)

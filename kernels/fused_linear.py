@@ -4,7 +4,8 @@ One kernel per GPT-2 block matmul at decode time (few rows, memory-bound): the l
 program normalizes its rows with fp32 statistics), bias, tanh-gelu and the residual add are an epilogue, so a
 block is 4 of these plus attention instead of ~12 separate kernels. Grid = row blocks x column tiles, row blocks
 fastest, so the programs that share a weight tile run side by side and all but the first read it from L2; each
-program reads its [K, BLOCK_N] slice of the weight once, fp32 accumulation.
+program reads its BLOCK_N output rows of the weight (stored [N, K]) once, fp32 accumulation. The tiled kernel for
+any row count up to 64; `fused_gemv` is the loop-free one for up to 8 rows.
 
 Early exit inside the kernels (no torch operation between them):
 - `live` ([M] bool): rows that have exited are frozen: a kernel with a residual writes the residual unchanged
@@ -14,8 +15,8 @@ Early exit inside the kernels (no torch operation between them):
   computed (programs whose tile lies there read no weight): a residual kernel copies its residual through, the
   others leave those columns unwritten. A block then reads only the key/value columns of c_attn.
 
-With `pdl` (Hopper and newer, compiled), a program loads its first weight tile before waiting on the previous
-kernel (`gdc_wait`) and lets the next kernel launch once its inputs are consumed.
+With `pdl` (Hopper and newer, compiled), a program first lets the next kernel launch, then loads its first weight
+tile and only then waits on the previous kernel (`gdc_wait`).
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def _fused_linear(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
+    if USE_PDL:  # first: the next kernel may launch and issue its weight loads (it waits before reading)
+        tl.extra.cuda.gdc_launch_dependents()
     PREFETCH: tl.constexpr = USE_PDL and not HAS_SKIP  # a skippable kernel reads no weight before its flag
     w_first = col_ok
     if PREFETCH:
-        w_first = weight_tile(w_ptr, N, 0, K, cols, col_ok, BLOCK_K)
+        w_first = weight_tile(w_ptr, K, 0, K, cols, col_ok, BLOCK_K)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     compute = True
@@ -65,7 +68,7 @@ def _fused_linear(
     offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
     if compute:
-        acc = ln_matmul(x_ptr + rows.to(tl.int64)[:, None] * K, row_ok, w_ptr, N, cols, col_ok, ln_w_ptr, ln_b_ptr,
+        acc = ln_matmul(x_ptr + rows.to(tl.int64)[:, None] * K, row_ok, w_ptr, K, cols, col_ok, ln_w_ptr, ln_b_ptr,
                         K, eps, w_first, HAS_LN, FP32_IEEE, PREFETCH, BLOCK_M, BLOCK_N, BLOCK_K)
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GELU:
@@ -77,8 +80,23 @@ def _fused_linear(
     elif HAS_RES:  # a skipped tile of a residual kernel: every row is frozen
         tile_ok = row_ok[:, None] & (cols < N)[None, :]
         tl.store(y_ptr + offsets, tl.load(res_ptr + offsets, mask=tile_ok), mask=tile_ok)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+
+
+def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+                      live: torch.Tensor | None) -> None:
+    """ValueError unless x [M, K], weight contiguous [N, K], bias [N], residual [M, N], live [M] (with a residual)
+    fit together in one dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape != (N, K) or not weight.is_contiguous() or bias.shape != (N,):
+        raise ValueError(f"weight must be contiguous [N, {K}] with bias [N], got {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}")
+    if residual is not None and residual.shape != (M, N):
+        raise ValueError(f"residual must be [{M}, {N}], got {tuple(residual.shape)}")
+    if live is not None and (residual is None or live.shape != (M,)):
+        raise ValueError(f"live rows need a residual and shape [{M}]")
+    if len({t.dtype for t in (x, weight, bias) + (() if residual is None else (residual,))}) != 1:
+        raise ValueError("x, weight, bias and residual must share one dtype")
 
 
 def tile_config(rows: int, cols: int) -> dict:
@@ -92,7 +110,7 @@ def tile_config(rows: int, cols: int) -> dict:
     if rows <= 16:
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
     if rows <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=128, num_warps=8, num_stages=2)  # 4 warps spill, 3 stages
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)  # 4 warps spill (triton 3.6)
 
 
@@ -107,23 +125,15 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  residual: torch.Tensor | None = None, live: torch.Tensor | None = None,
                  skip: torch.Tensor | None = None, skip_cols: int | None = None, config: dict | None = None,
                  pdl: bool = False) -> torch.Tensor:
-    """Triton version of `fused_linear_ref`: x [M, K], weight [K, N] contiguous, bias [N], ln (w [K], b [K], eps),
+    """Triton version of `fused_linear_ref`: x [M, K], weight [N, K] contiguous, bias [N], ln (w [K], b [K], eps),
     residual [M, N], live [M] bool (with a residual: rows that are False get the residual unchanged); one dtype
     (fp16/bf16/fp32 on GPU; fp32/fp16 under TRITON_INTERPRET=1). fp32 accumulation, one rounding to the output
     dtype. With `skip` set on the device, every row is frozen: columns [0, skip_cols) (default all) are the
     residual, or unwritten without one. pdl: launch with programmatic dependent launch (see `kernels.launch`).
     Returns y [M, N]."""
+    check_linear_args(x, weight, bias, residual, live)
     M, K = x.shape
-    N = weight.shape[1]
-    if weight.shape != (K, N) or not weight.is_contiguous() or bias.shape != (N,):
-        raise ValueError(f"weight must be contiguous [{K}, N] with bias [N], got {tuple(weight.shape)}, "
-                         f"{tuple(bias.shape)}")
-    if residual is not None and residual.shape != (M, N):
-        raise ValueError(f"residual must be [{M}, {N}], got {tuple(residual.shape)}")
-    if live is not None and (residual is None or live.shape != (M,)):
-        raise ValueError(f"live rows need a residual and shape [{M}]")
-    if len({t.dtype for t in (x, weight, bias) + (() if residual is None else (residual,))}) != 1:
-        raise ValueError("x, weight, bias and residual must share one dtype")
+    N = weight.shape[0]
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     cfg = dict(config or (interpreter_config(M, N, K) if interpreted() else tile_config(M, N)))

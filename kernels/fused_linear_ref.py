@@ -12,11 +12,11 @@ def fused_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """y = residual + gelu_tanh(layer_norm(x) @ weight + bias), each of layernorm / gelu / residual optional;
     rows where `live` is False (frozen: exited) are the residual unchanged.
 
-    x: [M, K], weight: [K, N] (GPT-2's Conv1D layout), bias: [N], ln: (weight [K], bias [K], eps),
+    x: [M, K], weight: [N, K] (nn.Linear's layout), bias: [N], ln: (weight [K], bias [K], eps),
     residual: [M, N], live: [M] bool (with a residual); one dtype. Every op runs in the input dtype, as the
     model's torch path does."""
     a = F.layer_norm(x, (x.shape[-1],), ln[0], ln[1], ln[2]) if ln is not None else x
-    y = F.linear(a, weight.T, bias)
+    y = F.linear(a, weight, bias)
     if gelu:
         y = F.gelu(y, approximate="tanh")
     if residual is None:

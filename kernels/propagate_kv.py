@@ -1,7 +1,7 @@
 """State propagation as one kernel: keys/values of many skipped blocks for exited positions, into the cache.
 
 Grid = key|value column tiles x skipped blocks x row blocks. Each program normalizes its exited states with
-block j's ln_1 (fp32 statistics), multiplies by its [d, BLOCK_N] slice of block j's c_attn key/value columns
+block j's ln_1 (fp32 statistics), multiplies by BLOCK_N of block j's c_attn key/value output rows (stored [3d, d])
 (fp32 accumulation), adds the bias and stores the tile straight into the cache at each row's (row, slot): one
 launch for all skipped blocks, reading 2·d² weights per block (the torch path: a batched matmul and indexed
 writes, several launches). With `pdl`, a program loads its first weight tile before waiting on the kernel before.
@@ -31,12 +31,13 @@ def _propagate_kv(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # in [0, 2d): keys, then values
     col_ok = cols < 2 * D
     layer = j.to(tl.int64)
-    w_layer = w_ptr + layer * D * 3 * D + D  # block j's c_attn, from its key columns on
+    w_layer = w_ptr + layer * D * 3 * D + D * D  # block j's c_attn [3d, d], from its key rows on
     w_first = col_ok
-    if USE_PDL:
-        w_first = weight_tile(w_layer, 3 * D, 0, D, cols, col_ok, BLOCK_K)
+    if USE_PDL:  # first let the next kernel launch (its reads wait for this kernel's end), then wait
+        tl.extra.cuda.gdc_launch_dependents()
+        w_first = weight_tile(w_layer, D, 0, D, cols, col_ok, BLOCK_K)
         tl.extra.cuda.gdc_wait()
-    acc = ln_matmul(h_ptr + m.to(tl.int64)[:, None] * D, m_ok, w_layer, 3 * D, cols, col_ok, ln_w_ptr + layer * D,
+    acc = ln_matmul(h_ptr + m.to(tl.int64)[:, None] * D, m_ok, w_layer, D, cols, col_ok, ln_w_ptr + layer * D,
                     ln_b_ptr + layer * D, D, eps, w_first, True, FP32_IEEE, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K)
     acc += tl.load(b_ptr + layer * 3 * D + D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     row = tl.load(rows_ptr + m, mask=m_ok, other=0)
@@ -49,8 +50,6 @@ def _propagate_kv(
     ok = m_ok[:, None] & col_ok[None, :]
     tl.store(k_ptr + offsets, out, mask=ok & (cols < D)[None, :])
     tl.store(v_ptr + offsets, out, mask=ok & (cols >= D)[None, :])
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w: torch.Tensor,
@@ -61,7 +60,7 @@ def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w
     L, B, H, T, hd = cache_k.shape
     D = H * hd
     N = h.shape[0]
-    if attn_w.shape != (L, D, 3 * D) or h.shape != (N, D) or rows.shape != (N,) or slots.shape != (N,):
+    if attn_w.shape != (L, 3 * D, D) or h.shape != (N, D) or rows.shape != (N,) or slots.shape != (N,):
         raise ValueError(f"shapes do not match: h {tuple(h.shape)}, attn_w {tuple(attn_w.shape)}, cache "
                          f"{tuple(cache_k.shape)}, rows {tuple(rows.shape)}, slots {tuple(slots.shape)}")
     if not all(t.is_contiguous() for t in (ln_w, ln_b, attn_w, attn_b, cache_k, cache_v)) or hd & (hd - 1):

@@ -71,13 +71,12 @@ def _step_epilogue(
     B, T, D, P,  # rows, out's row length, embedding width, positions
     BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:
+    if USE_PDL:  # first let the next kernel launch (its reads wait for this kernel's end), then wait
+        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     finish_row(b, tl.load(token_ptr + b), io, io[10], T, D, P, False, BLOCK_D)
     arrive(B, io[5], io[6], io[7])
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def embed_block(d: int) -> int:

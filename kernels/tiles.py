@@ -1,5 +1,5 @@
 """Triton device functions several kernels share: a layernorm prologue over row tiles and the layernorm-then-
-matmul loop over a weight stored [K, N] (GPT-2's Conv1D layout). fp32 statistics and accumulation."""
+matmul loop over a weight stored [N, K] (nn.Linear's layout, K contiguous). fp32 statistics and accumulation."""
 
 from __future__ import annotations
 
@@ -38,11 +38,12 @@ def normalized_tile(x_rows, row_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, BLOCK_
 
 @triton.jit
 def weight_tile(w_ptr, w_stride, k, K, cols, col_ok, BLOCK_K: tl.constexpr):
-    """Rows k..k+BLOCK_K of the weight's columns `cols`: [BLOCK_K, BLOCK_N] (0 outside K / the columns)."""
+    """Inputs k..k+BLOCK_K of the outputs `cols` of a weight stored [N, K] (rows w_stride apart), as the
+    [BLOCK_K, BLOCK_N] operand of x @ W.T (0 outside K / the columns)."""
     kk = tl.arange(0, BLOCK_K)
     k_ok = (k + kk) < K
-    return tl.load(w_ptr + (k + kk).to(tl.int64)[:, None] * w_stride + cols[None, :],
-                   mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    return tl.trans(tl.load(w_ptr + cols.to(tl.int64)[:, None] * w_stride + (k + kk)[None, :],
+                            mask=col_ok[:, None] & k_ok[None, :], other=0.0))
 
 
 @triton.jit
@@ -59,7 +60,8 @@ def dot_acc(x, w, acc, FP32_IEEE: tl.constexpr):
 def ln_matmul(x_rows, row_ok, w_ptr, w_stride, cols, col_ok, ln_w_ptr, ln_b_ptr, K, eps, w_first,
               HAS_LN: tl.constexpr, FP32_IEEE: tl.constexpr, HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] fp32: layernorm(x) (or x) times the weight's columns `cols`, rows w_stride apart.
+    """[BLOCK_M, BLOCK_N] fp32: layernorm(x) (or x) times the weight's outputs `cols` (stored [N, K], rows
+    w_stride apart).
     HAS_FIRST: w_first is the weight's first tile (`weight_tile` at k = 0), loaded earlier (before a PDL wait)."""
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -34,12 +34,37 @@ def test_greedy_equals_eager(tiny_checkpoint, eager, engine, case):
 def test_fused_layers_equal_torch_path(tiny_checkpoint, eager, case):
     """The triton backend's static step (fused-linear blocks, the kernels a graph captures) equals the torch
     backend's eager loop."""
-    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton")
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static", backend="triton", fused_max_rows=64)
     kw = dict(max_new_tokens=8, eos_token_id=None, **mexit_kwargs(case))
     with count_launches() as launched:
         out = fast.generate(PROMPTS, **kw)
     assert out.backend == "triton" and launched["triton:_fused_linear"] > 0
     assert out.tokens == eager.generate(PROMPTS, **kw).tokens
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", MODES[::2], ids=lambda c: "-".join(map(str, c.values())))
+def test_gemv_blocks_equal_torch_path(tiny_checkpoint, eager, engine, case):
+    """Every mode on the loop-free GEMV block linears (up to 8 rows: single prompts, the 3-row batch in bucket 4)
+    gives the eager torch loop's tokens; counted on the static engine, replayed on the graph engine (GPU)."""
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine, backend="triton", gemv_max_rows=8)
+    kw = dict(max_new_tokens=8, eos_token_id=None, **mexit_kwargs(case))
+    with count_launches() as launched:
+        out = fast.generate(PROMPTS, **kw)
+    if engine == "static":
+        assert launched["triton:_fused_gemv"] > 0 and launched["triton:_fused_linear"] == 0
+    assert out.tokens == eager.generate(PROMPTS, **kw).tokens
+    assert fast.generate(PROMPTS[:1], **kw).tokens == eager.generate(PROMPTS[:1], **kw).tokens
+
+
+def test_gemv_blocks_in_speculative_dola_and_repetition_controls(tiny_checkpoint, eager):
+    """Self-speculative decoding (draft, verify: a batch of positions per row), DoLa and the repetition controls on
+    the GEMV block linears give the eager torch loop's tokens (speculation: full depth's)."""
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=ENGINES[-1], backend="triton", gemv_max_rows=8)
+    for kw in (dict(speculative=mexit.SpeculativeConfig(2, 3)), dict(dola_layers="high"),
+               dict(repetition_penalty=1.3, no_repeat_ngram_size=2)):
+        want = eager.generate(PROMPTS, 8, eos_token_id=None, **({} if "speculative" in kw else kw)).tokens
+        assert fast.generate(PROMPTS, 8, eos_token_id=None, **kw).tokens == want, kw
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -44,6 +44,20 @@ def test_equals_eager_scheduler(tiny_checkpoint, eager, engine, variant, policy)
     assert static_state(fast).predicated == (variant == "predicated")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("variant", ["segments", "predicated"])
+@pytest.mark.parametrize("policy", [POLICIES[0], POLICIES[5], ExitPolicy(0.0, exits=(2,))], ids=IDS)
+def test_gemv_blocks_equal_eager_scheduler(tiny_checkpoint, eager, engine, variant, policy):
+    """Early exit on the loop-free GEMV block linears (the predicated schedule: their skip flags and frozen rows)
+    decodes the eager scheduler's tokens."""
+    policy = policy if variant == "segments" else predicated(policy)
+    fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine, backend="triton", gemv_max_rows=8)
+    with count_launches() as launched:
+        assert_same_run(fast, eager, PROMPTS, policy, engine)
+    if engine == "static":
+        assert launched["triton:_fused_gemv"] > 0 and launched["triton:_fused_linear"] == 0
+
+
 @pytest.mark.parametrize("variant,backend", [("segments", "torch"), ("deferred", "torch"), ("segments", "triton"),
                                              ("deferred", "triton"), ("predicated", "triton")])
 def test_single_row_equals_eager_scheduler(tiny_checkpoint, eager, variant, backend):

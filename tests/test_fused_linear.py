@@ -12,7 +12,7 @@ from mexit.ops.launches import count_launches
 def make_inputs(M, K, N, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g) * 1.5 + 0.3
-    w = torch.randn(K, N, generator=g) / K**0.5
+    w = torch.randn(N, K, generator=g) / K**0.5
     b = 0.1 * torch.randn(N, generator=g)
     ln = (1 + 0.2 * torch.randn(K, generator=g), 0.1 * torch.randn(K, generator=g))
     res = torch.randn(M, N, generator=g)

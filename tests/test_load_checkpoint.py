@@ -199,7 +199,7 @@ def test_every_tensor_is_read_once_into_its_place(published, monkeypatch):
     # once each into its place, the mask buffers never; the stored tied head and the embedding once more, to compare
     # them (memory-mapped: a pass over their pages, no copy)
     assert sorted(reads) == sorted(expected)
-    assert model.w.attn_w.dtype == torch.float16 and model.w.attn_w.shape == (4, 32, 96)
+    assert model.w.attn_w.dtype == torch.float16 and model.w.attn_w.shape == (4, 96, 32)  # [L, N, K]
 
 
 def test_drop_in_save_pretrained_writes_what_convert_writes(published, tmp_path):

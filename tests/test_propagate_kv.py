@@ -14,7 +14,7 @@ def make_inputs(L, B, H, T, hd, N, dtype, seed=0):
     d = H * hd
     weights = dict(
         ln_w=1 + 0.2 * torch.randn(L, d, generator=g), ln_b=0.1 * torch.randn(L, d, generator=g),
-        attn_w=torch.randn(L, d, 3 * d, generator=g) / d**0.5, attn_b=0.1 * torch.randn(L, 3 * d, generator=g),
+        attn_w=torch.randn(L, 3 * d, d, generator=g) / d**0.5, attn_b=0.1 * torch.randn(L, 3 * d, generator=g),
     )
     h = torch.randn(N, d, generator=g) * 2 + 0.3
     pairs = torch.randperm(B * T, generator=g)[:N]  # distinct (row, slot) positions

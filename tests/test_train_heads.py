@@ -55,7 +55,7 @@ def test_heads_learn_and_load_with_exit_semantics(base, tmp_path):
         got = lm.model.head_logits(lm.model.run_layers(lm.model.embed(ids, torch.arange(5)[None]), 0, layer,
                                                        cache, 0), layer)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert torch.equal(lm.model.w.fc_w[1], hf.transformer.h[1].mlp.c_fc.weight)  # the base is unchanged
+    assert torch.equal(lm.model.w.fc_w[1].T, hf.transformer.h[1].mlp.c_fc.weight)  # the base is unchanged
 
 
 def test_resume_continues_from_the_saved_step(base, tmp_path):

@@ -118,22 +118,24 @@ class MultiExitLM:
 
     backend: "auto" / "torch" / "triton" (or a ready `mexit.ops.Backend`); engine: "auto" / "eager" / "static" /
     "graph" (the engine object keeps built static steps between calls); compile: torch.compile the static steps'
-    layers (torch backend); pdl: programmatic dependent launch (triton, Hopper or newer); fused_max_rows: the
-    largest decode batch that runs fused-linear kernels (triton)."""
+    layers (torch backend). On triton, left None they follow the card's measurements (`mexit/ops/routes.json`):
+    pdl: programmatic dependent launch (Hopper or newer); gemv_max_rows: the largest decode batch (<= 8) that runs
+    the loop-free GEMV kernel; fused_max_rows: the largest that runs the tiled fused-linear kernel (larger: cuBLAS)."""
 
     def __init__(self, model: MultiExitGPT2, tokenizer=None, backend: str | Backend = "auto", engine: str = "auto",
-                 compile: bool = False, pdl: bool = False, fused_max_rows: int | None = None, generation_config=None):
+                 compile: bool = False, pdl: bool | None = None, fused_max_rows: int | None = None,
+                 gemv_max_rows: int | None = None, generation_config=None):
         self.model = model
         self.tokenizer = tokenizer
         read = generation_config is None  # else one carried over from a copy of this model: named already
         self.generation_config = read_generation_config(model.folder) if read else generation_config
         self.defaults = generation_defaults(self.generation_config, warn=read)
-        self.settings = dict(backend=backend, engine=engine, compile=compile, pdl=pdl, fused_max_rows=fused_max_rows)
+        self.settings = dict(backend=backend, engine=engine, compile=compile, pdl=pdl, fused_max_rows=fused_max_rows,
+                             gemv_max_rows=gemv_max_rows)
         if isinstance(backend, Backend):
             self.backend = backend
         else:
-            self.backend = resolve_backend(backend, model.device, pdl,
-                                           **({} if fused_max_rows is None else dict(fused_max_rows=fused_max_rows)))
+            self.backend = resolve_backend(backend, model.device, pdl, fused_max_rows, gemv_max_rows)
         self.compile = compile  # torch.compile the layers of static steps (static / graph engines)
         self.engine = engine
 
@@ -151,23 +153,27 @@ class MultiExitLM:
         return self.backend.pdl
 
     def with_backend(self, **changes) -> None:
-        """Change backend settings in place (pdl, fused_max_rows): later calls build steps for the new settings."""
+        """Change backend settings in place (pdl, fused_max_rows, gemv_max_rows): later calls build steps for the new
+        settings."""
         self.backend = dataclasses.replace(self.backend, **changes)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype=None, device=None, backend: str = "auto",
                         engine: str = "auto", compile: bool = False, check_weights: bool = True,
-                        pdl: bool = False) -> MultiExitLM:
+                        pdl: bool | None = None, fused_max_rows: int | None = None,
+                        gemv_max_rows: int | None = None) -> MultiExitLM:
         """dtype None: fp16 on CUDA, fp32 on CPU (the rule of every entry point)."""
         model = load_model(path_or_id, dtype=dtype, device=device, check_weights=check_weights)
-        return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile, pdl=pdl)
+        return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile, pdl=pdl,
+                   fused_max_rows=fused_max_rows, gemv_max_rows=gemv_max_rows)
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, dtype=None, device="cpu", backend="auto",
-               engine="auto", compile: bool = False, pdl: bool = False) -> MultiExitLM:
+               engine="auto", compile: bool = False, pdl: bool | None = None, fused_max_rows: int | None = None,
+               gemv_max_rows: int | None = None) -> MultiExitLM:
         """RANDOM weights of `config`'s shape (benchmarks, tests); `is_random` says so."""
         return cls(random_model(config, seed=seed, dtype=dtype, device=device), backend=backend, engine=engine,
-                   compile=compile, pdl=pdl)
+                   compile=compile, pdl=pdl, fused_max_rows=fused_max_rows, gemv_max_rows=gemv_max_rows)
 
     @property
     def config(self) -> ModelConfig:
@@ -316,7 +322,8 @@ def first(*values):
 
 
 def load(path_or_id, dtype=None, device=None, backend: str = "auto", engine: str = "auto", compile: bool = False,
-         check_weights: bool = True, pdl: bool = False) -> MultiExitLM:
+         check_weights: bool = True, pdl: bool | None = None, fused_max_rows: int | None = None,
+         gemv_max_rows: int | None = None) -> MultiExitLM:
     """Load a GPT-2 or multi-exit GPT-2 checkpoint (local folder or hub id) ready to `generate`.
 
     dtype: fp32 / fp16 / bf16, or "auto" (the stored dtype); None: fp16 on CUDA, fp32 elsewhere (the CLI and the
@@ -324,7 +331,11 @@ def load(path_or_id, dtype=None, device=None, backend: str = "auto", engine: str
     backend: ops through "triton" kernels or the "torch" references (auto: triton on CUDA).
     engine: "graph" (CUDA graphs), "static" (the same steps without capture) or "eager" (auto: graph on CUDA).
     compile: torch.compile the static steps' layers (torch backend). check_weights: refuse tensors that hold NaN or
-    inf (naming them). pdl: the kernels use programmatic dependent launch (triton backend, Hopper or newer GPU;
-    off by default: measured 2.6 % slower at batch 1 on an H200, bench/RESULTS.md)."""
+    inf (naming them). Triton backend, None: what the card's measurements chose (`mexit/ops/routes.json`; on
+    other devices the kernels wherever they run): pdl, programmatic dependent launch (Hopper or newer; off on every
+    card measured so far: 2.6 % slower at batch 1 on an H200, bench/RESULTS.md); gemv_max_rows, the largest decode
+    batch (<= 8) on the loop-free GEMV block linears; fused_max_rows, the largest on the tiled fused-linear kernel
+    (above both: cuBLAS)."""
     return MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine,
-                                       compile=compile, check_weights=check_weights, pdl=pdl)
+                                       compile=compile, check_weights=check_weights, pdl=pdl,
+                                       fused_max_rows=fused_max_rows, gemv_max_rows=gemv_max_rows)

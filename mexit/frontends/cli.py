@@ -72,8 +72,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
                    help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers (static/graph)")
-    p.add_argument("--pdl", action="store_true", help="programmatic dependent launch between the decode step's "
-                   "kernels (triton backend, static/graph engine, Hopper or newer; unmeasured, off by default)")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                   help="programmatic dependent launch between the decode step's kernels (triton backend, static/"
+                   "graph engine, Hopper or newer; default: the card's measured setting, mexit/ops/routes.json)")
+    p.add_argument("--gemv-max-rows", type=int, default=None,
+                   help="triton: decode batches up to this size (<= 8) run the loop-free GEMV block linears "
+                   "(default: the card's measured choice; 0 on every card measured so far)")
+    p.add_argument("--fused-max-rows", type=int, default=None,
+                   help="triton: decode batches up to this size run the tiled fused-linear kernels, larger ones "
+                   "cuBLAS (default: the card's measured choice on CUDA)")
     p.add_argument("--no-weight-check", action="store_true",
                    help="load tensors holding NaN/inf instead of refusing them (outputs will be meaningless)")
 
@@ -379,7 +386,8 @@ def run_generate_on_ray(args) -> int:
     from mexit.frontends.cluster import absolute, generate_file_on_ray
 
     load_kw = dict(path_or_id=absolute(args.model), dtype=args.dtype, device=args.device, backend=args.backend,
-                   engine=args.engine, compile=args.compile, check_weights=not args.no_weight_check, pdl=args.pdl)
+                   engine=args.engine, compile=args.compile, check_weights=not args.no_weight_check, pdl=args.pdl,
+                   fused_max_rows=args.fused_max_rows, gemv_max_rows=args.gemv_max_rows)
     summary = generate_file_on_ray(MultiExitLM.from_pretrained, load_kw, args.prompts_file, args.out, args.batch,
                                    seed=args.seed, address=args.ray, threads=args.threads or 1,
                                    **generate_kwargs(args))
@@ -393,7 +401,8 @@ def load_lm(args):
 
     lm = MultiExitLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                                      engine=args.engine, compile=args.compile,
-                                     check_weights=not args.no_weight_check, pdl=args.pdl)
+                                     check_weights=not args.no_weight_check, pdl=args.pdl,
+                                     fused_max_rows=args.fused_max_rows, gemv_max_rows=args.gemv_max_rows)
     warn_ignored_compile(lm)
     return lm
 

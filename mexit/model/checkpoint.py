@@ -32,6 +32,9 @@ _BLOCK_TENSORS = {
     "mlp.c_fc.weight": "fc_w", "mlp.c_fc.bias": "fc_b",
     "mlp.c_proj.weight": "fc_proj_w", "mlp.c_proj.bias": "fc_proj_b",
 }
+# the block matrices are stored [N, K] (nn.Linear's layout: each output's weights contiguous, what the decode
+# kernels stream), the transpose of the checkpoint's Conv1D [K, N]; a checkpoint name is a transposed view of them
+_TRANSPOSED = ("attn_w", "attn_proj_w", "fc_w", "fc_proj_w")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older files
 EXIT_HEAD_NAME = "name_to_lm_exit_head.lm_head_{}.weight"
 
@@ -153,6 +156,10 @@ def _libc():
     return libc
 
 
+def _stored_shape(field: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[::-1] if field in _TRANSPOSED else shape
+
+
 def empty_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Weights:
     """Uninitialized weights of `config`'s shape: the buffers a load writes into (pages are touched as written,
     huge pages asked for on the CPU)."""
@@ -165,7 +172,7 @@ def empty_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device)
 
     return Weights(
         wte=empty(*shapes["transformer.wte.weight"]), wpe=empty(*shapes["transformer.wpe.weight"]),
-        **{field: empty(config.n_layer, *shapes[f"transformer.h.0.{suffix}"])
+        **{field: empty(config.n_layer, *_stored_shape(field, shapes[f"transformer.h.0.{suffix}"]))
            for suffix, field in _BLOCK_TENSORS.items()},
         ln_f_w=empty(config.n_embd), ln_f_b=empty(config.n_embd),
         exit_heads={layer: empty(config.vocab_size, config.n_embd) for layer in config.exit_layers},
@@ -179,12 +186,14 @@ _WHOLE_FIELDS = {"transformer.wte.weight": "wte", "transformer.wpe.weight": "wpe
 
 
 def checkpoint_tensors(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> the tensor of `weights` it is (per-layer names are views of the stacked buffers)."""
+    """Checkpoint name -> the tensor of `weights` it is, in the checkpoint's shape: per-layer names are views of the
+    stacked buffers (the block matrices transposed views: loading copies into them, saving makes them contiguous)."""
     named = {name: getattr(weights, field) for name, field in _WHOLE_FIELDS.items()
              if getattr(weights, field) is not None}  # lm_head: None when tied
     for suffix, field in _BLOCK_TENSORS.items():
         stacked = getattr(weights, field)
-        named.update({f"transformer.h.{i}.{suffix}": stacked[i] for i in range(config.n_layer)})
+        named.update({f"transformer.h.{i}.{suffix}": stacked[i].T if field in _TRANSPOSED else stacked[i]
+                      for i in range(config.n_layer)})
     named.update({EXIT_HEAD_NAME.format(layer): w for layer, w in weights.exit_heads.items()})
     return named
 
@@ -314,7 +323,8 @@ def random_model(config: ModelConfig, seed: int = 0, dtype=None, device="cpu") -
 
 
 def named_weights(weights: Weights):
-    """(name, tensor) of every loaded tensor; per-layer tensors are stacked, named transformer.h.*.<suffix>."""
+    """(name, tensor) of every loaded tensor; per-layer tensors are stacked, named transformer.h.*.<suffix> (the
+    block matrices [L, N, K], the transpose of the checkpoint's Conv1D layout)."""
     yield "transformer.wte.weight", weights.wte
     yield "transformer.wpe.weight", weights.wpe
     for suffix, field in _BLOCK_TENSORS.items():

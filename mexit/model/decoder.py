@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 class Weights:
     """All tensors of a multi-exit GPT-2. Per-layer tensors have a leading n_layer dimension.
 
-    Conv1D layout as in the checkpoint: `attn_w` is [L, d, 3d] (y = x @ W + b, output split q|k|v),
-    `attn_proj_w` [L, d, d], `fc_w` [L, d, 4d], `fc_proj_w` [L, 4d, d]. Heads are [V, d].
+    Block matrices in nn.Linear's layout [L, N, K] (y = x @ W.T + b; each output's K weights contiguous, what the
+    decode kernels stream), the transpose of the checkpoint's Conv1D [K, N] (`checkpoint.checkpoint_tensors` maps
+    the names): `attn_w` is [L, 3d, d] (outputs q|k|v), `attn_proj_w` [L, d, d], `fc_w` [L, 4d, d], `fc_proj_w`
+    [L, d, 4d]. Heads are [V, d].
     """
 
     wte: torch.Tensor

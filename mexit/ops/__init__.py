@@ -21,38 +21,58 @@ from mexit.kernels.fused_linear_ref import fused_linear_ref
 from mexit.kernels.propagate_kv_ref import propagate_kv_ref
 from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref
 
-# Decode batches up to this many rows run fused-linear kernels on the triton backend; larger ones cuBLAS matmuls
-# (torch) around the decode-attention kernel. 64: by the bytes/launch model the fused block reads the same weight
-# bytes in 5 launches instead of about 14. Measured on an H200 (bench/RESULTS.md), the fused block is slower than
-# cuBLAS + the attention kernel at batch 1 and 64: the tiles need tuning before this cut-off is settled.
+# Decode batches up to this many rows run the tiled fused-linear kernel on the triton backend; larger ones cuBLAS
+# matmuls (torch) around the decode-attention kernel. The dataclass default runs the kernels wherever they can
+# (the tests' and the interpreter's choice); what a CUDA user gets by default follows the measured ranking of the
+# card (`routes.py`): on the H200, cuBLAS + the attention kernel beat the tiled block at batch 1 and 64.
 FUSED_MAX_ROWS = 64
+GEMV_MAX_ROWS = 8  # the loop-free kernel holds at most this many rows
 
 
 @dataclass(frozen=True)
 class Backend:
     """How ops run. name: "torch" (the references) or "triton" (the kernels; on CPU under TRITON_INTERPRET=1).
-    fused_max_rows: triton only, the largest row count that runs the fused-linear kernel (more rows: cuBLAS).
+    The block linears on triton: up to `gemv_max_rows` rows (<= 8; 0: never) the loop-free GEMV kernel
+    (`fused_gemv`), else up to `fused_max_rows` rows the tiled kernel (`fused_linear`), else cuBLAS; a skip flag
+    needs a kernel at any size (GEMV where the rows allow it, else tiled).
     pdl: triton only, kernels launch with programmatic dependent launch (Hopper or newer, compiled).
     Hashable: a static decode step is built for one Backend (it is part of the step key)."""
 
     name: str = "torch"
     fused_max_rows: int = FUSED_MAX_ROWS
     pdl: bool = False
+    gemv_max_rows: int = 0
 
     def __post_init__(self):
         if self.name not in ("torch", "triton"):
             raise ValueError(f"unknown backend {self.name!r}; use torch or triton")
         if self.fused_max_rows < 0:
             raise ValueError(f"fused_max_rows must be >= 0, got {self.fused_max_rows}")
+        if not 0 <= self.gemv_max_rows <= GEMV_MAX_ROWS:
+            raise ValueError(f"gemv_max_rows must be in 0..{GEMV_MAX_ROWS}, got {self.gemv_max_rows}")
         if self.pdl and self.name != "triton":
             raise ValueError("pdl needs the triton backend")
+        if self.gemv_max_rows and self.name != "triton":
+            raise ValueError("gemv_max_rows needs the triton backend")
 
     @property
     def triton(self) -> bool:
         return self.name == "triton"
 
+    def linear_kernel(self, rows: int, skip: bool = False) -> str:
+        """Which implementation runs a block linear of `rows` rows: "gemv", "fused" (tiled) or "cublas"."""
+        if not self.triton:
+            return "cublas"
+        if rows <= self.gemv_max_rows or (skip and rows <= GEMV_MAX_ROWS and self.gemv_max_rows):
+            return "gemv"
+        return "fused" if rows <= self.fused_max_rows or skip else "cublas"
+
 
 TORCH = Backend()
+# the block-linear paths a benchmark compares by name: Backend settings of each
+LINEAR_PATHS = {"cublas": dict(fused_max_rows=0, gemv_max_rows=0),
+                "tiled": dict(fused_max_rows=FUSED_MAX_ROWS, gemv_max_rows=0),
+                "gemv": dict(fused_max_rows=0, gemv_max_rows=GEMV_MAX_ROWS)}
 
 
 def _needs_triton(backend: Backend, what: str) -> None:
@@ -64,17 +84,23 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, back
                  ln: tuple[torch.Tensor, torch.Tensor, float] | None = None, gelu: bool = False,
                  residual: torch.Tensor | None = None, live: torch.Tensor | None = None,
                  skip: torch.Tensor | None = None, skip_cols: int | None = None) -> torch.Tensor:
-    """y = residual + gelu(layer_norm(x) @ weight + bias) [M, N]; rows where `live` is False get the residual.
-    x [M, K], weight [K, N] (Conv1D layout), bias [N], ln (w [K], b [K], eps), residual [M, N], live [M] bool.
-    The triton kernel runs up to `backend.fused_max_rows` rows, or at any size with a skip flag ([1] int32 on the
-    device: every row frozen, columns below skip_cols not computed; triton only)."""
+    """y = residual + gelu(layer_norm(x) @ weight.T + bias) [M, N]; rows where `live` is False get the residual.
+    x [M, K], weight [N, K] (nn.Linear layout), bias [N], ln (w [K], b [K], eps), residual [M, N], live [M] bool.
+    On triton the kernel `backend.linear_kernel` names (a skip flag, [1] int32 on the device: every row frozen,
+    columns below skip_cols not computed, needs one)."""
     if skip is not None:
         _needs_triton(backend, "a skip flag")
-    if backend.triton and (x.shape[0] <= backend.fused_max_rows or skip is not None):
-        from mexit.kernels.fused_linear import fused_linear as kernel
+    kernel = backend.linear_kernel(x.shape[0], skip is not None)
+    if kernel == "gemv":
+        from mexit.kernels.fused_gemv import fused_gemv
 
-        return kernel(x, weight, bias, ln=ln, gelu=gelu, residual=residual, live=live, skip=skip,
-                      skip_cols=skip_cols, pdl=backend.pdl)
+        return fused_gemv(x, weight, bias, ln=ln, gelu=gelu, residual=residual, live=live, skip=skip,
+                          skip_cols=skip_cols, pdl=backend.pdl)
+    if kernel == "fused":
+        from mexit.kernels.fused_linear import fused_linear as tiled
+
+        return tiled(x, weight, bias, ln=ln, gelu=gelu, residual=residual, live=live, skip=skip,
+                     skip_cols=skip_cols, pdl=backend.pdl)
     return fused_linear_ref(x, weight, bias, ln=ln, gelu=gelu, residual=residual, live=live)
 
 

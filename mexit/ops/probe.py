@@ -11,7 +11,8 @@ import torch
 @functools.cache
 def probe_kernels(device: torch.device) -> str | None:
     """None when every kernel matches its reference on `device`, else what failed (compilation errors too)."""
-    for probe in (_exit_stage, _fused_linear, _decode_attention, _exit_decide, _propagate_kv, _step_epilogue):
+    for probe in (_exit_stage, _fused_linear, _fused_gemv, _decode_attention, _exit_decide, _propagate_kv,
+                  _step_epilogue):
         try:
             problem = probe(device, torch.Generator(device=device).manual_seed(0))
         except Exception as err:  # compilation or launch failure: report it, fall back
@@ -44,17 +45,28 @@ def _exit_stage(device, gen) -> str | None:
     return None
 
 
-def _fused_linear(device, gen) -> str | None:
-    from mexit.kernels.fused_linear import fused_linear
+def _linear(kernel, device, gen) -> str | None:
     from mexit.kernels.fused_linear_ref import fused_linear_ref
 
     x = torch.randn(2, 64, device=device, generator=gen).half()
-    w = (torch.randn(64, 96, device=device, generator=gen) / 8).half()
+    w = (torch.randn(96, 64, device=device, generator=gen) / 8).half()  # [N, K]
     b = torch.randn(96, device=device, generator=gen).half()
     ln = (torch.ones(64, device=device).half(), torch.zeros(64, device=device).half(), 1e-5)
-    y = fused_linear(x, w, b, ln=ln, gelu=True)
+    y = kernel(x, w, b, ln=ln, gelu=True)
     want = fused_linear_ref(x.float(), w.float(), b.float(), ln=(ln[0].float(), ln[1].float(), 1e-5), gelu=True)
-    return None if _close(y, want) else "fused_linear disagrees with its reference"
+    return None if _close(y, want) else f"{kernel.__name__} disagrees with its reference"
+
+
+def _fused_linear(device, gen) -> str | None:
+    from mexit.kernels.fused_linear import fused_linear
+
+    return _linear(fused_linear, device, gen)
+
+
+def _fused_gemv(device, gen) -> str | None:
+    from mexit.kernels.fused_gemv import fused_gemv
+
+    return _linear(fused_gemv, device, gen)
 
 
 def _decode_attention(device, gen) -> str | None:
@@ -97,7 +109,7 @@ def _propagate_kv(device, gen) -> str | None:
 
     L, d = 3, 64
     weights = [torch.ones(L, d, device=device).half(), torch.zeros(L, d, device=device).half(),
-               (torch.randn(L, d, 3 * d, device=device, generator=gen) / 8).half(),
+               (torch.randn(L, 3 * d, d, device=device, generator=gen) / 8).half(),
                torch.randn(L, 3 * d, device=device, generator=gen).half()]
     h = torch.randn(2, d, device=device, generator=gen).half()
     rows, slots = torch.tensor([0, 1], device=device), torch.tensor([5, 9], device=device)
