@@ -38,6 +38,7 @@ setup(
     python_requires=">=3.11",
     packages=["mexit", "mexit.decoding", "mexit.engines", "mexit.frontends", "mexit.model", "mexit.ops",
               "mexit.training", "mexit.kernels", "mexit.bench"],
+    package_data={"mexit.ops": ["routes.json"]},  # the cards' measured default kernel choices
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.11,<3",

@@ -9,6 +9,7 @@ Every candidate is first checked against the float64 reference. Prints the top s
 writes every row (us, GB/s, % of copy bandwidth) to <out>/gemv_sweep.csv / .json.
 
     python -m mexit.bench.gemv_sweep --batch 1 8 --out results          # on a CUDA GPU, fp16, gpt2-medium shapes
+    python -m mexit.bench.gemv_sweep --batch 1 --wide                   # every GEMV BLOCK_N x warps
     TRITON_INTERPRET=1 python -m mexit.bench.gemv_sweep --smoke         # the CPU dry run (tiny shapes, no timing)
 """
 
@@ -28,9 +29,10 @@ BLOCK_N = (1, 2, 4, 8, 16)
 WARPS = (1, 2, 4, 8)
 
 
-def candidates(batch: int, K: int, N: int, smoke: bool) -> dict:
-    """name -> (fn(x, w, b, kw), config): the GEMV at each (BLOCK_N, warps) with at least 8 elements per thread
-    (<= 8 rows), the tiled kernel at its settings, cuBLAS + torch ops."""
+def candidates(batch: int, K: int, N: int, smoke: bool, wide: bool = False) -> dict:
+    """name -> (fn(x, w, b, kw), config): the GEMV (<= 8 rows) at its default settings and their neighbours
+    (BLOCK_N and warps halved / doubled; wide: every BLOCK_N x warps), with at least 8 elements per thread, the
+    tiled kernel at its settings, cuBLAS + torch ops."""
     import triton
 
     from mexit.kernels.fused_gemv import MAX_ROWS, fused_gemv, gemv_config
@@ -40,8 +42,11 @@ def candidates(batch: int, K: int, N: int, smoke: bool) -> dict:
     if batch <= MAX_ROWS:
         block_k = triton.next_power_of_2(K)
         chosen = gemv_config(batch, N, K)
-        for block_n, warps in itertools.product(BLOCK_N[:2] if smoke else BLOCK_N, WARPS[:1] if smoke else WARPS):
-            if block_n * block_k < 8 * 32 * warps and not smoke:
+        n0, w0 = chosen["BLOCK_N"], chosen["num_warps"]
+        grid = itertools.product(BLOCK_N, WARPS) if wide else itertools.product((n0 // 2, n0, n0 * 2),
+                                                                               (w0 // 2, w0, w0 * 2))
+        for block_n, warps in [(1, 1), (2, 1)] if smoke else grid:
+            if not (block_n and warps) or (block_n * block_k < 8 * 32 * warps and not smoke):
                 continue
             cfg = dict(chosen, BLOCK_N=block_n, num_warps=warps)
             mark = " (default)" if (block_n, warps) == (chosen["BLOCK_N"], chosen["num_warps"]) else ""
@@ -78,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--copies", type=int, default=24, help="distinct weight copies per candidate (cold)")
     p.add_argument("--top", type=int, default=3)
+    p.add_argument("--wide", action="store_true", help="every GEMV BLOCK_N x warps, not only the default's neighbours")
     p.add_argument("--smoke", action="store_true", help="CPU dry run under TRITON_INTERPRET=1: tiny shapes, the "
                    "candidates checked against float64, nothing timed")
     p.add_argument("--out", default="results")
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
                                 residual=kw["residual"].double() if "residual" in kw else None)
         elem = torch.finfo(dtype).bits // 8
         nbytes = (K * N + N) * elem
-        for name, (kernel, cfg) in candidates(batch, K, N, args.smoke).items():
+        for name, (kernel, cfg) in candidates(batch, K, N, args.smoke, args.wide).items():
             def fn(x, w, b, kw, kernel=kernel, cfg=cfg):
                 return kernel(x, w, b, **kw) if cfg is None else kernel(x, w, b, config=cfg, **kw)
 

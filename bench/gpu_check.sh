@@ -58,12 +58,13 @@ perf)
   timeout 45 python3 -m pytest -q -n 4 -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gemv_tests.txt" | tail -3
   { echo; echo "### GEMV tests"; tail -1 "$OUT/gemv_tests.txt"; } | log
   # 2. cold-weight sweep of the block linears (24 weight copies per candidate): GEMV settings, tiled, cuBLAS
-  timeout 50 python3 -m mexit.bench.gemv_sweep --batch 1 8 "${dry[@]}" --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.txt" \
+  timeout 50 python3 -m mexit.bench.gemv_sweep --batch 1 "${dry[@]}" --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.txt" \
     | tail -3
   { echo; echo "### Cold-weight sweep (fp16, gpt2-medium matrices)"; grep -v '^ *$' "$OUT/sweep.txt" | tail -60; } | log
   # 3. per-kernel breakdown inside the captured graph, old and new paths
-  timeout 45 python3 -m mexit.bench.graph_breakdown --batch 1 64 --linear cublas tiled gemv --pdl off "${dry[@]}" \
-    --new-tokens 5 --out "$OUT/breakdown" > "$OUT/breakdown.txt" 2>&1
+  bd=(--batch 1 64 --linear cublas tiled gemv); [ "${DRY:-0}" = 1 ] && bd=(--batch 1 --linear gemv)
+  timeout 45 python3 -m mexit.bench.graph_breakdown "${bd[@]}" --pdl off "${dry[@]}" --new-tokens 5 \
+    --out "$OUT/breakdown" > "$OUT/breakdown.txt" 2>&1
   { echo; echo "### Where the step's time goes (graph engine, original head)"
     cat "$OUT/breakdown/graph_breakdown.md" 2>/dev/null || tail -5 "$OUT/breakdown.txt"; } | log
   # 4. end to end on each block-linear path, PDL off and on; the card's default routes ranked from it

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         print("error: graph_breakdown profiles a CUDA GPU's kernels (--smoke: the CPU dry run)", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(0)
-    out, results = [], {}
+    out, results, path = [], {}, Path(args.out)
     pdls = {"off": [False], "on": [True], "both": [False, True]}[args.pdl]
     for batch, mode, linear, pdl in itertools.product(args.batch, args.modes, args.linear, pdls):
         prompts = torch.randint(0, lm.config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
@@ -154,10 +154,9 @@ def main(argv=None) -> int:
         results[label] = result
         out.append(table(label, result))
         print(out[-1], flush=True)
-    path = Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "graph_breakdown.json").write_text(json.dumps(results, indent=1))
-    (path / "graph_breakdown.md").write_text("\n".join(out))
+        path.mkdir(parents=True, exist_ok=True)  # written after every setting: a timeout keeps what was done
+        (path / "graph_breakdown.json").write_text(json.dumps(results, indent=1))
+        (path / "graph_breakdown.md").write_text("\n".join(out))
     return 0
 
 

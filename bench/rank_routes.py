@@ -54,7 +54,11 @@ def rank(rows: list[dict], card: str) -> dict:
         notes.append(f"batch {b}: " + ", ".join(f"{p}{' +pdl' if q else ''} {t:.3f}" for (p, q), t in
                                                 sorted(times[b].items(), key=lambda kv: kv[1])) + " ms/token")
     return dict(fused_max_rows=fused_max, gemv_max_rows=gemv_max, pdl=bool(pdl_votes) and all(pdl_votes),
-                measured=f"{card}, mexit bench original head, graph engine: " + "; ".join(notes))
+                measured=f"{card}, mexit bench original head, {_engine(rows)} engine: " + "; ".join(notes))
+
+
+def _engine(rows: list[dict]) -> str:
+    return next((r["engine"] for r in rows if r.get("engine")), "unknown")
 
 
 def _faster(times: dict, a: str, b: str) -> bool:

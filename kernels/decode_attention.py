@@ -41,6 +41,7 @@ def _decode_attention(
     dd = tl.arange(0, HEAD_DIM)
     slot = tl.load(slot_ptr).to(tl.int32)
     row = qkv_ptr + b.to(tl.int64) * 3 * D + h * HEAD_DIM
+    q = tl.load(row + dd).to(tl.float32)  # q, k, v issued together, before the slot-dependent stores
     k_new = tl.load(row + D + dd)
     v_new = tl.load(row + 2 * D + dd)
     head = (b * H + h).to(tl.int64) * T * HEAD_DIM
@@ -52,7 +53,6 @@ def _decode_attention(
     if HAS_SKIP:
         run = tl.load(skip_ptr).to(tl.int32) == 0
     if run:
-        q = tl.load(row + dd).to(tl.float32)
         # split 0 starts from the new position (so its max is finite); the others from an empty softmax
         m = tl.where(s == 0, tl.sum(q * k_new.to(tl.float32), axis=0) * scale, -1.0e30)
         total = tl.where(s == 0, 1.0, 0.0)
@@ -61,14 +61,19 @@ def _decode_attention(
         hi = tl.minimum(lo + chunk, slot)
         for start in range(lo, hi, BLOCK_T):
             t = start + tl.arange(0, BLOCK_T)
-            ok = (t < hi) & (tl.load(valid_ptr + b.to(tl.int64) * T + t, mask=t < hi, other=0) != 0)
+            in_range = t < hi
             offsets = head + t[:, None].to(tl.int64) * HEAD_DIM + dd[None, :]
-            keys = tl.load(k_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+            # the valid flags, keys and values are independent loads (keys are not masked by the flags: no
+            # flag -> key round trip); a slot that is not valid (left padding: anything, NaN included) is
+            # masked in the scores and its values zeroed
+            ok = in_range & (tl.load(valid_ptr + b.to(tl.int64) * T + t, mask=in_range, other=0) != 0)
+            keys = tl.load(k_ptr + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
+            values = tl.load(v_ptr + offsets, mask=in_range[:, None], other=0.0).to(tl.float32)
             scores = tl.where(ok, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             correction = tl.exp(m - m_new)
             p = tl.exp(scores - m_new)
-            values = tl.load(v_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+            values = tl.where(ok[:, None], values, 0.0)
             total = total * correction + tl.sum(p, axis=0)
             acc = acc * correction + tl.sum(p[:, None] * values, axis=0)
             m = m_new
@@ -127,7 +132,7 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
                      block_t: int | None = None, scale: float | None = None, pdl: bool = False) -> torch.Tensor:
     """Triton version of `decode_attention_ref`: qkv [B, 3d], cache_k / cache_v [B, H, T, hd] contiguous (written
     at `slot`), valid [B, T] bool (slot marked), slot [1] int64, one float dtype; hd a power of two. splits: how
-    many programs share a row's cache (default `choose_splits`); block_t: slots per loop step (default 64, 256 under
+    many programs share a row's cache (default `choose_splits`); block_t: slots per loop step (default 128, 256 under
     the interpreter); scale: of the scores (default 1/sqrt(hd)); pdl:
     launch with programmatic dependent launch (`kernels.launch`). Returns y [B, d]."""
     B, H, T, hd = cache_k.shape
@@ -137,7 +142,7 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
                          f"valid {tuple(valid.shape)}")
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()) or hd & (hd - 1):
         raise ValueError(f"the cache must be contiguous with a power-of-two head size, got head size {hd}")
-    block_t = block_t or (256 if interpreted() else 64)  # slots per loop step (the interpreter: fewer steps)
+    block_t = block_t or (256 if interpreted() else 128)  # slots per loop step: 160 cached slots in 2 steps
     splits = splits or choose_splits(B, H, T, qkv.device)
     chunk = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
     splits = triton.cdiv(T, chunk)

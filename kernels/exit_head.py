@@ -23,7 +23,7 @@ from .exit_head_ref import ExitHeadOutput
 from .launch import interpreted, pdl_options
 from .step_epilogue import arrive, embed_block, finish_row
 from .step_epilogue_ref import StepIO
-from .tiles import dot_acc, normalized_tile, row_stats
+from .tiles import dot_acc, normalized_tile, one_load_width, row_stats
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _exit_head_tiles(
     x0_ptr, x1_ptr, ln_w_ptr, ln_b_ptr, w0_ptr, w1_ptr, logits_ptr, stats_ptr, arg_ptr, skip_ptr,
     B, V, D, n_tiles, eps,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FP32_IEEE: tl.constexpr,
-    HAS_SKIP: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_SKIP: tl.constexpr, USE_PDL: tl.constexpr, ROW_WIDTH: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     e = tl.program_id(1)
@@ -59,7 +59,7 @@ def _exit_head_tiles(
         run = tl.load(skip_ptr).to(tl.int32) == 0
     if run:
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * D
-        mean, rstd = row_stats(x_rows, row_ok, D, eps, BLOCK_B, BLOCK_D)
+        mean, rstd = row_stats(x_rows, row_ok, D, eps, BLOCK_B, BLOCK_D, ROW_WIDTH)
         acc = tl.zeros([BLOCK_B, BLOCK_V], dtype=tl.float32)
         start = 0
         if PREFETCH:
@@ -196,7 +196,7 @@ def exit_head(hidden: torch.Tensor | Sequence[torch.Tensor], ln_weight: torch.Te
     _exit_head_tiles[grid](xs[0], xs[-1], ln_weight, ln_bias, heads[0], heads[-1], logits, stats, args,
                            skip if skip is not None else args, B, V, D, n_tiles, eps,
                            FP32_IEEE=xs[0].dtype == torch.float32, HAS_SKIP=skip is not None, USE_PDL=pdl,
-                           **cfg, **options)
+                           ROW_WIDTH=one_load_width(cfg["BLOCK_B"], D), **cfg, **options)
     out = torch.empty(4, E * B, device=dev, dtype=torch.float32)
     argmax = torch.empty(E * B, device=dev, dtype=torch.int64)
     logprobs = torch.empty_like(logits) if with_logprobs else logits

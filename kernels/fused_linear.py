@@ -69,7 +69,7 @@ def _fused_linear(
     out_ok = row_ok[:, None] & col_ok[None, :]
     if compute:
         acc = ln_matmul(x_ptr + rows.to(tl.int64)[:, None] * K, row_ok, w_ptr, K, cols, col_ok, ln_w_ptr, ln_b_ptr,
-                        K, eps, w_first, HAS_LN, FP32_IEEE, PREFETCH, BLOCK_M, BLOCK_N, BLOCK_K)
+                        K, eps, w_first, HAS_LN, FP32_IEEE, PREFETCH, BLOCK_M, BLOCK_N, BLOCK_K, 0)
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GELU:
             acc = 0.5 * acc * (1.0 + _tanh(0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)))

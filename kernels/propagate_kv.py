@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .launch import interpreted, pdl_options
-from .tiles import ln_matmul, weight_tile
+from .tiles import ln_matmul, one_load_width, weight_tile
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def _propagate_kv(
     h_ptr, ln_w_ptr, ln_b_ptr, w_ptr, b_ptr, k_ptr, v_ptr, rows_ptr, slots_ptr,
     N, D, B, H, T, start, eps,
     HEAD_DIM: tl.constexpr, FP32_IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_WIDTH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     j = start + tl.program_id(1)
@@ -38,7 +38,8 @@ def _propagate_kv(
         w_first = weight_tile(w_layer, D, 0, D, cols, col_ok, BLOCK_K)
         tl.extra.cuda.gdc_wait()
     acc = ln_matmul(h_ptr + m.to(tl.int64)[:, None] * D, m_ok, w_layer, D, cols, col_ok, ln_w_ptr + layer * D,
-                    ln_b_ptr + layer * D, D, eps, w_first, True, FP32_IEEE, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K)
+                    ln_b_ptr + layer * D, D, eps, w_first, True, FP32_IEEE, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K,
+                    ROW_WIDTH)
     acc += tl.load(b_ptr + layer * 3 * D + D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     row = tl.load(rows_ptr + m, mask=m_ok, other=0)
     slot = tl.load(slots_ptr + m, mask=m_ok, other=0)
@@ -76,6 +77,6 @@ def propagate_kv(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, attn_w
     grid = (triton.cdiv(2 * D, block_n), end - start, triton.cdiv(N, block_m))
     _propagate_kv[grid](h, ln_w, ln_b, attn_w, attn_b, cache_k, cache_v, rows, slots, N, D, B, H, T, start, eps,
                         HEAD_DIM=hd, FP32_IEEE=h.dtype == torch.float32, USE_PDL=pdl, BLOCK_M=block_m,
-                        BLOCK_N=block_n, BLOCK_K=block_k,
-                        num_warps=4 if block_m == 16 and not pdl else 8,  # else 4 warps spill (aot_compile)
+                        BLOCK_N=block_n, BLOCK_K=block_k, ROW_WIDTH=one_load_width(block_m, D),
+                        num_warps=8,  # 4 warps: 255 registers with the one-load statistics, spills with PDL
                         **pdl_options(pdl))

@@ -6,21 +6,42 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+ONE_LOAD_MAX = 16384  # rows x padded width a kernel may read at once for statistics (64 fp32 per thread at 8 warps)
+
+
+def one_load_width(rows: int, k: int) -> int:
+    """The ROW_WIDTH a kernel passes to `row_stats` for BLOCK_M = rows and width k: k rounded up to a power of two
+    where rows x that fit ONE_LOAD_MAX (one load), else 0 (steps)."""
+    width = triton.next_power_of_2(k)
+    return width if rows * width <= ONE_LOAD_MAX else 0
+
 
 @triton.jit
-def row_stats(x_rows, row_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Mean and 1/std ([BLOCK_M] fp32) of the rows x_rows[:, 0:K] (x_rows: [BLOCK_M, 1] row pointers)."""
-    kk = tl.arange(0, BLOCK_K)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        m = row_ok[:, None] & ((k + kk) < K)[None, :]
-        total += tl.sum(tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
-    mean = total / K
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        m = row_ok[:, None] & ((k + kk) < K)[None, :]
-        diff = tl.where(m, tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None], 0.0)
-        squares += tl.sum(diff * diff, axis=1)
+def row_stats(x_rows, row_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROW_WIDTH: tl.constexpr):
+    """Mean and 1/std ([BLOCK_M] fp32) of the rows x_rows[:, 0:K] (x_rows: [BLOCK_M, 1] row pointers), two passes
+    (mean, then squared deviations). ROW_WIDTH (K rounded up to a power of two, `one_load_width`): the rows come
+    from one load held in registers (one memory round trip); 0: in BLOCK_K steps (2 x K / BLOCK_K dependent
+    loads, the tiled fused-linear kernel's way: fewer registers)."""
+    if ROW_WIDTH > 0:
+        kk = tl.arange(0, ROW_WIDTH)
+        m = row_ok[:, None] & (kk < K)[None, :]
+        x = tl.load(x_rows + kk[None, :], mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / K
+        diff = tl.where(m, x - mean[:, None], 0.0)
+        squares = tl.sum(diff * diff, axis=1)
+    else:
+        kk = tl.arange(0, BLOCK_K)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            m = row_ok[:, None] & ((k + kk) < K)[None, :]
+            total += tl.sum(tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
+        mean = total / K
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            m = row_ok[:, None] & ((k + kk) < K)[None, :]
+            diff = tl.where(m, tl.load(x_rows + k + kk[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None],
+                            0.0)
+            squares += tl.sum(diff * diff, axis=1)
     return mean, 1.0 / tl.sqrt(squares / K + eps)
 
 
@@ -59,14 +80,15 @@ def dot_acc(x, w, acc, FP32_IEEE: tl.constexpr):
 @triton.jit
 def ln_matmul(x_rows, row_ok, w_ptr, w_stride, cols, col_ok, ln_w_ptr, ln_b_ptr, K, eps, w_first,
               HAS_LN: tl.constexpr, FP32_IEEE: tl.constexpr, HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_WIDTH: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32: layernorm(x) (or x) times the weight's outputs `cols` (stored [N, K], rows
     w_stride apart).
-    HAS_FIRST: w_first is the weight's first tile (`weight_tile` at k = 0), loaded earlier (before a PDL wait)."""
+    HAS_FIRST: w_first is the weight's first tile (`weight_tile` at k = 0), loaded earlier (before a PDL wait).
+    ROW_WIDTH: `row_stats`'s."""
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_LN:
-        mean, rstd = row_stats(x_rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
+        mean, rstd = row_stats(x_rows, row_ok, K, eps, BLOCK_M, BLOCK_K, ROW_WIDTH)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     start = 0
     if HAS_FIRST:

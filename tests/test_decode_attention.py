@@ -51,8 +51,10 @@ def test_reads_only_slots_up_to_the_current_one():
     want = decode_attention_ref(qkv, k.clone(), v.clone(), valid, slot)
     k[:, :, 41:] = float("nan")
     v[:, :, 41:] = float("nan")
-    k[2, :, :2] = float("nan")  # row 2's left padding
+    k[2, :, :2] = float("nan")  # row 2's left padding: keys and values are loaded unmasked by the flags
+    v[2, :, :2] = float("inf")
     torch.testing.assert_close(decode_attention(qkv, k, v, valid, slot), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decode_attention(qkv, k, v, valid, slot, block_t=16), want, rtol=1e-5, atol=1e-6)
 
 
 def test_skip_flag_stores_keys_and_values_only(monkeypatch):

@@ -103,3 +103,12 @@ def test_skip_flag(monkeypatch):
     ref = exit_head_ref(x, ln_w, ln_b, 1e-5, heads, with_logprobs=True)
     for name in FIELDS + ("logprobs",):
         torch.testing.assert_close(getattr(ran, name), getattr(ref, name), rtol=1e-4, atol=1e-5)
+
+
+def test_layernorm_statistics_from_one_load_where_the_rows_fit():
+    """The exit head and state propagation read a row block's statistics in one load up to ONE_LOAD_MAX elements
+    (gpt2-medium at batch <= 16); wider blocks, and the tiled fused-linear kernel, step through K."""
+    from mexit.kernels.tiles import one_load_width
+
+    assert one_load_width(16, 1024) == 1024 and one_load_width(1, 96) == 128
+    assert one_load_width(64, 1024) == 0 and one_load_width(16, 1600) == 0

@@ -65,6 +65,7 @@ def test_a_wheel_carries_mexit_kernels_and_mexit_bench(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("mexit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.split("/")[0] in ("kernels", "bench")]
+    assert "mexit/ops/routes.json" in names  # the cards' measured defaults
     kernels = {Path(n).name for n in names if n.startswith("mexit/kernels/")}
     bench = {Path(n).name for n in names if n.startswith("mexit/bench/")}
     assert kernels == {"__init__.py"} | {p.name for p in (ROOT / "kernels").glob("*.py")}
@@ -72,7 +73,8 @@ def test_a_wheel_carries_mexit_kernels_and_mexit_bench(tmp_path):
         == bench
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import mexit.kernels.fused_linear as k, mexit.bench.latency as b, mexit.kernels; "
+    code = ("import mexit.kernels.fused_linear as k, mexit.bench.latency as b, mexit.kernels, mexit.ops.routes as r; "
+            "assert r.measured_route('a card never measured')['card'] == 'default'; "
             "print(k.__file__); print(b.__file__); print(len(mexit.kernels.__path__))")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
