@@ -195,8 +195,10 @@ if __name__ == "__main__":
 
 
 # ---- the pytest-benchmark suite (bench/conftest.py: device clock, cold L2, extra_info) ----
+GEMV = Backend("triton", fused_max_rows=0, gemv_max_rows=8)
 BLOCK_PATHS = {"fused": Backend("triton"), "torch matmuls + attention kernel": Backend("triton", fused_max_rows=0),
-               "torch": TORCH, "fused, skipped (past the exit)": Backend("triton")}
+               "gemv": GEMV, "torch": TORCH, "fused, skipped (past the exit)": Backend("triton"),
+               "gemv, skipped (past the exit)": GEMV}
 
 
 def suite_shape(smoke: bool) -> tuple:
@@ -208,6 +210,8 @@ def suite_shape(smoke: bool) -> tuple:
 @pytest.mark.parametrize("path", list(BLOCK_PATHS))
 @pytest.mark.parametrize("cache_state", ["cold", "l2-warm"])
 def test_block(benchmark, measure, gpu_only, device, path, batch, cache_state):
+    if path.startswith("gemv") and batch > 8:
+        pytest.skip("the GEMV takes at most 8 rows")
     """One gpt2-medium decode block (a predicated block with its skip flag set reads c_attn's key/value columns
     only). Cold: the L2 flushed before every call (what a decode step sees, 24 blocks of 25 MB); l2-warm: the
     same block replayed (its weights fit the 50 MB L2)."""
@@ -223,17 +227,21 @@ def test_block(benchmark, measure, gpu_only, device, path, batch, cache_state):
 
 
 @pytest.mark.parametrize("batch", [1, 8, 64])
-@pytest.mark.parametrize("impl", ["fused", "torch"])
+@pytest.mark.parametrize("impl", ["fused", "gemv", "torch"])
 @pytest.mark.parametrize("what", list(matmuls(D)))
 def test_block_matmul(benchmark, measure, gpu_only, device, what, impl, batch):
-    """Each of a block's four matmuls with its fused prologue / epilogue: the fused-linear kernel or cuBLAS and
-    the torch ops around it (the reference)."""
+    """Each of a block's four matmuls with its fused prologue / epilogue: the tiled fused-linear kernel, the
+    loop-free GEMV (up to 8 rows), or cuBLAS and the torch ops around it (the reference)."""
+    from mexit.kernels.fused_gemv import fused_gemv
     from mexit.kernels.fused_linear import fused_linear
+
+    if impl == "gemv" and batch > 8:
+        pytest.skip("the GEMV takes at most 8 rows")
 
     d, _, _, dtype = suite_shape(gpu_only)
     K, N, options = matmuls(d)[what]
     benchmark.group = f"{what}, batch {batch}"
     x, w, b, kw = matmul_inputs(batch, K, N, options, dtype, device)
-    fn = fused_linear if impl == "fused" else fused_linear_ref
+    fn = {"fused": fused_linear, "gemv": fused_gemv, "torch": fused_linear_ref}[impl]
     elem = torch.finfo(dtype).bits // 8
     measure(lambda: fn(x, w, b, **kw), (K * N + N) * elem, impl=impl, batch=batch, K=K, N=N)

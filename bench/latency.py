@@ -593,9 +593,10 @@ def plot_rows(plt, rows: list[dict], path: Path) -> Path:
     return path
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mexit.ops import LINEAR_PATHS
+LINEARS = ["cublas", "tiled", "gemv"]  # mexit.ops.LINEAR_PATHS' names (that module imports torch: --help does not)
 
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
@@ -604,9 +605,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
                    help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
-    p.add_argument("--fused-max-rows", type=int, help="triton backend: largest decode batch that runs fused-linear "
-                   "blocks (default 64; 0 = cuBLAS matmuls always)")
-    p.add_argument("--linear", nargs="+", choices=list(LINEAR_PATHS),
+    p.add_argument("--fused-max-rows", type=int, help="triton backend: largest decode batch that runs the tiled "
+                   "fused-linear blocks (default: the card's measured choice on CUDA, 64 elsewhere; 0 = cuBLAS)")
+    p.add_argument("--linear", nargs="+", choices=LINEARS,
                    help="triton backend: time each mode on each of these block-linear paths (cuBLAS matmuls, the "
                    "tiled fused-linear kernel up to 64 rows, the loop-free GEMV up to 8 rows; default: the card's "
                    "measured choice, mexit/ops/routes.json)")

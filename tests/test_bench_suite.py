@@ -44,13 +44,21 @@ def test_runs_save_compare_and_fail_on_a_regression(tmp_path):
 
 
 def test_the_gpu_script_perf_stage_dry_runs_on_cpu(tmp_path):
-    """`DRY=1 bash bench/gpu_check.sh perf` (CI's dry run of the GPU stage): the suite once under
-    --benchmark-disable, its summary written, nothing stored in the tree."""
+    """`DRY=1 bash bench/gpu_check.sh perf` (CI's dry run of the GPU stage): every step runs on the CPU (GEMV
+    tests, sweep, breakdown, end to end with the routes ranked, the suite once under --benchmark-disable,
+    baselines), each appends its section to the summary, nothing is stored in the tree."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(DRY="1", OUT=str(tmp_path), SELECT="decode_attention and 128")
     done = subprocess.run(["bash", "bench/gpu_check.sh", "perf"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
-    assert "pytest-benchmark suite, exit 0" in summary and " passed" in summary
+    for section in ("### GEMV tests", "### Cold-weight sweep", "### Where the step's time goes", "### End to end",
+                    "### Default routes", "### pytest-benchmark suite", "### Baselines"):
+        assert section in summary, section
+    assert "candidates agree with float64" in summary and "| `" in summary  # the sweep checked, a breakdown row
+    assert "original [gemv]" in summary and "Traceback" not in summary
+    assert "pytest-benchmark suite (-k decode_attention and 128), exit 0" in summary and " passed" in summary
+    assert {"fused_max_rows", "gemv_max_rows", "pdl"} <= set(*json.loads((tmp_path / "routes.json").read_text())
+                                                            .values())
     assert not (ROOT / "bench" / "benchmarks" / "cpu-dry-run").exists()

@@ -129,7 +129,14 @@ def test_help_does_not_wait_for_torch():
             "print(codes, 'torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[0, 0, 0] False False")
-    assert "bench-speculative" in out and "default 64" in out.replace("\n", " ").replace("  ", " ")
+    assert "bench-speculative" in out and "measured choice on CUDA, 64 elsewhere" in " ".join(out.split())
+
+
+def test_bench_names_every_block_linear_path():
+    from mexit.bench.latency import LINEARS
+    from mexit.ops import LINEAR_PATHS
+
+    assert LINEARS == list(LINEAR_PATHS)
 
 
 def test_unsupported_devices_are_one_line(tiny_checkpoint, capsys):
