@@ -313,8 +313,8 @@ def plan(rows: list[dict]) -> list[dict]:
     total (every resident program's whole slice: a GEMV program issues its loads together), and the dependent
     global round trips before the first product. A GEMV fails with fewer than 2 x 132 programs, less than
     min(4 MB, the matrix) in flight, more than 96 registers or fewer than 4 programs per SM. The tiled kernel's
-    row is for comparison (in flight: one K step per program; its K loop is not pipelined, see
-    ../shared/notes/gpu-decode.md B2)."""
+    row is for comparison (in flight: one K step per program, its K loop is not pipelined: see
+    ../shared/notes/gpu-decode.md B2; round trips: its K steps and, with a layernorm, the statistics' steps)."""
     from mexit.kernels.fused_gemv import gemv_config
     from mexit.kernels.fused_linear import tile_config
 
@@ -352,9 +352,17 @@ def plan(rows: list[dict]) -> list[dict]:
             tiles = tile_config(1, N)
             programs = -(-N // tiles["BLOCK_N"])
             step = tiles["BLOCK_K"] * tiles["BLOCK_N"] * 2
+            match = [r for r in rows if r["kernel"] == "_fused_linear" and r["target"] == target and not r["pdl"]
+                     and r["dtypes"] == ["*fp16"] and r["constexprs"].get("BLOCK_M") == tiles["BLOCK_M"]
+                     and r["constexprs"].get("BLOCK_N") == tiles["BLOCK_N"] and not r["constexprs"].get("HAS_SKIP")
+                     and all(r["constexprs"].get(k) == v for k, v in epilogue.items())]
+            per_sm = min((r["programs_per_sm"] or 0 for r in match), default=0)
+            resident = min(programs, per_sm * SMS[arch])
             out.append(dict(matrix=name, kernel="tiled", target=target, programs=programs,
-                            per_program=K * tiles["BLOCK_N"] * 2, registers=None, programs_per_sm=1,
-                            in_flight_per_sm=step, in_flight=min(programs, SMS[arch]) * step, weight=weight,
+                            per_program=K * tiles["BLOCK_N"] * 2,
+                            registers=max((r["registers"] or 0 for r in match), default=None), programs_per_sm=per_sm,
+                            in_flight_per_sm=min(per_sm, -(-programs // SMS[arch])) * step,
+                            in_flight=resident * step, weight=weight,
                             round_trips=K // tiles["BLOCK_K"] + (2 * K // tiles["BLOCK_K"] if epilogue["HAS_LN"]
                                                                  else 0) + 1 + epilogue["HAS_RES"]))
     return out

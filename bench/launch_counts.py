@@ -59,7 +59,7 @@ def count(batches: list[int], only: list[str] | None = None) -> list[dict]:
     config = ModelConfig(n_layer=N_LAYER, n_embd=64, n_head=4, vocab_size=512, n_positions=256, exit_layers=EXITS,
                          eos_token_id=511)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = mexit.MultiExitLM.random(config, device=device, backend="triton", engine="static")
+    lm = mexit.MultiExitLM.random(config, device=device, backend="triton", engine="static", fused_max_rows=64)
     rows = []
     for batch in batches:
         prompts = [[(5 * r + t) % 500 + 1 for t in range(6)] for r in range(batch)]

@@ -132,9 +132,9 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
                      block_t: int | None = None, scale: float | None = None, pdl: bool = False) -> torch.Tensor:
     """Triton version of `decode_attention_ref`: qkv [B, 3d], cache_k / cache_v [B, H, T, hd] contiguous (written
     at `slot`), valid [B, T] bool (slot marked), slot [1] int64, one float dtype; hd a power of two. splits: how
-    many programs share a row's cache (default `choose_splits`); block_t: slots per loop step (default 128, 256 under
-    the interpreter); scale: of the scores (default 1/sqrt(hd)); pdl:
-    launch with programmatic dependent launch (`kernels.launch`). Returns y [B, d]."""
+    many programs share a row's cache (default `choose_splits`); block_t: slots per loop step (default 128, 64 with
+    splits, 256 under the interpreter); scale: of the scores (default 1/sqrt(hd)); pdl: launch with programmatic
+    dependent launch (`kernels.launch`). Returns y [B, d]."""
     B, H, T, hd = cache_k.shape
     d = H * hd
     if qkv.shape != (B, 3 * d) or cache_v.shape != cache_k.shape or valid.shape != (B, T):
@@ -142,8 +142,9 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
                          f"valid {tuple(valid.shape)}")
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()) or hd & (hd - 1):
         raise ValueError(f"the cache must be contiguous with a power-of-two head size, got head size {hd}")
-    block_t = block_t or (256 if interpreted() else 128)  # slots per loop step: 160 cached slots in 2 steps
     splits = splits or choose_splits(B, H, T, qkv.device)
+    # slots per loop step: 160 cached slots in 2 steps; a split cache 64 (128 spills on sm_80 under triton 3.6)
+    block_t = block_t or (256 if interpreted() else 128 if splits == 1 else 64)
     chunk = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
     splits = triton.cdiv(T, chunk)
     qkv = qkv.contiguous()

@@ -74,7 +74,7 @@ def test_torch_ops_match_the_profiler(tiny_checkpoint, mode, batch):
 @pytest.mark.parametrize("mode,batch", [("original", 1), ("original", 8), ("exit", 1), ("acd", 1),
                                         ("early-exit", 1), ("early-exit", 8)])
 def test_triton_launches_match_the_wrapper_counters(tiny_checkpoint, mode, batch, monkeypatch):
-    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")
+    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static", fused_max_rows=64)
     prompts = [[1 + r, 2, 3] for r in range(batch)]
     kw = MODES[mode]
     with torch.inference_mode():
@@ -88,7 +88,7 @@ def test_triton_launches_match_the_wrapper_counters(tiny_checkpoint, mode, batch
 @pytest.mark.parametrize("mode,depth", [("original", 4), ("exit", 2)])
 def test_fused_step_is_five_kernels_per_block_plus_the_exit_stage(tiny_checkpoint, mode, depth):
     """5 kernels per block, the exit stage's 2, and the non-finite state check of the step's one run of blocks."""
-    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")
+    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static", fused_max_rows=64)
     assert launches_per_step(lm, [[1, 2, 3]], MODES[mode], steps=1)["triton"] == 5 * depth + 2 + 1
 
 
@@ -124,7 +124,7 @@ def test_decode_step_holds_its_launch_budget(tiny_checkpoint, mode, batch):
     (the non-finite state check). The count depends on
     the structure, not the batch (bench/launch_counts.py: the same at 1 and 16 for every mode): every mode at
     batch 1, and a mode per larger bucket (bench/launch_counts.py counts gpt2-medium's structure at any batch)."""
-    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static")
+    lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static", fused_max_rows=64)
     kw, budget = BUDGETS[mode]
     counted = launches_per_step(lm, [[1 + r, 2, 3] for r in range(batch)], kw, steps=1)
     torch_ops = 1 if "segments" in mode else 3 if mode.startswith("learned, predicated") else 0  # h copy; `where`s

@@ -49,9 +49,13 @@ def test_cuda_defaults_follow_the_cards_measurements(monkeypatch):
                         lambda card: dict(fused_max_rows=16, gemv_max_rows=8, pdl=True, card=card))
     monkeypatch.setattr(backend_module, "pdl_supported", lambda device: True)
     monkeypatch.setattr(backend_module, "triton_available", lambda: True)
+    monkeypatch.setattr(backend_module, "probe_gemv", lambda device: None)
     cuda = torch.device("cuda")
     assert backend_module.resolve_backend("triton", cuda) == Backend("triton", fused_max_rows=16, pdl=True,
                                                                      gemv_max_rows=8)
+    monkeypatch.setattr(backend_module, "probe_gemv", lambda device: "fused_gemv: CompilationError")
+    with pytest.warns(UserWarning, match="GEMV block linears cannot run"):  # the GEMV off, the kernels kept
+        assert backend_module.resolve_backend("triton", cuda).gemv_max_rows == 0
     assert backend_module.resolve_backend("triton", cuda, pdl=False, gemv_max_rows=0) == \
         Backend("triton", fused_max_rows=16, gemv_max_rows=0)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

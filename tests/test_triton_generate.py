@@ -45,6 +45,7 @@ def test_kernel_probe_and_fallback(monkeypatch):
     from mexit.ops import backend
 
     assert backend.probe_kernels(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
+    assert backend.probe_gemv(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
     monkeypatch.setattr(backend, "probe_kernels", lambda device: "CompilationError: no sm_90 support")
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     with pytest.warns(UserWarning, match="cannot run on cuda.*CompilationError"):

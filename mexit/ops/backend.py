@@ -12,7 +12,7 @@ import torch
 from mexit.kernels.launch import pdl_supported
 
 from . import FUSED_MAX_ROWS, Backend
-from .probe import probe_kernels
+from .probe import probe_gemv, probe_kernels
 from .routes import card_name, measured_route
 
 BACKENDS = ("auto", "torch", "triton")
@@ -59,11 +59,15 @@ def resolve_backend(name: str, device: torch.device, pdl: bool | None = None, fu
         warnings.warn("pdl=True needs the triton backend and a CUDA GPU of compute capability 9.0 or newer: running "
                       "without programmatic dependent launch", stacklevel=3)
         pdl = False
+    gemv_max_rows = route["gemv_max_rows"] if gemv_max_rows is None else gemv_max_rows
+    if name == "triton" and device.type == "cuda" and gemv_max_rows and (problem := probe_gemv(device)):
+        warnings.warn(f"the GEMV block linears cannot run on {device} ({problem}): using the other paths",
+                      stacklevel=3)
+        gemv_max_rows = 0
     if name != "triton":
         if gemv_max_rows or fused_max_rows is not None:
             warnings.warn(f"the block-linear cut-offs apply to the triton backend: the {name} backend runs torch's "
                           "matmuls", stacklevel=3)
         return Backend(name)
-    return Backend(name, pdl=pdl,
-                   fused_max_rows=route["fused_max_rows"] if fused_max_rows is None else fused_max_rows,
-                   gemv_max_rows=route["gemv_max_rows"] if gemv_max_rows is None else gemv_max_rows)
+    return Backend(name, pdl=pdl, gemv_max_rows=gemv_max_rows,
+                   fused_max_rows=route["fused_max_rows"] if fused_max_rows is None else fused_max_rows)

@@ -11,8 +11,7 @@ import torch
 @functools.cache
 def probe_kernels(device: torch.device) -> str | None:
     """None when every kernel matches its reference on `device`, else what failed (compilation errors too)."""
-    for probe in (_exit_stage, _fused_linear, _fused_gemv, _decode_attention, _exit_decide, _propagate_kv,
-                  _step_epilogue):
+    for probe in (_exit_stage, _fused_linear, _decode_attention, _exit_decide, _propagate_kv, _step_epilogue):
         try:
             problem = probe(device, torch.Generator(device=device).manual_seed(0))
         except Exception as err:  # compilation or launch failure: report it, fall back
@@ -20,6 +19,16 @@ def probe_kernels(device: torch.device) -> str | None:
         if problem:
             return problem
     return None
+
+
+@functools.cache
+def probe_gemv(device: torch.device) -> str | None:
+    """None when the loop-free GEMV block linear matches its reference on `device`, else what failed: asked only
+    where the GEMV is chosen (a card's route or the user), so that a failure there turns it off, not the kernels."""
+    try:
+        return _fused_gemv(device, torch.Generator(device=device).manual_seed(0))
+    except Exception as err:  # compilation or launch failure
+        return f"fused_gemv: {type(err).__name__}: {err}"[:200]
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
