@@ -63,7 +63,7 @@ def _fused_gemv(
     if HAS_SKIP:
         frozen = tl.load(skip_ptr).to(tl.int32) != 0
         first = tl.where(frozen, skip_cols, 0)  # first column to compute
-        compute = pid * BLOCK_N + BLOCK_N > first
+        compute = (pid * BLOCK_N + BLOCK_N > first) & (first < N)  # a column in [first, N): a last tile may pass N
         out_n = n_ok & (n >= first)
         w = tl.load(w_rows, mask=out_n[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
     if compute:

@@ -62,7 +62,8 @@ def _fused_linear(
     if HAS_SKIP:
         skip_flag = tl.load(skip_ptr).to(tl.int32)
         first_col = tl.where(skip_flag != 0, skip_cols, 0)  # first column to compute
-        compute = pid_n * BLOCK_N + BLOCK_N > first_col
+        # a tile computes if it holds a column in [first_col, N) (a last tile may reach past N = first_col)
+        compute = (pid_n * BLOCK_N + BLOCK_N > first_col) & (first_col < N)
         col_ok = col_ok & (cols >= first_col)
         live = live & (skip_flag == 0)
     offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]

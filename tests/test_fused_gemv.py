@@ -90,8 +90,10 @@ def test_skip_flag_leaves_skipped_columns_unwritten(M, skip_cols, monkeypatch):
     torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_skip_flag_passes_every_residual_row_through(monkeypatch):
-    x, w, b, _, res = make_inputs(5, 32, 64, torch.float32, seed=4)
+@pytest.mark.parametrize("N", [64, 70])
+def test_skip_flag_passes_every_residual_row_through(N, monkeypatch):
+    """As the tiled kernel's test: the residual, also where the last tile reaches past N."""
+    x, w, b, _, res = make_inputs(5, 32, N, torch.float32, seed=4)
     on = torch.ones(1, dtype=torch.int32, device=DEVICE)
     live = torch.ones(5, dtype=torch.bool, device=DEVICE)
     with poisoned_allocations(monkeypatch):

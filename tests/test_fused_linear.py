@@ -83,9 +83,11 @@ def test_frozen_rows_pass_their_residual_through_bit_for_bit(M, monkeypatch):
     assert torch.equal(fused_linear_ref(x, w, b, gelu=True, residual=res, live=live)[~live], res[~live])
 
 
-def test_skip_flag_passes_every_residual_row_through(monkeypatch):
-    """Flag set on a residual kernel: the output is the residual (no weight read), whatever `live` says."""
-    x, w, b, _, res = make_inputs(5, 32, 64, torch.float32, seed=4)
+@pytest.mark.parametrize("N", [64, 70])
+def test_skip_flag_passes_every_residual_row_through(N, monkeypatch):
+    """Flag set on a residual kernel: the output is the residual (no weight read), whatever `live` says; N = 70:
+    the last tile reaches past N (such a tile once computed nothing and copied nothing: unwritten outputs)."""
+    x, w, b, _, res = make_inputs(5, 32, N, torch.float32, seed=4)
     on = torch.ones(1, dtype=torch.int32, device=DEVICE)
     live = torch.ones(5, dtype=torch.bool, device=DEVICE)
     with poisoned_allocations(monkeypatch):
