@@ -2,6 +2,7 @@
 size or resume point, greedy and seeded sampling; text and JSONL inputs; a rerun resumes."""
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,103 @@ def test_jsonl_input_and_cli(tmp_path, capsys):
     assert "either \"prompt\" or \"input_ids\"" in capsys.readouterr().err
     assert main(["generate", "--model", str(SMALL), "--prompts-file", str(source)]) == 2
     assert "needs --out" in capsys.readouterr().err
+
+
+def test_every_prompt_is_checked_before_work_and_named_by_line(tmp_path, capsys):
+    """A too-long prompt on line 37 (and an empty JSON prompt) refuse the file before anything is generated; with
+    --skip-bad-prompts they are rows holding "error", in input order, and the others are generated."""
+    source = tmp_path / "prompts.txt"
+    lines = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(40)]
+    lines[36] = "word " * 300  # line 37: longer than the model's context with the new tokens
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(SMALL), "--prompts-file", str(source), "--out", str(out),
+            "--max-new-tokens", "4", "--batch", "16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "line 37:" in err and "nothing was generated" in err and "--skip-bad-prompts" in err
+    assert not out.exists()
+    assert main(args + ["--skip-bad-prompts"]) == 0
+    assert "1 bad prompt(s) written as errors" in capsys.readouterr().out
+    got = rows(out)
+    assert [r["index"] for r in got] == list(range(40)) and [r["line"] for r in got] == list(range(1, 41))
+    assert "error" in got[36] and "tokens" not in got[36] and all("tokens" in r for r in got[:36] + got[37:])
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + json.dumps({"input_ids": []}) + "\n")
+    assert main(args[:4] + [str(jsonl), "--out", str(tmp_path / "bad_out.jsonl")]) == 2
+    assert "line 2: empty prompt" in capsys.readouterr().err
+
+
+def test_resume_under_other_settings_is_refused(tmp_path, capsys):
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(SMALL), "--prompts-file", str(source), "--out", str(out), "--no-eos"]
+    assert main(args + ["--max-new-tokens", "4"]) == 0
+    settings = json.loads((tmp_path / "out.jsonl.settings.json").read_text())
+    assert settings["generate"]["max_new_tokens"] == 4 and settings["dtype"] == "float32" and settings["versions"]
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:3]))  # a run stopped after 3 prompts
+    assert main(args + ["--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens=4" in err and "max_new_tokens=5" in err and "another --out" in err
+    assert main(args + ["--max-new-tokens", "4", "--mode", "exit", "--exit-layer", "2"]) == 2
+    assert "exit_layer" in capsys.readouterr().err
+    assert len(rows(out)) == 3  # nothing was added under the other settings
+    assert main(args + ["--max-new-tokens", "4"]) == 0 and len(rows(out)) == len(PROMPTS)
+
+
+def test_a_file_cut_at_any_byte_resumes_to_the_same_file(tmp_path):
+    """A kill, an out-of-memory or a full disk can cut the output anywhere: the partial last line is dropped (with a
+    warning) and redone, and the resumed file equals the uninterrupted one."""
+    lm = mexit.load(SMALL)
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS[:4]) + "\n")
+    full = tmp_path / "full.jsonl"
+    generate_file(lm, source, full, batch=2, max_new_tokens=3, eos_token_id=None, progress=False)
+    text = full.read_text()
+    first_end = text.index("\n") + 1
+    for cut in (1, first_end - 1, first_end, first_end + 7, len(text) - 2, len(text) - 1):
+        out = tmp_path / f"cut{cut}.jsonl"
+        out.write_text(text[:cut])
+        (tmp_path / f"cut{cut}.jsonl.settings.json").write_text((tmp_path / "full.jsonl.settings.json").read_text())
+        with pytest.warns(UserWarning, match="partial last line") if text[cut - 1] != "\n" else nullcontext():
+            generate_file(lm, source, out, batch=2, max_new_tokens=3, eos_token_id=None, progress=False)
+        assert out.read_text() == text, cut
+
+
+def test_prompts_kept_exactly_and_json_lines_recognised_by_content(tmp_path):
+    from mexit.frontends.datasets import read_prompt_file
+
+    text = tmp_path / "prompts.txt"
+    text.write_text("  leading and trailing  \n\n{not json\nlast")
+    assert [(r["line"], r["prompt"]) for r in read_prompt_file(text)] == [(1, "  leading and trailing  "),
+                                                                         (3, "{not json"), (4, "last")]
+    objects = tmp_path / "objects.txt"
+    objects.write_text('{"prompt": "a"}\n\n{"input_ids": [1, 2], "id": 7}\n')
+    assert read_prompt_file(objects) == [{"index": 0, "line": 1, "prompt": "a"},
+                                         {"index": 1, "line": 3, "id": 7, "input_ids": [1, 2]}]
+
+
+def test_ctrl_c_says_what_was_saved(tmp_path, capsys, monkeypatch):
+    from mexit.frontends import datasets
+
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out.jsonl"
+    real = datasets.generate_rows
+    calls = []
+
+    def interrupted_after_one_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "generate_rows", interrupted_after_one_batch)
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--model", str(SMALL), "--prompts-file", str(source), "--out", str(out), "--batch", "2",
+              "--max-new-tokens", "3"])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "\nerror: interrupted: 2 new row(s) saved" in err and "rerun the same command" in err  # after the bar
+    assert "Traceback" not in err and len(rows(out)) == 2

@@ -96,7 +96,8 @@ def test_prompts_files_with_a_byte_order_mark_and_crlf(tmp_path, tiny_checkpoint
     assert [r["prompt"] for r in read_prompt_file(text)] == ["ROMEO. But soft,", "JULIET.", "third", "line"]
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "ROMEO."}\r\n{"input_ids": [5, 6]}\r\n')
-    assert read_prompt_file(jsonl) == [{"index": 0, "prompt": "ROMEO."}, {"index": 1, "input_ids": [5, 6]}]
+    assert read_prompt_file(jsonl) == [{"index": 0, "line": 1, "prompt": "ROMEO."},
+                                       {"index": 1, "line": 2, "input_ids": [5, 6]}]
     out = tmp_path / "out.jsonl"
     assert main(["generate", "--model", str(tiny_checkpoint[0]), "--prompts-file", str(text), "--out", str(out),
                  "--max-new-tokens", "3"]) == 0

@@ -7,6 +7,7 @@ keeps its traceback and exits 1."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -91,9 +92,14 @@ def add_generate_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--input-ids", action="append", type=parse_ints, help="comma-separated token ids (repeatable)")
-    src.add_argument("--prompts-file", help="a data set: one prompt per line, or JSONL objects with \"prompt\" or "
-                     "\"input_ids\" (and an optional \"id\"); needs --out")
-    p.add_argument("--out", help="--prompts-file: JSONL written in input order, one line per prompt (a rerun resumes)")
+    src.add_argument("--prompts-file", help="a data set: one prompt per line exactly as written (empty lines skipped), "
+                     "or JSON lines (a .jsonl name, or every line an object) with \"prompt\" or \"input_ids\" (and "
+                     "an optional \"id\"); every prompt is checked before the first batch; needs --out")
+    p.add_argument("--out", help="--prompts-file: JSONL written in input order, one line per prompt (a rerun resumes "
+                   "under the same settings, recorded in OUT.settings.json)")
+    p.add_argument("--skip-bad-prompts", action="store_true",
+                   help="--prompts-file: write a prompt that cannot run (empty, too long, bad ids) as a row with "
+                   "\"error\" and go on, instead of refusing the file by line number")
     p.add_argument("--batch", type=int, default=8, help="--prompts-file: prompts per generate call")
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="--prompts-file on a Ray cluster (Ray Data): one model per GPU (per --threads CPUs without "
@@ -210,6 +216,8 @@ def check_generate_flags(args) -> None:
         raise UsageError("--prompts-file writes its results to --out: --stream and --json do not apply")
     if args.ray and not args.prompts_file:
         raise UsageError("--ray goes with --prompts-file (a data set spread over a cluster)")
+    if args.skip_bad_prompts and not args.prompts_file:
+        raise UsageError("--skip-bad-prompts goes with --prompts-file")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.stream and len(args.prompt or args.input_ids or []) != 1:
@@ -388,12 +396,30 @@ def run_generate_on_ray(args) -> int:
     load_kw = dict(path_or_id=absolute(args.model), dtype=args.dtype, device=args.device, backend=args.backend,
                    engine=args.engine, compile=args.compile, check_weights=not args.no_weight_check, pdl=args.pdl,
                    fused_max_rows=args.fused_max_rows, gemv_max_rows=args.gemv_max_rows)
-    summary = generate_file_on_ray(MultiExitLM.from_pretrained, load_kw, args.prompts_file, args.out, args.batch,
-                                   seed=args.seed, address=args.ray, threads=args.threads or 1,
-                                   **generate_kwargs(args))
-    seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
-    print(f"wrote {args.out}: {summary['written']} prompts ({summary['skipped']} already there{seed}) on Ray")
+    with interrupt_message():
+        summary = generate_file_on_ray(MultiExitLM.from_pretrained, load_kw, args.prompts_file, args.out, args.batch,
+                                       seed=args.seed, address=args.ray, threads=args.threads or 1,
+                                       skip_bad=args.skip_bad_prompts, **generate_kwargs(args))
+    print(file_summary(args.out, summary) + " on Ray")
     return 0
+
+
+def file_summary(out, summary: dict) -> str:
+    seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
+    bad = f", {summary['bad']} bad prompt(s) written as errors" if summary["bad"] else ""
+    return f"wrote {out}: {summary['written']} prompts ({summary['skipped']} already there{bad}{seed})"
+
+
+@contextlib.contextmanager
+def interrupt_message():
+    """Ctrl-C in a data-set run: one line saying what was saved and how to resume, exit code 130."""
+    from mexit.frontends.datasets import Interrupted
+
+    try:
+        yield
+    except Interrupted as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def load_lm(args):
@@ -513,9 +539,10 @@ def run_generate(args) -> int:
     if args.prompts_file:
         from mexit.frontends.datasets import generate_file
 
-        summary = generate_file(lm, args.prompts_file, args.out, args.batch, seed=args.seed, **kw)
-        seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
-        print(f"wrote {args.out}: {summary['written']} prompts ({summary['skipped']} already there{seed})")
+        with interrupt_message():
+            summary = generate_file(lm, args.prompts_file, args.out, args.batch, seed=args.seed,
+                                    skip_bad=args.skip_bad_prompts, **kw)
+        print(file_summary(args.out, summary))
         return 0
     timer.begin()
     result = lm.generate(prompts, seed=args.seed, on_token=timer.on_token, **kw)

@@ -172,19 +172,42 @@ class Workers:
 
 
 def generate_file_on_ray(load, load_kw: dict, prompts_file, out, batch: int = 8, seed: int | None = None,
-                         progress: bool = True, address: str = "auto", threads: int = 1, **generate_kw) -> dict:
+                         progress: bool = True, address: str = "auto", threads: int = 1, skip_bad: bool = False,
+                         **generate_kw) -> dict:
     """`datasets.generate_file` through Ray Data: the prompts not yet in `out` become a data set mapped in batches
     by one GenerateWorker (a model loaded by `load(**load_kw)`, e.g. MultiExitLM.from_pretrained, with `threads`
     CPU threads) per GPU of the cluster (per `threads` CPUs without GPUs). Rows come back and are written in input
     order; row i samples with seed + i, so the file equals a single-machine run's. A worker's error (a missing
-    checkpoint, a bad setting) is raised here as a ValueError. Returns {"prompts", "skipped", "written", "seed"}."""
-    from .datasets import GenerateWorker, new_seed, open_output, write_rows
+    checkpoint, a bad setting) is raised here as a ValueError. The prompts are checked and the settings recorded
+    and compared here first, as `datasets.generate_file` does (with the checkpoint's tokenizer and config).
+    Returns {"prompts", "skipped", "written", "bad", "seed"}."""
+    from .datasets import (
+        GenerateWorker,
+        checked_todo,
+        new_seed,
+        open_output,
+        run_settings,
+        with_error_rows,
+        write_rows,
+    )
 
     records, done, seed = open_output(prompts_file, out, batch, seed)
-    todo = [r for r in records if r["index"] not in done]
+    folder, config, tokenizer, defaults = checkpoint_facts(load_kw)
+    kw = dict(generate_kw)
+    if kw.get("max_new_tokens") is None and defaults.get("max_new_tokens") is not None:
+        kw["max_new_tokens"] = defaults["max_new_tokens"]
+    settings = run_settings(folder, dtype_name(load_kw), kw)
+
+    def encode(text):
+        if tokenizer is None:
+            raise ValueError("text prompt, but the checkpoint has no tokenizer: give input_ids")
+        return tokenizer(text)["input_ids"]
+
+    todo, bad = checked_todo(prompts_file, out, records, done, encode, config, settings, skip_bad)
+    good = [r for r in todo if r["index"] not in bad]
     seed = new_seed(records) if seed is None else seed  # used by the workers only where the run samples
     ray = connect(address)
-    count, options = worker_resources(load_kw.get("device"), threads, len(todo))
+    count, options = worker_resources(load_kw.get("device"), threads, len(good))
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray Data's notes on its own deprecated settings
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
@@ -194,7 +217,7 @@ def generate_file_on_ray(load, load_kw: dict, prompts_file, out, batch: int = 8,
     written = []
 
     def rows_in_order():
-        dataset = ray.data.from_items([{"record": json.dumps(r)} for r in todo]).map_batches(
+        dataset = ray.data.from_items([{"record": json.dumps(r)} for r in good]).map_batches(
             GenerateWorker, fn_constructor_args=(load, load_kw, seed, generate_kw, threads), batch_size=batch,
             compute=ray.data.ActorPoolStrategy(size=count), batch_format="numpy", **options)
         try:
@@ -208,6 +231,37 @@ def generate_file_on_ray(load, load_kw: dict, prompts_file, out, batch: int = 8,
             raise ValueError(f"a Ray worker failed: {first_line(err)}") from None
 
     if todo:
-        write_rows(rows_in_order(), Path(out), len(records), len(done), progress)
+        rows = rows_in_order() if good else iter(())
+        write_rows(with_error_rows(rows, todo, bad), Path(out), len(records), len(done), progress)
     sampled = any("seed" in row for row in written)
-    return {"prompts": len(records), "skipped": len(done), "written": len(written), "seed": seed if sampled else None}
+    return {"prompts": len(records), "skipped": len(done), "written": len(written), "bad": len(bad),
+            "seed": seed if sampled else None}
+
+
+def checkpoint_facts(load_kw: dict):
+    """(folder, ModelConfig, tokenizer or None, generation defaults) of the checkpoint `load_kw` names, read on
+    the driver without loading weights."""
+    from mexit.model.checkpoint import read_config, resolve_folder
+
+    from .api import generation_defaults, load_tokenizer, read_generation_config
+
+    folder = resolve_folder(load_kw["path_or_id"])
+    return (folder, read_config(folder), load_tokenizer(folder),
+            generation_defaults(read_generation_config(folder), warn=False))
+
+
+def dtype_name(load_kw: dict) -> str:
+    """The dtype the workers load with, as the one-machine run records it (the device is the workers' to check:
+    the driver may have no GPU)."""
+    import torch
+
+    from mexit.model.checkpoint import resolve_dtype
+
+    dtype, device = load_kw.get("dtype"), load_kw.get("device")
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        return "auto"
+    if device in (None, "auto"):
+        cuda = torch.cuda.is_available()
+    else:
+        cuda = isinstance(device, int) or str(device).startswith("cuda")
+    return str(resolve_dtype(dtype, torch.device("cuda" if cuda else "cpu"))).removeprefix("torch.")

@@ -10,48 +10,144 @@ spreads the same over a Ray cluster."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 from pathlib import Path
 
-from mexit.values import read_text
+from mexit.values import plain, read_text
 
 
 def read_prompt_file(path) -> list[dict]:
-    """[{"index", "prompt" | "input_ids", "id"?}] from a text file (one prompt per line) or JSONL."""
+    """[{"index", "line", "prompt" | "input_ids", "id"?}] of a prompts file. JSON lines when the file is named
+    .jsonl or every non-empty line is a JSON object (one object per line with "prompt" (text) or "input_ids", and
+    optionally "id"); otherwise text: one prompt per line exactly as written (only the line end removed; an empty
+    line is not a prompt). "line" is the 1-based line number. ValueError naming the line for a bad JSON line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    lines = [line for line in read_text(path).splitlines() if line.strip()]
+    lines = [(n + 1, line) for n, line in enumerate(read_text(path).split("\n")) if line != ""]
     if not lines:
         raise ValueError(f"prompts file {path} holds no prompt")
-    if path.suffix != ".jsonl":
-        return [{"index": i, "prompt": line.strip()} for i, line in enumerate(lines)]
+    if path.suffix != ".jsonl" and not all(isinstance(_json(line), dict) for _, line in lines):
+        return [{"index": i, "line": n, "prompt": line} for i, (n, line) in enumerate(lines)]
     records = []
-    for i, line in enumerate(lines):
+    for i, (n, line) in enumerate(lines):
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {i + 1} is not JSON: {err.msg}") from None
+            raise ValueError(f"{path} line {n} is not JSON: {err.msg}") from None
         if not isinstance(item, dict) or ("prompt" in item) == ("input_ids" in item):
-            raise ValueError(f"{path} line {i + 1}: an object with either \"prompt\" or \"input_ids\"")
-        record = {"index": i, **{k: item[k] for k in ("id", "prompt", "input_ids") if k in item}}
-        records.append(record)
+            raise ValueError(f"{path} line {n}: an object with either \"prompt\" or \"input_ids\"")
+        records.append({"index": i, "line": n, **{k: item[k] for k in ("id", "prompt", "input_ids") if k in item}})
     return records
 
 
+def _json(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def bad_prompts(records: list[dict], encode, config, max_new_tokens: int | None) -> dict[int, str]:
+    """{index: why} for the records that cannot run: text that tokenizes to nothing, ids that are not token ids of
+    the model, a prompt that with max_new_tokens (None: the prompt alone) exceeds the context. Every prompt is
+    checked (tokenized) before any generation."""
+    from mexit.decoding.prompts import check_prompts
+
+    bad = {}
+    for r in records:
+        try:
+            ids = encode(r["prompt"]) if "prompt" in r else r["input_ids"]
+            if not isinstance(ids, list):
+                raise ValueError("input_ids must be a list of token ids")
+            check_prompts([ids], config, max_new_tokens)
+        except ValueError as err:
+            bad[r["index"]] = " ".join(str(err).split())
+    return bad
+
+
+def refuse_bad_prompts(path, records: list[dict], bad: dict[int, str]) -> None:
+    lines = {r["index"]: r["line"] for r in records}
+    listed = "; ".join(f"line {lines[i]}: {why}" for i, why in list(bad.items())[:5])
+    raise ValueError(f"{path}: {len(bad)} prompt(s) cannot run, nothing was generated: {listed}"
+                     f"{' ...' if len(bad) > 5 else ''} (--skip-bad-prompts records them as rows with \"error\" "
+                     "and generates the others)")
+
+
 def finished_indices(out: Path, records: list[dict]) -> set[int]:
-    """Indices an earlier run already wrote to `out` (each checked against this prompts file)."""
+    """Indices an earlier run already wrote to `out` (each checked against this prompts file). A partial last line
+    (a write cut short by a kill, an out-of-memory or a full disk) is dropped from the file, with a warning: its
+    prompt is generated again."""
     if not out.exists():
         return set()
+    text = out.read_text()
+    lines = text.split("\n")
+    if lines[-1] != "" or (len(lines) > 1 and _json(lines[-2]) is None):
+        cut = lines[-1] if lines[-1] != "" else lines[-2]
+        keep = text[: len(text) - len(cut) - (0 if lines[-1] != "" else 1)]
+        if all(_json(line) is not None for line in keep.split("\n") if line):
+            warnings.warn(f"{out}: dropped a partial last line (an interrupted write); its prompt is generated again",
+                          stacklevel=3)
+            out.write_text(keep)
+            text = keep
     done = set()
-    for n, line in enumerate(out.read_text().splitlines()):
-        row = json.loads(line)
+    for n, line in enumerate(text.splitlines()):
+        row = _json(line)
+        if not isinstance(row, dict):
+            raise ValueError(f"{out} line {n + 1} is not a JSON object: not a file this command wrote; use another "
+                             "--out")
         i = row.get("index")
         if not isinstance(i, int) or i >= len(records) or any(row.get(k) != records[i].get(k)
                                                               for k in ("prompt", "input_ids", "id")):
             raise ValueError(f"{out} line {n + 1} does not belong to this prompts file: use another --out")
         done.add(i)
     return done
+
+
+def settings_path(out) -> Path:
+    """The file beside `out` that records the settings its rows were generated with."""
+    out = Path(out)
+    return out.with_name(out.name + ".settings.json")
+
+
+def run_settings(model, dtype, generate_kw: dict) -> dict:
+    """What decides a data-set run's rows, as plain JSON: the model, the dtype, the generate arguments (mode,
+    lengths, sampling; settings dataclasses as their fields); the versions ride along (not compared)."""
+    from mexit.version import dependency_versions
+
+    def plain_json(value):
+        if dataclasses.is_dataclass(value):
+            return {"type": type(value).__name__, **{k: plain_json(v) for k, v in dataclasses.asdict(value).items()}}
+        value = plain(value)
+        return list(map(plain_json, value)) if isinstance(value, (list, tuple)) else value
+
+    return {"model": str(model), "dtype": str(dtype).removeprefix("torch."),
+            "generate": {k: plain_json(v) for k, v in sorted(generate_kw.items()) if v is not None},
+            "versions": dependency_versions()}
+
+
+def check_settings(out, settings: dict, resuming: bool) -> None:
+    """Refuse to add rows to `out` under other settings than its rows were written with (named); a new file (or one
+    written before settings were recorded) gets the record."""
+    path = settings_path(out)
+    if resuming and path.exists():
+        earlier = json.loads(path.read_text())
+        for key in ("model", "dtype", "generate"):
+            old, new = earlier.get(key), settings[key]
+            if key == "generate":
+                changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+                if changed:
+                    k = changed[0]
+                    raise ValueError(f"{out} was written with {k}={(old or {}).get(k)!r}, this run asks "
+                                     f"{k}={new.get(k)!r} ({len(changed)} setting(s) differ: {', '.join(changed)}): "
+                                     "rerun with the settings of its rows or write to another --out")
+            elif old != new:
+                raise ValueError(f"{out} was written with {key} {old!r}, this run has {new!r}: rerun with the "
+                                 "settings of its rows or write to another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1, allow_nan=False) + "\n")
 
 
 def generate_rows(lm, records: list[dict], seed: int | None, **generate_kw) -> list[dict]:
@@ -85,12 +181,17 @@ def new_seed(records: list[dict]) -> int:
     return int(torch.randint(2**31 - 1 - len(records), ()))
 
 
-def write_rows(rows, out: Path, total: int, done: int, progress: bool) -> None:
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a data-set run; its message says what was saved and how to resume."""
+
+
+def write_rows(rows, out: Path, total: int, done: int, progress: bool) -> int:
     """Append rows (an iterable of lists of rows, as they finish) to `out` as JSON lines, with a progress bar; the
-    file is opened at the first row (a run that fails before it leaves no file)."""
+    file is opened at the first row (a run that fails before it leaves no file). Returns the rows written; Ctrl-C
+    raises `Interrupted` saying how many were saved."""
     from tqdm import tqdm
 
-    f = None
+    f, written = None, 0
     try:
         with tqdm(total=total, initial=done, desc="generate", unit="prompt", disable=not progress) as bar:
             for batch in rows:
@@ -100,10 +201,26 @@ def write_rows(rows, out: Path, total: int, done: int, progress: bool) -> None:
                 for row in batch:
                     f.write(json.dumps(row, allow_nan=False) + "\n")
                 f.flush()
+                written += len(batch)
                 bar.update(len(batch))
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {written} new row(s) saved in {out} ({done + written} of {total} prompts "
+                          "done); rerun the same command to resume") from None
     finally:
         if f is not None:
             f.close()
+    return written
+
+
+def with_error_rows(batches, todo: list[dict], bad: dict[int, str]):
+    """The generated batches with a row {record..., "error"} for every bad prompt, in input order."""
+    errors = [dict(r, error=bad[r["index"]]) for r in todo if r["index"] in bad]
+    for rows in batches:
+        last = rows[-1]["index"]
+        now, errors = [e for e in errors if e["index"] < last], [e for e in errors if e["index"] >= last]
+        yield sorted(rows + now, key=lambda row: row["index"])
+    if errors:
+        yield errors
 
 
 def open_output(prompts_file, out, batch: int, seed: int | None) -> tuple[list[dict], set[int], int | None]:
@@ -124,18 +241,41 @@ def open_output(prompts_file, out, batch: int, seed: int | None) -> tuple[list[d
     return records, done, seed
 
 
+def checked_todo(prompts_file, out, records: list[dict], done: set[int], encode, config, settings: dict,
+                 skip_bad: bool) -> tuple[list[dict], dict[int, str]]:
+    """(prompts still to do, {index: why} of the bad ones among them) once every prompt left is checked against
+    the model (refused by line unless skip_bad) and the run's settings against those `out` was written with."""
+    todo = [r for r in records if r["index"] not in done]
+    generate_kw = settings["generate"]
+    new_tokens = generate_kw.get("max_new_tokens")
+    bad = bad_prompts(todo, encode, config, new_tokens)
+    if bad and not skip_bad:
+        refuse_bad_prompts(prompts_file, records, bad)
+    check_settings(out, settings, resuming=bool(done))
+    return todo, bad
+
+
 def generate_file(lm, prompts_file, out, batch: int = 8, seed: int | None = None, progress: bool = True,
-                  **generate_kw) -> dict:
+                  skip_bad: bool = False, **generate_kw) -> dict:
     """Generate for every prompt of `prompts_file` into `out` (JSONL), `batch` prompts per call; generate_kw go to
-    `lm.generate` (mode, lengths, sampling). Returns {"prompts", "skipped", "written", "seed"}."""
+    `lm.generate` (mode, lengths, sampling). Every prompt is checked before the first batch: a bad one (empty,
+    too long for the context with the new tokens, ids outside the vocabulary) is refused by line number, or with
+    skip_bad written as a row holding "error". The settings are recorded beside `out` (`settings_path`) and a
+    resume under other settings is refused. Returns {"prompts", "skipped", "written", "bad", "seed"}."""
     records, done, seed = open_output(prompts_file, out, batch, seed)
+    kw = dict(generate_kw)
+    if kw.get("max_new_tokens") is None and lm.defaults.get("max_new_tokens") is not None:
+        kw["max_new_tokens"] = lm.defaults["max_new_tokens"]
+    settings = run_settings(lm.model.folder or "RANDOM weights", lm.model.dtype, kw)
+    todo, bad = checked_todo(prompts_file, out, records, done, lambda text: lm.encode(text)[0], lm.config, settings,
+                             skip_bad)
     sampling = generate_kw.get("do_sample") or lm.defaults.get("do_sample")
     if sampling and seed is None:
         seed = new_seed(records)
-    todo = [r for r in records if r["index"] not in done]
-    batches = (generate_rows(lm, todo[i: i + batch], seed, **generate_kw) for i in range(0, len(todo), batch))
-    write_rows(batches, Path(out), len(records), len(done), progress)
-    return {"prompts": len(records), "skipped": len(done), "written": len(todo), "seed": seed}
+    good = [r for r in todo if r["index"] not in bad]
+    batches = (generate_rows(lm, good[i: i + batch], seed, **generate_kw) for i in range(0, len(good), batch))
+    write_rows(with_error_rows(batches, todo, bad), Path(out), len(records), len(done), progress)
+    return {"prompts": len(records), "skipped": len(done), "written": len(good), "bad": len(bad), "seed": seed}
 
 
 class GenerateWorker:
