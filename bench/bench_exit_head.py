@@ -2,7 +2,6 @@
 token) against torch eager and torch.compile of the same computation, at gpt2-medium shape, on a CUDA GPU.
 
     python -m mexit.bench.bench_exit_head --batch 1 8 64 [--dtype fp16] [--sweep] [--out bench_results]
-    TRITON_INTERPRET=1 python -m mexit.bench.bench_exit_head --smoke     # the script's logic on CPU, small shape
 
 Times are medians of device-side timing (triton.testing.do_bench; `graph` columns replay a CUDA graph, which
 removes Python launch overhead). GB/s counts the bytes the stage must move: both heads once (2 x V x d),
@@ -100,18 +99,12 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="also try tile configurations of the fused kernel")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--out", default="bench_results")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU under TRITON_INTERPRET=1 at vocabulary 1000, d 64: checks the script, times nothing real")
     args = p.parse_args(argv)
-    global V, D
-    target = kernel_bench_target(args.smoke, args.dtype, "bench_exit_head")
+    target = kernel_bench_target(args.dtype, "bench_exit_head")
     if target is None:
         return 2
     device, dtype = target
-    if args.smoke:
-        V, D = 1000, 64
-        args.no_compile = True
-    meta = dict(run_metadata(device, dtype), vocab=V, d=D, smoke=args.smoke)
+    meta = dict(run_metadata(device, dtype), vocab=V, d=D)
     copy_gbs = copy_bandwidth_gbs(device)
     compiled = None if args.no_compile else torch.compile(torch_stage)
     rows = []
@@ -138,8 +131,7 @@ def main(argv=None):
                      and x["cuda_graph"] == r["cuda_graph"])
         r["speedup_vs_eager"] = eager["ms"] / r["ms"]
     path = write_results(rows, args.out, "exit_head")
-    shape = f"V={V}, d={D}" + (" (SMOKE: interpreter on CPU, not a measurement)" if args.smoke else "")
-    print(f"{meta['device']}, {meta['dtype']}, {shape}, copy bandwidth {copy_gbs:.0f} GB/s, results in {path}")
+    print(f"{meta['device']}, {meta['dtype']}, V={V}, d={D}, copy bandwidth {copy_gbs:.0f} GB/s, results in {path}")
     print(markdown_table(rows, ["impl", "batch", "cuda_graph", "us", "gb_s", "pct_copy", "floor_us",
                                 "speedup_vs_eager"]))
     return 0

@@ -5,7 +5,6 @@ batches above `fused_max_rows` run), the predicated block (skip flag set: what a
 one graph), and each of the four matmuls alone.
 
     python -m mexit.bench.bench_fused_linear --batch 1 8 16 64 [--dtype fp16] [--context 160] [--sweep]
-    TRITON_INTERPRET=1 python -m mexit.bench.bench_fused_linear --smoke     # the script's logic on CPU, small shape
 
 Times are medians of triton.testing.do_bench_cudagraph (graph replay, as decoding runs). GB/s counts the bytes
 the call must read: the weights it uses (a skipped block: c_attn's key/value columns) plus, for a block, the
@@ -123,25 +122,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=160, help="cached positions the attention reads")
     p.add_argument("--sweep", action="store_true", help="also try tile configurations of each matmul")
     p.add_argument("--out", default="bench_results")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU under TRITON_INTERPRET=1 at width 64: checks the script, times nothing real")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
-    global D, HEADS
-    target = kernel_bench_target(args.smoke, args.dtype, "bench_fused_linear")
+    target = kernel_bench_target(args.dtype, "bench_fused_linear")
     if target is None:
         return 2
     device, dtype = target
-    if args.smoke:
-        D, HEADS = 64, 4
     from mexit.kernels.fused_linear import fused_linear
 
     elem = torch.finfo(dtype).bits // 8
-    meta = dict(run_metadata(device, dtype), d=D, context=args.context, smoke=args.smoke)
+    meta = dict(run_metadata(device, dtype), d=D, context=args.context)
     copy_gbs = copy_bandwidth_gbs(device)
     rows = []
 
@@ -183,8 +177,7 @@ def main(argv=None) -> int:
         torch_row = next(x for x in rows if (x["batch"], x["what"], x["impl"]) == (r["batch"], r["what"], "torch"))
         r["speedup_vs_torch"] = torch_row["us"] / r["us"]
     path = write_results(rows, args.out, "fused_linear")
-    shape = f"d={D}" + (" (SMOKE: interpreter on CPU, not a measurement)" if args.smoke else "")
-    print(f"{meta['device']}, {meta['dtype']}, {shape}, context {args.context}, copy bandwidth {copy_gbs:.0f} GB/s, "
+    print(f"{meta['device']}, {meta['dtype']}, d={D}, context {args.context}, copy bandwidth {copy_gbs:.0f} GB/s, "
           f"results in {path}")
     print(markdown_table(rows, ["what", "impl", "batch", "us", "gb_s", "pct_copy", "floor_us", "speedup_vs_torch"]))
     return 0

@@ -59,7 +59,7 @@ def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> lis
 
 def kernel_ms(fn, device: torch.device, graph: bool = True) -> float:
     """Median ms of one call: triton's do_bench (in a replayed CUDA graph when `graph`) on GPU; a few host-clock
-    calls on CPU (--smoke runs under the interpreter)."""
+    calls on CPU."""
     import triton.testing
 
     if device.type != "cuda":
@@ -69,20 +69,16 @@ def kernel_ms(fn, device: torch.device, graph: bool = True) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def kernel_bench_target(smoke: bool, dtype: str, script: str) -> tuple[torch.device, torch.dtype] | None:
-    """(device, dtype) of a kernel benchmark: a CUDA GPU, or with --smoke the CPU under TRITON_INTERPRET=1 in
-    fp32. None (after saying why) when neither is possible."""
+def kernel_bench_target(dtype: str, script: str) -> tuple[torch.device, torch.dtype] | None:
+    """(device, dtype) of a kernel benchmark script: a CUDA GPU. None (after saying why) without one: the CPU smoke
+    run of the same kernels is the pytest-benchmark suite under --benchmark-disable (the README's test command)."""
     import torch
 
     from mexit.model.checkpoint import resolve_dtype
 
-    if smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("--smoke needs TRITON_INTERPRET=1 set before start", file=sys.stderr)
-            return None
-        return torch.device("cpu"), torch.float32
     if not torch.cuda.is_available():
-        print(f"{script} needs a CUDA GPU (or --smoke; the kernels' CPU checks are in tests/)", file=sys.stderr)
+        print(f"{script} needs a CUDA GPU (on CPU: python -m pytest bench --benchmark-disable runs its benchmarks "
+              "once under the interpreter; the kernels' checks are in tests/)", file=sys.stderr)
         return None
     return torch.device("cuda"), resolve_dtype(dtype)
 
