@@ -158,3 +158,23 @@ def test_results_come_before_the_optional_plot(tiny_checkpoint, tmp_path, monkey
     captured = capsys.readouterr()
     assert "| mexit | original |" in captured.out and "plot skipped: matplotlib is not installed" in captured.err
     assert (tmp_path / "latency.md").exists() and not (tmp_path / "latency.png").exists()
+
+
+def test_json_says_what_a_run_read_against_the_full_model(tiny_checkpoint, capsys):
+    """--json carries the weight-byte ratio against the full model (a fixed mode's too: exit 2 of 4 reads about
+    half, ACD more than full depth), and for early exit what it saved: blocks and heads read per step, the exit
+    histogram over the tokens."""
+    base = ["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17,200", "--max-new-tokens", "6",
+            "--no-eos", "--json"]
+
+    def run(*extra):
+        assert main([*base, *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert run()["weight_bytes_ratio"] == pytest.approx(1.0)
+    assert 0.3 < run("--mode", "exit", "--exit-layer", "2")["weight_bytes_ratio"] < 0.8
+    assert run("--mode", "contrast", "--contrast", "4,2")["weight_bytes_ratio"] > 1.0
+    out = run("--mode", "early-exit", "--threshold", "0.0", "--exits", "2")
+    ee = out["early_exit"]
+    assert ee["exit_histogram"] == {"2": 6} and ee["mean_exit_layer"] == 2 and ee["blocks_read_per_step"] == 2
+    assert ee["weight_bytes_ratio"] == out["weight_bytes_ratio"] < 1

@@ -99,6 +99,10 @@ def test_resume_under_other_settings_is_refused(tmp_path, capsys):
     assert "exit_layer" in capsys.readouterr().err
     assert len(rows(out)) == 3  # nothing was added under the other settings
     assert main(args + ["--max-new-tokens", "4"]) == 0 and len(rows(out)) == len(PROMPTS)
+    capsys.readouterr()
+    early = ["--mode", "early-exit", "--threshold", "0.0", "--exits", "4", "--max-new-tokens", "3"]
+    assert main(args[:-3] + ["--out", str(tmp_path / "ee.jsonl"), "--no-eos", *early]) == 0
+    assert f"mean exit layer 4.00; tokens per exit layer {{'4': {3 * len(PROMPTS)}}}" in capsys.readouterr().out
 
 
 def test_a_file_cut_at_any_byte_resumes_to_the_same_file(tmp_path):

@@ -149,6 +149,10 @@ class EarlyExit(Mode):
         self.saved_layers = set(self.previous.values()) if self.cosine else set()
         self.stops = sorted({self.depth, *self.checked, *self.saved_layers} - {0})
 
+    def reference(self, config) -> tuple[int, int]:
+        """Full depth of the policy's final head (the original head's: the full model, by default)."""
+        return self.depth, 1
+
     def segment(self, rows: Rows, index: int) -> None:
         """Blocks up to stop `index`, then that stop's check (or the final head, which ends the step)."""
         layer = self.stops[index]

@@ -142,6 +142,10 @@ class RoundBuffers:
 class Speculative(Mode):
     """Self-speculative decoding of a fixed mode: the prompt's step is the target's own, then a round per step."""
 
+    def reference(self, config) -> tuple[int, int]:
+        """Lossless speculation saves against its target: the target at full depth."""
+        return self.target.depth, self.target.full_heads
+
     def __init__(self, model: MultiExitGPT2, speculation: Speculation):
         spec, target = speculation.spec, speculation.target
         self.depth = spec.validate_for(model, target)

@@ -6,8 +6,9 @@ Counters over the decode steps after the prompt's (the prefill reads every weigh
 - `weight_fill_blocks`: blocks whose key/value weights were read only to propagate exited states;
 - `weight_predictors`: learned exit predictors read (d + 1 fp32 weights each).
 Derived per generated token of a row (decoded tokens: all but the first, `decoded_tokens_per_row`):
-`weight_bytes_per_token`, `full_depth_weight_bytes_per_token` (the same tokens decoded at full depth by the
-target) and their ratio `weight_bytes_ratio`.
+`weight_bytes_per_token`, `full_depth_weight_bytes_per_token` (the same tokens decoded by the full model, its
+original head at full depth; early exit: its final head at full depth; speculative decoding: its target at full
+depth: `Mode.reference`) and their ratio `weight_bytes_ratio`.
 Early exit adds `exits` (per row and token: `GenerationResult.exit_layers`), `mean_exit_layer`, `checks`,
 `head_rows`, `blocks_run`, `kv_filled` (deferred propagation: `kv_owed`, what no later token needed); speculative
 decoding `drafted`, `accepted`, `verifications`, `acceptance_rate`; the static engine `host_reads` (device-to-host
@@ -44,8 +45,8 @@ def weight_bytes(config: ModelConfig, dtype: torch.dtype, blocks: float, heads: 
 
 def per_token(stats: dict, config: ModelConfig, dtype: torch.dtype, decoded_per_row: float, depth: int,
               heads: int) -> dict:
-    """The derived bytes entries for counters over `decoded_per_row` tokens per row, against full-depth decoding
-    of a target that reads `depth` blocks and `heads` heads per token."""
+    """The derived bytes entries for counters over `decoded_per_row` tokens per row, against the reference that
+    reads `depth` blocks and `heads` heads per token (`Mode.reference`)."""
     if not decoded_per_row:
         return dict(decoded_tokens_per_row=0, weight_bytes_per_token=0.0, full_depth_weight_bytes_per_token=0.0,
                     weight_bytes_ratio=None)

@@ -123,7 +123,12 @@ class Mode:
     saved_layers: tuple | set = ()  # layers whose states a check compares with (cosine)
     stops: list[int]  # the layers whose states the prompt's step reads
     depth: int  # the deepest layer a step may run
-    full_heads: int  # heads a full-depth step of the target reads (the statistics' reference)
+    full_heads: int  # heads a full-depth step of the mode (speculative: of its target) reads
+
+    def reference(self, config) -> tuple[int, int]:
+        """(blocks, heads) per token that the statistics' `weight_bytes_ratio` compares with: the full model, its
+        original head at full depth (a fixed mode's ratio says what it costs against that)."""
+        return config.n_layer, 1
 
     def slots(self, prompt_len: int, max_new_tokens: int) -> int:
         """Cache slots a batch needs: one per position."""

@@ -225,7 +225,7 @@ class DecodeState:
         self.mode.describe(self, result)
         config, dtype = self.model.config, self.model.dtype
         decoded = sum(map(len, result.tokens)) / self.real_rows - 1 if "rounds" in stats else stats["steps"]
-        stats.update(per_token(stats, config, dtype, decoded, self.mode.depth, self.mode.full_heads))
+        stats.update(per_token(stats, config, dtype, decoded, *self.mode.reference(config)))
 
     def nonfinite(self, lengths: list[int]) -> dict[int, int]:
         """{row: the first output token (0-based) whose step computed a state holding NaN or inf} over the rows'

@@ -404,10 +404,30 @@ def run_generate_on_ray(args) -> int:
     return 0
 
 
+def exit_summary(exit_layers: list[list[int]], stats: dict) -> dict:
+    """What early exit saved in one call: the weight-byte ratio against full depth, blocks and heads read per
+    decode step (the batch's weight reads), the mean exit layer and how many tokens exited at each layer."""
+    histogram: dict[str, int] = {}
+    for layer in sorted(x for row in exit_layers for x in row):
+        histogram[str(layer)] = histogram.get(str(layer), 0) + 1
+    steps = max(stats.get("steps", 0), 1)
+    return dict(weight_bytes_ratio=stats.get("weight_bytes_ratio"), mean_exit_layer=stats.get("mean_exit_layer"),
+                depth=stats.get("depth"), blocks_read_per_step=stats.get("weight_blocks", 0) / steps,
+                heads_read_per_step=stats.get("weight_heads", 0) / steps, exit_histogram=histogram)
+
+
 def file_summary(out, summary: dict) -> str:
+    """What a data-set run wrote; with early exit, the file's exit layers (mean and histogram over its tokens)."""
     seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
     bad = f", {summary['bad']} bad prompt(s) written as errors" if summary["bad"] else ""
-    return f"wrote {out}: {summary['written']} prompts ({summary['skipped']} already there{bad}{seed})"
+    line = f"wrote {out}: {summary['written']} prompts ({summary['skipped']} already there{bad}{seed})"
+    layers = [x for text in Path(out).read_text().splitlines() for x in json.loads(text).get("exit_layers", [])] \
+        if Path(out).exists() else []
+    if layers:
+        histogram = exit_summary([layers], {})["exit_histogram"]
+        line += (f"\n# early exit over the file: mean exit layer {sum(layers) / len(layers):.2f}; tokens per exit "
+                 f"layer {histogram}")
+    return line
 
 
 @contextlib.contextmanager
@@ -557,8 +577,12 @@ def run_generate(args) -> int:
             payload["seed"] = result.seed
         if result.text is not None:
             payload["text"] = result.text
+        stats = result.stats
+        if stats.get("weight_bytes_ratio") is not None:  # against the full model (speculative: its target)
+            payload["weight_bytes_ratio"] = stats["weight_bytes_ratio"]
         if result.exit_layers is not None:
             payload["exit_layers"] = result.exit_layers
+            payload["early_exit"] = exit_summary(result.exit_layers, stats)
             payload["confidences"] = result.confidences
             payload["confidences_note"] = (
                 f"confidence ({args.measure}) measured at the exit that fired; null where it is undefined. Tokens "
@@ -575,6 +599,9 @@ def run_generate(args) -> int:
         if result.exit_layers is not None:
             layers = result.exit_layers[b]
             print(f"# exit layers: {layers} (mean {sum(layers) / len(layers):.2f} of {lm.config.n_layer})")
+    if result.exit_layers is not None and result.stats.get("weight_bytes_ratio") is not None:
+        print(f"# early exit: weight reads {result.stats['weight_bytes_ratio']:.2f}x of full depth (the byte ratio, "
+              "not a time ratio: `mexit ablate` times both)")
     if result.drafted is not None:
         st = result.stats
         print(f"# speculative: acceptance {st['acceptance_rate'] or 0:.2f}, "
