@@ -166,3 +166,20 @@ def test_a_head_stored_twice_with_equal_values_stays_tied(tiny_checkpoint, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert mexit.load(folder).config.tie_word_embeddings is True
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(early_exit=dict(threshold="0.5")), r"threshold must be a number, got '0.5' \(str\)"),
+    (dict(early_exit=dict(threshold=0.5, exits=("4",))), r"integers .* got '4' \(str\)"),
+    (dict(do_sample=True, seed=2**70), r"seed must be an integer in \[0, 2\*\*63 - 1\]"),
+    (dict(do_sample=True, seed=-3), "got -3"),
+])
+def test_mistyped_settings_name_what_they_got(tiny_checkpoint, kw, message):
+    """A value of the wrong type or range is named as it was given (a string exit is not 'not among the exits', an
+    out-of-range seed is not an overflow deep in torch)."""
+    lm = mexit.load(tiny_checkpoint[0])
+    with pytest.raises(ValueError, match=message):
+        if "early_exit" in kw:
+            lm.generate([[1, 2]], 2, early_exit=mexit.ExitPolicy(**kw["early_exit"]))
+        else:
+            lm.generate([[1, 2]], 2, **kw)

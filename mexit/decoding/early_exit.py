@@ -67,8 +67,16 @@ class ExitPolicy:
         if self.measure not in MEASURES:
             raise ValueError(f"unknown confidence measure {self.measure!r}; use one of {MEASURES}")
         low = -1.0 if self.measure == "cosine" else 0.0
-        if not (isinstance(self.threshold, (int, float)) and low <= self.threshold <= 1.0):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"threshold must be a number, got {self.threshold!r} ({type(self.threshold).__name__})")
+        if not low <= self.threshold <= 1.0:
             raise ValueError(f"threshold for {self.measure} must be in [{low:g}, 1], got {self.threshold}")
+        layers = ([] if self.exits is None else list(self.exits)) + [self.min_layer] + (
+            [] if self.final_head == "original" else [self.final_head])
+        odd = [x for x in layers if isinstance(x, bool) or not isinstance(x, int)]
+        if odd:
+            raise ValueError(f"exit layers, min_layer and final_head are integers (final_head also 'original'), got "
+                             f"{odd[0]!r} ({type(odd[0]).__name__})")
         if self.decay_tau is not None and not self.decay_tau >= 0:
             raise ValueError(f"decay_tau must be >= 0, got {self.decay_tau}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -34,6 +34,9 @@ class SamplingConfig:
             if isinstance(value, (list, tuple)):
                 value = tuple(v.tolist() if hasattr(v, "tolist") else v for v in value)
             object.__setattr__(self, name, value)
+        for seed in self.seed if isinstance(self.seed, tuple) else (self.seed,):
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+                raise ValueError(f"seed must be an integer in [0, 2**63 - 1] (one, or one per prompt), got {seed!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if int(self.top_k) != self.top_k or self.top_k < 0:
