@@ -183,3 +183,14 @@ def test_mistyped_settings_name_what_they_got(tiny_checkpoint, kw, message):
             lm.generate([[1, 2]], 2, early_exit=mexit.ExitPolicy(**kw["early_exit"]))
         else:
             lm.generate([[1, 2]], 2, **kw)
+
+
+def test_a_mistyped_generation_config_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint[0], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": "20"}))
+    assert main(["generate", "--model", str(folder), "--input-ids", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "generation_config.json cannot be read" in err and "Traceback" not in err

@@ -62,12 +62,17 @@ def load_tokenizer(folder):
 
 
 def read_generation_config(folder):
-    """transformers' GenerationConfig of a checkpoint folder's `generation_config.json`, or None without one."""
+    """transformers' GenerationConfig of a checkpoint folder's `generation_config.json`, or None without one.
+    ValueError naming the file when transformers cannot read it (a field of the wrong type, broken JSON)."""
     if folder is None or not (folder / "generation_config.json").exists():
         return None
     from transformers import GenerationConfig
 
-    return GenerationConfig.from_pretrained(folder)
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except (TypeError, ValueError, OSError) as err:
+        raise ValueError(f"{folder / 'generation_config.json'} cannot be read: {' '.join(str(err).split())[:300]} "
+                         "(fix or remove the file: its fields are generate()'s defaults)") from None
 
 
 def generation_defaults(generation_config, warn: bool = True) -> dict:
