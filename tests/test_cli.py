@@ -178,3 +178,13 @@ def test_json_says_what_a_run_read_against_the_full_model(tiny_checkpoint, capsy
     ee = out["early_exit"]
     assert ee["exit_histogram"] == {"2": 6} and ee["mean_exit_layer"] == 2 and ee["blocks_read_per_step"] == 2
     assert ee["weight_bytes_ratio"] == out["weight_bytes_ratio"] < 1
+
+
+def test_a_flag_that_would_be_dropped_is_refused(tiny_checkpoint, capsys):
+    """`mexit layers` reads one prompt: a second --prompt is an error, not a silent replacement; --batch belongs
+    to --prompts-file."""
+    model = ["--model", str(tiny_checkpoint[0])]
+    assert main(["layers", *model, "--input-ids", "1,2", "--input-ids", "3"]) == 2
+    assert "--input-ids was given twice" in capsys.readouterr().err
+    assert main(["generate", *model, "--input-ids", "1,2", "--batch", "4"]) == 2
+    assert "--batch goes with --prompts-file" in capsys.readouterr().err

@@ -19,6 +19,15 @@ class UsageError(ValueError):
     """A flag combination mexit refuses."""
 
 
+class Once(argparse.Action):
+    """A flag that may be given once: a second value is an error, not a silent replacement of the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} was given twice (this command reads one prompt)")
+        setattr(namespace, self.dest, values)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one `error:` line (and exit code 2) instead of the usage block."""
 
@@ -100,7 +109,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--skip-bad-prompts", action="store_true",
                    help="--prompts-file: write a prompt that cannot run (empty, too long, bad ids) as a row with "
                    "\"error\" and go on, instead of refusing the file by line number")
-    p.add_argument("--batch", type=int, default=8, help="--prompts-file: prompts per generate call")
+    p.add_argument("--batch", type=int, default=None, help="--prompts-file: prompts per generate call (default 8)")
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="--prompts-file on a Ray cluster (Ray Data): one model per GPU (per --threads CPUs without "
                         "GPUs), the same output file as one machine writes; 'auto' (the default with --ray): the "
@@ -218,6 +227,9 @@ def check_generate_flags(args) -> None:
         raise UsageError("--ray goes with --prompts-file (a data set spread over a cluster)")
     if args.skip_bad_prompts and not args.prompts_file:
         raise UsageError("--skip-bad-prompts goes with --prompts-file")
+    if args.batch is not None and not args.prompts_file:
+        raise UsageError("--batch goes with --prompts-file (the --prompt / --input-ids prompts run as one batch)")
+    args.batch = 8 if args.batch is None else args.batch
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.stream and len(args.prompt or args.input_ids or []) != 1:
@@ -618,8 +630,8 @@ def add_layers_parser(sub) -> None:
                                    "probability), or JSON, and can draw a heatmap.")
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--input-ids", type=parse_ints, help="comma-separated token ids")
+    src.add_argument("--prompt", action=Once, help="prompt text (one)")
+    src.add_argument("--input-ids", action=Once, type=parse_ints, help="comma-separated token ids (one prompt)")
     p.add_argument("--top-k", type=int, default=5, help="tokens kept per head and position")
     p.add_argument("--json", action="store_true", help="print one strict-JSON object (shapes: heads x positions x k)")
     p.add_argument("--plot", help="write a PNG heatmap of heads x positions there")
