@@ -194,3 +194,31 @@ def test_a_mistyped_generation_config_is_one_line(tiny_checkpoint, tmp_path, cap
     assert main(["generate", "--model", str(folder), "--input-ids", "1,2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "generation_config.json cannot be read" in err and "Traceback" not in err
+
+
+def test_a_mistyped_local_folder_is_not_sent_to_the_hub(tiny_checkpoint, tmp_path, monkeypatch):
+    """"models/tiny_chekpoint" looks like a hub id, but its first part is a local folder: it fails at once, naming
+    the checkpoints that are there, instead of retrying the hub."""
+    import shutil
+
+    from mexit.model.checkpoint import resolve_folder
+
+    (tmp_path / "models").mkdir()
+    shutil.copytree(tiny_checkpoint[0], tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.list_repo_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    with pytest.raises(FileNotFoundError, match="checkpoints there: tiny"):
+        resolve_folder("models/tiyn")
+
+
+def test_an_address_where_no_ray_cluster_answers_fails_at_once():
+    import socket
+
+    from mexit.frontends.cluster import reachable
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ValueError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        reachable(f"127.0.0.1:{port}")
+    reachable("auto")  # the local cluster: nothing to check

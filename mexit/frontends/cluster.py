@@ -41,11 +41,31 @@ def connect(address: str | None = "auto"):
         if address not in (None, "auto"):
             raise ValueError(f"this process is already connected to a Ray cluster; --ray {address} cannot join another")
         return ray
+    reachable(address)
     try:
         ray.init(address=None if address in (None, "auto") else address, log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise ValueError(f"cannot start or reach the Ray cluster {address!r}: {str(err).splitlines()[0]}") from None
     return ray
+
+
+def reachable(address: str | None, timeout: float = 5.0) -> None:
+    """ValueError at once when a cluster address names a host and port where nothing answers (Ray itself would
+    retry for minutes, warning every few seconds)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in (None, "auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if parsed.hostname is None or parsed.port is None:
+        return
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()
+    except OSError as err:
+        raise ValueError(f"no Ray cluster answers at {address} ({type(err).__name__}: {err}): start one there "
+                         "(`ray start --head`) or pass --ray without an address for a cluster on this machine"
+                         ) from None
 
 
 def worker_resources(device: str | None, threads: int = 1, tasks: int | None = None) -> tuple[int, dict]:

@@ -345,6 +345,11 @@ def resolve_folder(path_or_id: str | os.PathLike) -> Path:
         raise ValueError(f"{path} is a file; pass the checkpoint folder that holds config.json")
     if str(path_or_id).startswith((".", "/", "~")) or os.sep + os.sep in str(path_or_id):
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if len(path.parts) > 1 and path.parent.is_dir():  # "bench/small_modl": a local folder mistyped, not a hub id
+        near = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and (p / "config.json").exists())
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist (its parent {path.parent} is a local "
+                                f"folder{'; checkpoints there: ' + ', '.join(near[:8]) if near else ''}); a hub id "
+                                "is tried only when no local folder of that name's first part exists")
     from huggingface_hub import list_repo_files, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
