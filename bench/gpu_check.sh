@@ -62,8 +62,9 @@ perf)
     | tail -3
   { echo; echo "### Cold-weight sweep (fp16, gpt2-medium matrices)"; grep -v '^ *$' "$OUT/sweep.txt" | tail -60; } | log
   # 3. per-kernel breakdown inside the captured graph, old and new paths
-  bd=(--batch 1 64 --linear cublas tiled gemv); [ "${DRY:-0}" = 1 ] && bd=(--batch 1 --linear gemv)
-  timeout 45 python3 -m mexit.bench.graph_breakdown "${bd[@]}" --pdl off "${dry[@]}" --new-tokens 5 \
+  bd=(--batch 1 64 --linear cublas tiled gemv --new-tokens 5)
+  [ "${DRY:-0}" = 1 ] && bd=(--batch 1 --linear gemv --new-tokens 4)
+  timeout 45 python3 -m mexit.bench.graph_breakdown "${bd[@]}" --pdl off "${dry[@]}" \
     --out "$OUT/breakdown" > "$OUT/breakdown.txt" 2>&1
   { echo; echo "### Where the step's time goes (graph engine, original head)"
     cat "$OUT/breakdown/graph_breakdown.md" 2>/dev/null || tail -5 "$OUT/breakdown.txt"; } | log
