@@ -95,17 +95,16 @@ def _fused_gemv(
 
 def gemv_config(rows: int, cols: int, k: int) -> dict:
     """Launch settings: the whole K in one tile (a power of two, masked), output rows per program such that a
-    program's weight slice is about 4096 elements (8 KB fp16) and the grid has at least 512 programs where N
-    allows (several per SM on a 132-SM card); 4 warps (a 1024-wide fp16 row is one 16-byte load per thread of
-    128), 8 for 4096-element slices of longer rows or of more than 2 rows (fewer registers per thread: spill-free
-    on sm_80), and never fewer than 8 elements per thread.
-    Registers, spills and programs per SM: `bench/aot_compile.py`; throughput: the perf stage of gpu_check."""
+    program's weight slice is about 4096 elements (8 KB fp16; 2048 above 2 rows, whose unrolled rows hold more
+    registers: spill-free in bf16 too) and the grid has at least 512 programs where N allows (several per SM on a
+    132-SM card); 4 warps (a 1024-wide fp16 row is one 16-byte load per thread of 128), 8 for longer rows, never
+    fewer than 8 elements per thread. Registers, spills and programs per SM: `bench/aot_compile.py`; throughput:
+    the perf stage of gpu_check."""
     block_k = triton.next_power_of_2(k)
-    block_n = max(1, 4096 // block_k)
+    block_n = max(1, (4096 if rows <= 2 else 2048) // block_k)
     while block_n > 1 and triton.cdiv(cols, block_n) < 512:
         block_n //= 2
-    warps = 8 if block_n * block_k >= 4096 and (rows > 2 or block_k > 1024) else 4
-    warps = min(warps, max(1, block_n * block_k // 256))  # at least 8 elements (16 bytes of fp16) per thread
+    warps = min(8 if block_k > 1024 else 4, max(1, block_n * block_k // 256))
     return dict(ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
 
 
