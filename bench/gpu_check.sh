@@ -2,7 +2,7 @@
 # Prepared checks for a lent CUDA machine (torch / triton / transformers preinstalled, no registry). Each stage
 # fits one 10-minute device call; results land in $OUT (or ./gpu_results). A session's first call:
 #   bash bench/gpu_check.sh perf; bash bench/gpu_check.sh quick      # < 9 min together, by their timeouts
-#   bash bench/gpu_check.sh perf      # the GPU decode issue's stage (< 5.5 min): the GEMV's GPU tests (float64
+#   bash bench/gpu_check.sh perf      # the GPU decode issue's stage (< 5 min by its timeouts): the GEMV's GPU tests (float64
 #                                     # reference; every mode's tokens on it, graph == static); a cold-weight sweep
 #                                     # of the block linears (GEMV settings, tiled, cuBLAS; 24 weight copies); the
 #                                     # per-kernel breakdown inside the captured graph (torch.profiler); end to end
@@ -45,36 +45,45 @@ perf)
   log() { tee -a "$OUT/summary.md"; }
   echo; echo "## GPU perf: $(head -2 "$OUT/gpu.txt" | tail -1) ($(date -u +%F), commit $(git rev-parse --short HEAD \
     2>/dev/null))" | log
-  if [ "${DRY:-0}" = 1 ]; then export TRITON_INTERPRET=1; dry=(--smoke); e2e=(--model bench/small_model --device cpu
-    --backend triton --engine static --batch 1 --linear cublas gemv --pdl off --modes original --new-tokens 4
-    --warmup 0 --repeats 1); base=(--model bench/small_model --device cpu --batch 1 --modes original --new-tokens 4
-    --warmup 0 --repeats 1 --no-compile); else dry=(); e2e=(--batch 1 64 --linear cublas tiled gemv --pdl both
-    --modes original acd:24,12 exit:12 ee:max-prob:1:6,12,18:predicated spec:12:1 --new-tokens 64 --warmup 1
-    --repeats 3 --engine graph --backend triton); base=(--batch 1 64 --modes original --new-tokens 64 --warmup 1
-    --repeats 3 --engine graph); fi
+  # end to end: batch 1 on every block-linear path with PDL off / on, batch 64 on cuBLAS and the tiled kernel (the
+  # GEMV takes <= 8 rows); two runs, so that a timeout in the second keeps the first's rows
+  common=(--new-tokens 64 --warmup 1 --repeats 3 --engine graph --no-compile --no-plot)
+  e2e1=(--batch 1 --linear cublas tiled gemv --pdl both --modes original acd:24,12 exit:12
+    ee:max-prob:1:6,12,18:predicated spec:12:1 --backend triton "${common[@]}")
+  e2e64=(--batch 64 --linear cublas tiled --modes original acd:24,12 exit:12 --backend triton --baselines
+    "${common[@]}")
+  base=(--batch 1 64 --modes original --new-tokens 64 --warmup 1 --repeats 3 --engine graph --no-plot)
+  dry=()
+  if [ "${DRY:-0}" = 1 ]; then export TRITON_INTERPRET=1; dry=(--smoke)
+    small=(--model bench/small_model --device cpu --new-tokens 4 --warmup 0 --repeats 1 --no-plot)
+    e2e1=(--batch 1 --linear cublas gemv --modes original --backend triton --engine static "${small[@]}")
+    e2e64=(--batch 3 --linear tiled --modes exit:4 --backend triton --engine static --baselines "${small[@]}")
+    base=(--batch 1 --modes original --no-compile "${small[@]}"); fi
   # 1. the new kernels on this card: the GEMV against float64, every mode's tokens on it (graph == static)
   tests=(tests/test_fused_gemv.py tests/test_fast.py tests/test_fast_early_exit.py -k gemv)
   [ "${DRY:-0}" = 1 ] && tests=(tests/test_fused_gemv.py -k gpt2_medium_tiles)  # the interpreter: one case
-  timeout 45 python3 -m pytest -q -n 4 -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gemv_tests.txt" | tail -3
+  timeout 40 python3 -m pytest -q -n 4 -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gemv_tests.txt" | tail -3
   { echo; echo "### GEMV tests"; tail -1 "$OUT/gemv_tests.txt"; } | log
   # 2. cold-weight sweep of the block linears (24 weight copies per candidate): GEMV settings, tiled, cuBLAS
-  timeout 50 python3 -m mexit.bench.gemv_sweep --batch 1 "${dry[@]}" --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.txt" \
+  timeout 45 python3 -m mexit.bench.gemv_sweep --batch 1 "${dry[@]}" --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.txt" \
     | tail -3
   { echo; echo "### Cold-weight sweep (fp16, gpt2-medium matrices)"; grep -v '^ *$' "$OUT/sweep.txt" | tail -60; } | log
   # 3. per-kernel breakdown inside the captured graph, old and new paths
   bd=(--batch 1 64 --linear cublas tiled gemv --new-tokens 5)
   [ "${DRY:-0}" = 1 ] && bd=(--batch 1 --linear gemv --new-tokens 4)
-  timeout 45 python3 -m mexit.bench.graph_breakdown "${bd[@]}" --pdl off "${dry[@]}" \
+  timeout 40 python3 -m mexit.bench.graph_breakdown "${bd[@]}" --pdl off "${dry[@]}" \
     --out "$OUT/breakdown" > "$OUT/breakdown.txt" 2>&1
   { echo; echo "### Where the step's time goes (graph engine, original head)"
     cat "$OUT/breakdown/graph_breakdown.md" 2>/dev/null || tail -5 "$OUT/breakdown.txt"; } | log
   # 4. end to end on each block-linear path, PDL off and on; the card's default routes ranked from it
-  timeout 110 python3 -m mexit bench "${e2e[@]}" --baselines transformers --no-compile --no-plot --out "$OUT/e2e" 2>&1 \
-    | tee "$OUT/e2e.log" | tail -3
-  { echo; echo "### End to end (mexit bench, fp16, prompt 32, 64 new tokens)"
-    cat "$OUT/e2e/latency.md" 2>/dev/null || tail -8 "$OUT/e2e.log"
-    echo; echo "### Default routes for this card (commit into mexit/ops/routes.json)"
-    python3 -m mexit.bench.rank_routes "$OUT/e2e/latency.json" --out "$OUT/routes.json" 2>&1 | tail -12; } | log
+  timeout 70 python3 -m mexit bench "${e2e1[@]}" --baselines transformers --out "$OUT/e2e_b1" 2>&1 \
+    | tee "$OUT/e2e_b1.log" | tail -3
+  timeout 30 python3 -m mexit bench "${e2e64[@]}" --out "$OUT/e2e_b64" 2>&1 | tee "$OUT/e2e_b64.log" | tail -3
+  { echo; echo "### End to end (mexit bench, graph engine, fp16, prompt 32, 64 new tokens)"
+    for b in b1 b64; do cat "$OUT/e2e_$b/latency.md" 2>/dev/null || tail -8 "$OUT/e2e_$b.log"; echo; done
+    echo "### Default routes for this card (commit into mexit/ops/routes.json)"
+    python3 -m mexit.bench.rank_routes $(ls "$OUT"/e2e_b*/latency.json 2>/dev/null) --out "$OUT/routes.json" 2>&1 \
+      | tail -12; } | log
   # 5. the pytest-benchmark suite (cold and L2-warm block, matmuls, GEMV), stored per card and compared
   store="bench/benchmarks/$card"  # inside the tree: pytest-benchmark names its storage relative to the working folder
   [ "${DRY:-0}" = 1 ] || mkdir -p "$store"
@@ -83,7 +92,7 @@ perf)
   # compare with the card's last stored run (a card's first run has none: pytest-benchmark refuses the fail check)
   ls "$store"/*/*.json >/dev/null 2>&1 && flags+=(--benchmark-compare --benchmark-compare-fail=median:10%)
   [ "${DRY:-0}" = 1 ] && flags=(--benchmark-disable)
-  timeout 45 python3 -m pytest bench -q -p no:xdist -p no:cacheprovider -k "${SELECT:-block}" "${flags[@]}" 2>&1 \
+  timeout 35 python3 -m pytest bench -q -p no:xdist -p no:cacheprovider -k "${SELECT:-block}" "${flags[@]}" 2>&1 \
     | tee "$OUT/suite.txt" | tail -25
   status=${PIPESTATUS[0]}
   {
@@ -93,7 +102,7 @@ perf)
   } | log
   [ -d "$store" ] && mkdir -p "$OUT/benchmarks" && cp -r "$store" "$OUT/benchmarks/"
   # 6. what a user would pick instead, same card and run: transformers eager and static cache + torch.compile
-  timeout 55 python3 -m mexit bench "${base[@]}" --baselines transformers --no-plot --out "$OUT/baselines" 2>&1 \
+  timeout 40 python3 -m mexit bench "${base[@]}" --baselines transformers --out "$OUT/baselines" 2>&1 \
     | tee "$OUT/baselines.log" | tail -3
   { echo; echo "### Baselines (transformers eager, static cache + torch.compile)"
     cat "$OUT/baselines/latency.md" 2>/dev/null || tail -8 "$OUT/baselines.log"; } | log
