@@ -45,3 +45,16 @@ def test_cli_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
         assert main(["layers", "--model", folder, *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_a_long_prompt_wraps_in_the_table_and_the_plot(tiny_checkpoint, tmp_path, capsys):
+    """60 positions: table blocks of 10 positions (lines stay short), plot panels of 32 (the image stays narrow)."""
+    import matplotlib.image
+
+    ids = ",".join(str(5 + i % 200) for i in range(60))
+    plot = str(tmp_path / "l.png")
+    assert main(["layers", "--model", str(tiny_checkpoint[0]), "--input-ids", ids, "--plot", plot]) == 0
+    out = capsys.readouterr().out
+    assert "50..59 |" in out and max(map(len, out.splitlines())) < 200
+    height, width = matplotlib.image.imread(tmp_path / "l.png").shape[:2]
+    assert width < 3500 and height > width / 4  # two panels stacked, not one 60-column strip
