@@ -438,7 +438,9 @@ def plot_rows(plt, rows: list[dict], path: Path) -> None:
         ax.set_xlabel("measured speed-up vs full depth (median, min..max)")
         ax.set_ylabel(label)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{rows[0]['model']} | {rows[0]['device']}, {rows[0]['dtype']}", fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"{r0['model']} | {r0['device']}, {r0['dtype']} | batch {r0.get('batch', '?')}, "
+                 f"{r0.get('max_new_tokens', '?')} new tokens per prompt", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
