@@ -4,7 +4,8 @@
 
 Rule: per batch size measured, the fastest of the paths timed for the original head (ms/token, medians); the GEMV
 path becomes the default up to 8 rows only where it beat cuBLAS at every measured batch <= 8, the tiled kernel up
-to the largest measured batch where it beat cuBLAS (and the GEMV) and at every smaller measured batch; PDL on only
+to the largest measured batch where it beat cuBLAS and at every smaller measured batch the GEMV does not take; PDL
+on only
 where the fastest path was faster with it. A path not timed is never chosen.
 
     python -m mexit.bench.rank_routes results/e2e_b1/latency.json results/e2e_b64/latency.json --out routes.json
@@ -41,7 +42,7 @@ def rank(rows: list[dict], card: str) -> dict:
     small = sorted(b for b in times if b <= 8)
     if small and all(_faster(times[b], "gemv", "cublas") for b in small):
         gemv_max = 8
-    for b in sorted(times):
+    for b in sorted(b for b in times if b > gemv_max):  # batches the GEMV takes never reach the tiled kernel
         if _faster(times[b], "tiled", "cublas") and (b > 8 or not gemv_max or _faster(times[b], "tiled", "gemv")):
             fused_max = b
         else:

@@ -97,14 +97,15 @@ def gemv_config(rows: int, cols: int, k: int) -> dict:
     """Launch settings: the whole K in one tile (a power of two, masked), output rows per program such that a
     program's weight slice is about 4096 elements (8 KB fp16; 2048 above 2 rows, whose unrolled rows hold more
     registers: spill-free in bf16 too) and the grid has at least 512 programs where N allows (several per SM on a
-    132-SM card); 4 warps (a 1024-wide fp16 row is one 16-byte load per thread of 128), 8 for longer rows, never
-    fewer than 8 elements per thread. Registers, spills and programs per SM: `bench/aot_compile.py`; throughput:
+    132-SM card); 4 warps (a 1024-wide fp16 row is one 16-byte load per thread of 128), 8 up to 2048-wide rows and
+    16 beyond (fewer registers per thread: 4096-wide rows spilled at 8 warps under triton 3.6), never fewer than 8
+    elements per thread. Registers, spills and programs per SM: `bench/aot_compile.py`; throughput:
     the perf stage of gpu_check."""
     block_k = triton.next_power_of_2(k)
     block_n = max(1, (4096 if rows <= 2 else 2048) // block_k)
     while block_n > 1 and triton.cdiv(cols, block_n) < 512:
         block_n //= 2
-    warps = min(8 if block_k > 1024 else 4, max(1, block_n * block_k // 256))
+    warps = min(4 if block_k <= 1024 else 8 if block_k <= 2048 else 16, max(1, block_n * block_k // 256))
     return dict(ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
 
 
@@ -125,6 +126,9 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     cfg = dict(config or gemv_config(M, N, K))
     if config is None and interpreted():  # programs run one after another: few, wide ones
         cfg["BLOCK_N"] = min(64, triton.next_power_of_2(N))
+    if cfg["ROWS"] < M or cfg["BLOCK_K"] < K:
+        raise ValueError(f"config ROWS {cfg['ROWS']} / BLOCK_K {cfg['BLOCK_K']} cannot hold {M} rows of {K}: the "
+                         "kernel has no row or K loop")
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)

@@ -160,3 +160,21 @@ def test_ctrl_c_says_what_was_saved(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "\nerror: interrupted: 2 new row(s) saved" in err and "rerun the same command" in err  # after the bar
     assert "Traceback" not in err and len(rows(out)) == 2
+
+
+def test_the_check_counts_the_new_tokens_generate_will_use(tmp_path, capsys):
+    """No --max-new-tokens and no generation_config value: generate's default (32) is what the check adds to a
+    prompt, and what the settings record; a prompt that fits alone but not with them is refused up front."""
+    from mexit.frontends.api import DEFAULT_MAX_NEW_TOKENS
+
+    lm = mexit.load(SMALL)
+    source = tmp_path / "prompts.jsonl"
+    long = [5] * (lm.config.n_positions - 10)  # fits the context alone, not with 32 new tokens
+    source.write_text(json.dumps({"input_ids": [5, 6]}) + "\n" + json.dumps({"input_ids": long}) + "\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match=r"line 2: .*exceed"):
+        generate_file(lm, source, out, progress=False)
+    assert not out.exists()
+    generate_file(lm, source, out, progress=False, skip_bad=True)
+    settings = json.loads((tmp_path / "out.jsonl.settings.json").read_text())
+    assert settings["generate"]["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS and "error" in rows(out)[1]

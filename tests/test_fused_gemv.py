@@ -110,3 +110,7 @@ def test_rejects_more_rows_than_it_holds_and_bad_shapes():
         fused_gemv(x[:2], w.T.contiguous().T, b)
     with pytest.raises(ValueError, match="one dtype"):
         fused_gemv(x[:2], w.half(), b)
+    with pytest.raises(ValueError, match="no row or K loop"):  # a config that would skip rows or columns of K
+        fused_gemv(x[:3], w, b, config=dict(ROWS=2, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1))
+    with pytest.raises(ValueError, match="no row or K loop"):
+        fused_gemv(x[:2], w, b, config=dict(ROWS=2, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1))

@@ -81,6 +81,10 @@ def test_rank_routes_picks_the_fastest_measured_path():
     entry = rank(slow, "X")  # the tiled kernel won at 64 but lost at 1: no cut-off above a loss
     assert (entry["gemv_max_rows"], entry["fused_max_rows"], entry["pdl"]) == (0, 0, False)
     assert "batch 1: cublas 1.000" in entry["measured"]
+    gemv_then_tiled = rows({(1, "cublas", False): 1.0, (1, "tiled", False): 0.9, (1, "gemv", False): 0.6,
+                            (64, "cublas", False): 2.0, (64, "tiled", False): 1.5})
+    entry = rank(gemv_then_tiled, "X")  # batch 1 is the GEMV's: it does not cut the tiled kernel off at 64
+    assert (entry["gemv_max_rows"], entry["fused_max_rows"]) == (8, 64)
     with pytest.raises(ValueError, match="--linear"):
         rank([dict(impl="transformers", mode="original", batch=1, ms_per_token=3.0)], "X")
 

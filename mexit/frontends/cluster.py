@@ -205,6 +205,7 @@ def generate_file_on_ray(load, load_kw: dict, prompts_file, out, batch: int = 8,
         GenerateWorker,
         checked_todo,
         new_seed,
+        new_tokens,
         open_output,
         run_settings,
         with_error_rows,
@@ -213,20 +214,19 @@ def generate_file_on_ray(load, load_kw: dict, prompts_file, out, batch: int = 8,
 
     records, done, seed = open_output(prompts_file, out, batch, seed)
     folder, config, tokenizer, defaults = checkpoint_facts(load_kw)
-    kw = dict(generate_kw)
-    if kw.get("max_new_tokens") is None and defaults.get("max_new_tokens") is not None:
-        kw["max_new_tokens"] = defaults["max_new_tokens"]
-    settings = run_settings(folder, dtype_name(load_kw), kw)
+    n, max_length = new_tokens(generate_kw, defaults)
+    generate_kw = dict(generate_kw, max_new_tokens=n)  # the workers generate what was checked and recorded
+    ray = connect(address)
+    settings = run_settings(folder, worker_dtype(load_kw, folder), generate_kw)
 
     def encode(text):
         if tokenizer is None:
             raise ValueError("text prompt, but the checkpoint has no tokenizer: give input_ids")
         return tokenizer(text)["input_ids"]
 
-    todo, bad = checked_todo(prompts_file, out, records, done, encode, config, settings, skip_bad)
+    todo, bad = checked_todo(prompts_file, out, records, done, encode, config, settings, skip_bad, max_length)
     good = [r for r in todo if r["index"] not in bad]
     seed = new_seed(records) if seed is None else seed  # used by the workers only where the run samples
-    ray = connect(address)
     count, options = worker_resources(load_kw.get("device"), threads, len(good))
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray Data's notes on its own deprecated settings
     context = ray.data.DataContext.get_current()
@@ -270,18 +270,21 @@ def checkpoint_facts(load_kw: dict):
             generation_defaults(read_generation_config(folder), warn=False))
 
 
-def dtype_name(load_kw: dict) -> str:
-    """The dtype the workers load with, as the one-machine run records it (the device is the workers' to check:
-    the driver may have no GPU)."""
+def worker_dtype(load_kw: dict, folder) -> str:
+    """The dtype the workers load with, as a one-machine run records it: "auto" the checkpoint's stored dtype;
+    None fp16 where the workers run on GPUs (an explicit cuda device, or none given on a cluster with GPUs),
+    fp32 elsewhere. Call once connected (the cluster's resources decide the device)."""
     import torch
 
-    from mexit.model.checkpoint import resolve_dtype
+    from mexit.model.checkpoint import canonical, read_config, resolve_dtype
+    from mexit.model.files import open_tensors
 
     dtype, device = load_kw.get("dtype"), load_kw.get("device")
-    if isinstance(dtype, str) and dtype.lower() == "auto":
-        return "auto"
+    if isinstance(dtype, str) and dtype.lower() == "auto":  # what `checkpoint.load` computes in
+        stored, _ = canonical(open_tensors(folder), read_config(folder))
+        return str(stored["transformer.wte.weight"].dtype).removeprefix("torch.")
     if device in (None, "auto"):
-        cuda = torch.cuda.is_available()
+        cuda = int(require_ray().cluster_resources().get("GPU", 0)) > 0
     else:
         cuda = isinstance(device, int) or str(device).startswith("cuda")
     return str(resolve_dtype(dtype, torch.device("cuda" if cuda else "cpu"))).removeprefix("torch.")

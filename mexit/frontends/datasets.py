@@ -50,10 +50,26 @@ def _json(line: str):
         return None
 
 
-def bad_prompts(records: list[dict], encode, config, max_new_tokens: int | None) -> dict[int, str]:
+def new_tokens(generate_kw: dict, defaults: dict) -> tuple[int | None, int | None]:
+    """(max_new_tokens, max_length) as `generate` resolves them: the argument, else generation_config.json's
+    max_new_tokens, else its max_length (then max_new_tokens is None: the prompt's length decides), else mexit's
+    default."""
+    from mexit.frontends.api import DEFAULT_MAX_NEW_TOKENS
+
+    if generate_kw.get("max_new_tokens") is not None:
+        return generate_kw["max_new_tokens"], None
+    if defaults.get("max_new_tokens") is not None:
+        return defaults["max_new_tokens"], None
+    if defaults.get("max_length") is not None:
+        return None, defaults["max_length"]
+    return DEFAULT_MAX_NEW_TOKENS, None
+
+
+def bad_prompts(records: list[dict], encode, config, max_new_tokens: int | None,
+                max_length: int | None = None) -> dict[int, str]:
     """{index: why} for the records that cannot run: text that tokenizes to nothing, ids that are not token ids of
-    the model, a prompt that with max_new_tokens (None: the prompt alone) exceeds the context. Every prompt is
-    checked (tokenized) before any generation."""
+    the model, a prompt that with its new tokens (max_new_tokens, or up to max_length) exceeds the context. Every
+    prompt is checked (tokenized) before any generation."""
     from mexit.decoding.prompts import check_prompts
 
     bad = {}
@@ -62,7 +78,13 @@ def bad_prompts(records: list[dict], encode, config, max_new_tokens: int | None)
             ids = encode(r["prompt"]) if "prompt" in r else r["input_ids"]
             if not isinstance(ids, list):
                 raise ValueError("input_ids must be a list of token ids")
-            check_prompts([ids], config, max_new_tokens)
+            n = max_new_tokens
+            if n is None and max_length is not None:
+                n = max_length - len(ids)
+                if n < 1:
+                    raise ValueError(f"the prompt's {len(ids)} tokens leave no room under generation_config.json's "
+                                     f"max_length {max_length}")
+            check_prompts([ids], config, n)
         except ValueError as err:
             bad[r["index"]] = " ".join(str(err).split())
     return bad
@@ -123,7 +145,8 @@ def run_settings(model, dtype, generate_kw: dict) -> dict:
         value = plain(value)
         return list(map(plain_json, value)) if isinstance(value, (list, tuple)) else value
 
-    return {"model": str(model), "dtype": str(dtype).removeprefix("torch."),
+    model = str(Path(model).resolve()) if Path(str(model)).is_dir() else str(model)  # one name, whatever the cwd
+    return {"model": model, "dtype": str(dtype).removeprefix("torch."),
             "generate": {k: plain_json(v) for k, v in sorted(generate_kw.items()) if v is not None},
             "versions": dependency_versions()}
 
@@ -242,13 +265,12 @@ def open_output(prompts_file, out, batch: int, seed: int | None) -> tuple[list[d
 
 
 def checked_todo(prompts_file, out, records: list[dict], done: set[int], encode, config, settings: dict,
-                 skip_bad: bool) -> tuple[list[dict], dict[int, str]]:
+                 skip_bad: bool, max_length: int | None = None) -> tuple[list[dict], dict[int, str]]:
     """(prompts still to do, {index: why} of the bad ones among them) once every prompt left is checked against
-    the model (refused by line unless skip_bad) and the run's settings against those `out` was written with."""
+    the model (refused by line unless skip_bad) and the run's settings against those `out` was written with.
+    settings["generate"]["max_new_tokens"] is the resolved count (`new_tokens`), or absent with max_length."""
     todo = [r for r in records if r["index"] not in done]
-    generate_kw = settings["generate"]
-    new_tokens = generate_kw.get("max_new_tokens")
-    bad = bad_prompts(todo, encode, config, new_tokens)
+    bad = bad_prompts(todo, encode, config, settings["generate"].get("max_new_tokens"), max_length)
     if bad and not skip_bad:
         refuse_bad_prompts(prompts_file, records, bad)
     check_settings(out, settings, resuming=bool(done))
@@ -263,17 +285,16 @@ def generate_file(lm, prompts_file, out, batch: int = 8, seed: int | None = None
     skip_bad written as a row holding "error". The settings are recorded beside `out` (`settings_path`) and a
     resume under other settings is refused. Returns {"prompts", "skipped", "written", "bad", "seed"}."""
     records, done, seed = open_output(prompts_file, out, batch, seed)
-    kw = dict(generate_kw)
-    if kw.get("max_new_tokens") is None and lm.defaults.get("max_new_tokens") is not None:
-        kw["max_new_tokens"] = lm.defaults["max_new_tokens"]
+    n, max_length = new_tokens(generate_kw, lm.defaults)
+    kw = dict(generate_kw, max_new_tokens=n)
     settings = run_settings(lm.model.folder or "RANDOM weights", lm.model.dtype, kw)
     todo, bad = checked_todo(prompts_file, out, records, done, lambda text: lm.encode(text)[0], lm.config, settings,
-                             skip_bad)
+                             skip_bad, max_length)
     sampling = generate_kw.get("do_sample") or lm.defaults.get("do_sample")
     if sampling and seed is None:
         seed = new_seed(records)
     good = [r for r in todo if r["index"] not in bad]
-    batches = (generate_rows(lm, good[i: i + batch], seed, **generate_kw) for i in range(0, len(good), batch))
+    batches = (generate_rows(lm, good[i: i + batch], seed, **kw) for i in range(0, len(good), batch))
     write_rows(with_error_rows(batches, todo, bad), Path(out), len(records), len(done), progress)
     return {"prompts": len(records), "skipped": len(done), "written": len(good), "bad": len(bad), "seed": seed}
 
