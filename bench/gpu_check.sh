@@ -45,42 +45,52 @@ perf)
   log() { tee -a "$OUT/summary.md"; }
   echo; echo "## GPU perf: $(head -2 "$OUT/gpu.txt" | tail -1) ($(date -u +%F), commit $(git rev-parse --short HEAD \
     2>/dev/null))" | log
-  # end to end: batch 1 on every block-linear path with PDL off / on, batch 64 on cuBLAS and the tiled kernel (the
-  # GEMV takes <= 8 rows); two runs, so that a timeout in the second keeps the first's rows
-  common=(--new-tokens 64 --warmup 1 --repeats 3 --engine graph --no-compile --no-plot)
-  e2e1=(--batch 1 --linear cublas tiled gemv --pdl both --modes original acd:24,12 exit:12
-    ee:max-prob:1:6,12,18:predicated spec:12:1 --backend triton "${common[@]}")
-  e2e64=(--batch 64 --linear cublas tiled --modes original acd:24,12 exit:12 --backend triton --baselines
+  # end to end: batch 1 on each block-linear path (one run per path, so a timeout loses one path's rows) with PDL
+  # off / on, batch 64 on cuBLAS and the tiled kernel (the GEMV takes <= 8 rows)
+  common=(--new-tokens 64 --warmup 1 --repeats 3 --engine graph --no-compile --no-plot --backend triton)
+  e2e1=(--batch 1 --pdl both --modes original acd:24,12 exit:12 ee:max-prob:1:6,12,18:predicated spec:12:1
     "${common[@]}")
+  e2e64=(--batch 64 --linear cublas tiled --modes original acd:24,12 exit:12 --baselines "${common[@]}")
   base=(--batch 1 64 --modes original --new-tokens 64 --warmup 1 --repeats 3 --engine graph --no-plot)
+  paths=(cublas:35 gemv:30 tiled:25)
   dry=()
-  if [ "${DRY:-0}" = 1 ]; then export TRITON_INTERPRET=1; dry=(--smoke)
+  if [ "${DRY:-0}" = 1 ]; then export TRITON_INTERPRET=1; dry=(--smoke); paths=(cublas:60 gemv:60)
     small=(--model bench/small_model --device cpu --new-tokens 4 --warmup 0 --repeats 1 --no-plot)
-    e2e1=(--batch 1 --linear cublas gemv --modes original --backend triton --engine static "${small[@]}")
+    e2e1=(--batch 1 --modes original --backend triton --engine static "${small[@]}")
     e2e64=(--batch 3 --linear tiled --modes exit:4 --backend triton --engine static --baselines "${small[@]}")
     base=(--batch 1 --modes original --no-compile "${small[@]}"); fi
+  failed=()  # steps that failed or timed out: the stage fails with them
+  check() { [ "$1" = 0 ] || failed+=("$2 (exit $1)"); }
   # 1. the new kernels on this card: the GEMV against float64, every mode's tokens on it (graph == static)
   tests=(tests/test_fused_gemv.py tests/test_fast.py tests/test_fast_early_exit.py -k gemv)
   [ "${DRY:-0}" = 1 ] && tests=(tests/test_fused_gemv.py -k gpt2_medium_tiles)  # the interpreter: one case
-  timeout 40 python3 -m pytest -q -n 4 -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gemv_tests.txt" | tail -3
+  timeout 35 python3 -m pytest -q -n 4 -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gemv_tests.txt" | tail -3
+  check "${PIPESTATUS[0]}" "GEMV tests"
   { echo; echo "### GEMV tests"; tail -1 "$OUT/gemv_tests.txt"; } | log
   # 2. cold-weight sweep of the block linears (24 weight copies per candidate): GEMV settings, tiled, cuBLAS
-  timeout 45 python3 -m mexit.bench.gemv_sweep --batch 1 "${dry[@]}" --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.txt" \
+  timeout 40 python3 -m mexit.bench.gemv_sweep --batch 1 "${dry[@]}" --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.txt" \
     | tail -3
+  check "${PIPESTATUS[0]}" "sweep"
   { echo; echo "### Cold-weight sweep (fp16, gpt2-medium matrices)"; grep -v '^ *$' "$OUT/sweep.txt" | tail -60; } | log
   # 3. per-kernel breakdown inside the captured graph, old and new paths
   bd=(--batch 1 64 --linear cublas tiled gemv --new-tokens 5)
   [ "${DRY:-0}" = 1 ] && bd=(--batch 1 --linear gemv --new-tokens 4)
-  timeout 40 python3 -m mexit.bench.graph_breakdown "${bd[@]}" --pdl off "${dry[@]}" \
+  timeout 35 python3 -m mexit.bench.graph_breakdown "${bd[@]}" --pdl off "${dry[@]}" \
     --out "$OUT/breakdown" > "$OUT/breakdown.txt" 2>&1
+  check "$?" "breakdown"
   { echo; echo "### Where the step's time goes (graph engine, original head)"
     cat "$OUT/breakdown/graph_breakdown.md" 2>/dev/null || tail -5 "$OUT/breakdown.txt"; } | log
   # 4. end to end on each block-linear path, PDL off and on; the card's default routes ranked from it
-  timeout 70 python3 -m mexit bench "${e2e1[@]}" --baselines transformers --out "$OUT/e2e_b1" 2>&1 \
-    | tee "$OUT/e2e_b1.log" | tail -3
-  timeout 30 python3 -m mexit bench "${e2e64[@]}" --out "$OUT/e2e_b64" 2>&1 | tee "$OUT/e2e_b64.log" | tail -3
+  for p in "${paths[@]}"; do
+    timeout "${p#*:}" python3 -m mexit bench "${e2e1[@]}" --linear "${p%%:*}" \
+      $( [ "${p%%:*}" = cublas ] && echo "--baselines transformers" || echo "--baselines" ) \
+      --out "$OUT/e2e_b1_${p%%:*}" 2>&1 | tee "$OUT/e2e_b1_${p%%:*}.log" | tail -3
+    check "${PIPESTATUS[0]}" "end to end, batch 1, ${p%%:*}"
+  done
+  timeout 25 python3 -m mexit bench "${e2e64[@]}" --out "$OUT/e2e_b64" 2>&1 | tee "$OUT/e2e_b64.log" | tail -3
+  check "${PIPESTATUS[0]}" "end to end, batch 64"
   { echo; echo "### End to end (mexit bench, graph engine, fp16, prompt 32, 64 new tokens)"
-    for b in b1 b64; do cat "$OUT/e2e_$b/latency.md" 2>/dev/null || tail -8 "$OUT/e2e_$b.log"; echo; done
+    for f in "$OUT"/e2e_b*.log; do d=${f%.log}; cat "$d/latency.md" 2>/dev/null || tail -8 "$f"; echo; done
     echo "### Default routes for this card (commit into mexit/ops/routes.json)"
     python3 -m mexit.bench.rank_routes $(ls "$OUT"/e2e_b*/latency.json 2>/dev/null) --out "$OUT/routes.json" 2>&1 \
       | tail -12; } | log
@@ -95,6 +105,7 @@ perf)
   timeout 35 python3 -m pytest bench -q -p no:xdist -p no:cacheprovider -k "${SELECT:-block}" "${flags[@]}" 2>&1 \
     | tee "$OUT/suite.txt" | tail -25
   status=${PIPESTATUS[0]}
+  check "$status" "pytest-benchmark suite"
   {
     echo; echo "### pytest-benchmark suite (-k ${SELECT:-block}), exit $status"
     echo; grep -E "passed|failed|regressed" "$OUT/suite.txt" | tail -3
@@ -104,9 +115,14 @@ perf)
   # 6. what a user would pick instead, same card and run: transformers eager and static cache + torch.compile
   timeout 40 python3 -m mexit bench "${base[@]}" --baselines transformers --out "$OUT/baselines" 2>&1 \
     | tee "$OUT/baselines.log" | tail -3
+  check "${PIPESTATUS[0]}" "baselines"
   { echo; echo "### Baselines (transformers eager, static cache + torch.compile)"
-    cat "$OUT/baselines/latency.md" 2>/dev/null || tail -8 "$OUT/baselines.log"; } | log
-  exit "$status" ;;
+    cat "$OUT/baselines/latency.md" 2>/dev/null || tail -8 "$OUT/baselines.log"
+    echo; echo "perf stage: ${#failed[@]} step(s) failed${failed:+: ${failed[*]}}"; } | log
+  # the device tool returns at most 8 files: the rest travels in one archive (quick archives it again)
+  tar czf /tmp/perf.tgz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.md ! -name routes.json -delete \
+    && mv /tmp/perf.tgz "$OUT/"
+  [ "${#failed[@]}" = 0 ] ;;
 quick)
   timeout 100 python3 -m pytest -q -n 4 tests/test_fused_linear.py tests/test_decode_attention.py \
     tests/test_exit_head.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_acd_contrast.py \

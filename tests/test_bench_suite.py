@@ -56,6 +56,8 @@ def test_the_gpu_script_perf_stage_dry_runs_on_cpu(tmp_path):
     for section in ("### GEMV tests", "### Cold-weight sweep", "### Where the step's time goes", "### End to end",
                     "### Default routes", "### pytest-benchmark suite", "### Baselines"):
         assert section in summary, section
+    gemv_line = summary.split("### GEMV tests\n")[1].splitlines()[0]
+    assert " passed" in gemv_line and "failed" not in gemv_line and "perf stage: 0 step(s) failed" in summary
     assert "candidates agree with float64" in summary and "| `" in summary  # the sweep checked, a breakdown row
     assert "original [gemv]" in summary and "Traceback" not in summary
     assert "pytest-benchmark suite (-k decode_attention and 128), exit 0" in summary and " passed" in summary
