@@ -304,7 +304,10 @@ GPT2_MEDIUM_MATRICES = {  # name: (K, N, epilogue constexprs)
     "c_fc": (1024, 4096, dict(HAS_LN=True, GELU=True, HAS_RES=False)),
     "mlp c_proj": (4096, 1024, dict(HAS_LN=False, GELU=False, HAS_RES=True)),
 }
-MIN_PROGRAMS, MIN_IN_FLIGHT, MAX_GEMV_REGISTERS, MIN_GEMV_PROGRAMS_PER_SM = 2 * 132, 4 << 20, 96, 4
+MIN_PROGRAMS, MAX_GEMV_REGISTERS, MIN_GEMV_PROGRAMS_PER_SM = 2 * 132, 96, 4
+# bytes a card must have requested at once to stream at its bandwidth (Little's law at ~1 us loaded latency): an
+# H100 / H200 (3.35-4.8 TB/s) about 4 MB, an A100 (2 TB/s) about 2 MB
+MIN_IN_FLIGHT = {90: 4 << 20, 80: 2 << 20}
 
 
 def plan(rows: list[dict]) -> list[dict]:
@@ -312,7 +315,8 @@ def plan(rows: list[dict]) -> list[dict]:
     registers: grid, weight bytes per program, resident programs per SM, bytes requested at once per SM and in
     total (every resident program's whole slice: a GEMV program issues its loads together), and the dependent
     global round trips before the first product. A GEMV fails with fewer than 2 x 132 programs, less than
-    min(4 MB, the matrix) in flight, more than 96 registers or fewer than 4 programs per SM. The tiled kernel's
+    min(MIN_IN_FLIGHT (4 MB on sm_90a, 2 MB on sm_80), the matrix) in flight, more than 96 registers or fewer than
+    4 programs per SM. The tiled kernel's
     row is for comparison (in flight: one K step per program, its K loop is not pipelined: see
     ../shared/notes/gpu-decode.md B2; round trips: its K steps and, with a layernorm, the statistics' steps)."""
     from mexit.kernels.fused_gemv import gemv_config
@@ -340,8 +344,8 @@ def plan(rows: list[dict]) -> list[dict]:
             problems = [] if match else ["not compiled"]
             if programs < MIN_PROGRAMS:
                 problems.append(f"{programs} programs < {MIN_PROGRAMS}")
-            if row["in_flight"] < min(MIN_IN_FLIGHT, weight):
-                problems.append(f"{row['in_flight']} B in flight < {min(MIN_IN_FLIGHT, weight)}")
+            if row["in_flight"] < min(MIN_IN_FLIGHT[arch], weight):
+                problems.append(f"{row['in_flight']} B in flight < {min(MIN_IN_FLIGHT[arch], weight)}")
             if registers and registers > MAX_GEMV_REGISTERS:
                 problems.append(f"{registers} registers > {MAX_GEMV_REGISTERS}")
             if per_sm < MIN_GEMV_PROGRAMS_PER_SM:

@@ -50,7 +50,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
     assert wide and all(r["weight_loads_16B"] == r["weight_loads"] for r in wide)  # 16-byte weight loads
     plan = [r for r in report["plan"] if r["kernel"] == "gemv"]
     assert len(plan) == 8 and not any("error" in r for r in plan)
-    assert all(r["programs"] >= 264 and r["in_flight"] >= min(4 << 20, r["weight"]) for r in plan)
+    need = {"sm_90a": 4 << 20, "sm_80": 2 << 20}  # Little's law at each card's bandwidth
+    assert all(r["programs"] >= 264 and r["in_flight"] >= min(need[r["target"]], r["weight"]) for r in plan)
     assert all(r["registers"] <= 96 and r["programs_per_sm"] >= 4 for r in plan)
 
 
