@@ -165,7 +165,7 @@ def test_ctrl_c_says_what_was_saved(tmp_path, capsys, monkeypatch):
 def test_the_check_counts_the_new_tokens_generate_will_use(tmp_path, capsys):
     """No --max-new-tokens and no generation_config value: generate's default (32) is what the check adds to a
     prompt, and what the settings record; a prompt that fits alone but not with them is refused up front."""
-    from mexit.frontends.api import DEFAULT_MAX_NEW_TOKENS
+    from mexit.model.generation_config import DEFAULT_MAX_NEW_TOKENS
 
     lm = mexit.load(SMALL)
     source = tmp_path / "prompts.jsonl"

@@ -11,9 +11,9 @@ import torch
 
 import mexit
 from mexit.decoding.early_exit import ExitPolicy
-from mexit.frontends.api import APPLIED, INERT, OFF
 from mexit.frontends.cli import main
 from mexit.frontends.compat import FastMultiExitModel
+from mexit.model.generation_config import APPLIED, INERT, OFF
 
 SMALL = Path(__file__).resolve().parents[1] / "bench" / "small_model"
 ENGINES = ["eager", "static"] + (["graph"] if torch.cuda.is_available() else [])

@@ -262,8 +262,7 @@ def checkpoint_facts(load_kw: dict):
     """(folder, ModelConfig, tokenizer or None, generation defaults) of the checkpoint `load_kw` names, read on
     the driver without loading weights."""
     from mexit.model.checkpoint import read_config, resolve_folder
-
-    from .api import generation_defaults, load_tokenizer, read_generation_config
+    from mexit.model.generation_config import generation_defaults, load_tokenizer, read_generation_config
 
     folder = resolve_folder(load_kw["path_or_id"])
     return (folder, read_config(folder), load_tokenizer(folder),

@@ -28,10 +28,11 @@ from mexit.decoding.prompts import left_pad
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
 from mexit.model.checkpoint import resolve_device, resolve_dtype
 from mexit.model.decoder import MultiExitGPT2
+from mexit.model.generation_config import OFF
 from mexit.ops import TORCH
 from mexit.values import plain
 
-from .api import OFF, MultiExitLM, decode_config, first
+from .api import MultiExitLM, decode_config, first
 
 TRANSFORMERS_MAX_NEW_TOKENS = 20  # transformers 5: new tokens when no max_length is set anywhere
 

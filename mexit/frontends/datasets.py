@@ -54,7 +54,7 @@ def new_tokens(generate_kw: dict, defaults: dict) -> tuple[int | None, int | Non
     """(max_new_tokens, max_length) as `generate` resolves them: the argument, else generation_config.json's
     max_new_tokens, else its max_length (then max_new_tokens is None: the prompt's length decides), else mexit's
     default."""
-    from mexit.frontends.api import DEFAULT_MAX_NEW_TOKENS
+    from mexit.model.generation_config import DEFAULT_MAX_NEW_TOKENS
 
     if generate_kw.get("max_new_tokens") is not None:
         return generate_kw["max_new_tokens"], None
