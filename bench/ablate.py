@@ -176,8 +176,10 @@ def evaluate(lm, ids, setting, reference, args) -> dict:
         ratios.append(ref_seconds / seconds)
         ref_times.append(ref_seconds)
         times.append(seconds)
+    from mexit.decoding.stats import exit_histogram
+
     flat = [x for row in layers for x in row]
-    histogram = {str(layer): flat.count(layer) for layer in sorted(set(flat))}
+    histogram = exit_histogram(layers)
     note = spread_note(statistics.median(ratios), min(ratios), max(ratios))
     if note:
         print(f"warning: {setting['measure']} {setting['threshold']}: speed-up {note}", file=sys.stderr)

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from mexit.model.config import ModelConfig
 
 
+def exit_histogram(exit_layers: list[list[int]]) -> dict[str, int]:
+    """{exit layer (as a JSON key): tokens that exited there} over rows of per-token exit layers, in layer order."""
+    flat = sorted(x for row in exit_layers for x in row)
+    return {str(layer): flat.count(layer) for layer in dict.fromkeys(flat)}
+
+
 def weight_reads() -> dict:
     return dict(steps=0, weight_blocks=0, weight_heads=0, weight_fill_blocks=0, weight_predictors=0)
 

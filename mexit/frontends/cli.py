@@ -419,13 +419,13 @@ def run_generate_on_ray(args) -> int:
 def exit_summary(exit_layers: list[list[int]], stats: dict) -> dict:
     """What early exit saved in one call: the weight-byte ratio against full depth, blocks and heads read per
     decode step (the batch's weight reads), the mean exit layer and how many tokens exited at each layer."""
-    histogram: dict[str, int] = {}
-    for layer in sorted(x for row in exit_layers for x in row):
-        histogram[str(layer)] = histogram.get(str(layer), 0) + 1
+    from mexit.decoding.stats import exit_histogram
+
     steps = max(stats.get("steps", 0), 1)
     return dict(weight_bytes_ratio=stats.get("weight_bytes_ratio"), mean_exit_layer=stats.get("mean_exit_layer"),
                 depth=stats.get("depth"), blocks_read_per_step=stats.get("weight_blocks", 0) / steps,
-                heads_read_per_step=stats.get("weight_heads", 0) / steps, exit_histogram=histogram)
+                heads_read_per_step=stats.get("weight_heads", 0) / steps,
+                exit_histogram=exit_histogram(exit_layers))
 
 
 def file_summary(out, summary: dict) -> str:
@@ -436,9 +436,10 @@ def file_summary(out, summary: dict) -> str:
     layers = [x for text in Path(out).read_text().splitlines() for x in json.loads(text).get("exit_layers", [])] \
         if Path(out).exists() else []
     if layers:
-        histogram = exit_summary([layers], {})["exit_histogram"]
+        from mexit.decoding.stats import exit_histogram
+
         line += (f"\n# early exit over the file: mean exit layer {sum(layers) / len(layers):.2f}; tokens per exit "
-                 f"layer {histogram}")
+                 f"layer {exit_histogram([layers])}")
     return line
 
 

@@ -105,11 +105,9 @@ def finished_indices(out: Path, records: list[dict]) -> set[int]:
     if not out.exists():
         return set()
     text = out.read_text()
-    lines = text.split("\n")
-    if lines[-1] != "" or (len(lines) > 1 and _json(lines[-2]) is None):
-        cut = lines[-1] if lines[-1] != "" else lines[-2]
-        keep = text[: len(text) - len(cut) - (0 if lines[-1] != "" else 1)]
-        if all(_json(line) is not None for line in keep.split("\n") if line):
+    if text and not text.endswith("\n"):  # every row is written with its line end: this one was cut short
+        keep = text[: text.rfind("\n") + 1]
+        if all(_json(line) is not None for line in keep.splitlines()):  # else not our file: refused below
             warnings.warn(f"{out}: dropped a partial last line (an interrupted write); its prompt is generated again",
                           stacklevel=3)
             out.write_text(keep)
