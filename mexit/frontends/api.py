@@ -16,8 +16,8 @@ from mexit.decoding.prompts import check_prompts
 from mexit.decoding.sampling import SamplingConfig
 from mexit.decoding.speculative import Speculation, SpeculativeConfig
 from mexit.generate import GenerationResult, generate, new_engine, resolve_engine
+from mexit.model.checkpoint import HubOptions, random_model
 from mexit.model.checkpoint import load as load_model
-from mexit.model.checkpoint import random_model
 from mexit.model.config import ModelConfig
 from mexit.model.decoder import MultiExitGPT2
 from mexit.model.generation_config import (
@@ -109,9 +109,13 @@ class MultiExitLM:
     def from_pretrained(cls, path_or_id: str | os.PathLike, dtype=None, device=None, backend: str = "auto",
                         engine: str = "auto", compile: bool = False, check_weights: bool = True,
                         pdl: bool | None = None, fused_max_rows: int | None = None,
-                        gemv_max_rows: int | None = None) -> MultiExitLM:
-        """dtype None: fp16 on CUDA, fp32 on CPU (the rule of every entry point)."""
-        model = load_model(path_or_id, dtype=dtype, device=device, check_weights=check_weights)
+                        gemv_max_rows: int | None = None, revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        subfolder: str = "") -> MultiExitLM:
+        """dtype None: fp16 on CUDA, fp32 on CPU (the rule of every entry point). revision, token, cache_dir,
+        local_files_only, subfolder: huggingface_hub's (`mexit.model.checkpoint.HubOptions`)."""
+        hub = HubOptions(revision, token, cache_dir, local_files_only, subfolder)
+        model = load_model(path_or_id, dtype=dtype, device=device, check_weights=check_weights, hub=hub)
         return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile, pdl=pdl,
                    fused_max_rows=fused_max_rows, gemv_max_rows=gemv_max_rows)
 
@@ -271,8 +275,14 @@ def first(*values):
 
 def load(path_or_id, dtype=None, device=None, backend: str = "auto", engine: str = "auto", compile: bool = False,
          check_weights: bool = True, pdl: bool | None = None, fused_max_rows: int | None = None,
-         gemv_max_rows: int | None = None) -> MultiExitLM:
+         gemv_max_rows: int | None = None, revision: str | None = None, token: str | bool | None = None,
+         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+         subfolder: str = "") -> MultiExitLM:
     """Load a GPT-2 or multi-exit GPT-2 checkpoint (local folder or hub id) ready to `generate`.
+
+    revision (branch, tag or commit), token, cache_dir, local_files_only, subfolder: as in transformers'
+    from_pretrained, passed to huggingface_hub (a revision asked of a local folder, or missing from the cache with
+    local_files_only, is an error naming it).
 
     dtype: fp32 / fp16 / bf16, or "auto" (the stored dtype); None: fp16 on CUDA, fp32 elsewhere (the CLI and the
     drop-in use the same rule).
@@ -286,4 +296,6 @@ def load(path_or_id, dtype=None, device=None, backend: str = "auto", engine: str
     (above both: cuBLAS)."""
     return MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine,
                                        compile=compile, check_weights=check_weights, pdl=pdl,
-                                       fused_max_rows=fused_max_rows, gemv_max_rows=gemv_max_rows)
+                                       fused_max_rows=fused_max_rows, gemv_max_rows=gemv_max_rows, revision=revision,
+                                       token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                                       subfolder=subfolder)

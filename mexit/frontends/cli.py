@@ -72,8 +72,24 @@ def help_formatter():
     return HelpFormatter
 
 
+def add_hub_args(p: argparse.ArgumentParser) -> None:
+    """huggingface_hub's loading arguments (`mexit.model.checkpoint.HubOptions`)."""
+    p.add_argument("--revision", help="hub id: the branch, tag or commit to load (default: main)")
+    p.add_argument("--subfolder", default="", help="where in the folder or hub repository the checkpoint lies")
+    p.add_argument("--cache-dir", help="hub id: the hub cache folder (default: huggingface_hub's, HF_HOME)")
+    p.add_argument("--local-files-only", action="store_true", help="hub id: use the hub cache, never the network")
+    p.add_argument("--token", help="hub id: an access token for gated or private repositories (default: HF_TOKEN or "
+                   "`hf auth login`)")
+
+
+def hub_kwargs(args) -> dict:
+    return dict(revision=args.revision, token=args.token, cache_dir=args.cache_dir,
+                local_files_only=args.local_files_only, subfolder=args.subfolder)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    add_hub_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="fp32, fp16, bf16 or auto (the stored dtype) (default: fp16 on cuda, fp32 on cpu)")
@@ -379,15 +395,17 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="stored dtype (default: the source's)")
     p.add_argument("--shard-size", default="2GB", help="largest safetensors file, e.g. 2GB, 500MB")
     p.add_argument("--no-weight-check", action="store_true", help="skip the NaN / inf / range check of the tensors")
+    add_hub_args(p)
     p.set_defaults(run=run_convert)
 
 
 def run_convert(args) -> int:
+    from mexit.model.checkpoint import HubOptions
     from mexit.model.files import weight_files
     from mexit.model.save import convert
 
     out = convert(args.src, args.out, dtype=args.dtype, max_shard_size=args.shard_size,
-                  check_weights=not args.no_weight_check)
+                  check_weights=not args.no_weight_check, hub=HubOptions(**hub_kwargs(args)))
     files = weight_files(out)
     size = sum(f.stat().st_size for f in files)
     print(f"wrote {out}: {len(files)} safetensors file(s), "
@@ -407,7 +425,7 @@ def run_generate_on_ray(args) -> int:
 
     load_kw = dict(path_or_id=absolute(args.model), dtype=args.dtype, device=args.device, backend=args.backend,
                    engine=args.engine, compile=args.compile, check_weights=not args.no_weight_check, pdl=args.pdl,
-                   fused_max_rows=args.fused_max_rows, gemv_max_rows=args.gemv_max_rows)
+                   fused_max_rows=args.fused_max_rows, gemv_max_rows=args.gemv_max_rows, **hub_kwargs(args))
     with interrupt_message():
         summary = generate_file_on_ray(MultiExitLM.from_pretrained, load_kw, args.prompts_file, args.out, args.batch,
                                        seed=args.seed, address=args.ray, threads=args.threads or 1,
@@ -461,7 +479,8 @@ def load_lm(args):
     lm = MultiExitLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                                      engine=args.engine, compile=args.compile,
                                      check_weights=not args.no_weight_check, pdl=args.pdl,
-                                     fused_max_rows=args.fused_max_rows, gemv_max_rows=args.gemv_max_rows)
+                                     fused_max_rows=args.fused_max_rows, gemv_max_rows=args.gemv_max_rows,
+                                     **hub_kwargs(args))
     warn_ignored_compile(lm)
     return lm
 

@@ -80,22 +80,31 @@ class FastMultiExitModel:
         self.generation_config = generation_config or GenerationConfig.from_model_config(self.config)
 
     @classmethod
-    def from_pretrained(cls, path_or_id, multi_exit_config: MultiExitConfiguration | None = None, dtype=None,
+    def from_pretrained(cls, path_or_id, multi_exit_config: MultiExitConfiguration | None = None, dtype="auto",
                         device=None, backend="auto", engine="auto", torch_dtype=None, device_map=None,
-                        check_weights: bool = True, **mode) -> FastMultiExitModel:
-        """transformers-style loading: torch_dtype (a dtype, its name or "auto") and device_map ("auto", a
-        device) are accepted beside mexit's dtype / device."""
+                        check_weights: bool = True, revision: str | None = None, token: str | bool | None = None,
+                        cache_dir=None, local_files_only: bool = False, subfolder: str = "",
+                        trust_remote_code: bool | None = None, **mode) -> FastMultiExitModel:
+        """transformers-style loading. dtype (or transformers' torch_dtype: a dtype, its name or "auto") defaults
+        to "auto", the stored dtype, as transformers 5 loads (autocontrastive-gen's checkpoint: fp32); pass
+        dtype="fp16" for mexit's faster half-precision decode on CUDA. device_map: "auto" or one device. revision,
+        token, cache_dir, local_files_only, subfolder: huggingface_hub's, as transformers takes them.
+        trust_remote_code is accepted and has no effect (mexit never runs a checkpoint's code)."""
         unknown = set(mode) - {"mode", "exit_layer", "contrast", "alpha", "min_candidates", "use_original_head",
                                "output_layer_index", "contrast_layer_indices"}
         if unknown:
             raise NotImplementedError(f"from_pretrained arguments not supported by mexit: {sorted(unknown)}")
-        if dtype is not None and torch_dtype is not None:
-            raise ValueError("pass dtype or torch_dtype, not both")
-        device = resolve_device(resolve_device_map(device_map, device))
         if torch_dtype is not None:
+            if dtype not in (None, "auto"):
+                raise ValueError("pass dtype or torch_dtype, not both")
             dtype = dtype_name(torch_dtype)
+        if trust_remote_code:
+            warnings.warn("trust_remote_code=True has no effect: mexit runs its own GPT-2 code, never a "
+                          "checkpoint's", stacklevel=2)
+        device = resolve_device(resolve_device_map(device_map, device))
         lm = MultiExitLM.from_pretrained(path_or_id, dtype=dtype, device=device, backend=backend, engine=engine,
-                                         check_weights=check_weights)
+                                         check_weights=check_weights, revision=revision, token=token,
+                                         cache_dir=cache_dir, local_files_only=local_files_only, subfolder=subfolder)
         if mode and multi_exit_config is not None:
             raise ValueError("pass either multi_exit_config or mexit's mode arguments, not both")
         decode = decode_config(**mode) if mode else (multi_exit_config or MultiExitConfiguration()).to_decode_config()

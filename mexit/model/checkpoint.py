@@ -335,12 +335,58 @@ def named_weights(weights: Weights):
         yield "lm_head.weight", weights.lm_head
 
 
-def resolve_folder(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id downloaded through huggingface_hub: its metadata and the weights of
-    one layout (`files.hub_patterns`)."""
+@dataclasses.dataclass(frozen=True)
+class HubOptions:
+    """huggingface_hub's loading arguments, as transformers' from_pretrained takes them. revision: a branch, tag or
+    commit of a hub repository; token: an access token (None: huggingface_hub's login / HF_TOKEN); cache_dir: the hub
+    cache folder (None: huggingface_hub's, HF_HOME); local_files_only: never ask the hub, use the cache; subfolder:
+    where in the folder or repository the checkpoint lies."""
+
+    revision: str | None = None
+    token: str | bool | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+    subfolder: str = ""
+
+    def __post_init__(self):
+        for name in ("revision", "subfolder"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+        if not isinstance(self.local_files_only, bool):
+            raise ValueError(f"local_files_only must be True or False, got {self.local_files_only!r}")
+        if self.subfolder and (Path(self.subfolder).is_absolute() or ".." in Path(self.subfolder).parts):
+            raise ValueError(f"subfolder must be a relative path inside the checkpoint, got {self.subfolder!r}")
+
+    def download(self, repo: str, patterns: list[str] | None = None) -> Path:
+        """snapshot_download with these options (the patterns inside `subfolder`); the folder of the checkpoint."""
+        from huggingface_hub import snapshot_download
+
+        sub = self.subfolder.strip("/")
+        if patterns is not None and sub:
+            patterns = [f"{sub}/{p}" for p in patterns]
+        folder = Path(snapshot_download(repo, revision=self.revision, cache_dir=self.cache_dir, token=self.token,
+                                        local_files_only=self.local_files_only, allow_patterns=patterns))
+        return folder / sub if sub else folder
+
+
+def resolve_folder(path_or_id: str | os.PathLike, hub: HubOptions = HubOptions()) -> Path:
+    """A local folder as is (its `hub.subfolder` inside it); otherwise a hub id through huggingface_hub with `hub`'s
+    options: its metadata and the weights of one layout (`files.hub_patterns`). Errors: FileNotFoundError naming the
+    folder, the repository, the revision or the cache that lacks it; ValueError for a revision asked of a local
+    folder (it has none: pass the hub id)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
-        return path
+        if hub.revision is not None:
+            raise ValueError(f"revision={hub.revision!r}: {path} is a local folder, which has no revisions (pass the "
+                             "hub id to load a revision, or leave revision out)")
+        if hub.token is not None or hub.cache_dir is not None:
+            warnings.warn(f"{path} is a local folder: token and cache_dir apply to hub ids only and are not used",
+                          stacklevel=3)
+        folder = path / hub.subfolder if hub.subfolder else path
+        if not folder.is_dir():
+            raise FileNotFoundError(f"subfolder {hub.subfolder!r} does not exist in {path}")
+        return folder
     if path.exists():
         raise ValueError(f"{path} is a file; pass the checkpoint folder that holds config.json")
     if str(path_or_id).startswith((".", "/", "~")) or os.sep + os.sep in str(path_or_id):
@@ -350,33 +396,54 @@ def resolve_folder(path_or_id: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"checkpoint folder {path} does not exist (its parent {path.parent} is a local "
                                 f"folder{'; checkpoints there: ' + ', '.join(near[:8]) if near else ''}); a hub id "
                                 "is tried only when no local folder of that name's first part exists")
-    from huggingface_hub import list_repo_files, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import list_repo_files
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     repo = str(path_or_id)
+    at = f" at revision {hub.revision!r}" if hub.revision is not None else ""
+    if hub.local_files_only:
+        return cached_snapshot(repo, hub, at, "local_files_only=True")
     try:
-        repo_files = list_repo_files(repo)
+        repo_files = list_repo_files(repo, revision=hub.revision, token=hub.token)
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{repo!r} has no revision {hub.revision!r} on the Hugging Face hub") from None
     except HfHubHTTPError as err:  # the hub answered: unknown or gated repository, no access
         raise FileNotFoundError(f"{repo!r} is not a local folder, and the Hugging Face hub refused it "
                                 f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
     except Exception as err:  # no answer (offline, no network): a snapshot downloaded earlier, if any
-        try:
-            return Path(snapshot_download(repo, local_files_only=True))
-        except Exception:
-            raise FileNotFoundError(
-                f"{repo!r} is not a local folder, the Hugging Face hub could not be reached ({type(err).__name__}: "
-                f"{err}) and no copy of it is cached. Offline, download the checkpoint elsewhere and pass its local "
-                "folder.") from None
+        return cached_snapshot(repo, hub, at, f"the Hugging Face hub could not be reached ({type(err).__name__}: "
+                                              f"{str(err).splitlines()[0] if str(err) else ''})")
+    sub = hub.subfolder.strip("/")
+    if sub:
+        repo_files = [f.removeprefix(f"{sub}/") for f in repo_files if f.startswith(f"{sub}/")]
+        if not repo_files:
+            raise FileNotFoundError(f"{repo!r}{at} has no subfolder {sub!r}")
     try:
         patterns = hub_patterns(repo_files)
-        folder = Path(snapshot_download(repo, allow_patterns=patterns))
+        folder = hub.download(repo, patterns)
         index = next((folder / name for name in patterns if name.endswith(".index.json")), None)
         if index is not None and index.is_file():  # the shards, as the index names them
-            folder = Path(snapshot_download(repo, allow_patterns=shard_names(index)))
+            folder = hub.download(repo, shard_names(index))
         return folder
     except (HfHubHTTPError, OSError) as err:
         raise FileNotFoundError(f"{repo!r}: downloading from the Hugging Face hub failed ({type(err).__name__}: "
                                 f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def cached_snapshot(repo: str, hub: HubOptions, at: str, why: str) -> Path:
+    """The snapshot of `repo` (at hub.revision) in the hub cache, without asking the hub; FileNotFoundError naming
+    the revision and the cache when it is not there."""
+    from huggingface_hub import constants
+
+    try:
+        folder = hub.download(repo)
+    except Exception:
+        cache = hub.cache_dir if hub.cache_dir is not None else constants.HF_HUB_CACHE
+        raise FileNotFoundError(f"{repo!r}{at} is not in the hub cache {cache} and {why}: download it there first "
+                                "(or pass its local folder)") from None
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{repo!r}{at} in the hub cache has no subfolder {hub.subfolder!r}")
+    return folder
 
 
 def stored_state(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -405,9 +472,11 @@ def read_config(folder: Path) -> ModelConfig:
         raise ValueError(f"{path}: {err}") from None
 
 
-def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: bool = True) -> MultiExitGPT2:
-    """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id, any layout of `mexit.model.files`) onto
-    `device` (None: cuda when available) in `dtype` (None: fp16 on CUDA, fp32 elsewhere; "auto": the stored dtype).
+def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: bool = True,
+         hub: HubOptions = HubOptions()) -> MultiExitGPT2:
+    """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id, any layout of `mexit.model.files`; `hub`:
+    revision, token, cache, subfolder) onto `device` (None: cuda when available) in `dtype` (None: fp16 on CUDA, fp32
+    elsewhere; "auto": the stored dtype).
 
     Names, shapes and dtypes are checked before any tensor is read; then each tensor is read once (memory-mapped
     where the file allows), cast straight into its place in the stacked weights (on CUDA through one pinned
@@ -419,7 +488,7 @@ def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: 
     device = resolve_device(device)
     auto = isinstance(dtype, str) and dtype.lower() == "auto"
     dtype = None if auto else resolve_dtype(dtype, device)
-    folder = resolve_folder(path_or_id)
+    folder = resolve_folder(path_or_id, hub)
     config = read_config(folder)
     stored, config = canonical(open_tensors(folder), config)
     check_layout(stored, config)
