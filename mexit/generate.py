@@ -85,13 +85,14 @@ def build_mode(model: MultiExitGPT2, spec):
 
 def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_new_tokens: int,
              sampling: SamplingConfig, eos, on_token=None, return_cache: bool = False,
-             keep_logits: bool = False) -> GenerationResult:
+             keep_logits: bool = False, stop=None) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (token ids) in the mode `spec` on `engine`, stopping a row at any of the
     stop ids `eos` (None, an id, or a sequence of at most 8). on_token(tokens [B]) gets the tokens of every position
     (a device tensor: reading it waits for the step; rows that have finished read eos); with stop ids it is not called
     again once every row has finished. return_cache keeps the real rows' KV cache; keep_logits every step's [B, V]
     logits (fixed modes; DoLa: its scores). Seeded sampling gives each row its own random stream, so a row samples
-    the same tokens alone and in any batch, on every engine."""
+    the same tokens alone and in any batch, on every engine. stop: a host-side stop rule (`StopRule`: stop strings,
+    transformers' stopping criteria), read after every position; it costs a host read per step."""
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     eos = stop_tuple(eos)
@@ -107,13 +108,17 @@ def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_
     state = engine.start(model, backend, mode, spec, prompts, sampling, eos, max_new_tokens, uniform, thresholds,
                          keep_logits)
     mode = state.mode  # a static engine's step keeps the mode object it was built with
-    streamed = 0 if on_token is None else mode.stream(state, on_token, 0)
-    check_every = 1 if on_token is not None else engine.check_every  # a finished row streams nothing more
-    while mode.more(state, check_every):
+    watch = None if stop is None else StopWatch(stop, rows, eos, on_token)
+    sink = on_token if watch is None else watch
+    streamed = 0 if sink is None else mode.stream(state, sink, 0)
+    check_every = 1 if sink is not None else engine.check_every  # a finished row streams nothing more
+    while (watch is None or not watch.all_ended()) and mode.more(state, check_every):
         state.advance()
-        if on_token is not None:
-            streamed = mode.stream(state, on_token, streamed)
-    result = GenerationResult(tokens=cut_at_eos(mode.tokens(state), eos), backend=backend.name, engine=state.engine)
+        if sink is not None:
+            streamed = mode.stream(state, sink, streamed)
+    tokens = cut_at_eos(mode.tokens(state), eos)
+    result = GenerationResult(tokens=tokens if watch is None else watch.cut(tokens), backend=backend.name,
+                              engine=state.engine)
     state.describe(result)
     result.nonfinite = state.nonfinite([len(row) for row in result.tokens])
     if result.nonfinite:
@@ -127,6 +132,45 @@ def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_
     if return_cache:
         result.cache = state.returned_cache()
     return result
+
+
+class StopWatch:
+    """A stop rule applied as the tokens stream: `rule(tokens)` gets every row's output tokens so far (all rows the
+    same length: a row past its stop id reads that id) after each position and returns, per row, whether the row
+    ends there (a list of bools). A row ends at its first True; generation stops once every row has ended or
+    produced a stop id."""
+
+    def __init__(self, rule, rows: int, eos: tuple[int, ...] | None, on_token=None):
+        self.rule, self.eos, self.on_token = rule, eos or (), on_token
+        self.seen: list[list[int]] = [[] for _ in range(rows)]
+        self.ended: list[int | None] = [None] * rows
+        self.at_eos = [False] * rows
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        """on_token: one position of every row."""
+        if self.on_token is not None:
+            self.on_token(tokens)
+        self.add(tokens.tolist())
+
+    def add(self, column: list[int]) -> None:
+        for b, t in enumerate(column):
+            self.seen[b].append(t)
+            self.at_eos[b] |= t in self.eos
+        n = len(self.seen[0])
+        for b, done in enumerate(self.rule(self.seen)):
+            if done and self.ended[b] is None:
+                self.ended[b] = n
+
+    def all_ended(self) -> bool:
+        return all(e is not None or f for e, f in zip(self.ended, self.at_eos))
+
+    def cut(self, table: list[list[int]]) -> list[list[int]]:
+        """The rule over the positions the stream did not reach (speculative rounds run ahead of the slowest row),
+        then each row cut where it ended."""
+        fill = self.eos[0] if self.eos else 0
+        for t in range(len(self.seen[0]), max(map(len, table))):
+            self.add([row[t] if t < len(row) else fill for row in table])
+        return [row if e is None else row[:e] for row, e in zip(table, self.ended)]
 
 
 def cut_at_eos(table: list[list[int]], eos: tuple[int, ...] | None) -> list[list[int]]:

@@ -6,7 +6,7 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 from hf_reference import hf_block_outputs, hf_head_logits
-from transformers import GenerationConfig, TextStreamer
+from transformers import GenerationConfig, MinLengthLogitsProcessor, TextStreamer
 
 import mexit
 from mexit.frontends.compat import AutoMultiExitModel, FastMultiExitModel
@@ -130,8 +130,8 @@ def test_plain_transformers_script_with_one_line_changed(tiny_checkpoint):
 def test_drop_in_refuses_what_it_does_not_do(fast):
     with pytest.raises(ValueError, match="input_ids must be a 2-D tensor"):
         fast.generate(input_ids=IDS[0], max_new_tokens=2)
-    with pytest.raises(NotImplementedError, match="stop_strings"):
-        fast.generate(input_ids=IDS, max_new_tokens=2, stop_strings=["x"])
+    with pytest.raises(NotImplementedError, match="logits_processor MinLengthLogitsProcessor"):
+        fast.generate(input_ids=IDS, max_new_tokens=2, logits_processor=[MinLengthLogitsProcessor(3, 0)])
     with pytest.raises(NotImplementedError, match="train"):
         fast.train()
     with pytest.raises(NotImplementedError, match="resize_token_embeddings"):

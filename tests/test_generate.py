@@ -115,3 +115,35 @@ def test_sampler_ties_keep_index_order():
     uniform = torch.tensor([0.01, 0.2, 0.55, 0.99])
     assert sample_from_scores(scores, uniform).tolist() == [0, 1, 3, 5]
     assert sample_from_scores(scores, uniform, top_k=2).tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+@pytest.mark.parametrize("kw", [dict(), dict(contrast=(4, 1)), dict(speculative=mexit.SpeculativeConfig(2, 3)),
+                                dict(early_exit=mexit.ExitPolicy(0.5, measure="max-prob")), dict(dola_layers="low")],
+                         ids=["original", "acd", "speculative", "early-exit", "dola"])
+def test_a_stop_rule_ends_each_row_at_its_token_in_every_mode(tiny_checkpoint, engine, kw):
+    """A stop rule (here: a row ends at its 3rd token whose id is even) cuts each row exactly where the rule fires,
+    the other rows unchanged; generation ends once every row has ended; stop_strings end a row at the token that
+    completes the text (kept)."""
+    lm = mexit.load(tiny_checkpoint[0], engine=engine)
+    prompts = [[5, 17, 200], [42, 7], [9, 9, 31, 64]]
+    free = lm.generate(prompts, 16, eos_token_id=None, **kw).tokens
+    calls = []
+
+    def third_even(tokens):
+        calls.append(len(tokens[0]))
+        return [sum(t % 2 == 0 for t in row) >= 3 for row in tokens]
+
+    def cut(row):
+        even = [i for i, t in enumerate(row) if t % 2 == 0]
+        return row[: even[2] + 1] if len(even) >= 3 else row
+
+    stopped = lm.generate(prompts, 16, eos_token_id=None, stop=third_even, **kw).tokens
+    assert stopped == [cut(row) for row in free]
+    assert calls == list(range(1, len(calls) + 1))  # once per position, in order
+    text = lm.tokenizer.decode(free[1][2:4])
+    by_text = lm.generate(prompts, 16, eos_token_id=None, stop_strings=[text], **kw)
+    assert len(by_text.tokens[1]) <= 4 and text in lm.tokenizer.decode(by_text.tokens[1])
+    assert all(free[b][: len(row)] == row for b, row in enumerate(by_text.tokens))
+    with pytest.raises(ValueError, match="stop_strings must be a non-empty string"):
+        lm.generate(prompts, 4, stop_strings=[""])

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from tiny_checkpoints import make_hf_checkpoint
 
 import mexit
 from mexit.frontends.cli import main
 from mexit.frontends.compat import AutoMultiExitModel
-from tiny_checkpoints import make_hf_checkpoint
 
 REPO = "acme/tiny-multiexit"
 
@@ -42,7 +42,7 @@ def hub_cache(tmp_path_factory):
     """A cache with two commits of REPO: main (seed 0) and the tag v1 (seed 1, under the subfolder "ckpt" too)."""
     root = tmp_path_factory.mktemp("hub")
     cache = root / "cache"
-    for seed, ref in ((0, "main"), (1, "v1")):
+    for seed in (0, 1):
         make_hf_checkpoint(root / f"src{seed}", seed=seed)
     main_commit = add_snapshot(cache, root / "src0", "main")
     v1 = add_snapshot(cache, root / "src1", "v1")

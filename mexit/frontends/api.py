@@ -170,7 +170,7 @@ class MultiExitLM:
                  speculative: SpeculativeConfig | None = None, sampling: SamplingConfig | None = None,
                  dola_layers: str | list[int] | None = None, dola_heads: str = "embedding",
                  repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
-                 **acd_names) -> GenerationResult:
+                 stop_strings: str | list[str] | None = None, stop=None, **acd_names) -> GenerationResult:
         """Generate up to `max_new_tokens` per prompt (text, a list of texts, token ids, a list of id lists, or a
         [B, T] id tensor with its `attention_mask`: padding is dropped, left or right).
 
@@ -195,7 +195,10 @@ class MultiExitLM:
         every row has finished it is not called again). repetition_penalty, no_repeat_ngram_size: transformers'
         (1 / 0: off; every mode), applied to the mode's scores before the choice (early exit: to each checked
         head's logits, confidence included; speculative: to the drafts' and the target's). sampling: a ready
-        SamplingConfig instead of do_sample ... seed and the repetition controls."""
+        SamplingConfig instead of do_sample ... seed and the repetition controls. stop_strings: a row ends at the
+        token whose text completes one of them (kept, as transformers keeps it; the tokenizer decodes the row's new
+        tokens); stop: a rule `stop(tokens) -> [bool per row]` over every row's new tokens so far
+        (`mexit.generate.StopWatch`). Either costs one host read per step."""
         (max_new_tokens, exit_layer, contrast, alpha, min_candidates, do_sample, temperature, top_k, top_p, seed,
          eos_token_id, dola_layers, repetition_penalty, no_repeat_ngram_size) = plain(
             (max_new_tokens, exit_layer, contrast, alpha, min_candidates, do_sample, temperature, top_k, top_p, seed,
@@ -249,8 +252,10 @@ class MultiExitLM:
                                            **acd_names)
             if speculative is not None:
                 spec = Speculation(speculative, spec)
+        if stop_strings is not None:
+            stop = self.stop_rule(stop_strings, stop)
         result = generate(self.model, ids, spec, self._engine, self.backend, max_new_tokens, sampling, eos,
-                          on_token=on_token, return_cache=return_cache, keep_logits=keep_logits)
+                          on_token=on_token, return_cache=return_cache, keep_logits=keep_logits, stop=stop)
         result.seed = sampling.seed if sampling.do_sample else None
         if self.tokenizer is not None:
             result.text = [self.tokenizer.decode(row) for row in result.tokens]
@@ -262,6 +267,24 @@ class MultiExitLM:
         with their log-probabilities and each head's entropy (nats); shapes in LayerPredictions."""
         ids = check_prompts(self.encode(prompts), self.config, None)
         return [layer_predictions(self.model, row, top_k) for row in ids]
+
+    def stop_rule(self, stop_strings, rule=None):
+        """A stop rule (`mexit.generate.StopWatch`) ending a row once its new tokens' text holds one of
+        `stop_strings` (or `rule` says so)."""
+        strings = [stop_strings] if isinstance(stop_strings, str) else plain(stop_strings)
+        if not isinstance(strings, (list, tuple)) or not all(isinstance(x, str) and x for x in strings):
+            raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")
+        if self.tokenizer is None:
+            raise ValueError("stop_strings needs the checkpoint's tokenizer files (this one has none): pass stop= "
+                             "or eos_token_id= instead")
+        window = 4 * max(map(len, strings)) + 1  # tokens that can hold a string's bytes (a token holds >= 1 byte)
+        decode = self.tokenizer.decode
+
+        def ends(tokens: list[list[int]]) -> list[bool]:
+            done = [any(x in decode(row[-window:]) for x in strings) for row in tokens]
+            return done if rule is None else [a or b for a, b in zip(done, rule(tokens))]
+
+        return ends
 
     def stop_ids(self):
         """The checkpoint's stop ids: generation_config.json's eos_token_id, else config.json's."""

@@ -24,7 +24,6 @@ import torch
 
 from mexit.decoding.dola import DolaConfig
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, mode_scores
-from mexit.decoding.prompts import left_pad
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
 from mexit.model.checkpoint import resolve_device, resolve_dtype
 from mexit.model.decoder import MultiExitGPT2
@@ -45,6 +44,7 @@ class UnsupportedAttribute(NotImplementedError, AttributeError):
 class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    hidden_states: tuple | None = None
 
 
 def resolve_device_map(device_map, device):
@@ -212,7 +212,7 @@ class FastMultiExitModel:
         if unused:
             raise TypeError(f"generate() got unsupported arguments: {sorted(unused)}")
         for name, off in OFF.items():
-            if name == "dola_layers":  # generate's own
+            if name in ("dola_layers", "stop_strings", "output_hidden_states"):  # generate's own
                 continue
             value = getattr(config, name, None)
             if value is not None and value not in off:
@@ -223,20 +223,36 @@ class FastMultiExitModel:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor = None, attention_mask: torch.Tensor | None = None,
-                 generation_config=None, streamer=None, speculative=None, **kwargs):
+                 generation_config=None, streamer=None, speculative=None, logits_processor=None,
+                 stopping_criteria=None, tokenizer=None, **kwargs):
         """transformers' signature; returns a [B, T + new] tensor (or an object with `.sequences` when
         return_dict_in_generate=True). speculative=SpeculativeConfig(...) decodes the configured mode
         self-speculatively: the same greedy output, the same sampling distribution. dola_layers="low" | "high" |
         [layers] decodes with DoLa as transformers 4.51.3 did, one premature layer for the whole batch (its rule;
         the native API picks one per row). repetition_penalty and no_repeat_ngram_size count each row's own tokens:
-        transformers also counts a left-padded row's padding ids."""
+        transformers also counts a left-padded row's padding ids.
+
+        logits_processor: transformers' RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor and the
+        Temperature / TopK / TopP warpers run as mexit's own settings (every engine, the same tokens); any other
+        processor is refused by class name. stopping_criteria: transformers' StoppingCriteria (its own or a
+        caller's) are called after every token with the sequences so far [B, T] (finished rows padded, as
+        transformers pads them) and scores=None; stop_strings (with `tokenizer`, else the checkpoint's) through
+        transformers' StopStringCriteria; either costs one host read per step. output_hidden_states with
+        return_dict_in_generate: per step, per layer (embeddings first, the last after ln_f) states as
+        transformers returns them, from one forward pass over the output (a fixed mode's states; without
+        return_dict_in_generate transformers ignores the flag, and so does the drop-in)."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         input_ids, attention_mask = check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
         return_dict = kwargs.pop("return_dict_in_generate", None)
         want_scores, want_logits = kwargs.pop("output_scores", None), kwargs.pop("output_logits", None)
         dola_layers = kwargs.pop("dola_layers", None)
+        want_hidden = kwargs.pop("output_hidden_states", None)
+        stop_strings = kwargs.pop("stop_strings", None)
         cfg = self._settings(generation_config, kwargs)
+        want_hidden = getattr(cfg, "output_hidden_states", False) if want_hidden is None else want_hidden
+        stop_strings = getattr(cfg, "stop_strings", None) if stop_strings is None else stop_strings
+        processed = processor_settings(logits_processor, cfg)
         dola_layers = dola_layers if dola_layers is not None else getattr(cfg, "dola_layers", None)
         if dola_layers is not None and not isinstance(dola_layers, (str, list, tuple)):
             raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {dola_layers!r}")
@@ -273,18 +289,30 @@ class FastMultiExitModel:
         if streamer is not None:
             streamer.put(input_ids.cpu())
             on_token = lambda tokens: streamer.put(tokens.cpu())  # noqa: E731
+        p = {"repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
+             "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, **processed}
         sampling = SamplingConfig(do_sample=bool(cfg.do_sample), top_p_after_top_k=True,
-                                  repetition_penalty=first(cfg.repetition_penalty, 1.0),
-                                  no_repeat_ngram_size=first(cfg.no_repeat_ngram_size, 0),
-                                  temperature=first(cfg.temperature, 1.0) if cfg.do_sample else 1.0,
-                                  top_k=first(cfg.top_k, 50) if cfg.do_sample else 0,
-                                  top_p=first(cfg.top_p, 1.0) if cfg.do_sample else 1.0)
+                                  repetition_penalty=first(p["repetition_penalty"], 1.0),
+                                  no_repeat_ngram_size=first(p["no_repeat_ngram_size"], 0),
+                                  temperature=first(p["temperature"], 1.0) if cfg.do_sample else 1.0,
+                                  top_k=first(p["top_k"], 50) if cfg.do_sample else 0,
+                                  top_p=first(p["top_p"], 1.0) if cfg.do_sample else 1.0)
         keep = bool(return_dict and (want_scores or want_logits))
-        if keep and (dola_layers is not None or sampling.controls_repetition):
-            raise NotImplementedError("output_scores / output_logits with DoLa or the repetition controls: mexit keeps "
-                                      "one kind of logits per step, not transformers' raw and processed pair")
+        if keep and (dola_layers is not None or sampling.controls_repetition or processed):
+            raise NotImplementedError("output_scores / output_logits with DoLa, the repetition controls or a "
+                                      "logits_processor list: mexit keeps one kind of logits per step, not "
+                                      "transformers' raw and processed pair")
+        criteria = list(stopping_criteria or [])
+        if stop_strings is not None:
+            from transformers import StopStringCriteria
+
+            tokenizer = tokenizer if tokenizer is not None else self.lm.tokenizer
+            if tokenizer is None:
+                raise ValueError("stop_strings needs a tokenizer: pass generate(..., tokenizer=tokenizer)")
+            criteria.append(StopStringCriteria(tokenizer, stop_strings))
+        stop = criteria_rule(criteria, input_ids, pad, stops) if criteria else None
         result = self.lm.generate(prompts, max_new, decode=decode, eos_token_id=stops, on_token=on_token,
-                                  keep_logits=keep, speculative=speculative, sampling=sampling)
+                                  keep_logits=keep, speculative=speculative, sampling=sampling, stop=stop)
         if streamer is not None:
             streamer.end()
         width = max(len(row) for row in result.tokens)
@@ -300,14 +328,30 @@ class FastMultiExitModel:
                 extra["logits"] = tuple(result.logits)
             if want_scores:
                 extra["scores"] = tuple(warp(z, sampling) for z in result.logits)
+            if want_hidden:
+                extra["hidden_states"] = self.step_hidden_states(sequences, attention_mask, input_ids.shape[1])
             return GenerateDecoderOnlyOutput(sequences=sequences, **extra)
         return sequences
 
+    def step_hidden_states(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, prompt_len: int) -> tuple:
+        """transformers' generate hidden_states: per new token, per layer ([B, prompt_len, d] for the first, then
+        [B, 1, d]), from one forward pass over the sequences but their last token."""
+        width = sequences.shape[1]
+        mask = torch.cat([prompt_mask.to(self.device).long(),
+                          torch.ones(len(sequences), width - prompt_len, dtype=torch.long, device=self.device)], 1)
+        states = self(sequences[:, :-1], attention_mask=mask[:, :-1], output_hidden_states=True).hidden_states
+        return (tuple(h[:, :prompt_len] for h in states),
+                *(tuple(h[:, t - 1: t] for h in states) for t in range(prompt_len + 1, width)))
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
+                 labels: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                 **kwargs) -> CausalLMOutput:
         """Logits [B, T, V] (fp32) of the configured mode at every position; with labels [B, T] (-100: ignored),
-        the mean next-token cross-entropy as `.loss`, as transformers computes it (labels shifted inside)."""
+        the mean next-token cross-entropy as `.loss`, as transformers computes it (labels shifted inside);
+        output_hidden_states: `.hidden_states`, n_layer + 1 tensors [B, T, d] as transformers' GPT-2 returns them
+        (the embeddings, each block's output, the last after ln_f). Left padding only: positions count from each
+        row's first token."""
         unsupported = {k: v for k, v in kwargs.items() if v not in (None, False)}
         if unsupported:
             raise NotImplementedError(f"forward arguments not supported by mexit: {sorted(unsupported)}")
@@ -318,14 +362,14 @@ class FastMultiExitModel:
         mask = mask.to(self.device)
         if (~mask).any() and bool((~mask[:, -1]).any()):
             raise NotImplementedError("forward on right-padded input: mexit's forward takes left padding")
-        prompts = [row[m].tolist() for row, m in zip(input_ids, mask)]
-        batch = left_pad(prompts, self.device)
-        h = model.embed(batch.ids, batch.positions)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = model.embed(input_ids, positions)
         b, t, d = h.shape
         cache = model.new_cache(b, t)
-        cache.valid.copy_(batch.valid)
+        cache.valid.copy_(mask)
         layers = [model.layer_of(head) for head in self.decode.heads()]
-        states = model.run_to(h, layers, cache, 0)
+        every = range(1, model.config.n_layer + 1) if output_hidden_states else ()
+        states = model.run_to(h, [*layers, *every], cache, 0)
         hidden = [states[layer].reshape(b * t, d) for layer in layers]
         logits = mode_scores(model, self.decode, hidden, TORCH, logits=True).logits.view(b, t, -1)
         loss = None
@@ -333,7 +377,10 @@ class FastMultiExitModel:
             labels = torch.where(mask, labels.to(self.device), -100)  # padding never counts
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                      labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = (h, *(states[layer] for layer in every[:-1]), model.final_norm(states[every[-1]]))
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=hidden_states)
 
     forward = __call__
 
@@ -369,6 +416,59 @@ def check_ids(input_ids, attention_mask, vocab_size: int) -> tuple[torch.Tensor,
         raise ValueError(f"token ids {sorted(set(bad.tolist()))[:10]} are outside the vocabulary "
                          f"0..{vocab_size - 1}")
     return input_ids, attention_mask
+
+
+# transformers' logits processors the drop-in runs as mexit's own settings: class -> (setting, its attribute)
+PROCESSORS = {"RepetitionPenaltyLogitsProcessor": ("repetition_penalty", "penalty"),
+              "NoRepeatNGramLogitsProcessor": ("no_repeat_ngram_size", "ngram_size"),
+              "TemperatureLogitsWarper": ("temperature", "temperature"),
+              "TopKLogitsWarper": ("top_k", "top_k"), "TopPLogitsWarper": ("top_p", "top_p")}
+NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def processor_settings(processors, cfg) -> dict:
+    """A LogitsProcessorList of transformers' own processors as mexit settings ({setting: value}); any other class,
+    a warper with a non-default filter_value / min_tokens_to_keep, or a processor that the generation config also
+    sets (transformers refuses that too) is an error naming it."""
+    settings = {}
+    for proc in processors or ():
+        name = type(proc).__name__
+        if name not in PROCESSORS or not type(proc).__module__.startswith("transformers."):
+            raise NotImplementedError(f"logits_processor {name} is not supported by mexit's generate: it runs "
+                                      f"transformers' {', '.join(PROCESSORS)} as its own settings (set the others' "
+                                      "effect through mexit's modes, or use transformers' generate)")
+        if getattr(proc, "filter_value", float("-inf")) != float("-inf") or getattr(proc, "min_tokens_to_keep", 1) != 1:
+            raise NotImplementedError(f"logits_processor {name} with filter_value / min_tokens_to_keep other than "
+                                      "their defaults is not supported by mexit's generate")
+        setting, attribute = PROCESSORS[name]
+        configured = getattr(cfg, setting, None)
+        sampling_only = setting in ("temperature", "top_k", "top_p")
+        if setting in settings or (configured not in (None, NEUTRAL[setting])
+                                   and (cfg.do_sample or not sampling_only)):
+            raise ValueError(f"logits_processor {name} given while {setting} is also set (generation config or "
+                             "arguments): pass one")
+        settings[setting] = plain(getattr(proc, attribute))
+    return settings
+
+
+def criteria_rule(criteria, input_ids: torch.Tensor, pad: int, stops: list[int]):
+    """transformers' stopping criteria as a stop rule (`mexit.generate.StopWatch`): each criterion gets the
+    sequences so far [B, T] (the prompt as given, then the new tokens; after a row's stop id, pad_token_id as
+    transformers pads finished rows) and scores=None."""
+    prompt = input_ids.cpu()
+    stop_ids = torch.tensor(stops, dtype=torch.long)
+
+    def ends(tokens: list[list[int]]) -> list[bool]:
+        new = torch.tensor(tokens, dtype=torch.long)
+        hit = torch.isin(new, stop_ids).long()
+        new = new.masked_fill(hit.cumsum(-1) - hit > 0, pad)
+        ids = torch.cat([prompt, new.to(prompt.dtype)], 1)
+        done = torch.zeros(len(tokens), dtype=torch.bool)
+        for criterion in criteria:
+            done |= torch.as_tensor(criterion(ids, None), dtype=torch.bool).cpu().expand(len(tokens))
+        return done.tolist()
+
+    return ends
 
 
 def warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

@@ -370,11 +370,12 @@ class HubOptions:
         return folder / sub if sub else folder
 
 
-def resolve_folder(path_or_id: str | os.PathLike, hub: HubOptions = HubOptions()) -> Path:
+def resolve_folder(path_or_id: str | os.PathLike, hub: HubOptions | None = None) -> Path:
     """A local folder as is (its `hub.subfolder` inside it); otherwise a hub id through huggingface_hub with `hub`'s
     options: its metadata and the weights of one layout (`files.hub_patterns`). Errors: FileNotFoundError naming the
     folder, the repository, the revision or the cache that lacks it; ValueError for a revision asked of a local
     folder (it has none: pass the hub id)."""
+    hub = hub or HubOptions()
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         if hub.revision is not None:
@@ -473,7 +474,7 @@ def read_config(folder: Path) -> ModelConfig:
 
 
 def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: bool = True,
-         hub: HubOptions = HubOptions()) -> MultiExitGPT2:
+         hub: HubOptions | None = None) -> MultiExitGPT2:
     """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id, any layout of `mexit.model.files`; `hub`:
     revision, token, cache, subfolder) onto `device` (None: cuda when available) in `dtype` (None: fp16 on CUDA, fp32
     elsewhere; "auto": the stored dtype).

@@ -108,7 +108,7 @@ def save_checkpoint(model: MultiExitGPT2, folder: str | os.PathLike, max_shard_s
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype=None, max_shard_size: int | str = "2GB",
-            check_weights: bool = True, hub: HubOptions = HubOptions()) -> Path:
+            check_weights: bool = True, hub: HubOptions | None = None) -> Path:
     """Rewrite the checkpoint `src` (folder or hub id, any layout `load` reads) into the new folder `out` as
     safetensors in `dtype` (None: the stored dtype). Peak memory is the weights in `dtype` plus one shard's
     per-layer tensors. Raises ValueError when `out` is a file or already holds weights, before anything is read; a
@@ -125,7 +125,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype=None, max_shar
     except OSError as err:
         raise ValueError(f"cannot create {out} ({err.strerror or err})") from None
     try:
-        model = load(resolve_folder(src, hub), dtype=dtype or "auto", device="cpu", check_weights=check_weights)
+        model = load(resolve_folder(src, hub or HubOptions()), dtype=dtype or "auto", device="cpu",
+                     check_weights=check_weights)
         return save_checkpoint(model, out, max_shard_size)
     except BaseException:
         if created:
