@@ -47,13 +47,15 @@ setup(
         "huggingface_hub>=1.5,<3",
         "numpy>=2.0",
         "tqdm>=4.66",
+        "matplotlib>=3.9",  # `mexit bench`, `mexit ablate` and `mexit layers --plot` draw for users
     ],
     extras_require={
         "triton": ["triton>=3.6; platform_system == 'Linux'"],
         "ray": ["ray[data]>=2.60"],
+        "eval": ["lm_eval[hf]>=0.4.13,<0.5"],  # `mexit eval` and lm-eval's --model mexit
         "bench": ["pytest>=8.3", "pytest-benchmark>=5.3", "triton>=3.6; platform_system == 'Linux'"],
-        "dev": ["pytest>=8.3", "pytest-xdist>=3.6", "pytest-benchmark>=5.3", "ruff", "matplotlib>=3.9",
-                "triton>=3.6; platform_system == 'Linux'", "ray[data]>=2.60"],
+        "dev": ["pytest>=8.3", "pytest-xdist>=3.6", "pytest-benchmark>=5.3", "ruff",
+                "triton>=3.6; platform_system == 'Linux'", "ray[data]>=2.60", "lm_eval[hf]>=0.4.13,<0.5"],
     },
-    entry_points={"console_scripts": ["mexit=mexit.frontends.cli:main"]},
+    entry_points={"console_scripts": ["mexit=mexit.__main__:main"]},
 )

@@ -139,7 +139,8 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        print("note: plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        print("note: plot skipped: matplotlib is missing from this install (a mexit dependency: "
+              "pip install 'matplotlib>=3.9')", file=sys.stderr)
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

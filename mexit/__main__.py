@@ -1,5 +1,50 @@
+"""The `mexit` command (and `python -m mexit`): `mexit eval` is lm-eval's command line with mexit's model
+(`mexit.frontends.harness`, needing the `eval` extra), every other command mexit's own (`mexit.frontends.cli`)."""
+
 import sys
 
-from .frontends.cli import main
+from .frontends import cli
 
-sys.exit(main())
+
+def run_eval(argv: list[str]) -> int:
+    """`mexit eval ARGS`: lm-eval's `run` command line, unchanged, with `--model mexit` (lm-eval's own command line
+    only finds models registered in its process: `mexit.frontends.harness` registers mexit's)."""
+    given = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+             for i, a in enumerate(argv) if a in ("--model", "-M") or a.startswith("--model=")]
+    if any(model != "mexit" for model in given):
+        print(f"error: mexit eval runs --model mexit (got --model {given[0]}); for other models run lm-eval",
+              file=sys.stderr)
+        return 2
+    try:
+        from lm_eval._cli import HarnessCLI
+        from lm_eval.utils import setup_logging
+
+        from .frontends import harness  # noqa: F401  registers --model mexit
+    except ImportError as err:
+        print(f"error: mexit eval needs lm-eval ({err}): pip install 'mexit[eval]'", file=sys.stderr)
+        return 2
+    setup_logging()
+    saved = sys.argv
+    sys.argv = ["mexit eval", "run", *([] if given else ["--model", "mexit"]), *argv]
+    try:
+        cli = HarnessCLI()
+        cli.execute(cli.parse_args())
+    except SystemExit as done:  # --help (0) or a usage error (2, its line already printed)
+        return int(done.code or 0) if isinstance(done.code, int) or done.code is None else 2
+    except (ValueError, OSError, NotImplementedError, KeyError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        return run_eval(argv[1:])
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -198,7 +198,7 @@ class MultiExitLM:
         SamplingConfig instead of do_sample ... seed and the repetition controls. stop_strings: a row ends at the
         token whose text completes one of them (kept, as transformers keeps it; the tokenizer decodes the row's new
         tokens); stop: a rule `stop(tokens) -> [bool per row]` over every row's new tokens so far
-        (`mexit.generate.StopWatch`). Either costs one host read per step."""
+        (`mexit.decoding.stopping.StopWatch`). Either costs one host read per step."""
         (max_new_tokens, exit_layer, contrast, alpha, min_candidates, do_sample, temperature, top_k, top_p, seed,
          eos_token_id, dola_layers, repetition_penalty, no_repeat_ngram_size) = plain(
             (max_new_tokens, exit_layer, contrast, alpha, min_candidates, do_sample, temperature, top_k, top_p, seed,
@@ -269,7 +269,7 @@ class MultiExitLM:
         return [layer_predictions(self.model, row, top_k) for row in ids]
 
     def stop_rule(self, stop_strings, rule=None):
-        """A stop rule (`mexit.generate.StopWatch`) ending a row once its new tokens' text holds one of
+        """A stop rule (`mexit.decoding.stopping.StopWatch`) ending a row once its new tokens' text holds one of
         `stop_strings` (or `rule` says so)."""
         strings = [stop_strings] if isinstance(stop_strings, str) else plain(stop_strings)
         if not isinstance(strings, (list, tuple)) or not all(isinstance(x, str) and x for x in strings):

@@ -1,4 +1,4 @@
-"""Command line: `mexit generate`, `mexit layers`, `mexit train-heads`, `mexit train-exit-predictors`,
+"""Command line: `mexit generate`, `mexit layers`, `mexit eval`, `mexit train-heads`, `mexit train-exit-predictors`,
 `mexit count-tokens`, `mexit convert`, `mexit bench`, `mexit ablate`, `mexit bench-speculative`.
 
 A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
@@ -679,6 +679,7 @@ def run_layers(args) -> int:
 def main(argv=None) -> int:
     from mexit.version import version_line
 
+
     parser = Parser(prog="mexit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -688,6 +689,10 @@ def main(argv=None) -> int:
     add_count_tokens_parser(sub)
     add_convert_parser(sub)
     add_layers_parser(sub)
+    sub.add_parser("eval", add_help=False, help="lm-evaluation-harness on mexit: lm-eval's `run` arguments with "
+                   "--model mexit implied (mode in --model_args; needs mexit[eval]; `mexit eval --help`)").set_defaults(
+        run=lambda _args: print("error: `mexit eval` runs from the mexit command (mexit.__main__)", file=sys.stderr)
+        or 2)
     from mexit.bench.ablate import add_parser as add_ablate_parser
     from mexit.bench.latency import add_parser as add_bench_parser
     from mexit.bench.speculative_sweep import add_parser as add_speculative_parser

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from mexit.decoding.dola import DolaConfig
-from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, mode_scores
+from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, teacher_forced
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
 from mexit.model.checkpoint import resolve_device, resolve_dtype
 from mexit.model.decoder import MultiExitGPT2
 from mexit.model.generation_config import OFF
-from mexit.ops import TORCH
 from mexit.values import plain
 
 from .api import MultiExitLM, decode_config, first
@@ -362,16 +361,7 @@ class FastMultiExitModel:
         mask = mask.to(self.device)
         if (~mask).any() and bool((~mask[:, -1]).any()):
             raise NotImplementedError("forward on right-padded input: mexit's forward takes left padding")
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        h = model.embed(input_ids, positions)
-        b, t, d = h.shape
-        cache = model.new_cache(b, t)
-        cache.valid.copy_(mask)
-        layers = [model.layer_of(head) for head in self.decode.heads()]
-        every = range(1, model.config.n_layer + 1) if output_hidden_states else ()
-        states = model.run_to(h, [*layers, *every], cache, 0)
-        hidden = [states[layer].reshape(b * t, d) for layer in layers]
-        logits = mode_scores(model, self.decode, hidden, TORCH, logits=True).logits.view(b, t, -1)
+        logits, states = teacher_forced(model, self.decode, input_ids, mask, every_layer=bool(output_hidden_states))
         loss = None
         if labels is not None:
             labels = torch.where(mask, labels.to(self.device), -100)  # padding never counts
@@ -379,7 +369,8 @@ class FastMultiExitModel:
                                                      labels[:, 1:].reshape(-1), ignore_index=-100)
         hidden_states = None
         if output_hidden_states:
-            hidden_states = (h, *(states[layer] for layer in every[:-1]), model.final_norm(states[every[-1]]))
+            n = model.config.n_layer
+            hidden_states = (*(states[layer] for layer in range(n)), model.final_norm(states[n]))
         return CausalLMOutput(logits=logits, loss=loss, hidden_states=hidden_states)
 
     forward = __call__
@@ -452,7 +443,7 @@ def processor_settings(processors, cfg) -> dict:
 
 
 def criteria_rule(criteria, input_ids: torch.Tensor, pad: int, stops: list[int]):
-    """transformers' stopping criteria as a stop rule (`mexit.generate.StopWatch`): each criterion gets the
+    """transformers' stopping criteria as a stop rule (`mexit.decoding.stopping.StopWatch`): each criterion gets the
     sequences so far [B, T] (the prompt as given, then the new tokens; after a row's stop id, pad_token_id as
     transformers pads finished rows) and scores=None."""
     prompt = input_ids.cpu()

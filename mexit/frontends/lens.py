@@ -41,7 +41,8 @@ def plot(pred: LayerPredictions, decode, path: Path, title: str = "", columns: i
 
     plt = pyplot()
     if plt is None:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib")
+        raise ValueError("--plot needs matplotlib (a mexit dependency missing from this install): "
+                         "pip install 'matplotlib>=3.9'")
     heads, positions = len(pred.heads), len(pred.input_ids)
     probs = pred.logprobs[:, :, 0].exp().numpy()[::-1]
     panels = -(-positions // columns)
