@@ -24,6 +24,7 @@ NOT_RUN = {
     "ibm-research/": "a hub download (network)",
     " ... ": "an elided command (its flags are shown on the line above)",
     "--ray": "a Ray cluster (tests/test_ray.py starts a local one for the same commands)",
+    "--tasks lambada_openai": "lm-eval's hub data sets (network; tests/test_harness.py runs local tasks)",
 }
 
 
