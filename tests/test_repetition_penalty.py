@@ -138,7 +138,7 @@ def test_edges_of_the_controls(tiny_checkpoint):
     assert lm.generate([[1, 2]], 3, no_repeat_ngram_size=50, eos_token_id=None).tokens == lm.generate(
         [[1, 2]], 3, eos_token_id=None).tokens
     model = AutoMultiExitModel.from_pretrained(folder, dtype="fp32")
-    with pytest.raises(NotImplementedError, match="output_scores / output_logits with DoLa or the repetition"):
+    with pytest.raises(NotImplementedError, match="output_scores / output_logits with DoLa, the repetition"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, repetition_penalty=1.2,
                        return_dict_in_generate=True, output_scores=True)
     for generate in (lambda: lm.generate([[1, 2]], 2, dola_layers=5),

@@ -437,7 +437,7 @@ def cached_snapshot(repo: str, hub: HubOptions, at: str, why: str) -> Path:
     from huggingface_hub import constants
 
     try:
-        folder = hub.download(repo)
+        folder = dataclasses.replace(hub, local_files_only=True).download(repo)
     except Exception:
         cache = hub.cache_dir if hub.cache_dir is not None else constants.HF_HUB_CACHE
         raise FileNotFoundError(f"{repo!r}{at} is not in the hub cache {cache} and {why}: download it there first "
