@@ -28,7 +28,7 @@ def modes() -> dict:
     def ee(threshold, exits, schedule="segments", measure="max-prob"):
         return dict(early_exit=ExitPolicy(threshold, measure, exits=exits, schedule=schedule))
 
-    # + 1 per run of blocks: the non-finite state check (kernels/check_states.py)
+    # + 1 per step (predicated: per run of blocks): the non-finite state check (kernels/check_states.py)
     return {
         "original": ({}, 5 * 24 + 3 + 1),
         "exit 12": (dict(exit_layer=12), 5 * 12 + 3 + 1),
@@ -38,13 +38,13 @@ def modes() -> dict:
                                                        5 * 24 + 3 * 11 + 3 + 12),
         "early exit, segments, all exit at 8": (ee(0.0, (8,)), 5 * 8 + 3 + 3 + 1),
         "early exit, segments, checks at 6, 12, 18, none exits": (ee(1.0, (6, 12, 18)),
-                                                                   5 * 24 + 3 * 3 + 3 * 4 + 4),
+                                                                   5 * 24 + 3 * 3 + 3 * 4 + 1),
         # per check: the decision with the predictor, the fired rows' head (2 kernels, reading nothing when no
         # row fired) and one torch `where` giving them its token
         "learned early exit, predicated, checks at 6, 12, 18": (ee(0.5, (6, 12, 18), "predicated", "learned"),
                                                                 5 * 24 + 3 * 4 + 3 + 4),
         "learned early exit, segments, checks at 6, 12, 18, none exits": (ee(1.0, (6, 12, 18), "segments",
-                                                                             "learned"), 5 * 24 + 3 * 2 + 3 + 4),
+                                                                             "learned"), 5 * 24 + 3 * 2 + 3 + 1),
         "sampling (top-k 50), original": (dict(do_sample=True, top_k=50, seed=0), None),
         "original, repetition penalty 1.2 and no_repeat_ngram_size 3": (
             dict(repetition_penalty=1.2, no_repeat_ngram_size=3), None),

@@ -54,9 +54,10 @@ def record_exits(mask: torch.Tensor, layer: int, confidence: torch.Tensor, step:
     conf_at.index_copy_(1, step, torch.where(mask, confidence, column)[:, None])
 
 
-def probe_confidence(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def probe_confidence(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """A learned exit predictor's confidence: sigmoid(weight . standardize(h) + bias), standardize = layernorm
     without an affine over the last dimension. h [B, d] any float dtype, weight [d] fp32, bias [1] fp32 -> [B]
-    fp32 (`mexit.model.predictors`)."""
+    fp32 (`mexit.model.predictors`), into `out` when given."""
     x = torch.nn.functional.layer_norm(h.float(), (h.shape[-1],), eps=eps)
-    return torch.sigmoid(x @ weight + bias)
+    return torch.sigmoid(torch.addmv(bias, x, weight), out=out)

@@ -97,7 +97,7 @@ def predicated(threshold, exits, measure="max-prob"):
 
 
 # mode -> (generate kwargs, launch budget for the tiny 4-layer model: 5 per block executed plus the mode's extra,
-# plus one non-finite state check per run of blocks)
+# plus the non-finite state check: once per step on the segment schedule, per run of blocks on the predicated one)
 BUDGETS = {
     "original": ({}, 5 * 4 + 3 + 1),
     "exit 2": (dict(exit_layer=2), 5 * 2 + 3 + 1),
@@ -105,12 +105,12 @@ BUDGETS = {
     "predicated, 1 check": (dict(early_exit=predicated(0.5, (2,))), 5 * 4 + 3 * 1 + 3 + 2),
     "predicated, 3 checks": (dict(early_exit=predicated(0.5, (1, 2, 3))), 5 * 4 + 3 * 3 + 3 + 4),
     "segments, all exit at 2": (dict(early_exit=ExitPolicy(0.0, exits=(2,))), 5 * 2 + 3 + 3 + 1),  # one segment runs
-    "segments, none exits": (dict(early_exit=ExitPolicy(1.0, exits=(2,))), 5 * 4 + 3 + 3 * 2 + 2),  # both run
+    "segments, none exits": (dict(early_exit=ExitPolicy(1.0, exits=(2,))), 5 * 4 + 3 + 3 * 2 + 1),  # both run
     # learned: a check is its decision kernel (the predictor inside), plus the fired rows' head (2) and one torch
     # `where` on the predicated schedule
     "learned, predicated, 3 checks": (dict(early_exit=predicated(0.5, (1, 2, 3), "learned")), 5 * 4 + 4 * 3 + 3 + 4),
     "learned, segments, none exits": (dict(early_exit=ExitPolicy(1.0, "learned", exits=(2,))),
-                                      5 * 4 + 3 + 1 + 3 + 2),
+                                      5 * 4 + 3 + 1 + 3 + 1),
 }
 
 
@@ -121,7 +121,7 @@ def test_decode_step_holds_its_launch_budget(tiny_checkpoint, mode, batch):
     """Static engine, triton backend: one greedy decode step is kernels only (no torch operation at all) and stays
     within the mode's budget: 5 launches per block, +3 for one head (tiles, merge that emits, or its decision), +4
     for ACD, +3 per checked exit (head, merge, decision), segments +3 per executed segment, +1 per run of blocks
-    (the non-finite state check). The count depends on
+    (the non-finite state check; on the segment schedule once per step, where its states end). The count depends on
     the structure, not the batch (bench/launch_counts.py: the same at 1 and 16 for every mode): every mode at
     batch 1, and a mode per larger bucket (bench/launch_counts.py counts gpt2-medium's structure at any batch)."""
     lm = mexit.load(tiny_checkpoint[0], backend="triton", engine="static", fused_max_rows=64)
@@ -130,3 +130,21 @@ def test_decode_step_holds_its_launch_budget(tiny_checkpoint, mode, batch):
     torch_ops = 1 if "segments" in mode else 3 if mode.startswith("learned, predicated") else 0  # h copy; `where`s
     assert counted["torch"] <= torch_ops, counted
     assert counted["launches"] <= budget, counted
+
+
+@pytest.mark.parametrize("engine", ["static", "eager"])
+@pytest.mark.parametrize("measure,per_check", [("learned", 5), ("cosine", 5), ("max-prob", 15)])
+def test_a_check_that_does_not_fire_costs_its_test(tiny_checkpoint, engine, measure, per_check):
+    """Torch backend, no row reaches the threshold: a check is its confidence and one comparison (learned:
+    layernorm, addmv, sigmoid, compare; cosine: its saved state, the similarity, compare; max-prob: the exit's head),
+    plus the static engine's hand-over copy or the eager engine's fired-row lookup, and one host read; the decision's
+    bookkeeping (`exit_decide`) runs only when a row fires. Counted as the difference between three checks and one,
+    and the whole step against the original head's at batch 1 (the final decision's few operations; frozen rows add
+    their masks to larger static batches)."""
+    lm = mexit.load(tiny_checkpoint[0], engine=engine)
+    for prompts in ([[1, 2, 3]], [[1, 2, 3], [4, 5]]):
+        ops = {exits: launches_per_step(lm, prompts, dict(early_exit=ExitPolicy(1.0, measure, exits=exits)))
+               for exits in ((2,), (1, 2, 3))}
+        assert (ops[(1, 2, 3)]["launches"] - ops[(2,)]["launches"]) / 2 <= per_check, ops
+    one = launches_per_step(lm, [[1, 2, 3]], dict(early_exit=ExitPolicy(1.0, measure, exits=(2,))))["launches"]
+    assert one - per_check - launches_per_step(lm, [[1, 2, 3]], {})["launches"] <= 10

@@ -154,6 +154,7 @@ class EarlyExit(Mode):
         self.cosine = policy.measure == "cosine"
         self.head_free = policy.measure in HEAD_FREE
         self.predictors = check_predictors(model, policy, self.checked) if policy.measure == "learned" else None
+        self.probes = {layer: self.predictors.probe(layer) for layer in self.checked} if self.predictors else {}
         self.saved_layers = set(self.previous.values()) if self.cosine else set()
         self.stops = sorted({self.depth, *self.checked, *self.saved_layers} - {0})
 
@@ -177,7 +178,7 @@ class EarlyExit(Mode):
                 rows.decide(layer, F.cosine_similarity(h.float(), rows.saved(self.previous[layer]).float(), dim=-1),
                             None, h)
             elif self.predictors is not None:
-                rows.decide(layer, None, None, h, probe=self.predictors.probe(layer))
+                rows.decide(layer, None, None, h, probe=self.probes[layer])
             else:
                 verdict = rows.candidate(h, layer)
                 confidence = verdict.max_prob if self.policy.measure == "max-prob" else verdict.margin

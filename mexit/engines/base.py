@@ -19,6 +19,7 @@ from mexit import ops
 from mexit.decoding.sampling import SamplingConfig, choose
 from mexit.decoding.stats import per_token, weight_reads
 from mexit.decoding.step import Candidate
+from mexit.kernels.exit_decide_ref import probe_confidence
 from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
 
 if TYPE_CHECKING:
@@ -28,16 +29,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class ExitState:
-    """Per-row exit bookkeeping of B rows over T steps (see `exit_decide_ref`): thresholds [T] fp32 (per step);
+    """Per-row exit bookkeeping of B rows over T steps (see `exit_decide_ref`): thresholds [T + 1] fp32 (per
+    step, and a spare one the step after the last arms);
     running, fired [B] bool; chosen [B] int64 (the step's token so far); h_exit [B, d] (frozen states); exit_at [B,
     T] int64 and conf_at [B, T] fp32 (per step: exit layer, confidence); flags [2] bool (a row fired, a row runs);
-    no_confidence [B] fp32 zeros; predicted [B] fp32 (a learned predictor's confidences); saved: {layer: [B, d]}
-    states a cosine check compares with. Predicated schedule only: skip [1] int32 (no row runs), fired_skip [1]
-    int32 (no row fired)."""
+    no_confidence [B] fp32 zeros; predicted [B] fp32 (a check's confidences: a learned predictor's, or a tested
+    check's); candidate [B] int64 (a tested check's tokens); row_threshold [B] fp32 (the torch backend's tests:
+    this step's threshold for running rows, +inf for the others); saved: {layer: [B, d]} states a cosine check compares
+    with. Predicated schedule only: skip [1] int32 (no row runs), fired_skip [1] int32 (no row fired). masks [2, B]
+    bool holds fired and running (one host read gives both)."""
 
     thresholds: torch.Tensor
-    running: torch.Tensor
-    fired: torch.Tensor
+    masks: torch.Tensor
     chosen: torch.Tensor
     h_exit: torch.Tensor
     exit_at: torch.Tensor
@@ -45,20 +48,28 @@ class ExitState:
     flags: torch.Tensor
     no_confidence: torch.Tensor
     predicted: torch.Tensor
+    candidate: torch.Tensor
+    row_threshold: torch.Tensor
     saved: dict
     skip: torch.Tensor | None = None
     fired_skip: torch.Tensor | None = None
+    fired: torch.Tensor = dataclasses.field(init=False)
+    running: torch.Tensor = dataclasses.field(init=False)
 
     @classmethod
     def new(cls, b: int, t: int, d: int, saved_layers, dtype, device, predicated: bool) -> ExitState:
         z = dict(device=device)
-        return cls(torch.zeros(t, **z), torch.zeros(b, dtype=torch.bool, **z), torch.zeros(b, dtype=torch.bool, **z),
+        return cls(torch.zeros(t + 1, **z), torch.zeros(2, b, dtype=torch.bool, **z),
                    torch.zeros(b, dtype=torch.long, **z), torch.zeros(b, d, dtype=dtype, **z),
                    torch.zeros(b, t, dtype=torch.long, **z), torch.zeros(b, t, **z),
                    torch.zeros(2, dtype=torch.bool, **z), torch.zeros(b, **z), torch.zeros(b, **z),
+                   torch.zeros(b, dtype=torch.long, **z), torch.zeros(b, **z),
                    {layer: torch.zeros(b, d, dtype=dtype, **z) for layer in saved_layers},
                    torch.zeros(1, dtype=torch.int32, **z) if predicated else None,
                    torch.zeros(1, dtype=torch.int32, **z) if predicated else None)
+
+    def __post_init__(self):
+        self.fired, self.running = self.masks  # views (made once: a view costs as much as a small op)
 
 
 class PendingKV:
@@ -158,6 +169,7 @@ class DecodeState:
             self.uniform[:n, : uniform.shape[0]] = uniform[:, :n].T
         if self.exits is not None:
             self.exits.running.copy_(~io.finished)
+            self.exits.exit_at.fill_(self.mode.depth)  # a token exits at the depth unless a check fires
             self.exits.thresholds[: len(thresholds)] = torch.tensor(thresholds, device=io.step.device)
             if self.exits.skip is not None:
                 self.exits.skip.zero_()
@@ -173,6 +185,8 @@ class DecodeState:
         self.mode.run(self)
         self.mode.start(self, uniform)
         self.prefill_states = None
+        if self.exits is not None and self.tests_first:
+            self.arm()
         self.decoded = 0
 
     def start_step(self) -> None:
@@ -289,21 +303,73 @@ class DecodeState:
     def keep(self, logits: torch.Tensor) -> None:
         self.kept.index_copy_(0, self.io.step, logits[None].float())
 
+    @property
+    def tests_first(self) -> bool:
+        """Whether a check tests before it decides: on the torch backend a decode step's check is its confidence
+        and one comparison (`test`), and the decision's bookkeeping (`commit`) runs only when a row fires, so a check
+        that does not fire costs what it reads; the triton backend decides in one kernel."""
+        return not self.backend.triton and not self.prefilling
+
     def decide(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None, hidden: torch.Tensor,
                probe: tuple | None = None) -> None:
         x = self.exits
+        if self.tests_first:
+            self.test(confidence, token, hidden, probe)
+            return
         ops.exit_decide(layer, x.predicted if confidence is None else confidence, x.thresholds, self.io.step,
                         x.running, x.fired, token, x.chosen, hidden, x.h_exit, x.exit_at, x.conf_at, x.flags,
                         self.backend, x.skip, x.fired_skip, arrivals=self.io.arrivals, probe=probe)
 
-    def decide_final(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None) -> None:
-        """Every running row exits at `layer` with `token`; the chosen tokens end the step."""
+    def test(self, confidence: torch.Tensor | None, token: torch.Tensor | None, hidden: torch.Tensor,
+             probe: tuple | None) -> None:
+        """A check's test (torch backend): fired = rows whose confidence reaches their threshold (`arm`), the
+        confidence (a probe's from hidden) and the token kept for `commit`. Nothing else changes."""
         x = self.exits
-        ops.exit_decide(layer, x.no_confidence if confidence is None else confidence, x.thresholds, self.io.step,
-                        x.running, x.fired, token, x.chosen, None, x.h_exit, x.exit_at, x.conf_at, x.flags,
-                        self.backend, x.skip, x.fired_skip, final=True, emit=self.io, arrivals=self.io.arrivals)
-        if self.history is not None:
-            self.remember(self.io.tokens, self.io.positions)
+        if probe is not None:
+            probe_confidence(hidden, *probe, out=x.predicted)
+        else:
+            x.predicted.copy_(confidence)
+        if token is not None:
+            x.candidate.copy_(token)
+        torch.ge(x.predicted, x.row_threshold, out=x.fired)
+
+    def arm(self) -> None:
+        """The tests' per-row thresholds for this step: its threshold where a row runs, +inf elsewhere (after the
+        prompt's step, each step's end and each commit: where `running` or the step changes)."""
+        x = self.exits
+        x.row_threshold.copy_(torch.where(x.running, x.thresholds.index_select(0, self.io.step), torch.inf))
+
+    def commit(self, layer: int, hidden: torch.Tensor, token: bool) -> None:
+        """After a test where some row fired: the decision's bookkeeping (`exit_decide` on the tested confidences;
+        token: whether the test kept the exit's tokens; hidden [B, d]: the states at `layer`)."""
+        x = self.exits
+        ops.exit_decide(layer, x.predicted, x.thresholds, self.io.step, x.running, x.fired,
+                        x.candidate if token else None, x.chosen, hidden, x.h_exit, x.exit_at, x.conf_at, x.flags,
+                        self.backend, x.skip, x.fired_skip, arrivals=self.io.arrivals)
+        self.arm()
+
+    def decide_final(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None) -> None:
+        """Every running row exits at `layer` (the depth) with `token`; the chosen tokens end the step. On the torch
+        backend in fewer operations than `exit_decide_ref`'s final decision, with the same outcome: exit_at holds
+        the depth from the prompt's step on (a check that fires writes its layer), so only the tokens and the
+        confidences of the running rows are written, then the emit and the next step's rows."""
+        x = self.exits
+        if not self.tests_first:
+            ops.exit_decide(layer, x.no_confidence if confidence is None else confidence, x.thresholds, self.io.step,
+                            x.running, x.fired, token, x.chosen, None, x.h_exit, x.exit_at, x.conf_at, x.flags,
+                            self.backend, x.skip, x.fired_skip, final=True, emit=self.io, arrivals=self.io.arrivals)
+            if self.history is not None:
+                self.remember(self.io.tokens, self.io.positions)
+            return
+        if token is not None:  # None: every row has left the step (`chosen` holds their tokens)
+            torch.where(x.running, token, x.chosen, out=x.chosen)
+            step = self.io.step
+            column = x.conf_at.index_select(1, step)[:, 0]
+            x.conf_at.index_copy_(1, step, torch.where(x.running, confidence, column)[:, None])
+        self.emit(x.chosen)
+        torch.logical_not(self.io.finished, out=x.running)
+        x.h_exit.copy_(self.io.h0)
+        self.arm()
 
     def save(self, layer: int, hidden: torch.Tensor) -> None:
         self.exits.saved[layer].copy_(hidden)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from mexit import ops
 from mexit.decoding.prompts import left_pad
 from mexit.decoding.step import Candidate
 
@@ -53,7 +54,8 @@ class EagerState(DecodeState):
                 every = live is None or len(live) == self.rows
                 h = self.current if every else self.current[live]
                 h = self.model.run_layers(h[:, None], self.layer, layer, self.cache, self.slot, self.backend,
-                                          rows=None if every else live)[:, 0]
+                                          rows=None if every else live,
+                                          check=self.exits is None or layer == self.mode.depth)[:, 0]
                 self.current = h if every else self.current.index_copy(0, live, h)
                 if self.exits is not None:
                     self.counters["blocks_run"] += (layer - self.layer) * len(live)
@@ -69,8 +71,10 @@ class EagerState(DecodeState):
     def candidate(self, hidden: torch.Tensor, head) -> Candidate:
         live = self.live
         uniform = self.uniform_now()
-        verdict = self.verdict(self.head_out(hidden[live], head), None if uniform is None else uniform[live], live)
         self.count_head(len(live))
+        if len(live) == self.rows:  # every row runs: no gather, no scatter
+            return self.verdict(self.head_out(hidden, head), uniform)
+        verdict = self.verdict(self.head_out(hidden[live], head), None if uniform is None else uniform[live], live)
         return Candidate(*(torch.zeros(self.rows, dtype=t.dtype, device=t.device).index_copy(0, live, t)
                            for t in verdict))
 
@@ -85,9 +89,15 @@ class EagerState(DecodeState):
         super().decide(layer, confidence, token, hidden, probe)
         x = self.exits
         fired = self.fired_rows = x.fired.nonzero()[:, 0]
-        self.live = x.running.nonzero()[:, 0]
-        if self.prefilling or not len(fired):
+        if not len(fired):
             return
+        if self.tests_first:
+            self.commit(layer, hidden, token is not None)
+        self.live = x.running.nonzero()[:, 0]
+        if self.prefilling:
+            return
+        c = self.cache  # the fired rows' states end here: their check (the running rows' at the depth)
+        ops.check_states(hidden[fired][:, None], c.health, c.valid, self.slot, fired, self.backend)
         slots = torch.full_like(fired, self.slot)
         if self.pending is not None:
             self.pending.add(fired, slots, hidden[fired], layer)

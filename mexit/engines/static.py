@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mexit import ops
 from mexit.decoding.prompts import left_pad
 from mexit.decoding.stats import weight_reads
 from mexit.decoding.step import Candidate
@@ -69,6 +70,7 @@ class StaticState(DecodeState):
         self.graphs: dict = {}
         self.in_piece = False
         self.flags_read = None
+        self.tested = None  # the checked exit the last segment ended at
         self.compile_layers = compile_layers
         self.blocks: dict = {}  # (start, end) -> the blocks' function (torch.compile'd with compile_layers)
         d = self.model.config.n_embd
@@ -92,6 +94,8 @@ class StaticState(DecodeState):
             return {"step": lambda: self.mode.run(self)}
         pieces = dict(self.mode.pieces(self))
         if self.exits is not None:
+            if not self.backend.triton:
+                pieces.update({("commit", layer): self.commit_piece(layer) for layer in self.mode.checked})
             if self.pending is None:
                 pieces.update({("fill", layer): functools.partial(self.fill, layer) for layer in self.mode.checked})
             pieces["end"] = self.end_step
@@ -101,6 +105,9 @@ class StaticState(DecodeState):
         """Replay the piece's graph when captured, else run it. Inside a piece (the predicated step) or the
         prompt's step, pieces are plain calls."""
         self.flags_read = None  # a piece may decide: the next check reads the flags anew
+        if isinstance(key, tuple) and key[0] == "segment":
+            layer = self.mode.stops[key[1]]
+            self.tested = layer if layer in self.mode.checked else None
         if self.in_piece or self.prefilling:
             fn()
             return
@@ -196,8 +203,10 @@ class StaticState(DecodeState):
             x = self.exits
             live = x.running if x is not None and (self.rows > 1 or self.predicated) else None
             skip = x.skip if x is not None else None
+            # the segment schedule checks states where a step ends: at the depth, or `end_step` on the exit states
+            check = x is None or self.predicated or end == self.mode.depth
             fn = functools.partial(self.model.run_layers, start=start, end=end, cache=self.cache, slot=self.io.slot,
-                                   backend=self.backend, skip=skip, live=live)
+                                   backend=self.backend, skip=skip, live=live, check=check)
             if self.compile_layers:
                 fn = torch.compile(fn, dynamic=False, fullgraph=True)
             self.blocks[(start, end)] = fn
@@ -212,10 +221,22 @@ class StaticState(DecodeState):
         torch.where(x.fired, token, x.chosen, out=x.chosen)  # one kernel: the fired rows take the head's token
 
     def read_flags(self) -> list[bool]:
-        """(a row fired, a row runs): one device-to-host read per check."""
+        """(a row fired, a row runs): one device-to-host read per check. After a test (torch backend) the read is of
+        its masks, and the commit piece runs when a row fired."""
         if self.flags_read is None:
-            self.flags_read = self.read(self.exits.flags)
+            if not self.tests_first:
+                self.flags_read = self.read(self.exits.flags)
+                return self.flags_read
+            fired, running = self.read(self.exits.masks)
+            flags = [any(fired), any(r and not f for f, r in zip(fired, running))]
+            if flags[0]:
+                self.launch(("commit", self.tested), self.commit_piece(self.tested))
+            self.flags_read = flags
         return self.flags_read
+
+    def commit_piece(self, layer: int):
+        """The commit after a test at `layer` that fired: on the states the segment handed on."""
+        return functools.partial(self.commit, layer, self.h, not self.mode.head_free)
 
     def any_running(self) -> bool:
         return self.predicated or self.read_flags()[1]
@@ -239,7 +260,11 @@ class StaticState(DecodeState):
                            self.io.slot.expand(self.rows), self.backend)
 
     def end_step(self) -> None:
-        """A step every row left early ends: (deferred) keep the frozen states for the later fill, then emit."""
+        """A step every row left early ends: its exit states checked (`check_states`), (deferred) the frozen states
+        kept for the later fill, then the emit."""
+        c = self.cache
+        if c.health is not None and not self.prefilling and not self.predicated:
+            ops.check_states(self.exits.h_exit[:, None], c.health, c.valid, self.io.slot, backend=self.backend)
         if self.h_pending is not None and not self.prefilling:
             self.h_pending.index_copy_(1, self.io.slot, self.exits.h_exit[:, None])
         self.decide_final(self.mode.depth, None, None)

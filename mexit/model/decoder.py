@@ -69,7 +69,7 @@ class KVCache:
 
     `valid[b, t]` marks the slots that hold a real token of row b (left padding stays False). `health[b, t]`
     (fp32; a decode's cache only, else None): 0 while every state computed for the token at slot t is finite, NaN
-    once one was not (`ops.check_states`, after every run of blocks).
+    once one was not (`ops.check_states`, where a step's states end: `run_layers`).
     """
 
     k: torch.Tensor
@@ -114,7 +114,7 @@ class MultiExitGPT2:
     def new_cache(self, batch: int, slots: int, check_states: bool = False) -> KVCache:
         """An empty cache of `batch` rows and `slots` slots (a slot is a cache column: positions are separate, so
         speculative decoding may use more slots than the context has positions). check_states: with `health`, so
-        every run of blocks marks tokens whose states are not finite."""
+        runs of blocks mark tokens whose states are not finite."""
         c = self.config
         shape = (c.n_layer, batch, c.n_head, slots, c.head_dim)
         return KVCache(
@@ -137,7 +137,7 @@ class MultiExitGPT2:
 
     def run_layers(self, h: torch.Tensor, start: int, end: int, cache: KVCache, slot, backend: Backend = TORCH,
                    rows: torch.Tensor | None = None, skip: torch.Tensor | None = None,
-                   live: torch.Tensor | None = None) -> torch.Tensor:
+                   live: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """Turn h_start into h_end: run blocks start..end-1 on h [b, S, d] whose tokens sit at cache slots
         slot..slot+S-1. `rows` (int64 [b]) selects the cache rows when only some rows run; None means all.
         A tensor `slot` ([1] int64, all rows) keeps every shape static for CUDA graph capture: the tokens attend
@@ -147,10 +147,11 @@ class MultiExitGPT2:
         live ([b] bool): rows that are False are frozen: their input passes through every block unchanged, so
         their key/value writes are state propagation from it. skip ([1] int32 on the device, triton): while set,
         every row is frozen and the blocks read only c_attn's key/value weights. A cache with `health` has the
-        tokens whose new states are not finite marked (one check per call)."""
+        tokens whose new states are not finite marked (one check per call; check=False: the caller checks the states
+        where its step ends, `ops.check_states`)."""
         for j in range(start, end):
             h = self._block(j, h, cache, slot, backend if h.shape[1] == 1 else TORCH, rows, skip, live)
-        if cache.health is not None and end > start:
+        if check and cache.health is not None and end > start:
             ops.check_states(h, cache.health, cache.valid, slot, rows, backend if h.shape[1] == 1 else TORCH)
         return h
 
