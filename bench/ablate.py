@@ -5,13 +5,17 @@
 
 For every setting (threshold x measure x exit set x decay schedule) over the prompt file (default: the model
 folder's prompts.txt when it ships one, else a small general set shipped with mexit): mean exit layer and the
-histogram of exit layers; measured speed-up against full-depth generation (same prompts, engine and device, timed
-end to end); token agreement with the full-depth greedy output; the full model's mean log-likelihood of the
-generated continuation (a quality proxy); and the 4-gram repetition rate. The full-depth reference is a row of
-its own, and the settings on the Pareto front of speed-up against log-likelihood (no other setting is both
-faster and better) are marked and listed: those are worth using. Writes ablation.jsonl (resumable: finished
-settings are not rerun), ablation.csv, and ablation.png (log-likelihood and agreement against speed-up). Every
-setting is validated before any work starts."""
+histogram of exit layers; the weight reads per token (bytes against full depth, blocks, heads, propagated blocks,
+predictors); the speed-up against full-depth generation (same prompts, engine and device), timed in --repeats passes
+interleaved batch by batch with the reference, with its 95% interval; per prompt, the full model's mean
+log-likelihood of the generated continuation (a quality proxy) and the token agreement with full depth, and their
+difference from full depth with its interval; the 4-gram repetition rate. The full-depth reference is a row of its
+own. Settings that did identical work (same tokens, same weight reads) are one point; the points faster than full
+depth beyond the noise that no other is faster or better than beyond the noise and the margins are worth using
+(`mexit.bench.findings`). Writes ablation.jsonl (every row with the run's settings, model, versions and its timing
+passes; resumable: finished settings are not rerun, on one machine or Ray alike, and a resume under other run
+settings is refused), ablation.jsonl.settings.json, ablation.csv and ablation.png. Every setting is validated
+before any work starts."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from mexit.bench.common import (
     set_threads,
     spread_note,
 )
+from mexit.bench.findings import LOGLIK_MARGIN, SPEED_MARGIN
 from mexit.timing import DeviceClock
 from mexit.values import read_text
 
@@ -163,43 +168,76 @@ def repetition_rate(tokens: list[int], n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def evaluate(lm, ids, setting, reference, args) -> dict:
-    """Quality and cost of one setting. Its speed-up is timed interleaved with the full-depth reference
-    (reference, setting, reference, setting, ...; `args.repeats` pairs, after an untimed warm-up of the setting):
-    the median of the pairs' ratios with their min..max, so a row never depends on a baseline timed elsewhere."""
-    timed_generate(lm, ids[: args.batch], args.batch, 2, **setting["generate_kw"])  # warm this path
-    stats, ratios, ref_times, times = {}, [], [], []
+def timed_pairs(lm, ids, setting, args, stats: dict) -> tuple[list, list, list]:
+    """`args.repeats` passes over the prompts, each timing the setting and the full-depth reference batch by batch,
+    interleaved in alternating order (reference first on even batches of even passes, the setting first otherwise:
+    drift falls on both; the garbage collector paused); a pass gives one pair [reference seconds, setting seconds]
+    of its totals. Returns (pairs, the setting's tokens and exit layers per prompt from the first pass); stats: its
+    weight reads."""
+    import gc
+
+    chunks = [ids[i: i + args.batch] for i in range(0, len(ids), args.batch)]
+    pairs, tokens, layers = [], [], []
     for repeat in range(args.repeats):
-        _, _, ref_seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens)
-        tokens, layers, seconds = timed_generate(lm, ids, args.batch, args.max_new_tokens,
-                                                 stats=stats if repeat == 0 else None, **setting["generate_kw"])
-        ratios.append(ref_seconds / seconds)
-        ref_times.append(ref_seconds)
-        times.append(seconds)
+        gc.collect()  # no collector pause inside a pass (timeit's rule)
+        gc.disable()
+        ref_total = total = 0.0
+        for c, chunk in enumerate(chunks):
+            reference_first = (repeat + c) % 2 == 0
+            if reference_first:
+                ref_total += timed_generate(lm, chunk, args.batch, args.max_new_tokens)[2]
+            t, layer, seconds = timed_generate(lm, chunk, args.batch, args.max_new_tokens,
+                                               stats=stats if repeat == 0 else None, **setting["generate_kw"])
+            if not reference_first:
+                ref_total += timed_generate(lm, chunk, args.batch, args.max_new_tokens)[2]
+            total += seconds
+            if repeat == 0:
+                tokens += t
+                layers += layer
+        gc.enable()
+        pairs.append([ref_total, total])
+    return pairs, tokens, layers
+
+
+def quality(lm, ids, tokens, reference) -> dict:
+    """Per prompt: the full model's mean log-likelihood of the continuation, token agreement with full depth, the
+    4-gram repetition rate; their means, and the outputs' digest."""
+    from mexit.bench.findings import tokens_digest
+
+    loglik = [continuation_loglik(lm, p, t) for p, t in zip(ids, tokens)]
+    agree = [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(tokens, reference)]
+    return dict(loglik=statistics.fmean(loglik), loglik_per_prompt=loglik, agreement=statistics.fmean(agree),
+                agreement_per_prompt=agree, repetition=statistics.fmean(map(repetition_rate, tokens)),
+                tokens_digest=tokens_digest(tokens))
+
+
+def evaluate(lm, ids, setting, reference, args) -> dict:
+    """Quality and cost of one setting: `timed_pairs` against the full-depth reference (after an untimed warm-up of
+    the setting) with the speed-up's 95% interval (`findings.speedup_interval`), the per-prompt quality, the weight
+    reads per token and the exit layers."""
+    from mexit.bench.findings import speedup_interval
     from mexit.decoding.stats import exit_histogram
 
+    timed_generate(lm, ids[: args.batch], args.batch, 2, **setting["generate_kw"])  # warm this path
+    stats = {}
+    pairs, tokens, layers = timed_pairs(lm, ids, setting, args, stats)
     flat = [x for row in layers for x in row]
-    histogram = exit_histogram(layers)
-    note = spread_note(statistics.median(ratios), min(ratios), max(ratios))
+    speed = speedup_interval(pairs)
+    note = spread_note(speed["speedup"], speed["speedup_lo"], speed["speedup_hi"], limit=0.1)
     if note:
-        print(f"warning: {setting['measure']} {setting['threshold']}: speed-up {note}", file=sys.stderr)
-        extra_note = {"note": note}
-    else:
-        extra_note = {}
-    agree = [sum(a == b for a, b in zip(t, r)) / len(r) for t, r in zip(tokens, reference)]
-    extra = dict(extra_note, weight_bytes_ratio=stats["weight_bytes"] / stats["full_depth_weight_bytes"],
+        print(f"warning: {describe(setting)}: speed-up interval {note}", file=sys.stderr)
+    extra = dict(weight_bytes_ratio=stats["weight_bytes"] / stats["full_depth_weight_bytes"],
                  n_layer=lm.config.n_layer, **{key: stats[key] / stats["decoded"] for key in TRAFFIC})
+    if note:
+        extra["note"] = note
     if "draft_len" in setting:
         extra.update(draft_len=setting["draft_len"], acceptance_rate=stats["accepted"] / max(stats["drafted"], 1))
-    return dict(
-        extra, measure=setting["measure"], threshold=setting["threshold"], exits=setting["exits"],
-        decay_tau=setting["decay_tau"], mean_exit_layer=sum(flat) / len(flat), exit_histogram=histogram,
-        seconds=statistics.median(times), full_depth_seconds=statistics.median(ref_times),
-        speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios), repeats=args.repeats,
-        agreement=sum(agree) / len(agree),
-        loglik=sum(continuation_loglik(lm, p, t) for p, t in zip(ids, tokens)) / len(ids),
-        repetition=sum(map(repetition_rate, tokens)) / len(tokens),
-    )
+    row = dict(extra, measure=setting["measure"], threshold=setting["threshold"], exits=setting["exits"],
+               decay_tau=setting["decay_tau"], mean_exit_layer=sum(flat) / len(flat),
+               exit_histogram=exit_histogram(layers), seconds=statistics.median(t for _, t in pairs),
+               full_depth_seconds=statistics.median(ref for ref, _ in pairs), pairs=pairs, repeats=args.repeats,
+               **speed, **quality(lm, ids, tokens, reference))
+    return dict(row, label=describe(row))
 
 
 def load_lm(args):
@@ -236,7 +274,8 @@ class Sweep:
         check_prompts(self.ids, lm.config, args.max_new_tokens)  # prompt + new tokens fit the context
         self.meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding,
                          engine=lm.engine, backend=lm.backend.name, prompts=str(args.prompts), n_prompts=len(self.ids),
-                         max_new_tokens=args.max_new_tokens, batch=args.batch)
+                         max_new_tokens=args.max_new_tokens, batch=args.batch, repeats=args.repeats,
+                         prompts_digest=hashlib.sha256(json.dumps(self.ids).encode()).hexdigest()[:16])
         # what the measured speed-up depends on: a resumed sweep reuses rows only from the same run settings
         self.run_id = hashlib.sha256(json.dumps([label, self.ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
                                                  str(lm.model.device), lm.engine, lm.backend.name, lm.compile,
@@ -266,17 +305,45 @@ class Sweep:
 
 
 def finished_rows(log: Path) -> dict[str, dict]:
-    """Rows an earlier run wrote to ablation.jsonl, by key."""
-    return {row["key"]: row for row in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
+    """Rows an earlier run wrote to ablation.jsonl, by key (a partial last line dropped: that setting runs again)."""
+    from mexit.frontends.datasets import complete_lines
+
+    if not log.exists():
+        return {}
+    rows = {}
+    for n, line in enumerate(complete_lines(log, "that setting is measured again").splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or "key" not in row:
+            raise ValueError(f"{log} line {n + 1} is not an ablation row: not a file this command wrote; use another "
+                             "--out")
+        rows[row["key"]] = row
+    return rows
 
 
-def run(args) -> list[dict]:
+def run_settings(meta: dict, args) -> dict:
+    """What a run's rows depend on, recorded beside ablation.jsonl (`datasets.check_settings`): a resume under
+    other settings is refused by name, whichever executor (this process or --ray) wrote the rows."""
+    keys = ("prompts_digest", "n_prompts", "encoding", "batch", "max_new_tokens", "repeats", "engine", "backend",
+            "device", "threads")
+    return {"model": meta["model"], "dtype": meta["dtype"],
+            "generate": dict({k: meta[k] for k in keys}, compile=args.compile, propagation=args.propagation,
+                             schedule=args.schedule, min_layer=args.min_layer)}
+
+
+def run(args) -> tuple[list[dict], list]:
     """The sweep in this process, or across a Ray cluster with --ray; rows are appended to ablation.jsonl as they
-    finish (a rerun of the same command skips them), then the csv, the plot and the Pareto front are written."""
+    finish (a rerun of the same command skips them, whichever executor wrote them), then the csv, the plot and the
+    findings are written. Returns the rows (full depth first) and the front (`findings.mark_front`)."""
+    from mexit.frontends.cluster import absolute
+
     args.prompts = args.prompts or default_prompts(args.model)
     read_prompts(args.prompts)
-    if args.max_new_tokens < 1 or args.batch < 1 or args.repeats < 1:
-        raise ValueError("--max-new-tokens, --batch and --repeats must be >= 1")
+    if args.max_new_tokens < 1 or args.batch < 1 or args.repeats < 2:
+        raise ValueError("--max-new-tokens and --batch must be >= 1, --repeats >= 2 (an interval needs two passes)")
+    args.model, args.prompts = absolute(args.model), absolute(args.prompts)  # one name whatever the executor or cwd
     out = Path(args.out)
     log = out / "ablation.jsonl"
     done = finished_rows(log)
@@ -286,23 +353,31 @@ def run(args) -> list[dict]:
     if args.ray:
         return run_on_ray(args, out, log, done)
     sweep = Sweep(args)
+    check_run(log, sweep.meta, args, done)
     keys = sweep.keys()
     todo = [i for i, key in enumerate(keys) if key not in done]
-    expected = len(todo) * args.repeats * 2.5 * sweep.reference_seconds  # reference + setting (+ warm-up, quality)
+    expected = len(todo) * args.repeats * 2.2 * sweep.reference_seconds  # reference + setting (+ warm-up, quality)
     print(f"# stage 2/2: {sweep.meta['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in {log}; "
-          f"each timed {args.repeats}x interleaved with the full-depth reference; expected about {expected:.0f} s",
-          file=sys.stderr, flush=True)
+          f"each timed in {args.repeats} passes interleaved with the full-depth reference; expected about "
+          f"{expected:.0f} s", file=sys.stderr, flush=True)
     record(map(sweep.evaluate, todo), keys, todo, out, log, done, args.quiet)
     return finish(sweep.full_depth_row(), keys, done, out, args)
+
+
+def check_run(log: Path, meta: dict, args, done: dict) -> None:
+    """Refuse to resume `log` under other run settings (named), else record them beside it."""
+    from mexit.frontends.datasets import check_settings
+    from mexit.version import dependency_versions
+
+    check_settings(log, dict(run_settings(meta, args), versions=dependency_versions()), resuming=bool(done))
 
 
 def run_on_ray(args, out: Path, log: Path, done: dict) -> list[dict]:
     """Every setting a task on a Ray worker that timed it against its own full-depth reference (a speed-up never
     mixes machines); the workers must agree on the run (same prompts, settings, dtype, engine, backend and device
     kind)."""
-    from mexit.frontends.cluster import Workers, absolute, connect, worker_resources
+    from mexit.frontends.cluster import Workers, connect, worker_resources
 
-    args.model, args.prompts = absolute(args.model), absolute(args.prompts)  # workers start in other folders
     connect(args.ray)
     count, options = worker_resources(args.device, args.threads or 1)
     workers = Workers(Sweep, (args,), count, options)
@@ -312,6 +387,7 @@ def run_on_ray(args, out: Path, log: Path, done: dict) -> list[dict]:
             raise ValueError("the Ray workers disagree on the run (devices "
                              f"{sorted({meta['device'] for *_, meta in described})}); sweep each kind on its own")
         keys, meta = described[0][1], described[0][2]
+        check_run(log, meta, args, done)
         todo = [i for i, key in enumerate(keys) if key not in done]
         print(f"# stage 2/2: {meta['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in {log}; "
               f"{len(todo)} across {count} Ray worker(s) ({meta['device']}), each timed {args.repeats}x interleaved "
@@ -349,11 +425,14 @@ def record(results, keys: list[str], todo: list[int], out: Path, log: Path, done
         raise SystemExit(130) from None
 
 
-def finish(reference: dict, keys: list[str], done: dict, out: Path, args) -> list[dict]:
+def finish(reference: dict, keys: list[str], done: dict, out: Path, args) -> tuple[list[dict], list]:
+    """Every row of this run (full depth first), marked by `findings.mark_front`, written out; and the front."""
+    from mexit.bench.findings import mark_front
+
     rows = [reference] + [done[key] for key in keys]
-    mark_pareto(rows)
+    front = mark_front(rows, args.speed_margin, args.loglik_margin)
     write_outputs(rows, out, plot=not args.no_plot)
-    return rows
+    return rows, front
 
 
 def full_depth_row(lm, ids, reference, meta, seconds: float, args) -> dict:
@@ -361,16 +440,8 @@ def full_depth_row(lm, ids, reference, meta, seconds: float, args) -> dict:
     n = lm.config.n_layer
     return dict(meta, measure="full depth", threshold=None, exits=None, decay_tau=None, mean_exit_layer=n,
                 exit_histogram={str(n): sum(map(len, reference))}, weight_bytes_ratio=1.0, seconds=seconds,
-                full_depth_seconds=seconds, speedup=1.0, speedup_min=1.0, speedup_max=1.0, repeats=1,
-                agreement=1.0, loglik=sum(continuation_loglik(lm, p, t) for p, t in zip(ids, reference)) / len(ids),
-                repetition=sum(map(repetition_rate, reference)) / len(reference))
-
-
-def mark_pareto(rows: list[dict]) -> None:
-    """pareto = True for the rows no other row beats on both speed-up and log-likelihood (ties kept)."""
-    for r in rows:
-        r["pareto"] = not any(o["speedup"] >= r["speedup"] and o["loglik"] >= r["loglik"]
-                              and (o["speedup"] > r["speedup"] or o["loglik"] > r["loglik"]) for o in rows)
+                full_depth_seconds=seconds, speedup=1.0, speedup_lo=1.0, speedup_hi=1.0, pairs=[], label="full depth",
+                **quality(lm, ids, reference, reference))
 
 
 def describe(row: dict) -> str:
@@ -382,23 +453,36 @@ def describe(row: dict) -> str:
     return f"{row['measure']} >= {row['threshold']:g}, exits {row['exits']}{tau}"
 
 
-def pareto_summary(rows: list[dict]) -> str:
-    """The settings worth using, fastest first: each with its speed-up, log-likelihood and agreement."""
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: -r["speedup"])
-    lines = [f"- {describe(r)}: speed-up {r['speedup']:.2f} ({r['speedup_min']:.2f}..{r['speedup_max']:.2f}), "
-             f"log-likelihood {r['loglik']:.3f}, agreement {r['agreement']:.2f}" for r in front]
-    return "Worth using (no other setting is both faster and better by log-likelihood):\n" + "\n".join(lines)
+def findings_summary(rows: list[dict], front) -> str:
+    """The settings worth using, fastest first, each with its speed-up and log-likelihood difference from full depth
+    (95% intervals) and its agreement; then what the others were."""
+    lines = []
+    for point in front:
+        speedup, lo, hi = point.interval()
+        r = point.rows[0]
+        same = f" (identical work: {len(point.rows)} settings, one point)" if len(point.rows) > 1 else ""
+        lines.append(f"- {point.label}: speed-up {speedup:.2f} [{lo:.2f}, {hi:.2f}], log-likelihood "
+                     f"{r['loglik_delta']:+.3f} [{r['loglik_delta_lo']:+.3f}, {r['loglik_delta_hi']:+.3f}] vs full "
+                     f"depth, agreement {r['agreement']:.2f}, weight bytes {r['weight_bytes_ratio']:.2f}x{same}")
+    settings = rows[1:]
+    slower = sum(not r["faster_than_full_depth"] for r in settings)
+    beaten = sum(r["faster_than_full_depth"] and not r["worth_using"] for r in settings)
+    head = ("Worth using (faster than full depth beyond the noise, and no other setting faster or better beyond "
+            "the noise and the margins; 95% intervals):")
+    tail = (f"Not faster than full depth beyond the noise: {slower} setting(s); faster but beaten by a setting "
+            f"above: {beaten}.")
+    return "\n".join([head, *(lines or ["- none: keep full depth"]), tail])
 
 
 COLUMNS = ["measure", "threshold", "exits", "decay_tau", "draft_len", "mean_exit_layer", "weight_bytes_ratio",
-           "acceptance_rate", "speedup", "speedup_min", "speedup_max", "agreement", "loglik",
-           "repetition", "pareto"]
+           *TRAFFIC, "acceptance_rate", "agreement", "loglik", "loglik_delta", "loglik_delta_lo", "loglik_delta_hi",
+           "repetition", "speedup", "speedup_lo", "speedup_hi", "faster_than_full_depth", "worth_using"]
 
 
 def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
     with open(out / "ablation.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + ["exit_histogram", "seconds", "full_depth_seconds"],
-                                extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + ["point", "exit_histogram", "seconds", "full_depth_seconds",
+                                                         "timed_pairs"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows([dict(r, exit_histogram=json.dumps(r["exit_histogram"])) for r in rows])
     plt = pyplot() if plot else None
@@ -407,43 +491,58 @@ def write_outputs(rows: list[dict], out: Path, plot: bool) -> None:
 
 
 def plot_rows(plt, rows: list[dict], path: Path) -> None:
-    """Log-likelihood and agreement against the measured speed-up: a curve per (measure, exit set) drawn in
-    speed-up order, the full-depth reference as a star, the Pareto front circled and labelled."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    """Log-likelihood difference from full depth and agreement against the measured speed-up, 95% intervals on
+    both axes: a curve per (measure, exit set) through its thresholds in order (the sweep's parameter, its first and
+    last threshold written at the ends), full depth as a star at (1, 0), the settings worth using circled and
+    labelled (labels stacked so they do not collide). The title names the model, device, dtype, engine, batch and
+    length."""
+    front = sorted((r for r in rows[1:] if r["worth_using"]), key=lambda r: -r["speedup"])
+    listing = [f"{i + 1}: {r['label']}: speed-up {r['speedup']:.2f} [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}], "
+               f"log-likelihood {r['loglik_delta']:+.3f} [{r['loglik_delta_lo']:+.3f}, {r['loglik_delta_hi']:+.3f}]"
+               for i, r in enumerate(front)] or ["no setting is faster than full depth beyond the noise"]
+    height = 5 + 0.13 * (len(listing) + 1)  # inches: the panels and the listing under them
+    fig, axes = plt.subplots(1, 2, figsize=(14, height), sharex=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^vP*X"
     settings = [r for r in rows if r["measure"] != "full depth"]
-    curves = list(dict.fromkeys((r["measure"], str(r["exits"])) for r in settings))
+    curves = list(dict.fromkeys((r["measure"], str(r["exits"]), r.get("decay_tau")) for r in settings))
     exit_sets = list(dict.fromkeys(str(r["exits"]) for r in settings))
-    for ax, key, label in ((axes[0], "loglik", "full model's mean log-likelihood of the output"),
+    for ax, key, label in ((axes[0], "loglik_delta", "log-likelihood vs full depth (nats/token, full model)"),
                            (axes[1], "agreement", "token agreement with full depth")):
-        for n, (measure, exit_set) in enumerate(curves):
-            pts = sorted((r for r in settings if (r["measure"], str(r["exits"])) == (measure, exit_set)),
-                         key=lambda r: r["speedup"])  # speed-up order: no zig-zag
-            err = [[r["speedup"] - r["speedup_min"] for r in pts], [r["speedup_max"] - r["speedup"] for r in pts]]
-            ax.errorbar([r["speedup"] for r in pts], [r[key] for r in pts], xerr=err, lw=0.8, capsize=2, ms=5,
-                        fmt=markers[exit_sets.index(exit_set) % len(markers)] + "-", color=colours[n % len(colours)],
-                        label=f"{measure}, exits {exit_set}")
-        for r in rows:
-            if r["measure"] == "full depth":
-                ax.plot([r["speedup"]], [r[key]], "k*", ms=11, label="full depth")
-        front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["speedup"])
-        ax.plot([r["speedup"] for r in front], [r[key] for r in front], "o", mfc="none", mec="black", ms=11,
-                label="Pareto front (speed-up, log-likelihood)")
-        if key == "loglik":  # labels on the front only, alternating above and below
-            for i, r in enumerate(front):
-                text = "full depth" if r["measure"] == "full depth" else (
-                    f"k={r['draft_len']}" if r.get("draft_len") else f"{r['measure']} {r['threshold']:g}")
-                ax.annotate(text, (r["speedup"], r[key]), fontsize=7, textcoords="offset points",
-                            xytext=(6, 9 if i % 2 else -13))
+        for n, curve in enumerate(curves):
+            pts = sorted((r for r in settings if (r["measure"], str(r["exits"]), r.get("decay_tau")) == curve),
+                         key=lambda r: (r.get("draft_len") or 0, r["threshold"]))
+            x = [r["speedup"] for r in pts]
+            y = [r[key] for r in pts]
+            xerr = [[r["speedup"] - r["speedup_lo"] for r in pts], [r["speedup_hi"] - r["speedup"] for r in pts]]
+            yerr = ([[r[key] - r["loglik_delta_lo"] for r in pts], [r["loglik_delta_hi"] - r[key] for r in pts]]
+                    if key == "loglik_delta" else None)
+            measure, exit_set, tau = curve
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, lw=0.8, capsize=2, ms=5, color=colours[n % len(colours)],
+                        fmt=markers[exit_sets.index(exit_set) % len(markers)] + "-",
+                        label=f"{measure}, exits {exit_set}" + (f", decay {tau:g}" if tau is not None else ""))
+            if len(pts) > 1 and not pts[0].get("draft_len"):  # the sweep's direction
+                for r in (pts[0], pts[-1]):
+                    ax.annotate(f"{r['threshold']:g}", (r["speedup"], r[key]), fontsize=6, color=colours[n % len(
+                        colours)], textcoords="offset points", xytext=(-4, 5))
+        reference = rows[0]
+        ax.plot([1.0], [reference[key]], "k*", ms=11, label="full depth")
+        ax.plot([r["speedup"] for r in front], [r[key] for r in front], "o", mfc="none", mec="black", ms=12,
+                label="worth using (beyond the noise)")
+        for i, r in enumerate(front):  # numbers, listed under the panels (labels would collide)
+            ax.annotate(str(i + 1), (r["speedup"], r[key]), fontsize=7, fontweight="bold",
+                        textcoords="offset points", xytext=(7, (4, -10, 16)[i % 3]))  # close points: stacked
         ax.axvline(1.0, color="gray", lw=0.5)
-        ax.set_xlabel("measured speed-up vs full depth (median, min..max)")
+        ax.set_xlabel("speed-up vs full depth (interleaved, 95% interval)")
         ax.set_ylabel(label)
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: it hides no point
     r0 = rows[0]
-    fig.suptitle(f"{r0['model']} | {r0['device']}, {r0['dtype']} | batch {r0.get('batch', '?')}, "
-                 f"{r0.get('max_new_tokens', '?')} new tokens per prompt", fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(f"{Path(str(r0['model'])).name or r0['model']} | {r0['device']}, {r0['dtype']}, engine "
+                 f"{r0.get('engine', '?')} | batch {r0.get('batch', '?')}, {r0.get('max_new_tokens', '?')} new tokens, "
+                 f"{r0.get('n_prompts', '?')} prompts, {r0.get('repeats', '?')} timed passes per setting",
+                 fontsize=8)
+    fig.text(0.01, 0.01, "worth using:\n" + "\n".join(listing), fontsize=7, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, (0.1 + 0.13 * (len(listing) + 1)) / height, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -472,8 +571,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fast-path early-exit schedule (predicated needs the triton backend)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--batch", type=int, default=10, help="prompts per generate call")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="interleaved (full depth, setting) timing pairs per setting; the speed-up is their median")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed passes per setting over the prompts, each interleaved batch by batch with the "
+                        "full-depth reference (>= 2): the speed-up's 95%% interval comes from their spread")
+    p.add_argument("--speed-margin", type=float, default=SPEED_MARGIN,
+                   help="speed-ups closer than this fraction are ties when the front is drawn")
+    p.add_argument("--loglik-margin", type=float, default=LOGLIK_MARGIN,
+                   help="log-likelihoods closer than this (nats per token) are ties when the front is drawn")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else 1 on CPU)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
@@ -492,9 +596,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args) -> int:
-    rows = run(args)
+    rows, front = run(args)
     print(markdown_table(rows, COLUMNS))
-    print(pareto_summary(rows))
+    print(findings_summary(rows, front))
     plotted = not args.no_plot and (Path(args.out) / "ablation.png").exists()
     print(f"wrote {args.out}/ablation.jsonl, ablation.csv" + (", ablation.png" if plotted else ""))
     return 0

@@ -31,7 +31,8 @@ ENGINES = ("auto", "eager", "static", "graph")
 class GenerationResult:
     """tokens[b]: the new token ids of row b (ending at and including eos when it was produced).
     `backend` says which ops ran (torch / triton), `engine` which engine (eager / static / graph); `exit_layers`
-    and `confidences` (per row and token) are filled by early exit; `stats` uses `mexit.decoding.stats`' names."""
+    and `confidences` (per row and token) are filled by early exit, `premature_layers` (per row and token: the layer
+    contrasted with) by DoLa; `stats` uses `mexit.decoding.stats`' names."""
 
     tokens: list[list[int]]
     backend: str
@@ -39,6 +40,7 @@ class GenerationResult:
     text: list[str] | None = None
     exit_layers: list[list[int]] | None = None
     confidences: list[list[float]] | None = None
+    premature_layers: list[list[int]] | None = None
     stats: dict = field(default_factory=dict)
     cache: object = None  # the KVCache of the real rows after generation, when asked for (tests, inspection)
     logits: list | None = None  # every step's [B, V] fp32 logits of the mode (ACD: log q), when asked for

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_pdl_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path):
 
 def ablate_args(folder, out, prompts, **kw):
     argv = ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "6", "--out", str(out),
-            "--quiet", "--no-plot"]
+            "--quiet", "--no-plot", "--repeats", "2"]
     for k, v in kw.items():
         argv += [f"--{k}", *map(str, v)]
     return argv
@@ -105,17 +106,73 @@ def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, 
     reference = table[0]
     assert float(reference["speedup"]) == 1.0 and float(reference["agreement"]) == 1.0
     assert float(reference["loglik"]) == pytest.approx(full[0]["loglik"], abs=1e-6)
-    for r in table:  # a row is on the Pareto front iff no other row is both faster and better
-        beaten = any(float(o["speedup"]) >= float(r["speedup"]) and float(o["loglik"]) >= float(r["loglik"])
-                     and (float(o["speedup"]) > float(r["speedup"]) or float(o["loglik"]) > float(r["loglik"]))
-                     for o in table)
-        assert (r["pareto"] == "True") == (not beaten)
-    # other run settings (here deferred propagation) measure other speed-ups: nothing is reused
+    for r in rows:
+        assert r["speedup_lo"] <= r["speedup"] <= r["speedup_hi"] and len(r["pairs"]) == r["timed_pairs"] == 2
+        assert r["model"] == str(tiny_checkpoint[0].resolve()) and r["torch"] and r["repeats"] == 2
+    for r in table[1:]:  # the findings (they need every row: in the csv): only settings faster beyond the noise
+        assert r["worth_using"] == "False" or r["faster_than_full_depth"] == "True"
+        assert r["faster_than_full_depth"] == str(float(r["speedup_lo"]) > 1) or " = " in r["point"]  # pooled
+        assert float(r["loglik_delta_lo"]) <= float(r["loglik_delta"]) <= float(r["loglik_delta_hi"])
+    # settings that never exit read the same weights and give the same tokens: one point, whatever their labels
+    never = [r for r in table if r["threshold"] == "1.0" and r["measure"] == "max-prob" and r["exits"] == "all"]
+    assert len(never) == 2 and never[0]["point"] == never[1]["point"] and " = " in never[0]["point"]
+    # other run settings (here deferred propagation) would measure other speed-ups: refused by name, nothing written
+    before = (out / "ablation.jsonl").read_text()
     again = ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.4], propagation=["deferred"])
-    assert ablate.main(again) == 0
-    rows_after = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
-    assert len(rows_after) == len(rows) + 4  # 4 measures x 1 threshold, run afresh (learned: it has predictors)
-    assert {r["measure"] for r in rows_after[len(rows):]} == {"max-prob", "margin", "cosine", "learned"}
+    with pytest.raises(ValueError, match="propagation='eager', this run asks propagation='deferred'"):
+        ablate.main(again)
+    assert (out / "ablation.jsonl").read_text() == before
+    assert ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "deferred", prompt_file, thresholds=[0.4],
+                                   propagation=["deferred"])) == 0
+
+
+def test_a_truncated_ablation_file_resumes_to_the_same_rows(tiny_checkpoint, tmp_path, prompt_file):
+    """A kill can cut ablation.jsonl at any byte: a partial last line is dropped (with a warning) and its setting
+    measured again; the resumed file holds the same settings with the same deterministic columns."""
+    out = tmp_path / "abl"
+    argv = ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.0, 1.0], measures=["max-prob"])
+    assert ablate.main(argv) == 0
+    whole = (out / "ablation.jsonl").read_text()
+    first = whole.index("\n") + 1
+    same = ("key", "tokens_digest", "loglik_per_prompt", "agreement", "exit_histogram", "weight_bytes_ratio")
+    for cut in (1, first - 1, first, first + 7, len(whole) - 1):
+        (out / "ablation.jsonl").write_text(whole[:cut])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert ablate.main(argv) == 0
+        assert any("dropped a partial last line" in str(w.message) for w in caught) == (cut != first)
+        resumed = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
+        original = [json.loads(line) for line in whole.splitlines()]
+        assert [[r[k] for k in same] for r in resumed] == [[r[k] for k in same] for r in original], cut
+
+
+def test_ablation_findings_beyond_the_noise():
+    """The front from synthetic rows: a setting whose interval reaches 1.0 is not worth using; a faster one with
+    the same quality beats a slower one only beyond the speed margin; identical work is one point."""
+    from mexit.bench.findings import mark_front, t975
+
+    assert t975(1) == 12.706 and t975(30) == 2.042 and 1.96 < t975(200) < 1.975
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        t975(0)
+
+    def row(label, ratios, quality, digest, blocks=4.0):
+        pairs = [[1.0, 1.0 / r] for r in ratios]
+        return dict(label=label, pairs=pairs, loglik_per_prompt=quality, tokens_digest=digest, weight_bytes_ratio=1,
+                    blocks_per_step=blocks, heads_per_step=1, fill_blocks_per_step=0, predictors_per_step=0)
+
+    q = [-2.0, -2.1, -1.9, -2.2]
+    rows = [row("full depth", [1, 1], q, "ref"),
+            row("noise", [0.97, 1.05, 1.02, 0.99], q, "a", 3),  # interval covers 1.0
+            row("fast", [1.30, 1.31, 1.29, 1.30], [x - 0.5 for x in q], "b", 2),
+            row("fast twin", [1.31, 1.30, 1.30, 1.29], [x - 0.5 for x in q], "b", 2),  # identical work
+            row("a hair faster", [1.32, 1.31, 1.33, 1.32], [x - 0.5 for x in q], "c", 1.9),  # within the margin
+            row("much faster, worse", [2.0, 2.02, 1.98, 2.0], [x - 1.0 for x in q], "d", 1),
+            row("slower, same quality", [1.1, 1.11, 1.09, 1.1], [x - 0.5 for x in q], "e", 3.5)]  # beaten
+    front = mark_front(rows)
+    worth = {r["label"] for r in rows if r["worth_using"]}
+    assert worth == {"fast", "fast twin", "a hair faster", "much faster, worse"}
+    assert rows[2]["point"] == rows[3]["point"] == "fast = fast twin" and len(front) == 3
+    assert not rows[1]["faster_than_full_depth"] and rows[6]["faster_than_full_depth"]
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -200,15 +257,17 @@ def test_bad_repeat_counts_are_refused(tiny_checkpoint, tmp_path, flag, value):
 
 
 def test_identical_work_gives_speedups_within_their_spread(tiny_checkpoint, tmp_path, prompt_file):
-    """max-prob and margin at threshold 0 with one checked exit both exit every token at layer 2: the same work.
-    Their interleaved speed-ups must agree within the spread each reports."""
+    """max-prob and margin at threshold 0 with one checked exit both exit every token at layer 2: the same work,
+    one point. Their interleaved speed-ups must agree within the intervals each reports."""
     out = tmp_path / "same"
     assert ablate.main(ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.0],
                                    measures=["max-prob", "margin"], repeats=[5], **{"exit-sets": ["2"]})) == 0
     a, b = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
     assert a["mean_exit_layer"] == b["mean_exit_layer"] == 2 and a["weight_bytes_ratio"] == b["weight_bytes_ratio"]
-    assert a["speedup_min"] <= a["speedup"] <= a["speedup_max"] and a["repeats"] == 5
-    assert max(a["speedup_min"], b["speedup_min"]) <= min(a["speedup_max"], b["speedup_max"])  # intervals overlap
+    assert a["speedup_lo"] <= a["speedup"] <= a["speedup_hi"] and a["repeats"] == 5
+    points = {r["point"] for r in csv.DictReader((out / "ablation.csv").open())} - {"full depth"}
+    assert points == {f"{a['label']} = {b['label']}"}  # one point
+    assert max(a["speedup_lo"], b["speedup_lo"]) <= min(a["speedup_hi"], b["speedup_hi"])  # intervals overlap
 
 
 def test_ablation_validation_failure_leaves_no_folder(tiny_checkpoint, tmp_path):
@@ -231,7 +290,7 @@ def test_ablation_ctrl_c_says_what_was_saved(tiny_checkpoint, tmp_path, prompt_f
 
     monkeypatch.setattr(ablate, "evaluate", interrupt_second)
     argv = ablate_args(tiny_checkpoint[0], tmp_path / "abl", prompt_file, thresholds=[0.0, 0.5, 1.0],
-                       measures=["max-prob"], repeats=[1])
+                       measures=["max-prob"], repeats=[2])
     with pytest.raises(SystemExit) as stop:
         ablate.main(argv)
     assert stop.value.code == 130

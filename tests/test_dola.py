@@ -66,9 +66,11 @@ def test_each_row_takes_its_own_premature_layer(checkpoints):
     premature[2, 1] = final[1]  # row 1's candidate 2 equals the final distribution: never the most divergent
     chosen = js_divergence(final, premature).argmax(0)
     assert chosen[1] != 2
-    per_row = torch.stack([dola_scores(final[b:b + 1], premature[chosen[b]:chosen[b] + 1, b:b + 1])[0]
+    per_row = torch.stack([dola_scores(final[b:b + 1], premature[chosen[b]:chosen[b] + 1, b:b + 1])[0][0]
                            for b in range(3)])
-    torch.testing.assert_close(dola_scores(final, premature), per_row)
+    scores, best = dola_scores(final, premature)
+    torch.testing.assert_close(scores, per_row)
+    assert best.tolist() == chosen.tolist()
 
 
 def test_multi_exit_dola_and_errors(tiny_checkpoint, capsys):
@@ -145,3 +147,36 @@ def test_drop_in_takes_one_layer_per_batch_as_transformers(checkpoints):
                                   dola_layers=case["dola_layers"], eos_token_id=None).tokens
         differs += per_row != case["tokens"]
     assert differs > 0  # the batch rule changes some rows' tokens here: both rules are exercised
+
+
+@pytest.mark.parametrize("engine", ["eager", "static"])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_each_token_reports_its_premature_layer(checkpoints, engine, per_batch):
+    """result.premature_layers[b][t]: the candidate with the largest Jensen-Shannon divergence from the final
+    distribution at token t of row b, recomputed here from one teacher-forced pass over each row's prompt and output
+    (every layer's states); with per_batch, every row of a step reports the batch's one choice. The JSON output
+    carries it with its histogram."""
+    from mexit.decoding.dola import DolaMode
+    from mexit.decoding.fixed import DecodeConfig, teacher_forced
+
+    lm = mexit.load(checkpoints["tied-12"], dtype="fp32", backend="torch", engine=engine)
+    prompts = [r["prompt"] for r in RECORDED["checkpoints"]["tied-12"]["runs"][:3]]
+    dola = DolaConfig("high", per_batch=per_batch)
+    out = lm.generate(prompts, 8, decode=dola, eos_token_id=None)
+    mode = DolaMode(lm.model, dola)
+    assert len(set(map(tuple, out.premature_layers))) > 1 or per_batch  # rows differ: not one constant
+    for b, (prompt, tokens) in enumerate(zip(prompts, out.tokens)):
+        ids = torch.tensor([prompt + tokens[:-1]])
+        _, states = teacher_forced(lm.model, DecodeConfig(), ids, torch.ones_like(ids, dtype=torch.bool),
+                                   every_layer=True)
+        positions = range(len(prompt) - 1, ids.shape[1])
+        final = lm.model.head_logits(states[12][0, positions], "original")
+        premature = torch.stack([mode.premature_logits(layer, states[layer][0, positions]) for layer in
+                                 mode.candidates])
+        expected = [mode.candidates[i] for i in js_divergence(final, premature).argmax(0).tolist()]
+        assert len(out.premature_layers[b]) == len(tokens)
+        if not per_batch:
+            assert out.premature_layers[b] == expected, b
+    if per_batch:
+        assert all(len(set(step)) == 1 for step in zip(*out.premature_layers))
+    assert set(x for row in out.premature_layers for x in row) <= set(mode.candidates)

@@ -1,8 +1,10 @@
 """Sweeps and data sets on a Ray cluster (a local one with 2 CPU workers, started here): the same rows and files
 as one process writes, a worker killed mid-sweep losing nothing, and resumption."""
 
+import csv
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -32,7 +34,7 @@ def prompts(tmp_path):
 
 
 def sweep_args(folder, out, prompts, *extra):
-    return ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "12", "--repeats", "1",
+    return ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "12", "--repeats", "2",
             "--thresholds", "0.0", "0.3", "0.6", "1.0", "--measures", "max-prob", "cosine", "--out", str(out),
             "--quiet", "--no-plot", *extra]
 
@@ -86,6 +88,21 @@ def test_ablation_on_ray_equals_one_process_and_loses_nothing(cluster, tiny_chec
     assert ablate.main(sweep_args(folder, tmp_path / "ray", prompts, "--ray")) == 0  # a rerun: nothing to do
     assert "8 settings, 8 already in" in capsys.readouterr().err
     assert len((tmp_path / "ray" / "ablation.jsonl").read_text().splitlines()) == 8
+    points = [[row["point"] for row in csv.DictReader((tmp_path / name / "ablation.csv").open())]
+              for name in ("one", "ray")]
+    assert points[0] == points[1]  # identical work grouped alike: the findings read the same kind of data
+
+    # a run resumes whatever the executor: one machine's file cut to 3 rows resumed on Ray, and the reverse
+    for first, then in (("one", ["--ray"]), ("ray", [])):
+        mixed = tmp_path / f"from-{first}"
+        mixed.mkdir()
+        lines = (tmp_path / first / "ablation.jsonl").read_text().splitlines(keepends=True)
+        (mixed / "ablation.jsonl").write_text("".join(lines[:3]))
+        shutil.copy(tmp_path / first / "ablation.jsonl.settings.json", mixed)
+        capsys.readouterr()
+        assert ablate.main(sweep_args(folder, mixed, prompts, *then)) == 0
+        assert "8 settings, 3 already in" in capsys.readouterr().err
+        assert read_rows(mixed).keys() == alone.keys()
 
 
 def test_bad_settings_on_ray_are_one_error(cluster, tiny_checkpoint, tmp_path, prompts):

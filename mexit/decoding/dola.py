@@ -112,11 +112,12 @@ def js_divergence(final: torch.Tensor, premature: torch.Tensor) -> torch.Tensor:
 
 
 def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: float = 0.1,
-                batch_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """final: [B, V] fp32 logits of the last layer; premature: [C, B, V] of the candidates -> [B, V] DoLa scores,
-    each row contrasted with its own most divergent candidate, or (batch_rows: [B] bool, the rows that count) all
-    rows with the candidate most divergent on average over those rows."""
+                batch_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """final: [B, V] fp32 logits of the last layer; premature: [C, B, V] of the candidates -> ([B, V] DoLa scores,
+    [B] int64 the candidate each row was contrasted with): each row's own most divergent candidate, or (batch_rows:
+    [B] bool, the rows that count) all rows with the candidate most divergent on average over those rows."""
     if premature.shape[0] == 1:
+        best = torch.zeros(final.shape[0], dtype=torch.long, device=final.device)
         chosen = premature[0]
     else:
         js = js_divergence(final, premature)  # [C, B]
@@ -128,11 +129,13 @@ def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: floa
             best = mean.argmax().expand(final.shape[0])
         chosen = premature.gather(0, best[None, :, None].expand(1, *final.shape))[0]
     final, chosen = relative_top_filter(final, chosen, relative_top)
-    return final - chosen
+    return final - chosen, best
 
 
 class DolaMode(OneStep):
-    """A DoLa decode step: every layer runs; the original head and the candidates' logits give the scores."""
+    """A DoLa decode step: every layer runs; the original head and the candidates' logits give the scores. Each
+    row's premature layer per token is kept on the device (`buffers`: [B, steps] int64) and reported as
+    `GenerationResult.premature_layers`."""
 
     def __init__(self, model: MultiExitGPT2, dola: DolaConfig):
         self.model, self.config = model, dola
@@ -141,6 +144,11 @@ class DolaMode(OneStep):
         self.stops = sorted({*self.candidates, final})
         self.depth = final
         self.full_heads = 1 + len(self.candidates)  # the final head and every candidate's
+        self.layer_ids = torch.tensor(self.candidates, device=model.device)
+
+    def buffers(self, rows: Rows) -> torch.Tensor:
+        """[B, steps] int64: the premature layer each row contrasted with at each step."""
+        return torch.zeros(rows.io.out.shape, dtype=torch.long, device=rows.io.out.device)
 
     def premature_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.heads == "exit":
@@ -153,7 +161,13 @@ class DolaMode(OneStep):
         premature = torch.stack([self.premature_logits(layer, states[layer]) for layer in self.candidates])
         # the rows still running (padding rows are finished from the prefill): a tensor, so a captured step replays it
         batch_rows = ~rows.io.finished if self.config.per_batch else None
-        scores = rows.penalize(dola_scores(final, premature, self.config.relative_top, batch_rows))
+        scores, best = dola_scores(final, premature, self.config.relative_top, batch_rows)
+        rows.buffers.index_copy_(1, rows.io.step, self.layer_ids[best][:, None])
+        scores = rows.penalize(scores)
         if rows.keep_logits:
             rows.keep(scores)
         rows.emit(rows.choose(scores.argmax(dim=-1), scores if rows.sampling.do_sample else None))
+
+    def describe(self, rows: Rows, result) -> None:
+        layers = rows.buffers[: rows.real_rows].tolist()
+        result.premature_layers = [row[: len(t)] for row, t in zip(layers, result.tokens)]

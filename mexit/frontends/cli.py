@@ -451,13 +451,16 @@ def file_summary(out, summary: dict) -> str:
     seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
     bad = f", {summary['bad']} bad prompt(s) written as errors" if summary["bad"] else ""
     line = f"wrote {out}: {summary['written']} prompts ({summary['skipped']} already there{bad}{seed})"
-    layers = [x for text in Path(out).read_text().splitlines() for x in json.loads(text).get("exit_layers", [])] \
-        if Path(out).exists() else []
-    if layers:
-        from mexit.decoding.stats import exit_histogram
+    from mexit.decoding.stats import exit_histogram
 
+    rows = [json.loads(text) for text in Path(out).read_text().splitlines()] if Path(out).exists() else []
+    layers = [x for row in rows for x in row.get("exit_layers", [])]
+    if layers:
         line += (f"\n# early exit over the file: mean exit layer {sum(layers) / len(layers):.2f}; tokens per exit "
                  f"layer {exit_histogram([layers])}")
+    premature = [x for row in rows for x in row.get("premature_layers", [])]
+    if premature:
+        line += f"\n# DoLa over the file: tokens per premature layer {exit_histogram([premature])}"
     return line
 
 
@@ -622,6 +625,11 @@ def run_generate(args) -> int:
         if result.drafted is not None:
             payload["drafted"] = result.drafted
             payload["speculative"] = result.stats
+        if result.premature_layers is not None:
+            from mexit.decoding.stats import exit_histogram
+
+            payload["premature_layers"] = result.premature_layers
+            payload["dola"] = dict(premature_layer_histogram=exit_histogram(result.premature_layers))
         print(json.dumps(strict_json(payload), allow_nan=False))
         return 0
     if result.seed is not None and args.seed is None:
@@ -631,6 +639,8 @@ def run_generate(args) -> int:
         if result.exit_layers is not None:
             layers = result.exit_layers[b]
             print(f"# exit layers: {layers} (mean {sum(layers) / len(layers):.2f} of {lm.config.n_layer})")
+        if result.premature_layers is not None:
+            print(f"# DoLa premature layers: {result.premature_layers[b]}")
     if result.exit_layers is not None and result.stats.get("weight_bytes_ratio") is not None:
         print(f"# early exit: weight reads {result.stats['weight_bytes_ratio']:.2f}x of full depth (the byte ratio, "
               "not a time ratio: `mexit ablate` times both)")

@@ -3,10 +3,10 @@ resumable (`mexit generate --prompts-file`).
 
 Input: a text file with one prompt per line, or JSONL with one object per line holding "prompt" (text) or
 "input_ids" (token ids) and optionally "id". Output: JSONL, one object per prompt with its index, id, prompt,
-tokens (and text, exit layers, drafted flags where the mode has them), written as each batch finishes. A rerun
-skips the prompts the file already holds. Sampled runs give row i the seed `seed + i`, so a prompt gets the same
-tokens whatever the batch size, the resume point or the machine. `mexit.frontends.cluster.generate_file_on_ray`
-spreads the same over a Ray cluster."""
+tokens (and text, exit layers, drafted flags, DoLa's premature layers where the mode has them), written as each
+batch finishes. A rerun skips the prompts the file already holds. Sampled runs give row i the seed `seed + i`, so
+a prompt gets the same tokens whatever the batch size, the resume point or the machine.
+`mexit.frontends.cluster.generate_file_on_ray` spreads the same over a Ray cluster."""
 
 from __future__ import annotations
 
@@ -98,20 +98,27 @@ def refuse_bad_prompts(path, records: list[dict], bad: dict[int, str]) -> None:
                      "and generates the others)")
 
 
+def complete_lines(out: Path, redo: str) -> str:
+    """The text of a JSON-lines file an earlier run wrote, without a partial last line (a write cut short by a kill,
+    an out-of-memory or a full disk: every row is written with its line end), which is dropped from the file with a
+    warning ending in `redo`."""
+    text = out.read_text()
+    if text and not text.endswith("\n"):
+        keep = text[: text.rfind("\n") + 1]
+        if all(_json(line) is not None for line in keep.splitlines()):  # else not our file: the caller refuses it
+            warnings.warn(f"{out}: dropped a partial last line (an interrupted write); {redo}", stacklevel=3)
+            out.write_text(keep)
+            text = keep
+    return text
+
+
 def finished_indices(out: Path, records: list[dict]) -> set[int]:
     """Indices an earlier run already wrote to `out` (each checked against this prompts file). A partial last line
     (a write cut short by a kill, an out-of-memory or a full disk) is dropped from the file, with a warning: its
     prompt is generated again."""
     if not out.exists():
         return set()
-    text = out.read_text()
-    if text and not text.endswith("\n"):  # every row is written with its line end: this one was cut short
-        keep = text[: text.rfind("\n") + 1]
-        if all(_json(line) is not None for line in keep.splitlines()):  # else not our file: refused below
-            warnings.warn(f"{out}: dropped a partial last line (an interrupted write); its prompt is generated again",
-                          stacklevel=3)
-            out.write_text(keep)
-            text = keep
+    text = complete_lines(out, "its prompt is generated again")
     done = set()
     for n, line in enumerate(text.splitlines()):
         row = _json(line)
@@ -173,7 +180,8 @@ def check_settings(out, settings: dict, resuming: bool) -> None:
 
 def generate_rows(lm, records: list[dict], seed: int | None, **generate_kw) -> list[dict]:
     """One generate call for `records` (read_prompt_file's); each output row is its record plus tokens (and text,
-    exit layers, drafted flags where the mode has them). Sampled: row i samples with seed + i (and says so)."""
+    exit layers, drafted flags, premature layers where the mode has them). Sampled: row i samples with seed + i (and
+    says so)."""
     sampling = generate_kw.get("do_sample") or lm.defaults.get("do_sample")
     prompts = [r["prompt"] if "prompt" in r else r["input_ids"] for r in records]
     if len({"prompt" in r for r in records}) > 1:  # text and ids in one batch: ids for all
@@ -189,6 +197,8 @@ def generate_rows(lm, records: list[dict], seed: int | None, **generate_kw) -> l
             row["exit_layers"] = result.exit_layers[b]
         if result.drafted is not None:
             row["drafted"] = result.drafted[b]
+        if result.premature_layers is not None:
+            row["premature_layers"] = result.premature_layers[b]
         if sampling:
             row["seed"] = seeds[b]
         rows.append(row)
