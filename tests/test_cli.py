@@ -179,6 +179,31 @@ def test_json_says_what_a_run_read_against_the_full_model(tiny_checkpoint, capsy
     ee = out["early_exit"]
     assert ee["exit_histogram"] == {"2": 6} and ee["mean_exit_layer"] == 2 and ee["blocks_read_per_step"] == 2
     assert ee["weight_bytes_ratio"] == out["weight_bytes_ratio"] < 1
+    assert ee["time_ratio"] is None and "--time-full-depth" in ee["time_note"]
+    timed = run("--mode", "early-exit", "--threshold", "0.0", "--exits", "2", "--time-full-depth")["early_exit"]
+    assert timed["timed_pairs"] == 3 and timed["time_ratio_min"] <= timed["time_ratio"] <= timed["time_ratio_max"]
+    assert timed["time_ratio"] == pytest.approx(timed["ms_per_token"] / timed["full_depth_ms_per_token"], rel=0.5)
+    assert main([*base[:-1], "--mode", "early-exit", "--threshold", "1.0", "--time-full-depth"]) == 0
+    assert "decode time" in capsys.readouterr().out
+    assert main([*base, "--time-full-depth"]) == 2
+    assert "apply to --mode early-exit" in capsys.readouterr().err
+
+
+def test_a_data_set_run_reports_dola_layers_and_early_exit_time(tiny_checkpoint, tmp_path, capsys):
+    """A prompts-file run's rows carry DoLa's premature layers and its summary their histogram; with early exit,
+    --time-full-depth times the file's first batch against full depth."""
+    data = tmp_path / "data.txt"
+    data.write_text("one prompt\nanother prompt here\nthird\n")
+    common = ["generate", "--model", str(tiny_checkpoint[0]), "--prompts-file", str(data), "--max-new-tokens", "5",
+              "--no-eos", "--batch", "2"]
+    assert main([*common, "--out", str(tmp_path / "d.jsonl"), "--mode", "dola", "--dola-layers", "2,3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert all(len(r["premature_layers"]) == 5 and set(r["premature_layers"]) <= {2, 3} for r in rows)
+    assert "# DoLa over the file: tokens per premature layer" in capsys.readouterr().out
+    assert main([*common, "--out", str(tmp_path / "e.jsonl"), "--mode", "early-exit", "--threshold", "0.5",
+                 "--time-full-depth"]) == 0
+    out = capsys.readouterr().out
+    assert "# early exit over the file" in out and "against full depth (the file's first batch): decode time" in out
 
 
 def test_a_flag_that_would_be_dropped_is_refused(tiny_checkpoint, capsys):

@@ -45,6 +45,21 @@ def test_batch_equals_single_rows(tiny_checkpoint, case):
     assert batch == singles
 
 
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_a_rows_fp32_logits_in_a_batch_are_its_own_to_1e_5(tiny_checkpoint, engine):
+    """What the README says of batches: a row's fp32 logits in a batch agree with its logits alone to about 1e-5
+    (another matmul kernel, a longer masked cache: not bit for bit), so only near-ties and near-boundary draws can
+    differ."""
+    lm = mexit.load(tiny_checkpoint[0], dtype="fp32", engine=engine)
+    together = lm.generate(PROMPTS, 8, eos_token_id=None, keep_logits=True)
+    for row, prompt in enumerate(PROMPTS):
+        alone = lm.generate([prompt], 8, eos_token_id=None, keep_logits=True)
+        assert alone.tokens[0] == together.tokens[row]
+        a = torch.stack([step[0] for step in alone.logits])
+        b = torch.stack([step[row] for step in together.logits])
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
 def test_autocontrastive_gen_names(tiny_checkpoint):
     lm = mexit.load(tiny_checkpoint[0])
     ours = lm.generate(PROMPTS, max_new_tokens=6, contrast=("original", 2)).tokens

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import math
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -188,6 +189,10 @@ def add_generate_parser(sub) -> None:
     ee.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
                     help="fast path: a CUDA graph per segment between checks (one flag read each), or the whole "
                          "step one graph with kernels that skip past the exit (needs the triton backend)")
+    ee.add_argument("--time-full-depth", action="store_true",
+                    help="also time full depth on the same prompts (a data set: its first batch), interleaved with "
+                         "this setting (3 pairs after one untimed call), and report the decode time ratio: the "
+                         "weight-byte ratio does not predict time")
     p.add_argument("--json", action="store_true", help="print one strict JSON object (with timings)")
     p.set_defaults(run=run_generate)
 
@@ -195,7 +200,7 @@ def add_generate_parser(sub) -> None:
 def early_exit_only(args) -> list[str]:
     """Early-exit flags set away from their defaults."""
     defaults = dict(threshold=None, measure="max-prob", exits=None, min_layer=1, decay_tau=None,
-                    propagation="eager", schedule="segments")
+                    propagation="eager", schedule="segments", time_full_depth=False)
     return [name for name, default in defaults.items() if getattr(args, name) != default]
 
 
@@ -446,6 +451,39 @@ def exit_summary(exit_layers: list[list[int]], stats: dict) -> dict:
                 exit_histogram=exit_histogram(exit_layers))
 
 
+def full_depth_time_ratio(lm, prompts, kw: dict, seed, passes: int = 3) -> dict:
+    """The early-exit setting's decode time per token against full depth's (the original head) on `prompts`: one
+    untimed call of full depth (the setting has run), then `passes` pairs timed in alternating order on the device
+    clock (`Timer`: the steps after the first token). time_ratio: the median of the pairs' ratios (< 1: faster)."""
+    full_kw = {k: v for k, v in kw.items() if k != "early_exit"}
+
+    def per_token(settings: dict) -> float:
+        timer = Timer(lm.model.device)
+        timer.begin()
+        out = lm.generate(prompts, seed=seed, on_token=timer.on_token, **settings)
+        ms = timer.report(len(out.tokens))["ms_per_token"]
+        if ms is None:
+            raise UsageError("--time-full-depth needs at least 2 new tokens per row to time decode steps")
+        return ms
+
+    per_token(full_kw)
+    pairs = []
+    for i in range(passes):
+        first, second = (kw, full_kw) if i % 2 else (full_kw, kw)
+        a, b = per_token(first), per_token(second)
+        pairs.append((a, b) if first is kw else (b, a))
+    ratios = [ee / full for ee, full in pairs]
+    return dict(time_ratio=statistics.median(ratios), time_ratio_min=min(ratios), time_ratio_max=max(ratios),
+                full_depth_ms_per_token=statistics.median(full for _, full in pairs),
+                ms_per_token=statistics.median(ee for ee, _ in pairs), timed_pairs=passes)
+
+
+def time_note(t: dict) -> str:
+    return (f"decode time {t['time_ratio']:.2f}x full depth's ({t['time_ratio_min']:.2f}..{t['time_ratio_max']:.2f} "
+            f"over {t['timed_pairs']} interleaved pairs; {t['ms_per_token']:.3f} vs {t['full_depth_ms_per_token']:.3f} "
+            "ms/token)")
+
+
 def file_summary(out, summary: dict) -> str:
     """What a data-set run wrote; with early exit, the file's exit layers (mean and histogram over its tokens)."""
     seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
@@ -598,10 +636,18 @@ def run_generate(args) -> int:
             summary = generate_file(lm, args.prompts_file, args.out, args.batch, seed=args.seed,
                                     skip_bad=args.skip_bad_prompts, **kw)
         print(file_summary(args.out, summary))
+        if args.time_full_depth:
+            from mexit.frontends.datasets import read_prompt_file
+
+            first = [r["prompt"] if "prompt" in r else r["input_ids"] for r in
+                     read_prompt_file(args.prompts_file)[: args.batch]]
+            print(f"# early exit against full depth (the file's first batch): "
+                  f"{time_note(full_depth_time_ratio(lm, first, kw, args.seed))}")
         return 0
     timer.begin()
     result = lm.generate(prompts, seed=args.seed, on_token=timer.on_token, **kw)
     timing = timer.report(len(result.tokens))
+    against = full_depth_time_ratio(lm, prompts, kw, result.seed) if args.time_full_depth else None
     if args.stream:
         timer.write_stream(final=True)
         return 0
@@ -617,7 +663,8 @@ def run_generate(args) -> int:
             payload["weight_bytes_ratio"] = stats["weight_bytes_ratio"]
         if result.exit_layers is not None:
             payload["exit_layers"] = result.exit_layers
-            payload["early_exit"] = exit_summary(result.exit_layers, stats)
+            payload["early_exit"] = dict(exit_summary(result.exit_layers, stats), **(against or dict(
+                time_ratio=None, time_note="not measured: add --time-full-depth")))
             payload["confidences"] = result.confidences
             payload["confidences_note"] = (
                 f"confidence ({args.measure}) measured at the exit that fired; null where it is undefined. Tokens "
@@ -643,7 +690,8 @@ def run_generate(args) -> int:
             print(f"# DoLa premature layers: {result.premature_layers[b]}")
     if result.exit_layers is not None and result.stats.get("weight_bytes_ratio") is not None:
         print(f"# early exit: weight reads {result.stats['weight_bytes_ratio']:.2f}x of full depth (the byte ratio, "
-              "not a time ratio: `mexit ablate` times both)")
+              "not a time ratio: " + (f"{time_note(against)})" if against else "--time-full-depth or `mexit ablate` "
+                                      "times both)"))
     if result.drafted is not None:
         st = result.stats
         print(f"# speculative: acceptance {st['acceptance_rate'] or 0:.2f}, "
