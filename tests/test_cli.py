@@ -214,3 +214,14 @@ def test_a_flag_that_would_be_dropped_is_refused(tiny_checkpoint, capsys):
     assert "--input-ids was given twice" in capsys.readouterr().err
     assert main(["generate", *model, "--input-ids", "1,2", "--batch", "4"]) == 2
     assert "--batch goes with --prompts-file" in capsys.readouterr().err
+
+
+def test_several_prompts_print_apart(tiny_checkpoint, capsys):
+    """A text spans lines: with several prompts each row's output follows a `# row N: prompt` line."""
+    assert main(["generate", "--model", str(tiny_checkpoint[0]), "--prompt", "a b", "--prompt", "c",
+                 "--max-new-tokens", "3", "--no-eos"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "# row 0: 'a b'" and "# row 1: 'c'" in out
+    assert main(["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "1,2", "--input-ids", "3",
+                 "--max-new-tokens", "2", "--no-eos"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "# row 0"

@@ -682,6 +682,8 @@ def run_generate(args) -> int:
     if result.seed is not None and args.seed is None:
         print(f"# seed {result.seed} (pass --seed {result.seed} to repeat this run)", file=sys.stderr)
     for b, tokens in enumerate(result.tokens):
+        if len(result.tokens) > 1:  # rows apart: a text may span lines
+            print(f"# row {b}" + (f": {prompts[b]!r}" if isinstance(prompts[b], str) else ""))
         print(result.text[b] if result.text is not None else ",".join(map(str, tokens)))
         if result.exit_layers is not None:
             layers = result.exit_layers[b]
