@@ -108,6 +108,11 @@ def settings(args, model) -> list[dict]:
             exits = f"draft {spec.draft_exit}" + (f" vocab {n}" if n else "")
             out.append(dict(measure="speculative", threshold=spec.draft_threshold, exits=exits, decay_tau=None,
                             draft_len=spec.draft_len, generate_kw=dict(speculative=spec)))
+    names = [describe(setting) for setting in out]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"setting {twice[0]!r} is listed twice (a repeated threshold, measure or exit set): list "
+                         "each once")
     return out
 
 
@@ -170,10 +175,10 @@ def repetition_rate(tokens: list[int], n: int = 4) -> float:
 
 def timed_pairs(lm, ids, setting, args, stats: dict) -> tuple[list, list, list]:
     """`args.repeats` passes over the prompts, each timing the setting and the full-depth reference batch by batch,
-    interleaved in alternating order (reference first on even batches of even passes, the setting first otherwise:
-    drift falls on both; the garbage collector paused); a pass gives one pair [reference seconds, setting seconds]
-    of its totals. Returns (pairs, the setting's tokens and exit layers per prompt from the first pass); stats: its
-    weight reads."""
+    interleaved in alternating order (the reference first where pass + batch index is even, the setting first
+    otherwise: drift falls on both; the garbage collector paused); a pass gives one pair [reference seconds,
+    setting seconds] of its totals. Returns (pairs, the setting's tokens and exit layers per prompt from the first
+    pass); stats: its weight reads."""
     import gc
 
     chunks = [ids[i: i + args.batch] for i in range(0, len(ids), args.batch)]
@@ -181,22 +186,31 @@ def timed_pairs(lm, ids, setting, args, stats: dict) -> tuple[list, list, list]:
     for repeat in range(args.repeats):
         gc.collect()  # no collector pause inside a pass (timeit's rule)
         gc.disable()
-        ref_total = total = 0.0
-        for c, chunk in enumerate(chunks):
-            reference_first = (repeat + c) % 2 == 0
-            if reference_first:
-                ref_total += timed_generate(lm, chunk, args.batch, args.max_new_tokens)[2]
-            t, layer, seconds = timed_generate(lm, chunk, args.batch, args.max_new_tokens,
-                                               stats=stats if repeat == 0 else None, **setting["generate_kw"])
-            if not reference_first:
-                ref_total += timed_generate(lm, chunk, args.batch, args.max_new_tokens)[2]
-            total += seconds
-            if repeat == 0:
-                tokens += t
-                layers += layer
-        gc.enable()
+        try:
+            ref_total, total = timed_pass(lm, chunks, setting, args, repeat, stats, tokens, layers)
+        finally:
+            gc.enable()
         pairs.append([ref_total, total])
     return pairs, tokens, layers
+
+
+def timed_pass(lm, chunks, setting, args, repeat: int, stats: dict, tokens: list, layers: list) -> tuple:
+    """One pass: (reference seconds, setting seconds) summed over the batches; the first pass keeps the setting's
+    tokens, exit layers and weight reads."""
+    ref_total = total = 0.0
+    for c, chunk in enumerate(chunks):
+        reference_first = (repeat + c) % 2 == 0
+        if reference_first:
+            ref_total += timed_generate(lm, chunk, args.batch, args.max_new_tokens)[2]
+        t, layer, seconds = timed_generate(lm, chunk, args.batch, args.max_new_tokens,
+                                           stats=stats if repeat == 0 else None, **setting["generate_kw"])
+        if not reference_first:
+            ref_total += timed_generate(lm, chunk, args.batch, args.max_new_tokens)[2]
+        total += seconds
+        if repeat == 0:
+            tokens += t
+            layers += layer
+    return ref_total, total
 
 
 def quality(lm, ids, tokens, reference) -> dict:
@@ -218,7 +232,8 @@ def evaluate(lm, ids, setting, reference, args) -> dict:
     from mexit.bench.findings import speedup_interval
     from mexit.decoding.stats import exit_histogram
 
-    timed_generate(lm, ids[: args.batch], args.batch, 2, **setting["generate_kw"])  # warm this path
+    for chunk in {len(c): c for c in (ids[: args.batch], ids[-(len(ids) % args.batch or args.batch):])}.values():
+        timed_generate(lm, chunk, args.batch, args.max_new_tokens, **setting["generate_kw"])  # warm each bucket
     stats = {}
     pairs, tokens, layers = timed_pairs(lm, ids, setting, args, stats)
     flat = [x for row in layers for x in row]
@@ -319,6 +334,9 @@ def finished_rows(log: Path) -> dict[str, dict]:
         if not isinstance(row, dict) or "key" not in row:
             raise ValueError(f"{log} line {n + 1} is not an ablation row: not a file this command wrote; use another "
                              "--out")
+        if "pairs" not in row and row.get("measure") != "full depth":
+            raise ValueError(f"{log} line {n + 1} was written by an older mexit (no timing passes or per-prompt "
+                             "quality): use another --out")
         rows[row["key"]] = row
     return rows
 

@@ -38,10 +38,11 @@ def t975(df: int) -> float:
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t interval of the mean of `values` (one value: low = high = mean)."""
+    """(mean, low, high): the 95% t interval of the mean of `values` (one value says nothing of the noise: an
+    unbounded interval)."""
     m = statistics.fmean(values)
     if len(values) < 2:
-        return m, m, m
+        return m, -math.inf, math.inf
     half = t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return m, m - half, m + half
 

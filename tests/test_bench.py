@@ -146,6 +146,16 @@ def test_a_truncated_ablation_file_resumes_to_the_same_rows(tiny_checkpoint, tmp
         assert [[r[k] for k in same] for r in resumed] == [[r[k] for k in same] for r in original], cut
 
 
+def test_an_ablation_file_of_an_older_mexit_is_refused(tiny_checkpoint, tmp_path, prompt_file):
+    """Rows without timing passes or per-prompt quality cannot give findings: refused by name before any work."""
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "ablation.jsonl").write_text(json.dumps({"key": "x|max-prob|0.5|all|None", "measure": "max-prob",
+                                                    "speedup": 1.0, "speedup_min": 0.9}) + "\n")
+    with pytest.raises(ValueError, match="written by an older mexit"):
+        ablate.main(ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.5]))
+
+
 def test_ablation_findings_beyond_the_noise():
     """The front from synthetic rows: a setting whose interval reaches 1.0 is not worth using; a faster one with
     the same quality beats a slower one only beyond the speed margin; identical work is one point."""
@@ -182,6 +192,7 @@ def test_ablation_findings_beyond_the_noise():
     (dict(thresholds=[1.5]), r"threshold for max-prob must be in \[0, 1\]"),
     (dict(**{"exit-sets": ["a,b"]}), "exit set 'a,b'"),
     (dict(schedule=["predicated"], engine=["static"], backend=["torch"]), "predicated early-exit schedule needs"),
+    (dict(thresholds=[0.5, 0.5], measures=["max-prob"]), "'max-prob >= 0.5, exits all' is listed twice"),
 ])
 def test_ablation_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, prompt_file, kw, message):
     with pytest.raises(ValueError, match=message):

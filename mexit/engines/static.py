@@ -71,6 +71,7 @@ class StaticState(DecodeState):
         self.in_piece = False
         self.flags_read = None
         self.tested = None  # the checked exit the last segment ended at
+        self.committed = False  # whether that check's commit ran
         self.compile_layers = compile_layers
         self.blocks: dict = {}  # (start, end) -> the blocks' function (torch.compile'd with compile_layers)
         d = self.model.config.n_embd
@@ -107,7 +108,7 @@ class StaticState(DecodeState):
         self.flags_read = None  # a piece may decide: the next check reads the flags anew
         if isinstance(key, tuple) and key[0] == "segment":
             layer = self.mode.stops[key[1]]
-            self.tested = layer if layer in self.mode.checked else None
+            self.tested, self.committed = (layer if layer in self.mode.checked else None), False
         if self.in_piece or self.prefilling:
             fn()
             return
@@ -229,8 +230,9 @@ class StaticState(DecodeState):
                 return self.flags_read
             fired, running = self.read(self.exits.masks)
             flags = [any(fired), any(r and not f for f, r in zip(fired, running))]
-            if flags[0]:
+            if flags[0] and not self.committed:  # once per check (a fired_head launch reads the masks again)
                 self.launch(("commit", self.tested), self.commit_piece(self.tested))
+                self.committed = True
             self.flags_read = flags
         return self.flags_read
 

@@ -238,6 +238,8 @@ def check_generate_flags(args) -> None:
         raise UsageError(f"--exits lists a layer twice: {args.exits}")
     if args.stream and args.json:
         raise UsageError("--stream and --json are exclusive (JSON is printed once at the end)")
+    if args.time_full_depth and (args.stream or args.ray):
+        raise UsageError("--time-full-depth times this machine's generate calls: not with --stream or --ray")
     if args.prompts_file and not args.out:
         raise UsageError("--prompts-file needs --out (the JSONL the results go to)")
     if args.out and not args.prompts_file:
