@@ -308,7 +308,7 @@ class DecodeState:
         """Whether a check tests before it decides: on the torch backend a decode step's check is its confidence
         and one comparison (`test`), and the decision's bookkeeping (`commit`) runs only when a row fires, so a check
         that does not fire costs what it reads; the triton backend decides in one kernel."""
-        return not self.backend.triton and not self.prefilling
+        return self.prefill_states is None and not self.backend.triton
 
     def decide(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None, hidden: torch.Tensor,
                probe: tuple | None = None) -> None:

@@ -80,6 +80,10 @@ class StaticState(DecodeState):
         if self.exits is not None and not self.predicated:
             self.h = torch.zeros(self.rows, d, dtype=self.model.dtype, device=self.model.device)
         self.h_pending = None
+        self.spans = []  # per segment: (first block, end block), read on every launch
+        if self.exits is not None:
+            stops = self.mode.stops
+            self.spans = [(stops[i - 1] if i else 0, stop) for i, stop in enumerate(stops)]
         if self.exits is not None and self.mode.policy.propagation == "deferred":
             self.h_pending = torch.zeros(self.rows, self.cache.k.shape[3], d, dtype=self.model.dtype,
                                          device=self.model.device)
@@ -106,36 +110,33 @@ class StaticState(DecodeState):
         """Replay the piece's graph when captured, else run it. Inside a piece (the predicated step) or the
         prompt's step, pieces are plain calls."""
         self.flags_read = None  # a piece may decide: the next check reads the flags anew
-        if isinstance(key, tuple) and key[0] == "segment":
-            layer = self.mode.stops[key[1]]
+        segment = type(key) is tuple and key[0] == "segment"
+        if segment:
+            layer = self.spans[key[1]][1]
             self.tested, self.committed = (layer if layer in self.mode.checked else None), False
-        if self.in_piece or self.prefilling:
+        if self.in_piece or self.prefill_states is not None:
             fn()
             return
         self.count(key)
-        if self.pending is not None and key[0] == "segment":  # deferred keys/values those blocks are about to read
-            self.pending.fill(*self.segment_blocks(key[1]))
+        if self.pending is not None and segment:  # deferred keys/values those blocks are about to read
+            self.pending.fill(*self.spans[key[1]])
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
         else:
             self.run_piece(key, fn)
 
-    def segment_blocks(self, index: int) -> tuple[int, int]:
-        stops = self.mode.stops
-        return (stops[index - 1] if index else 0), stops[index]
-
     def run_piece(self, key, fn) -> None:
         """A piece between static buffers (the body a graph captures): it starts from the step's input or the
         states the previous segment left, and hands its states on."""
         self.in_piece = True
         try:
-            segment = isinstance(key, tuple) and key[0] == "segment"
-            if key == "step" or segment:
-                start = self.segment_blocks(key[1])[0] if segment else 0
+            span = self.spans[key[1]] if type(key) is tuple and key[0] == "segment" else None
+            if key == "step" or span:
+                start = span[0] if span else 0
                 self.layer, self.current = start, (self.h if start else self.io.h0)
             fn()
-            if segment and self.segment_blocks(key[1])[1] != self.mode.depth:
+            if span and span[1] != self.mode.depth:
                 self.h.copy_(self.current)
         finally:
             self.in_piece = False
@@ -147,7 +148,7 @@ class StaticState(DecodeState):
         if not isinstance(key, tuple):
             return
         if key[0] == "segment":
-            start, end = self.segment_blocks(key[1])
+            start, end = self.spans[key[1]]
             c["segments"] += 1
             c["weight_blocks"] += end - start
             c["weight_heads"] += end == mode.depth or (end in mode.checked and not mode.head_free)
@@ -186,7 +187,7 @@ class StaticState(DecodeState):
 
     # ---- Rows primitives ----
     def states(self, layer: int) -> torch.Tensor:
-        if self.prefilling:
+        if self.prefill_states is not None:
             return self.prefill_states[layer]
         if layer > self.layer:
             if self.layer == 0 and not self.backend.triton:  # the torch attention reads the slot's validity
