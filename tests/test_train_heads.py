@@ -10,7 +10,8 @@ from tiny_checkpoints import make_hf_checkpoint
 
 import mexit
 from mexit.frontends.cli import main
-from mexit.training.heads import HeadTrainingConfig, TrainingInterrupted, train_heads
+from mexit.training.common import TrainingInterrupted
+from mexit.training.heads import HeadTrainingConfig, train_heads
 
 TEXT = "".join(f"The {w} of the {v} is {u}, and the {v} is not {w}.\n"
                for w in ("king", "queen", "sea", "night", "day", "lord") for v in ("house", "storm", "field")

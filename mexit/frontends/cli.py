@@ -293,7 +293,8 @@ def add_train_heads_parser(sub) -> None:
 
 
 def run_train_heads(args) -> int:
-    from mexit.training.heads import HeadTrainingConfig, TrainingInterrupted, train_heads
+    from mexit.training.common import TrainingInterrupted
+    from mexit.training.heads import HeadTrainingConfig, train_heads
 
     cfg = HeadTrainingConfig(
         model=args.model, data=args.data, out=args.out, exits=tuple(args.exits), eval_data=args.eval_data,

@@ -1,7 +1,12 @@
-"""What the training commands share: text cut into token blocks, the learning-rate schedule, Ctrl-C."""
+"""What the training commands share: text cut into token blocks, the learning-rate schedule, the training loop
+(resume, batches, optimizer and schedule steps, progress, periodic saves, Ctrl-C)."""
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,6 +79,80 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@dataclass
+class Run:
+    """Where a training run stands: what a save writes and a resume restores beside the trained tensors. step:
+    optimizer steps taken; history: per step {"step", "loss"} (a float, or {exit: float}), with "eval" where the
+    held-out data was scored; seconds: wall time inside the steps (device synchronized)."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    total: int
+    step: int = 0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def state(self, config: dict) -> dict:
+        """The loop's part of a saved state (the caller adds its tensors and keys)."""
+        return {"step": self.step, "total_steps": self.total, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "history": self.history, "seconds": self.seconds,
+                "config": config}
+
+    def resume(self, saved: dict) -> None:
+        """Continue from a saved state (`state`'s keys). Error: the saved run is past this run's total steps."""
+        if self.total < saved["step"]:
+            raise ValueError(f"--resume: the saved training is at step {saved['step']}, past this run's "
+                             f"{self.total} steps")
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        self.step, self.history, self.seconds = saved["step"], saved["history"], saved["seconds"]
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return tokens_per_step * self.step / self.seconds if self.seconds else 0.0
+
+
+def train(run: Run, step_loss: Callable, blocks: torch.Tensor, batch_size: int, seed: int, device: torch.device,
+          save: Callable[[], None], saved_to: str, desc: str, tokens_per_step: int, save_every: int = 0,
+          progress: bool = True, after_step: Callable[[dict], str | None] | None = None) -> None:
+    """Steps from `run.step` to `run.total`: the step's batch (`batch_at`), step_loss(batch) -> loss (a float or
+    {exit: float}; its backward done), then the optimizer and schedule steps. after_step(history entry) may add to the
+    entry and return a line to print; save() every `save_every` steps before the last (0: never) and on Ctrl-C,
+    which then raises TrainingInterrupted naming `saved_to` and how to resume."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=run.total, initial=run.step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
+    try:
+        while run.step < run.total:
+            batch = batch_at(blocks, run.step, batch_size, seed).to(device)
+            t0 = time.perf_counter()
+            loss = step_loss(batch)
+            run.opt.step()
+            run.sched.step()
+            run.opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            run.seconds += time.perf_counter() - t0
+            run.step += 1
+            losses = loss if isinstance(loss, dict) else {None: loss}
+            run.history.append({"step": run.step, "loss": {str(k): v for k, v in loss.items()}
+                                if isinstance(loss, dict) else loss})
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.4f}",
+                            tok_s=f"{run.tokens_per_s(tokens_per_step):.0f}")
+            line = after_step(run.history[-1]) if after_step is not None and run.step < run.total else None
+            if line:
+                bar.write(line)
+            if save_every and run.step % save_every == 0 and run.step < run.total:
+                save()
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        raise TrainingInterrupted(f"interrupted at step {run.step} of {run.total}; saved to {saved_to}. Resume with "
+                                  "the same command plus --resume") from None
+    bar.close()
 
 
 def write_token_counts(folder: Path, paths: list[str], overwrite: bool = False):

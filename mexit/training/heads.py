@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from mexit.model.decoder import MultiExitGPT2
 from mexit.model.predictors import PREDICTOR_FILE
 from mexit.model.token_counts import count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, TrainingInterrupted, batch_at, check_text, lr_factor, split_blocks
+from .common import LOGITS_PER_CHUNK, Run, check_text, lr_factor, split_blocks, train
 
 STATE_FILE = "trainer_state.pt"
 
@@ -236,83 +235,51 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     out = Path(cfg.out)
     params = list(trainer.heads.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
-    start_step, history, eval_start, seconds = 0, [], None, 0.0
+    run = Run(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total)), total)
+    eval_start = None
     if cfg.resume:
         saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
         if tuple(saved["exits"]) != trainer.exits:
             raise ValueError(f"--resume: {out} trains exits {saved['exits']}; this run asks for "
                              f"{list(trainer.exits)}")
-        if total < saved["step"]:
-            raise ValueError(f"--resume: {out} is at step {saved['step']}, past this run's {total} steps")
+        run.resume(saved)
         if total != saved["total_steps"]:  # the linear schedule is stretched (or shrunk) to the new length
             warnings.warn(f"--resume: {saved['total_steps']} steps extended to {total}: the learning rate follows "
                           f"the linear schedule of {total} steps from step {saved['step']} on", stacklevel=2)
         with torch.no_grad():
             for L, w in saved["heads"].items():
                 trainer.heads[int(L)].copy_(w)
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        start_step, history = saved["step"], saved["history"]
-        eval_start, seconds = saved["eval_start"], saved["seconds"]
+        eval_start = saved["eval_start"]
     elif out.exists():
         shutil.rmtree(out)
     eval_batch = max(1, cfg.batch_size)
     if eval_start is None:
         eval_start = trainer.evaluate(eval_blocks, eval_batch)
 
-    def state(step):
-        return {"step": step, "exits": list(trainer.exits), "total_steps": total, "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "history": history, "eval_start": eval_start,
-                "seconds": seconds, "config": asdict(cfg)}
+    def state():
+        return {**run.state(asdict(cfg)), "exits": list(trainer.exits), "eval_start": eval_start}
 
-    import sys
+    def evaluate(entry: dict) -> str | None:
+        if cfg.eval_every and entry["step"] % cfg.eval_every == 0:
+            entry["eval"] = trainer.evaluate(eval_blocks, eval_batch)
+            return f"step {entry['step']}: held-out loss " + ", ".join(
+                f"{k}={v['loss']:.3f}" for k, v in entry["eval"].items())
+        return None
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start_step, desc="train-heads", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
-    step = start_step
     tokens_per_step = cfg.batch_size * (cfg.seq_len - 1)
-    try:
-        while step < total:
-            batch = batch_at(blocks, step, cfg.batch_size, cfg.seed).to(device)
-            t0 = time.perf_counter()
-            losses = trainer.step(batch)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - t0
-            step += 1
-            mean_loss = sum(losses.values()) / len(losses)
-            history.append({"step": step, "loss": {str(k): v for k, v in losses.items()}})
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_step * step / seconds:.0f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                history[-1]["eval"] = trainer.evaluate(eval_blocks, eval_batch)
-                bar.write(f"step {step}: held-out loss " + ", ".join(
-                    f"{k}={v['loss']:.3f}" for k, v in history[-1]["eval"].items()))
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_output(out, base, hf_config, trainer, base_state, state(step), None)
-    except KeyboardInterrupt:
-        bar.close()
-        save_output(out, base, hf_config, trainer, base_state, state(step), None)
-        raise TrainingInterrupted(f"interrupted at step {step} of {total}; saved to {out}. Resume with the same "
-                                  "command plus --resume") from None
-    bar.close()
+    train(run, trainer.step, blocks, cfg.batch_size, cfg.seed, device,
+          lambda: save_output(out, base, hf_config, trainer, base_state, state(), None), str(out), "train-heads",
+          tokens_per_step, cfg.save_every, cfg.progress, evaluate)
     report = {
         "base": str(base), "exits": list(trainer.exits), "init": cfg.init,
         "eval_start": eval_start, "eval": trainer.evaluate(eval_blocks, eval_batch),
         "eval_blocks": len(eval_blocks), "train_blocks": len(blocks),
         "training": {"steps": total, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
-                     "warmup_steps": warmup, "device": str(device), "dtype": cfg.dtype, "seconds": seconds,
-                     "tokens_per_s": tokens_per_step * step / seconds if seconds else 0.0,
-                     "final_train_loss": history[-1]["loss"] if history else None},
-        "history": [{"step": h["step"], **({"eval": h["eval"]} if "eval" in h else {})} for h in history
-                    if "eval" in h],
+                     "warmup_steps": warmup, "device": str(device), "dtype": cfg.dtype, "seconds": run.seconds,
+                     "tokens_per_s": run.tokens_per_s(tokens_per_step),
+                     "final_train_loss": run.history[-1]["loss"] if run.history else None},
+        "history": [{"step": h["step"], "eval": h["eval"]} for h in run.history if "eval" in h],
     }
-    save_output(out, base, hf_config, trainer, base_state, state(step), report)
+    save_output(out, base, hf_config, trainer, base_state, state(), report)
     save_token_counts(out, count_tokens(blocks, model.config.vocab_size), [Path(p).name for p in cfg.data])
     return report

@@ -15,8 +15,6 @@ checkpoint folder, beside the heads, so `mexit.load` reads them with the weights
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from mexit.model.checkpoint import resolve_device
 from mexit.model.predictors import PREDICTOR_FILE, ExitPredictors, save_predictors
 from mexit.model.token_counts import TOKEN_COUNTS_FILE, count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, TrainingInterrupted, batch_at, check_text, lr_factor, split_blocks
+from .common import LOGITS_PER_CHUNK, Run, check_text, lr_factor, split_blocks, train
 
 STATE_FILE = "exit_predictors_state.pt"
 REPORT = "exit_predictors_report"
@@ -219,7 +217,6 @@ def report_markdown(report: dict) -> str:
 def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
     """Train the probes of `cfg.exits` on the frozen checkpoint `cfg.model` and write them (and the report) into
     its folder. Returns the report."""
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from mexit.model.checkpoint import load
@@ -236,64 +233,35 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
     model = load(folder, dtype="fp32", device=device)
     trainer = PredictorTrainer(model, exits, cfg.final_head, depth)
     opt = torch.optim.Adam([trainer.weight, trainer.bias], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
-    step, history, seconds = 0, [], 0.0
+    run = Run(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total)), total)
     if cfg.resume:
         saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         if tuple(saved["exits"]) != exits or str(saved["final_head"]) != str(cfg.final_head):
             raise ValueError(f"--resume: {folder} trains exits {saved['exits']} against {saved['final_head']!r}; this "
                              f"run asks for {list(exits)} against {cfg.final_head!r}")
-        if total < saved["step"]:
-            raise ValueError(f"--resume: the saved training is at step {saved['step']}, past this run's {total}")
+        run.resume(saved)
         with torch.no_grad():
             trainer.weight.copy_(saved["weight"])
             trainer.bias.copy_(saved["bias"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        step, history, seconds = saved["step"], saved["history"], saved["seconds"]
 
     def save_state():
-        torch.save({"step": step, "exits": list(exits), "final_head": str(cfg.final_head), "total_steps": total,
-                    "weight": trainer.weight.detach().cpu(), "bias": trainer.bias.detach().cpu(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-                    "seconds": seconds, "config": asdict(cfg)}, folder / (STATE_FILE + ".tmp"))
+        torch.save({**run.state(asdict(cfg)), "exits": list(exits), "final_head": str(cfg.final_head),
+                    "weight": trainer.weight.detach().cpu(), "bias": trainer.bias.detach().cpu()},
+                   folder / (STATE_FILE + ".tmp"))
         (folder / (STATE_FILE + ".tmp")).replace(folder / STATE_FILE)
 
-    bar = tqdm(total=total, initial=step, desc="train-exit-predictors", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    try:
-        while step < total:
-            batch = batch_at(blocks, step, cfg.batch_size, cfg.seed).to(device)
-            t0 = time.perf_counter()
-            loss = trainer.step(batch)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - t0
-            step += 1
-            history.append({"step": step, "loss": loss})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step * step / max(seconds, 1e-9):.0f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_state()
-    except KeyboardInterrupt:
-        bar.close()
-        save_state()
-        raise TrainingInterrupted(f"interrupted at step {step} of {total}; saved to {folder / STATE_FILE}. Resume "
-                                  "with the same command plus --resume") from None
-    bar.close()
+    train(run, trainer.step, blocks, cfg.batch_size, cfg.seed, device, save_state, str(folder / STATE_FILE),
+          "train-exit-predictors", tokens_per_step, cfg.save_every, cfg.progress)
     report = {
         "model": str(folder), "exits": list(exits), "final_head": cfg.final_head,
         "label": "argmax of the exit's head == argmax of the final head, same position (CALM's consistency oracle)",
         "eval": trainer.evaluate(eval_blocks, cfg.batch_size), "eval_tokens": int(eval_blocks.numel()),
         "train_blocks": len(blocks),
         "training": {"steps": total, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
-                     "warmup_steps": warmup, "device": str(device), "seconds": seconds,
-                     "tokens_per_s": tokens_per_step * step / seconds if seconds else 0.0,
-                     "final_train_loss": history[-1]["loss"] if history else None},
+                     "warmup_steps": warmup, "device": str(device), "seconds": run.seconds,
+                     "tokens_per_s": run.tokens_per_s(tokens_per_step),
+                     "final_train_loss": run.history[-1]["loss"] if run.history else None},
     }
     info = {"data": [Path(p).name for p in cfg.data], "steps": total, "seq_len": cfg.seq_len,
             "held_out": {k: {m: v[m] for m in ("base_rate", "accuracy", "ece", "auc")}
