@@ -31,13 +31,13 @@ from mexit.bench.common import (
     TRAFFIC,
     add_subcommand,
     markdown_table,
-    pyplot,
     run_metadata,
     script_main,
     set_threads,
     spread_note,
 )
 from mexit.bench.findings import LOGLIK_MARGIN, SPEED_MARGIN
+from mexit.frontends.output import pyplot
 from mexit.timing import DeviceClock
 from mexit.values import read_text
 

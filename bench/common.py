@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mexit.frontends.output import HelpFormatter
 from mexit.version import dependency_versions
 
 if TYPE_CHECKING:
@@ -133,21 +134,6 @@ def spread_note(median: float, low: float, high: float, limit: float = 0.25) -> 
     return None
 
 
-def pyplot():
-    """matplotlib's pyplot (headless), or None with a note when matplotlib is not installed: plots are optional,
-    results are written first."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("note: plot skipped: matplotlib is missing from this install (a mexit dependency: "
-              "pip install 'matplotlib>=3.9')", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_results(rows: list[dict], out_dir: str | Path, stem: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,17 +149,6 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout and shows each flag's default (when it has one worth showing)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
-                and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
 
 
 def add_subcommand(sub, name: str, help: str, add_arguments, main_args) -> None:

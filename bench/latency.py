@@ -34,7 +34,6 @@ from mexit.bench.common import (
     copy_bandwidth_gbs,
     launches_per_step,
     markdown_table,
-    pyplot,
     read_bandwidth_gbs,
     run_metadata,
     script_main,
@@ -42,6 +41,7 @@ from mexit.bench.common import (
     spread_note,
     write_results,
 )
+from mexit.frontends.output import pyplot
 
 if TYPE_CHECKING:
     import torch

@@ -46,7 +46,9 @@ import threading
 import time
 from pathlib import Path
 
-from .common import HelpFormatter, markdown_table, run_metadata, spread_note
+from mexit.frontends.output import HelpFormatter
+
+from .common import markdown_table, run_metadata, spread_note
 
 KINDS = ("torch-mmap-read", "torch-mmap-copy", "torch-mmap-fp16-kept", "mexit-fp16", "mexit-fp32", "convert-fp16",
          "mexit-fp16-safetensors", "transformers-fp32", "transformers-fp16")

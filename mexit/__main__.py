@@ -1,5 +1,6 @@
 """The `mexit` command (and `python -m mexit`): `mexit eval` is lm-eval's command line with mexit's model
-(`mexit.frontends.harness`, needing the `eval` extra), every other command mexit's own (`mexit.frontends.cli`)."""
+(`mexit.frontends.harness`, needing the `eval` extra), every other command mexit's own (`mexit.frontends.cli`), with
+the benchmark commands of `mexit.bench` (`bench`, `ablate`, `bench-speculative`) added to it here."""
 
 import sys
 
@@ -43,7 +44,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:
         return run_eval(argv[1:])
-    return cli.main(argv)
+    from .bench import ablate, latency, speculative_sweep
+
+    return cli.main(argv, commands=(latency.add_parser, ablate.add_parser, speculative_sweep.add_parser))
 
 
 if __name__ == "__main__":

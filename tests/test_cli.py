@@ -5,7 +5,7 @@ import json
 import pytest
 
 import mexit
-from mexit.frontends.cli import main
+from mexit.__main__ import main
 
 
 def run_cli(capsys, *argv):
@@ -124,7 +124,7 @@ def test_help_does_not_wait_for_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom mexit.frontends.cli import main\n"
+    code = ("import sys\nfrom mexit.__main__ import main\n"
             "codes = [main(['generate', '--help']), main(['--help']), main(['bench', '--help'])]\n"
             "print(codes, 'torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,5 +1,6 @@
 """Command line: `mexit generate`, `mexit layers`, `mexit eval`, `mexit train-heads`, `mexit train-exit-predictors`,
-`mexit count-tokens`, `mexit convert`, `mexit bench`, `mexit ablate`, `mexit bench-speculative`.
+`mexit count-tokens`, `mexit convert`; `mexit bench`, `mexit ablate` and `mexit bench-speculative` come from
+`mexit.bench` through `main`'s `commands` (`mexit.__main__`).
 
 A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
 keeps its traceback and exits 1."""
@@ -14,6 +15,8 @@ import statistics
 import sys
 import warnings
 from pathlib import Path
+
+from .output import HelpFormatter
 
 
 class UsageError(ValueError):
@@ -67,12 +70,6 @@ def parse_dola_layers(text: str):
         raise argparse.ArgumentTypeError(f"--dola-layers takes low, high or L1,L2,..., got {text!r}") from None
 
 
-def help_formatter():
-    from mexit.bench.common import HelpFormatter
-
-    return HelpFormatter
-
-
 def add_hub_args(p: argparse.ArgumentParser) -> None:
     """huggingface_hub's loading arguments (`mexit.model.checkpoint.HubOptions`)."""
     p.add_argument("--revision", help="hub id: the branch, tag or commit to load (default: main)")
@@ -113,7 +110,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text or tokens", formatter_class=help_formatter())
+    p = sub.add_parser("generate", help="generate text or tokens", formatter_class=HelpFormatter)
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
@@ -261,7 +258,7 @@ def check_generate_flags(args) -> None:
 
 def add_train_heads_parser(sub) -> None:
     p = sub.add_parser("train-heads", help="train linear exit heads on a frozen GPT-2 (writes a multi-exit checkpoint)",
-                       formatter_class=help_formatter())
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="base checkpoint folder (plain or multi-exit GPT-2, with tokenizer)")
     p.add_argument("--data", nargs="+", required=True, help="training text files")
     p.add_argument("--eval-data", nargs="+", help="held-out text files (default: the last --eval-fraction of --data)")
@@ -316,7 +313,7 @@ def run_train_heads(args) -> int:
 
 
 def add_train_predictors_parser(sub) -> None:
-    p = sub.add_parser("train-exit-predictors", formatter_class=help_formatter(),
+    p = sub.add_parser("train-exit-predictors", formatter_class=HelpFormatter,
                        help="learn per-exit predictors of agreement with the final head (--measure learned)",
                        description="Per checked exit, a logistic probe on the standardized hidden state (d + 1 "
                                    "weights) learns whether the exit's top-1 token equals the final head's (CALM's "
@@ -345,7 +342,7 @@ def add_train_predictors_parser(sub) -> None:
 
 
 def add_count_tokens_parser(sub) -> None:
-    p = sub.add_parser("count-tokens", formatter_class=help_formatter(),
+    p = sub.add_parser("count-tokens", formatter_class=HelpFormatter,
                        help="count token frequencies of a text into the checkpoint (for --draft-vocab)",
                        description="Tokenizes the text files with the checkpoint's tokenizer and writes how often each "
                                    "token occurs as token_counts.safetensors into the checkpoint folder: the "
@@ -393,7 +390,7 @@ def run_train_predictors(args) -> int:
 
 def add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="rewrite a checkpoint as safetensors in a chosen dtype (loads faster, smaller)",
-                       formatter_class=help_formatter(),
+                       formatter_class=HelpFormatter,
                        description="Reads any layout mexit loads (pytorch_model.bin, sharded .bin, safetensors) and "
                                    "writes safetensors (sharded with an index above --shard-size), config.json with "
                                    "the source's fields, generation_config.json and the tokenizer files. The output "
@@ -707,7 +704,7 @@ def run_generate(args) -> int:
 
 def add_layers_parser(sub) -> None:
     p = sub.add_parser("layers", help="what every exit head and the original head predict at each position",
-                       formatter_class=help_formatter(),
+                       formatter_class=HelpFormatter,
                        description="One pass over the prompt: per position, each head's top-k tokens with their "
                                    "probabilities and its entropy. Prints heads x positions (top-1 and its "
                                    "probability), or JSON, and can draw a heatmap.")
@@ -739,9 +736,11 @@ def run_layers(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, commands=()) -> int:
+    """Run `mexit ARGV` (ARGV None: sys.argv[1:]); returns the exit code. commands: more subcommands, each a
+    function add_parser(subparsers) that registers one with `run` as its default (the hook through which
+    `mexit.__main__` adds the benchmark commands of `mexit.bench`, which build on the front ends)."""
     from mexit.version import version_line
-
 
     parser = Parser(prog="mexit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=version_line())
@@ -756,13 +755,8 @@ def main(argv=None) -> int:
                    "--model mexit implied (mode in --model_args; needs mexit[eval]; `mexit eval --help`)").set_defaults(
         run=lambda _args: print("error: `mexit eval` runs from the mexit command (mexit.__main__)", file=sys.stderr)
         or 2)
-    from mexit.bench.ablate import add_parser as add_ablate_parser
-    from mexit.bench.latency import add_parser as add_bench_parser
-    from mexit.bench.speculative_sweep import add_parser as add_speculative_parser
-
-    add_bench_parser(sub)
-    add_ablate_parser(sub)
-    add_speculative_parser(sub)
+    for add_parser in commands:
+        add_parser(sub)
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version (0) or a usage error (2, its line already printed)

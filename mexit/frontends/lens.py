@@ -37,7 +37,7 @@ def plot(pred: LayerPredictions, decode, path: Path, title: str = "", columns: i
     """A heatmap of heads (rows, deepest on top) x positions: colour the top-1 probability, each cell its top-1
     token; columns labelled with the input token they follow. Long prompts wrap into panels of `columns`
     positions stacked top to bottom, so the image stays at most about 3,300 pixels wide."""
-    from mexit.bench.common import pyplot
+    from .output import pyplot
 
     plt = pyplot()
     if plt is None:

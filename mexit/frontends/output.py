@@ -1,0 +1,33 @@
+"""What the front ends (and the benchmarks above them) show people: argparse help that keeps a description's layout
+and shows each flag's default, and matplotlib's pyplot without a display."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows each flag's default (when it has one worth showing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def pyplot():
+    """matplotlib's pyplot (headless), or None with a note when matplotlib is not installed: plots are optional,
+    results are written first."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: plot skipped: matplotlib is missing from this install (a mexit dependency: "
+              "pip install 'matplotlib>=3.9')", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
