@@ -158,11 +158,8 @@ def continuation_loglik(lm, prompt: list[int], continuation: list[int]) -> float
     model = lm.model
     seq = prompt + continuation
     with torch.inference_mode():
-        cache = model.new_cache(1, len(seq))
-        cache.valid.fill_(True)
-        positions = torch.arange(len(seq), device=model.device)[None]
-        h = model.embed(torch.tensor([seq], device=model.device), positions)
-        h = model.run_layers(h, 0, model.config.n_layer, cache, 0)
+        n = model.config.n_layer
+        h = model.forward(torch.tensor([seq], device=model.device), [n])[1][n]
         logprobs = model.head_logits(h[0, len(prompt) - 1: -1], "original").log_softmax(-1)
         return logprobs.gather(-1, torch.tensor(continuation, device=model.device)[:, None]).mean().item()
 

@@ -45,7 +45,7 @@ def block_setup(batch: int, context: int, dtype, device, d: int | None = None, h
     cache = model.new_cache(batch, length)
     cache.k.normal_()
     cache.v.normal_()
-    cache.valid[:, :context] = True
+    cache.start(torch.ones(batch, context, dtype=torch.bool, device=device))
     slot = torch.tensor([context - 1], device=device)
     x = torch.randn(batch, 1, d, device=device, dtype=model.dtype)
     return model, cache, slot, x
@@ -66,7 +66,7 @@ def check_block(model, cache, slot, x, outputs: dict) -> None:
     cache64 = exact.new_cache(x.shape[0], cache.k.shape[3])
     cache64.k.copy_(cache.k)
     cache64.v.copy_(cache.v)
-    cache64.valid.copy_(cache.valid)
+    cache64.start(cache.valid)
     want = exact.run_layers(x.double(), 0, 1, cache64, slot)
     for name, got in outputs.items():
         err = ((got.double() - want).norm() / want.norm()).item()

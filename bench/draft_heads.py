@@ -25,10 +25,8 @@ import torch
 def states(model, blocks: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
     """{layer: ln_f(h_layer)} [N, d] over every position of blocks [B, T] (one pass of the model)."""
     b, t = blocks.shape
-    cache = model.new_cache(b, t)
-    cache.valid.fill_(True)
     with torch.no_grad():
-        out = model.run_to(model.embed(blocks, torch.arange(t).expand(b, t)), layers, cache, 0)
+        out = model.forward(blocks, layers)[1]
     return {layer: model.final_norm(h.reshape(b * t, -1)).float() for layer, h in out.items()}
 
 

@@ -156,3 +156,26 @@ def test_only_the_cluster_module_imports_ray():
             if any(name == "ray" or name.startswith("ray.") for name in names):
                 importers.add(str(path.relative_to(ROOT.parent)))
     assert importers == {"mexit/frontends/cluster.py"}
+
+
+def test_the_cache_owns_its_writes():
+    """Outside mexit/model (and the benchmarks, which fill caches with random keys), nothing writes a KV cache's
+    tensors (k, v, valid, health) by assignment or an in-place method: the cache's own methods do (`start`, `mark`,
+    `keep`, `update`), or an op handed the tensors."""
+    def cache_tensor(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr in ("k", "v", "valid", "health")
+                and ast.unparse(node.value).split(".")[-1] == "cache")
+
+    writes = []
+    for path in sources():
+        if module_name(path).startswith(("mexit.model", "mexit.bench")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            hit = any(cache_tensor(t.value if isinstance(t, ast.Subscript) else t) for t in targets)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_"):
+                hit |= cache_tensor(node.func.value)
+            if hit:
+                writes.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    assert writes == []

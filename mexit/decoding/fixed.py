@@ -153,14 +153,10 @@ def teacher_forced(model: MultiExitGPT2, decode: DecodeConfig, ids: torch.Tensor
     """One pass over left-padded ids [B, T] (valid [B, T] bool; positions count from each row's first token): the
     mode's logits [B, T, V] fp32 at every position (ACD: log q) and the block outputs {layer: [B, T, d]} it ran
     (0: the embeddings; every layer with every_layer)."""
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    h = model.embed(ids, positions)
-    b, t, d = h.shape
-    cache = model.new_cache(b, t)
-    cache.valid.copy_(valid)
     layers = [model.layer_of(head) for head in decode.heads()]
     every = range(1, model.config.n_layer + 1) if every_layer else ()
-    states = model.run_to(h, [*layers, *every], cache, 0)
+    h, states = model.forward(ids, [*layers, *every], valid)
+    b, t, d = h.shape
     hidden = [states[layer].reshape(b * t, d) for layer in layers]
     logits = mode_scores(model, decode, hidden, ops.TORCH, logits=True).logits.view(b, t, -1)
     return logits, {0: h, **states}

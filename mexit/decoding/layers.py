@@ -51,9 +51,7 @@ def layer_predictions(model: MultiExitGPT2, ids: list[int], top_k: int = 5) -> L
     heads = [*config.exit_layers, "original"]
     layers = [model.layer_of(head) for head in heads]
     x = torch.tensor([ids], device=model.device)
-    cache = model.new_cache(1, len(ids))
-    cache.valid[:, : len(ids)] = True
-    states = model.run_to(model.embed(x, torch.arange(len(ids), device=model.device)[None]), layers, cache, 0)
+    states = model.forward(x, layers)[1]
     tokens, logprobs, entropy = [], [], []
     for head, layer in zip(heads, layers):
         logp = torch.log_softmax(model.head_logits(states[layer][0], head), dim=-1)  # [T, V] fp32

@@ -260,7 +260,7 @@ class Speculative(Mode):
         buf, io, model = rows.buffers, rows.io, self.model
         slot = io.slot + index
         positions = (io.positions + index).clamp(max=model.config.n_positions - 1)
-        rows.cache.valid.index_fill_(1, slot, True)
+        rows.cache.mark(slot)
         h, start = model.embed(buf.x[:, None], positions[:, None]), 0
         for layer in self.low_layers:
             h = model.run_layers(h, start, layer, rows.cache, slot, rows.backend)
@@ -392,7 +392,7 @@ class Speculative(Mode):
         buf.accepted.add_(accepted * running)
         buf.verifications.add_(running)
         slots = io.slot + j
-        rows.cache.valid.index_copy_(1, slots, (j <= accepted[:, None]) & ~was_finished[:, None])
+        rows.cache.keep(slots, (j <= accepted[:, None]) & ~was_finished[:, None])
         width, steps = buf.n_drafts.max(), buf.draft_i
         io.slot.add_(torch.where(width == steps, width + 1, steps))
         if rows.history is not None:

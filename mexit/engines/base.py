@@ -153,10 +153,6 @@ class DecodeState:
         [real_rows, n] the rows' random streams (sampling); thresholds: the exit threshold of each step."""
         io, p = self.io, batch.ids.shape[1]
         self.prompt_len, self.real_rows, self.eos, self.max_new_tokens = p, real_rows, eos, max_new_tokens
-        self.cache.valid.zero_()
-        self.cache.valid[:, :p] = batch.valid
-        if self.cache.health is not None:
-            self.cache.health.zero_()
         io.finished.copy_(torch.arange(self.rows, device=io.finished.device) >= real_rows)
         io.eos.copy_(stop_ids(eos))
         io.step.zero_()
@@ -178,8 +174,8 @@ class DecodeState:
             self.history.zero_()
             spare = torch.full_like(batch.positions, self.history.shape[1] - 1)
             self.history[: batch.ids.shape[0]].scatter_(1, torch.where(batch.valid, batch.positions, spare), batch.ids)
-        h = self.model.embed(batch.ids, batch.positions)
-        states = self.model.run_to(h, [layer for layer in self.mode.stops if layer], self.cache, 0, self.backend)
+        h, states = self.model.forward(batch.ids, [layer for layer in self.mode.stops if layer], batch.valid,
+                                       self.cache, self.backend)
         self.prefill_states = {0: h[:, -1], **{layer: x[:, -1] for layer, x in states.items()}}
         self.start_step()
         self.mode.run(self)

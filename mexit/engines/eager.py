@@ -46,7 +46,7 @@ class EagerState(DecodeState):
             return self.prefill_states[layer]
         if layer > self.layer:
             if self.layer == 0:  # the step's token is a key from now on (its attention marks it too)
-                self.cache.valid[:, self.slot] = True
+                self.cache.mark(self.slot)
             live = self.live
             if live is None or len(live):
                 if self.pending is not None:

@@ -191,7 +191,7 @@ class StaticState(DecodeState):
             return self.prefill_states[layer]
         if layer > self.layer:
             if self.layer == 0 and not self.backend.triton:  # the torch attention reads the slot's validity
-                self.cache.valid.index_fill_(1, self.io.slot, True)
+                self.cache.mark(self.io.slot)
             self.current = self.run_blocks(self.layer, layer)(self.current[:, None])[:, 0]
             self.layer = layer
         return self.current

@@ -77,6 +77,45 @@ class KVCache:
     valid: torch.Tensor
     health: torch.Tensor | None = None
 
+    def start(self, valid: torch.Tensor) -> None:
+        """A new batch: slots 0..S-1 hold the tokens that valid [B, S] bool marks (left padding False), no later
+        slot holds one, and no state is marked non-finite."""
+        self.valid.zero_()
+        self.valid[:, : valid.shape[1]] = valid
+        if self.health is not None:
+            self.health.zero_()
+
+    def mark(self, slot) -> None:
+        """Every row's token at `slot` (an int, or a [1] int64 device tensor: no host value, graph-safe) is a key
+        from now on."""
+        if isinstance(slot, torch.Tensor):
+            self.valid.index_fill_(1, slot, True)
+        else:
+            self.valid[:, slot] = True
+
+    def keep(self, slots: torch.Tensor, kept: torch.Tensor) -> None:
+        """Slots [n] int64 hold a token in the rows that kept [B, n] bool marks and none in the others (a
+        verification's accepted and rejected drafts)."""
+        self.valid.index_copy_(1, slots, kept)
+
+    def update(self, block: int, k: torch.Tensor, v: torch.Tensor, slot, rows: torch.Tensor | None = None):
+        """Write block `block`'s keys and values k, v [b, n_head, S, head_dim] of S new tokens and return the keys and
+        values those tokens attend over. slot: their slots as an [S] int64 tensor (every row, static shapes: returns
+        the whole cache), or the first of S consecutive slots as an int (every row, or the cache rows `rows` [b]
+        int64: returns the slots up to the last new one)."""
+        if isinstance(slot, torch.Tensor):
+            self.k[block].index_copy_(2, slot, k)
+            self.v[block].index_copy_(2, slot, v)
+            return self.k[block], self.v[block]
+        end = slot + k.shape[2]
+        if rows is None:
+            self.k[block, :, :, slot:end] = k
+            self.v[block, :, :, slot:end] = v
+            return self.k[block, :, :, :end], self.v[block, :, :, :end]
+        self.k[block, rows, :, slot:end] = k
+        self.v[block, rows, :, slot:end] = v
+        return self.k[block, rows, :, :end], self.v[block, rows, :, :end]
+
 
 class MultiExitGPT2:
     """Runs embeddings, any contiguous range of blocks, and state propagation against a static KV cache."""
@@ -155,6 +194,21 @@ class MultiExitGPT2:
             ops.check_states(h, cache.health, cache.valid, slot, rows, backend if h.shape[1] == 1 else TORCH)
         return h
 
+    def forward(self, ids: torch.Tensor, layers, valid: torch.Tensor | None = None, cache: KVCache | None = None,
+                backend: Backend = TORCH) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One pass over whole sequences ids [B, S] int64 up to max(layers): (h_0 [B, S, d], {layer: h_layer [B, S,
+        d]} for every layer in `layers`). valid [B, S] bool marks the real tokens (left padding False; None: all);
+        positions count from each row's first real token. Keys and values go into slots 0..S-1 of `cache` (`start`ed;
+        None: a new cache of S slots)."""
+        b, s = ids.shape
+        if valid is None:
+            valid = torch.ones(b, s, dtype=torch.bool, device=ids.device)
+        if cache is None:
+            cache = self.new_cache(b, s)
+        cache.start(valid)
+        h = self.embed(ids, (valid.long().cumsum(-1) - 1).clamp(min=0))
+        return h, self.run_to(h, layers, cache, 0, backend)
+
     def run_to(self, h: torch.Tensor, layers, cache: KVCache, slot, backend: Backend = TORCH,
                rows: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Run h_0 [b, S, d] up to max(layers); {layer: h_layer [b, S, d]} for every layer in `layers`."""
@@ -197,21 +251,14 @@ class MultiExitGPT2:
         q, k, v = (t.view(b, s, c.n_head, c.head_dim).transpose(1, 2) for t in qkv.split(d, dim=-1))
         if isinstance(slot, torch.Tensor):  # static shapes (CUDA graphs): slots on the device
             slots = slot if s == 1 else slot + torch.arange(s, device=slot.device)
-            cache.k[j].index_copy_(2, slots, k)
-            cache.v[j].index_copy_(2, slots, v)
-            keys, values, mask = cache.k[j], cache.v[j], cache.valid[:, None, None, :]  # valid: slots <= this one
+            keys, values = cache.update(j, k, v, slots)
+            mask = cache.valid[:, None, None, :]  # valid: slots <= this one
             if s > 1:  # several new positions: each sees the slots up to its own
                 mask = mask & (torch.arange(keys.shape[2], device=slot.device) <= slots[:, None])
-        elif rows is None:
-            cache.k[j, :, :, slot:slot + s] = k
-            cache.v[j, :, :, slot:slot + s] = v
-            keys, values = cache.k[j, :, :, :slot + s], cache.v[j, :, :, :slot + s]
-            mask = attention_mask(cache.valid[:, :slot + s], slot, s)[:, None]
         else:
-            cache.k[j, rows, :, slot:slot + s] = k
-            cache.v[j, rows, :, slot:slot + s] = v
-            keys, values = cache.k[j, rows, :, :slot + s], cache.v[j, rows, :, :slot + s]
-            mask = attention_mask(cache.valid[rows, :slot + s], slot, s)[:, None]
+            keys, values = cache.update(j, k, v, slot, rows)
+            valid = cache.valid[:, :slot + s] if rows is None else cache.valid[rows, :slot + s]
+            mask = attention_mask(valid, slot, s)[:, None]
         if c.reorder_and_upcast_attn and q.dtype != torch.float32:  # scores and softmax in fp32
             y = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
                                                scale=c.attn_scale(j)).to(q.dtype)

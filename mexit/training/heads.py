@@ -126,11 +126,8 @@ class HeadTrainer:
         model = self.model
         layers = layers or self.exits
         b, t = blocks.shape
-        cache = model.new_cache(b, t)
-        cache.valid.fill_(True)
-        positions = torch.arange(t, device=blocks.device).expand(b, t)
         with torch.no_grad():
-            states = model.run_to(model.embed(blocks, positions), layers, cache, 0)
+            states = model.forward(blocks, layers)[1]
             return {L: model.final_norm(states[L][:, :-1]).reshape(b * (t - 1), -1) for L in layers}
 
     def head_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, backward: bool) -> float:

@@ -133,10 +133,7 @@ class PredictorTrainer:
         (1: exit e's top-1 equals the final head's)."""
         model = self.model
         b, t = blocks.shape
-        cache = model.new_cache(b, t)
-        cache.valid.fill_(True)
-        positions = torch.arange(t, device=blocks.device).expand(b, t)
-        states = model.run_to(model.embed(blocks, positions), sorted({*self.exits, self.depth}), cache, 0)
+        states = model.forward(blocks, sorted({*self.exits, self.depth}))[1]
         states = {layer: h.reshape(b * t, -1) for layer, h in states.items()}
         final = self.top1(states[self.depth], self.final_head)
         feats = torch.stack([F.layer_norm(states[L].float(), (states[L].shape[-1],), eps=self.eps)
