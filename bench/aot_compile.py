@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from mexit.ops import GEMV_MAX_ROWS
+from mexit.ops.catalog import prefetching, programs
 
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory a block may use (opt-in maximum)
 TARGETS = {"sm_90a": 90, "sm_80": 80}
@@ -166,7 +167,7 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
     return launches
 
 
-PREFETCHING = {"_fused_linear", "_fused_gemv", "_exit_head_tiles", "_propagate_kv"}  # weight loads before the wait
+PREFETCHING = prefetching()  # weight loads before the wait
 
 
 WEIGHT_LOAD = re.compile(r"\bld\.global\.L1::evict_first\S*")  # the GEMV's weight loads (evict-first)
@@ -408,6 +409,9 @@ def run(ci: bool) -> list[dict]:
         launches |= runtime_launches(["fp16", "bf16"], [1, 8], modes, gemv=True, pdl=True)
         for width in ODD_WIDTHS:
             launches |= runtime_launches(["fp16"], [1, 8], modes, gemv=True, width=width)
+    missing = programs() - {launch.kernel for launch in launches}
+    if missing:  # a kernel of the catalog that no recorded mode launches would go uncompiled
+        raise RuntimeError(f"no recorded launch of {sorted(missing)}: add a mode that runs them to runtime_launches")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for launch in sorted(launches, key=lambda x: (x.kernel, str(x))):

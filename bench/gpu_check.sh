@@ -124,9 +124,8 @@ perf)
     && mv /tmp/perf.tgz "$OUT/"
   [ "${#failed[@]}" = 0 ] ;;
 quick)
-  timeout 100 python3 -m pytest -q -n 4 tests/test_fused_linear.py tests/test_decode_attention.py \
-    tests/test_exit_head.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_acd_contrast.py \
-    tests/test_step_epilogue.py tests/test_control_repetition.py tests/test_check_states.py tests/test_fast.py \
+  # the kernels probed on every card (mexit/ops/catalog.py; the GEMV's tests are perf's), then the fast paths
+  timeout 100 python3 -m pytest -q -n 4 $(python3 -m mexit.ops.catalog tests always) tests/test_fast.py \
     tests/test_fast_early_exit.py tests/test_speculative.py tests/test_load_checkpoint.py 2>&1 | tee "$OUT/tests.txt" | tail -6
   timeout 130 python3 -m mexit bench --batch 1 64 --prompt-len 32 --new-tokens 64 --warmup 1 --repeats 3 \
     --engine graph --no-compile --baselines --modes exit:12 ee:max-prob:1:12 ee:max-prob:1:12:predicated \
@@ -143,9 +142,8 @@ quick)
   tar czf /tmp/all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name summary.md ! -name tests.txt ! -name \
     routes.json -delete && mv /tmp/all.tgz "$OUT/" ;;
 tests)
-  timeout 500 python3 -m pytest -q -n 4 tests/test_exit_head.py tests/test_acd_contrast.py tests/test_fused_linear.py \
-    tests/test_decode_attention.py tests/test_exit_decide.py tests/test_propagate_kv.py tests/test_control_repetition.py \
-    tests/test_check_states.py tests/test_triton_generate.py \
+  # every kernel's test (mexit/ops/catalog.py), then the generation paths on the kernels
+  timeout 500 python3 -m pytest -q -n 4 $(python3 -m mexit.ops.catalog tests) tests/test_triton_generate.py \
     tests/test_fast.py tests/test_fast_early_exit.py tests/test_speculative.py tests/test_launches.py \
     tests/test_generate.py tests/test_early_exit.py tests/test_repetition_penalty.py tests/test_dola.py 2>&1 | tee "$OUT/tests.txt" | tail -8 ;;
 kernels)

@@ -7,15 +7,15 @@ import functools
 
 import torch
 
+from .catalog import KERNELS
+
 
 @functools.cache
 def probe_kernels(device: torch.device) -> str | None:
-    """None when every kernel matches its reference on `device`, else what failed (compilation errors too)."""
-    for probe in (_exit_stage, _fused_linear, _decode_attention, _exit_decide, _propagate_kv, _step_epilogue):
-        try:
-            problem = probe(device, torch.Generator(device=device).manual_seed(0))
-        except Exception as err:  # compilation or launch failure: report it, fall back
-            return f"{probe.__name__.strip('_')}: {type(err).__name__}: {err}"[:200]
+    """None when every kernel the catalog probes always (`catalog.KERNELS`) matches its reference on `device`, else
+    what failed (compilation errors too)."""
+    for kernel in KERNELS:
+        problem = kernel.probed == "always" and probe(kernel.op, device)
         if problem:
             return problem
     return None
@@ -25,19 +25,23 @@ def probe_kernels(device: torch.device) -> str | None:
 def probe_gemv(device: torch.device) -> str | None:
     """None when the loop-free GEMV block linear matches its reference on `device`, else what failed: asked only
     where the GEMV is chosen (a card's route or the user), so that a failure there turns it off, not the kernels."""
+    return probe("fused_gemv", device)
+
+
+def probe(op: str, device: torch.device) -> str | None:
+    """Run the probe case of kernel `op` on `device`: None when it matches its reference, else what failed."""
     try:
-        return _fused_gemv(device, torch.Generator(device=device).manual_seed(0))
-    except Exception as err:  # compilation or launch failure
-        return f"fused_gemv: {type(err).__name__}: {err}"[:200]
+        return CASES[op](device, torch.Generator(device=device).manual_seed(0))
+    except Exception as err:  # compilation or launch failure: report it, fall back
+        return f"{op}: {type(err).__name__}: {err}"[:200]
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
     return torch.allclose(ours.float(), ref.float(), atol=2e-2, rtol=1e-2)
 
 
-def _exit_stage(device, gen) -> str | None:
-    from mexit.kernels.acd_contrast import acd_contrast
-    from mexit.kernels.acd_contrast_ref import acd_contrast_ref
+def _two_heads(device, gen):
+    """The exit stage of two heads over two rows (d 64, vocabulary 300): (kernel output, fp32 reference output)."""
     from mexit.kernels.exit_head import exit_head
     from mexit.kernels.exit_head_ref import exit_head_ref
 
@@ -45,13 +49,23 @@ def _exit_stage(device, gen) -> str | None:
     ones, zeros = torch.ones(64, device=device).half(), torch.zeros(64, device=device).half()
     heads = [torch.randn(300, 64, device=device, generator=gen).half() for _ in range(2)]
     out = exit_head(hidden, ones, zeros, 1e-5, heads)
-    ref = exit_head_ref(hidden.float(), ones.float(), zeros.float(), 1e-5, [h.float() for h in heads])
-    if not torch.allclose(out.logits, ref.logits, atol=5e-2, rtol=1e-2):
-        return "exit_head disagrees with its reference"
+    return out, exit_head_ref(hidden.float(), ones.float(), zeros.float(), 1e-5, [h.float() for h in heads])
+
+
+def _exit_head(device, gen) -> str | None:
+    out, ref = _two_heads(device, gen)
+    ok = torch.allclose(out.logits, ref.logits, atol=5e-2, rtol=1e-2)
+    return None if ok else "exit_head disagrees with its reference"
+
+
+def _acd_contrast(device, gen) -> str | None:
+    from mexit.kernels.acd_contrast import acd_contrast
+    from mexit.kernels.acd_contrast_ref import acd_contrast_ref
+
+    out, _ = _two_heads(device, gen)
     token, _ = acd_contrast(out.logits, out.lse)
-    if not torch.equal(token, acd_contrast_ref(out.logits[0], out.logits[1]).argmax(-1)):
-        return "acd_contrast disagrees with its reference"
-    return None
+    ok = torch.equal(token, acd_contrast_ref(out.logits[0], out.logits[1]).argmax(-1))
+    return None if ok else "acd_contrast disagrees with its reference"
 
 
 def _linear(kernel, device, gen) -> str | None:
@@ -157,3 +171,38 @@ def _step_epilogue(device, gen) -> str | None:
     step_epilogue_ref(argmax, ref)
     same = all(torch.equal(getattr(ours, name), getattr(ref, name)) for name in vars(ref))
     return None if same else "step_epilogue disagrees with its reference"
+
+
+def _control_repetition(device, gen) -> str | None:
+    """Two rows with repeats, the penalty and a 2-gram ban: bit for bit the reference's."""
+    from mexit.kernels.control_repetition import control_repetition
+    from mexit.kernels.control_repetition_ref import control_repetition_ref
+
+    scores = torch.randn(2, 300, device=device, generator=gen)
+    history = torch.tensor([[5, 7, 5, 7, 9, 5], [1, 2, 3, 1, 2, 3]], device=device)
+    last = torch.tensor([5, 4], device=device)
+    same = torch.equal(control_repetition(scores, history, last, 1.3, 2),
+                       control_repetition_ref(scores, history, last, 1.3, 2))
+    return None if same else "control_repetition disagrees with its reference"
+
+
+def _check_states(device, gen) -> str | None:
+    """Three rows' states at one slot, one of them holding inf: the same health marks as the reference."""
+    from mexit.kernels.check_states import check_states
+    from mexit.kernels.check_states_ref import check_states_ref
+
+    h = torch.randn(3, 1, 64, device=device, generator=gen).half()
+    h[1, 0, 7] = float("inf")
+    valid = torch.ones(3, 8, dtype=torch.bool, device=device)
+    slot = torch.tensor([5], device=device)
+    ours, ref = torch.zeros(3, 8, device=device), torch.zeros(3, 8, device=device)
+    check_states(h, ours, valid, slot)
+    check_states_ref(h, ref, valid, slot)
+    return None if torch.equal(ours.isnan(), ref.isnan()) and ours[1, 5].isnan() else \
+        "check_states disagrees with its reference"
+
+
+CASES = {"exit_head": _exit_head, "acd_contrast": _acd_contrast, "fused_linear": _fused_linear,
+         "fused_gemv": _fused_gemv, "decode_attention": _decode_attention, "exit_decide": _exit_decide,
+         "propagate_kv": _propagate_kv, "step_epilogue": _step_epilogue, "control_repetition": _control_repetition,
+         "check_states": _check_states}  # one probe case per kernel of the catalog
