@@ -99,11 +99,11 @@ def settings(args, model) -> list[dict]:
     for text in args.spec or []:
         import dataclasses
 
-        from mexit.bench.latency import parse_mode
+        from mexit.decoding import modes
         from mexit.decoding.fixed import DecodeConfig
 
         for n in args.draft_vocab or [0]:  # 0: the full draft head
-            spec = dataclasses.replace(parse_mode(f"spec:{text}", config)["speculative"], draft_vocab=n or None)
+            spec = dataclasses.replace(modes.parse(f"spec:{text}", config).spec, draft_vocab=n or None)
             spec.validate_for(model, DecodeConfig())  # with draft_vocab: the checkpoint's token counts
             exits = f"draft {spec.draft_exit}" + (f" vocab {n}" if n else "")
             out.append(dict(measure="speculative", threshold=spec.draft_threshold, exits=exits, decay_tau=None,
@@ -583,7 +583,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--propagation", default="eager", choices=["eager", "deferred"],
                    help="skipped layers' keys/values computed at the exit, or with the next deep token")
     p.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
-                   help="fast-path early-exit schedule (predicated needs the triton backend)")
+                   help="the static / graph engines' early-exit schedule (predicated needs the triton backend)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--batch", type=int, default=10, help="prompts per generate call")
     p.add_argument("--repeats", type=int, default=5,

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from mexit.bench.ablate import continuation_loglik, encode, read_prompts, repetition_rate
 from mexit.bench.common import markdown_table, run_metadata, script_main, write_results
-from mexit.bench.latency import parse_mode
+from mexit.decoding import modes
+from mexit.decoding.early_exit import ExitPolicy
+from mexit.decoding.speculative import Speculation
 
 COLUMNS = ["mode", "loglik", "repetition", "distinct_2", "mean_length"]
 
@@ -34,10 +36,10 @@ def compare(args) -> list[dict]:
                 prompts=str(args.prompts), max_new_tokens=args.max_new_tokens)
     rows = []
     for mode in args.modes:
-        kw = parse_mode(mode, lm.config)
-        if "early_exit" in kw or "speculative" in kw:
+        settings = modes.parse(mode, lm.config)
+        if isinstance(settings, (ExitPolicy, Speculation)):
             raise ValueError(f"mode {mode!r}: compare fixed modes (original, exit:L, acd:U,L)")
-        out = lm.generate(ids, args.max_new_tokens, eos_token_id=None, **kw)
+        out = lm.generate(ids, args.max_new_tokens, eos_token_id=None, mode=settings)
         tokens = out.tokens
         rows.append(dict(
             meta, mode=mode,

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     import torch
 
     import mexit
-    from mexit.bench.latency import parse_mode
+    from mexit.decoding import modes
     from mexit.ops import LINEAR_PATHS
 
     if args.smoke:
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     for batch, mode, linear, pdl in itertools.product(args.batch, args.modes, args.linear, pdls):
         prompts = torch.randint(0, lm.config.vocab_size, (batch, args.prompt_len), generator=gen).tolist()
         lm.with_backend(pdl=pdl, **LINEAR_PATHS[linear])
-        kw = parse_mode(mode, lm.config)
+        kw = dict(mode=modes.parse(mode, lm.config))
         label = f"{mode}, batch {batch}, {linear}{' +pdl' if pdl else ''}"
 
         def run(on_token, prompts=prompts, kw=kw):

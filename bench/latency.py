@@ -4,11 +4,12 @@
     mexit bench --model PATH --batch 1 8 --prompt-len 32 --new-tokens 128 --modes original exit:12 acd:24,12
     python -m mexit.bench.latency ...                   # the same
 
-Modes: `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be `original`), `spec:DRAFT_EXIT:K[:THRESHOLD]`
-(self-speculative decoding of the original head: drafts from that exit, K per verification, on any engine; its
-rows add acceptance, device-to-host reads per round and launches per generated token),
-`ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred|predicated]` (early exit with that propagation, or eager
-propagation on the predicated one-graph schedule; threshold 0 with one layer exits every token there).
+Modes: the mode mini-language (`mexit.decoding.modes`): `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be
+`original`), `dola:low|high|L1,L2[:exit]`, `spec:DRAFT_EXIT:K[:THRESHOLD]` (self-speculative decoding of the original
+head: drafts from that exit, K per verification, on any engine; its rows add acceptance, device-to-host reads per
+round and launches per generated token), `ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred|predicated]` (early
+exit with that propagation, or eager propagation on the predicated one-graph schedule; threshold 0 with one layer
+exits every token there).
 For each mode and batch size it reports prefill time and per-token decode time, both measured inside each
 generation (CUDA events recorded at its start, its first token and its last token; a host clock on CPU), after
 untimed warm-up generations of the same shape, as medians over repeats with min..max spread; tokens/s; and the
@@ -49,69 +50,6 @@ if TYPE_CHECKING:
 INVOKED_AS = {"mexit": "mexit", "__main__.py": "python -m mexit"}  # how the recorded command starts
 ACD_GEN_MISSING = ("not installed: autocontrastive-gen 0.2.0 pins torch 1.11 / transformers 4.26; try "
                    "`pip install --no-deps autocontrastive-gen` (its MultiHeadGPT2 targets transformers 4.x)")
-
-
-def parse_mode(spec: str, config) -> dict:
-    """'original' | 'exit:L' | 'acd:U,L' | 'dola:low|high|L1,L2[:exit]' | 'ee:MEASURE:THR[:L1,L2]' |
-    'spec:L:K[:T]' -> generate() keyword arguments."""
-    from mexit.decoding.early_exit import ExitPolicy
-
-    kind, _, rest = spec.partition(":")
-    try:
-        if kind == "original" and not rest:
-            kw = {}
-        elif kind == "exit":
-            kw = dict(exit_layer=int(rest))
-        elif kind == "acd":
-            upper, lower = rest.split(",")
-            kw = dict(contrast=(upper if upper == "original" else int(upper), int(lower)))
-        elif kind == "dola":
-            layers, _, heads = rest.partition(":")
-            if not layers or heads not in ("", "exit"):
-                raise ValueError
-            kw = dict(dola_layers=layers if layers in ("low", "high") else [int(x) for x in layers.split(",")],
-                      dola_heads=heads or "embedding")
-        elif kind == "spec":
-            parts = rest.split(":")
-            if len(parts) not in (2, 3):
-                raise ValueError
-            from mexit.decoding.speculative import SpeculativeConfig
-
-            kw = dict(speculative=SpeculativeConfig(int(parts[0]), int(parts[1]),
-                                                    float(parts[2]) if len(parts) == 3 else None))
-        elif kind == "ee":
-            parts = rest.split(":")
-            variant = parts.pop() if parts[-1] in ("eager", "deferred", "predicated") else "eager"
-            exits = tuple(int(x) for x in parts[2].split(",")) if len(parts) > 2 and parts[2] != "all" else None
-            kw = dict(measure=parts[0], threshold=float(parts[1]), exits=exits,
-                      propagation="deferred" if variant == "deferred" else "eager",
-                      schedule="predicated" if variant == "predicated" else "segments")
-        else:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise ValueError(f"unknown mode {spec!r}; use original, exit:L, acd:UPPER,LOWER, dola:low|high|L1,L2[:exit], "
-                         "spec:DRAFT_EXIT:K[:THRESHOLD] or ee:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]"
-                         ) from None
-    if kind == "ee":
-        kw = dict(early_exit=ExitPolicy(**kw))
-    heads = [kw.get("exit_layer")] + list(kw.get("contrast", ()))
-    missing = [h for h in heads if h not in (None, "original") and h not in config.exit_layers]
-    if missing:
-        raise ValueError(f"mode {spec!r}: exit layer {missing[0]} is not in the checkpoint "
-                         f"(exits {list(config.exit_layers)})")
-    if "early_exit" in kw:
-        kw["early_exit"].checked_exits(config)
-    if "dola_layers" in kw:
-        from mexit.decoding.dola import DolaConfig
-
-        layers = kw["dola_layers"]
-        DolaConfig(layers if isinstance(layers, str) else tuple(layers), kw["dola_heads"]).candidates(config)
-    if "speculative" in kw:
-        draft = kw["speculative"].draft_exit
-        if draft not in config.exit_layers or draft >= config.n_layer:
-            raise ValueError(f"mode {spec!r}: draft exit {draft} must be one of the checkpoint's exits below the "
-                             f"top layer ({[e for e in config.exit_layers if e < config.n_layer]})")
-    return kw
 
 
 def default_modes(config) -> list[str]:
@@ -269,8 +207,10 @@ class LatencyBench:
 
     def __init__(self, args):
         import mexit
-        from mexit.decoding.early_exit import EarlyExit
+        from mexit.decoding import modes as registry
+        from mexit.decoding.early_exit import ExitPolicy
         from mexit.decoding.fixed import DecodeConfig
+        from mexit.decoding.speculative import Speculation
         from mexit.kernels.launch import pdl_supported
         from mexit.model.checkpoint import resolve_device, resolve_dtype
 
@@ -303,20 +243,21 @@ class LatencyBench:
         self.controls = repetition_controls(args)
         self.parsed = {}
         for m in modes:
-            kw = dict(parse_mode(m, config), **self.controls)
-            if "speculative" not in kw:
-                self.parsed[m] = kw
+            settings = registry.parse(m, config)
+            if not isinstance(settings, Speculation):
+                self.parsed[m] = dict(mode=settings, **self.controls)
                 continue
             for n in args.draft_vocab or [0]:  # 0: the full draft head
-                spec = dataclasses.replace(kw["speculative"], draft_vocab=n or None)
+                spec = dataclasses.replace(settings.spec, draft_vocab=n or None)
                 spec.validate_for(lm.model, DecodeConfig())  # the checkpoint's token counts, with draft_vocab
-                self.parsed[f"{m} vocab={n}" if n else m] = dict(kw, speculative=spec)
-        if args.draft_vocab and not any(m.startswith("spec:") for m in modes):
+                self.parsed[f"{m} vocab={n}" if n else m] = dict(mode=Speculation(spec, settings.target),
+                                                                  **self.controls)
+        if args.draft_vocab and not any(isinstance(kw["mode"], Speculation) for kw in self.parsed.values()):
             raise ValueError("--draft-vocab applies to speculative modes (spec:L:K[:T]); none was asked for")
         for kw in self.parsed.values():
-            if "early_exit" in kw:
-                kw["early_exit"].check_engine(lm.engine, lm.backend.name)
-                EarlyExit(lm.model, kw["early_exit"])  # checked against the checkpoint (learned: its predictors)
+            if isinstance(kw["mode"], ExitPolicy):
+                kw["mode"].check_engine(lm.engine, lm.backend.name)
+            registry.build(lm.model, kw["mode"])  # checked against the checkpoint (learned: its predictors)
         lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
         for p, n in lengths:
             if p + n > config.n_positions:
@@ -401,6 +342,8 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
     after the other) and baseline at one batch size, prompt length and generation length."""
     import torch
 
+    from mexit.decoding.early_exit import ExitPolicy
+    from mexit.decoding.speculative import Speculation
     from mexit.ops import LINEAR_PATHS
 
     config, device, dtype = lm.config, lm.model.device, lm.model.dtype
@@ -429,9 +372,9 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
         counted = launches_per_step(lm, prompts, kw)
         row.update(launches_per_step=counted["launches"], triton_launches_per_step=counted["triton"],
                    torch_launches_per_step=counted["torch"], weight_bytes_per_step=nbytes)
-        if "early_exit" in kw:
+        if isinstance(kw["mode"], ExitPolicy):
             row.update(mean_exit_layer=stats["mean_exit_layer"], weight_bytes_ratio=stats["weight_bytes_ratio"])
-        if "speculative" in kw:  # launches_per_step: per generated token of a row
+        if isinstance(kw["mode"], Speculation):  # launches_per_step: per generated token of a row
             row.update(acceptance_rate=stats["acceptance_rate"],
                        mean_accepted_per_verification=stats["mean_accepted_per_verification"],
                        weight_bytes_ratio=stats["weight_bytes_ratio"],

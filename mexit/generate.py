@@ -9,12 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .decoding.dola import DolaConfig, DolaMode
-from .decoding.early_exit import EarlyExit, ExitPolicy
-from .decoding.fixed import DecodeConfig, FixedMode
 from .decoding.prompts import check_prompts
 from .decoding.sampling import SamplingConfig, row_uniforms
-from .decoding.speculative import Speculation, Speculative
 from .decoding.stopping import StopWatch
 from .engines.eager import EagerEngine
 from .engines.static import StaticEngine
@@ -22,6 +18,7 @@ from .ops import Backend
 from .values import plain
 
 if TYPE_CHECKING:
+    from .decoding.step import Mode
     from .model.decoder import MultiExitGPT2
 
 ENGINES = ("auto", "eager", "static", "graph")
@@ -72,45 +69,28 @@ def new_engine(name: str, compile_layers: bool = False):
     return EagerEngine() if name == "eager" else StaticEngine(graph=name == "graph", compile_layers=compile_layers)
 
 
-def build_mode(model: MultiExitGPT2, spec):
-    """The mode object of a mode's settings (a DecodeConfig, a DolaConfig, an ExitPolicy or a Speculation), checked
-    against the checkpoint."""
-    if isinstance(spec, ExitPolicy):
-        return EarlyExit(model, spec)
-    if isinstance(spec, DolaConfig):
-        return DolaMode(model, spec)
-    if isinstance(spec, DecodeConfig):
-        return FixedMode(model, spec)
-    if isinstance(spec, Speculation):
-        return Speculative(model, spec)
-    raise TypeError(f"unknown mode settings {type(spec).__name__}")
-
-
-def generate(model: MultiExitGPT2, prompts, spec, engine, backend: Backend, max_new_tokens: int,
+def generate(model: MultiExitGPT2, prompts, mode: Mode, engine, backend: Backend, max_new_tokens: int,
              sampling: SamplingConfig, eos, on_token=None, return_cache: bool = False,
              keep_logits: bool = False, stop=None) -> GenerationResult:
-    """Generate `max_new_tokens` per prompt (token ids) in the mode `spec` on `engine`, stopping a row at any of the
-    stop ids `eos` (None, an id, or a sequence of at most 8). on_token(tokens [B]) gets the tokens of every position
-    (a device tensor: reading it waits for the step; rows that have finished read eos); with stop ids it is not called
-    again once every row has finished. return_cache keeps the real rows' KV cache; keep_logits every step's [B, V]
-    logits (fixed modes; DoLa: its scores). Seeded sampling gives each row its own random stream, so a row samples
-    the same tokens alone and in any batch, on every engine. stop: a host-side stop rule
-    (`mexit.decoding.stopping.StopWatch`: stop strings, transformers' stopping criteria), read after every
-    position; it costs a host read per step."""
+    """Generate `max_new_tokens` per prompt (token ids) in `mode` (built by `mexit.decoding.modes.build`) on
+    `engine`, stopping a row at any of the stop ids `eos` (None, an id, or a sequence of at most 8). on_token(tokens
+    [B]) gets the tokens of every position (a device tensor: reading it waits for the step; rows that have finished
+    read eos); with stop ids it is not called again once every row has finished. return_cache keeps the real rows'
+    KV cache; keep_logits every step's [B, V] logits (fixed modes; DoLa: its scores). Seeded sampling gives each row
+    its own random stream, so a row samples the same tokens alone and in any batch, on every engine. stop: a
+    host-side stop rule (`mexit.decoding.stopping.StopWatch`: stop strings, transformers' stopping criteria), read
+    after every position; it costs a host read per step."""
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     eos = stop_tuple(eos)
-    mode = build_mode(model, spec)
-    if keep_logits and not isinstance(spec, (DecodeConfig, DolaConfig)):
+    if keep_logits and not mode.keeps_logits:
         raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not those "
                                   "of one fixed pass per token")
     rows = len(prompts)
     uniform = row_uniforms(sampling.seed, rows, mode.streams_needed(max_new_tokens), model.device) \
         if sampling.do_sample else None
-    thresholds = [spec.threshold_at(i, max_new_tokens) for i in range(max_new_tokens)] \
-        if isinstance(spec, ExitPolicy) else None
-    state = engine.start(model, backend, mode, spec, prompts, sampling, eos, max_new_tokens, uniform, thresholds,
-                         keep_logits)
+    state = engine.start(model, backend, mode, mode.settings, prompts, sampling, eos, max_new_tokens, uniform,
+                         mode.thresholds(max_new_tokens), keep_logits)
     mode = state.mode  # a static engine's step keeps the mode object it was built with
     watch = None if stop is None else StopWatch(stop, rows, eos, on_token)
     sink = on_token if watch is None else watch

@@ -46,8 +46,8 @@ def test_latency_rows_and_files(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("modes,message", [
     (["beam:4"], "unknown mode 'beam:4'"),
-    (["exit:7"], "exit layer 7 is not in the checkpoint"),
-    (["acd:4,9"], "exit layer 9 is not in the checkpoint"),
+    (["exit:7"], "exit layer 7 is not in this checkpoint"),
+    (["acd:9,2"], "exit layer 9 is not in this checkpoint"),
     (["ee:max-prob:1.5"], r"threshold for max-prob must be in \[0, 1\]"),
     (["ee:max-prob:0:2:predicated"], "predicated early-exit schedule needs backend='triton'"),
 ])

@@ -72,7 +72,7 @@ def cli(capsys, *argv):
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "contrast", "--contrast", "4,2",
       "--min-candidates", "999"], "exceeds the vocabulary"),
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",
-      "--schedule", "predicated"], "fast-path schedule"),
+      "--schedule", "predicated"], "static-engine schedule"),
     (["generate", "--model", "M", "--input-ids", "1", "--stream", "--json"], "exclusive"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tiny_checkpoint, capsys, argv, message):

@@ -162,7 +162,7 @@ def test_bad_settings(lm, spec, kw, message):
 def test_cli_bench_and_drop_in(tmp_path, capsys):
     import json
 
-    from mexit.bench.latency import parse_mode
+    from mexit.decoding import modes
     from mexit.frontends.cli import main
     from mexit.frontends.compat import FastMultiExitModel
 
@@ -179,9 +179,9 @@ def test_cli_bench_and_drop_in(tmp_path, capsys):
     assert main(["generate", "--model", str(folder), "--input-ids", "1", "--draft-exit", "2"]) == 2
     assert "apply to --mode speculative" in capsys.readouterr().err
     config = mexit.load(folder).config
-    assert parse_mode("spec:2:4:0.5", config)["speculative"] == SpeculativeConfig(2, 4, 0.5)
+    assert modes.parse("spec:2:4:0.5", config).spec == SpeculativeConfig(2, 4, 0.5)
     with pytest.raises(ValueError, match="draft exit 4 must be one of the checkpoint's exits below"):
-        parse_mode("spec:4:2", config)
+        modes.parse("spec:4:2", config)
     ids = torch.tensor([[5, 17, 200]])
     model = FastMultiExitModel.from_pretrained(folder)
     assert torch.equal(model.generate(ids, max_new_tokens=6, speculative=SpeculativeConfig(1, 2), pad_token_id=0),

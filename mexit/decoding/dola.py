@@ -137,8 +137,11 @@ class DolaMode(OneStep):
     row's premature layer per token is kept on the device (`buffers`: [B, steps] int64) and reported as
     `GenerationResult.premature_layers`."""
 
+    keeps_logits = True
+
     def __init__(self, model: MultiExitGPT2, dola: DolaConfig):
         self.model, self.config = model, dola
+        self.settings = dola
         self.candidates = dola.candidates(model.config)
         final = model.config.n_layer
         self.stops = sorted({*self.candidates, final})

@@ -147,6 +147,7 @@ class EarlyExit(Mode):
     def __init__(self, model: MultiExitGPT2, policy: ExitPolicy):
         config = model.config
         self.model, self.policy = model, policy
+        self.settings = policy
         self.depth = policy.depth(config)
         self.checked = policy.checked_exits(config)
         self.previous = policy.previous_layers(config)
@@ -157,6 +158,9 @@ class EarlyExit(Mode):
         self.probes = {layer: self.predictors.probe(layer) for layer in self.checked} if self.predictors else {}
         self.saved_layers = set(self.previous.values()) if self.cosine else set()
         self.stops = sorted({self.depth, *self.checked, *self.saved_layers} - {0})
+
+    def thresholds(self, max_new_tokens: int) -> list[float]:
+        return [self.policy.threshold_at(i, max_new_tokens) for i in range(max_new_tokens)]
 
     def reference(self, config) -> tuple[int, int]:
         """Full depth of the policy's final head (the original head's: the full model, by default)."""

@@ -181,9 +181,12 @@ def mode_scores(model: MultiExitGPT2, decode: DecodeConfig, hidden, backend: ops
 class FixedMode(OneStep):
     """A decode step of a fixed mode: the heads' layers, their scores, the token."""
 
+    keeps_logits = True
+
     def __init__(self, model: MultiExitGPT2, decode: DecodeConfig):
         decode.validate_for(model.config)
         self.model, self.config = model, decode
+        self.settings = decode
         self.layers = [model.layer_of(head) for head in decode.heads()]
         self.stops = sorted(set(self.layers))  # the layers whose states a step reads
         self.depth = max(self.layers)

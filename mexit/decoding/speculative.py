@@ -150,6 +150,7 @@ class Speculative(Mode):
         spec, target = speculation.spec, speculation.target
         self.depth = spec.validate_for(model, target)
         self.model, self.spec = model, spec
+        self.settings = speculation
         self.target = FixedMode(model, target)
         self.draft_exit, self.k = spec.draft_exit, spec.draft_len
         layers = self.target.layers

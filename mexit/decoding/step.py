@@ -119,7 +119,9 @@ class Mode:
     """What a step computes. The defaults fit modes that emit one token per row per step (fixed heads, early
     exit); a mode overrides what differs (speculative decoding emits several per round)."""
 
+    settings: object  # what it was built from (one of `mexit.decoding.modes.settings_classes()`)
     uses_exits = False  # per-row exit decisions (`ExitState`)
+    keeps_logits = False  # it can keep every step's [B, V] scores (one fixed pass per token)
     saved_layers: tuple | set = ()  # layers whose states a check compares with (cosine)
     stops: list[int]  # the layers whose states the prompt's step reads
     depth: int  # the deepest layer a step may run
@@ -129,6 +131,10 @@ class Mode:
         """(blocks, heads) per token that the statistics' `weight_bytes_ratio` compares with: the full model, its
         original head at full depth (a fixed mode's ratio says what it costs against that)."""
         return config.n_layer, 1
+
+    def thresholds(self, max_new_tokens: int) -> list[float] | None:
+        """Each step's exit threshold (early exit), else None."""
+        return None
 
     def slots(self, prompt_len: int, max_new_tokens: int) -> int:
         """Cache slots a batch needs: one per position."""

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from mexit.decoding import modes
 from mexit.decoding.dola import DolaConfig
 from mexit.decoding.early_exit import ExitPolicy
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration
@@ -59,6 +60,54 @@ def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
     upper, lower = contrast if contrast is not None else (None, None)
     return DecodeConfig(mode, exit_layer=exit_layer, upper=upper, lower=lower, alpha=alpha,
                         min_candidates=min_candidates)
+
+
+def mode_settings(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_candidates=1, multi_exit_config=None,
+                  decode=None, early_exit=None, speculative=None, dola_layers=None, dola_heads="embedding",
+                  acd_names=None):
+    """The settings of `MultiExitLM.generate`'s mode arguments (an instance of one of
+    `mexit.decoding.modes.settings_classes()`). mode: a mode's settings, a string of the mode mini-language
+    (`modes.parse`: "exit:12", "ee:max-prob:0.9", ...), or a fixed mode's name with exit_layer / contrast /
+    autocontrastive-gen's names (`decode_config`); speculative: a SpeculativeConfig verifying the fixed mode chosen.
+    alpha / min_candidates set a contrast's ACD parameters. Error: arguments of two modes at once."""
+    acd_names = acd_names or {}
+    if isinstance(mode, modes.settings_classes()) or (isinstance(mode, str) and ":" in mode):
+        others = [name for name, value in (("exit_layer", exit_layer), ("contrast", contrast), ("decode", decode),
+                                           ("early_exit", early_exit), ("dola_layers", dola_layers),
+                                           ("multi_exit_config", multi_exit_config)) if value is not None]
+        if others or acd_names:
+            first_other = (others or sorted(acd_names))[0]
+            raise ValueError(f"mode={mode!r} chooses the mode: do not combine it with {first_other}")
+        spec = modes.parse(mode) if isinstance(mode, str) else mode
+        if isinstance(spec, DecodeConfig) and spec.mode == "contrast":
+            spec = dataclasses.replace(spec, alpha=alpha, min_candidates=min_candidates)
+        elif alpha != 0.1 or min_candidates != 1:
+            raise ValueError("alpha and min_candidates apply to ACD (a contrast mode)")
+        if speculative is not None:
+            if not isinstance(spec, DecodeConfig):
+                raise ValueError("speculative decoding verifies a fixed mode (original, exit or contrast)")
+            spec = Speculation(speculative, spec)
+        return spec
+    if dola_layers is not None:
+        if (mode is not None or exit_layer is not None or contrast is not None or acd_names or decode
+                or early_exit is not None or speculative is not None or multi_exit_config is not None):
+            raise ValueError("dola_layers chooses the mode (DoLa): do not combine it with other mode arguments")
+        if not isinstance(dola_layers, (str, list, tuple)):
+            raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {dola_layers!r}")
+        return DolaConfig(dola_layers if isinstance(dola_layers, str) else tuple(dola_layers), dola_heads)
+    if dola_heads != "embedding":
+        raise ValueError("dola_heads goes with dola_layers")
+    if early_exit is not None:
+        if mode is not None or exit_layer is not None or contrast is not None or acd_names or decode:
+            raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
+        if speculative is not None:
+            raise ValueError("speculative decoding verifies a fixed mode: do not combine it with early_exit")
+        return early_exit
+    if decode is not None and (mode or exit_layer is not None or contrast is not None or acd_names
+                               or multi_exit_config is not None):
+        raise ValueError("decode= chooses the mode: do not combine it with other mode arguments")
+    spec = decode or decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, **acd_names)
+    return spec if speculative is None else Speculation(speculative, spec)
 
 
 class MultiExitLM:
@@ -159,7 +208,7 @@ class MultiExitLM:
         return prompts
 
     @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens: int | None = None, *, mode: str | None = None,
+    def generate(self, prompts, max_new_tokens: int | None = None, *, mode=None,
                  exit_layer: int | None = None, contrast: tuple | None = None, alpha: float = 0.1,
                  min_candidates: int = 1, multi_exit_config: MultiExitConfiguration | None = None,
                  decode: DecodeConfig | None = None, early_exit: ExitPolicy | None = None,
@@ -174,7 +223,10 @@ class MultiExitLM:
         """Generate up to `max_new_tokens` per prompt (text, a list of texts, token ids, a list of id lists, or a
         [B, T] id tensor with its `attention_mask`: padding is dropped, left or right).
 
-        Modes: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
+        Modes: `mode=` a mode's settings (`mexit.decoding.modes.settings_classes()`) or a string of the mode
+        mini-language ("exit:12", "acd:24,12", "ee:max-prob:0.9", "dola:high", "spec:12:2"; `mexit.decoding.modes`),
+        or the
+        keywords: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
         "original"), autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices` or
         `multi_exit_config`, or a ready `decode=DecodeConfig(...)`; naming two modes is an error.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead, and
@@ -228,33 +280,14 @@ class MultiExitLM:
                 raise ValueError(f"generation_config.json's max_length {d['max_length']} leaves no room after the "
                                  "longest prompt: pass max_new_tokens")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        if dola_layers is not None:
-            if (mode is not None or exit_layer is not None or contrast is not None or acd_names or decode
-                    or early_exit is not None or speculative is not None or multi_exit_config is not None):
-                raise ValueError("dola_layers chooses the mode (DoLa): do not combine it with other mode arguments")
-            if not isinstance(dola_layers, (str, list, tuple)):
-                raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {dola_layers!r}")
-            spec = DolaConfig(dola_layers if isinstance(dola_layers, str) else tuple(dola_layers), dola_heads)
-        elif dola_heads != "embedding":
-            raise ValueError("dola_heads goes with dola_layers")
-        elif early_exit is not None:
-            if mode is not None or exit_layer is not None or contrast is not None or acd_names or decode:
-                raise ValueError("early_exit chooses its own heads: do not combine it with a decoding mode")
-            if speculative is not None:
-                raise ValueError("speculative decoding verifies a fixed mode: do not combine it with early_exit")
-            early_exit.check_engine(self.engine, self.backend.name)
-            spec = early_exit
-        else:
-            if decode is not None and (mode or exit_layer is not None or contrast is not None or acd_names
-                                       or multi_exit_config is not None):
-                raise ValueError("decode= chooses the mode: do not combine it with other mode arguments")
-            spec = decode or decode_config(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config,
-                                           **acd_names)
-            if speculative is not None:
-                spec = Speculation(speculative, spec)
+        spec = mode_settings(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, decode, early_exit,
+                             speculative, dola_layers, dola_heads, acd_names)
+        if isinstance(spec, ExitPolicy):
+            spec.check_engine(self.engine, self.backend.name)
         if stop_strings is not None:
             stop = self.stop_rule(stop_strings, stop)
-        result = generate(self.model, ids, spec, self._engine, self.backend, max_new_tokens, sampling, eos,
+        result = generate(self.model, ids, modes.build(self.model, spec), self._engine, self.backend, max_new_tokens,
+                          sampling, eos,
                           on_token=on_token, return_cache=return_cache, keep_logits=keep_logits, stop=stop)
         result.seed = sampling.seed if sampling.do_sample else None
         if self.tokenizer is not None:

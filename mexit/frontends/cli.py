@@ -16,6 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from mexit.decoding import modes
+
 from .output import HelpFormatter
 
 
@@ -130,8 +132,7 @@ def add_generate_parser(sub) -> None:
                         "cluster this machine runs or a new local one; else a cluster address")
     p.add_argument("--threads", type=int, help="CPU threads of torch (with --ray and no GPUs: per worker; default 1 "
                    "there, torch's default here)")
-    p.add_argument("--mode", default="original",
-                   choices=["original", "exit", "contrast", "dola", "early-exit", "speculative"],
+    p.add_argument("--mode", default="original", choices=modes.NAMES,
                    help="original head, one exit (--exit-layer), ACD (--contrast), DoLa (--dola-layers), "
                         "confidence-gated early exit, or self-speculative decoding of the original head (or of "
                         "--exit-layer / --contrast)")
@@ -184,8 +185,8 @@ def add_generate_parser(sub) -> None:
     ee.add_argument("--propagation", default="eager", choices=["eager", "deferred"],
                     help="skipped layers' keys/values computed at the exit, or with the next deep token")
     ee.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
-                    help="fast path: a CUDA graph per segment between checks (one flag read each), or the whole "
-                         "step one graph with kernels that skip past the exit (needs the triton backend)")
+                    help="static / graph engines: a CUDA graph per segment between checks (one flag read each), or "
+                         "the whole step one graph with kernels that skip past the exit (needs the triton backend)")
     ee.add_argument("--time-full-depth", action="store_true",
                     help="also time full depth on the same prompts (a data set: its first batch), interleaved with "
                          "this setting (3 pairs after one untimed call), and report the decode time ratio: the "
@@ -620,7 +621,7 @@ def run_generate(args) -> int:
         torch.set_num_threads(args.threads)
     lm = load_lm(args)
     if args.schedule != "segments" and lm.engine == "eager":
-        raise UsageError(f"--schedule {args.schedule} is a fast-path schedule: use --engine static or graph "
+        raise UsageError(f"--schedule {args.schedule} is a static-engine schedule: use --engine static or graph "
                          "(the eager engine runs the reference scheduler)")
     prompts = args.prompt if args.prompt else args.input_ids
     timer = Timer(lm.model.device, sys.stdout if args.stream else None, lm.tokenizer)
