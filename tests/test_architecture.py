@@ -179,3 +179,22 @@ def test_the_cache_owns_its_writes():
             if hit:
                 writes.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
     assert writes == []
+
+
+def test_engines_read_only_what_a_mode_declares():
+    """The engines and the loop know no mode: every attribute they read of a mode (`mode.X`, `self.mode.X`) is one
+    the `Mode` base class declares (an attribute, an annotation or a method), so a mode speaks to them only through
+    it; and the loop tests no mode's type."""
+    from mexit.decoding.step import Mode
+
+    declared = set(dir(Mode)) | set(Mode.__annotations__)
+    read = set()
+    for path in [*(ROOT / "engines").glob("*.py"), ROOT / "generate.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value).split(".")[-1] == "mode":
+                read.add((path.name, node.attr))
+    assert read and {(name, attr) for name, attr in read if attr not in declared} == set()
+    from mexit.decoding import modes
+
+    mode_modules = {f"mexit.decoding.{entry.module}" for entry in modes.MODES} | {"mexit.decoding.modes"}
+    assert not full_graph()["mexit.generate"] & mode_modules  # the loop cannot name a mode's type

@@ -155,6 +155,9 @@ class EarlyExit(Mode):
         self.cosine = policy.measure == "cosine"
         self.head_free = policy.measure in HEAD_FREE
         self.predictors = check_predictors(model, policy, self.checked) if policy.measure == "learned" else None
+        self.reads_predictors = self.predictors is not None
+        self.defers_propagation = policy.propagation == "deferred"
+        self.predicated = policy.schedule == "predicated"
         self.probes = {layer: self.predictors.probe(layer) for layer in self.checked} if self.predictors else {}
         self.saved_layers = set(self.previous.values()) if self.cosine else set()
         self.stops = sorted({self.depth, *self.checked, *self.saved_layers} - {0})

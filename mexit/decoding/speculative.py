@@ -142,6 +142,8 @@ class RoundBuffers:
 class Speculative(Mode):
     """Self-speculative decoding of a fixed mode: the prompt's step is the target's own, then a round per step."""
 
+    emits_one_per_step = False
+
     def reference(self, config) -> tuple[int, int]:
         """Lossless speculation saves against its target: the target at full depth."""
         return self.target.depth, self.target.full_heads

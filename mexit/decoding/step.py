@@ -122,6 +122,15 @@ class Mode:
     settings: object  # what it was built from (one of `mexit.decoding.modes.settings_classes()`)
     uses_exits = False  # per-row exit decisions (`ExitState`)
     keeps_logits = False  # it can keep every step's [B, V] scores (one fixed pass per token)
+    emits_one_per_step = True  # one token per row per step (speculative decoding: up to K + 1 per round)
+    # what an engine needs to run per-row exits (early exit): the exits a step may end at, whether a check decides
+    # without a head (the exit's head then runs for the rows that fired), whether it reads learned predictors, and
+    # its schedule: skipped blocks' keys/values filled later (deferred) or at once; the step as one predicated piece
+    checked: list[int] | tuple = ()
+    head_free = False
+    reads_predictors = False
+    defers_propagation = False
+    predicated = False
     saved_layers: tuple | set = ()  # layers whose states a check compares with (cosine)
     stops: list[int]  # the layers whose states the prompt's step reads
     depth: int  # the deepest layer a step may run

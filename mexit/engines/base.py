@@ -234,7 +234,7 @@ class DecodeState:
         result.stats = stats
         self.mode.describe(self, result)
         config, dtype = self.model.config, self.model.dtype
-        decoded = sum(map(len, result.tokens)) / self.real_rows - 1 if "rounds" in stats else stats["steps"]
+        decoded = stats["steps"] if self.mode.emits_one_per_step else sum(map(len, result.tokens)) / self.real_rows - 1
         stats.update(per_token(stats, config, dtype, decoded, *self.mode.reference(config)))
 
     def nonfinite(self, lengths: list[int]) -> dict[int, int]:

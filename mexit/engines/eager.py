@@ -23,7 +23,7 @@ class EagerState(DecodeState):
         self.live: torch.Tensor | None = None  # int64 indices of the running rows; None: every row (fixed modes)
         self.fired_rows = None
         self.slot = 0
-        if self.exits is not None and self.mode.policy.propagation == "deferred":
+        if self.exits is not None and self.mode.defers_propagation:
             self.pending = PendingKV(self, self.mode.depth)
 
     def engine_counters(self) -> dict:

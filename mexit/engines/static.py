@@ -84,7 +84,7 @@ class StaticState(DecodeState):
         if self.exits is not None:
             stops = self.mode.stops
             self.spans = [(stops[i - 1] if i else 0, stop) for i, stop in enumerate(stops)]
-        if self.exits is not None and self.mode.policy.propagation == "deferred":
+        if self.exits is not None and self.mode.defers_propagation:
             self.h_pending = torch.zeros(self.rows, self.cache.k.shape[3], d, dtype=self.model.dtype,
                                          device=self.model.device)
             self.pending = PendingKV(self, self.mode.depth)
@@ -152,7 +152,7 @@ class StaticState(DecodeState):
             c["segments"] += 1
             c["weight_blocks"] += end - start
             c["weight_heads"] += end == mode.depth or (end in mode.checked and not mode.head_free)
-            c["weight_predictors"] += end in mode.checked and mode.predictors is not None
+            c["weight_predictors"] += end in mode.checked and mode.reads_predictors
         elif key[0] == "fired_head":
             c["weight_heads"] += 1
         elif key[0] == "fill":
@@ -289,7 +289,7 @@ class StaticState(DecodeState):
                 fired = {layer for layer in exits if layer < mode.depth} if mode.head_free else \
                     [layer for layer in mode.checked if layer <= deepest]
                 reads["weight_heads"] += len(fired) + (deepest == mode.depth)
-                if mode.predictors is not None:  # the decision kernels run (and read) at every checked exit
+                if mode.reads_predictors:  # the decision kernels run (and read) at every checked exit
                     reads["weight_predictors"] += len(mode.checked)
             self.counters.update(reads)
         super().describe(result)
@@ -329,7 +329,7 @@ class StaticEngine:
                 warnings.warn("compile=True applies to the torch layer path; the triton backend's decode blocks are "
                               "already fused kernels: not compiling (use backend='torch' to compile)", stacklevel=4)
                 compile_layers = False
-            predicated = getattr(spec, "schedule", None) == "predicated"
+            predicated = mode.predicated
             state = self.states[key] = StaticState(model, backend, mode, sampling, bucket, slots, columns,
                                                    keep_logits, predicated, compile_layers=compile_layers)
             if self.graph:
