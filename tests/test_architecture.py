@@ -198,3 +198,34 @@ def test_engines_read_only_what_a_mode_declares():
 
     mode_modules = {f"mexit.decoding.{entry.module}" for entry in modes.MODES} | {"mexit.decoding.modes"}
     assert not full_graph()["mexit.generate"] & mode_modules  # the loop cannot name a mode's type
+
+
+def test_modes_speak_only_rows():
+    """A mode reaches the batch only through `Rows`: no decoding/ module touches the KV cache, writes the step state
+    (`io`) by assignment or an in-place method, or runs the model's blocks (`run_layers`, `run_to`, `embed`,
+    `fill_kv`; `forward`, the one whole-sequence pass, serves teacher forcing and layer predictions), and every
+    attribute read of `rows` is one the protocol declares."""
+    from mexit.decoding.step import Rows
+
+    declared = set(dir(Rows)) | set(Rows.__annotations__)
+    found = []
+    for path in (ROOT / "decoding").glob("*.py"):
+        if path.name == "step.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute):
+                base = ast.unparse(node.value)
+                if base == "rows" and node.attr not in declared or node.attr == "cache":
+                    found.append(f"{where} reads {base}.{node.attr}")
+                if node.attr in ("run_layers", "run_to", "embed", "fill_kv"):
+                    found.append(f"{where} runs {base}.{node.attr}")
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            written = [t.value if isinstance(t, ast.Subscript) else t for t in targets]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_"):
+                written.append(node.func.value)
+            for t in written:
+                if ast.unparse(t).startswith(("rows.io.", "io.")):  # the step state, or its usual alias
+                    found.append(f"{where} writes {ast.unparse(t)}")
+    assert found == []

@@ -211,8 +211,6 @@ class Speculative(Mode):
         buf.drafted.zero_()
         for t in (buf.drafted_total, buf.accepted, buf.verifications):
             t.zero_()
-        if rows.eos is not None:
-            io.out[:, 1:] = rows.eos[0]  # columns past a row's end read eos
         if streams is not None:
             rounds = (streams.shape[1] - 1) // (2 * self.k + 1)
             per_round = streams[:, 1: 1 + rounds * (2 * self.k + 1)].reshape(streams.shape[0], rounds, -1)
@@ -260,16 +258,11 @@ class Speculative(Mode):
     def lower_pass(self, rows: Rows, index: torch.Tensor) -> torch.Tensor:
         """Feed buffers.x at round position `index` ([1] int64) through blocks 1..L, keeping each low layer's
         states at that position; returns h_L [B, d]."""
-        buf, io, model = rows.buffers, rows.io, self.model
-        slot = io.slot + index
-        positions = (io.positions + index).clamp(max=model.config.n_positions - 1)
-        rows.cache.mark(slot)
-        h, start = model.embed(buf.x[:, None], positions[:, None]), 0
-        for layer in self.low_layers:
-            h = model.run_layers(h, start, layer, rows.cache, slot, rows.backend)
+        buf = rows.buffers
+        states = rows.feed(buf.x, index, self.low_layers)
+        for layer, h in states.items():
             buf.saved[layer].index_copy_(1, index, h)
-            start = layer
-        return h[:, 0]
+        return states[self.draft_exit][:, 0]
 
     def draft_head(self, rows: Rows, h: torch.Tensor, index: torch.Tensor):
         """The draft head on h [B, d] (restricted to the draft vocabulary: its logits, argmax and probabilities
@@ -332,11 +325,7 @@ class Speculative(Mode):
         """Score: the target at every round position in one pass; accept per row; emit; set the next round up."""
         buf, io, model = rows.buffers, rows.io, self.model
         b, k1 = rows.rows, self.k + 1
-        states = dict(buf.saved)
-        h, start = buf.saved[self.draft_exit], self.draft_exit
-        for layer in self.high_layers:
-            h = states[layer] = model.run_layers(h, start, layer, rows.cache, io.slot, rows.backend)
-            start = layer
+        states = {**buf.saved, **rows.run_round(buf.saved[self.draft_exit], self.draft_exit, self.high_layers)}
         hidden = [states[layer].reshape(b * k1, -1) for layer in self.target.layers]
         sampling, controlled = rows.sampling.do_sample, rows.history is not None
         if self.reuse:
@@ -371,39 +360,16 @@ class Speculative(Mode):
         return ops.acd_contrast(both, target.alpha, target.min_candidates, rows.backend, with_logprobs=with_logprobs)
 
     def emit(self, rows: Rows, accepted: torch.Tensor, token: torch.Tensor) -> None:
-        """Each unfinished row keeps its accepted drafts and the target's token (cut at eos and at the budget);
-        its rejected drafts' slots become invalid; the next round starts after the round's slots."""
-        buf, io = rows.buffers, rows.io
-        j = torch.arange(self.k + 1, device=io.tokens.device)
-        drafted = j < accepted[:, None]
-        seq = torch.where(drafted, torch.cat([buf.drafts, buf.drafts[:, :1]], 1), token[:, None])
-        n_new = accepted + 1
-        was_finished = io.finished.clone()
-        stops = (seq[..., None] == io.eos).any(-1)  # [B, k + 1]: a stop id (io.eos pads with -1)
-        is_eos = stops & (j < n_new[:, None])
-        n_new = torch.where(is_eos.any(-1), is_eos.long().argmax(-1) + 1, n_new)
-        n_new = torch.minimum(n_new, rows.max_new_tokens - buf.count).masked_fill(was_finished, 0)
-        write = j < n_new[:, None]
-        cols = buf.count[:, None] + j
-        io.out.scatter_(1, cols, torch.where(write, seq, io.out.gather(1, cols)))
-        buf.drafted.scatter_(1, cols, torch.where(write, drafted, buf.drafted.gather(1, cols)))
-        buf.count.add_(n_new)
-        ended = (write & stops).any(-1)
-        io.finished.copy_(was_finished | ended | (buf.count >= rows.max_new_tokens))
-        running = (~was_finished).long()
+        """Accept: each unfinished row keeps its accepted drafts and the target's token (`Rows.emit_round`); then the
+        round's statistics and the next round's drafting state."""
+        buf = rows.buffers
+        running = (~rows.emit_round(accepted, token, buf.drafts, buf.n_drafts, buf.draft_i, buf.count,
+                                    buf.drafted)).long()
         buf.drafted_total.add_(buf.n_drafts * running)
         buf.accepted.add_(accepted * running)
         buf.verifications.add_(running)
-        slots = io.slot + j
-        rows.cache.keep(slots, (j <= accepted[:, None]) & ~was_finished[:, None])
-        width, steps = buf.n_drafts.max(), buf.draft_i
-        io.slot.add_(torch.where(width == steps, width + 1, steps))
-        if rows.history is not None:
-            rows.remember(token, io.positions + accepted + 1)
-        io.positions.add_(accepted + 1)
-        io.tokens.copy_(token)
         buf.x.copy_(token)
-        buf.proposing.copy_(~io.finished)
+        buf.proposing.copy_(~rows.io.finished)
         buf.n_drafts.zero_()
         buf.draft_i.zero_()
         buf.round.add_(1)

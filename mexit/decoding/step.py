@@ -31,9 +31,11 @@ class Candidate(NamedTuple):
 
 
 class Rows(Protocol):
-    """The batch during one decode step, as an engine holds it. io: the step state (`StepIO`); cache: the KV
-    cache; counters: the statistics (`mexit.decoding.stats`); decoded: decode steps done; real_rows, max_new_tokens,
-    eos: the generation's; buffers: the mode's own (`Mode.buffers`)."""
+    """The batch during one decode step, as an engine holds it. A mode reads the step state (`io`) and writes it
+    only through these methods; it never touches the KV cache or runs the model's blocks itself. io: the step state
+    (`StepIO`); counters: the statistics (`mexit.decoding.stats`); decoded: decode steps done; rows: the batch's
+    rows (padding included); steps: output columns; real_rows, max_new_tokens, eos (a tuple of stop ids, or None):
+    the generation's; buffers: the mode's own (`Mode.buffers`)."""
 
     model: MultiExitGPT2
     backend: Backend
@@ -42,8 +44,11 @@ class Rows(Protocol):
     io: StepIO
     counters: dict
     decoded: int
+    rows: int
+    steps: int
     real_rows: int
     max_new_tokens: int
+    eos: tuple[int, ...] | None
     buffers: object
     history: torch.Tensor | None  # [B, L] int64 each row's sequence by position (with the repetition controls)
 
@@ -68,6 +73,22 @@ class Rows(Protocol):
 
     def emit(self, token: torch.Tensor) -> None:
         """End the step with `token` [B] (eos masking, output, next input)."""
+
+    # ---- several positions per step (speculative decoding) ----
+    def feed(self, tokens: torch.Tensor, offset: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """tokens [B] int64 as new positions at `offset` ([1] int64) past the step's slot and each row's position:
+        their cache slot marked valid, embedded, run through the blocks up to max(layers); {layer: [B, 1, d]} at
+        each of `layers`."""
+
+    def run_round(self, h: torch.Tensor, start: int, layers: list[int]) -> dict[int, torch.Tensor]:
+        """The round's positions, h [B, S, d] the states at layer `start` of the tokens at slots slot..slot+S-1,
+        through the blocks up to max(layers); {layer: [B, S, d]} at each of `layers`."""
+
+    def emit_round(self, accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Tensor, n_drafts: torch.Tensor,
+                   draft_i: torch.Tensor, count: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
+        """End a round (`ops.round_epilogue`): each row's accepted drafts and `token` emitted, the round's slots
+        kept or rejected, the next round's slot, positions and input; the repetition controls' history gets token.
+        Returns was_finished [B] bool (the rows finished before the round)."""
 
     def penalize(self, scores: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """The mode's scores after the repetition controls on each row's sequence (unchanged without them): [B, V]

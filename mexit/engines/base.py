@@ -155,6 +155,8 @@ class DecodeState:
         self.prompt_len, self.real_rows, self.eos, self.max_new_tokens = p, real_rows, eos, max_new_tokens
         io.finished.copy_(torch.arange(self.rows, device=io.finished.device) >= real_rows)
         io.eos.copy_(stop_ids(eos))
+        if eos is not None:  # columns not written yet read the first stop id (a round writes several at once)
+            io.out[:, 1:] = eos[0]
         io.step.zero_()
         io.slot.fill_(p - 1)  # the step epilogue advances it to the first decode token's slot
         io.positions.copy_(batch.positions[:, -1])
@@ -271,6 +273,27 @@ class DecodeState:
         ops.step_epilogue(token, self.io, self.backend)
         if self.history is not None:  # the emitted token at its position (a finished row's may be -1: no matter)
             self.remember(self.io.tokens, self.io.positions)
+
+    def feed(self, tokens: torch.Tensor, offset: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        io, model = self.io, self.model
+        slot = io.slot + offset
+        positions = (io.positions + offset).clamp(max=model.config.n_positions - 1)
+        self.cache.mark(slot)
+        return model.run_to(model.embed(tokens[:, None], positions[:, None]), layers, self.cache, slot, self.backend)
+
+    def run_round(self, h: torch.Tensor, start: int, layers: list[int]) -> dict[int, torch.Tensor]:
+        states = {}
+        for layer in layers:
+            h = states[layer] = self.model.run_layers(h, start, layer, self.cache, self.io.slot, self.backend)
+            start = layer
+        return states
+
+    def emit_round(self, accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Tensor, n_drafts: torch.Tensor,
+                   draft_i: torch.Tensor, count: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:
+        if self.history is not None:  # the target's token follows the accepted drafts
+            self.remember(token, self.io.positions + accepted + 1)
+        return ops.round_epilogue(accepted, token, drafts, n_drafts, draft_i, count, drafted, self.io,
+                                  self.cache.valid, self.max_new_tokens)
 
     def remember(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Write tokens [B] at positions [B] of the rows' sequences (the repetition controls' history)."""

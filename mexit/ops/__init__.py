@@ -19,6 +19,7 @@ from mexit.kernels.exit_decide_ref import exit_decide_ref
 from mexit.kernels.exit_head_ref import ExitHeadOutput, exit_head_ref
 from mexit.kernels.fused_linear_ref import fused_linear_ref
 from mexit.kernels.propagate_kv_ref import propagate_kv_ref
+from mexit.kernels.round_epilogue_ref import round_epilogue_ref
 from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref
 
 # Decode batches up to this many rows run the tiled fused-linear kernel on the triton backend; larger ones cuBLAS
@@ -223,3 +224,11 @@ def step_epilogue(token: torch.Tensor, io: StepIO, backend: Backend = TORCH) -> 
         kernel(token, io, pdl=backend.pdl)
     else:
         step_epilogue_ref(token, io)
+
+
+def round_epilogue(accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Tensor, n_drafts: torch.Tensor,
+                   draft_i: torch.Tensor, count: torch.Tensor, drafted: torch.Tensor, io: StepIO, valid: torch.Tensor,
+                   max_new_tokens: int) -> torch.Tensor:
+    """End a speculative round: the rows' kept tokens, their cache slots, the next round's state
+    (`round_epilogue_ref`, torch operations on every backend: no kernel yet). Returns was_finished [B] bool."""
+    return round_epilogue_ref(accepted, token, drafts, n_drafts, draft_i, count, drafted, io, valid, max_new_tokens)
