@@ -229,3 +229,11 @@ def test_modes_speak_only_rows():
                 if ast.unparse(t).startswith(("rows.io.", "io.")):  # the step state, or its usual alias
                     found.append(f"{where} writes {ast.unparse(t)}")
     assert found == []
+
+
+def test_only_ops_reaches_the_kernels():
+    """The one dispatch point: inside mexit/, only mexit.ops imports mexit.kernels (the layers above take what they
+    need, StepIO, ExitHeadOutput, from mexit.ops), type-only imports included."""
+    reach = {a for a, targets in full_graph().items() for b in targets
+             if b.startswith("mexit.kernels") and not a.startswith(("mexit.ops", "mexit.kernels", "mexit.bench"))}
+    assert reach == set()

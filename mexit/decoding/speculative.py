@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from mexit import ops
-from mexit.kernels.exit_head_ref import ExitHeadOutput
 from mexit.model.token_counts import draft_vocabulary
 from mexit.values import plain_fields
 
@@ -353,7 +352,7 @@ class Speculative(Mode):
         up = ops.exit_head([upper], w.ln_f_w, w.ln_f_b, config.layer_norm_epsilon,
                            [self.model.head_weight(target.upper)], rows.backend)
         low = rows.buffers.draft_logits.transpose(0, 1).reshape(up.logits.shape[1], -1)
-        both = ExitHeadOutput(logits=torch.stack([up.logits[0], low]),
+        both = ops.ExitHeadOutput(logits=torch.stack([up.logits[0], low]),
                               lse=torch.stack([up.lse[0], torch.logsumexp(low, -1)]), max_prob=up.max_prob,
                               margin=up.margin, argmax=up.argmax,
                               max_logit=torch.stack([up.max_logit[0], low.max(-1).values]))

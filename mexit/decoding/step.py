@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from mexit.kernels.step_epilogue_ref import StepIO
     from mexit.model.decoder import MultiExitGPT2
-    from mexit.ops import Backend
+    from mexit.ops import Backend, StepIO
 
     from .sampling import SamplingConfig
 

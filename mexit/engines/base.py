@@ -4,13 +4,11 @@ how rows are skipped.
 The state (`StepIO`: tokens, positions, finished rows, the output columns, step index, cache slot, the next
 input embedding) advances through the step epilogue op, so a step needs no host value on any engine: the eager
 engine reads values when it chooses to (compaction, stopping), the static engine only at the points its schedule
-names. Exit bookkeeping (`ExitState`) is the early-exit decision op's. Deferred state propagation (`PendingKV`)
-fills the keys/values a later token's blocks are about to read, on either engine."""
+names. Per-row exit state (`ExitState`, `PendingKV`) lives in `exits.py`."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,94 +17,13 @@ from mexit import ops
 from mexit.decoding.sampling import SamplingConfig, choose
 from mexit.decoding.stats import per_token, weight_reads
 from mexit.decoding.step import Candidate
-from mexit.kernels.exit_decide_ref import probe_confidence
-from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
+from mexit.ops import StepIO, probe_confidence, stop_ids
+
+from .exits import ExitState, PendingKV
 
 if TYPE_CHECKING:
     from mexit.decoding.prompts import PaddedBatch
     from mexit.model.decoder import KVCache, MultiExitGPT2
-
-
-@dataclass
-class ExitState:
-    """Per-row exit bookkeeping of B rows over T steps (see `exit_decide_ref`): thresholds [T + 1] fp32 (per
-    step, and a spare one the step after the last arms);
-    running, fired [B] bool; chosen [B] int64 (the step's token so far); h_exit [B, d] (frozen states); exit_at [B,
-    T] int64 and conf_at [B, T] fp32 (per step: exit layer, confidence); flags [2] bool (a row fired, a row runs);
-    no_confidence [B] fp32 zeros; predicted [B] fp32 (a check's confidences: a learned predictor's, or a tested
-    check's); candidate [B] int64 (a tested check's tokens); row_threshold [B] fp32 (the torch backend's tests:
-    this step's threshold for running rows, +inf for the others); saved: {layer: [B, d]} states a cosine check compares
-    with. Predicated schedule only: skip [1] int32 (no row runs), fired_skip [1] int32 (no row fired). masks [2, B]
-    bool holds fired and running (one host read gives both)."""
-
-    thresholds: torch.Tensor
-    masks: torch.Tensor
-    chosen: torch.Tensor
-    h_exit: torch.Tensor
-    exit_at: torch.Tensor
-    conf_at: torch.Tensor
-    flags: torch.Tensor
-    no_confidence: torch.Tensor
-    predicted: torch.Tensor
-    candidate: torch.Tensor
-    row_threshold: torch.Tensor
-    saved: dict
-    skip: torch.Tensor | None = None
-    fired_skip: torch.Tensor | None = None
-    fired: torch.Tensor = dataclasses.field(init=False)
-    running: torch.Tensor = dataclasses.field(init=False)
-
-    @classmethod
-    def new(cls, b: int, t: int, d: int, saved_layers, dtype, device, predicated: bool) -> ExitState:
-        z = dict(device=device)
-        return cls(torch.zeros(t + 1, **z), torch.zeros(2, b, dtype=torch.bool, **z),
-                   torch.zeros(b, dtype=torch.long, **z), torch.zeros(b, d, dtype=dtype, **z),
-                   torch.zeros(b, t, dtype=torch.long, **z), torch.zeros(b, t, **z),
-                   torch.zeros(2, dtype=torch.bool, **z), torch.zeros(b, **z), torch.zeros(b, **z),
-                   torch.zeros(b, dtype=torch.long, **z), torch.zeros(b, **z),
-                   {layer: torch.zeros(b, d, dtype=dtype, **z) for layer in saved_layers},
-                   torch.zeros(1, dtype=torch.int32, **z) if predicated else None,
-                   torch.zeros(1, dtype=torch.int32, **z) if predicated else None)
-
-    def __post_init__(self):
-        self.fired, self.running = self.masks  # views (made once: a view costs as much as a small op)
-
-
-class PendingKV:
-    """Deferred state propagation: exited positions whose keys/values of blocks [first, depth) are still owed,
-    filled right before blocks that need them run (FREE, Bae et al. 2023: deferred fill). Entries: (rows [n] int64,
-    slots [n] int64, hidden [n, d], next block owed)."""
-
-    def __init__(self, state: DecodeState, depth: int):
-        self.state, self.depth = state, depth
-        self.entries: list[list] = []
-
-    def add(self, rows: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor, first: int) -> None:
-        if first < self.depth and len(rows):
-            self.entries.append([rows, slots, hidden, first])
-
-    def fill(self, start: int, end: int) -> None:
-        """Fill what blocks [start, end) owe, one batched fill per first block (its weights read once)."""
-        due = [e for e in self.entries if e[3] < end]
-        for first in sorted({max(e[3], start) for e in due}):
-            group = [e for e in due if max(e[3], start) == first]
-            rows, slots, hidden = (torch.cat([e[i] for e in group]) for i in range(3))
-            st = self.state
-            st.model.fill_kv(hidden, first, end, st.cache, rows, slots, st.backend)
-            st.counters["weight_fill_blocks"] += end - first
-            st.counters["kv_filled"] += len(rows) * (end - first)
-        for e in due:
-            e[3] = end
-        self.entries = [e for e in self.entries if e[3] < self.depth]
-
-    def owed(self) -> int:
-        """Keys/values (position x block) still owed."""
-        return sum(len(e[0]) * (self.depth - e[3]) for e in self.entries)
-
-    @torch.inference_mode()
-    def flush(self) -> None:
-        """Fill everything still owed (the cache is then complete)."""
-        self.fill(0, self.depth)
 
 
 class DecodeState:
@@ -273,6 +190,13 @@ class DecodeState:
         ops.step_epilogue(token, self.io, self.backend)
         if self.history is not None:  # the emitted token at its position (a finished row's may be -1: no matter)
             self.remember(self.io.tokens, self.io.positions)
+
+    def fill_kv(self, hidden: torch.Tensor, first: int, end: int, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """State propagation of blocks first..end-1 for positions (rows[i], slots[i]) exited at hidden [n, d]
+        (`MultiExitGPT2.fill_kv`), counted in the weight reads and the keys/values filled."""
+        self.model.fill_kv(hidden, first, end, self.cache, rows, slots, self.backend)
+        self.counters["weight_fill_blocks"] += end - first
+        self.counters["kv_filled"] += len(rows) * (end - first)
 
     def feed(self, tokens: torch.Tensor, offset: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         io, model = self.io, self.model

@@ -10,7 +10,8 @@ from mexit import ops
 from mexit.decoding.prompts import left_pad
 from mexit.decoding.step import Candidate
 
-from .base import DecodeState, PendingKV
+from .base import DecodeState
+from .exits import PendingKV
 
 CHECK_EVERY = 1  # steps between the loop's all-finished checks
 
@@ -24,7 +25,7 @@ class EagerState(DecodeState):
         self.fired_rows = None
         self.slot = 0
         if self.exits is not None and self.mode.defers_propagation:
-            self.pending = PendingKV(self, self.mode.depth)
+            self.pending = PendingKV(self.fill_kv, self.mode.depth)
 
     def engine_counters(self) -> dict:
         return dict(blocks_run=0, head_rows=0, checks=0) if self.exits is not None else {}
@@ -102,10 +103,7 @@ class EagerState(DecodeState):
         if self.pending is not None:
             self.pending.add(fired, slots, hidden[fired], layer)
             return
-        depth = self.mode.depth
-        self.model.fill_kv(hidden[fired], layer, depth, self.cache, fired, slots, self.backend)
-        self.counters["weight_fill_blocks"] += depth - layer
-        self.counters["kv_filled"] += len(fired) * (depth - layer)
+        self.fill_kv(hidden[fired], layer, self.mode.depth, fired, slots)
 
     def fired_token(self, head) -> None:
         rows, x = self.fired_rows, self.exits

@@ -24,7 +24,8 @@ from mexit.decoding.prompts import left_pad
 from mexit.decoding.stats import weight_reads
 from mexit.decoding.step import Candidate
 
-from .base import DecodeState, PendingKV
+from .base import DecodeState
+from .exits import PendingKV
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LENGTH_QUANTUM = 128
@@ -87,7 +88,7 @@ class StaticState(DecodeState):
         if self.exits is not None and self.mode.defers_propagation:
             self.h_pending = torch.zeros(self.rows, self.cache.k.shape[3], d, dtype=self.model.dtype,
                                          device=self.model.device)
-            self.pending = PendingKV(self, self.mode.depth)
+            self.pending = PendingKV(self.fill_kv, self.mode.depth)
 
     def engine_counters(self) -> dict:
         return dict(segments=0, fills=0) if self.exits is not None else {}

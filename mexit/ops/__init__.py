@@ -16,11 +16,13 @@ from mexit.kernels.acd_contrast_ref import acd_contrast_ref
 from mexit.kernels.check_states_ref import check_states_ref
 from mexit.kernels.control_repetition_ref import control_repetition_ref
 from mexit.kernels.exit_decide_ref import exit_decide_ref
+from mexit.kernels.exit_decide_ref import probe_confidence as probe_confidence  # re-exported: the layers above
 from mexit.kernels.exit_head_ref import ExitHeadOutput, exit_head_ref
 from mexit.kernels.fused_linear_ref import fused_linear_ref
 from mexit.kernels.propagate_kv_ref import propagate_kv_ref
 from mexit.kernels.round_epilogue_ref import round_epilogue_ref
 from mexit.kernels.step_epilogue_ref import StepIO, step_epilogue_ref
+from mexit.kernels.step_epilogue_ref import stop_ids as stop_ids  # re-exported: the layers above
 
 # Decode batches up to this many rows run the tiled fused-linear kernel on the triton backend; larger ones cuBLAS
 # matmuls (torch) around the decode-attention kernel. The dataclass default runs the kernels wherever they can
