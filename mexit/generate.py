@@ -7,21 +7,15 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from .decoding.prompts import check_prompts
 from .decoding.sampling import SamplingConfig, row_uniforms
 from .decoding.stopping import StopWatch
-from .engines.eager import EagerEngine
-from .engines.static import StaticEngine
 from .ops import Backend
 from .values import plain
 
 if TYPE_CHECKING:
     from .decoding.step import Mode
     from .model.decoder import MultiExitGPT2
-
-ENGINES = ("auto", "eager", "static", "graph")
 
 
 @dataclass
@@ -50,23 +44,6 @@ class NonFiniteStates(RuntimeWarning):
     """A generation computed hidden states holding NaN or inf (an overflow, typically of fp16 activations): the
     affected rows' tokens from that step on are not the model's prediction. `GenerationResult.nonfinite` names
     them."""
-
-
-def resolve_engine(name: str, device: torch.device) -> str:
-    """auto -> graph on CUDA, eager elsewhere; graph without CUDA falls back to static with a warning."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")
-    if name == "auto":
-        return "graph" if device.type == "cuda" else "eager"
-    if name == "graph" and device.type != "cuda":
-        warnings.warn("CUDA graphs need a CUDA device: running the same static step eagerly", stacklevel=3)
-        return "static"
-    return name
-
-
-def new_engine(name: str, compile_layers: bool = False):
-    """An engine by its resolved name (the static ones keep their built steps between calls)."""
-    return EagerEngine() if name == "eager" else StaticEngine(graph=name == "graph", compile_layers=compile_layers)
 
 
 def generate(model: MultiExitGPT2, prompts, mode: Mode, engine, backend: Backend, max_new_tokens: int,

@@ -6,7 +6,7 @@ from test_generate import MODES, PROMPTS, mexit_kwargs
 
 import mexit
 from mexit.engines.static import StaticEngine, StaticState, batch_bucket, length_bucket
-from mexit.generate import resolve_engine
+from mexit.frontends.api import resolve_engine
 from mexit.ops.launches import count_launches
 
 ENGINES = ["static"] + (["graph"] if torch.cuda.is_available() else [])

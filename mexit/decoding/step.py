@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from mexit.model.decoder import MultiExitGPT2
     from mexit.ops import Backend, StepIO
 
     from .sampling import SamplingConfig
@@ -36,7 +35,6 @@ class Rows(Protocol):
     rows (padding included); steps: output columns; real_rows, max_new_tokens, eos (a tuple of stop ids, or None):
     the generation's; buffers: the mode's own (`Mode.buffers`)."""
 
-    model: MultiExitGPT2
     backend: Backend
     sampling: SamplingConfig
     keep_logits: bool  # the fixed modes keep every step's [B, V] logits (`keep`)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ from mexit.decoding.layers import LayerPredictions, layer_predictions
 from mexit.decoding.prompts import check_prompts
 from mexit.decoding.sampling import SamplingConfig
 from mexit.decoding.speculative import Speculation, SpeculativeConfig
-from mexit.generate import GenerationResult, generate, new_engine, resolve_engine
+from mexit.engines.eager import EagerEngine
+from mexit.engines.static import StaticEngine
+from mexit.generate import GenerationResult, generate
 from mexit.model.checkpoint import HubOptions, random_model
 from mexit.model.checkpoint import load as load_model
 from mexit.model.config import ModelConfig
@@ -30,6 +33,25 @@ from mexit.model.generation_config import (
 from mexit.ops import Backend
 from mexit.ops.backend import resolve_backend
 from mexit.values import plain
+
+ENGINES = ("auto", "eager", "static", "graph")
+
+
+def resolve_engine(name: str, device: torch.device) -> str:
+    """auto -> graph on CUDA, eager elsewhere; graph without CUDA falls back to static with a warning."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; use one of {ENGINES}")
+    if name == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if name == "graph" and device.type != "cuda":
+        warnings.warn("CUDA graphs need a CUDA device: running the same static step eagerly", stacklevel=3)
+        return "static"
+    return name
+
+
+def new_engine(name: str, compile_layers: bool = False):
+    """An engine by its resolved name (the static ones keep their built steps between calls)."""
+    return EagerEngine() if name == "eager" else StaticEngine(graph=name == "graph", compile_layers=compile_layers)
 
 
 def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_candidates=1,

@@ -12,7 +12,6 @@ embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +20,6 @@ from mexit import ops
 from mexit.ops import TORCH, Backend
 
 from .config import ModelConfig
-
-if TYPE_CHECKING:
-    from .predictors import ExitPredictors
 
 
 @dataclass
@@ -125,7 +121,7 @@ class MultiExitGPT2:
         self.w = weights
         self.folder = folder  # checkpoint folder it was loaded from (tokenizer files live there)
         self.random_weights = random_weights  # True for benchmark / test models: label every result
-        self.predictors: ExitPredictors | None = None  # learned exit predictors stored beside the weights
+        self.predictors = None  # mexit.model.predictors.ExitPredictors stored beside the weights, or None
         self.token_counts: torch.Tensor | None = None  # [V] int64 token frequencies stored beside the weights
 
     @property
