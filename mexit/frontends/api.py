@@ -278,11 +278,35 @@ class MultiExitLM:
             (max_new_tokens, exit_layer, contrast, alpha, min_candidates, do_sample, temperature, top_k, top_p, seed,
              eos_token_id, dola_layers, repetition_penalty, no_repeat_ngram_size))  # numpy / torch values too
         acd_names = {name: plain(value) for name, value in acd_names.items()}
+        sampling = self.sampling_settings(sampling, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
+                                          no_repeat_ngram_size)
+        eos = self.stop_ids() if eos_token_id == "config" else eos_token_id
+        ids = self.encode(prompts, attention_mask)
+        max_new_tokens = self.new_tokens(max_new_tokens, ids)
+        spec = mode_settings(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, decode, early_exit,
+                             speculative, dola_layers, dola_heads, acd_names)
+        if isinstance(spec, ExitPolicy):
+            spec.check_engine(self.engine, self.backend.name)
+        if stop_strings is not None:
+            stop = self.stop_rule(stop_strings, stop)
+        result = generate(self.model, ids, modes.build(self.model, spec), self._engine, self.backend, max_new_tokens,
+                          sampling, eos, on_token=on_token, return_cache=return_cache, keep_logits=keep_logits,
+                          stop=stop)
+        result.seed = sampling.seed if sampling.do_sample else None
+        if self.tokenizer is not None:
+            result.text = [self.tokenizer.decode(row) for row in result.tokens]
+        return result
+
+    def sampling_settings(self, sampling, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
+                          no_repeat_ngram_size) -> SamplingConfig:
+        """`generate`'s sampling arguments as one SamplingConfig: those left None from the checkpoint's
+        generation_config.json, then mexit's defaults; a sampled run without a seed draws one. Error: a ready
+        `sampling` together with any of them."""
         d = self.defaults
         if sampling is None:
-            do_sample = bool(first(do_sample, d.get("do_sample"), False))
-            sampling = SamplingConfig(do_sample, first(temperature, d.get("temperature"), 1.0),
-                                      first(top_k, d.get("top_k"), 0), first(top_p, d.get("top_p"), 1.0), seed,
+            sampling = SamplingConfig(bool(first(do_sample, d.get("do_sample"), False)),
+                                      first(temperature, d.get("temperature"), 1.0), first(top_k, d.get("top_k"), 0),
+                                      first(top_p, d.get("top_p"), 1.0), seed,
                                       repetition_penalty=first(repetition_penalty, d.get("repetition_penalty"), 1.0),
                                       no_repeat_ngram_size=first(no_repeat_ngram_size, d.get("no_repeat_ngram_size"),
                                                                  0))
@@ -292,8 +316,12 @@ class MultiExitLM:
                              "do not pass them too")
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**31 - 1, ())))
-        eos = self.stop_ids() if eos_token_id == "config" else eos_token_id
-        ids = self.encode(prompts, attention_mask)
+        return sampling
+
+    def new_tokens(self, max_new_tokens: int | None, ids: list[list[int]]) -> int:
+        """`generate`'s token budget: as given, else generation_config.json's max_new_tokens, or its max_length
+        minus the longest prompt, else DEFAULT_MAX_NEW_TOKENS. Error: a max_length that leaves no room."""
+        d = self.defaults
         if max_new_tokens is None:
             max_new_tokens = d.get("max_new_tokens")
         if max_new_tokens is None and "max_length" in d:
@@ -301,20 +329,7 @@ class MultiExitLM:
             if max_new_tokens < 1:
                 raise ValueError(f"generation_config.json's max_length {d['max_length']} leaves no room after the "
                                  "longest prompt: pass max_new_tokens")
-        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        spec = mode_settings(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, decode, early_exit,
-                             speculative, dola_layers, dola_heads, acd_names)
-        if isinstance(spec, ExitPolicy):
-            spec.check_engine(self.engine, self.backend.name)
-        if stop_strings is not None:
-            stop = self.stop_rule(stop_strings, stop)
-        result = generate(self.model, ids, modes.build(self.model, spec), self._engine, self.backend, max_new_tokens,
-                          sampling, eos,
-                          on_token=on_token, return_cache=return_cache, keep_logits=keep_logits, stop=stop)
-        result.seed = sampling.seed if sampling.do_sample else None
-        if self.tokenizer is not None:
-            result.text = [self.tokenizer.decode(row) for row in result.tokens]
-        return result
+        return DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
 
     def layer_predictions(self, prompts, top_k: int = 5) -> list[LayerPredictions]:
         """Per prompt (text, texts, ids or id lists, as `generate` takes them): what each exit head and the original
