@@ -254,7 +254,7 @@ def evaluate(lm, ids, setting, reference, args) -> dict:
 
 def load_lm(args):
     import mexit
-    from mexit.model.checkpoint import resolve_device
+    from mexit.model.placement import resolve_device
 
     device = resolve_device(args.device)
     set_threads(args.threads, device)

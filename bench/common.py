@@ -75,7 +75,7 @@ def kernel_bench_target(dtype: str, script: str) -> tuple[torch.device, torch.dt
     run of the same kernels is the pytest-benchmark suite under --benchmark-disable (the README's test command)."""
     import torch
 
-    from mexit.model.checkpoint import resolve_dtype
+    from mexit.model.placement import resolve_dtype
 
     if not torch.cuda.is_available():
         print(f"{script} needs a CUDA GPU (on CPU: python -m pytest bench --benchmark-disable runs its benchmarks "

@@ -212,7 +212,7 @@ class LatencyBench:
         from mexit.decoding.fixed import DecodeConfig
         from mexit.decoding.speculative import Speculation
         from mexit.kernels.launch import pdl_supported
-        from mexit.model.checkpoint import resolve_device, resolve_dtype
+        from mexit.model.placement import resolve_device, resolve_dtype
 
         self.args = args
         device = resolve_device(args.device)

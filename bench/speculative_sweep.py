@@ -54,7 +54,7 @@ def launches_per_token(lm, ids, max_new, batch, **kw) -> float:
 def sweep(args) -> list[dict]:
     import mexit
     from mexit.decoding.speculative import SpeculativeConfig
-    from mexit.model.checkpoint import resolve_device
+    from mexit.model.placement import resolve_device
 
     set_threads(args.threads, resolve_device(args.device))
     lm = mexit.load(args.model, device=args.device, backend=args.backend, engine=args.engine)

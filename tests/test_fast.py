@@ -241,7 +241,7 @@ def test_backend_settings_are_part_of_the_step_key(tiny_checkpoint):
 def test_one_dtype_rule_and_the_drop_in_keeps_its_settings(tiny_checkpoint):
     from mexit.decoding.fixed import DecodeConfig
     from mexit.frontends.compat import FastMultiExitModel
-    from mexit.model.checkpoint import resolve_dtype
+    from mexit.model.placement import resolve_dtype
 
     assert resolve_dtype(None, torch.device("cuda")) == torch.float16
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32

@@ -88,7 +88,7 @@ def test_plain_gpt2_checkpoint(tmp_path):
 def test_low_precision_follows_fp32(tiny_checkpoint, dtype):
     folder, hf, _ = tiny_checkpoint
     model = mexit.load(folder, dtype=dtype).model
-    assert model.dtype == mexit.model.checkpoint.resolve_dtype(dtype)
+    assert model.dtype == mexit.model.placement.resolve_dtype(dtype)
     seq = [5, 17, 200, 3, 99, 42]
     states = run_mexit(model, seq, prefill_len=3, layers=[4])
     ours = model.head_logits(states[4], "original")

@@ -275,8 +275,9 @@ def worker_dtype(load_kw: dict, folder) -> str:
     fp32 elsewhere. Call once connected (the cluster's resources decide the device)."""
     import torch
 
-    from mexit.model.checkpoint import canonical, read_config, resolve_dtype
+    from mexit.model.checkpoint import canonical, read_config
     from mexit.model.files import open_tensors
+    from mexit.model.placement import resolve_dtype
 
     dtype, device = load_kw.get("dtype"), load_kw.get("device")
     if isinstance(dtype, str) and dtype.lower() == "auto":  # what `checkpoint.load` computes in

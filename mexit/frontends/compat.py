@@ -25,9 +25,9 @@ import torch
 from mexit.decoding.dola import DolaConfig
 from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, teacher_forced
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
-from mexit.model.checkpoint import resolve_device, resolve_dtype
 from mexit.model.decoder import MultiExitGPT2
 from mexit.model.generation_config import OFF
+from mexit.model.placement import resolve_device, resolve_dtype
 from mexit.values import plain
 
 from .api import MultiExitLM, decode_config, first

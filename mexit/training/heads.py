@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mexit.model.checkpoint import EXIT_HEAD_NAME, resolve_device, resolve_dtype, stored_state
+from mexit.model.checkpoint import EXIT_HEAD_NAME, stored_state
 from mexit.model.decoder import MultiExitGPT2
+from mexit.model.placement import resolve_device, resolve_dtype
 from mexit.model.predictors import PREDICTOR_FILE
 from mexit.model.token_counts import count_tokens, save_token_counts
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mexit.model.checkpoint import resolve_device
+from mexit.model.placement import resolve_device
 from mexit.model.predictors import PREDICTOR_FILE, ExitPredictors, save_predictors
 from mexit.model.token_counts import TOKEN_COUNTS_FILE, count_tokens, save_token_counts
 
