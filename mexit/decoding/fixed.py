@@ -167,12 +167,10 @@ def mode_scores(model: MultiExitGPT2, decode: DecodeConfig, hidden, backend: ops
     """The mode's next-token distribution from the raw states of its heads' layers (hidden: [E, B, d] or E tensors
     [B, d], in `decode.heads()` order; ln_f is applied here). scores / logits: also return those. emit (a StepIO):
     the last kernel also ends the decode step with the greedy token (`step_epilogue_ref`)."""
-    w, eps = model.w, model.config.layer_norm_epsilon
-    heads = [model.head_weight(head) for head in decode.heads()]
     if decode.mode != "contrast":
-        out = ops.exit_head(hidden, w.ln_f_w, w.ln_f_b, eps, heads, backend, with_logprobs=scores, emit=emit)
+        out = model.exit_stage(hidden, decode.heads(), backend, with_logprobs=scores, emit=emit)
         return ModeScores(out.argmax[0], out.logprobs[0] if scores else None, out.logits[0] if logits else None)
-    out = ops.exit_head(hidden, w.ln_f_w, w.ln_f_b, eps, heads, backend)
+    out = model.exit_stage(hidden, decode.heads(), backend)
     token, log_q = ops.acd_contrast(out, decode.alpha, decode.min_candidates, backend, with_logprobs=scores or logits,
                                     emit=emit)
     return ModeScores(token, log_q if scores else None, log_q if logits else None)

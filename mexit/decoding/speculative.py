@@ -266,9 +266,7 @@ class Speculative(Mode):
     def draft_head(self, rows: Rows, h: torch.Tensor, index: torch.Tensor):
         """The draft head on h [B, d] (restricted to the draft vocabulary: its logits, argmax and probabilities
         over those tokens only)."""
-        w = self.model.w
-        out = ops.exit_head([h], w.ln_f_w, w.ln_f_b, self.model.config.layer_norm_epsilon, [self.draft_weight],
-                            rows.backend)
+        out = self.model.exit_stage([h], [self.draft_weight], rows.backend)
         if self.reuse:
             rows.buffers.draft_logits.index_copy_(0, index, out.logits)
         return out
@@ -348,9 +346,8 @@ class Speculative(Mode):
 
     def reuse_scores(self, rows: Rows, upper: torch.Tensor, with_logprobs: bool):
         """ACD whose lower exit drafts: the upper head at every position, the drafts' logits as the lower's."""
-        w, config, target = self.model.w, self.model.config, self.target.config
-        up = ops.exit_head([upper], w.ln_f_w, w.ln_f_b, config.layer_norm_epsilon,
-                           [self.model.head_weight(target.upper)], rows.backend)
+        target = self.target.config
+        up = self.model.exit_stage([upper], [target.upper], rows.backend)
         low = rows.buffers.draft_logits.transpose(0, 1).reshape(up.logits.shape[1], -1)
         both = ops.ExitHeadOutput(logits=torch.stack([up.logits[0], low]),
                               lse=torch.stack([up.lse[0], torch.logsumexp(low, -1)]), max_prob=up.max_prob,

@@ -322,10 +322,7 @@ class DecodeState:
 
     def head_out(self, hidden: torch.Tensor, head, skip: torch.Tensor | None = None):
         """The exit stage of one head over rows hidden [n, d] (softmax statistics; log-probabilities to sample)."""
-        w = self.model.w
-        return ops.exit_head([hidden], w.ln_f_w, w.ln_f_b, self.model.config.layer_norm_epsilon,
-                             [self.model.head_weight(head)], self.backend, with_logprobs=self.sampling.do_sample,
-                             skip=skip)
+        return self.model.exit_stage([hidden], [head], self.backend, with_logprobs=self.sampling.do_sample, skip=skip)
 
     def verdict(self, out, uniform: torch.Tensor | None, rows: torch.Tensor | None = None) -> Candidate:
         """A head's output as a Candidate: the sampler's token with `uniform` (one per row of out: every row, or

@@ -136,6 +136,14 @@ class MultiExitGPT2:
         """The layer whose output a head reads: an exit layer's own number; "original" reads the last block."""
         return self.config.n_layer if head == "original" else int(head)
 
+    def exit_stage(self, hidden, heads: list, backend: Backend = TORCH, **options):
+        """The exit stage (`ops.exit_head`): ln_f, then each head, with softmax statistics (fp32). hidden [E, B, d]
+        or E tensors [B, d]; heads: E heads by name ("original" or an exit layer) or weight ([V', d]: a restricted
+        head); options: exit_head's (with_logprobs, skip, emit)."""
+        weights = [head if isinstance(head, torch.Tensor) else self.head_weight(head) for head in heads]
+        return ops.exit_head(hidden, self.w.ln_f_w, self.w.ln_f_b, self.config.layer_norm_epsilon, weights, backend,
+                             **options)
+
     def head_weight(self, head: int | str) -> torch.Tensor:
         """[V, d] weight of `head`: "original" (the checkpoint's lm_head, or the tied embedding) or an exit
         layer number."""
