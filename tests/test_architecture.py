@@ -161,11 +161,16 @@ def test_only_the_cluster_module_imports_ray():
 
 def test_the_cache_owns_its_writes():
     """Outside mexit/model (and the benchmarks, which fill caches with random keys), nothing writes a KV cache's
-    tensors (k, v, valid, health) by assignment or an in-place method: the cache's own methods do (`start`, `mark`,
-    `keep`, `update`), or an op handed the tensors."""
+    tensors (k, v, valid, health) by assignment or an in-place method, on the tensor or a part of it: the cache's
+    own methods do (`start`, `mark`, `update`), or an op handed the tensors. `valid` and `health` count under any
+    name (an alias of the cache), `k` and `v` on a name ending in `cache`."""
     def cache_tensor(node) -> bool:
-        return (isinstance(node, ast.Attribute) and node.attr in ("k", "v", "valid", "health")
-                and ast.unparse(node.value).split(".")[-1] == "cache")
+        while isinstance(node, ast.Subscript):
+            node = node.value
+        if not isinstance(node, ast.Attribute):
+            return False
+        return node.attr in ("valid", "health") and ast.unparse(node.value) != "batch" or (
+            node.attr in ("k", "v") and ast.unparse(node.value).split(".")[-1].endswith("cache"))
 
     writes = []
     for path in sources():
@@ -174,7 +179,7 @@ def test_the_cache_owns_its_writes():
         for node in ast.walk(ast.parse(path.read_text())):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
                 if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
-            hit = any(cache_tensor(t.value if isinstance(t, ast.Subscript) else t) for t in targets)
+            hit = any(cache_tensor(t) for t in targets)
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_"):
                 hit |= cache_tensor(node.func.value)
             if hit:

@@ -3,6 +3,7 @@ module launches is in exactly one row, each row's module, reference, test and pr
 probe catches a wrong kernel of every row it probes (the repetition controls and the state check included)."""
 
 import ast
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -44,19 +45,28 @@ def test_each_row_has_its_files_and_probe_case():
 
 @pytest.mark.parametrize("op", [kernel.op for kernel in KERNELS])
 def test_the_probe_passes_each_kernel_and_names_a_wrong_one(op, monkeypatch):
-    """Each row's probe case passes on the kernel and fails, naming it, when the kernel's function is replaced by
-    one that returns zeros or writes nothing."""
+    """Each row's probe case passes on the kernel and, when the kernel computes something else (its result off by
+    one, or nothing written for a kernel that writes in place), its comparison fails naming the kernel."""
     pytest.importorskip("triton")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert probe.probe(op, device) is None
     module = importlib.import_module(f"mexit.kernels.{op}")
+    right = getattr(module, op)
 
     def wrong(*args, **kwargs):
-        first = args[0][0] if isinstance(args[0], list) else args[0]
-        return torch.zeros_like(first) if op in ("control_repetition", "decode_attention") else None
+        out = right(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out + 1
+        if dataclasses.is_dataclass(out):  # the exit stage's output
+            return dataclasses.replace(out, logits=out.logits + 1)
+        if isinstance(out, tuple):  # acd_contrast: (token, log_q)
+            return (out[0] + 1, *out[1:])
+        return None
 
-    monkeypatch.setattr(module, op, wrong)
-    assert probe.probe(op, device).startswith(op)
+    in_place = ("exit_decide", "propagate_kv", "step_epilogue", "check_states")
+    monkeypatch.setattr(module, op, (lambda *args, **kwargs: None) if op in in_place else wrong)
+    problem = probe.probe(op, device)
+    assert problem.startswith(op) and problem.endswith("disagrees with its reference"), problem
 
 
 def test_probe_kernels_covers_the_rows_probed_always(monkeypatch):

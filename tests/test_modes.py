@@ -1,6 +1,6 @@
 """The mode registry (mexit/decoding/modes.py): every mode's string of the mini-language gives its settings and mode
 class, runs through `MultiExitLM.generate(mode=...)` to the same tokens as its keywords, and bad strings fail by
-name; the CLI's `--mode` choices and the bench's `--modes` come from it."""
+name."""
 
 import pytest
 
@@ -62,6 +62,8 @@ def test_each_entry_is_one_mode_with_its_own_names():
     ("ee:sharpness:0.5", "unknown confidence measure 'sharpness'"),
     ("spec:4:2", "draft exit 4 must be one of the checkpoint's exits below the top layer"),
     ("dola:9", "mode 'dola:9'"),
+    ("", "unknown mode ''"),
+    (":", "unknown mode ':'"),
 ])
 def test_bad_strings_fail_by_name(tiny_checkpoint, text, message):
     config = mexit.load(tiny_checkpoint[0]).config
@@ -81,11 +83,17 @@ def test_a_mode_string_takes_no_other_mode_argument(tiny_checkpoint):
     assert acd == lm.generate([[1, 2]], 4, contrast=(4, 1), alpha=0.3, eos_token_id=None).tokens
     with pytest.raises(TypeError, match="unknown mode settings int"):
         modes.build(lm.model, 3)
+    with pytest.raises(ValueError, match="do not combine it with dola_heads"):
+        lm.generate([[1]], 2, mode="dola:high", dola_heads="exit")
+    with pytest.raises(ValueError, match="takes its settings: write it as dola:low"):
+        lm.generate([[1]], 2, mode="dola")
+    with pytest.raises(ValueError, match="mode is empty"):
+        lm.generate([[1]], 2, mode="")
+    with pytest.raises(ValueError, match="a DecodeConfig carries its own"):  # not silently replaced
+        lm.generate([[1]], 2, mode=DecodeConfig("contrast", upper=4, lower=1, alpha=0.5), alpha=0.3)
+    kept = lm.generate([[1, 2]], 4, mode=DecodeConfig("contrast", upper=4, lower=1, alpha=0.5, min_candidates=3),
+                       eos_token_id=None).tokens
+    assert kept == lm.generate([[1, 2]], 4, contrast=(4, 1), alpha=0.5, min_candidates=3, eos_token_id=None).tokens
+    with pytest.raises(ValueError, match="mode 'exit:7': exit layer 7 is not in this checkpoint"):
+        lm.generate([[1]], 2, mode="exit:7")
 
-
-def test_the_cli_choices_are_the_registry_names(capsys):
-    from mexit.__main__ import main
-
-    assert main(["generate", "--help"]) == 0
-    help_text = " ".join(capsys.readouterr().out.split())
-    assert "{" + ",".join(modes.NAMES) + "}" in help_text

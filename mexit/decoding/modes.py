@@ -1,8 +1,8 @@
 """One registry of modes: each mode's user name, its settings class and mode class, its form in the mode
-mini-language and its check against a checkpoint. The front ends turn user words into settings here
+mini-language, and (`check`) its check against a checkpoint. The front ends turn user words into settings here
 (`MultiExitLM.generate(mode=...)`, the CLI's `--mode` choices, the `--modes` of `mexit bench` / `mexit ablate` and
 the bench scripts), and `build` turns settings into the mode object the loop runs. Adding a mode: its module (a
-settings class and a `Mode`), one `Entry` below, its test.
+settings class and a `Mode`), one `Entry` below and its branch of `check`, its test.
 
 The mini-language: `original`, `exit:L`, `contrast:UPPER,LOWER` (UPPER may be `original`),
 `dola:low|high|L1,L2[:exit]`, `early-exit:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]`,
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Entry:
-    """name: the user name (CLI `--mode`, mini-language); short: the mini-language's short name ("" none);
+    """One mode of the registry. name: the user name (CLI `--mode`, mini-language); short: the mini-language's
+    short name ("" none);
     module: its module in mexit.decoding, holding its settings class and mode class (named here, imported on use:
     the CLI reads the names without importing torch); form: how the mini-language writes it; parse: the text after
     "name:" -> settings (`Malformed` when not of the form; a settings class's ValueError when a value is out of its
@@ -139,6 +140,12 @@ MODES = (
           _speculative),
 )
 NAMES = tuple(entry.name for entry in MODES)
+SHORT_NAMES = tuple(entry.short for entry in MODES if entry.short)
+
+
+def form(name: str) -> str:
+    """The mini-language form of the mode called `name` (its name or short name)."""
+    return next(e.form for e in MODES if name in (e.name, e.short) and name)
 
 
 def settings_classes() -> tuple[type, ...]:
@@ -150,7 +157,7 @@ def parse(text: str, config: ModelConfig | None = None):
     """A mode string of the mini-language -> its settings, checked against `config` when given. Errors
     (ValueError): an unknown or malformed string (naming every form), settings the checkpoint cannot run."""
     kind, _, rest = text.partition(":")
-    entry = next((e for e in MODES if kind in (e.name, e.short)), None)
+    entry = next((e for e in MODES if kind in (e.name, e.short) and kind), None)
     try:
         if entry is None:
             raise Malformed
@@ -159,7 +166,8 @@ def parse(text: str, config: ModelConfig | None = None):
             check(settings, config)
     except Malformed:
         forms = ", ".join(e.form for e in MODES)
-        raise ValueError(f"unknown mode {text!r}; use {forms} (short names: acd, ee, spec)") from None
+        shorts = ", ".join(f"{e.short} = {e.name}" for e in MODES if e.short)
+        raise ValueError(f"unknown mode {text!r}; use {forms} (short names: {shorts})") from None
     except ValueError as err:  # a value its settings or the checkpoint refuse
         raise ValueError(f"mode {text!r}: {err}") from None
     return settings

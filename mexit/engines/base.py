@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 class DecodeState:
     """One batch of `rows` rows (padding rows included), `slots` cache slots and `steps` output columns, run by
-    `mode` on `backend`. Subclasses say how blocks and heads run on rows that have left a step."""
+    `mode` on `backend`. Subclasses say how blocks and heads run on rows that have left a step. predicated: the
+    step runs as one predicated piece (the static engine with a mode that asks for it: skip flags on the device)."""
 
     engine = ""
 

@@ -330,9 +330,8 @@ class StaticEngine:
                 warnings.warn("compile=True applies to the torch layer path; the triton backend's decode blocks are "
                               "already fused kernels: not compiling (use backend='torch' to compile)", stacklevel=4)
                 compile_layers = False
-            predicated = mode.predicated
             state = self.states[key] = StaticState(model, backend, mode, sampling, bucket, slots, columns,
-                                                   keep_logits, predicated, compile_layers=compile_layers)
+                                                   keep_logits, mode.predicated, compile_layers=compile_layers)
             if self.graph:
                 try:
                     state.capture()

@@ -86,25 +86,35 @@ def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
 
 def mode_settings(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_candidates=1, multi_exit_config=None,
                   decode=None, early_exit=None, speculative=None, dola_layers=None, dola_heads="embedding",
-                  acd_names=None):
+                  acd_names=None, config=None):
     """The settings of `MultiExitLM.generate`'s mode arguments (an instance of one of
     `mexit.decoding.modes.settings_classes()`). mode: a mode's settings, a string of the mode mini-language
     (`modes.parse`: "exit:12", "ee:max-prob:0.9", ...), or a fixed mode's name with exit_layer / contrast /
     autocontrastive-gen's names (`decode_config`); speculative: a SpeculativeConfig verifying the fixed mode chosen.
-    alpha / min_candidates set a contrast's ACD parameters. Error: arguments of two modes at once."""
+    alpha / min_candidates set the ACD parameters of a contrast string (a settings object carries its own). config:
+    the checkpoint's, to check a mode string against. Error: arguments of two modes at once."""
     acd_names = acd_names or {}
+    if isinstance(mode, str) and not mode.strip():
+        raise ValueError("mode is empty: name a mode (original, exit:L, ...; mexit.decoding.modes) or leave it None")
+    if isinstance(mode, str) and ":" not in mode and mode in modes.NAMES + modes.SHORT_NAMES and \
+            mode not in ("original", "exit", "contrast"):
+        raise ValueError(f"mode {mode!r} takes its settings: write it as {modes.form(mode)} (the mode mini-language, "
+                         "mexit.decoding.modes), or use its keyword arguments")
     if isinstance(mode, modes.settings_classes()) or (isinstance(mode, str) and ":" in mode):
         others = [name for name, value in (("exit_layer", exit_layer), ("contrast", contrast), ("decode", decode),
                                            ("early_exit", early_exit), ("dola_layers", dola_layers),
                                            ("multi_exit_config", multi_exit_config)) if value is not None]
+        others += ["dola_heads"] if dola_heads != "embedding" else []
         if others or acd_names:
             first_other = (others or sorted(acd_names))[0]
             raise ValueError(f"mode={mode!r} chooses the mode: do not combine it with {first_other}")
-        spec = modes.parse(mode) if isinstance(mode, str) else mode
-        if isinstance(spec, DecodeConfig) and spec.mode == "contrast":
+        acd = (alpha, min_candidates) != (0.1, 1)
+        spec = modes.parse(mode, config) if isinstance(mode, str) else mode
+        if acd and not (isinstance(mode, str) and isinstance(spec, DecodeConfig) and spec.mode == "contrast"):
+            raise ValueError("alpha and min_candidates apply to a contrast mode string (a DecodeConfig carries its "
+                             "own)")
+        if acd:
             spec = dataclasses.replace(spec, alpha=alpha, min_candidates=min_candidates)
-        elif alpha != 0.1 or min_candidates != 1:
-            raise ValueError("alpha and min_candidates apply to ACD (a contrast mode)")
         if speculative is not None:
             if not isinstance(spec, DecodeConfig):
                 raise ValueError("speculative decoding verifies a fixed mode (original, exit or contrast)")
@@ -247,8 +257,7 @@ class MultiExitLM:
 
         Modes: `mode=` a mode's settings (`mexit.decoding.modes.settings_classes()`) or a string of the mode
         mini-language ("exit:12", "acd:24,12", "ee:max-prob:0.9", "dola:high", "spec:12:2"; `mexit.decoding.modes`),
-        or the
-        keywords: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
+        or the keywords: original head (default), `exit_layer=L`, `contrast=(upper, lower)` (ACD; upper may be
         "original"), autocontrastive-gen's `use_original_head`/`output_layer_index`/`contrast_layer_indices` or
         `multi_exit_config`, or a ready `decode=DecodeConfig(...)`; naming two modes is an error.
         `early_exit=ExitPolicy(...)` runs the confidence-gated scheduler instead, and
@@ -284,7 +293,7 @@ class MultiExitLM:
         ids = self.encode(prompts, attention_mask)
         max_new_tokens = self.new_tokens(max_new_tokens, ids)
         spec = mode_settings(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, decode, early_exit,
-                             speculative, dola_layers, dola_heads, acd_names)
+                             speculative, dola_layers, dola_heads, acd_names, self.config)
         if isinstance(spec, ExitPolicy):
             spec.check_engine(self.engine, self.backend.name)
         if stop_strings is not None:

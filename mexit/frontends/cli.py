@@ -1,6 +1,5 @@
 """Command line: `mexit generate`, `mexit layers`, `mexit eval`, `mexit train-heads`, `mexit train-exit-predictors`,
-`mexit count-tokens`, `mexit convert`; `mexit bench`, `mexit ablate` and `mexit bench-speculative` come from
-`mexit.bench` through `main`'s `commands` (`mexit.__main__`).
+`mexit count-tokens`, `mexit convert`, `mexit bench`, `mexit ablate`, `mexit bench-speculative`.
 
 A user error (bad flag, bad checkpoint, bad value) prints one `error: ...` line and exits 2; an internal error
 keeps its traceback and exits 1."""
@@ -771,6 +770,3 @@ def main(argv=None, commands=()) -> int:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

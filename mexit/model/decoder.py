@@ -89,11 +89,6 @@ class KVCache:
         else:
             self.valid[:, slot] = True
 
-    def keep(self, slots: torch.Tensor, kept: torch.Tensor) -> None:
-        """Slots [n] int64 hold a token in the rows that kept [B, n] bool marks and none in the others (a
-        verification's accepted and rejected drafts)."""
-        self.valid.index_copy_(1, slots, kept)
-
     def update(self, block: int, k: torch.Tensor, v: torch.Tensor, slot, rows: torch.Tensor | None = None):
         """Write block `block`'s keys and values k, v [b, n_head, S, head_dim] of S new tokens and return the keys and
         values those tokens attend over. slot: their slots as an [S] int64 tensor (every row, static shapes: returns

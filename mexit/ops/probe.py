@@ -68,7 +68,7 @@ def _acd_contrast(device, gen) -> str | None:
     return None if ok else "acd_contrast disagrees with its reference"
 
 
-def _linear(kernel, device, gen) -> str | None:
+def _linear(kernel, name: str, device, gen) -> str | None:
     from mexit.kernels.fused_linear_ref import fused_linear_ref
 
     x = torch.randn(2, 64, device=device, generator=gen).half()
@@ -77,19 +77,19 @@ def _linear(kernel, device, gen) -> str | None:
     ln = (torch.ones(64, device=device).half(), torch.zeros(64, device=device).half(), 1e-5)
     y = kernel(x, w, b, ln=ln, gelu=True)
     want = fused_linear_ref(x.float(), w.float(), b.float(), ln=(ln[0].float(), ln[1].float(), 1e-5), gelu=True)
-    return None if _close(y, want) else f"{kernel.__name__} disagrees with its reference"
+    return None if _close(y, want) else f"{name} disagrees with its reference"
 
 
 def _fused_linear(device, gen) -> str | None:
     from mexit.kernels.fused_linear import fused_linear
 
-    return _linear(fused_linear, device, gen)
+    return _linear(fused_linear, "fused_linear", device, gen)
 
 
 def _fused_gemv(device, gen) -> str | None:
     from mexit.kernels.fused_gemv import fused_gemv
 
-    return _linear(fused_gemv, device, gen)
+    return _linear(fused_gemv, "fused_gemv", device, gen)
 
 
 def _decode_attention(device, gen) -> str | None:

@@ -100,11 +100,11 @@ class Run:
                 "scheduler": self.sched.state_dict(), "history": self.history, "seconds": self.seconds,
                 "config": config}
 
-    def resume(self, saved: dict) -> None:
-        """Continue from a saved state (`state`'s keys). Error: the saved run is past this run's total steps."""
+    def resume(self, saved: dict, where) -> None:
+        """Continue from the state saved in `where` (`state`'s keys). Error: the saved run is past this run's total
+        steps."""
         if self.total < saved["step"]:
-            raise ValueError(f"--resume: the saved training is at step {saved['step']}, past this run's "
-                             f"{self.total} steps")
+            raise ValueError(f"--resume: {where} is at step {saved['step']}, past this run's {self.total} steps")
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         self.step, self.history, self.seconds = saved["step"], saved["history"], saved["seconds"]

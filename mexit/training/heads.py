@@ -240,7 +240,7 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
         if tuple(saved["exits"]) != trainer.exits:
             raise ValueError(f"--resume: {out} trains exits {saved['exits']}; this run asks for "
                              f"{list(trainer.exits)}")
-        run.resume(saved)
+        run.resume(saved, out)
         if total != saved["total_steps"]:  # the linear schedule is stretched (or shrunk) to the new length
             warnings.warn(f"--resume: {saved['total_steps']} steps extended to {total}: the learning rate follows "
                           f"the linear schedule of {total} steps from step {saved['step']} on", stacklevel=2)

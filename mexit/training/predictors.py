@@ -236,7 +236,7 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
         if tuple(saved["exits"]) != exits or str(saved["final_head"]) != str(cfg.final_head):
             raise ValueError(f"--resume: {folder} trains exits {saved['exits']} against {saved['final_head']!r}; this "
                              f"run asks for {list(exits)} against {cfg.final_head!r}")
-        run.resume(saved)
+        run.resume(saved, folder / STATE_FILE)
         with torch.no_grad():
             trainer.weight.copy_(saved["weight"])
             trainer.bias.copy_(saved["bias"])
