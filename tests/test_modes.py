@@ -75,7 +75,7 @@ def test_a_mode_string_takes_no_other_mode_argument(tiny_checkpoint):
     lm = mexit.load(tiny_checkpoint[0])
     with pytest.raises(ValueError, match="do not combine it with exit_layer"):
         lm.generate([[1]], 2, mode="ee:max-prob:0.5", exit_layer=2)
-    with pytest.raises(ValueError, match="alpha and min_candidates apply to ACD"):
+    with pytest.raises(ValueError, match="alpha and min_candidates apply to a contrast mode string"):
         lm.generate([[1]], 2, mode="exit:2", alpha=0.3)
     with pytest.raises(ValueError, match="verifies a fixed mode"):
         lm.generate([[1]], 2, mode="dola:low", speculative=SpeculativeConfig(2, 1))
