@@ -103,8 +103,8 @@ def harness_model(folder, **model_args):
 
 
 @pytest.mark.parametrize("mode", [dict(exit_layer=2), dict(contrast=[4, 2]), dict(contrast="original:1"),
-                                  dict(contrast=[4, 2], draft_exit=1, draft_len=2)],
-                         ids=["exit", "acd", "acd-original", "speculative-acd"])
+                                  dict(contrast=[4, 2], draft_exit=1, draft_len=2), dict(mode="exit:2")],
+                         ids=["exit", "acd", "acd-original", "speculative-acd", "exit-string"])
 def test_each_mode_scores_its_own_distribution(tiny_checkpoint, mode):
     """A continuation mexit's greedy generate chose, scored by lm-eval's loglikelihood path, is the sum of the
     chosen tokens' log-probabilities in the kept logits of generate (ACD: log q), and greedy."""
@@ -139,8 +139,9 @@ def test_generation_equals_mexit_and_transformers_and_batches(tiny_checkpoint, t
     assert cut and any(texts)
 
 
-@pytest.mark.parametrize("mode", [dict(early_exit=0.3), dict(dola_layers="low"), dict(contrast="4:2", draft_exit=1)],
-                         ids=["early-exit", "dola", "speculative"])
+@pytest.mark.parametrize("mode", [dict(early_exit=0.3), dict(dola_layers="low"), dict(contrast="4:2", draft_exit=1),
+                                  dict(mode="ee:max-prob:0.3")],
+                         ids=["early-exit", "dola", "speculative", "early-exit-string"])
 def test_decoding_rules_generate_and_refuse_log_likelihoods_by_name(tiny_checkpoint, tasks, mode):
     folder = tiny_checkpoint[0]
     args = ",".join(f"{k}={v}" for k, v in mode.items())  # a model_args string: "4:2", since "," separates

@@ -22,11 +22,12 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from mexit.decoding import modes
 from mexit.decoding.early_exit import ExitPolicy
-from mexit.decoding.fixed import teacher_forced
-from mexit.decoding.speculative import SpeculativeConfig
+from mexit.decoding.fixed import DecodeConfig, teacher_forced
+from mexit.decoding.speculative import Speculation, SpeculativeConfig
 
-from .api import MultiExitLM, decode_config
+from .api import MultiExitLM, decode_config, mode_settings
 
 # gen_kwargs mexit's generate takes as they are (lm-eval's own: until, max_gen_toks, do_sample, temperature)
 GEN_KWARGS = ("top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
@@ -85,9 +86,8 @@ class MexitLM(HFLM):
             raise ValueError(f"{pretrained} has no tokenizer files: lm-eval scores text")
         self.mode_kwargs = self.mode_arguments(lm, mode, exit_layer, contrast, alpha, min_candidates, early_exit,
                                                measure, draft_exit, draft_len, dola_layers, dola_heads)
-        scoring = {k: v for k, v in self.mode_kwargs.items() if k in ("mode", "exit_layer", "contrast", "alpha",
-                                                                      "min_candidates")}
-        self.decode = decode_config(**scoring)
+        spec = mode_settings(**self.mode_kwargs, config=lm.config)  # what generate runs; scoring: its fixed mode
+        self.decode = spec.target if isinstance(spec, Speculation) else spec if isinstance(spec, DecodeConfig) else None
         model = Loaded(lm.model.device, lm.config.to_hf())
         quiet = logging.getLogger("lm_eval.models.huggingface")
         level = quiet.level  # HFLM warns that a ready model skips its loading arguments: here that is the design
@@ -104,7 +104,16 @@ class MexitLM(HFLM):
     @staticmethod
     def mode_arguments(lm, mode, exit_layer, contrast, alpha, min_candidates, early_exit, measure, draft_exit,
                        draft_len, dola_layers, dola_heads) -> dict:
-        """model_args as `MultiExitLM.generate`'s mode arguments (checked against the checkpoint now)."""
+        """model_args as `MultiExitLM.generate`'s mode arguments (checked against the checkpoint now). mode may be a
+        string of the mode mini-language without commas (lm-eval splits model_args at them): exit:12,
+        ee:max-prob:0.9, dola:high, spec:12:2."""
+        if isinstance(mode, str) and ":" in mode:
+            if exit_layer is not None or contrast is not None or early_exit is not None or draft_exit is not None \
+                    or dola_layers is not None:
+                raise ValueError(f"mode={mode} chooses the mode: pass no other mode argument")
+            modes.parse(mode, lm.config)
+            acd = dict(alpha=float(alpha), min_candidates=int(min_candidates))
+            return dict(mode=mode, **(acd if (acd["alpha"], acd["min_candidates"]) != (0.1, 1) else {}))
         fixed = dict(mode=mode, exit_layer=exit_layer, contrast=None if contrast is None else layer_pair(contrast,
                                                                                                         "contrast"))
         fixed = {k: v for k, v in fixed.items() if v is not None}
@@ -136,13 +145,14 @@ class MexitLM(HFLM):
 
     def scoring_mode(self) -> None:
         """Log-likelihoods come from a distribution: refused by name for early exit and DoLa."""
-        for name in ("early_exit", "dola_layers"):
-            if name in self.mode_kwargs:
-                raise NotImplementedError(
-                    f"loglikelihood with {name}: it is a decoding rule, not a distribution over a continuation's "
-                    "tokens (early exit's head depends on its own decisions and propagated states, DoLa's scores "
-                    "are -inf outside each step's plausible set); run generation tasks with it, and score with "
-                    "exit_layer=L, contrast=[U,L] or the original head")
+        if self.decode is None:
+            name = next((n for n in ("early_exit", "dola_layers") if n in self.mode_kwargs),
+                        f"mode={self.mode_kwargs.get('mode')}")
+            raise NotImplementedError(
+                f"loglikelihood with {name}: it is a decoding rule, not a distribution over a continuation's "
+                "tokens (early exit's head depends on its own decisions and propagated states, DoLa's scores "
+                "are -inf outside each step's plausible set); run generation tasks with it, and score with "
+                "exit_layer=L, contrast=[U,L] or the original head")
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self.scoring_mode()
