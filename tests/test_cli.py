@@ -1,6 +1,7 @@
 """`mexit generate` end to end: JSON output equals the Python API; bad input exits 2 with a message."""
 
 import json
+import re
 
 import pytest
 
@@ -99,6 +100,37 @@ def test_version_and_help_show_defaults(capsys):
         assert "(default: " in capsys.readouterr().out
     main(["bench", "--help"])
     assert "acd:UPPER,LOWER" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("string,flags", [
+    ("exit:2", ["--mode", "exit", "--exit-layer", "2"]),
+    ("acd:4,1", ["--mode", "contrast", "--contrast", "4,1"]),
+    ("dola:2,3:exit", ["--mode", "dola", "--dola-layers", "2,3", "--dola-heads", "exit"]),
+    ("ee:cosine:0.5:1,2:deferred", ["--mode", "early-exit", "--threshold", "0.5", "--measure", "cosine", "--exits",
+                                    "1,2", "--propagation", "deferred"]),
+    ("spec:2:3", ["--mode", "speculative", "--draft-exit", "2", "--draft-len", "3"]),
+])
+def test_a_mode_string_equals_its_flags(tiny_checkpoint, capsys, string, flags):
+    """--mode takes the mode strings `mexit bench --modes` takes: the same JSON (tokens, exit layers) as the flags."""
+    common = ["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17,200", "--max-new-tokens", "5",
+              "--no-eos", "--json"]
+    rc, by_string, _ = cli(capsys, *common, "--mode", string)
+    rc2, by_flags, _ = cli(capsys, *common, *flags)
+    assert rc == rc2 == 0
+    drop = ("prefill_ms", "ms_per_token", "tokens_per_s", "early_exit")  # timings differ
+    a, b = json.loads(by_string), json.loads(by_flags)
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "ee:max-prob:0.5", "--threshold", "0.3"], "carries its settings: do not pass --threshold too"),
+    (["--mode", "exit:2", "--exit-layer", "3"], "carries its settings: do not pass --exit-layer too"),
+    (["--mode", "beam:4"], "argument --mode: unknown mode 'beam:4'"),
+    (["--mode", "ee:max-prob:1.5"], r"threshold for max-prob must be in \[0, 1\]"),
+])
+def test_a_bad_mode_string_is_named(tiny_checkpoint, capsys, argv, message):
+    rc, _, err = cli(capsys, "generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5", *argv)
+    assert rc == 2 and re.search(message, err), err
 
 
 def test_json_is_strict_and_has_timings(tiny_checkpoint, capsys):

@@ -62,6 +62,49 @@ def parse_contrast(text: str) -> tuple:
             f"--contrast takes UPPER,LOWER (UPPER may be 'original'), got {text!r}") from None
 
 
+def parse_mode_word(text: str) -> str:
+    """--mode: a mode's name, or a string of the mode mini-language (`mexit.decoding.modes`: exit:12, acd:24,12,
+    ee:max-prob:0.9, ...), checked for its kind here and for its values once the checkpoint is known."""
+    kind = text.partition(":")[0]
+    if text in modes.NAMES or (":" in text and kind in modes.NAMES + modes.SHORT_NAMES):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown mode {text!r}: use one of {', '.join(modes.NAMES)}, or a mode string "
+                                     "such as exit:12, acd:24,12, ee:max-prob:0.9 (mexit.decoding.modes)")
+
+
+# the flags a mode string sets (dest: default), refused beside it
+STRING_FLAGS = dict(exit_layer=None, contrast=None, dola_layers=None, dola_heads="embedding", draft_exit=None,
+                    draft_len=1, draft_threshold=None, threshold=None, measure="max-prob", exits=None,
+                    propagation="eager", schedule="segments")
+
+
+def expand_mode_string(args) -> None:
+    """A --mode string becomes the mode's name and its flags (the flags it sets may not be passed beside it); the
+    other flags of its mode (--alpha, --decay-tau, --draft-vocab, ...) still apply."""
+    if ":" not in args.mode:
+        return
+    given = [name for name, default in STRING_FLAGS.items() if getattr(args, name) != default]
+    if given:
+        raise UsageError(f"--mode {args.mode} carries its settings: do not pass --{given[0].replace('_', '-')} too")
+    settings = modes.parse(args.mode)
+    kind = args.mode.partition(":")[0]
+    args.mode = next(e.name for e in modes.MODES if kind in (e.name, e.short))
+    if args.mode == "exit":
+        args.exit_layer = settings.exit_layer
+    elif args.mode == "contrast":
+        args.contrast = (settings.upper, settings.lower)
+    elif args.mode == "dola":
+        args.dola_layers = settings.layers if isinstance(settings.layers, str) else list(settings.layers)
+        args.dola_heads = settings.heads
+    elif args.mode == "early-exit":
+        args.threshold, args.measure, args.propagation, args.schedule = (settings.threshold, settings.measure,
+                                                                          settings.propagation, settings.schedule)
+        args.exits = list(settings.exits) if settings.exits is not None else None
+    elif args.mode == "speculative":
+        spec = settings.spec
+        args.draft_exit, args.draft_len, args.draft_threshold = spec.draft_exit, spec.draft_len, spec.draft_threshold
+
+
 def parse_dola_layers(text: str):
     if text in ("low", "high"):
         return text
@@ -131,10 +174,12 @@ def add_generate_parser(sub) -> None:
                         "cluster this machine runs or a new local one; else a cluster address")
     p.add_argument("--threads", type=int, help="CPU threads of torch (with --ray and no GPUs: per worker; default 1 "
                    "there, torch's default here)")
-    p.add_argument("--mode", default="original", choices=modes.NAMES,
+    p.add_argument("--mode", default="original", type=parse_mode_word,
+                   metavar="{" + ",".join(modes.NAMES) + "}|MODE-STRING",
                    help="original head, one exit (--exit-layer), ACD (--contrast), DoLa (--dola-layers), "
                         "confidence-gated early exit, or self-speculative decoding of the original head (or of "
-                        "--exit-layer / --contrast)")
+                        "--exit-layer / --contrast); or a mode string with its settings, as `mexit bench --modes` "
+                        "takes it: exit:12, acd:24,12, ee:max-prob:0.9:8,12, dola:high, spec:12:2")
     p.add_argument("--exit-layer", type=int, help="--mode exit: the exit layer that produces the tokens")
     p.add_argument("--contrast", type=parse_contrast, help="--mode contrast: UPPER,LOWER; UPPER may be 'original'")
     p.add_argument("--dola-layers", type=parse_dola_layers,
@@ -202,7 +247,9 @@ def early_exit_only(args) -> list[str]:
 
 
 def check_generate_flags(args) -> None:
-    """Conflicting flags are errors; flags that would be ignored are warnings."""
+    """Conflicting flags are errors; flags that would be ignored are warnings. A --mode string is first expanded
+    into its mode and flags."""
+    expand_mode_string(args)
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     spec = args.mode == "speculative"
     if args.mode != "exit" and not spec and args.exit_layer is not None:
