@@ -207,11 +207,7 @@ class DecodeState:
         return model.run_to(model.embed(tokens[:, None], positions[:, None]), layers, self.cache, slot, self.backend)
 
     def run_round(self, h: torch.Tensor, start: int, layers: list[int]) -> dict[int, torch.Tensor]:
-        states = {}
-        for layer in layers:
-            h = states[layer] = self.model.run_layers(h, start, layer, self.cache, self.io.slot, self.backend)
-            start = layer
-        return states
+        return self.model.run_to(h, layers, self.cache, self.io.slot, self.backend, start=start)
 
     def emit_round(self, accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Tensor, n_drafts: torch.Tensor,
                    draft_i: torch.Tensor, count: torch.Tensor, drafted: torch.Tensor) -> torch.Tensor:

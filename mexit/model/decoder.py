@@ -209,9 +209,10 @@ class MultiExitGPT2:
         return h, self.run_to(h, layers, cache, 0, backend)
 
     def run_to(self, h: torch.Tensor, layers, cache: KVCache, slot, backend: Backend = TORCH,
-               rows: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Run h_0 [b, S, d] up to max(layers); {layer: h_layer [b, S, d]} for every layer in `layers`."""
-        states, start = {}, 0
+               rows: torch.Tensor | None = None, start: int = 0) -> dict[int, torch.Tensor]:
+        """Run h_start [b, S, d] (the states at layer `start`, default the embeddings) up to max(layers);
+        {layer: h_layer [b, S, d]} for every layer in `layers` (all above `start`)."""
+        states = {}
         for layer in sorted(set(layers)):
             h = states[layer] = self.run_layers(h, start, layer, cache, slot, backend, rows)
             start = layer
