@@ -100,11 +100,11 @@ def settings(args, model) -> list[dict]:
         import dataclasses
 
         from mexit.decoding import modes
-        from mexit.decoding.fixed import DecodeConfig
 
         for n in args.draft_vocab or [0]:  # 0: the full draft head
-            spec = dataclasses.replace(modes.parse(f"spec:{text}", config).spec, draft_vocab=n or None)
-            spec.validate_for(model, DecodeConfig())  # with draft_vocab: the checkpoint's token counts
+            speculation = modes.parse(f"spec:{text}", config)
+            spec = dataclasses.replace(speculation.spec, draft_vocab=n or None)
+            modes.build(model, dataclasses.replace(speculation, spec=spec))  # draft_vocab: the checkpoint's counts
             exits = f"draft {spec.draft_exit}" + (f" vocab {n}" if n else "")
             out.append(dict(measure="speculative", threshold=spec.draft_threshold, exits=exits, decay_tau=None,
                             draft_len=spec.draft_len, generate_kw=dict(speculative=spec)))

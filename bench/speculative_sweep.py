@@ -53,7 +53,8 @@ def launches_per_token(lm, ids, max_new, batch, **kw) -> float:
 
 def sweep(args) -> list[dict]:
     import mexit
-    from mexit.decoding.speculative import SpeculativeConfig
+    from mexit.decoding import modes
+    from mexit.decoding.speculative import Speculation, SpeculativeConfig
     from mexit.model.placement import resolve_device
 
     set_threads(args.threads, resolve_device(args.device))
@@ -63,7 +64,7 @@ def sweep(args) -> list[dict]:
     settings = [SpeculativeConfig(e, k, None if str(t).lower() == "none" else float(t))
                 for e in exits for k in args.draft_lens for t in args.thresholds]
     for s in settings:
-        s.validate_for(lm.model, mexit.DecodeConfig())
+        modes.build(lm.model, Speculation(s, mexit.DecodeConfig()))
     ids, encoding = encode(lm, read_prompts(args.prompts or default_prompts(args.model)))
     ids = ids[: args.n_prompts]
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=str(args.model), encoding=encoding,

@@ -7,7 +7,7 @@ import importlib
 from .version import __version__
 
 _WHERE = {
-    "ExitPolicy": "mexit.decoding.early_exit", "DecodeConfig": "mexit.decoding.fixed",
+    "ExitPolicy": "mexit.decoding.early_exit", "DecodeConfig": "mexit.decoding.heads",
     "MultiExitConfiguration": "mexit.decoding.fixed", "SamplingConfig": "mexit.decoding.sampling",
     "SpeculativeConfig": "mexit.decoding.speculative", "MultiExitLM": "mexit.frontends.api",
     "load": "mexit.frontends.api", "AutoMultiExitModel": "mexit.frontends.compat",

@@ -69,7 +69,7 @@ def cli(capsys, *argv):
     (["generate", "--model", "M", "--input-ids", "1", "--exit-layer", "2"], "--exit-layer applies to --mode exit"),
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",
       "--exits", "2,2"], "lists a layer twice"),
-    (["generate", "--model", "M", "--input-ids", "1", "--threshold", "0.5"], "apply to --mode early-exit"),
+    (["generate", "--model", "M", "--input-ids", "1", "--threshold", "0.5"], "applies to --mode early-exit"),
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "contrast", "--contrast", "4,2",
       "--min-candidates", "999"], "exceeds the vocabulary"),
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",
@@ -218,7 +218,7 @@ def test_json_says_what_a_run_read_against_the_full_model(tiny_checkpoint, capsy
     assert main([*base[:-1], "--mode", "early-exit", "--threshold", "1.0", "--time-full-depth"]) == 0
     assert "decode time" in capsys.readouterr().out
     assert main([*base, "--time-full-depth"]) == 2
-    assert "apply to --mode early-exit" in capsys.readouterr().err
+    assert "applies to --mode early-exit" in capsys.readouterr().err
 
 
 def test_a_data_set_run_reports_dola_layers_and_early_exit_time(tiny_checkpoint, tmp_path, capsys):

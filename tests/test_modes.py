@@ -60,7 +60,7 @@ def test_each_entry_is_one_mode_with_its_own_names():
     ("acd:1,3", "mode 'acd:1,3': contrast upper layer 1 must be above the lower layer 3"),
     ("ee:max-prob:1.5", r"mode 'ee:max-prob:1.5': threshold for max-prob must be in \[0, 1\]"),
     ("ee:sharpness:0.5", "unknown confidence measure 'sharpness'"),
-    ("spec:4:2", "draft exit 4 must be one of the checkpoint's exits below the top layer"),
+    ("spec:4:2", "draft exit 4 must sit below the target's depth"),
     ("dola:9", "mode 'dola:9'"),
     ("", "unknown mode ''"),
     (":", "unknown mode ':'"),

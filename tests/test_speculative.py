@@ -177,10 +177,10 @@ def test_cli_bench_and_drop_in(tmp_path, capsys):
     assert main(["generate", "--model", str(folder), "--input-ids", "1", "--mode", "speculative"]) == 2
     assert "needs --draft-exit" in capsys.readouterr().err
     assert main(["generate", "--model", str(folder), "--input-ids", "1", "--draft-exit", "2"]) == 2
-    assert "apply to --mode speculative" in capsys.readouterr().err
+    assert "applies to --mode speculative" in capsys.readouterr().err
     config = mexit.load(folder).config
     assert modes.parse("spec:2:4:0.5", config).spec == SpeculativeConfig(2, 4, 0.5)
-    with pytest.raises(ValueError, match="draft exit 4 must be one of the checkpoint's exits below"):
+    with pytest.raises(ValueError, match="draft exit 4 must sit below the target's depth"):
         modes.parse("spec:4:2", config)
     ids = torch.tensor([[5, 17, 200]])
     model = FastMultiExitModel.from_pretrained(folder)

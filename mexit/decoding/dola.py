@@ -56,6 +56,10 @@ class DolaConfig:
         if not 0.0 < self.relative_top <= 1.0:
             raise ValueError(f"relative_top must be in (0, 1], got {self.relative_top}")
 
+    def check(self, config: ModelConfig) -> None:
+        """Against a checkpoint (ValueError): some candidate layer exists (`candidates`)."""
+        self.candidates(config)
+
     def candidates(self, config: ModelConfig) -> list[int]:
         """The candidate premature layers, by transformers 4.51.3's rules (`_dola_decoding`): "low" / "high" are
         every second layer of the lower / upper half from a start layer (2 with tied embeddings and more than two

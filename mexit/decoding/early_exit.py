@@ -101,6 +101,11 @@ class ExitPolicy:
     def depth(self, config: ModelConfig) -> int:
         return config.n_layer if self.final_head == "original" else int(self.final_head)
 
+    def check(self, config: ModelConfig) -> None:
+        """Against a checkpoint (ValueError): the final head and exits exist, some exit is checked
+        (`checked_exits`)."""
+        self.checked_exits(config)
+
     def checked_exits(self, config: ModelConfig) -> list[int]:
         """The exits checked, validated against the checkpoint: below the depth, at or above min_layer."""
         if self.final_head != "original" and self.final_head not in config.exit_layers:

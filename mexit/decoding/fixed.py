@@ -1,74 +1,23 @@
 """The fixed modes: every token from one head (the original, or an exit) or from Autocontrastive Decoding of two
-heads (Gera et al. 2023; autocontrastive-gen's calculate_contrasted_logits). `mode_scores` is the one place a mode's
-heads become its scores; `FixedMode.step` is the whole decode step, on any engine."""
+heads (Gera et al. 2023; autocontrastive-gen's calculate_contrasted_logits). Their settings are `heads.DecodeConfig`;
+`FixedMode.scores` is the one place a mode's heads become its scores; `FixedMode.step` is the whole decode step, on
+any engine."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
 from mexit import ops
 from mexit.values import plain_fields
 
+from .heads import DecodeConfig, ModeScores
 from .step import OneStep, Rows
 
 if TYPE_CHECKING:
-    from mexit.model.config import ModelConfig
     from mexit.model.decoder import MultiExitGPT2
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """What produces the next-token distribution.
-
-    mode: "original" (the tied GPT-2 head after the last layer), "exit" (the head of `exit_layer`),
-    or "contrast" (Autocontrastive Decoding of `upper` against `lower`; `upper` may be "original").
-    """
-
-    mode: str = "original"
-    exit_layer: int | None = None
-    upper: int | str | None = None
-    lower: int | None = None
-    alpha: float = 0.1
-    min_candidates: int = 1
-
-    def __post_init__(self):
-        plain_fields(self)
-        if self.mode not in ("original", "exit", "contrast"):
-            raise ValueError(f"unknown mode {self.mode!r}; expected original, exit or contrast")
-        if self.mode == "exit" and self.exit_layer is None:
-            raise ValueError("mode 'exit' needs exit_layer")
-        if self.mode == "contrast":
-            if self.upper is None or self.lower is None:
-                raise ValueError("mode 'contrast' needs both the upper and the lower layer")
-            if self.upper != "original" and not isinstance(self.upper, int):
-                raise ValueError(f"contrast upper must be a layer number or 'original', got {self.upper!r}")
-            if self.upper != "original" and self.upper <= self.lower:
-                raise ValueError(f"contrast upper layer {self.upper} must be above the lower layer {self.lower}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
-        if int(self.min_candidates) != self.min_candidates or self.min_candidates < 1:
-            raise ValueError(f"min_candidates must be an integer >= 1, got {self.min_candidates}")
-
-    def heads(self) -> list[int | str]:
-        """The heads this mode reads, in order: [head] or [upper, lower]."""
-        if self.mode == "original":
-            return ["original"]
-        if self.mode == "exit":
-            return [self.exit_layer]
-        return [self.upper, self.lower]
-
-    def validate_for(self, config: ModelConfig) -> None:
-        for head in self.heads():
-            if head != "original" and head not in config.exit_layers:
-                raise ValueError(
-                    f"exit layer {head} is not in this checkpoint; its exits are {list(config.exit_layers) or 'none'}"
-                )
-        if self.mode == "contrast":
-            if self.min_candidates > config.vocab_size:
-                raise ValueError(f"min_candidates={self.min_candidates} exceeds the vocabulary ({config.vocab_size})")
 
 
 @dataclass(frozen=True)
@@ -139,41 +88,18 @@ class MultiExitConfiguration:
                             min_candidates=self.minimum_candidates)
 
 
-class ModeScores(NamedTuple):
-    """token: the greedy choice [B] int64; scores: [B, V] fp32 to sample from (the head's log-softmax, ACD's log q),
-    or None; logits: [B, V] fp32 "logits" of the mode (the head's logits, ACD's log q), or None."""
-
-    token: torch.Tensor
-    scores: torch.Tensor | None
-    logits: torch.Tensor | None
-
-
 def teacher_forced(model: MultiExitGPT2, decode: DecodeConfig, ids: torch.Tensor, valid: torch.Tensor,
                    every_layer: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One pass over left-padded ids [B, T] (valid [B, T] bool; positions count from each row's first token): the
     mode's logits [B, T, V] fp32 at every position (ACD: log q) and the block outputs {layer: [B, T, d]} it ran
     (0: the embeddings; every layer with every_layer)."""
-    layers = [model.layer_of(head) for head in decode.heads()]
+    mode = FixedMode(model, decode)
     every = range(1, model.config.n_layer + 1) if every_layer else ()
-    h, states = model.forward(ids, [*layers, *every], valid)
+    h, states = model.forward(ids, [*mode.layers, *every], valid)
     b, t, d = h.shape
-    hidden = [states[layer].reshape(b * t, d) for layer in layers]
-    logits = mode_scores(model, decode, hidden, ops.TORCH, logits=True).logits.view(b, t, -1)
+    hidden = [states[layer].reshape(b * t, d) for layer in mode.layers]
+    logits = mode.scores(hidden, ops.TORCH, logits=True).logits.view(b, t, -1)
     return logits, {0: h, **states}
-
-
-def mode_scores(model: MultiExitGPT2, decode: DecodeConfig, hidden, backend: ops.Backend, scores: bool = False,
-                logits: bool = False, emit=None) -> ModeScores:
-    """The mode's next-token distribution from the raw states of its heads' layers (hidden: [E, B, d] or E tensors
-    [B, d], in `decode.heads()` order; ln_f is applied here). scores / logits: also return those. emit (a StepIO):
-    the last kernel also ends the decode step with the greedy token (`step_epilogue_ref`)."""
-    if decode.mode != "contrast":
-        out = model.exit_stage(hidden, decode.heads(), backend, with_logprobs=scores, emit=emit)
-        return ModeScores(out.argmax[0], out.logprobs[0] if scores else None, out.logits[0] if logits else None)
-    out = model.exit_stage(hidden, decode.heads(), backend)
-    token, log_q = ops.acd_contrast(out, decode.alpha, decode.min_candidates, backend, with_logprobs=scores or logits,
-                                    emit=emit)
-    return ModeScores(token, log_q if scores else None, log_q if logits else None)
 
 
 class FixedMode(OneStep):
@@ -182,13 +108,27 @@ class FixedMode(OneStep):
     keeps_logits = True
 
     def __init__(self, model: MultiExitGPT2, decode: DecodeConfig):
-        decode.validate_for(model.config)
-        self.model, self.config = model, decode
-        self.settings = decode
+        decode.check(model.config)
+        self.model, self.settings = model, decode
         self.layers = [model.layer_of(head) for head in decode.heads()]
         self.stops = sorted(set(self.layers))  # the layers whose states a step reads
         self.depth = max(self.layers)
         self.full_heads = len(self.layers)  # heads a step reads (it is full depth)
+
+    def scores(self, hidden, backend: ops.Backend, scores: bool = False, logits: bool = False,
+               emit=None) -> ModeScores:
+        """The mode's next-token distribution from the raw states of its heads' layers (hidden: [E, B, d] or E
+        tensors [B, d], in `settings.heads()` order; ln_f is applied here); the one place a fixed mode's heads become
+        its scores. scores / logits: also return those. emit (a StepIO): the last kernel also ends the decode step
+        with the greedy token (`step_epilogue_ref`)."""
+        decode, model = self.settings, self.model
+        if decode.mode != "contrast":
+            out = model.exit_stage(hidden, decode.heads(), backend, with_logprobs=scores, emit=emit)
+            return ModeScores(out.argmax[0], out.logprobs[0] if scores else None, out.logits[0] if logits else None)
+        out = model.exit_stage(hidden, decode.heads(), backend)
+        token, log_q = ops.acd_contrast(out, decode.alpha, decode.min_candidates, backend,
+                                        with_logprobs=scores or logits, emit=emit)
+        return ModeScores(token, log_q if scores else None, log_q if logits else None)
 
     def step(self, rows: Rows) -> None:
         """One token per row: the states at the heads' layers, the mode's scores, the choice, the step's end (in
@@ -196,15 +136,14 @@ class FixedMode(OneStep):
         states = {layer: rows.states(layer) for layer in self.stops}  # in depth order: blocks run once
         hidden = [states[layer] for layer in self.layers]
         if rows.sampling.controls_repetition:  # penalty and n-gram bans on the logits (ACD: log q), then the choice
-            out = mode_scores(self.model, self.config, hidden, rows.backend, logits=True)
+            out = self.scores(hidden, rows.backend, logits=True)
             if rows.keep_logits:
                 rows.keep(out.logits)
             scores = rows.penalize(out.logits)
             rows.emit(rows.choose(scores.argmax(dim=-1), scores))
             return
         io = rows.fused_emit()
-        out = mode_scores(self.model, self.config, hidden, rows.backend, scores=rows.sampling.do_sample,
-                          logits=rows.keep_logits, emit=io)
+        out = self.scores(hidden, rows.backend, scores=rows.sampling.do_sample, logits=rows.keep_logits, emit=io)
         if rows.keep_logits:
             rows.keep(out.logits)
         if io is None:

@@ -1,8 +1,9 @@
 """One registry of modes: each mode's user name, its settings class and mode class, its form in the mode
-mini-language, and (`check`) its check against a checkpoint. The front ends turn user words into settings here
-(`MultiExitLM.generate(mode=...)`, the CLI's `--mode` choices, the `--modes` of `mexit bench` / `mexit ablate` and
-the bench scripts), and `build` turns settings into the mode object the loop runs. Adding a mode: its module (a
-settings class and a `Mode`), one `Entry` below and its branch of `check`, its test.
+mini-language, its flags, and (`check`) its check against a checkpoint. The front ends turn user words into settings
+here (`MultiExitLM.generate(mode=...)`, the CLI's `--mode` and its flags by `from_flags`, the `--modes` of
+`mexit bench` / `mexit ablate` and the bench scripts), and `build` turns settings into the mode object the loop runs.
+Adding a mode: its module (a settings class with `check(config)` and a `Mode`), one `Entry` below, its test
+(tests/test_adding_a_mode.py shows one).
 
 The mini-language: `original`, `exit:L`, `contrast:UPPER,LOWER` (UPPER may be `original`),
 `dola:low|high|L1,L2[:exit]`, `early-exit:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]`,
@@ -11,7 +12,9 @@ contrast, early-exit and speculative."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,11 +28,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Entry:
     """One mode of the registry. name: the user name (CLI `--mode`, mini-language); short: the mini-language's
-    short name ("" none);
-    module: its module in mexit.decoding, holding its settings class and mode class (named here, imported on use:
-    the CLI reads the names without importing torch); form: how the mini-language writes it; parse: the text after
-    "name:" -> settings (`Malformed` when not of the form; a settings class's ValueError when a value is out of its
-    range)."""
+    short name ("" none); module: its module in mexit.decoding (or a module's full name), holding its settings class
+    and mode class (named here, imported on use: the CLI reads the names without importing torch; the settings class
+    has `check(config)`, and the mode class is called with the model and the settings); form: how the mini-language
+    writes it; flags: the flags its settings take (the CLI's `--flag`s by their argparse names, values as the CLI
+    parses them; a flag the CLI does not declare is set by the mode string alone); needs: the one it cannot run
+    without; words: the text after "name:" -> the flags it fixes (every flag the form decides, None where it leaves
+    the settings' default; `Malformed` when not of the form); make: flags (those given; None: not given) ->
+    settings (a settings class's ValueError when a value is out of its range)."""
 
     name: str
     short: str
@@ -37,15 +43,23 @@ class Entry:
     settings_class: str
     mode_class: str
     form: str
-    parse: Callable[[str], object]
+    flags: tuple[str, ...]
+    needs: str | None
+    words: Callable[[str], dict]
+    make: Callable[[dict], object]
 
     @property
     def settings(self) -> type:
-        return getattr(importlib.import_module(f"mexit.decoding.{self.module}"), self.settings_class)
+        return getattr(self._module(), self.settings_class)
 
     @property
     def mode(self) -> type:
-        return getattr(importlib.import_module(f"mexit.decoding.{self.module}"), self.mode_class)
+        return getattr(self._module(), self.mode_class)
+
+    def _module(self):
+        """`module` of mexit.decoding, else the module of that full name (a mode kept outside mexit)."""
+        inside = f"mexit.decoding.{self.module}"
+        return importlib.import_module(inside if importlib.util.find_spec(inside) else self.module)
 
 
 class Malformed(ValueError):
@@ -77,75 +91,168 @@ def _parts(text: str, sep: str, counts: tuple[int, ...]) -> list[str]:
     return parts
 
 
-def _original(rest: str):
-    from .fixed import DecodeConfig
+def _given(flags: dict, *names: str, **renamed: str) -> dict:
+    """The flags among `names` (and `renamed` flag -> field) that are set, by their settings field names."""
+    pairs = [(name, name) for name in names] + [(flag, field) for field, flag in renamed.items()]
+    return {field: flags[flag] for flag, field in pairs if flags.get(flag) is not None}
 
+
+def _original_words(rest: str) -> dict:
     if rest:
         raise Malformed
+    return {}
+
+
+def _original(flags: dict):
+    from .heads import DecodeConfig
+
     return DecodeConfig("original")
 
 
-def _exit(rest: str):
-    from .fixed import DecodeConfig
+def _exit(flags: dict):
+    from .heads import DecodeConfig
 
-    return DecodeConfig("exit", exit_layer=_int(rest))
+    return DecodeConfig("exit", exit_layer=flags["exit_layer"])
 
 
-def _contrast(rest: str):
-    from .fixed import DecodeConfig
-
+def _contrast_words(rest: str) -> dict:
     upper, lower = _parts(rest, ",", (2,))
-    return DecodeConfig("contrast", upper=upper if upper == "original" else _int(upper), lower=_int(lower))
+    return {"contrast": (upper if upper == "original" else _int(upper), _int(lower))}
 
 
-def _dola(rest: str):
-    from .dola import DolaConfig
+def _contrast(flags: dict):
+    from .heads import DecodeConfig
 
+    upper, lower = flags["contrast"]
+    return DecodeConfig("contrast", upper=upper, lower=lower, **_given(flags, "alpha", "min_candidates"))
+
+
+def _dola_words(rest: str) -> dict:
     layers, _, heads = rest.partition(":")
     if not layers or heads not in ("", "exit"):
         raise Malformed
-    return DolaConfig(layers if layers in ("low", "high") else _ints(layers), heads or "embedding")
+    return {"dola_layers": layers if layers in ("low", "high") else _ints(layers), "dola_heads": heads or None}
 
 
-def _early_exit(rest: str):
-    from .early_exit import ExitPolicy
+def _dola(flags: dict):
+    from .dola import DolaConfig
 
+    layers = flags["dola_layers"]
+    return DolaConfig(layers if isinstance(layers, str) else tuple(layers),
+                      **_given(flags, heads="dola_heads"))
+
+
+def _early_exit_words(rest: str) -> dict:
     parts = rest.split(":")
     variant = parts.pop() if parts[-1] in ("eager", "deferred", "predicated") else "eager"
     if len(parts) not in (2, 3):
         raise Malformed
-    exits = _ints(parts[2]) if len(parts) == 3 and parts[2] != "all" else None
-    return ExitPolicy(_float(parts[1]), measure=parts[0], exits=exits,
-                      propagation="deferred" if variant == "deferred" else "eager",
-                      schedule="predicated" if variant == "predicated" else "segments")
+    return {"measure": parts[0], "threshold": _float(parts[1]),
+            "exits": _ints(parts[2]) if len(parts) == 3 and parts[2] != "all" else None,
+            "propagation": "deferred" if variant == "deferred" else None,
+            "schedule": "predicated" if variant == "predicated" else None}
 
 
-def _speculative(rest: str):
-    from .fixed import DecodeConfig
+def _early_exit(flags: dict):
+    from .early_exit import ExitPolicy
+
+    exits = flags.get("exits")
+    return ExitPolicy(**_given(flags, "threshold", "measure", "min_layer", "decay_tau", "propagation", "schedule"),
+                      exits=tuple(exits) if exits is not None else None)
+
+
+def _speculative_words(rest: str) -> dict:
+    parts = _parts(rest, ":", (2, 3))
+    return {"draft_exit": _int(parts[0]), "draft_len": _int(parts[1]),
+            "draft_threshold": _float(parts[2]) if len(parts) == 3 else None, "exit_layer": None, "contrast": None}
+
+
+def _speculative(flags: dict):
     from .speculative import Speculation, SpeculativeConfig
 
-    parts = _parts(rest, ":", (2, 3))
-    spec = SpeculativeConfig(_int(parts[0]), _int(parts[1]), _float(parts[2]) if len(parts) == 3 else None)
-    return Speculation(spec, DecodeConfig("original"))
+    if flags.get("exit_layer") is not None and flags.get("contrast") is not None:
+        raise ValueError("speculative decoding verifies one target: pass --exit-layer or --contrast, not both")
+    if flags.get("contrast") is None and _given(flags, "alpha", "min_candidates"):
+        raise ValueError("--alpha and --min-candidates apply to ACD (--contrast)")
+    target = (_contrast(flags) if flags.get("contrast") is not None else
+              _exit(flags) if flags.get("exit_layer") is not None else _original(flags))
+    spec = SpeculativeConfig(**_given(flags, "draft_exit", "draft_len", "draft_threshold"),
+                             draft_vocab=flags.get("draft_vocab") or None)  # 0: the whole head
+    return Speculation(spec, target)
 
 
+_FIXED = dict(module="fixed", settings_class="DecodeConfig", mode_class="FixedMode")
 MODES = (
-    Entry("original", "", "fixed", "DecodeConfig", "FixedMode", "original", _original),
-    Entry("exit", "", "fixed", "DecodeConfig", "FixedMode", "exit:L", _exit),
-    Entry("contrast", "acd", "fixed", "DecodeConfig", "FixedMode", "contrast:UPPER,LOWER", _contrast),
-    Entry("dola", "", "dola", "DolaConfig", "DolaMode", "dola:low|high|L1,L2[:exit]", _dola),
+    Entry("original", "", form="original", flags=(), needs=None, words=_original_words, make=_original, **_FIXED),
+    Entry("exit", "", form="exit:L", flags=("exit_layer",), needs="exit_layer",
+          words=lambda rest: {"exit_layer": _int(rest)}, make=_exit, **_FIXED),
+    Entry("contrast", "acd", form="contrast:UPPER,LOWER", flags=("contrast", "alpha", "min_candidates"),
+          needs="contrast", words=_contrast_words, make=_contrast, **_FIXED),
+    Entry("dola", "", "dola", "DolaConfig", "DolaMode", "dola:low|high|L1,L2[:exit]", ("dola_layers", "dola_heads"),
+          "dola_layers", _dola_words, _dola),
     Entry("early-exit", "ee", "early_exit", "ExitPolicy", "EarlyExit",
-          "early-exit:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]", _early_exit),
+          "early-exit:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]",
+          ("threshold", "measure", "exits", "min_layer", "decay_tau", "propagation", "schedule"), "threshold",
+          _early_exit_words, _early_exit),
     Entry("speculative", "spec", "speculative", "Speculation", "Speculative", "speculative:DRAFT_EXIT:K[:THRESHOLD]",
-          _speculative),
+          ("draft_exit", "draft_len", "draft_threshold", "draft_vocab", "exit_layer", "contrast", "alpha",
+           "min_candidates"), "draft_exit", _speculative_words, _speculative),
 )
 NAMES = tuple(entry.name for entry in MODES)
 SHORT_NAMES = tuple(entry.short for entry in MODES if entry.short)
+FLAGS = tuple(dict.fromkeys(flag for entry in MODES for flag in entry.flags))  # every mode's flags, once each
 
 
 def form(name: str) -> str:
     """The mini-language form of the mode called `name` (its name or short name)."""
-    return next(e.form for e in MODES if name in (e.name, e.short) and name)
+    return entry(name).form
+
+
+def entry(name: str) -> Entry:
+    """The entry of a mode's name or short name (KeyError: none)."""
+    found = next((e for e in MODES if name in (e.name, e.short) and name), None)
+    if found is None:
+        raise KeyError(name)
+    return found
+
+
+def from_flags(name: str, flags: dict, text: str | None = None):
+    """The settings of mode `name` from the CLI's flags ({flag: value}, None: not given), or of the mode string
+    `text` (of mode `name`) and the flags of its mode it leaves open (`--mode acd:24,12 --alpha 0.2`). Errors
+    (ValueError, naming the flag): a flag of another mode, a flag the string fixes, the one flag the mode needs
+    missing, values its settings refuse."""
+    mode = entry(name)
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    foreign = [flag for flag in given if flag not in mode.flags]
+    if foreign:
+        owners = " or ".join(e.name for e in MODES if foreign[0] in e.flags)
+        raise ValueError(f"{_flag(foreign[0])} applies to --mode {owners}, not --mode {mode.name}")
+    if text is not None:
+        fixed = parse_words(text)[1]
+        twice = [flag for flag in given if flag in fixed]
+        if twice:
+            raise ValueError(f"--mode {text} carries its settings: do not pass {_flag(twice[0])} too")
+        given.update(fixed)
+    if mode.needs is not None and given.get(mode.needs) is None:
+        raise ValueError(f"--mode {mode.name} needs {_flag(mode.needs)} (or write it as {mode.form})")
+    return mode.make(given)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_words(text: str) -> tuple[str, dict]:
+    """A mode string -> its mode's name and the flags it fixes (ValueError: unknown or malformed, naming every
+    form)."""
+    kind, _, rest = text.partition(":")
+    try:
+        mode = entry(kind)
+        return mode.name, mode.words(rest)
+    except (KeyError, Malformed):
+        forms = ", ".join(e.form for e in MODES)
+        shorts = ", ".join(f"{e.short} = {e.name}" for e in MODES if e.short)
+        raise ValueError(f"unknown mode {text!r}; use {forms} (short names: {shorts})") from None
 
 
 def settings_classes() -> tuple[type, ...]:
@@ -156,53 +263,35 @@ def settings_classes() -> tuple[type, ...]:
 def parse(text: str, config: ModelConfig | None = None):
     """A mode string of the mini-language -> its settings, checked against `config` when given. Errors
     (ValueError): an unknown or malformed string (naming every form), settings the checkpoint cannot run."""
-    kind, _, rest = text.partition(":")
-    entry = next((e for e in MODES if kind in (e.name, e.short) and kind), None)
+    name, flags = parse_words(text)
     try:
-        if entry is None:
-            raise Malformed
-        settings = entry.parse(rest)
+        settings = entry(name).make(flags)
         if config is not None:
             check(settings, config)
-    except Malformed:
-        forms = ", ".join(e.form for e in MODES)
-        shorts = ", ".join(f"{e.short} = {e.name}" for e in MODES if e.short)
-        raise ValueError(f"unknown mode {text!r}; use {forms} (short names: {shorts})") from None
     except ValueError as err:  # a value its settings or the checkpoint refuse
         raise ValueError(f"mode {text!r}: {err}") from None
     return settings
 
 
 def check(settings, config: ModelConfig) -> None:
-    """Settings against a checkpoint's config (its exits and depth); ValueError when it cannot run them. The
-    learned measure's predictors and a draft vocabulary's token counts are checked where the mode is built."""
-    from .dola import DolaConfig
-    from .early_exit import ExitPolicy
-    from .fixed import DecodeConfig
-    from .speculative import Speculation
-
-    if isinstance(settings, DecodeConfig):
-        settings.validate_for(config)
-    elif isinstance(settings, ExitPolicy):
-        settings.checked_exits(config)
-    elif isinstance(settings, DolaConfig):
-        settings.candidates(config)
-    elif isinstance(settings, Speculation):
-        settings.target.validate_for(config)
-        draft = settings.spec.draft_exit
-        if draft not in config.exit_layers or draft >= config.n_layer:
-            raise ValueError(f"draft exit {draft} must be one of the checkpoint's exits below the top layer "
-                             f"({[e for e in config.exit_layers if e < config.n_layer]})")
-    else:
+    """Settings against a checkpoint's config (its exits and depth): each settings class's `check(config)`;
+    ValueError when the checkpoint cannot run them. The learned measure's predictors and a draft vocabulary's token
+    counts are checked where the mode is built."""
+    if not isinstance(settings, settings_classes()):
         raise TypeError(unknown(settings))
+    settings.check(config)
 
 
 def build(model, settings) -> Mode:
-    """The mode object of `settings` (one of `settings_classes()`) on `model`, checked against the checkpoint."""
+    """The mode object of `settings` (one of `settings_classes()`) on `model`, checked against the checkpoint. A
+    field of `settings` that is itself a mode's settings (speculative decoding's target) is built first and passed
+    to the mode class by its field name."""
     entry = next((e for e in MODES if isinstance(settings, e.settings)), None)
     if entry is None:
         raise TypeError(unknown(settings))
-    return entry.mode(model, settings)
+    inner = {f.name: build(model, getattr(settings, f.name)) for f in dataclasses.fields(settings)
+             if isinstance(getattr(settings, f.name), settings_classes())}
+    return entry.mode(model, settings, **inner)
 
 
 def unknown(settings) -> str:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -42,11 +42,12 @@ from mexit import ops
 from mexit.model.token_counts import draft_vocabulary
 from mexit.values import plain_fields
 
-from .fixed import DecodeConfig, FixedMode, mode_scores
+from .heads import DecodeConfig, ModeScores
 from .sampling import sample_from_probs, sampling_probs
 from .step import Mode, Rows
 
 if TYPE_CHECKING:
+    from mexit.model.config import ModelConfig
     from mexit.model.decoder import MultiExitGPT2
 
 
@@ -78,24 +79,19 @@ class SpeculativeConfig:
                                              or self.draft_vocab < 2):
             raise ValueError(f"draft_vocab must be an integer >= 2 (tokens), got {self.draft_vocab!r}")
 
-    def validate_for(self, model: MultiExitGPT2, target: DecodeConfig) -> int:
-        """Check the draft exit against the checkpoint and the target; returns the target's depth."""
-        config = model.config
-        target.validate_for(config)
+    def check(self, config: ModelConfig, target: DecodeConfig) -> None:
+        """Against a checkpoint and the target (ValueError): the draft exit is one of its exits, below the target's
+        depth; draft_vocab fits the vocabulary. The token counts draft_vocab reads are checked where the mode is
+        built (they live beside the weights)."""
         if self.draft_exit not in config.exit_layers:
             raise ValueError(f"draft exit {self.draft_exit} is not in this checkpoint; its exits are "
                              f"{list(config.exit_layers) or 'none'}")
-        depth = max(model.layer_of(head) for head in target.heads())
+        depth = target.depth(config)
         if self.draft_exit >= depth:
             raise ValueError(f"draft exit {self.draft_exit} must sit below the target's depth ({depth} layers): a "
                              "draft as deep as its target saves nothing")
-        if self.draft_vocab is not None:
-            if self.draft_vocab > config.vocab_size:
-                raise ValueError(f"draft_vocab {self.draft_vocab} exceeds the vocabulary ({config.vocab_size})")
-            if model.token_counts is None:
-                raise ValueError("draft_vocab needs the checkpoint's token frequencies (token_counts.safetensors): "
-                                 "count them with `mexit count-tokens --model FOLDER --data TEXT`")
-        return depth
+        if self.draft_vocab is not None and self.draft_vocab > config.vocab_size:
+            raise ValueError(f"draft_vocab {self.draft_vocab} exceeds the vocabulary ({config.vocab_size})")
 
 
 @dataclass(frozen=True)
@@ -104,6 +100,28 @@ class Speculation:
 
     spec: SpeculativeConfig
     target: DecodeConfig
+
+    def check(self, config: ModelConfig) -> None:
+        """The target's check, then the drafts' against it (ValueError)."""
+        self.target.check(config)
+        self.spec.check(config, self.target)
+
+
+class Target(Protocol):
+    """What a round verifies against: the fixed mode of `Speculation.target` (`fixed.FixedMode`), built by the
+    registry. layers: its heads' layers in `settings.heads()` order; stops: those layers sorted, once each; depth:
+    the deepest; full_heads: heads a step reads; run: its own step (the prompt's); scores: its heads' states ->
+    `ModeScores`."""
+
+    settings: DecodeConfig
+    layers: list[int]
+    stops: list[int]
+    depth: int
+    full_heads: int
+
+    def run(self, rows: Rows) -> None: ...
+
+    def scores(self, hidden, backend: ops.Backend, scores: bool = False, logits: bool = False) -> ModeScores: ...
 
 
 @dataclass
@@ -147,12 +165,16 @@ class Speculative(Mode):
         """Lossless speculation saves against its target: the target at full depth."""
         return self.target.depth, self.target.full_heads
 
-    def __init__(self, model: MultiExitGPT2, speculation: Speculation):
-        spec, target = speculation.spec, speculation.target
-        self.depth = spec.validate_for(model, target)
-        self.model, self.spec = model, spec
-        self.settings = speculation
-        self.target = FixedMode(model, target)
+    def __init__(self, model: MultiExitGPT2, speculation: Speculation, target: Target):
+        """target: the mode of speculation.target on `model`. Errors (ValueError): settings the checkpoint cannot
+        run; draft_vocab without the checkpoint's token counts."""
+        speculation.check(model.config)
+        spec = speculation.spec
+        if spec.draft_vocab is not None and model.token_counts is None:
+            raise ValueError("draft_vocab needs the checkpoint's token frequencies (token_counts.safetensors): count "
+                             "them with `mexit count-tokens --model FOLDER --data TEXT`")
+        self.model, self.spec, self.settings, self.target = model, spec, speculation, target
+        self.depth = target.depth
         self.draft_exit, self.k = spec.draft_exit, spec.draft_len
         layers = self.target.layers
         self.low_layers = sorted({layer for layer in layers if layer < self.draft_exit} | {self.draft_exit})
@@ -163,7 +185,8 @@ class Speculative(Mode):
             self.draft_weight = self.draft_weight.index_select(0, self.draft_ids)
         self.draft_share = self.draft_weight.shape[0] / model.config.vocab_size  # of a head, read per draft
         # drafts' logits are ACD's lower ones (not with a restricted draft head)
-        self.reuse = target.mode == "contrast" and target.lower == self.draft_exit and self.draft_ids is None
+        decode = speculation.target
+        self.reuse = decode.mode == "contrast" and decode.lower == self.draft_exit and self.draft_ids is None
         self.stops = self.target.stops
         self.full_heads = self.target.full_heads
 
@@ -320,7 +343,7 @@ class Speculative(Mode):
 
     def verify(self, rows: Rows) -> None:
         """Score: the target at every round position in one pass; accept per row; emit; set the next round up."""
-        buf, io, model = rows.buffers, rows.io, self.model
+        buf, io = rows.buffers, rows.io
         b, k1 = rows.rows, self.k + 1
         states = {**buf.saved, **rows.run_round(buf.saved[self.draft_exit], self.draft_exit, self.high_layers)}
         hidden = [states[layer].reshape(b * k1, -1) for layer in self.target.layers]
@@ -328,10 +351,10 @@ class Speculative(Mode):
         if self.reuse:
             choice, scores = self.reuse_scores(rows, hidden[0], sampling or controlled)
         elif controlled:  # the controls act on the target's logits (ACD: log q), as in its own step
-            out = mode_scores(model, self.target.config, hidden, rows.backend, logits=True)
+            out = self.target.scores(hidden, rows.backend, logits=True)
             choice, scores = out.token, out.logits
         else:
-            out = mode_scores(model, self.target.config, hidden, rows.backend, scores=sampling)
+            out = self.target.scores(hidden, rows.backend, scores=sampling)
             choice, scores = out.token, out.scores
         if controlled:  # round position j follows the row's position + j (its drafts are in the history)
             positions = io.positions[:, None] + torch.arange(k1, device=io.positions.device)
@@ -346,7 +369,7 @@ class Speculative(Mode):
 
     def reuse_scores(self, rows: Rows, upper: torch.Tensor, with_logprobs: bool):
         """ACD whose lower exit drafts: the upper head at every position, the drafts' logits as the lower's."""
-        target = self.target.config
+        target = self.target.settings
         up = self.model.exit_stage([upper], [target.upper], rows.backend)
         low = rows.buffers.draft_logits.transpose(0, 1).reshape(up.logits.shape[1], -1)
         both = ops.ExitHeadOutput(logits=torch.stack([up.logits[0], low]),

@@ -12,7 +12,8 @@ import torch
 from mexit.decoding import modes
 from mexit.decoding.dola import DolaConfig
 from mexit.decoding.early_exit import ExitPolicy
-from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration
+from mexit.decoding.fixed import MultiExitConfiguration
+from mexit.decoding.heads import DecodeConfig
 from mexit.decoding.layers import LayerPredictions, layer_predictions
 from mexit.decoding.prompts import check_prompts
 from mexit.decoding.sampling import SamplingConfig

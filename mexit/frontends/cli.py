@@ -72,39 +72,6 @@ def parse_mode_word(text: str) -> str:
                                      "such as exit:12, acd:24,12, ee:max-prob:0.9 (mexit.decoding.modes)")
 
 
-# the flags a mode string sets (dest: default), refused beside it
-STRING_FLAGS = dict(exit_layer=None, contrast=None, dola_layers=None, dola_heads="embedding", draft_exit=None,
-                    draft_len=1, draft_threshold=None, threshold=None, measure="max-prob", exits=None,
-                    propagation="eager", schedule="segments")
-
-
-def expand_mode_string(args) -> None:
-    """A --mode string becomes the mode's name and its flags (the flags it sets may not be passed beside it); the
-    other flags of its mode (--alpha, --decay-tau, --draft-vocab, ...) still apply."""
-    if ":" not in args.mode:
-        return
-    given = [name for name, default in STRING_FLAGS.items() if getattr(args, name) != default]
-    if given:
-        raise UsageError(f"--mode {args.mode} carries its settings: do not pass --{given[0].replace('_', '-')} too")
-    settings = modes.parse(args.mode)
-    kind = args.mode.partition(":")[0]
-    args.mode = next(e.name for e in modes.MODES if kind in (e.name, e.short))
-    if args.mode == "exit":
-        args.exit_layer = settings.exit_layer
-    elif args.mode == "contrast":
-        args.contrast = (settings.upper, settings.lower)
-    elif args.mode == "dola":
-        args.dola_layers = settings.layers if isinstance(settings.layers, str) else list(settings.layers)
-        args.dola_heads = settings.heads
-    elif args.mode == "early-exit":
-        args.threshold, args.measure, args.propagation, args.schedule = (settings.threshold, settings.measure,
-                                                                          settings.propagation, settings.schedule)
-        args.exits = list(settings.exits) if settings.exits is not None else None
-    elif args.mode == "speculative":
-        spec = settings.spec
-        args.draft_exit, args.draft_len, args.draft_threshold = spec.draft_exit, spec.draft_len, spec.draft_threshold
-
-
 def parse_dola_layers(text: str):
     if text in ("low", "high"):
         return text
@@ -189,19 +156,20 @@ def add_generate_parser(sub) -> None:
                         "default: the checkpoint's generation_config.json, else 1)")
     p.add_argument("--no-repeat-ngram-size", type=int,
                    help="never repeat an n-gram of this size (transformers'; 0: off; every mode)")
-    p.add_argument("--dola-heads", default="embedding", choices=["embedding", "exit"],
+    p.add_argument("--dola-heads", choices=["embedding", "exit"],
                    help="--mode dola: premature logits from the output embedding on raw block outputs "
-                        "(transformers), or from the checkpoint's exit heads")
+                        "(transformers; the default), or from the checkpoint's exit heads")
     sp = p.add_argument_group("self-speculative decoding (--mode speculative): the target mode's exact output")
     sp.add_argument("--draft-exit", type=int, help="exit layer whose head drafts (required)")
-    sp.add_argument("--draft-len", type=int, default=1, help="drafts per verification at most")
+    sp.add_argument("--draft-len", type=int, help="drafts per verification at most (default: 1)")
     sp.add_argument("--draft-vocab", type=int,
                     help="draft from the N most frequent tokens only (the checkpoint's token_counts.safetensors; "
                          "the output stays exact; 0: the whole head, the default)")
     sp.add_argument("--draft-threshold", type=float,
                     help="stop drafting at a draft whose top probability is below this (default: never)")
-    p.add_argument("--alpha", type=float, default=0.1, help="ACD plausibility threshold (share of the top prob)")
-    p.add_argument("--min-candidates", type=int, default=1, help="ACD: tokens always kept in the plausible set")
+    p.add_argument("--alpha", type=float, help="ACD plausibility threshold (share of the top prob; default: 0.1)")
+    p.add_argument("--min-candidates", type=int,
+                   help="ACD: tokens always kept in the plausible set (default: 1)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens generated per prompt at most (default: the checkpoint's generation_config.json, else "
                         "32)")
@@ -220,17 +188,19 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt)")
     ee = p.add_argument_group("early exit (--mode early-exit)")
     ee.add_argument("--threshold", type=float, help="confidence needed to exit (required)")
-    ee.add_argument("--measure", default="max-prob", choices=["max-prob", "margin", "cosine", "learned"],
-                    help="confidence: top-1 probability, top-1 minus top-2, cosine of consecutive exits' states, or "
-                         "the checkpoint's learned exit predictors (mexit train-exit-predictors)")
+    ee.add_argument("--measure", choices=["max-prob", "margin", "cosine", "learned"],
+                    help="confidence: top-1 probability (the default), top-1 minus top-2, cosine of consecutive "
+                         "exits' states, or the checkpoint's learned exit predictors (mexit train-exit-predictors)")
     ee.add_argument("--exits", type=parse_ints, help="checked exit layers, e.g. 8,12,16 (default: all)")
-    ee.add_argument("--min-layer", type=int, default=1, help="no exit below this layer")
+    ee.add_argument("--min-layer", type=int, help="no exit below this layer (default: 1)")
     ee.add_argument("--decay-tau", type=float, help="CALM's decaying threshold with this tau (off by default)")
-    ee.add_argument("--propagation", default="eager", choices=["eager", "deferred"],
-                    help="skipped layers' keys/values computed at the exit, or with the next deep token")
-    ee.add_argument("--schedule", default="segments", choices=["segments", "predicated"],
-                    help="static / graph engines: a CUDA graph per segment between checks (one flag read each), or "
-                         "the whole step one graph with kernels that skip past the exit (needs the triton backend)")
+    ee.add_argument("--propagation", choices=["eager", "deferred"],
+                    help="skipped layers' keys/values computed at the exit (eager, the default), or with the next "
+                         "deep token")
+    ee.add_argument("--schedule", choices=["segments", "predicated"],
+                    help="static / graph engines: a CUDA graph per segment between checks (one flag read each; the "
+                         "default), or the whole step one graph with kernels that skip past the exit (needs the "
+                         "triton backend)")
     ee.add_argument("--time-full-depth", action="store_true",
                     help="also time full depth on the same prompts (a data set: its first batch), interleaved with "
                          "this setting (3 pairs after one untimed call), and report the decode time ratio: the "
@@ -239,45 +209,17 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(run=run_generate)
 
 
-def early_exit_only(args) -> list[str]:
-    """Early-exit flags set away from their defaults."""
-    defaults = dict(threshold=None, measure="max-prob", exits=None, min_layer=1, decay_tau=None,
-                    propagation="eager", schedule="segments", time_full_depth=False)
-    return [name for name, default in defaults.items() if getattr(args, name) != default]
-
-
 def check_generate_flags(args) -> None:
-    """Conflicting flags are errors; flags that would be ignored are warnings. A --mode string is first expanded
-    into its mode and flags."""
-    expand_mode_string(args)
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    spec = args.mode == "speculative"
-    if args.mode != "exit" and not spec and args.exit_layer is not None:
-        raise UsageError(f"--exit-layer applies to --mode exit (or speculative), not --mode {args.mode}")
-    if args.mode != "contrast" and not spec and args.contrast is not None:
-        raise UsageError(f"--contrast applies to --mode contrast (or speculative), not --mode {args.mode}")
-    if args.mode != "contrast" and args.contrast is None and (args.alpha != 0.1 or args.min_candidates != 1):
-        raise UsageError("--alpha and --min-candidates apply to ACD (--contrast)")
-    if args.mode == "dola" and args.dola_layers is None:
-        raise UsageError("--mode dola needs --dola-layers (low, high or L1,L2,...)")
-    if args.mode != "dola" and (args.dola_layers is not None or args.dola_heads != "embedding"):
-        raise UsageError(f"--dola-layers and --dola-heads apply to --mode dola, not --mode {args.mode}")
-    if spec and args.exit_layer is not None and args.contrast is not None:
-        raise UsageError("--mode speculative verifies one target: pass --exit-layer or --contrast, not both")
-    if spec and args.draft_exit is None:
-        raise UsageError("--mode speculative needs --draft-exit")
-    if not spec and (args.draft_exit is not None or args.draft_len != 1 or args.draft_threshold is not None
-                     or args.draft_vocab is not None):
-        raise UsageError("--draft-exit, --draft-len, --draft-threshold and --draft-vocab apply to --mode speculative")
-    if args.mode == "exit" and args.exit_layer is None:
-        raise UsageError("--mode exit needs --exit-layer")
-    if args.mode == "contrast" and args.contrast is None:
-        raise UsageError("--mode contrast needs --contrast UPPER,LOWER")
-    if args.mode != "early-exit" and early_exit_only(args):
-        raise UsageError(f"early-exit flags ({', '.join(map(flag, early_exit_only(args)))}) apply to --mode early-exit "
-                         "only")
-    if args.mode == "early-exit" and args.threshold is None:
-        raise UsageError("--mode early-exit needs --threshold")
+    """Conflicting flags are errors; flags that would be ignored are warnings. The mode's settings come from the
+    registry (`modes.from_flags`: its flags, or a --mode string and the flags it leaves open) into `args.settings`;
+    `args.mode` becomes the mode's name."""
+    string = args.mode if ":" in args.mode else None
+    name = modes.parse_words(string)[0] if string else args.mode
+    given = {flag: getattr(args, flag, None) for flag in modes.FLAGS}  # a mode's flag this parser lacks: its string
+    args.settings = modes.from_flags(name, given, string)
+    args.mode = name
+    if args.time_full_depth and args.mode != "early-exit":
+        raise UsageError(f"--time-full-depth applies to --mode early-exit, not --mode {args.mode}")
     if args.exits and len(set(args.exits)) != len(args.exits):
         raise UsageError(f"--exits lists a layer twice: {args.exits}")
     if args.stream and args.json:
@@ -502,7 +444,7 @@ def full_depth_time_ratio(lm, prompts, kw: dict, seed, passes: int = 3) -> dict:
     """The early-exit setting's decode time per token against full depth's (the original head) on `prompts`: one
     untimed call of full depth (the setting has run), then `passes` pairs timed in alternating order on the device
     clock (`Timer`: the steps after the first token). time_ratio: the median of the pairs' ratios (< 1: faster)."""
-    full_kw = {k: v for k, v in kw.items() if k != "early_exit"}
+    full_kw = {k: v for k, v in kw.items() if k != "mode"}
 
     def per_token(settings: dict) -> float:
         timer = Timer(lm.model.device)
@@ -636,25 +578,7 @@ def generate_kwargs(args) -> dict:
               no_repeat_ngram_size=args.no_repeat_ngram_size)
     if args.no_eos:
         kw["eos_token_id"] = None
-    if args.mode == "early-exit":
-        from mexit.decoding.early_exit import ExitPolicy
-
-        kw["early_exit"] = ExitPolicy(threshold=args.threshold, measure=args.measure,
-                                      exits=tuple(args.exits) if args.exits else None, min_layer=args.min_layer,
-                                      decay_tau=args.decay_tau, max_steps=args.max_new_tokens,
-                                      propagation=args.propagation, schedule=args.schedule)
-        return kw
-    if args.mode == "dola":
-        return dict(kw, dola_layers=args.dola_layers, dola_heads=args.dola_heads)
-    if args.mode == "speculative":
-        from mexit.decoding.speculative import SpeculativeConfig
-
-        kw["speculative"] = SpeculativeConfig(args.draft_exit, args.draft_len, args.draft_threshold,
-                                              args.draft_vocab or None)
-    else:
-        kw["mode"] = args.mode
-    return dict(kw, exit_layer=args.exit_layer, contrast=args.contrast, alpha=args.alpha,
-                min_candidates=args.min_candidates)
+    return dict(kw, mode=args.settings)
 
 
 def run_generate(args) -> int:
@@ -666,8 +590,9 @@ def run_generate(args) -> int:
 
         torch.set_num_threads(args.threads)
     lm = load_lm(args)
-    if args.schedule != "segments" and lm.engine == "eager":
-        raise UsageError(f"--schedule {args.schedule} is a static-engine schedule: use --engine static or graph "
+    schedule = getattr(args.settings, "schedule", "segments")  # early exit's
+    if schedule != "segments" and lm.engine == "eager":
+        raise UsageError(f"--schedule {schedule} is a static-engine schedule: use --engine static or graph "
                          "(the eager engine runs the reference scheduler)")
     prompts = args.prompt if args.prompt else args.input_ids
     timer = Timer(lm.model.device, sys.stdout if args.stream else None, lm.tokenizer)
@@ -714,7 +639,8 @@ def run_generate(args) -> int:
                 time_ratio=None, time_note="not measured: add --time-full-depth")))
             payload["confidences"] = result.confidences
             payload["confidences_note"] = (
-                f"confidence ({args.measure}) measured at the exit that fired; null where it is undefined. Tokens "
+                f"confidence ({args.settings.measure}) measured at the exit that fired; null where it is undefined. "
+                f"Tokens "
                 f"that never exited ran to layer {lm.config.n_layer} and carry the final head's top-1 probability")
         if result.drafted is not None:
             payload["drafted"] = result.drafted

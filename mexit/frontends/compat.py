@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from mexit.decoding.dola import DolaConfig
-from mexit.decoding.fixed import DecodeConfig, MultiExitConfiguration, teacher_forced
+from mexit.decoding.fixed import MultiExitConfiguration, teacher_forced
+from mexit.decoding.heads import DecodeConfig
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
 from mexit.model.decoder import MultiExitGPT2
 from mexit.model.generation_config import OFF
@@ -73,7 +74,7 @@ class FastMultiExitModel:
     def __init__(self, lm: MultiExitLM, decode: DecodeConfig, generation_config=None):
         from transformers import GenerationConfig
 
-        decode.validate_for(lm.config)
+        decode.check(lm.config)
         self.lm, self.decode = lm, decode
         self.config = lm.config.to_hf()
         self.generation_config = generation_config or GenerationConfig.from_model_config(self.config)

@@ -24,7 +24,8 @@ from lm_eval.models.huggingface import HFLM
 
 from mexit.decoding import modes
 from mexit.decoding.early_exit import ExitPolicy
-from mexit.decoding.fixed import DecodeConfig, teacher_forced
+from mexit.decoding.fixed import teacher_forced
+from mexit.decoding.heads import DecodeConfig
 from mexit.decoding.speculative import Speculation, SpeculativeConfig
 
 from .api import MultiExitLM, decode_config, mode_settings
@@ -128,7 +129,7 @@ class MexitLM(HFLM):
                                  else dola_layers))
             return dict(dola_layers=layers if isinstance(layers, str) else list(layers), dola_heads=dola_heads)
         kwargs = dict(**fixed, alpha=float(alpha), min_candidates=int(min_candidates))
-        decode_config(**kwargs).validate_for(lm.config)
+        decode_config(**kwargs).check(lm.config)
         if draft_exit is not None:
             kwargs["speculative"] = SpeculativeConfig(int(draft_exit), int(draft_len))
         return kwargs
