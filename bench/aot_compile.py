@@ -167,6 +167,27 @@ def runtime_launches(dtypes, batches, modes, n_layer: int = 2, pdl: bool = False
     return launches
 
 
+def round_epilogue_launches(batches, draft_lens, new: int = 3, prompt: int = 5) -> set[Launch]:
+    """The speculative round epilogue's launches at the shapes a speculative generate gives it (`Speculative.slots`
+    and `columns`), recorded from direct calls: recorded kernels do not run, so a recorded speculative generate
+    would never end a round."""
+    from mexit.kernels.round_epilogue import round_epilogue
+    from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
+
+    launches: set[Launch] = set()
+    for b in batches:
+        for k in draft_lens:
+            columns, slots = new + k + 1, prompt + (new - 1) * (k + 1) + 1
+            long = lambda *shape: torch.zeros(*shape, dtype=torch.long)  # noqa: E731
+            flags = lambda *shape: torch.zeros(*shape, dtype=torch.bool)  # noqa: E731
+            io = StepIO(tokens=long(b), positions=long(b), finished=flags(b), eos=stop_ids(0), out=long(b, columns),
+                        step=long(1), slot=long(1), arrivals=torch.zeros(1, dtype=torch.int32),
+                        wte=torch.zeros(1, 1), wpe=torch.zeros(1, 1), h0=torch.zeros(b, 1))
+            launches |= record(lambda: round_epilogue(long(b), long(b), long(b, k), long(b), long(1), long(b),
+                                                      flags(b, columns), io, flags(b, slots), new))
+    return launches
+
+
 PREFETCHING = prefetching()  # weight loads before the wait
 
 
@@ -398,6 +419,7 @@ def run(ci: bool) -> list[dict]:
                                                          "ee-learned", "controls"], width=width)
         launches |= runtime_launches(["fp16"], [1], ["original", "ee-predicated"], gemv=True)  # the plan's
         launches |= runtime_launches(["fp16"], [1], ["original", "ee-predicated"], gemv=True, pdl=True)
+        launches |= round_epilogue_launches([1, 64], [1, 4])
     else:
         modes = ["original", "exit", "acd", "acd-original", "ee-segments", "ee-deferred", "ee-predicated",
                  "ee-cosine", "ee-learned", "sample", "controls"]
@@ -409,6 +431,7 @@ def run(ci: bool) -> list[dict]:
         launches |= runtime_launches(["fp16", "bf16"], [1, 8], modes, gemv=True, pdl=True)
         for width in ODD_WIDTHS:
             launches |= runtime_launches(["fp16"], [1, 8], modes, gemv=True, width=width)
+        launches |= round_epilogue_launches([1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 8])
     missing = programs() - {launch.kernel for launch in launches}
     if missing:  # a kernel of the catalog that no recorded mode launches would go uncompiled
         raise RuntimeError(f"no recorded launch of {sorted(missing)}: add a mode that runs them to runtime_launches")

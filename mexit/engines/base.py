@@ -214,7 +214,7 @@ class DecodeState:
         if self.history is not None:  # the target's token follows the accepted drafts
             self.remember(token, self.io.positions + accepted + 1)
         return ops.round_epilogue(accepted, token, drafts, n_drafts, draft_i, count, drafted, self.io,
-                                  self.cache.valid, self.max_new_tokens)
+                                  self.cache.valid, self.max_new_tokens, self.backend)
 
     def remember(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Write tokens [B] at positions [B] of the rows' sequences (the repetition controls' history)."""

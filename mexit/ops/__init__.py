@@ -230,7 +230,12 @@ def step_epilogue(token: torch.Tensor, io: StepIO, backend: Backend = TORCH) -> 
 
 def round_epilogue(accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Tensor, n_drafts: torch.Tensor,
                    draft_i: torch.Tensor, count: torch.Tensor, drafted: torch.Tensor, io: StepIO, valid: torch.Tensor,
-                   max_new_tokens: int) -> torch.Tensor:
+                   max_new_tokens: int, backend: Backend = TORCH) -> torch.Tensor:
     """End a speculative round: the rows' kept tokens, their cache slots, the next round's state
-    (`round_epilogue_ref`, torch operations on every backend: no kernel yet). Returns was_finished [B] bool."""
-    return round_epilogue_ref(accepted, token, drafts, n_drafts, draft_i, count, drafted, io, valid, max_new_tokens)
+    (`round_epilogue_ref`): one kernel on triton. Returns was_finished [B] bool."""
+    args = (accepted, token, drafts, n_drafts, draft_i, count, drafted, io, valid, max_new_tokens)
+    if backend.triton:
+        from mexit.kernels.round_epilogue import round_epilogue as kernel
+
+        return kernel(*args)
+    return round_epilogue_ref(*args)

@@ -39,6 +39,7 @@ KERNELS = (
     Kernel("step_epilogue", "step_epilogue_ref", ("_step_epilogue",)),
     Kernel("control_repetition", "control_repetition_ref", ("_control_repetition",), pdl=False),
     Kernel("check_states", "check_states_ref", ("_check_states",)),
+    Kernel("round_epilogue", "round_epilogue_ref", ("_round_epilogue",), pdl=False),
 )
 
 

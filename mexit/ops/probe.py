@@ -202,7 +202,34 @@ def _check_states(device, gen) -> str | None:
         "check_states disagrees with its reference"
 
 
+def _round_epilogue(device, gen) -> str | None:
+    """A round of four rows (kept drafts, one cut at a stop id, one at the budget, one finished before): the same
+    state and result as the reference."""
+    from mexit.kernels.round_epilogue import round_epilogue
+    from mexit.kernels.round_epilogue_ref import round_epilogue_ref
+    from mexit.kernels.step_epilogue_ref import StepIO, stop_ids
+
+    def state() -> dict:
+        def t(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        io = StepIO(tokens=t([0] * 4), positions=t([20, 30, 40, 50]), finished=t([0, 0, 0, 1], torch.bool),
+                    eos=stop_ids((2,), device), out=torch.full((4, 8), -5, device=device), step=t([0]), slot=t([10]),
+                    arrivals=t([0], torch.int32), wte=torch.zeros(4, 3, device=device),
+                    wpe=torch.zeros(4, 3, device=device), h0=torch.zeros(4, 3, device=device))
+        return dict(accepted=t([2, 2, 1, 0]), token=t([7, 8, 3, 1]), drafts=t([[5, 6], [2, 9], [5, 6], [7, 7]]),
+                    n_drafts=t([2, 2, 2, 0]), draft_i=t([2]), count=t([1, 1, 3, 2]),
+                    drafted=torch.zeros(4, 8, dtype=torch.bool, device=device), io=io,
+                    valid=torch.zeros(4, 16, dtype=torch.bool, device=device))
+
+    ours, ref = state(), state()
+    same = torch.equal(round_epilogue(**ours, max_new_tokens=4), round_epilogue_ref(**ref, max_new_tokens=4))
+    same = same and all(torch.equal(ours[k], ref[k]) for k in ours if k != "io")
+    same = same and all(torch.equal(getattr(ours["io"], k), getattr(ref["io"], k)) for k in vars(ref["io"]))
+    return None if same else "round_epilogue disagrees with its reference"
+
+
 CASES = {"exit_head": _exit_head, "acd_contrast": _acd_contrast, "fused_linear": _fused_linear,
          "fused_gemv": _fused_gemv, "decode_attention": _decode_attention, "exit_decide": _exit_decide,
          "propagate_kv": _propagate_kv, "step_epilogue": _step_epilogue, "control_repetition": _control_repetition,
-         "check_states": _check_states}  # one probe case per kernel of the catalog
+         "check_states": _check_states, "round_epilogue": _round_epilogue}  # one probe case per kernel of the catalog
