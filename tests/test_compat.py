@@ -79,6 +79,22 @@ def test_auto_multi_exit_model(tiny_checkpoint):
             use_original_head=False, output_layer_index=7))
 
 
+def test_a_mode_string_configures_the_drop_in(tiny_checkpoint):
+    """from_pretrained(mode=...) takes a fixed mode's string of the registry's mini-language (the same settings as
+    its keywords); a mode that is not fixed is refused by name."""
+    folder = tiny_checkpoint[0]
+    by_string = FastMultiExitModel.from_pretrained(folder, mode="acd:4,1", alpha=0.3)
+    assert by_string.decode == FastMultiExitModel.from_pretrained(folder, contrast=(4, 1), alpha=0.3).decode
+    assert FastMultiExitModel.from_pretrained(folder, mode="exit:2").decode.exit_layer == 2
+    kw = dict(input_ids=IDS, attention_mask=MASK, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert torch.equal(by_string.generate(**kw),
+                       FastMultiExitModel.from_pretrained(folder, contrast=(4, 1), alpha=0.3).generate(**kw))
+    with pytest.raises(ValueError, match="the drop-in's configured mode is a fixed one"):
+        FastMultiExitModel.from_pretrained(folder, mode="ee:max-prob:0.5")
+    with pytest.raises(ValueError, match="mode 'exit:7': exit layer 7 is not in this checkpoint"):
+        FastMultiExitModel.from_pretrained(folder, mode="exit:7")
+
+
 def test_forward_logits(tiny_checkpoint):
     folder, hf, heads = tiny_checkpoint
     ids = IDS[1:]

@@ -55,12 +55,15 @@ def new_engine(name: str, compile_layers: bool = False):
     return EagerEngine() if name == "eager" else StaticEngine(graph=name == "graph", compile_layers=compile_layers)
 
 
+ACD_NAMES = ("use_original_head", "output_layer_index", "contrast_layer_indices")  # autocontrastive-gen's
+
+
 def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_candidates=1,
                   multi_exit_config: MultiExitConfiguration | None = None, **acd_names) -> DecodeConfig:
     """Build a DecodeConfig from mexit's names (mode/exit_layer/contrast) or autocontrastive-gen's
     (use_original_head / output_layer_index / contrast_layer_indices, or a whole MultiExitConfiguration). Names of
     two modes at once are an error."""
-    unknown = set(acd_names) - {"use_original_head", "output_layer_index", "contrast_layer_indices"}
+    unknown = set(acd_names) - set(ACD_NAMES)
     if unknown:
         raise TypeError(f"unexpected arguments: {sorted(unknown)}")
     given = [name for name, value in (("mode", mode), ("exit_layer", exit_layer), ("contrast", contrast),

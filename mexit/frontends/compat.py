@@ -31,7 +31,7 @@ from mexit.model.generation_config import OFF
 from mexit.model.placement import resolve_device, resolve_dtype
 from mexit.values import plain
 
-from .api import MultiExitLM, decode_config, first
+from .api import ACD_NAMES, MultiExitLM, first, mode_settings
 
 TRANSFORMERS_MAX_NEW_TOKENS = 20  # transformers 5: new tokens when no max_length is set anywhere
 
@@ -89,9 +89,10 @@ class FastMultiExitModel:
         to "auto", the stored dtype, as transformers 5 loads (autocontrastive-gen's checkpoint: fp32); pass
         dtype="fp16" for mexit's faster half-precision decode on CUDA. device_map: "auto" or one device. revision,
         token, cache_dir, local_files_only, subfolder: huggingface_hub's, as transformers takes them.
-        trust_remote_code is accepted and has no effect (mexit never runs a checkpoint's code)."""
-        unknown = set(mode) - {"mode", "exit_layer", "contrast", "alpha", "min_candidates", "use_original_head",
-                               "output_layer_index", "contrast_layer_indices"}
+        trust_remote_code is accepted and has no effect (mexit never runs a checkpoint's code). The decoding mode:
+        multi_exit_config, autocontrastive-gen's names, or mexit's (mode: a name or a fixed mode's string of the
+        mode mini-language, "exit:12", "acd:24,12"; exit_layer, contrast, alpha, min_candidates)."""
+        unknown = set(mode) - {"mode", "exit_layer", "contrast", "alpha", "min_candidates", *ACD_NAMES}
         if unknown:
             raise NotImplementedError(f"from_pretrained arguments not supported by mexit: {sorted(unknown)}")
         if torch_dtype is not None:
@@ -107,7 +108,14 @@ class FastMultiExitModel:
                                          cache_dir=cache_dir, local_files_only=local_files_only, subfolder=subfolder)
         if mode and multi_exit_config is not None:
             raise ValueError("pass either multi_exit_config or mexit's mode arguments, not both")
-        decode = decode_config(**mode) if mode else (multi_exit_config or MultiExitConfiguration()).to_decode_config()
+        if not mode:
+            return cls(lm, (multi_exit_config or MultiExitConfiguration()).to_decode_config(), lm.generation_config)
+        acd_names = {name: mode.pop(name) for name in ACD_NAMES if name in mode}
+        decode = mode_settings(**mode, acd_names=acd_names, config=lm.config)
+        if not isinstance(decode, DecodeConfig):
+            raise ValueError(f"mode={mode.get('mode')!r}: the drop-in's configured mode is a fixed one (original, "
+                             "exit:L, contrast:UPPER,LOWER); DoLa and speculative decoding are generate() arguments "
+                             "(dola_layers=, speculative=), early exit runs through mexit.MultiExitLM")
         return cls(lm, decode, lm.generation_config)
 
     @property
