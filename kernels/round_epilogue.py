@@ -1,7 +1,8 @@
 """A speculative round's epilogue as one kernel (instead of some thirty small torch launches per round).
 
 One program holds the whole batch ([BLOCK_B, BLOCK_J] tiles: rows by round positions), since the next round's slot
-depends on every row's drafts. Only loads, comparisons, integer adds and masked stores: bit-identical to
+depends on every row's drafts; it reads everything before a barrier and writes after it (the step state is
+updated in place). Only loads, comparisons, integer adds and masked stores: bit-identical to
 `round_epilogue_ref`."""
 
 from __future__ import annotations
@@ -33,15 +34,22 @@ def _round_epilogue(
     rows = bb[:, None].to(tl.int64)
     j = jj[None, :]
     cell = (bb[:, None] < B).to(tl.int32) * (j <= K).to(tl.int32)  # [BB, BJ]: a row's round position (int masks)
+    # every read first: count, finished, positions and slot are updated in place, and a thread holding a copy of
+    # an element must not read it after another thread stored the new value (the barrier below)
     accepted = tl.load(accepted_ptr + bb, mask=row, other=0)
     token = tl.load(token_ptr + bb, mask=row, other=0)
     count = tl.load(count_ptr + bb, mask=row, other=0)
     was = tl.load(finished_ptr + bb, mask=row, other=1).to(tl.int32)
+    positions = tl.load(positions_ptr + bb, mask=row, other=0)
+    slot = tl.load(slot_ptr)
+    width = tl.max(tl.load(n_drafts_ptr + bb, mask=row, other=0), axis=0)
+    fed = tl.load(draft_i_ptr)
     is_draft = (j < accepted[:, None]).to(tl.int32) * cell  # accepted <= K: a draft position is below K
     seq = tl.where(is_draft != 0, tl.load(drafts_ptr + rows * K + j, mask=is_draft != 0, other=0), token[:, None])
     stops = tl.zeros([BLOCK_B, BLOCK_J], dtype=tl.int32)
     for e in tl.static_range(_EOS_SLOTS):  # a stop id (unused slots hold -1, never a token)
         stops = stops | (seq == tl.load(eos_ptr + e)).to(tl.int32)
+    tl.debug_barrier()
     n_new = accepted + 1
     is_eos = stops * (j < n_new[:, None]).to(tl.int32)
     first = tl.min(tl.where(is_eos != 0, j, BLOCK_J), axis=1)  # the first stop among the new tokens
@@ -58,13 +66,11 @@ def _round_epilogue(
     finished = (was + ended + (count >= max_new_tokens).to(tl.int32)) != 0
     tl.store(finished_ptr + bb, finished, mask=row)
     tl.store(was_ptr + bb, was != 0, mask=row)
-    slot = tl.load(slot_ptr)
     kept = (j <= accepted[:, None]).to(tl.int32) * (was == 0).to(tl.int32)[:, None]
+    # slots past the cache are never written (the reference raises there; the mode sizes the cache for its rounds)
     tl.store(valid_ptr + rows * S + slot + j, kept != 0, mask=(cell != 0) & (slot + j < S))
-    width = tl.max(tl.load(n_drafts_ptr + bb, mask=row, other=0), axis=0)
-    fed = tl.load(draft_i_ptr)
     tl.store(slot_ptr, slot + tl.where(width == fed, width + 1, fed))
-    tl.store(positions_ptr + bb, tl.load(positions_ptr + bb, mask=row, other=0) + accepted + 1, mask=row)
+    tl.store(positions_ptr + bb, positions + accepted + 1, mask=row)
     tl.store(tokens_ptr + bb, token, mask=row)
 
 
@@ -79,9 +85,14 @@ def round_epilogue(accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Te
         raise ValueError("round_epilogue takes int64 indices and tokens and bool masks (see round_epilogue_ref)")
     if not all(t.is_contiguous() for t in (*longs, drafted, valid, io.finished)):
         raise ValueError("round_epilogue takes contiguous tensors")
+    if drafted.shape != io.out.shape or valid.shape[0] != b or io.eos.shape != (EOS_SLOTS,) or \
+            len({t.device for t in (*longs, drafted, valid, io.finished)}) != 1:
+        raise ValueError(f"round_epilogue: drafted {tuple(drafted.shape)} must match out {tuple(io.out.shape)}, "
+                         f"valid have {b} rows, eos {EOS_SLOTS} slots, every tensor one device")
     was = torch.empty(b, dtype=torch.bool, device=token.device)
+    block_b, block_j = triton.next_power_of_2(b), triton.next_power_of_2(k + 1)
+    cells = block_b * block_j  # one program: past 1,024 cells, more warps (8 cells a thread, up to 16 warps)
     _round_epilogue[(1,)](accepted, token, n_drafts, count, drafts, draft_i, drafted, io.out, io.finished, io.slot,
                           io.positions, io.tokens, io.eos, valid, was, b, k, io.out.shape[1], valid.shape[1],
-                          max_new_tokens, BLOCK_B=triton.next_power_of_2(b), BLOCK_J=triton.next_power_of_2(k + 1),
-                          num_warps=4)
+                          max_new_tokens, BLOCK_B=block_b, BLOCK_J=block_j, num_warps=min(16, max(4, cells // 256)))
     return was

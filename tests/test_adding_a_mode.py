@@ -41,9 +41,16 @@ class MeanOfExitsMode(OneStep):
         rows.emit(rows.choose(scores.argmax(-1), scores))
 
 
+def words(rest: str) -> dict:
+    """The mini-language's text after "mean-exits:" -> its flag."""
+    try:
+        return {"mean_layers": tuple(int(x) for x in rest.split(","))}
+    except ValueError:
+        raise modes.Malformed from None
+
+
 ENTRY = modes.Entry("mean-exits", "", __name__, "MeanOfExits", "MeanOfExitsMode", "mean-exits:L1,L2,...",
-                    flags=("mean_layers",), needs="mean_layers",
-                    words=lambda rest: {"mean_layers": tuple(int(x) for x in rest.split(","))},
+                    flags=("mean_layers",), needs="mean_layers", words=words,
                     make=lambda flags: MeanOfExits(tuple(flags["mean_layers"])))
 
 
@@ -77,6 +84,15 @@ def test_a_registered_mode_runs_everywhere(tiny_checkpoint, registered, engine):
     assert one == lm.generate(prompts, 6, mode="exit:2", eos_token_id=None).tokens  # one exit: that exit's head
     with pytest.raises(ValueError, match=r"mode 'mean-exits:1,9': exits \[9\] are not in this checkpoint"):
         lm.generate(prompts, 2, mode="mean-exits:1,9")
+    with pytest.raises(ValueError, match="unknown mode 'mean-exits:x'; use original, .*, mean-exits:L1,L2,..."):
+        lm.generate(prompts, 2, mode="mean-exits:x")
+
+
+def test_an_entry_finds_its_module_inside_mexit_or_by_full_name():
+    assert modes.entry("dola").mode.__module__ == "mexit.decoding.dola"
+    assert ENTRY.mode is MeanOfExitsMode
+    dotted = dataclasses.replace(ENTRY, module="json.decoder", settings_class="JSONDecoder")  # a package's module
+    assert dotted.settings.__module__ == "json.decoder"
 
 
 def test_a_registered_mode_reaches_the_cli(tiny_checkpoint, registered, capsys, monkeypatch):

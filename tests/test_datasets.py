@@ -97,6 +97,12 @@ def test_resume_under_other_settings_is_refused(tmp_path, capsys):
     assert "max_new_tokens=4" in err and "max_new_tokens=5" in err and "another --out" in err
     assert main(args + ["--max-new-tokens", "4", "--mode", "exit", "--exit-layer", "2"]) == 2
     assert "exit_layer" in capsys.readouterr().err
+    record = tmp_path / "out.jsonl.settings.json"
+    earlier = json.loads(record.read_text())
+    record.write_text(json.dumps({k: v for k, v in earlier.items() if k != "record"}))  # an earlier mexit's form
+    assert main(args + ["--max-new-tokens", "4"]) == 2
+    assert "recorded by an earlier mexit, in another form (record 1, now 2)" in capsys.readouterr().err
+    record.write_text(json.dumps(earlier))
     assert len(rows(out)) == 3  # nothing was added under the other settings
     assert main(args + ["--max-new-tokens", "4"]) == 0 and len(rows(out)) == len(PROMPTS)
     capsys.readouterr()

@@ -71,8 +71,6 @@ class DecodeConfig:
                 raise ValueError(f"min_candidates={self.min_candidates} exceeds the vocabulary ({config.vocab_size})")
 
 
-
-
 class ModeScores(NamedTuple):
     """token: the greedy choice [B] int64; scores: [B, V] fp32 to sample from (the head's log-softmax, ACD's log q),
     or None; logits: [B, V] fp32 "logits" of the mode (the head's logits, ACD's log q), or None."""

@@ -57,9 +57,12 @@ class Entry:
         return getattr(self._module(), self.mode_class)
 
     def _module(self):
-        """`module` of mexit.decoding, else the module of that full name (a mode kept outside mexit)."""
+        """`module` of mexit.decoding when it names one, else the module of that full name (a mode kept outside
+        mexit: "mypackage.mymode", or a top-level module)."""
         inside = f"mexit.decoding.{self.module}"
-        return importlib.import_module(inside if importlib.util.find_spec(inside) else self.module)
+        if "." not in self.module and importlib.util.find_spec(inside):
+            return importlib.import_module(inside)
+        return importlib.import_module(self.module)
 
 
 class Malformed(ValueError):
@@ -157,6 +160,8 @@ def _early_exit(flags: dict):
     from .early_exit import ExitPolicy
 
     exits = flags.get("exits")
+    if exits is not None and len(set(exits)) != len(exits):
+        raise ValueError(f"--exits lists a layer twice: {list(exits)}")
     return ExitPolicy(**_given(flags, "threshold", "measure", "min_layer", "decay_tau", "propagation", "schedule"),
                       exits=tuple(exits) if exits is not None else None)
 
@@ -222,6 +227,8 @@ def from_flags(name: str, flags: dict, text: str | None = None):
     (ValueError, naming the flag): a flag of another mode, a flag the string fixes, the one flag the mode needs
     missing, values its settings refuse."""
     mode = entry(name)
+    if text is not None and parse_words(text)[0] != mode.name:
+        raise ValueError(f"mode string {text!r} is not of mode {mode.name!r}")
     given = {flag: value for flag, value in flags.items() if value is not None}
     foreign = [flag for flag in given if flag not in mode.flags]
     if foreign:
@@ -235,7 +242,10 @@ def from_flags(name: str, flags: dict, text: str | None = None):
         given.update(fixed)
     if mode.needs is not None and given.get(mode.needs) is None:
         raise ValueError(f"--mode {mode.name} needs {_flag(mode.needs)} (or write it as {mode.form})")
-    return mode.make(given)
+    try:
+        return mode.make(given)
+    except ValueError as err:  # a value its settings refuse
+        raise ValueError(f"mode {text!r}: {err}" if text is not None else str(err)) from None
 
 
 def _flag(name: str) -> str:

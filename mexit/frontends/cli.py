@@ -220,8 +220,6 @@ def check_generate_flags(args) -> None:
     args.mode = name
     if args.time_full_depth and args.mode != "early-exit":
         raise UsageError(f"--time-full-depth applies to --mode early-exit, not --mode {args.mode}")
-    if args.exits and len(set(args.exits)) != len(args.exits):
-        raise UsageError(f"--exits lists a layer twice: {args.exits}")
     if args.stream and args.json:
         raise UsageError("--stream and --json are exclusive (JSON is printed once at the end)")
     if args.time_full_depth and (args.stream or args.ray):

@@ -139,6 +139,9 @@ def settings_path(out) -> Path:
     return out.with_name(out.name + ".settings.json")
 
 
+RECORD = 2  # the form of run_settings' record (2: the mode's settings whole, from the mode registry)
+
+
 def run_settings(model, dtype, generate_kw: dict) -> dict:
     """What decides a data-set run's rows, as plain JSON: the model, the dtype, the generate arguments (mode,
     lengths, sampling; settings dataclasses as their fields); the versions ride along (not compared)."""
@@ -153,7 +156,7 @@ def run_settings(model, dtype, generate_kw: dict) -> dict:
     model = str(Path(model).resolve()) if Path(str(model)).is_dir() else str(model)  # one name, whatever the cwd
     return {"model": model, "dtype": str(dtype).removeprefix("torch."),
             "generate": {k: plain_json(v) for k, v in sorted(generate_kw.items()) if v is not None},
-            "versions": dependency_versions()}
+            "versions": dependency_versions(), "record": RECORD}
 
 
 def check_settings(out, settings: dict, resuming: bool) -> None:
@@ -162,6 +165,10 @@ def check_settings(out, settings: dict, resuming: bool) -> None:
     path = settings_path(out)
     if resuming and path.exists():
         earlier = json.loads(path.read_text())
+        if earlier.get("record") != settings.get("record"):
+            raise ValueError(f"{out}'s settings were recorded by an earlier mexit, in another form (record "
+                             f"{earlier.get('record', 1)}, now {settings.get('record')}): resume it with that mexit, "
+                             "or write to another --out")
         for key in ("model", "dtype", "generate"):
             old, new = earlier.get(key), settings[key]
             if key == "generate":
