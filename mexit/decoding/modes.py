@@ -140,9 +140,7 @@ def _dola_words(rest: str) -> dict:
 def _dola(flags: dict):
     from .dola import DolaConfig
 
-    layers = flags["dola_layers"]
-    return DolaConfig(layers if isinstance(layers, str) else tuple(layers),
-                      **_given(flags, heads="dola_heads"))
+    return DolaConfig(flags["dola_layers"], **_given(flags, heads="dola_heads"))
 
 
 def _early_exit_words(rest: str) -> dict:
@@ -162,8 +160,8 @@ def _early_exit(flags: dict):
     exits = flags.get("exits")
     if exits is not None and len(set(exits)) != len(exits):
         raise ValueError(f"--exits lists a layer twice: {list(exits)}")
-    return ExitPolicy(**_given(flags, "threshold", "measure", "min_layer", "decay_tau", "propagation", "schedule"),
-                      exits=tuple(exits) if exits is not None else None)
+    return ExitPolicy(**_given(flags, "threshold", "measure", "exits", "min_layer", "decay_tau", "propagation",
+                               "schedule"))
 
 
 def _speculative_words(rest: str) -> dict:
@@ -221,29 +219,27 @@ def entry(name: str) -> Entry:
     return found
 
 
-def from_flags(name: str, flags: dict, text: str | None = None):
-    """The settings of mode `name` from the CLI's flags ({flag: value}, None: not given), or of the mode string
-    `text` (of mode `name`) and the flags of its mode it leaves open (`--mode acd:24,12 --alpha 0.2`). Errors
-    (ValueError, naming the flag): a flag of another mode, a flag the string fixes, the one flag the mode needs
-    missing, values its settings refuse."""
-    mode = entry(name)
-    if text is not None and parse_words(text)[0] != mode.name:
-        raise ValueError(f"mode string {text!r} is not of mode {mode.name!r}")
+def from_flags(mode: str, flags: dict) -> tuple[str, object]:
+    """The CLI's mode: `mode` is a mode's name, with its settings from the flags ({flag: value}, None: not given),
+    or a mode string, with the flags of its mode it leaves open (`--mode acd:24,12 --alpha 0.2`). Returns (the
+    mode's name, its settings). Errors (ValueError, naming the flag): a flag of another mode, a flag the string
+    fixes, the one flag the mode needs missing, values its settings refuse."""
+    text = mode if ":" in mode else None
+    name, fixed = parse_words(text) if text is not None else (entry(mode).name, {})
+    found = entry(name)
     given = {flag: value for flag, value in flags.items() if value is not None}
-    foreign = [flag for flag in given if flag not in mode.flags]
+    foreign = [flag for flag in given if flag not in found.flags]
     if foreign:
         owners = " or ".join(e.name for e in MODES if foreign[0] in e.flags)
-        raise ValueError(f"{_flag(foreign[0])} applies to --mode {owners}, not --mode {mode.name}")
-    if text is not None:
-        fixed = parse_words(text)[1]
-        twice = [flag for flag in given if flag in fixed]
-        if twice:
-            raise ValueError(f"--mode {text} carries its settings: do not pass {_flag(twice[0])} too")
-        given.update(fixed)
-    if mode.needs is not None and given.get(mode.needs) is None:
-        raise ValueError(f"--mode {mode.name} needs {_flag(mode.needs)} (or write it as {mode.form})")
+        raise ValueError(f"{_flag(foreign[0])} applies to --mode {owners}, not --mode {name}")
+    twice = [flag for flag in given if flag in fixed]
+    if twice:
+        raise ValueError(f"--mode {text} carries its settings: do not pass {_flag(twice[0])} too")
+    given.update(fixed)
+    if found.needs is not None and given.get(found.needs) is None:
+        raise ValueError(f"--mode {name} needs {_flag(found.needs)} (or write it as {found.form})")
     try:
-        return mode.make(given)
+        return name, found.make(given)
     except ValueError as err:  # a value its settings refuse
         raise ValueError(f"mode {text!r}: {err}" if text is not None else str(err)) from None
 

@@ -130,7 +130,7 @@ def mode_settings(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
             raise ValueError("dola_layers chooses the mode (DoLa): do not combine it with other mode arguments")
         if not isinstance(dola_layers, (str, list, tuple)):
             raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {dola_layers!r}")
-        return DolaConfig(dola_layers if isinstance(dola_layers, str) else tuple(dola_layers), dola_heads)
+        return DolaConfig(dola_layers, dola_heads)
     if dola_heads != "embedding":
         raise ValueError("dola_heads goes with dola_layers")
     if early_exit is not None:

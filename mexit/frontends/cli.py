@@ -213,11 +213,8 @@ def check_generate_flags(args) -> None:
     """Conflicting flags are errors; flags that would be ignored are warnings. The mode's settings come from the
     registry (`modes.from_flags`: its flags, or a --mode string and the flags it leaves open) into `args.settings`;
     `args.mode` becomes the mode's name."""
-    string = args.mode if ":" in args.mode else None
-    name = modes.parse_words(string)[0] if string else args.mode
     given = {flag: getattr(args, flag, None) for flag in modes.FLAGS}  # a mode's flag this parser lacks: its string
-    args.settings = modes.from_flags(name, given, string)
-    args.mode = name
+    args.mode, args.settings = modes.from_flags(args.mode, given)
     if args.time_full_depth and args.mode != "early-exit":
         raise UsageError(f"--time-full-depth applies to --mode early-exit, not --mode {args.mode}")
     if args.stream and args.json:

@@ -266,8 +266,7 @@ class FastMultiExitModel:
             raise ValueError(f"dola_layers must be 'low', 'high' or a list of layers, got {dola_layers!r}")
         if dola_layers is not None and speculative is not None:
             raise ValueError("dola_layers and speculative= choose different decoding: pass one")
-        decode = self.decode if dola_layers is None else DolaConfig(
-            dola_layers if isinstance(dola_layers, str) else tuple(dola_layers), per_batch=True)
+        decode = self.decode if dola_layers is None else DolaConfig(dola_layers, per_batch=True)
         return_dict = cfg.return_dict_in_generate if return_dict is None else return_dict
         want_scores = cfg.output_scores if want_scores is None else want_scores
         want_logits = getattr(cfg, "output_logits", False) if want_logits is None else want_logits
