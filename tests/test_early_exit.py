@@ -97,6 +97,26 @@ def test_batch_equals_single_rows(lm, policy):
         assert single.exit_layers[0] == batch.exit_layers[b]
 
 
+def test_host_outcome_compares_as_torch_ge():
+    """The torch backend's test is read on the host: fired = confidence >= the row's threshold exactly as torch.ge
+    decides it in fp32 (ties, NaN, signed zeros, values one ulp apart), running = a finite threshold (`arm`)."""
+    from mexit.engines.exits import ExitState
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, generator=g)
+    confidence = torch.cat([base, base, torch.nextafter(base, torch.zeros(64)), torch.tensor([math.nan, 0.0, -0.0,
+                                                                                               math.inf, 1.0])])
+    threshold = torch.cat([base, torch.nextafter(base, torch.ones(64)), base, torch.tensor([0.5, -0.0, 0.0, math.inf,
+                                                                                              math.inf])])
+    state = ExitState.new(len(confidence), 2, 4, (), torch.float32, "cpu", False)
+    state.predicted.copy_(confidence)
+    state.row_threshold.copy_(threshold)
+    fired, running = state.outcome(state.tested.tolist())
+    assert fired == torch.ge(confidence, threshold).tolist()
+    assert running == torch.isfinite(threshold).tolist()
+    assert fired[64:128] == [False] * 64 and fired[128:192] == [False] * 64 and all(fired[:64])
+
+
 def test_decaying_threshold_schedule():
     policy = ExitPolicy(0.8, decay_tau=4.0, max_steps=20)
     assert policy.threshold_at(0, 99) == pytest.approx(0.8)

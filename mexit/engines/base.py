@@ -262,8 +262,9 @@ class DecodeState:
 
     def test(self, confidence: torch.Tensor | None, token: torch.Tensor | None, hidden: torch.Tensor,
              probe: tuple | None) -> None:
-        """A check's test (torch backend): fired = rows whose confidence reaches their threshold (`arm`), the
-        confidence (a probe's from hidden) and the token kept for `commit`. Nothing else changes."""
+        """A check's test (torch backend): the confidence (a probe's from hidden) and the token kept for `commit`;
+        the comparison with the rows' thresholds (`arm`) happens where the host reads them (`test_outcome`).
+        Nothing else changes."""
         x = self.exits
         if probe is not None:
             probe_confidence(hidden, *probe, out=x.predicted)
@@ -271,7 +272,10 @@ class DecodeState:
             x.predicted.copy_(confidence)
         if token is not None:
             x.candidate.copy_(token)
-        torch.ge(x.predicted, x.row_threshold, out=x.fired)
+
+    def test_outcome(self) -> tuple[list[bool], list[bool]]:
+        """The last test's (fired, running) per row: one host read of the confidences and the rows' thresholds."""
+        return self.exits.outcome(self.read(self.exits.tested))
 
     def arm(self) -> None:
         """The tests' per-row thresholds for this step: its threshold where a row runs, +inf elsewhere (after the
@@ -304,8 +308,8 @@ class DecodeState:
         if token is not None:  # None: every row has left the step (`chosen` holds their tokens)
             torch.where(x.running, token, x.chosen, out=x.chosen)
             step = self.io.step
-            column = x.conf_at.index_select(1, step)[:, 0]
-            x.conf_at.index_copy_(1, step, torch.where(x.running, confidence, column)[:, None])
+            column = x.conf_at.index_select(1, step).squeeze(1)
+            x.conf_at.index_copy_(1, step, torch.where(x.running, confidence, column).unsqueeze(1))
         self.emit(x.chosen)
         torch.logical_not(self.io.finished, out=x.running)
         x.h_exit.copy_(self.io.h0)

@@ -22,7 +22,8 @@ class EagerState(DecodeState):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.live: torch.Tensor | None = None  # int64 indices of the running rows; None: every row (fixed modes)
-        self.fired_rows = None
+        self.no_rows = torch.zeros(0, dtype=torch.long, device=self.model.device)
+        self.fired_rows = self.no_rows
         self.slot = 0
         if self.exits is not None and self.mode.defers_propagation:
             self.pending = PendingKV(self.fill_kv, self.mode.depth)
@@ -37,7 +38,7 @@ class EagerState(DecodeState):
             self.current = self.io.h0
         if self.exits is not None:
             self.live = self.exits.running.nonzero()[:, 0]
-            self.fired_rows = self.live[:0]
+            self.fired_rows = self.no_rows
 
     def launch(self, key, fn) -> None:
         fn()
@@ -89,11 +90,14 @@ class EagerState(DecodeState):
         self.counters["weight_predictors"] += probe is not None and not self.prefilling
         super().decide(layer, confidence, token, hidden, probe)
         x = self.exits
+        if self.tests_first:
+            if not any(self.test_outcome()[0]):
+                self.fired_rows = self.no_rows
+                return
+            self.commit(layer, hidden, token is not None)
         fired = self.fired_rows = x.fired.nonzero()[:, 0]
         if not len(fired):
             return
-        if self.tests_first:
-            self.commit(layer, hidden, token is not None)
         self.live = x.running.nonzero()[:, 0]
         if self.prefilling:
             return

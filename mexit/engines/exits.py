@@ -5,6 +5,7 @@ blocks are about to read, filled on either engine)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,46 +15,53 @@ import torch
 @dataclass
 class ExitState:
     """Per-row exit bookkeeping of B rows over T steps (see `exit_decide_ref`): thresholds [T + 1] fp32 (per
-    step, and a spare one the step after the last arms);
-    running, fired [B] bool; chosen [B] int64 (the step's token so far); h_exit [B, d] (frozen states); exit_at [B,
-    T] int64 and conf_at [B, T] fp32 (per step: exit layer, confidence); flags [2] bool (a row fired, a row runs);
-    no_confidence [B] fp32 zeros; predicted [B] fp32 (a check's confidences: a learned predictor's, or a tested
-    check's); candidate [B] int64 (a tested check's tokens); row_threshold [B] fp32 (the torch backend's tests:
-    this step's threshold for running rows, +inf for the others); saved: {layer: [B, d]} states a cosine check compares
-    with. Predicated schedule only: skip [1] int32 (no row runs), fired_skip [1] int32 (no row fired). masks [2, B]
-    bool holds fired and running (one host read gives both)."""
+    step, and a spare one the step after the last arms); running, fired [B] bool; chosen [B] int64 (the step's token
+    so far); h_exit [B, d] (frozen states); exit_at [B, T] int64 and conf_at [B, T] fp32 (per step: exit layer,
+    confidence); flags [2] bool (a row fired, a row runs); no_confidence [B] fp32 zeros; tested [2, B] fp32: row 0
+    `predicted` (a check's confidences: a learned predictor's, or a tested check's), row 1 `row_threshold` (the torch
+    backend's tests: this step's threshold for running rows, +inf for the others), so one host read gives a test's
+    outcome; candidate [B] int64 (a tested check's tokens); saved: {layer: [B, d]} states a cosine check compares
+    with. Predicated schedule only: skip [1] int32 (no row runs), fired_skip [1] int32 (no row fired)."""
 
     thresholds: torch.Tensor
-    masks: torch.Tensor
+    running: torch.Tensor
+    fired: torch.Tensor
     chosen: torch.Tensor
     h_exit: torch.Tensor
     exit_at: torch.Tensor
     conf_at: torch.Tensor
     flags: torch.Tensor
     no_confidence: torch.Tensor
-    predicted: torch.Tensor
+    tested: torch.Tensor
     candidate: torch.Tensor
-    row_threshold: torch.Tensor
     saved: dict
     skip: torch.Tensor | None = None
     fired_skip: torch.Tensor | None = None
-    fired: torch.Tensor = dataclasses.field(init=False)
-    running: torch.Tensor = dataclasses.field(init=False)
+    predicted: torch.Tensor = dataclasses.field(init=False)
+    row_threshold: torch.Tensor = dataclasses.field(init=False)
 
     @classmethod
     def new(cls, b: int, t: int, d: int, saved_layers, dtype, device, predicated: bool) -> ExitState:
         z = dict(device=device)
-        return cls(torch.zeros(t + 1, **z), torch.zeros(2, b, dtype=torch.bool, **z),
-                   torch.zeros(b, dtype=torch.long, **z), torch.zeros(b, d, dtype=dtype, **z),
-                   torch.zeros(b, t, dtype=torch.long, **z), torch.zeros(b, t, **z),
-                   torch.zeros(2, dtype=torch.bool, **z), torch.zeros(b, **z), torch.zeros(b, **z),
-                   torch.zeros(b, dtype=torch.long, **z), torch.zeros(b, **z),
+        return cls(torch.zeros(t + 1, **z), torch.zeros(b, dtype=torch.bool, **z),
+                   torch.zeros(b, dtype=torch.bool, **z), torch.zeros(b, dtype=torch.long, **z),
+                   torch.zeros(b, d, dtype=dtype, **z), torch.zeros(b, t, dtype=torch.long, **z),
+                   torch.zeros(b, t, **z), torch.zeros(2, dtype=torch.bool, **z), torch.zeros(b, **z),
+                   torch.zeros(2, b, **z), torch.zeros(b, dtype=torch.long, **z),
                    {layer: torch.zeros(b, d, dtype=dtype, **z) for layer in saved_layers},
                    torch.zeros(1, dtype=torch.int32, **z) if predicated else None,
                    torch.zeros(1, dtype=torch.int32, **z) if predicated else None)
 
     def __post_init__(self):
-        self.fired, self.running = self.masks  # views (made once: a view costs as much as a small op)
+        self.predicted, self.row_threshold = self.tested  # views (made once: a view costs as much as a small op)
+
+    def outcome(self, values: list) -> tuple[list[bool], list[bool]]:
+        """A test's outcome from `tested` read on the host: (fired, running) per row. fired = confidence >= the row's
+        threshold, compared as `torch.ge` compares fp32 values (both are exact as Python floats); running = the
+        threshold is finite (`arm` gives rows not running +inf)."""
+        confidence, threshold = values
+        return ([c >= t for c, t in zip(confidence, threshold)],
+                [t != math.inf for t in threshold])
 
 
 class PendingKV:

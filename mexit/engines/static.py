@@ -193,7 +193,7 @@ class StaticState(DecodeState):
         if layer > self.layer:
             if self.layer == 0 and not self.backend.triton:  # the torch attention reads the slot's validity
                 self.cache.mark(self.io.slot)
-            self.current = self.run_blocks(self.layer, layer)(self.current[:, None])[:, 0]
+            self.current = self.run_blocks(self.layer, layer)(self.current.unsqueeze(1)).squeeze(1)
             self.layer = layer
         return self.current
 
@@ -225,14 +225,14 @@ class StaticState(DecodeState):
 
     def read_flags(self) -> list[bool]:
         """(a row fired, a row runs): one device-to-host read per check. After a test (torch backend) the read is of
-        its masks, and the commit piece runs when a row fired."""
+        its outcome (`test_outcome`), and the commit piece runs when a row fired."""
         if self.flags_read is None:
             if not self.tests_first:
                 self.flags_read = self.read(self.exits.flags)
                 return self.flags_read
-            fired, running = self.read(self.exits.masks)
+            fired, running = self.test_outcome()
             flags = [any(fired), any(r and not f for f, r in zip(fired, running))]
-            if flags[0] and not self.committed:  # once per check (a fired_head launch reads the masks again)
+            if flags[0] and not self.committed:  # once per check (a fired_head launch reads the outcome again)
                 self.launch(("commit", self.tested), self.commit_piece(self.tested))
                 self.committed = True
             self.flags_read = flags
