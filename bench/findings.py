@@ -23,39 +23,15 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-# Student t quantiles at 0.975 for 1..30 degrees of freedom (two-sided 95%); above, the Cornish-Fisher expansion
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+from mexit.timing import mean_interval, ratio_interval, t975
+
 SPEED_MARGIN = 0.03  # speed-ups within 3% of each other are ties
 LOGLIK_MARGIN = 0.01  # log-likelihoods within 0.01 nats per token of each other are ties
-
-
-def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with df >= 1 degrees of freedom."""
-    if df < 1:
-        raise ValueError(f"a t interval needs at least 2 samples (df >= 1), got df={df}")
-    return T975[df - 1] if df <= len(T975) else 1.959964 + 2.3722 / df
-
-
-def mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% t interval of the mean of `values` (one value says nothing of the noise: an
-    unbounded interval)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, -math.inf, math.inf
-    half = t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return m, m - half, m + half
 
 
 def log_ratios(pairs: list[list[float]]) -> list[float]:
     """log(reference seconds / setting seconds) of timing pairs [[reference, setting], ...]."""
     return [math.log(ref / t) for ref, t in pairs]
-
-
-def ratio_interval(logs: list[float]) -> tuple[float, float, float]:
-    """(speed-up, low, high): the geometric mean of the ratios whose logarithms are `logs`, with its 95% interval."""
-    m, lo, hi = mean_interval(logs)
-    return math.exp(m), math.exp(lo), math.exp(hi)
 
 
 def speedup_interval(pairs: list[list[float]]) -> dict:

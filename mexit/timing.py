@@ -4,11 +4,41 @@
 On a GPU a mark is a CUDA event recorded on the current stream, so an interval is the device's own time between
 two points of the stream (work queued before the first mark is not in it); on the CPU a mark is
 `time.perf_counter()`, and the thread count of CPU ops is reported with it. torch is imported only when a clock
-is made for a CUDA device."""
+is made for a CUDA device. Timings compared in interleaved pairs are summarized one way everywhere: the geometric
+mean of the pairs' ratios with a 95% Student-t interval on their logarithms (`ratio_interval`)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
+
+# Student t quantiles at 0.975 for 1..30 degrees of freedom (two-sided 95%); above, the Cornish-Fisher expansion
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with df >= 1 degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 2 samples (df >= 1), got df={df}")
+    return T975[df - 1] if df <= len(T975) else 1.959964 + 2.3722 / df
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t interval of the mean of `values` (one value says nothing of the noise: an
+    unbounded interval)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, -math.inf, math.inf
+    half = t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return m, m - half, m + half
+
+
+def ratio_interval(logs: list[float]) -> tuple[float, float, float]:
+    """(ratio, low, high): the geometric mean of the ratios whose logarithms are `logs`, with its 95% interval."""
+    m, lo, hi = mean_interval(logs)
+    return math.exp(m), math.exp(lo), math.exp(hi)
 
 
 class DeviceClock:

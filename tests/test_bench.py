@@ -159,7 +159,8 @@ def test_an_ablation_file_of_an_older_mexit_is_refused(tiny_checkpoint, tmp_path
 def test_ablation_findings_beyond_the_noise():
     """The front from synthetic rows: a setting whose interval reaches 1.0 is not worth using; a faster one with
     the same quality beats a slower one only beyond the speed margin; identical work is one point."""
-    from mexit.bench.findings import mark_front, t975
+    from mexit.bench.findings import mark_front
+    from mexit.timing import t975
 
     assert t975(1) == 12.706 and t975(30) == 2.042 and 1.96 < t975(200) < 1.975
     with pytest.raises(ValueError, match="at least 2 samples"):

@@ -216,7 +216,7 @@ def test_json_says_what_a_run_read_against_the_full_model(tiny_checkpoint, capsy
     assert ee["weight_bytes_ratio"] == out["weight_bytes_ratio"] < 1
     assert ee["time_ratio"] is None and "--time-full-depth" in ee["time_note"]
     timed = run("--mode", "early-exit", "--threshold", "0.0", "--exits", "2", "--time-full-depth")["early_exit"]
-    assert timed["timed_pairs"] == 3 and timed["time_ratio_min"] <= timed["time_ratio"] <= timed["time_ratio_max"]
+    assert timed["timed_pairs"] == 3 and timed["time_ratio_lo"] <= timed["time_ratio"] <= timed["time_ratio_hi"]
     assert timed["time_ratio"] == pytest.approx(timed["ms_per_token"] / timed["full_depth_ms_per_token"], rel=0.5)
     assert main([*base[:-1], "--mode", "early-exit", "--threshold", "1.0", "--time-full-depth"]) == 0
     assert "decode time" in capsys.readouterr().out

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from mexit.decoding import modes
+from mexit.timing import ratio_interval
 
 from .output import HelpFormatter
 
@@ -438,7 +439,8 @@ def exit_summary(exit_layers: list[list[int]], stats: dict) -> dict:
 def full_depth_time_ratio(lm, prompts, kw: dict, seed, passes: int = 3) -> dict:
     """The early-exit setting's decode time per token against full depth's (the original head) on `prompts`: one
     untimed call of full depth (the setting has run), then `passes` pairs timed in alternating order on the device
-    clock (`Timer`: the steps after the first token). time_ratio: the median of the pairs' ratios (< 1: faster)."""
+    clock (`Timer`: the steps after the first token). time_ratio (< 1: faster): the geometric mean of the pairs'
+    ratios with its 95% interval (`mexit.timing.ratio_interval`, as `mexit ablate` reports speed-ups)."""
     full_kw = {k: v for k, v in kw.items() if k != "mode"}
 
     def per_token(settings: dict) -> float:
@@ -456,16 +458,16 @@ def full_depth_time_ratio(lm, prompts, kw: dict, seed, passes: int = 3) -> dict:
         first, second = (kw, full_kw) if i % 2 else (full_kw, kw)
         a, b = per_token(first), per_token(second)
         pairs.append((a, b) if first is kw else (b, a))
-    ratios = [ee / full for ee, full in pairs]
-    return dict(time_ratio=statistics.median(ratios), time_ratio_min=min(ratios), time_ratio_max=max(ratios),
+    ratio, low, high = ratio_interval([math.log(ee / full) for ee, full in pairs])
+    return dict(time_ratio=ratio, time_ratio_lo=low, time_ratio_hi=high,
                 full_depth_ms_per_token=statistics.median(full for _, full in pairs),
                 ms_per_token=statistics.median(ee for ee, _ in pairs), timed_pairs=passes)
 
 
 def time_note(t: dict) -> str:
-    return (f"decode time {t['time_ratio']:.2f}x full depth's ({t['time_ratio_min']:.2f}..{t['time_ratio_max']:.2f} "
-            f"over {t['timed_pairs']} interleaved pairs; {t['ms_per_token']:.3f} vs {t['full_depth_ms_per_token']:.3f} "
-            "ms/token)")
+    return (f"decode time {t['time_ratio']:.2f}x full depth's ([{t['time_ratio_lo']:.2f}, {t['time_ratio_hi']:.2f}] "
+            f"95%, {t['timed_pairs']} interleaved pairs; {t['ms_per_token']:.3f} vs "
+            f"{t['full_depth_ms_per_token']:.3f} ms/token)")
 
 
 def file_summary(out, summary: dict) -> str:
