@@ -136,15 +136,15 @@ def test_decode_step_holds_its_launch_budget(tiny_checkpoint, mode, batch):
 @pytest.mark.parametrize("measure,per_check", [("learned", 4), ("cosine", 4), ("max-prob", 14)])
 def test_a_check_that_does_not_fire_costs_its_test(tiny_checkpoint, engine, measure, per_check):
     """Torch backend, no row reaches the threshold: a check is its confidence (learned: layernorm, addmv, sigmoid;
-    cosine: its saved state, the similarity; max-prob: the exit's head), plus the static engine's hand-over copy, and
-    one host read that compares it with the rows' thresholds; the decision's bookkeeping (`exit_decide`) runs only
-    when a row fires. Counted as the difference between three checks and one, and the whole step against the
-    original head's at batch 1 (the final decision's few operations; frozen rows add their masks to larger static
-    batches)."""
+    cosine: its saved state, the similarity; max-prob: the exit's head), plus the static engine's hand-over copy (the
+    eager engine: one fewer), and one host read that compares it with the rows' thresholds; the decision's
+    bookkeeping (`exit_decide`) runs only when a row fires. Counted as the difference between three checks and one,
+    and the whole step against the original head's at batch 1 (the final decision's few operations; frozen rows add
+    their masks to larger static batches)."""
     lm = mexit.load(tiny_checkpoint[0], engine=engine)
     for prompts in ([[1, 2, 3]], [[1, 2, 3], [4, 5]]):
         ops = {exits: launches_per_step(lm, prompts, dict(early_exit=ExitPolicy(1.0, measure, exits=exits)))
                for exits in ((2,), (1, 2, 3))}
-        assert (ops[(1, 2, 3)]["launches"] - ops[(2,)]["launches"]) / 2 <= per_check, ops
+        assert (ops[(1, 2, 3)]["launches"] - ops[(2,)]["launches"]) / 2 <= per_check - (engine == "eager"), ops
     one = launches_per_step(lm, [[1, 2, 3]], dict(early_exit=ExitPolicy(1.0, measure, exits=(2,))))["launches"]
     assert one - per_check - launches_per_step(lm, [[1, 2, 3]], {})["launches"] <= 10

@@ -11,8 +11,9 @@ original head at full depth; early exit: its final head at full depth; speculati
 depth: `Mode.reference`) and their ratio `weight_bytes_ratio`.
 Early exit adds `exits` (per row and token: `GenerationResult.exit_layers`), `mean_exit_layer`, `checks`,
 `head_rows`, `blocks_run`, `kv_filled` (deferred propagation: `kv_owed`, what no later token needed); speculative
-decoding `drafted`, `accepted`, `verifications`, `acceptance_rate`; the static engine `host_reads` (device-to-host
-reads that wait for the GPU), `segments` and `fills` (early-exit pieces launched)."""
+decoding `drafted`, `accepted`, `verifications`, `acceptance_rate`; `host_reads` (device-to-host reads
+that wait for the GPU: the static engine's, and the eager engine's reads of its checks' tests), the static engine
+`segments` and `fills` (early-exit pieces launched)."""
 
 from __future__ import annotations
 

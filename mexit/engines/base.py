@@ -246,8 +246,9 @@ class DecodeState:
     @property
     def tests_first(self) -> bool:
         """Whether a check tests before it decides: on the torch backend a decode step's check is its confidence
-        and one comparison (`test`), and the decision's bookkeeping (`commit`) runs only when a row fires, so a check
-        that does not fire costs what it reads; the triton backend decides in one kernel."""
+        (`test`), compared with the rows' thresholds where the host reads it (`test_outcome`), and the decision's
+        bookkeeping (`commit`) runs only when a row fires, so a check that does not fire costs what it reads; the
+        triton backend decides in one kernel."""
         return self.prefill_states is None and not self.backend.triton
 
     def decide(self, layer: int, confidence: torch.Tensor | None, token: torch.Tensor | None, hidden: torch.Tensor,

@@ -58,7 +58,8 @@ class ExitState:
     def outcome(self, values: list) -> tuple[list[bool], list[bool]]:
         """A test's outcome from `tested` read on the host: (fired, running) per row. fired = confidence >= the row's
         threshold, compared as `torch.ge` compares fp32 values (both are exact as Python floats); running = the
-        threshold is finite (`arm` gives rows not running +inf)."""
+        threshold is finite (`arm` gives rows not running +inf; an `ExitPolicy` threshold is finite). With
+        `torch.set_flush_denormal(True)` the device would compare subnormal values as zeros: not supported."""
         confidence, threshold = values
         return ([c >= t for c, t in zip(confidence, threshold)],
                 [t != math.inf for t in threshold])

@@ -71,7 +71,7 @@ class StaticState(DecodeState):
         self.graphs: dict = {}
         self.in_piece = False
         self.flags_read = None
-        self.tested = None  # the checked exit the last segment ended at
+        self.tested_layer = None  # the checked exit the last segment ended at
         self.committed = False  # whether that check's commit ran
         self.compile_layers = compile_layers
         self.blocks: dict = {}  # (start, end) -> the blocks' function (torch.compile'd with compile_layers)
@@ -114,7 +114,7 @@ class StaticState(DecodeState):
         segment = type(key) is tuple and key[0] == "segment"
         if segment:
             layer = self.spans[key[1]][1]
-            self.tested, self.committed = (layer if layer in self.mode.checked else None), False
+            self.tested_layer, self.committed = (layer if layer in self.mode.checked else None), False
         if self.in_piece or self.prefill_states is not None:
             fn()
             return
@@ -233,7 +233,7 @@ class StaticState(DecodeState):
             fired, running = self.test_outcome()
             flags = [any(fired), any(r and not f for f, r in zip(fired, running))]
             if flags[0] and not self.committed:  # once per check (a fired_head launch reads the outcome again)
-                self.launch(("commit", self.tested), self.commit_piece(self.tested))
+                self.launch(("commit", self.tested_layer), self.commit_piece(self.tested_layer))
                 self.committed = True
             self.flags_read = flags
         return self.flags_read
