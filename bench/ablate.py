@@ -38,7 +38,7 @@ from mexit.bench.common import (
 )
 from mexit.bench.findings import LOGLIK_MARGIN, SPEED_MARGIN
 from mexit.frontends.output import pyplot
-from mexit.timing import DeviceClock
+from mexit.timing import DeviceClock, interleaved_pairs
 from mexit.values import read_text
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
@@ -172,42 +172,24 @@ def repetition_rate(tokens: list[int], n: int = 4) -> float:
 
 def timed_pairs(lm, ids, setting, args, stats: dict) -> tuple[list, list, list]:
     """`args.repeats` passes over the prompts, each timing the setting and the full-depth reference batch by batch,
-    interleaved in alternating order (the reference first where pass + batch index is even, the setting first
-    otherwise: drift falls on both; the garbage collector paused); a pass gives one pair [reference seconds,
-    setting seconds] of its totals. Returns (pairs, the setting's tokens and exit layers per prompt from the first
-    pass); stats: its weight reads."""
-    import gc
-
+    interleaved (`mexit.timing.interleaved_pairs`); a pass gives one pair [reference seconds, setting seconds] of its
+    totals. Returns (pairs, the setting's tokens and exit layers per prompt from the first pass); stats: its weight
+    reads."""
     chunks = [ids[i: i + args.batch] for i in range(0, len(ids), args.batch)]
-    pairs, tokens, layers = [], [], []
-    for repeat in range(args.repeats):
-        gc.collect()  # no collector pause inside a pass (timeit's rule)
-        gc.disable()
-        try:
-            ref_total, total = timed_pass(lm, chunks, setting, args, repeat, stats, tokens, layers)
-        finally:
-            gc.enable()
-        pairs.append([ref_total, total])
-    return pairs, tokens, layers
+    tokens, layers = [], []
 
+    def reference(_, c: int) -> float:
+        return timed_generate(lm, chunks[c], args.batch, args.max_new_tokens)[2]
 
-def timed_pass(lm, chunks, setting, args, repeat: int, stats: dict, tokens: list, layers: list) -> tuple:
-    """One pass: (reference seconds, setting seconds) summed over the batches; the first pass keeps the setting's
-    tokens, exit layers and weight reads."""
-    ref_total = total = 0.0
-    for c, chunk in enumerate(chunks):
-        reference_first = (repeat + c) % 2 == 0
-        if reference_first:
-            ref_total += timed_generate(lm, chunk, args.batch, args.max_new_tokens)[2]
-        t, layer, seconds = timed_generate(lm, chunk, args.batch, args.max_new_tokens,
+    def timed_setting(repeat: int, c: int) -> float:
+        t, layer, seconds = timed_generate(lm, chunks[c], args.batch, args.max_new_tokens,
                                            stats=stats if repeat == 0 else None, **setting["generate_kw"])
-        if not reference_first:
-            ref_total += timed_generate(lm, chunk, args.batch, args.max_new_tokens)[2]
-        total += seconds
         if repeat == 0:
-            tokens += t
-            layers += layer
-    return ref_total, total
+            tokens.extend(t)
+            layers.extend(layer)
+        return seconds
+
+    return interleaved_pairs(reference, timed_setting, args.repeats, len(chunks)), tokens, layers
 
 
 def quality(lm, ids, tokens, reference) -> dict:

@@ -9,9 +9,11 @@ mean of the pairs' ratios with a 95% Student-t interval on their logarithms (`ra
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 # Student t quantiles at 0.975 for 1..30 degrees of freedom (two-sided 95%); above, the Cornish-Fisher expansion
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -39,6 +41,28 @@ def ratio_interval(logs: list[float]) -> tuple[float, float, float]:
     """(ratio, low, high): the geometric mean of the ratios whose logarithms are `logs`, with its 95% interval."""
     m, lo, hi = mean_interval(logs)
     return math.exp(m), math.exp(lo), math.exp(hi)
+
+
+def interleaved_pairs(reference: Callable[[int, int], float], setting: Callable[[int, int], float], passes: int,
+                      units: int = 1) -> list[list[float]]:
+    """Timing pairs [[reference, setting], ...], one per pass: reference(pass, unit) and setting(pass, unit) time one
+    unit of work (a batch, a call) and return its time; within a pass the two alternate which runs first by pass +
+    unit (the reference first where it is even: drift falls on both), and a pass sums its units. The garbage
+    collector runs before each pass and is paused during it (timeit's rule)."""
+    pairs = []
+    for p in range(passes):
+        gc.collect()
+        gc.disable()
+        try:
+            pair = [0.0, 0.0]
+            for u in range(units):
+                order = ((0, reference), (1, setting)) if (p + u) % 2 == 0 else ((1, setting), (0, reference))
+                for side, run in order:
+                    pair[side] += run(p, u)
+        finally:
+            gc.enable()
+        pairs.append(pair)
+    return pairs
 
 
 class DeviceClock:

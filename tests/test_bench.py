@@ -186,6 +186,36 @@ def test_ablation_findings_beyond_the_noise():
     assert not rows[1]["faster_than_full_depth"] and rows[6]["faster_than_full_depth"]
 
 
+def test_interleaved_pairs_alternate_the_order_and_sum_each_pass():
+    """The one pairing the ablation and --time-full-depth share: per pass the reference runs first where pass + unit
+    is even, units sum per side, and the collector is on again after a pass that raised."""
+    import gc
+
+    from mexit.timing import interleaved_pairs
+
+    calls = []
+
+    def run(side):
+        def time_unit(p, u):
+            calls.append((p, u, side))
+            assert not gc.isenabled()
+            return 10.0 ** u + (side == "setting")
+        return time_unit
+
+    pairs = interleaved_pairs(run("reference"), run("setting"), passes=3, units=2)
+    assert pairs == [[11.0, 13.0]] * 3
+    firsts = [calls[i][2] for i in range(0, len(calls), 2)]
+    assert firsts == ["reference", "setting", "setting", "reference", "reference", "setting"]
+    assert gc.isenabled()
+
+    def fails(p, u):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interleaved_pairs(fails, fails, passes=1)
+    assert gc.isenabled()
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(measures=["entropy"]), "unknown confidence measure 'entropy'"),
     (dict(measures=["learned"], **{"exit-sets": ["4"]}), "no exit to check"),

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from mexit.decoding import modes
-from mexit.timing import ratio_interval
+from mexit.timing import interleaved_pairs, ratio_interval
 
 from .output import HelpFormatter
 
@@ -439,8 +439,9 @@ def exit_summary(exit_layers: list[list[int]], stats: dict) -> dict:
 def full_depth_time_ratio(lm, prompts, kw: dict, seed, passes: int = 3) -> dict:
     """The early-exit setting's decode time per token against full depth's (the original head) on `prompts`: one
     untimed call of full depth (the setting has run), then `passes` pairs timed in alternating order on the device
-    clock (`Timer`: the steps after the first token). time_ratio (< 1: faster): the geometric mean of the pairs'
-    ratios with its 95% interval (`mexit.timing.ratio_interval`, as `mexit ablate` reports speed-ups)."""
+    clock (`Timer`: the steps after the first token; `mexit.timing.interleaved_pairs`). time_ratio (< 1: faster): the
+    geometric mean of the pairs' ratios with its 95% interval (`mexit.timing.ratio_interval`, as `mexit ablate`
+    reports speed-ups)."""
     full_kw = {k: v for k, v in kw.items() if k != "mode"}
 
     def per_token(settings: dict) -> float:
@@ -453,15 +454,11 @@ def full_depth_time_ratio(lm, prompts, kw: dict, seed, passes: int = 3) -> dict:
         return ms
 
     per_token(full_kw)
-    pairs = []
-    for i in range(passes):
-        first, second = (kw, full_kw) if i % 2 else (full_kw, kw)
-        a, b = per_token(first), per_token(second)
-        pairs.append((a, b) if first is kw else (b, a))
-    ratio, low, high = ratio_interval([math.log(ee / full) for ee, full in pairs])
+    pairs = interleaved_pairs(lambda *_: per_token(full_kw), lambda *_: per_token(kw), passes)
+    ratio, low, high = ratio_interval([math.log(ee / full) for full, ee in pairs])
     return dict(time_ratio=ratio, time_ratio_lo=low, time_ratio_hi=high,
-                full_depth_ms_per_token=statistics.median(full for _, full in pairs),
-                ms_per_token=statistics.median(ee for ee, _ in pairs), timed_pairs=passes)
+                full_depth_ms_per_token=statistics.median(full for full, _ in pairs),
+                ms_per_token=statistics.median(ee for _, ee in pairs), timed_pairs=passes)
 
 
 def time_note(t: dict) -> str:
