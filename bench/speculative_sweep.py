@@ -6,23 +6,23 @@ For every (draft exit, k, threshold) over the prompt file, greedy, against full-
 (the original head) on the same prompts: acceptance rate and tokens per verification; the exact cost per
 generated token relative to full depth (weight bytes from the run's block and head passes, and launches counted
 by mexit/ops/launches.py: Triton kernels plus kernel-launching torch ops); and the measured speed-up, timed interleaved
-with full depth (median of the pairs' ratios, min..max). Every setting's tokens are checked against full depth
-(lossless). Writes speculative.json / .csv / .md."""
+with full depth (`mexit.timing.interleaved_pairs`; the geometric mean of the pairs' ratios with its 95% interval).
+Every setting's tokens are checked against full depth (lossless). Writes speculative.json / .csv / .md."""
 
 from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 from pathlib import Path
 
 from mexit.bench.ablate import default_prompts, encode, read_prompts
 from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, set_threads, write_results
-from mexit.timing import DeviceClock
+from mexit.bench.findings import speedup_interval
+from mexit.timing import DeviceClock, interleaved_pairs
 
 COLUMNS = ["draft_exit", "draft_len", "draft_threshold", "acceptance_rate", "tokens_per_verification",
-           "weight_bytes_ratio", "launches_ratio", "speedup", "speedup_min", "speedup_max", "lossless"]
+           "weight_bytes_ratio", "launches_ratio", "speedup", "speedup_lo", "speedup_hi", "lossless"]
 
 
 def run_all(lm, ids, max_new, batch, **kw):
@@ -80,11 +80,16 @@ def sweep(args) -> list[dict]:
 
     for spec in tqdm(settings, desc="speculative", disable=args.quiet):
         run_all(lm, ids[: args.batch], 2, args.batch, speculative=spec)  # warm this path
-        ratios, tokens, results = [], None, None
-        for _ in range(args.repeats):
-            _, _, ref_seconds = run_all(lm, ids, args.max_new_tokens, args.batch)
-            tokens, results, seconds = run_all(lm, ids, args.max_new_tokens, args.batch, speculative=spec)
-            ratios.append(ref_seconds / seconds)
+        kept = {}
+
+        def speculative(_p, _u, spec=spec, kept=kept) -> float:
+            kept["tokens"], kept["results"], seconds = run_all(lm, ids, args.max_new_tokens, args.batch,
+                                                               speculative=spec)
+            return seconds
+
+        pairs = interleaved_pairs(lambda *_: run_all(lm, ids, args.max_new_tokens, args.batch)[2], speculative,
+                                  args.repeats)
+        tokens, results = kept["tokens"], kept["results"]
         st = [r.stats for r in results]
         drafted, accepted = sum(s["drafted"] for s in st), sum(s["accepted"] for s in st)
         verifications = sum(s["verifications"] for s in st)
@@ -97,7 +102,7 @@ def sweep(args) -> list[dict]:
             weight_bytes_ratio=spec_bytes / full_bytes,
             launches_ratio=launches_per_token(lm, ids[: args.batch], args.max_new_tokens, args.batch,
                                               speculative=spec) / full_launches,
-            speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios),
+            **speedup_interval(pairs),
             lossless=tokens == reference))
     return rows
 
@@ -112,7 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thresholds", nargs="+", default=["none", "0.5"], help="draft confidence stop ('none': off)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved (full depth, setting) timing pairs")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved (full depth, setting) timing pairs (>= 2 for an interval)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else 1 on CPU)")
     p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"], help="ops backend")

@@ -357,6 +357,22 @@ def test_speculative_rows_on_every_engine(tiny_checkpoint, tmp_path, engine):
         assert r["host_reads_per_round"] == 1 if r["mode"] == "spec:2:3" else r["host_reads_per_round"] >= 1
 
 
+def test_speculative_sweep_rows_are_lossless_with_an_interval(tiny_checkpoint, tmp_path, prompt_file):
+    """`mexit bench-speculative`: one row per (draft exit, k, threshold), each checked lossless against full depth,
+    with its speed-up's 95% interval over interleaved pairs."""
+    from mexit.bench import speculative_sweep
+
+    argv = ["--model", str(tiny_checkpoint[0]), "--prompts", str(prompt_file), "--n-prompts", "2", "--draft-exits",
+            "1", "2", "--draft-lens", "2", "--thresholds", "none", "--max-new-tokens", "6", "--repeats", "2",
+            "--out", str(tmp_path), "--quiet"]
+    assert speculative_sweep.main(argv) == 0
+    rows = json.loads((tmp_path / "speculative.json").read_text())
+    assert [(r["draft_exit"], r["draft_len"]) for r in rows] == [(1, 2), (2, 2)]
+    for r in rows:
+        assert r["lossless"] and r["speedup_lo"] <= r["speedup"] <= r["speedup_hi"]
+        assert 0 <= r["acceptance_rate"] <= 1 and r["weight_bytes_ratio"] > 0
+
+
 def test_repetition_controls_reach_every_row(tiny_checkpoint, tmp_path):
     """--repetition-penalty / --no-repeat-ngram-size run in every mode and the transformers baseline (rows say so,
     the controls' launches are counted); a bad value is a named error before anything loads."""
