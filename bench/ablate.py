@@ -23,6 +23,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -260,6 +261,9 @@ class Sweep:
         self.args = args
         self.lm, label = load_lm(args)
         lm = self.lm
+        if args.schedule != "segments" and lm.engine == "eager":
+            raise ValueError(f"--schedule {args.schedule} is a static-engine schedule: use --engine static or graph "
+                             "(the eager engine runs the reference scheduler)")
         self.plan = settings(args, lm.model)  # validates everything before any generation
         for setting in self.plan:
             if "policy" in setting:
@@ -340,6 +344,9 @@ def run(args) -> tuple[list[dict], list]:
     read_prompts(args.prompts)
     if args.max_new_tokens < 1 or args.batch < 1 or args.repeats < 2:
         raise ValueError("--max-new-tokens and --batch must be >= 1, --repeats >= 2 (an interval needs two passes)")
+    for flag, margin in (("--speed-margin", args.speed_margin), ("--loglik-margin", args.loglik_margin)):
+        if not 0 <= margin < math.inf:
+            raise ValueError(f"{flag} must be a finite number >= 0, got {margin}")
     args.model, args.prompts = absolute(args.model), absolute(args.prompts)  # one name whatever the executor or cwd
     out = Path(args.out)
     log = out / "ablation.jsonl"

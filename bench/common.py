@@ -161,7 +161,7 @@ def add_subcommand(sub, name: str, help: str, add_arguments, main_args) -> None:
 
 def script_main(doc: str, add_arguments, main_args, argv=None) -> int:
     """Run a benchmark as a script (`python bench/NAME.py ...`)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
     add_arguments(p)
     return main_args(p.parse_args(argv))
 

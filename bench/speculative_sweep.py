@@ -97,7 +97,7 @@ def sweep(args) -> list[dict]:
         full_bytes = sum(s["full_depth_weight_bytes_per_token"] * s["decoded_tokens_per_row"] for s in st)
         rows.append(dict(
             meta, draft_exit=spec.draft_exit, draft_len=spec.draft_len, draft_threshold=spec.draft_threshold,
-            acceptance_rate=accepted / drafted if drafted else 0.0,
+            acceptance_rate=accepted / drafted if drafted else None,  # None: nothing was drafted
             tokens_per_verification=(accepted + verifications) / max(verifications, 1),
             weight_bytes_ratio=spec_bytes / full_bytes,
             launches_ratio=launches_per_token(lm, ids[: args.batch], args.max_new_tokens, args.batch,
@@ -129,8 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_args(args) -> int:
-    if args.repeats < 1 or args.batch < 1 or args.max_new_tokens < 2:
-        raise ValueError("--repeats and --batch must be >= 1, --max-new-tokens >= 2")
+    if args.repeats < 2 or args.batch < 1 or args.n_prompts < 1 or args.max_new_tokens < 2:
+        raise ValueError("--batch and --n-prompts must be >= 1, --max-new-tokens >= 2, --repeats >= 2 (an interval "
+                         "needs two pairs)")
     rows = sweep(args)
     out = Path(args.out)
     write_results(rows, out, "speculative")

@@ -9,7 +9,7 @@ import pytest
 
 import mexit
 from mexit.frontends.cli import main
-from mexit.frontends.datasets import generate_file
+from mexit.frontends.datasets import generate_file, settings_path
 
 SMALL = Path(__file__).resolve().parents[1] / "bench" / "small_model"
 PROMPTS = ["ROMEO. But soft, what light", "KING. Now, my lords,", "HAMLET. I have", "JULIET. O Romeo,",
@@ -33,6 +33,7 @@ def test_batched_resumed_and_single_runs_agree(tmp_path, sample):
     assert rows(tmp_path / "b1.jsonl") == want
     partial = tmp_path / "resumed.jsonl"
     partial.write_text("".join(json.dumps(r) + "\n" for r in want[:4]))  # a run stopped after 4 prompts
+    settings_path(partial).write_text(settings_path(tmp_path / "b3.jsonl").read_text())  # and its record
     summary = generate_file(lm, source, partial, batch=2, seed=11, **kw)
     assert summary["skipped"] == 4 and summary["written"] == 3 and rows(partial) == want
     alone = lm.generate([PROMPTS[5]], 8, eos_token_id=None, do_sample=sample or None, seed=11 + 5 if sample else None)
@@ -101,8 +102,13 @@ def test_resume_under_other_settings_is_refused(tmp_path, capsys):
     earlier = json.loads(record.read_text())
     record.write_text(json.dumps({k: v for k, v in earlier.items() if k != "record"}))  # an earlier mexit's form
     assert main(args + ["--max-new-tokens", "4"]) == 2
-    assert "recorded by an earlier mexit, in another form (record 1, now 2)" in capsys.readouterr().err
+    assert "recorded by an earlier mexit, in another form (record 1, now 3)" in capsys.readouterr().err
+    record.unlink()  # a lost record: the rows' settings are unknown
+    assert main(args + ["--max-new-tokens", "4"]) == 2
+    assert "no settings record" in capsys.readouterr().err and not record.exists()
     record.write_text(json.dumps(earlier))
+    assert main(args[:-1] + ["--max-new-tokens", "4"]) == 2  # the rows have no stop id; this run would stop at eos
+    assert "eos_token_id=None, this run asks eos_token_id left to its default" in capsys.readouterr().err
     assert len(rows(out)) == 3  # nothing was added under the other settings
     assert main(args + ["--max-new-tokens", "4"]) == 0 and len(rows(out)) == len(PROMPTS)
     capsys.readouterr()

@@ -163,7 +163,8 @@ def test_triton_backend_and_sampling(tiny_checkpoint, lm):
     (dict(threshold=-1.5, measure="cosine"), r"threshold for cosine must be in \[-1, 1\]"),
     (dict(threshold=0.5, measure="entropy"), "unknown confidence measure 'entropy'"),
     (dict(threshold=0.5, propagation="lazy"), "unknown propagation 'lazy'"),
-    (dict(threshold=0.5, decay_tau=-1), "decay_tau must be >= 0"),
+    (dict(threshold=0.5, decay_tau=-1), "decay_tau must be a finite number >= 0"),
+    (dict(threshold=0.5, decay_tau=math.inf), "decay_tau must be a finite number >= 0"),
     (dict(threshold=0.5, min_layer=0), "min_layer must be >= 1"),
 ])
 def test_bad_policy(kw, message):

@@ -77,8 +77,8 @@ class ExitPolicy:
         if odd:
             raise ValueError(f"exit layers, min_layer and final_head are integers (final_head also 'original'), got "
                              f"{odd[0]!r} ({type(odd[0]).__name__})")
-        if self.decay_tau is not None and not self.decay_tau >= 0:
-            raise ValueError(f"decay_tau must be >= 0, got {self.decay_tau}")
+        if self.decay_tau is not None and not 0 <= self.decay_tau < math.inf:
+            raise ValueError(f"decay_tau must be a finite number >= 0, got {self.decay_tau}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.propagation not in PROPAGATION:

@@ -35,7 +35,11 @@ class Once(argparse.Action):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one `error:` line (and exit code 2) instead of the usage block."""
+    """argparse with one `error:` line (and exit code 2) instead of the usage block, and no abbreviated flags (a
+    prefix would silently stand for another flag: `--mode` for `--model` where a command has no `--mode`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
@@ -663,7 +667,9 @@ def run_generate(args) -> int:
                                       "times both)"))
     if result.drafted is not None:
         st = result.stats
-        print(f"# speculative: acceptance {st['acceptance_rate'] or 0:.2f}, "
+        rate = st["acceptance_rate"]
+        acceptance = "n/a (nothing drafted)" if rate is None else f"{rate:.2f}"
+        print(f"# speculative: acceptance {acceptance}, "
               f"{st['mean_accepted_per_verification']:.2f} tokens per verification, weight reads "
               f"{st['weight_bytes_ratio']:.2f}x of full depth")
     return 0

@@ -139,7 +139,9 @@ def settings_path(out) -> Path:
     return out.with_name(out.name + ".settings.json")
 
 
-RECORD = 2  # the form of run_settings' record (2: the mode's settings whole, from the mode registry)
+RECORD = 3  # the form of run_settings' record (2: the mode's settings whole, from the mode registry; 3: arguments
+# given as None kept, e.g. eos_token_id None: no stop id)
+MISSING = object()
 
 
 def run_settings(model, dtype, generate_kw: dict) -> dict:
@@ -155,15 +157,23 @@ def run_settings(model, dtype, generate_kw: dict) -> dict:
 
     model = str(Path(model).resolve()) if Path(str(model)).is_dir() else str(model)  # one name, whatever the cwd
     return {"model": model, "dtype": str(dtype).removeprefix("torch."),
-            "generate": {k: plain_json(v) for k, v in sorted(generate_kw.items()) if v is not None},
+            "generate": {k: plain_json(v) for k, v in sorted(generate_kw.items())},
             "versions": dependency_versions(), "record": RECORD}
 
 
+def shown(generate: dict, key: str) -> str:
+    """A recorded generate argument as the refusal names it."""
+    return f"{key}={generate[key]!r}" if key in generate else f"{key} left to its default"
+
+
 def check_settings(out, settings: dict, resuming: bool) -> None:
-    """Refuse to add rows to `out` under other settings than its rows were written with (named); a new file (or one
-    written before settings were recorded) gets the record."""
+    """Refuse to add rows to `out` under other settings than its rows were written with (named), or when its rows'
+    settings are unknown (its record is missing); a new file gets the record."""
     path = settings_path(out)
-    if resuming and path.exists():
+    if resuming and not path.exists():
+        raise ValueError(f"{out} has rows but no settings record ({path.name}): the settings its rows were written "
+                         "with are unknown; restore the record or write to another --out")
+    if resuming:
         earlier = json.loads(path.read_text())
         if earlier.get("record") != settings.get("record"):
             raise ValueError(f"{out}'s settings were recorded by an earlier mexit, in another form (record "
@@ -172,12 +182,13 @@ def check_settings(out, settings: dict, resuming: bool) -> None:
         for key in ("model", "dtype", "generate"):
             old, new = earlier.get(key), settings[key]
             if key == "generate":
-                changed = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+                old = old or {}
+                changed = sorted(k for k in set(old) | set(new) if old.get(k, MISSING) != new.get(k, MISSING))
                 if changed:
                     k = changed[0]
-                    raise ValueError(f"{out} was written with {k}={(old or {}).get(k)!r}, this run asks "
-                                     f"{k}={new.get(k)!r} ({len(changed)} setting(s) differ: {', '.join(changed)}): "
-                                     "rerun with the settings of its rows or write to another --out")
+                    raise ValueError(f"{out} was written with {shown(old, k)}, this run asks {shown(new, k)} "
+                                     f"({len(changed)} setting(s) differ: {', '.join(changed)}): rerun with the "
+                                     "settings of its rows or write to another --out")
             elif old != new:
                 raise ValueError(f"{out} was written with {key} {old!r}, this run has {new!r}: rerun with the "
                                  "settings of its rows or write to another --out")
