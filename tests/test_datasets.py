@@ -82,6 +82,9 @@ def test_every_prompt_is_checked_before_work_and_named_by_line(tmp_path, capsys)
     jsonl.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + json.dumps({"input_ids": []}) + "\n")
     assert main(args[:4] + [str(jsonl), "--out", str(tmp_path / "bad_out.jsonl")]) == 2
     assert "line 2: empty prompt" in capsys.readouterr().err
+    timed = ["--skip-bad-prompts", "--mode", "early-exit", "--threshold", "0.5", "--exits", "2", "--time-full-depth"]
+    assert main(args[:4] + [str(jsonl), "--out", str(tmp_path / "timed.jsonl"), "--max-new-tokens", "3", *timed]) == 0
+    assert "first batch of good prompts): decode time" in capsys.readouterr().out  # the bad line is not timed
 
 
 def test_resume_under_other_settings_is_refused(tmp_path, capsys):

@@ -609,9 +609,10 @@ def run_generate(args) -> int:
         if args.time_full_depth:
             from mexit.frontends.datasets import read_prompt_file
 
+            bad = {row["index"] for row in map(json.loads, Path(args.out).read_text().splitlines()) if "error" in row}
             first = [r["prompt"] if "prompt" in r else r["input_ids"] for r in
-                     read_prompt_file(args.prompts_file)[: args.batch]]
-            print(f"# early exit against full depth (the file's first batch): "
+                     read_prompt_file(args.prompts_file) if r["index"] not in bad][: args.batch]
+            print(f"# early exit against full depth (the file's first batch of good prompts): "
                   f"{time_note(full_depth_time_ratio(lm, first, kw, args.seed))}")
         return 0
     timer.begin()
