@@ -72,9 +72,20 @@ def parse_exit_set(text: str, config) -> tuple[int, ...] | None:
     if text == "all":
         return None
     try:
-        return tuple(int(x) for x in text.split(","))
+        exits = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"exit set {text!r}: use 'all' or comma-separated layers like 8,12,16") from None
+    if len(set(exits)) < len(exits):
+        raise ValueError(f"exit set {text!r} names an exit twice")
+    return exits
+
+
+def number(flag: str, text) -> float:
+    """A flag's value as a float, or a ValueError naming the flag."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag}: expected a number, got {text!r}") from None
 
 
 def settings(args, model) -> list[dict]:
@@ -88,7 +99,7 @@ def settings(args, model) -> list[dict]:
         for threshold in args.thresholds:
             for exit_set in args.exit_sets:
                 for tau in args.decay_tau:
-                    decay = None if str(tau).lower() == "none" else float(tau)
+                    decay = None if str(tau).lower() == "none" else number("--decay-tau", tau)
                     policy = ExitPolicy(threshold=threshold, measure=measure, exits=parse_exit_set(exit_set, config),
                                         decay_tau=decay, min_layer=args.min_layer, propagation=args.propagation,
                                         schedule=args.schedule)

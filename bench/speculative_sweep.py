@@ -16,7 +16,7 @@ import csv
 import sys
 from pathlib import Path
 
-from mexit.bench.ablate import default_prompts, encode, read_prompts
+from mexit.bench.ablate import default_prompts, encode, number, read_prompts
 from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, set_threads, write_results
 from mexit.bench.findings import speedup_interval
 from mexit.timing import DeviceClock, interleaved_pairs
@@ -61,8 +61,10 @@ def sweep(args) -> list[dict]:
     lm = mexit.load(args.model, device=args.device, backend=args.backend, engine=args.engine)
     config = lm.config
     exits = args.draft_exits or [e for e in config.exit_layers if e < config.n_layer]
-    settings = [SpeculativeConfig(e, k, None if str(t).lower() == "none" else float(t))
+    settings = [SpeculativeConfig(e, k, None if str(t).lower() == "none" else number("--thresholds", t))
                 for e in exits for k in args.draft_lens for t in args.thresholds]
+    if len(set(settings)) < len(settings):
+        raise ValueError("a (draft exit, draft length, threshold) setting is listed twice: list each once")
     for s in settings:
         modes.build(lm.model, Speculation(s, mexit.DecodeConfig()))
     ids, encoding = encode(lm, read_prompts(args.prompts or default_prompts(args.model)))
@@ -112,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="text file, one prompt per line (default: the model folder's prompts.txt, "
                    "else bench/prompts.txt)")
     p.add_argument("--n-prompts", type=int, default=10, help="prompts used (the first N)")
-    p.add_argument("--draft-exits", type=int, nargs="*", help="default: every exit below the top layer")
+    p.add_argument("--draft-exits", type=int, nargs="+", help="default: every exit below the top layer")
     p.add_argument("--draft-lens", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="drafts per verification")
     p.add_argument("--thresholds", nargs="+", default=["none", "0.5"], help="draft confidence stop ('none': off)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")

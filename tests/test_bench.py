@@ -226,6 +226,8 @@ def test_interleaved_pairs_alternate_the_order_and_sum_each_pass():
     (dict(thresholds=[0.5, 0.5], measures=["max-prob"]), "'max-prob >= 0.5, exits all' is listed twice"),
     (dict(schedule=["predicated"], engine=["eager"]), "--schedule predicated is a static-engine schedule"),
     (dict(**{"speed-margin": ["nan"]}), "--speed-margin must be a finite number >= 0"),
+    (dict(**{"exit-sets": ["2,2"]}), "exit set '2,2' names an exit twice"),
+    (dict(**{"decay-tau": ["foo"]}), "--decay-tau: expected a number, got 'foo'"),
     (dict(**{"loglik-margin": ["-1"]}), "--loglik-margin must be a finite number >= 0"),
 ])
 def test_ablation_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, prompt_file, kw, message):
@@ -374,6 +376,8 @@ def test_speculative_sweep_rows_are_lossless_with_an_interval(tiny_checkpoint, t
     for r in rows:
         assert r["lossless"] and r["speedup_lo"] <= r["speedup"] <= r["speedup_hi"]
         assert 0 <= r["acceptance_rate"] <= 1 and r["weight_bytes_ratio"] > 0
+    with pytest.raises(ValueError, match="listed twice"):
+        speculative_sweep.main([*argv, "--draft-lens", "2", "2"])
     for flag, value in (("--repeats", "1"), ("--n-prompts", "0")):  # no interval from one pair; no prompt
         bad = [*argv[: argv.index(flag) + 1], value, *argv[argv.index(flag) + 2:]]
         with pytest.raises(ValueError, match="--n-prompts must be >= 1, --max-new-tokens >= 2, --repeats >= 2"):

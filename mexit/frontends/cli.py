@@ -49,8 +49,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_ints(text: str) -> list[int]:
+    """Comma-separated integers; an empty item ("2,,4", a trailing comma) is an error, not skipped."""
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return [int(t) for t in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
