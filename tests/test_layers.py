@@ -37,9 +37,10 @@ def test_cli_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
     positions = len(out["input_ids"])
     assert out["heads"][-1] == "original" and len(out["token_text"]) == len(out["heads"])
     assert all(len(head) == positions and all(len(cell) == 3 for cell in head) for head in out["logprobs"])
-    assert main(["layers", "--model", folder, "--input-ids", "5,6,7", "--plot", str(tmp_path / "l.png")]) == 0
+    plot = tmp_path / "plots" / "l.png"  # a folder that does not exist yet is made, as --out does
+    assert main(["layers", "--model", folder, "--input-ids", "5,6,7", "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
-    assert "original |" in text and "exit 2 |" in text and (tmp_path / "l.png").stat().st_size > 10_000
+    assert "original |" in text and "exit 2 |" in text and plot.stat().st_size > 10_000
     for argv, needle in ((["--prompt", "Hi", "--top-k", "0"], "top_k must be in 1.."),
                          (["--input-ids", ",".join(["1"] * 300)], "exceeds the context")):
         assert main(["layers", "--model", folder, *argv]) == 2

@@ -67,6 +67,7 @@ def plot(pred: LayerPredictions, decode, path: Path, title: str = "", columns: i
     axes[-1, 0].set_xlabel("input token (each column predicts the token after it)", fontsize=8)
     axes[0, 0].set_title(title or "top-1 prediction of each head", fontsize=9)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as --out does
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
