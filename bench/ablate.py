@@ -264,9 +264,10 @@ def load_lm(args):
 class Sweep:
     """What every setting of a sweep is measured against, prepared once per process (or Ray worker): the model,
     the validated settings, the encoded prompts, the run's metadata and id, and the full-depth reference (stage 1).
-    `evaluate(i)` measures setting i: a row without its key."""
+    `evaluate(i)` measures setting i: a row without its key. check(meta): called before the reference runs (a
+    resume's settings check, so a refusal costs no generation)."""
 
-    def __init__(self, args):
+    def __init__(self, args, check=None):
         from mexit.decoding.prompts import check_prompts
 
         self.args = args
@@ -289,6 +290,8 @@ class Sweep:
         self.run_id = hashlib.sha256(json.dumps([label, self.ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
                                                  str(lm.model.device), lm.engine, lm.backend.name, lm.compile,
                                                  args.propagation, args.schedule]).encode()).hexdigest()[:12]
+        if check is not None:
+            check(self.meta)
         timed_generate(lm, self.ids[: args.batch], args.batch, 2)  # warm-up (graph capture, kernel compilation)
         self.reference, _, self.reference_seconds = timed_generate(lm, self.ids, args.batch, args.max_new_tokens)
 
@@ -367,8 +370,7 @@ def run(args) -> tuple[list[dict], list]:
           flush=True)
     if args.ray:
         return run_on_ray(args, out, log, done)
-    sweep = Sweep(args)
-    check_run(log, sweep.meta, args, done)
+    sweep = Sweep(args, check=lambda meta: check_run(log, meta, args, done))
     keys = sweep.keys()
     todo = [i for i, key in enumerate(keys) if key not in done]
     expected = len(todo) * args.repeats * 2.2 * sweep.reference_seconds  # reference + setting (+ warm-up, quality)
