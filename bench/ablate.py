@@ -75,8 +75,6 @@ def parse_exit_set(text: str, config) -> tuple[int, ...] | None:
         exits = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"exit set {text!r}: use 'all' or comma-separated layers like 8,12,16") from None
-    if len(set(exits)) < len(exits):
-        raise ValueError(f"exit set {text!r} names an exit twice")
     return exits
 
 

@@ -127,7 +127,7 @@ def test_a_mode_string_equals_its_flags(tiny_checkpoint, capsys, string, flags):
     (["--mode", "exit:2", "--exit-layer", "3"], "carries its settings: do not pass --exit-layer too"),
     (["--mode", "beam:4"], "argument --mode: unknown mode 'beam:4'"),
     (["--mode", "ee:max-prob:1.5"], r"threshold for max-prob must be in \[0, 1\]"),
-    (["--mode", "ee:max-prob:0.5:2,2"], r"mode 'ee:max-prob:0.5:2,2': --exits lists a layer twice: \[2, 2\]"),
+    (["--mode", "ee:max-prob:0.5:2,2"], r"mode 'ee:max-prob:0.5:2,2': exits lists a layer twice: \[2, 2\]"),
     (["--mode", "spec:2:0", "--draft-vocab", "5"], r"mode 'spec:2:0': draft_len must be an integer >= 1"),
     (["--mode", "exit", "--exit-layer", "2", "--alpha", "0.1"], "--alpha applies to --mode contrast or speculative"),
     (["--mode", "early-exit", "--threshold", "0.5", "--exits", "2,,4"], "comma-separated integers, got '2,,4'"),

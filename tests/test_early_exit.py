@@ -165,6 +165,7 @@ def test_triton_backend_and_sampling(tiny_checkpoint, lm):
     (dict(threshold=0.5, propagation="lazy"), "unknown propagation 'lazy'"),
     (dict(threshold=0.5, decay_tau=-1), "decay_tau must be a finite number >= 0"),
     (dict(threshold=0.5, decay_tau=math.inf), "decay_tau must be a finite number >= 0"),
+    (dict(threshold=0.5, exits=(4, 2, 4)), r"exits lists a layer twice: \[4, 2, 4\]"),
     (dict(threshold=0.5, min_layer=0), "min_layer must be >= 1"),
 ])
 def test_bad_policy(kw, message):

@@ -77,6 +77,8 @@ class ExitPolicy:
         if odd:
             raise ValueError(f"exit layers, min_layer and final_head are integers (final_head also 'original'), got "
                              f"{odd[0]!r} ({type(odd[0]).__name__})")
+        if self.exits is not None and len(set(self.exits)) != len(self.exits):
+            raise ValueError(f"exits lists a layer twice: {list(self.exits)}")
         if self.decay_tau is not None and not 0 <= self.decay_tau < math.inf:
             raise ValueError(f"decay_tau must be a finite number >= 0, got {self.decay_tau}")
         if self.max_steps is not None and self.max_steps < 1:

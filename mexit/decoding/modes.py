@@ -157,9 +157,6 @@ def _early_exit_words(rest: str) -> dict:
 def _early_exit(flags: dict):
     from .early_exit import ExitPolicy
 
-    exits = flags.get("exits")
-    if exits is not None and len(set(exits)) != len(exits):
-        raise ValueError(f"--exits lists a layer twice: {list(exits)}")
     return ExitPolicy(**_given(flags, "threshold", "measure", "exits", "min_layer", "decay_tau", "propagation",
                                "schedule"))
 

@@ -41,22 +41,31 @@ def check_prompts(prompts, config: ModelConfig, max_new_tokens: int | None) -> l
            for row in prompts for t in row):
         raise ValueError("token ids must be integers")
     prompts = [list(map(int, row)) for row in prompts]
-    if any(len(row) == 0 for row in prompts):
-        raise ValueError("empty prompt: every row needs at least one token")
+    empty = [i for i, row in enumerate(prompts) if not row]
+    if empty:
+        raise ValueError(f"empty prompt{_row(empty[0], prompts)}: every row needs at least one token")
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, float))
                                        or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    bad = sorted({t for row in prompts for t in row if not 0 <= t < config.vocab_size})
-    if bad:
-        raise ValueError(f"token ids {bad[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")
-    longest = max(map(len, prompts))
-    if max_new_tokens is None and longest > config.n_positions:
-        raise ValueError(f"the longest prompt ({longest} tokens) exceeds the context of the model "
-                         f"({config.n_positions} positions)")
-    if max_new_tokens is not None and longest + max_new_tokens > config.n_positions:
-        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {config.n_positions} positions")
+    for i, row in enumerate(prompts):
+        bad = sorted({t for t in row if not 0 <= t < config.vocab_size})
+        if bad:
+            raise ValueError(f"token ids {bad[:10]} are outside the vocabulary 0..{config.vocab_size - 1}"
+                             f"{_row(i, prompts)}")
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    n = len(prompts[longest])
+    which = "the prompt" if len(prompts) == 1 else f"the longest prompt{_row(longest, prompts)}"
+    if max_new_tokens is None and n > config.n_positions:
+        raise ValueError(f"{which} ({n} tokens) exceeds the context of the model ({config.n_positions} positions)")
+    if max_new_tokens is not None and n + max_new_tokens > config.n_positions:
+        raise ValueError(f"{which} ({n} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                         f"of {config.n_positions} positions")
     return prompts
+
+
+def _row(i: int, prompts: list) -> str:
+    """' (row i)' where the batch has several rows, else ''."""
+    return f" (row {i})" if len(prompts) > 1 else ""
 
 
 def left_pad(prompts: list[list[int]], device) -> PaddedBatch:
