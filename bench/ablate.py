@@ -261,9 +261,10 @@ def load_lm(args):
 
 class Sweep:
     """What every setting of a sweep is measured against, prepared once per process (or Ray worker): the model,
-    the validated settings, the encoded prompts, the run's metadata and id, and the full-depth reference (stage 1).
-    `evaluate(i)` measures setting i: a row without its key. check(meta): called before the reference runs (a
-    resume's settings check, so a refusal costs no generation)."""
+    the validated settings, the encoded prompts, the run's metadata and id, and the full-depth reference (stage 1,
+    `measure_reference`: run on first need, so a resume's settings check comes first and a refusal costs no
+    generation, and a restarted Ray worker measures its own again). `evaluate(i)` measures setting i: a row without
+    its key. check(meta): called once the metadata is known (the local run's settings check)."""
 
     def __init__(self, args, check=None):
         from mexit.decoding.prompts import check_prompts
@@ -290,8 +291,16 @@ class Sweep:
                                                  args.propagation, args.schedule]).encode()).hexdigest()[:12]
         if check is not None:
             check(self.meta)
-        timed_generate(lm, self.ids[: args.batch], args.batch, 2)  # warm-up (graph capture, kernel compilation)
-        self.reference, _, self.reference_seconds = timed_generate(lm, self.ids, args.batch, args.max_new_tokens)
+        self.reference = self.reference_seconds = None
+
+    def measure_reference(self) -> float:
+        """The full-depth tokens of every prompt (after a warm-up: graph capture, kernel compilation), once; their
+        seconds."""
+        if self.reference is None:
+            lm, args = self.lm, self.args
+            timed_generate(lm, self.ids[: args.batch], args.batch, 2)
+            self.reference, _, self.reference_seconds = timed_generate(lm, self.ids, args.batch, args.max_new_tokens)
+        return self.reference_seconds
 
     def keys(self) -> list[str]:
         return [setting_key(s, self.run_id) for s in self.plan]
@@ -304,12 +313,14 @@ class Sweep:
         """Setting `index` measured: (index, its row, naming the process that timed it)."""
         from mexit.frontends.cluster import where
 
+        self.measure_reference()
         return index, dict(self.meta, run_id=self.run_id, worker=where(),
                            **evaluate(self.lm, self.ids, self.plan[index], self.reference, self.args))
 
     def full_depth_row(self) -> dict:
         from mexit.frontends.cluster import where
 
+        self.measure_reference()
         return dict(full_depth_row(self.lm, self.ids, self.reference, self.meta, self.reference_seconds, self.args),
                     worker=where())
 
@@ -371,7 +382,7 @@ def run(args) -> tuple[list[dict], list]:
     sweep = Sweep(args, check=lambda meta: check_run(log, meta, args, done))
     keys = sweep.keys()
     todo = [i for i, key in enumerate(keys) if key not in done]
-    expected = len(todo) * args.repeats * 2.2 * sweep.reference_seconds  # reference + setting (+ warm-up, quality)
+    expected = len(todo) * args.repeats * 2.2 * sweep.measure_reference()  # reference + setting (+ warm-up, quality)
     print(f"# stage 2/2: {sweep.meta['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in {log}; "
           f"each timed in {args.repeats} passes interleaved with the full-depth reference; expected about "
           f"{expected:.0f} s", file=sys.stderr, flush=True)
@@ -403,6 +414,7 @@ def run_on_ray(args, out: Path, log: Path, done: dict) -> list[dict]:
                              f"{sorted({meta['device'] for *_, meta in described})}); sweep each kind on its own")
         keys, meta = described[0][1], described[0][2]
         check_run(log, meta, args, done)
+        workers.call_all("measure_reference")
         todo = [i for i, key in enumerate(keys) if key not in done]
         print(f"# stage 2/2: {meta['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in {log}; "
               f"{len(todo)} across {count} Ray worker(s) ({meta['device']}), each timed {args.repeats}x interleaved "

@@ -119,7 +119,9 @@ def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, 
     # other run settings (here deferred propagation) would measure other speed-ups: refused by name, nothing written
     before = (out / "ablation.jsonl").read_text()
     again = ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.4], propagation=["deferred"])
-    with pytest.raises(ValueError, match="propagation='eager', this run asks propagation='deferred'"):
+    with monkeypatch.context() as m, \
+            pytest.raises(ValueError, match="propagation='eager', this run asks propagation='deferred'"):
+        m.setattr(ablate, "timed_generate", lambda *a, **k: pytest.fail("generated before the refusal"))
         ablate.main(again)
     assert (out / "ablation.jsonl").read_text() == before
     assert ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "deferred", prompt_file, thresholds=[0.4],

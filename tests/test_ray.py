@@ -104,6 +104,12 @@ def test_ablation_on_ray_equals_one_process_and_loses_nothing(cluster, tiny_chec
         assert "8 settings, 3 already in" in capsys.readouterr().err
         assert read_rows(mixed).keys() == alone.keys()
 
+    # and is refused under other run settings, on Ray as on one machine (before the workers' reference runs)
+    before = (tmp_path / "ray" / "ablation.jsonl").read_text()
+    with pytest.raises(ValueError, match="propagation='eager', this run asks propagation='deferred'"):
+        ablate.main(sweep_args(folder, tmp_path / "ray", prompts, "--ray", "--propagation", "deferred"))
+    assert (tmp_path / "ray" / "ablation.jsonl").read_text() == before
+
 
 def test_bad_settings_on_ray_are_one_error(cluster, tiny_checkpoint, tmp_path, prompts):
     with pytest.raises(ValueError, match=r"exit layers \[9\] are not in this checkpoint"):
