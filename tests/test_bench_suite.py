@@ -64,3 +64,18 @@ def test_the_gpu_script_perf_stage_dry_runs_on_cpu(tmp_path):
     assert {"fused_max_rows", "gemv_max_rows", "pdl"} <= set(*json.loads((tmp_path / "routes.json").read_text())
                                                             .values())
     assert not (ROOT / "bench" / "benchmarks" / "cpu-dry-run").exists()
+
+
+def test_every_mode_the_gpu_script_names_parses_for_gpt2_medium():
+    """A mode string the GPU stages run but cannot parse would cost a GPU call: each one after `--modes` in
+    bench/gpu_check.sh parses against gpt2-medium-multiexit's shape (the CPU dry run runs other modes)."""
+    import re
+
+    from mexit.decoding import modes
+    from mexit.model.config import GPT2_MEDIUM_MULTIEXIT
+
+    script = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    named = [text for group in re.findall(r"--modes((?:[ \t]+[a-z][\w:.,-]*)+)", script) for text in group.split()]
+    assert len(named) >= 20 and "ee:max-prob:0:12:deferred" in named and "dola:high" in named
+    for text in named:
+        modes.parse(text, GPT2_MEDIUM_MULTIEXIT)
