@@ -26,9 +26,12 @@ def run_eval(argv: list[str]) -> int:
         return 2
     setup_logging()
     saved = sys.argv
-    sys.argv = ["mexit eval", "run", *([] if given else ["--model", "mexit"]), *argv]
+    device = [] if any(a == "--device" or a.startswith(("--device=", "--config", "-C")) for a in argv) else \
+        ["--device", default_device()]  # lm-eval's own default is cuda:0, GPU or not
+    sys.argv = ["mexit eval", "run", *([] if given else ["--model", "mexit"]), *device, *argv]
     try:
         cli = HarnessCLI()
+        mexit_help(cli)
         cli.execute(cli.parse_args())
     except SystemExit as done:  # --help (0) or a usage error (2, its line already printed)
         return int(done.code or 0) if isinstance(done.code, int) or done.code is None else 2
@@ -38,6 +41,26 @@ def run_eval(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def default_device() -> str:
+    """Every mexit command's default device: cuda when available, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mexit_help(cli) -> None:
+    """lm-eval's `run` help with mexit's defaults for --model and --device (where its parser has them)."""
+    import argparse
+
+    for action in cli._parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and "run" in action.choices:
+            for option in action.choices["run"]._actions:
+                if "--model" in option.option_strings:
+                    option.help = "mexit (the only model `mexit eval` runs; lm-eval runs the others)"
+                elif "--device" in option.option_strings:
+                    option.help = "cpu or cuda (default: cuda when available, else cpu)"
 
 
 def main(argv=None) -> int:

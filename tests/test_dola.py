@@ -89,6 +89,7 @@ def test_multi_exit_dola_and_errors(tiny_checkpoint, capsys):
                                    model.head_logits(states[2][0, -1:], 2))
     assert out.tokens[0][0] == int((top - low).argmax())
     for kw, needle in ((dict(dola_layers="mid"), "dola_layers must be"), (dict(dola_layers=[9]), "no layer below"),
+                       (dict(dola_layers=[2, 2]), r"dola_layers lists a layer twice: \[2, 2\]"),
                        (dict(dola_layers=[4], dola_heads="exit"), "have no exit head"),
                        (dict(dola_layers="high", mode="exit", exit_layer=2), "do not combine"),
                        (dict(dola_heads="exit"), "dola_heads goes with dola_layers")):

@@ -177,3 +177,24 @@ def test_mexit_eval_runs_lm_evals_command_line(tiny_checkpoint, tasks, tmp_path,
     assert results[0]["config"]["model"] == "mexit"
     assert main(["eval", "--model", "hf", "--tasks", "tiny_mc"]) == 2
     assert "error: mexit eval runs --model mexit" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the default device is cpu without CUDA")
+def test_mexit_eval_defaults_and_a_missing_checkpoint_are_one_line(tiny_checkpoint, tasks, tmp_path, capsys):
+    """No --device: cuda when available, else cpu (lm-eval's own default is cuda:0); no --model_args: one line
+    naming pretrained=, not a TypeError; --help names mexit's defaults."""
+    common = ["--tasks", "tiny_mc", "--include_path", str(tasks[0]), "--batch_size", "2", "--limit", "2"]
+    assert main(["eval", "--model_args", f"pretrained={tiny_checkpoint[0]}", *common,
+                 "--output_path", str(tmp_path / "results")]) == 0
+    results = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("results_*.json")]
+    assert results[0]["config"]["device"] == "cpu"
+    capsys.readouterr()
+    assert main(["eval", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: the mexit model needs the checkpoint: --model_args "
+                                                   "pretrained=") and "Traceback" not in err  # after lm-eval's log
+    assert main(["eval", "--model_args", f"pretrained={tmp_path / 'missing'}", *common]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["eval", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "mexit (the only model" in shown and "default: cuda when available, else cpu" in shown

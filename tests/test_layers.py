@@ -46,6 +46,9 @@ def test_cli_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
         assert main(["layers", "--model", folder, *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+    for option in (["--engine", "static"], ["--compile"], ["--backend", "triton"], ["--pdl"]):  # one forward pass:
+        assert main(["layers", "--model", folder, "--prompt", "Hi", *option]) == 2  # no decode step to configure
+        assert f"unrecognized arguments: {option[0]}" in capsys.readouterr().err
 
 
 def test_a_long_prompt_wraps_in_the_table_and_the_plot(tiny_checkpoint, tmp_path, capsys):

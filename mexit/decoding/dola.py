@@ -50,6 +50,8 @@ class DolaConfig:
             layers = tuple(self.layers)
             if not layers or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
                 raise ValueError(f"dola_layers must be 'low', 'high' or a list of layer numbers >= 0, got {layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"dola_layers lists a layer twice: {list(layers)}")
             object.__setattr__(self, "layers", layers)
         if self.heads not in ("embedding", "exit"):
             raise ValueError(f"dola_heads must be 'embedding' or 'exit', got {self.heads!r}")

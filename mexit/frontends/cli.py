@@ -102,12 +102,20 @@ def hub_kwargs(args) -> dict:
                 local_files_only=args.local_files_only, subfolder=args.subfolder)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
+    """The checkpoint's loading options; decode: also how decode steps run (backend, engine, kernels), for commands
+    that decode."""
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
     add_hub_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="fp32, fp16, bf16 or auto (the stored dtype) (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--no-weight-check", action="store_true",
+                   help="load tensors holding NaN/inf instead of refusing them (outputs will be meaningless)")
+    if not decode:
+        p.set_defaults(backend="auto", engine="auto", compile=False, pdl=None, gemv_max_rows=None,
+                       fused_max_rows=None)
+        return
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="exit stage: Triton kernels or the PyTorch reference (auto: triton on cuda)")
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
@@ -122,8 +130,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused-max-rows", type=int, default=None,
                    help="triton: decode batches up to this size run the tiled fused-linear kernels, larger ones "
                    "cuBLAS (default: the card's measured choice on CUDA)")
-    p.add_argument("--no-weight-check", action="store_true",
-                   help="load tensors holding NaN/inf instead of refusing them (outputs will be meaningless)")
 
 
 def add_generate_parser(sub) -> None:
@@ -683,7 +689,7 @@ def add_layers_parser(sub) -> None:
                        description="One pass over the prompt: per position, each head's top-k tokens with their "
                                    "probabilities and its entropy. Prints heads x positions (top-1 and its "
                                    "probability), or JSON, and can draw a heatmap.")
-    add_model_args(p)
+    add_model_args(p, decode=False)  # one whole-sequence pass: no decode steps to configure
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action=Once, help="prompt text (one)")
     src.add_argument("--input-ids", action=Once, type=parse_ints, help="comma-separated token ids (one prompt)")

@@ -61,7 +61,7 @@ class MexitLM(HFLM):
     `logits_cache`, `add_bos_token`, `prefix_token_id` keep their `hf` meaning; other `hf` arguments are refused by
     name."""
 
-    def __init__(self, pretrained, mode: str | None = None, exit_layer: int | None = None, contrast=None,
+    def __init__(self, pretrained=None, mode: str | None = None, exit_layer: int | None = None, contrast=None,
                  alpha: float = 0.1, min_candidates: int = 1, early_exit: float | None = None,
                  measure: str = "max-prob", draft_exit: int | None = None, draft_len: int = 1, dola_layers=None,
                  dola_heads: str = "embedding", device: str | None = None, dtype: str = "auto", backend: str = "auto",
@@ -70,6 +70,8 @@ class MexitLM(HFLM):
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, revision: str | None = None,
                  subfolder: str = "", token: str | None = None, cache_dir: str | None = None,
                  local_files_only: bool = False, trust_remote_code: bool | None = None, **unsupported):
+        if pretrained is None:
+            raise ValueError("the mexit model needs the checkpoint: --model_args pretrained=FOLDER (or a hub id)")
         if unsupported:
             raise NotImplementedError(f"model_args not supported by lm-eval's mexit model: {sorted(unsupported)} "
                                       "(see `help(mexit.frontends.harness.MexitLM)`)")
