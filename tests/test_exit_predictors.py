@@ -111,6 +111,11 @@ def test_resume_continues_exactly(folder, tmp_path, monkeypatch):
     resumed = load_file(path / PREDICTOR_FILE)
     torch.testing.assert_close(resumed["weight"], straight["weight"])
     torch.testing.assert_close(resumed["bias"], straight["bias"])
+    report = json.loads((path / "exit_predictors_report.json").read_text())
+    assert report["training"]["resumed_at"] == [5] and "resumed at step 5" in \
+        (path / "exit_predictors_report.md").read_text()
+    with pytest.raises(ValueError, match=r"trained with lr=0\.01, this run gives 0\.1: resume with the run's"):
+        train_exit_predictors(config(folder, steps=12, resume=True, lr=0.1))  # a changed setting is not ignored
 
 
 def test_bad_input_fails_before_work(folder, tmp_path, capsys):
@@ -125,6 +130,9 @@ def test_bad_input_fails_before_work(folder, tmp_path, capsys):
         (dict(final_head=7), ValueError, "final head 7 is not an exit"),
         (dict(steps=0), ValueError, "steps must be >= 1"),
         (dict(resume=True), FileNotFoundError, "holds no exit_predictors_state.pt"),
+        (dict(resume=True, overwrite=True), ValueError, "--resume continues the saved run and --overwrite"),
+        (dict(eval_max_blocks=0), ValueError, "eval_max_blocks must be >= 1"),
+        (dict(save_every=-5), ValueError, "save_every must be >= 0"),
     ]
     for kw, err, message in cases:
         with pytest.raises(err, match=message):

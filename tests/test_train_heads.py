@@ -89,6 +89,37 @@ def test_resume_continues_from_the_saved_step(base, tmp_path):
         assert resumed["eval"][layer]["loss"] == pytest.approx(full["eval"][layer]["loss"], abs=1e-5)
 
 
+def test_a_resume_keeps_the_interrupted_evaluation_and_refuses_changed_settings(base, tmp_path, monkeypatch):
+    """Ctrl-C during the held-out evaluation of step 6: the resumed run evaluates step 6 first, so its history
+    equals an uninterrupted run's; the report says where it resumed. A resume that changes a setting of the steps
+    (lr, batch size, seed, ...) is refused by name instead of being ignored."""
+    import mexit.training.heads as th
+
+    straight = train_heads(config(base, tmp_path / "straight", steps=9, eval_every=3))
+    assert [h["step"] for h in straight["history"]] == [3, 6]
+    original, calls = th.HeadTrainer.evaluate, []
+
+    def interrupt_the_second(self, blocks, batch):  # calls: the start, step 3, step 6
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, blocks, batch)
+
+    monkeypatch.setattr(th.HeadTrainer, "evaluate", interrupt_the_second)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 6 of 9"):
+        train_heads(config(base, tmp_path / "cut", steps=9, eval_every=3))
+    monkeypatch.setattr(th.HeadTrainer, "evaluate", original)
+    for change, message in ((dict(lr=1e-2), r"trained with lr=0\.005, this run gives 0\.01"),
+                            (dict(batch_size=2), "trained with batch_size=4, this run gives 2"),
+                            (dict(seed=1), "trained with seed=0, this run gives 1")):
+        with pytest.raises(ValueError, match=message):
+            train_heads(config(base, tmp_path / "cut", steps=9, eval_every=3, resume=True, **change))
+    resumed = train_heads(config(base, tmp_path / "cut", steps=9, eval_every=3, resume=True, save_every=2))
+    assert resumed["history"] == straight["history"] and resumed["eval"] == straight["eval"]
+    assert resumed["training"]["resumed_at"] == [6] and straight["training"]["resumed_at"] == []
+    assert "resumed at step 6." in (tmp_path / "cut" / "train_report.md").read_text()
+
+
 def test_init_zero_and_bf16(base, tmp_path):
     report = train_heads(config(base, tmp_path / "zero", init="zero", steps=5, dtype="bf16"))
     assert report["eval_start"]["2"]["loss"] == pytest.approx(torch.log(torch.tensor(257.0)).item(), abs=1e-3)
@@ -100,6 +131,12 @@ def test_init_zero_and_bf16(base, tmp_path):
     (dict(exits=(0, 5)), r"exits \[0, 5\] are outside 1..n_layer=4"),
     (dict(seq_len=1000), "seq_len must be in 2..64"),
     (dict(steps=0), "steps must be >= 1"),
+    (dict(eval_max_blocks=0), "eval_max_blocks must be >= 1, got 0"),
+    (dict(eval_max_blocks=-1), "eval_max_blocks must be >= 1, got -1"),
+    (dict(eval_every=-1), r"eval_every must be >= 0 \(0: never\), got -1"),
+    (dict(save_every=-5), "save_every must be >= 0"),
+    (dict(warmup_steps=-1), r"warmup_steps must be >= 0 \(0: no warm-up\)"),
+    (dict(resume=True, overwrite=True), "--resume continues the saved run and --overwrite replaces it: pass one"),
 ])
 def test_bad_input_fails_before_work(base, tmp_path, change, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):

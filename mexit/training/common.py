@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,26 @@ def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None
             raise FileNotFoundError(f"data file {path} {'is not a file' if Path(path).exists() else 'does not exist'}")
         if not read_text(path, errors="replace").strip():
             raise ValueError(f"data file {path} is empty")
+
+
+def check_counts(cfg) -> None:
+    """A training command's counts (the fields its config has): eval_max_blocks >= 1; eval_every, save_every,
+    warmup_steps (None: the default) >= 0; resume and overwrite not both."""
+    if cfg.eval_max_blocks < 1:
+        raise ValueError(f"eval_max_blocks must be >= 1, got {cfg.eval_max_blocks}")
+    for name in ("eval_every", "save_every", "warmup_steps"):
+        value = getattr(cfg, name, None)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0 (0: {'no warm-up' if name == 'warmup_steps' else 'never'}), "
+                             f"got {value}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the saved run and --overwrite replaces it: pass one")
+
+
+def resumed(training: dict) -> str:
+    """', resumed at step N[, M]' for a report's training entry (or '')."""
+    steps = training.get("resumed_at")
+    return f", resumed at step {', '.join(map(str, steps))}" if steps else ""
 
 
 def token_blocks(tokenizer, paths: list[str], seq_len: int) -> torch.Tensor:
@@ -81,11 +102,18 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+# a training command's settings that may change on --resume: the length, where it runs, how often it reports and
+# saves; every other setting shapes the steps (or the held-out score a report compares with its start)
+RESUME_MAY_CHANGE = frozenset({"steps", "epochs", "device", "eval_every", "save_every", "progress", "resume",
+                               "overwrite"})
+
+
 @dataclass
 class Run:
     """Where a training run stands: what a save writes and a resume restores beside the trained tensors. step:
     optimizer steps taken; history: per step {"step", "loss"} (a float, or {exit: float}), with "eval" where the
-    held-out data was scored; seconds: wall time inside the steps (device synchronized)."""
+    held-out data was scored; seconds: wall time inside the steps (device synchronized); resumed_at: the steps a
+    --resume continued from."""
 
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
@@ -93,21 +121,30 @@ class Run:
     step: int = 0
     history: list = field(default_factory=list)
     seconds: float = 0.0
+    resumed_at: list = field(default_factory=list)
 
     def state(self, config: dict) -> dict:
         """The loop's part of a saved state (the caller adds its tensors and keys)."""
         return {"step": self.step, "total_steps": self.total, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "history": self.history, "seconds": self.seconds,
-                "config": config}
+                "config": config, "resumed_at": self.resumed_at}
 
-    def resume(self, saved: dict, where) -> None:
-        """Continue from the state saved in `where` (`state`'s keys). Error: the saved run is past this run's total
-        steps."""
+    def resume(self, saved: dict, where, config: dict) -> None:
+        """Continue from the state saved in `where` (`state`'s keys) under this run's `config` (the command's
+        settings, as `state` records them). Errors: the saved run is past this run's total steps; a setting outside
+        RESUME_MAY_CHANGE differs from the saved run's (a state saved without its settings is not checked)."""
         if self.total < saved["step"]:
             raise ValueError(f"--resume: {where} is at step {saved['step']}, past this run's {self.total} steps")
+        before = saved.get("config") or {}
+        for key in sorted(set(before) & set(config) - RESUME_MAY_CHANGE):
+            if json.dumps(before[key], default=str) != json.dumps(config[key], default=str):  # a tuple is its list
+                raise ValueError(f"--resume: {where} was trained with {key}={before[key]!r}, this run gives "
+                                 f"{config[key]!r}: resume with the run's settings (only the length, device, "
+                                 f"--eval-every and --save-every may change), or train into another folder")
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         self.step, self.history, self.seconds = saved["step"], saved["history"], saved["seconds"]
+        self.resumed_at = [*saved.get("resumed_at", []), self.step]
 
     def tokens_per_s(self, tokens_per_step: int) -> float:
         return tokens_per_step * self.step / self.seconds if self.seconds else 0.0
@@ -118,13 +155,18 @@ def train(run: Run, step_loss: Callable, blocks: torch.Tensor, batch_size: int, 
           progress: bool = True, after_step: Callable[[dict], str | None] | None = None) -> None:
     """Steps from `run.step` to `run.total`: the step's batch (`batch_at`), step_loss(batch) -> loss (a float or
     {exit: float}; its backward done), then the optimizer and schedule steps. after_step(history entry) may add to the
-    entry and return a line to print; save() every `save_every` steps before the last (0: never) and on Ctrl-C,
-    which then raises TrainingInterrupted naming `saved_to` and how to resume."""
+    entry and return a line to print; it runs again on the last entry of a resumed run (a Ctrl-C may have cut it
+    short), so it adds only what the entry lacks. save() every `save_every` steps before the last (0: never) and on
+    Ctrl-C, which then raises TrainingInterrupted naming `saved_to` and how to resume."""
     from tqdm import tqdm
 
     bar = tqdm(total=run.total, initial=run.step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s
     try:
+        if after_step is not None and run.history and run.step < run.total:
+            line = after_step(run.history[-1])
+            if line:
+                bar.write(line)
         while run.step < run.total:
             batch = batch_at(blocks, run.step, batch_size, seed).to(device)
             t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from mexit.model.placement import resolve_device, resolve_dtype
 from mexit.model.predictors import PREDICTOR_FILE
 from mexit.model.token_counts import count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, Run, check_text, lr_factor, split_blocks, train
+from .common import LOGITS_PER_CHUNK, Run, check_counts, check_text, lr_factor, resumed, split_blocks, train
 
 STATE_FILE = "trainer_state.pt"
 
@@ -99,6 +99,7 @@ def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
                          f"got {cfg.dtype!r}")
     if not 0 < cfg.eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    check_counts(cfg)
     out = Path(cfg.out)
     if cfg.resume:
         if not (out / STATE_FILE).exists():
@@ -207,7 +208,8 @@ def report_markdown(report: dict) -> str:
     t = report["training"]
     return (f"# train-heads report\n\nbase `{report['base']}`, exits {report['exits']}, init {report['init']}; "
             f"{t['steps']} steps x {t['batch_size']} x {t['seq_len']} tokens, lr {t['lr']}, {t['device']} "
-            f"{t['dtype']}: {t['tokens_per_s']:.0f} tokens/s, {t['seconds']:.1f} s.\n\n" + "\n".join(rows) + "\n")
+            f"{t['dtype']}: {t['tokens_per_s']:.0f} tokens/s, {t['seconds']:.1f} s{resumed(t)}.\n\n" + "\n".join(rows)
+            + "\n")
 
 
 def train_heads(cfg: HeadTrainingConfig) -> dict:
@@ -240,7 +242,7 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
         if tuple(saved["exits"]) != trainer.exits:
             raise ValueError(f"--resume: {out} trains exits {saved['exits']}; this run asks for "
                              f"{list(trainer.exits)}")
-        run.resume(saved, out)
+        run.resume(saved, out, asdict(cfg))
         if total != saved["total_steps"]:  # the linear schedule is stretched (or shrunk) to the new length
             warnings.warn(f"--resume: {saved['total_steps']} steps extended to {total}: the learning rate follows "
                           f"the linear schedule of {total} steps from step {saved['step']} on", stacklevel=2)
@@ -258,7 +260,7 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
         return {**run.state(asdict(cfg)), "exits": list(trainer.exits), "eval_start": eval_start}
 
     def evaluate(entry: dict) -> str | None:
-        if cfg.eval_every and entry["step"] % cfg.eval_every == 0:
+        if cfg.eval_every and entry["step"] % cfg.eval_every == 0 and "eval" not in entry:
             entry["eval"] = trainer.evaluate(eval_blocks, eval_batch)
             return f"step {entry['step']}: held-out loss " + ", ".join(
                 f"{k}={v['loss']:.3f}" for k, v in entry["eval"].items())
@@ -275,7 +277,8 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
         "training": {"steps": total, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
                      "warmup_steps": warmup, "device": str(device), "dtype": cfg.dtype, "seconds": run.seconds,
                      "tokens_per_s": run.tokens_per_s(tokens_per_step),
-                     "final_train_loss": run.history[-1]["loss"] if run.history else None},
+                     "final_train_loss": run.history[-1]["loss"] if run.history else None,
+                     "resumed_at": run.resumed_at},
         "history": [{"step": h["step"], "eval": h["eval"]} for h in run.history if "eval" in h],
     }
     save_output(out, base, hf_config, trainer, base_state, state(), report)

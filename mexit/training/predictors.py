@@ -25,7 +25,7 @@ from mexit.model.placement import resolve_device
 from mexit.model.predictors import PREDICTOR_FILE, ExitPredictors, save_predictors
 from mexit.model.token_counts import TOKEN_COUNTS_FILE, count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, Run, check_text, lr_factor, split_blocks, train
+from .common import LOGITS_PER_CHUNK, Run, check_counts, check_text, lr_factor, resumed, split_blocks, train
 
 STATE_FILE = "exit_predictors_state.pt"
 REPORT = "exit_predictors_report"
@@ -99,9 +99,7 @@ def check_inputs(cfg: PredictorTrainingConfig):
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
     if not 0 < cfg.eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
-    if cfg.eval_max_blocks < 1 or cfg.save_every < 0:
-        raise ValueError(f"eval_max_blocks must be >= 1 and save_every >= 0, got {cfg.eval_max_blocks} and "
-                         f"{cfg.save_every}")
+    check_counts(cfg)
     if cfg.resume:
         if not (folder / STATE_FILE).exists():
             raise FileNotFoundError(f"--resume: {folder} holds no {STATE_FILE} to resume from")
@@ -207,7 +205,7 @@ def report_markdown(report: dict) -> str:
     t = report["training"]
     return (f"# train-exit-predictors report\n\ncheckpoint `{report['model']}`, exits {report['exits']} against the "
             f"{report['final_head']!r} head; {t['steps']} steps x {t['batch_size']} x {t['seq_len']} tokens, lr "
-            f"{t['lr']}, {t['device']}: {t['seconds']:.1f} s ({t['tokens_per_s']:.0f} tokens/s). Held out: "
+            f"{t['lr']}, {t['device']}: {t['seconds']:.1f} s ({t['tokens_per_s']:.0f} tokens/s){resumed(t)}. Held out: "
             f"{report['eval_tokens']} tokens.\n\n" + "\n".join(rows) + "\n")
 
 
@@ -236,7 +234,7 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
         if tuple(saved["exits"]) != exits or str(saved["final_head"]) != str(cfg.final_head):
             raise ValueError(f"--resume: {folder} trains exits {saved['exits']} against {saved['final_head']!r}; this "
                              f"run asks for {list(exits)} against {cfg.final_head!r}")
-        run.resume(saved, folder / STATE_FILE)
+        run.resume(saved, folder / STATE_FILE, asdict(cfg))
         with torch.no_grad():
             trainer.weight.copy_(saved["weight"])
             trainer.bias.copy_(saved["bias"])
@@ -258,7 +256,8 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
         "training": {"steps": total, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
                      "warmup_steps": warmup, "device": str(device), "seconds": run.seconds,
                      "tokens_per_s": run.tokens_per_s(tokens_per_step),
-                     "final_train_loss": run.history[-1]["loss"] if run.history else None},
+                     "final_train_loss": run.history[-1]["loss"] if run.history else None,
+                     "resumed_at": run.resumed_at},
     }
     info = {"data": [Path(p).name for p in cfg.data], "steps": total, "seq_len": cfg.seq_len,
             "held_out": {k: {m: v[m] for m in ("base_rate", "accuracy", "ece", "auc")}
