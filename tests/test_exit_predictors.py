@@ -104,8 +104,8 @@ def test_resume_continues_exactly(folder, tmp_path, monkeypatch):
         return original_step(self, blocks)
 
     monkeypatch.setattr(tp.PredictorTrainer, "step", stop_after_five)
-    with pytest.raises(TrainingInterrupted, match="interrupted at step 5 of 12"):
-        train_exit_predictors(config(folder, steps=12, overwrite=True))
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 5 of 12.*plus --resume \(without --overwrite"):
+        train_exit_predictors(config(folder, steps=12, overwrite=True))  # as the message says: resume, no overwrite
     monkeypatch.setattr(tp.PredictorTrainer, "step", original_step)
     train_exit_predictors(config(folder, steps=12, resume=True))
     resumed = load_file(path / PREDICTOR_FILE)
@@ -114,7 +114,8 @@ def test_resume_continues_exactly(folder, tmp_path, monkeypatch):
     report = json.loads((path / "exit_predictors_report.json").read_text())
     assert report["training"]["resumed_at"] == [5] and "resumed at step 5" in \
         (path / "exit_predictors_report.md").read_text()
-    with pytest.raises(ValueError, match=r"trained with lr=0\.01, this run gives 0\.1: resume with the run's"):
+    with pytest.raises(ValueError, match=r"trained with --lr 0\.01, this run gives 0\.1: resume with the run's "
+                                         r"settings \(the length \(--steps / --epochs\), --device and --save-every"):
         train_exit_predictors(config(folder, steps=12, resume=True, lr=0.1))  # a changed setting is not ignored
 
 

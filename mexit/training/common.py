@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import sys
 import time
 from collections.abc import Callable
@@ -44,8 +44,7 @@ def check_counts(cfg) -> None:
     for name in ("eval_every", "save_every", "warmup_steps"):
         value = getattr(cfg, name, None)
         if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0 (0: {'no warm-up' if name == 'warmup_steps' else 'never'}), "
-                             f"got {value}")
+            raise ValueError(f"{name} must be >= 0, got {value}")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the saved run and --overwrite replaces it: pass one")
 
@@ -102,12 +101,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-# a training command's settings that may change on --resume: the length, where it runs, how often it reports and
-# saves; every other setting shapes the steps (or the held-out score a report compares with its start)
-RESUME_MAY_CHANGE = frozenset({"steps", "epochs", "device", "eval_every", "save_every", "progress", "resume",
-                               "overwrite"})
-
-
 @dataclass
 class Run:
     """Where a training run stands: what a save writes and a resume restores beside the trained tensors. step:
@@ -123,31 +116,46 @@ class Run:
     seconds: float = 0.0
     resumed_at: list = field(default_factory=list)
 
-    def state(self, config: dict) -> dict:
-        """The loop's part of a saved state (the caller adds its tensors and keys)."""
+    def state(self, config: dict, settings: dict) -> dict:
+        """The loop's part of a saved state (the caller adds its tensors and keys): config, the command's settings
+        as given; settings, what `check_resume` compares."""
         return {"step": self.step, "total_steps": self.total, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "history": self.history, "seconds": self.seconds,
-                "config": config, "resumed_at": self.resumed_at}
+                "config": config, "settings": settings, "resumed_at": self.resumed_at}
 
-    def resume(self, saved: dict, where, config: dict) -> None:
-        """Continue from the state saved in `where` (`state`'s keys) under this run's `config` (the command's
-        settings, as `state` records them). Errors: the saved run is past this run's total steps; a setting outside
-        RESUME_MAY_CHANGE differs from the saved run's (a state saved without its settings is not checked)."""
-        if self.total < saved["step"]:
-            raise ValueError(f"--resume: {where} is at step {saved['step']}, past this run's {self.total} steps")
-        before = saved.get("config") or {}
-        for key in sorted(set(before) & set(config) - RESUME_MAY_CHANGE):
-            if json.dumps(before[key], default=str) != json.dumps(config[key], default=str):  # a tuple is its list
-                raise ValueError(f"--resume: {where} was trained with {key}={before[key]!r}, this run gives "
-                                 f"{config[key]!r}: resume with the run's settings (only the length, device, "
-                                 f"--eval-every and --save-every may change), or train into another folder")
+    def resume(self, saved: dict) -> None:
+        """Continue from a saved state (`state`'s keys), checked by `check_resume`."""
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         self.step, self.history, self.seconds = saved["step"], saved["history"], saved["seconds"]
-        self.resumed_at = [*saved.get("resumed_at", []), self.step]
+        self.resumed_at = list(saved.get("resumed_at", []))
+        if self.resumed_at[-1:] != [self.step]:  # (an interrupt before any step resumes from the same one)
+            self.resumed_at.append(self.step)
 
     def tokens_per_s(self, tokens_per_step: int) -> float:
         return tokens_per_step * self.step / self.seconds if self.seconds else 0.0
+
+
+def data_digest(blocks: torch.Tensor) -> str:
+    """The token blocks' digest: the same text, tokenizer, sequence length and split give the same one, however
+    the files are named."""
+    return hashlib.sha256(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def check_resume(saved: dict, where, total: int, settings: dict, may_change: str) -> None:
+    """A resume continues the saved run (`Run.state`) as it was started. settings: what shapes its steps and the
+    held-out score its report compares with the start ({option: value}; "training data" / "held-out data": their
+    `data_digest`), to equal the saved run's (a state saved without them is not checked); may_change: what the
+    message says may change instead. Errors: a setting differs; the saved run is past this run's `total` steps."""
+    before = saved.get("settings") or {}
+    for key in [k for k in settings if k in before]:
+        if before[key] != settings[key]:
+            what = f"{key} {before[key]!r}, this run gives {settings[key]!r}" if key.startswith("--") else \
+                f"other {key} (token blocks {before[key]}, this run's {settings[key]})"
+            raise ValueError(f"--resume: {where} was trained with {what}: resume with the run's settings ({may_change} "
+                             "may change)")
+    if total < saved["step"]:
+        raise ValueError(f"--resume: {where} is at step {saved['step']}, past this run's {total} steps")
 
 
 def train(run: Run, step_loss: Callable, blocks: torch.Tensor, batch_size: int, seed: int, device: torch.device,
@@ -193,7 +201,7 @@ def train(run: Run, step_loss: Callable, blocks: torch.Tensor, batch_size: int, 
         bar.close()
         save()
         raise TrainingInterrupted(f"interrupted at step {run.step} of {run.total}; saved to {saved_to}. Resume with "
-                                  "the same command plus --resume") from None
+                                  "the same command plus --resume (without --overwrite)") from None
     bar.close()
 
 

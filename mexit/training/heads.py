@@ -28,7 +28,18 @@ from mexit.model.placement import resolve_device, resolve_dtype
 from mexit.model.predictors import PREDICTOR_FILE
 from mexit.model.token_counts import count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, Run, check_counts, check_text, lr_factor, resumed, split_blocks, train
+from .common import (
+    LOGITS_PER_CHUNK,
+    Run,
+    check_counts,
+    check_resume,
+    check_text,
+    data_digest,
+    lr_factor,
+    resumed,
+    split_blocks,
+    train,
+)
 
 STATE_FILE = "trainer_state.pt"
 
@@ -228,21 +239,29 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     per_epoch = len(blocks) // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 1.0) * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+    out = Path(cfg.out)
+    settings = {"--lr": cfg.lr, "--batch-size": cfg.batch_size, "--seq-len": cfg.seq_len,
+                "--weight-decay": cfg.weight_decay, "--warmup-steps": cfg.warmup_steps, "--init": cfg.init,
+                "--dtype": cfg.dtype, "--seed": cfg.seed, "--eval-max-blocks": cfg.eval_max_blocks,
+                "training data": data_digest(blocks), "held-out data": data_digest(eval_blocks)}
+    saved = None
+    if cfg.resume:  # checked before the model loads
+        saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        if sorted(saved["exits"]) != sorted(cfg.exits):
+            raise ValueError(f"--resume: {out} trains exits {saved['exits']}; this run asks for "
+                             f"{sorted(cfg.exits)}")
+        check_resume(saved, out, total, settings,
+                     "the length (--steps / --epochs), --device, --eval-every and --save-every")
 
     model = load(base, dtype=resolve_dtype("bf16" if bf16 else "fp32"), device=device)
     base_state = stored_state(base, model.config)  # written back as stored, beside the trained heads
     trainer = HeadTrainer(model, tuple(cfg.exits), cfg.init, bf16)
-    out = Path(cfg.out)
     params = list(trainer.heads.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total)), total)
     eval_start = None
-    if cfg.resume:
-        saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
-        if tuple(saved["exits"]) != trainer.exits:
-            raise ValueError(f"--resume: {out} trains exits {saved['exits']}; this run asks for "
-                             f"{list(trainer.exits)}")
-        run.resume(saved, out, asdict(cfg))
+    if saved is not None:
+        run.resume(saved)
         if total != saved["total_steps"]:  # the linear schedule is stretched (or shrunk) to the new length
             warnings.warn(f"--resume: {saved['total_steps']} steps extended to {total}: the learning rate follows "
                           f"the linear schedule of {total} steps from step {saved['step']} on", stacklevel=2)
@@ -257,7 +276,7 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
         eval_start = trainer.evaluate(eval_blocks, eval_batch)
 
     def state():
-        return {**run.state(asdict(cfg)), "exits": list(trainer.exits), "eval_start": eval_start}
+        return {**run.state(asdict(cfg), settings), "exits": list(trainer.exits), "eval_start": eval_start}
 
     def evaluate(entry: dict) -> str | None:
         if cfg.eval_every and entry["step"] % cfg.eval_every == 0 and "eval" not in entry:

@@ -25,7 +25,18 @@ from mexit.model.placement import resolve_device
 from mexit.model.predictors import PREDICTOR_FILE, ExitPredictors, save_predictors
 from mexit.model.token_counts import TOKEN_COUNTS_FILE, count_tokens, save_token_counts
 
-from .common import LOGITS_PER_CHUNK, Run, check_counts, check_text, lr_factor, resumed, split_blocks, train
+from .common import (
+    LOGITS_PER_CHUNK,
+    Run,
+    check_counts,
+    check_resume,
+    check_text,
+    data_digest,
+    lr_factor,
+    resumed,
+    split_blocks,
+    train,
+)
 
 STATE_FILE = "exit_predictors_state.pt"
 REPORT = "exit_predictors_report"
@@ -224,23 +235,30 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
     per_epoch = len(blocks) // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 2.0) * per_epoch))
     warmup = max(1, total // 20)
+    settings = {"--lr": cfg.lr, "--batch-size": cfg.batch_size, "--seq-len": cfg.seq_len, "--seed": cfg.seed,
+                "--eval-max-blocks": cfg.eval_max_blocks, "training data": data_digest(blocks),
+                "held-out data": data_digest(eval_blocks)}
+    saved = None
+    if cfg.resume:  # checked before the model loads
+        saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        if tuple(saved["exits"]) != exits or str(saved["final_head"]) != str(cfg.final_head):
+            raise ValueError(f"--resume: {folder} trains exits {saved['exits']} against {saved['final_head']!r}; this "
+                             f"run asks for {list(exits)} against {cfg.final_head!r}")
+        check_resume(saved, folder / STATE_FILE, total, settings,
+                     "the length (--steps / --epochs), --device and --save-every")
 
     model = load(folder, dtype="fp32", device=device)
     trainer = PredictorTrainer(model, exits, cfg.final_head, depth)
     opt = torch.optim.Adam([trainer.weight, trainer.bias], lr=cfg.lr)
     run = Run(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total)), total)
-    if cfg.resume:
-        saved = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        if tuple(saved["exits"]) != exits or str(saved["final_head"]) != str(cfg.final_head):
-            raise ValueError(f"--resume: {folder} trains exits {saved['exits']} against {saved['final_head']!r}; this "
-                             f"run asks for {list(exits)} against {cfg.final_head!r}")
-        run.resume(saved, folder / STATE_FILE, asdict(cfg))
+    if saved is not None:
+        run.resume(saved)
         with torch.no_grad():
             trainer.weight.copy_(saved["weight"])
             trainer.bias.copy_(saved["bias"])
 
     def save_state():
-        torch.save({**run.state(asdict(cfg)), "exits": list(exits), "final_head": str(cfg.final_head),
+        torch.save({**run.state(asdict(cfg), settings), "exits": list(exits), "final_head": str(cfg.final_head),
                     "weight": trainer.weight.detach().cpu(), "bias": trainer.bias.detach().cpu()},
                    folder / (STATE_FILE + ".tmp"))
         (folder / (STATE_FILE + ".tmp")).replace(folder / STATE_FILE)
