@@ -7,11 +7,48 @@ import sys
 from .frontends import cli
 
 
+def option_values(argv: list[str], *names: str, many: bool = False) -> list[str]:
+    """The values given to an option (any of `names`) as `NAME VALUE` or `NAME=VALUE`; many: `NAME V1 V2 ...`
+    (lm-eval's --model_args) joined by commas."""
+    found = []
+    for i, a in enumerate(argv):
+        if a.startswith(tuple(f"{n}=" for n in names)):
+            found.append(a.split("=", 1)[1])
+        elif a in names:
+            rest = argv[i + 1:]
+            values = rest[: next((j for j, v in enumerate(rest) if v.startswith("-")), len(rest))]
+            found.append(",".join(values if many else values[:1]))
+    return found
+
+
+def eval_device(argv: list[str]) -> list[str]:
+    """`--device D` to put before the user's arguments (theirs win): the device named in --model_args, else none
+    where a --config file names one, else mexit's default (cuda when available, else cpu; lm-eval's own default is
+    cuda:0, GPU or not)."""
+    import re
+
+    from mexit.model.placement import resolve_device
+
+    for model_args in option_values(argv, "--model_args", "-a", many=True):
+        named = re.search(r"(?:^|,)\s*device=([^,]+)", model_args)
+        if named:
+            return ["--device", named.group(1).strip()]
+    for path in option_values(argv, "--config", "-C"):
+        try:
+            import yaml
+
+            if "device" in (yaml.safe_load(open(path)) or {}):
+                return []
+        except (OSError, ImportError, ValueError, AttributeError):  # lm-eval reports an unreadable file itself
+            return []
+    return ["--device", str(resolve_device(None))]
+
+
 def run_eval(argv: list[str]) -> int:
-    """`mexit eval ARGS`: lm-eval's `run` command line, unchanged, with `--model mexit` (lm-eval's own command line
-    only finds models registered in its process: `mexit.frontends.harness` registers mexit's)."""
-    given = [a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-             for i, a in enumerate(argv) if a in ("--model", "-M") or a.startswith("--model=")]
+    """`mexit eval ARGS`: lm-eval's `run` command line with `--model mexit` (lm-eval's own command line only finds
+    models registered in its process: `mexit.frontends.harness` registers mexit's) and mexit's default device
+    (`eval_device`); everything else lm-eval's."""
+    given = option_values(argv, "--model", "-M")
     if any(model != "mexit" for model in given):
         print(f"error: mexit eval runs --model mexit (got --model {given[0]}); for other models run lm-eval",
               file=sys.stderr)
@@ -26,9 +63,7 @@ def run_eval(argv: list[str]) -> int:
         return 2
     setup_logging()
     saved = sys.argv
-    device = [] if any(a == "--device" or a.startswith(("--device=", "--config", "-C")) for a in argv) else \
-        ["--device", default_device()]  # lm-eval's own default is cuda:0, GPU or not
-    sys.argv = ["mexit eval", "run", *([] if given else ["--model", "mexit"]), *device, *argv]
+    sys.argv = ["mexit eval", "run", *([] if given else ["--model", "mexit"]), *eval_device(argv), *argv]
     try:
         cli = HarnessCLI()
         mexit_help(cli)
@@ -41,13 +76,6 @@ def run_eval(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
-
-
-def default_device() -> str:
-    """Every mexit command's default device: cuda when available, else cpu."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def mexit_help(cli) -> None:

@@ -194,7 +194,14 @@ def test_mexit_eval_defaults_and_a_missing_checkpoint_are_one_line(tiny_checkpoi
     assert err.strip().splitlines()[-1].startswith("error: the mexit model needs the checkpoint: --model_args "
                                                    "pretrained=") and "TypeError" not in err  # after lm-eval's log
     assert main(["eval", "--model_args", f"pretrained={tmp_path / 'missing'}", *common]) == 2
-    assert "missing" in capsys.readouterr().err
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(tmp_path / "missing") in last and "cuda" not in last
+    # a device in model_args is the device (lm-eval also passes its own: taken once), unless --device says otherwise
+    assert main(["eval", "--model_args", f"pretrained={tiny_checkpoint[0]},device=cpu", *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model_args", f"pretrained={tiny_checkpoint[0]},device=cpu", "--device", "cuda",
+                 *common]) == 2
+    assert "error: device is given twice: 'cpu' in model_args and 'cuda' by --device" in capsys.readouterr().err
     assert main(["eval", "--help"]) == 0
     shown = " ".join(capsys.readouterr().out.split())
     assert "mexit (the only model" in shown and "default: cuda when available, else cpu" in shown

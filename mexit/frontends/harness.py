@@ -61,6 +61,28 @@ class MexitLM(HFLM):
     `logits_cache`, `add_bos_token`, `prefix_token_id` keep their `hf` meaning; other `hf` arguments are refused by
     name."""
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lm-eval's constructor from a `model_args` string (see `create_from_arg_obj`)."""
+        from lm_eval import utils
+
+        return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's constructor from `model_args` and its own settings (batch_size, max_batch_size, device): a
+        setting given both ways is taken once where the two agree and refused where they differ (lm-eval would
+        pass both: a TypeError)."""
+        args = dict(arg_dict)
+        for key, other in (additional_config or {}).items():
+            if other is None:
+                continue
+            if key in args and str(args[key]) != str(other):
+                raise ValueError(f"{key} is given twice: {args[key]!r} in model_args and {other!r} by --{key}: give "
+                                 "it once")
+            args.setdefault(key, other)
+        return cls(**args)
+
     def __init__(self, pretrained=None, mode: str | None = None, exit_layer: int | None = None, contrast=None,
                  alpha: float = 0.1, min_candidates: int = 1, early_exit: float | None = None,
                  measure: str = "max-prob", draft_exit: int | None = None, draft_len: int = 1, dola_layers=None,
