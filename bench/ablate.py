@@ -68,7 +68,7 @@ def encode(lm, prompts: list[str]) -> tuple[list[list[int]], str]:
     return [[b % lm.config.vocab_size for b in p.encode()] for p in prompts], "utf-8 bytes (no tokenizer)"
 
 
-def parse_exit_set(text: str, config) -> tuple[int, ...] | None:
+def parse_exit_set(text: str) -> tuple[int, ...] | None:
     if text == "all":
         return None
     try:
@@ -98,7 +98,7 @@ def settings(args, model) -> list[dict]:
             for exit_set in args.exit_sets:
                 for tau in args.decay_tau:
                     decay = None if str(tau).lower() == "none" else number("--decay-tau", tau)
-                    policy = ExitPolicy(threshold=threshold, measure=measure, exits=parse_exit_set(exit_set, config),
+                    policy = ExitPolicy(threshold=threshold, measure=measure, exits=parse_exit_set(exit_set),
                                         decay_tau=decay, min_layer=args.min_layer, propagation=args.propagation,
                                         schedule=args.schedule)
                     EarlyExit(model, policy)
@@ -264,9 +264,9 @@ class Sweep:
     the validated settings, the encoded prompts, the run's metadata and id, and the full-depth reference (stage 1,
     `measure_reference`: run on first need, so a resume's settings check comes first and a refusal costs no
     generation, and a restarted Ray worker measures its own again). `evaluate(i)` measures setting i: a row without
-    its key. check(meta): called once the metadata is known (the local run's settings check)."""
+    its key."""
 
-    def __init__(self, args, check=None):
+    def __init__(self, args):
         from mexit.decoding.prompts import check_prompts
 
         self.args = args
@@ -289,8 +289,6 @@ class Sweep:
         self.run_id = hashlib.sha256(json.dumps([label, self.ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
                                                  str(lm.model.device), lm.engine, lm.backend.name, lm.compile,
                                                  args.propagation, args.schedule]).encode()).hexdigest()[:12]
-        if check is not None:
-            check(self.meta)
         self.reference = self.reference_seconds = None
 
     def measure_reference(self) -> float:
@@ -379,7 +377,8 @@ def run(args) -> tuple[list[dict], list]:
           flush=True)
     if args.ray:
         return run_on_ray(args, out, log, done)
-    sweep = Sweep(args, check=lambda meta: check_run(log, meta, args, done))
+    sweep = Sweep(args)
+    check_run(log, sweep.meta, args, done)
     keys = sweep.keys()
     todo = [i for i, key in enumerate(keys) if key not in done]
     expected = len(todo) * args.repeats * 2.2 * sweep.measure_reference()  # reference + setting (+ warm-up, quality)
@@ -414,8 +413,9 @@ def run_on_ray(args, out: Path, log: Path, done: dict) -> list[dict]:
                              f"{sorted({meta['device'] for *_, meta in described})}); sweep each kind on its own")
         keys, meta = described[0][1], described[0][2]
         check_run(log, meta, args, done)
-        workers.call_all("measure_reference")
         todo = [i for i, key in enumerate(keys) if key not in done]
+        if todo:  # every worker times its settings against its own reference (else worker 0 measures it lazily)
+            workers.call_all("measure_reference")
         print(f"# stage 2/2: {meta['model']}: {len(keys)} settings, {len(keys) - len(todo)} already in {log}; "
               f"{len(todo)} across {count} Ray worker(s) ({meta['device']}), each timed {args.repeats}x interleaved "
               "with its worker's full-depth reference", file=sys.stderr, flush=True)

@@ -128,6 +128,50 @@ def test_ablation_invariants_and_resume(tiny_checkpoint, tmp_path, prompt_file, 
                                    propagation=["deferred"])) == 0
 
 
+def test_a_resume_on_ray_is_refused_before_any_worker_generates(tiny_checkpoint, tmp_path, prompt_file, monkeypatch):
+    """The driver's order on Ray, without a cluster: workers built (no generation), described, the settings record
+    checked, and only then the references measured; a resume under other settings stops before that."""
+    from mexit.frontends import cluster
+
+    calls = []
+
+    class Workers:  # the cluster's Workers, in this process
+        def __init__(self, build, args, count, options):
+            self.sweep = build(*args)
+            calls.append("built")
+
+        def call_all(self, method, *a):
+            calls.append(method)
+            return [getattr(self.sweep, method)(*a)]
+
+        def call_one(self, method, *a):
+            calls.append(method)
+            return getattr(self.sweep, method)(*a)
+
+        def map(self, method, items):
+            calls.append(method)
+            return (getattr(self.sweep, method)(i) for i in items)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cluster, "Workers", Workers)
+    monkeypatch.setattr(cluster, "connect", lambda address: None)
+    monkeypatch.setattr(cluster, "worker_resources", lambda device, threads, tasks=None: (1, {}))
+    monkeypatch.setattr(ablate, "timed_generate", lambda *a, **k: calls.append("generate") or ablate_generate(*a, **k))
+    out = tmp_path / "abl"
+    assert ablate.main(ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.4], ray=[])) == 0
+    assert calls.index("describe") < calls.index("measure_reference") < calls.index("generate")
+    calls.clear()
+    with pytest.raises(ValueError, match="propagation='eager', this run asks propagation='deferred'"):
+        ablate.main(ablate_args(tiny_checkpoint[0], out, prompt_file, thresholds=[0.4], propagation=["deferred"],
+                                ray=[]))
+    assert calls == ["built", "describe"]
+
+
+ablate_generate = ablate.timed_generate
+
+
 def test_a_truncated_ablation_file_resumes_to_the_same_rows(tiny_checkpoint, tmp_path, prompt_file):
     """A kill can cut ablation.jsonl at any byte: a partial last line is dropped (with a warning) and its setting
     measured again; the resumed file holds the same settings with the same deterministic columns."""

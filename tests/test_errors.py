@@ -99,7 +99,7 @@ def test_cuda_without_gpu(checkpoint):
     ([[1, 2]], dict(contrast=(2, 4)), "must be above the lower layer"),
     ([[1] * 60], dict(max_new_tokens=5), r"^the prompt \(60 tokens\) plus max_new_tokens \(5\) exceeds the model's "
      "context of 64"),
-    ([[1, 2], [1] * 65, [3]], dict(max_new_tokens=1), r"^the longest prompt \(row 1\) \(65 tokens\) plus "
+    ([[1, 2], [1] * 65, [3]], dict(max_new_tokens=1), r"^the longest prompt \(row 1, 65 tokens\) plus "
      r"max_new_tokens \(1\) exceeds the model's context of 64"),
     ([[1, 2], []], {}, r"^empty prompt \(row 1\)"),
     ([], {}, "no prompts"),

@@ -54,12 +54,12 @@ def check_prompts(prompts, config: ModelConfig, max_new_tokens: int | None) -> l
                              f"{_row(i, prompts)}")
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     n = len(prompts[longest])
-    which = "the prompt" if len(prompts) == 1 else f"the longest prompt{_row(longest, prompts)}"
+    which = f"the prompt ({n} tokens)" if len(prompts) == 1 else f"the longest prompt (row {longest}, {n} tokens)"
     if max_new_tokens is None and n > config.n_positions:
-        raise ValueError(f"{which} ({n} tokens) exceeds the context of the model ({config.n_positions} positions)")
+        raise ValueError(f"{which} exceeds the context of the model ({config.n_positions} positions)")
     if max_new_tokens is not None and n + max_new_tokens > config.n_positions:
-        raise ValueError(f"{which} ({n} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context "
-                         f"of {config.n_positions} positions")
+        raise ValueError(f"{which} plus max_new_tokens ({max_new_tokens}) exceeds the model's context of "
+                         f"{config.n_positions} positions")
     return prompts
 
 
