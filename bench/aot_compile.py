@@ -431,7 +431,7 @@ def run(ci: bool) -> list[dict]:
         launches |= runtime_launches(["fp16", "bf16"], [1, 8], modes, gemv=True, pdl=True)
         for width in ODD_WIDTHS:
             launches |= runtime_launches(["fp16"], [1, 8], modes, gemv=True, width=width)
-        launches |= round_epilogue_launches([1, 2, 4, 8, 16, 32, 64, 256], [1, 2, 4, 8])
+        launches |= round_epilogue_launches([1, 2, 4, 8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 15])
     missing = programs() - {launch.kernel for launch in launches}
     if missing:  # a kernel of the catalog that no recorded mode launches would go uncompiled
         raise RuntimeError(f"no recorded launch of {sorted(missing)}: add a mode that runs them to runtime_launches")

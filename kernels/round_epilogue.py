@@ -31,7 +31,7 @@ def _round_epilogue(
     bb = tl.arange(0, BLOCK_B)
     jj = tl.arange(0, BLOCK_J)
     row = bb < B
-    rows = bb[:, None].to(tl.int64)
+    rows = bb[:, None]  # the output's [BB, BJ] offsets in int32 (the wrapper checks they fit): fewer registers
     j = jj[None, :]
     cell = (bb[:, None] < B).to(tl.int32) * (j <= K).to(tl.int32)  # [BB, BJ]: a row's round position (int masks)
     # every read first: count, finished, positions and slot are updated in place, and a thread holding a copy of
@@ -57,7 +57,7 @@ def _round_epilogue(
     n_new = tl.minimum(n_new, max_new_tokens - count)
     n_new = tl.where(was != 0, 0, n_new)
     write = (j < n_new[:, None]).to(tl.int32) * cell
-    columns = rows * T + count[:, None] + j
+    columns = rows * T + count[:, None].to(tl.int32) + j
     tl.store(out_ptr + columns, seq, mask=write != 0)
     tl.store(drafted_ptr + columns, is_draft != 0, mask=write != 0)
     count = count + n_new
@@ -68,7 +68,7 @@ def _round_epilogue(
     tl.store(was_ptr + bb, was != 0, mask=row)
     kept = (j <= accepted[:, None]).to(tl.int32) * (was == 0).to(tl.int32)[:, None]
     # slots past the cache are never written (the reference raises there; the mode sizes the cache for its rounds)
-    tl.store(valid_ptr + rows * S + slot + j, kept != 0, mask=(cell != 0) & (slot + j < S))
+    tl.store(valid_ptr + rows.to(tl.int64) * S + slot + j, kept != 0, mask=(cell != 0) & (slot + j < S))
     tl.store(slot_ptr, slot + tl.where(width == fed, width + 1, fed))
     tl.store(positions_ptr + bb, positions + accepted + 1, mask=row)
     tl.store(tokens_ptr + bb, token, mask=row)
@@ -89,10 +89,13 @@ def round_epilogue(accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Te
             len({t.device for t in (*longs, drafted, valid, io.finished)}) != 1:
         raise ValueError(f"round_epilogue: drafted {tuple(drafted.shape)} must match out {tuple(io.out.shape)}, "
                          f"valid have {b} rows, eos {EOS_SLOTS} slots, every tensor one device")
+    if io.out.numel() >= 2**31 or drafts.numel() >= 2**31:  # the kernel's int32 offsets into them
+        raise ValueError(f"round_epilogue: out {tuple(io.out.shape)} or drafts {tuple(drafts.shape)} exceed its "
+                         "int32 offsets")
     was = torch.empty(b, dtype=torch.bool, device=token.device)
     block_b, block_j = triton.next_power_of_2(b), triton.next_power_of_2(k + 1)
-    cells = block_b * block_j  # one program: past 1,024 cells, more warps (8 cells a thread, up to 16 warps)
+    cells = block_b * block_j  # one program: past 512 cells, more warps (4 cells a thread, up to 16 warps)
     _round_epilogue[(1,)](accepted, token, n_drafts, count, drafts, draft_i, drafted, io.out, io.finished, io.slot,
                           io.positions, io.tokens, io.eos, valid, was, b, k, io.out.shape[1], valid.shape[1],
-                          max_new_tokens, BLOCK_B=block_b, BLOCK_J=block_j, num_warps=min(16, max(4, cells // 256)))
+                          max_new_tokens, BLOCK_B=block_b, BLOCK_J=block_j, num_warps=min(16, max(4, cells // 128)))
     return was
