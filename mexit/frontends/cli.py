@@ -431,7 +431,7 @@ def run_generate_on_ray(args) -> int:
         summary = generate_file_on_ray(MultiExitLM.from_pretrained, load_kw, args.prompts_file, args.out, args.batch,
                                        seed=args.seed, address=args.ray, threads=args.threads or 1,
                                        skip_bad=args.skip_bad_prompts, **generate_kwargs(args))
-    print(file_summary(args.out, summary) + " on Ray")
+    print(file_summary(args.out, summary, written_rows(args.out)) + " on Ray")
     return 0
 
 
@@ -478,14 +478,19 @@ def time_note(t: dict) -> str:
             f"{t['full_depth_ms_per_token']:.3f} ms/token)")
 
 
-def file_summary(out, summary: dict) -> str:
-    """What a data-set run wrote; with early exit, the file's exit layers (mean and histogram over its tokens)."""
+def written_rows(out) -> list[dict]:
+    """The rows of a finished data-set run's output file."""
+    return [json.loads(text) for text in Path(out).read_text().splitlines()] if Path(out).exists() else []
+
+
+def file_summary(out, summary: dict, rows: list[dict]) -> str:
+    """What a data-set run wrote (rows: the file's, `written_rows`); with early exit, the file's exit layers (mean
+    and histogram over its tokens), with DoLa its premature layers."""
     seed = f", seed {summary['seed']} + row index" if summary["seed"] is not None else ""
     bad = f", {summary['bad']} bad prompt(s) written as errors" if summary["bad"] else ""
     line = f"wrote {out}: {summary['written']} prompts ({summary['skipped']} already there{bad}{seed})"
     from mexit.decoding.stats import exit_histogram
 
-    rows = [json.loads(text) for text in Path(out).read_text().splitlines()] if Path(out).exists() else []
     layers = [x for row in rows for x in row.get("exit_layers", [])]
     if layers:
         line += (f"\n# early exit over the file: mean exit layer {sum(layers) / len(layers):.2f}; tokens per exit "
@@ -612,11 +617,12 @@ def run_generate(args) -> int:
         with interrupt_message():
             summary = generate_file(lm, args.prompts_file, args.out, args.batch, seed=args.seed,
                                     skip_bad=args.skip_bad_prompts, **kw)
-        print(file_summary(args.out, summary))
+        rows = written_rows(args.out)
+        print(file_summary(args.out, summary, rows))
         if args.time_full_depth:
             from mexit.frontends.datasets import read_prompt_file
 
-            bad = {row["index"] for row in map(json.loads, Path(args.out).read_text().splitlines()) if "error" in row}
+            bad = {row["index"] for row in rows if "error" in row}
             first = [r["prompt"] if "prompt" in r else r["input_ids"] for r in
                      read_prompt_file(args.prompts_file) if r["index"] not in bad][: args.batch]
             print(f"# early exit against full depth (the file's first batch of good prompts): "
