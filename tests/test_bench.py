@@ -66,6 +66,21 @@ def test_pdl_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_refuses_what_generate_refuses_and_labels_what_ran(tiny_checkpoint, tmp_path, capsys):
+    """A predicated early-exit mode on the eager engine is refused by name, as `mexit generate` refuses it (the eager
+    engine would run the reference scheduler under that label); --compile where nothing compiles warns and the rows
+    say compiled false."""
+    argv = latency_args(tiny_checkpoint[0], tmp_path / "p", modes=["ee:max-prob:0.9:2:predicated"], engine="eager")
+    with pytest.raises(ValueError, match="the predicated schedule is a static-engine schedule"):
+        latency.main(argv)
+    assert not (tmp_path / "p").exists()
+    argv = ["--model", str(tiny_checkpoint[0]), "--modes", "original", "--new-tokens", "2", "--prompt-len", "4",
+            "--warmup", "0", "--repeats", "1", "--no-plot", "--baselines", "--compile", "--out", str(tmp_path / "c")]
+    with pytest.warns(UserWarning, match="--compile ignored"):
+        assert latency.main(argv) == 0
+    assert not json.loads((tmp_path / "c" / "latency.json").read_text())[0]["compiled"]
+
+
 def ablate_args(folder, out, prompts, **kw):
     argv = ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "6", "--out", str(out),
             "--quiet", "--no-plot", "--repeats", "2"]

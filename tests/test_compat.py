@@ -150,6 +150,10 @@ def test_drop_in_refuses_what_it_does_not_do(fast):
         fast.generate(input_ids=IDS, max_new_tokens=2, logits_processor=[MinLengthLogitsProcessor(3, 0)])
     with pytest.raises(NotImplementedError, match="train"):
         fast.train()
+    for name in ("position_ids", "token_type_ids"):  # a tensor keyword: refused by name (an `in` test would raise)
+        with pytest.raises(NotImplementedError, match=rf"forward arguments not supported by mexit: \['{name}'\]"):
+            fast(IDS, **{name: torch.zeros_like(IDS)})
+    assert fast(IDS, use_cache=False, output_attentions=None).logits.shape[:2] == IDS.shape  # off values pass
     with pytest.raises(NotImplementedError, match="resize_token_embeddings"):
         fast.resize_token_embeddings(10)
     assert not hasattr(fast, "gradient_checkpointing_enable")

@@ -2,6 +2,7 @@
 size or resume point, greedy and seeded sampling; text and JSONL inputs; a rerun resumes."""
 
 import json
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -85,6 +86,25 @@ def test_every_prompt_is_checked_before_work_and_named_by_line(tmp_path, capsys)
     timed = ["--skip-bad-prompts", "--mode", "early-exit", "--threshold", "0.5", "--exits", "2", "--time-full-depth"]
     assert main(args[:4] + [str(jsonl), "--out", str(tmp_path / "timed.jsonl"), "--max-new-tokens", "3", *timed]) == 0
     assert "first batch of good prompts): decode time" in capsys.readouterr().out  # the bad line is not timed
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": 5}', r'line 2: "prompt" is text \(a JSON string\), got 5'),
+    ('{"prompt": null}', r'line 2: "prompt" is text \(a JSON string\), got null'),
+    ('{"prompt": {"a": 1}}', r'line 2: "prompt" is text'),
+    ('{"input_ids": [[1, 2]]}', r'line 2: "input_ids" is one list of integer token ids, got \[\[1, 2\]\]'),
+    ('{"input_ids": 7}', r'line 2: "input_ids" is one list'),
+    ('{"prompt": "hi", "id": {"x": NaN}}', "line 2 is not strict JSON: NaN is not a JSON value"),
+])
+def test_a_wrongly_typed_json_line_is_named_before_anything_is_written(tmp_path, capsys, line, message):
+    source = tmp_path / "prompts.jsonl"
+    source.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n" + line + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(SMALL), "--prompts-file", str(source), "--out", str(out),
+                 "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {source} ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not list(tmp_path.glob("out*"))  # nothing written
 
 
 def test_resume_under_other_settings_is_refused(tmp_path, capsys):

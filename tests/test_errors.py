@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mexit
+from mexit.frontends.cli import main
 
 
 def digest(folder):
@@ -235,6 +236,17 @@ def test_invalid_config_json(checkpoint, text):
     (checkpoint / "config.json").write_text(text)
     with pytest.raises(ValueError, match="config.json"):
         mexit.load(checkpoint)
+
+
+@pytest.mark.parametrize("field,value", [("n_layer", "4"), ("n_head", 2.0), ("layer_norm_epsilon", "1e-5"),
+                                         ("vocab_size", None)])
+def test_a_wrongly_typed_config_field_is_one_line(checkpoint, capsys, field, value):
+    """transformers' typed config fields raise their own error type: one line naming the file and the field."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(dict(cfg, **{field: value})))
+    assert main(["generate", "--model", str(checkpoint), "--input-ids", "1,2", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoint / 'config.json'}: ") and field in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("pair,message", [((6, "original"), "lower entry must be an exit layer"),

@@ -194,6 +194,14 @@ def test_a_mistyped_generation_config_is_one_line(tiny_checkpoint, tmp_path, cap
     assert main(["generate", "--model", str(folder), "--input-ids", "1,2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "generation_config.json cannot be read" in err and "Traceback" not in err
+    # fields transformers reads without checking: refused by name before they reach a comparison (a TypeError)
+    for field, value, kind in (("temperature", "hot", "a number"), ("do_sample", "yes", "true or false"),
+                               ("eos_token_id", "0", "an integer or a list of them"), ("top_k", 2.5, "an integer")):
+        (folder / "generation_config.json").write_text(json.dumps({field: value}))
+        assert main(["generate", "--model", str(folder), "--input-ids", "1,2"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: generation_config.json: {field} must be {kind}, got {value!r}" in err, err
+        assert "Traceback" not in err
 
 
 def test_a_mistyped_local_folder_is_not_sent_to_the_hub(tiny_checkpoint, tmp_path, monkeypatch):

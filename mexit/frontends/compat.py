@@ -36,6 +36,11 @@ from .api import ACD_NAMES, MultiExitLM, first, mode_settings
 TRANSFORMERS_MAX_NEW_TOKENS = 20  # transformers 5: new tokens when no max_length is set anywhere
 
 
+def unset(value) -> bool:
+    """A keyword left at an off value (None or False; a tensor is never one: `in` would compare its elements)."""
+    return value is None or value is False
+
+
 class UnsupportedAttribute(NotImplementedError, AttributeError):
     """A transformers model attribute the drop-in does not offer (hasattr() still answers False)."""
 
@@ -158,7 +163,7 @@ class FastMultiExitModel:
         from mexit.model.save import save_checkpoint
 
         asked = {"state_dict": state_dict, "push_to_hub": push_to_hub, "variant": variant, **kwargs}
-        refused = sorted(name for name, value in asked.items() if value not in (None, False))
+        refused = sorted(name for name, value in asked.items() if not unset(value))
         if refused:
             raise NotImplementedError(f"save_pretrained arguments not supported by mexit: {refused}")
         if not safe_serialization:
@@ -359,7 +364,7 @@ class FastMultiExitModel:
         output_hidden_states: `.hidden_states`, n_layer + 1 tensors [B, T, d] as transformers' GPT-2 returns them
         (the embeddings, each block's output, the last after ln_f). Left padding only: positions count from each
         row's first token."""
-        unsupported = {k: v for k, v in kwargs.items() if v not in (None, False)}
+        unsupported = {k: v for k, v in kwargs.items() if not unset(v)}
         if unsupported:
             raise NotImplementedError(f"forward arguments not supported by mexit: {sorted(unsupported)}")
         input_ids, attention_mask = check_ids(input_ids, attention_mask, self.lm.config.vocab_size)

@@ -34,13 +34,25 @@ def read_prompt_file(path) -> list[dict]:
     records = []
     for i, (n, line) in enumerate(lines):
         try:
-            item = json.loads(line)
+            item = json.loads(line, parse_constant=_refuse_constant)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} line {n} is not JSON: {err.msg}") from None
+        except ValueError as err:
+            raise ValueError(f"{path} line {n} is not strict JSON: {err}") from None
         if not isinstance(item, dict) or ("prompt" in item) == ("input_ids" in item):
             raise ValueError(f"{path} line {n}: an object with either \"prompt\" or \"input_ids\"")
+        if "prompt" in item and not isinstance(item["prompt"], str):
+            raise ValueError(f"{path} line {n}: \"prompt\" is text (a JSON string), got {json.dumps(item['prompt'])}")
+        ids = item.get("input_ids", [])
+        if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise ValueError(f"{path} line {n}: \"input_ids\" is one list of integer token ids, got "
+                             f"{json.dumps(ids)[:80]}")
         records.append({"index": i, "line": n, **{k: item[k] for k in ("id", "prompt", "input_ids") if k in item}})
     return records
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _json(line: str):

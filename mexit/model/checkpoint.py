@@ -438,10 +438,12 @@ def read_config(folder: Path) -> ModelConfig:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object")
+    from huggingface_hub.errors import StrictDataclassError  # transformers' typed config fields
+
     try:
         return ModelConfig.from_hf(GPT2Config.from_pretrained(folder))
-    except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise ValueError(f"{path}: {err}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, StrictDataclassError) as err:
+        raise ValueError(f"{path}: {' '.join(str(err).split())}") from None
 
 
 def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: bool = True,

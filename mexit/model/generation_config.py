@@ -31,6 +31,9 @@ OFF = {"num_beams": (1,), "num_beam_groups": (1,), "num_return_sequences": (1,),
        "assistant_early_exit": (), "speculation_type": (), "use_mtp": (False,), "token_healing": (False,),
        "dola_layers": ()}
 DEFAULT_MAX_NEW_TOKENS = 32
+# the types of the fields the native API applies (an id list for eos_token_id)
+INTEGER = ("max_length", "max_new_tokens", "top_k", "no_repeat_ngram_size")
+NUMBER = ("temperature", "top_p", "repetition_penalty")
 
 
 def load_tokenizer(folder):
@@ -66,4 +69,23 @@ def generation_defaults(generation_config, warn: bool = True) -> dict:
     if ignored and warn:
         warnings.warn(f"generation_config.json sets {', '.join(f'{k}={v!r}' for k, v in sorted(ignored.items()))}, "
                       "which mexit does not implement: those fields are not applied", stacklevel=3)
-    return {k: v for k, v in given.items() if k in NATIVE_DEFAULTS}
+    applied = {k: v for k, v in given.items() if k in NATIVE_DEFAULTS}
+    for k, v in applied.items():
+        kind = _wrong_type(k, v)
+        if kind:
+            raise ValueError(f"generation_config.json: {k} must be {kind}, got {v!r} (fix or remove the field: the "
+                             "file's fields are generate()'s defaults)")
+    return applied
+
+
+def _wrong_type(name: str, value) -> str | None:
+    """What an applied field must be where `value` is not that, else None."""
+    integer = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    if name == "do_sample":
+        return None if isinstance(value, bool) else "true or false"
+    if name == "eos_token_id":
+        return None if integer(value) or isinstance(value, list) and all(map(integer, value)) else \
+            "an integer or a list of them"
+    if name in NUMBER:
+        return None if integer(value) or isinstance(value, float) else "a number"
+    return None if integer(value) else "an integer"
