@@ -62,17 +62,14 @@ def default_modes(config) -> list[str]:
 
 
 def step_bytes(config, dtype, batch: int, context: int, layers: float, heads: float, filled: float = 0.0,
-               predictors: float = 0.0) -> float:
-    """Bytes one decode step must move: weights of `layers` blocks and `heads` exit heads, the k|v weights of
-    `filled` propagated blocks, `predictors` learned exit predictors (d + 1 fp32 each), and the KV cache of the
-    blocks run (context positions, batch rows)."""
-    import torch
+               predictors: float = 0.0) -> tuple[float, float]:
+    """(weight bytes, KV-cache bytes) one decode step must move: the weights of `layers` blocks and `heads` exit
+    heads, the k|v weights of `filled` propagated blocks and `predictors` learned exit predictors (d + 1 fp32 each);
+    the KV cache the blocks run read (context positions, batch rows). The roofline's floor is their sum."""
+    from mexit.decoding.stats import weight_bytes
 
-    elem = torch.finfo(dtype).bits // 8
-    d, v, inner = config.n_embd, config.vocab_size, config.inner_dim
-    block = (4 * d * d + 2 * d * inner + 9 * d + inner) * elem  # c_attn, c_proj, c_fc, mlp c_proj; biases, norms
-    kv = 2 * batch * context * d * elem
-    return layers * (block + kv) + heads * v * d * elem + filled * 2 * d * d * elem + predictors * (d + 1) * 4
+    kv = layers * 2 * batch * context * config.n_embd * dtype.itemsize
+    return weight_bytes(config, dtype, layers, heads, filled, predictors), kv
 
 
 def mode_traffic(stats: dict) -> tuple[float, float, float, float]:
@@ -367,15 +364,15 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
         timing = measure(generate, device, args.new_tokens, args.warmup, args.repeats)
         stats = last["result"].stats
         traffic = mode_traffic(stats)
-        nbytes = step_bytes(config, dtype, batch, context, *traffic)
-        row = timing_row(meta, "mexit", label, batch, timing, nbytes, copy_gbs)
+        weights, kv = step_bytes(config, dtype, batch, context, *traffic)
+        row = timing_row(meta, "mexit", label, batch, timing, weights + kv, copy_gbs)
         row.update(pdl=pdl, linear_path=linear or "default",
                    linear=lm.backend.linear_kernel(batch) if lm.backend.triton else "cublas",
                    gemv_max_rows=lm.backend.gemv_max_rows, fused_max_rows=lm.backend.fused_max_rows,
                    n_layer=config.n_layer, **dict(zip(TRAFFIC, traffic)))
         counted = launches_per_step(lm, prompts, kw)
         row.update(launches_per_step=counted["launches"], triton_launches_per_step=counted["triton"],
-                   torch_launches_per_step=counted["torch"], weight_bytes_per_step=nbytes)
+                   torch_launches_per_step=counted["torch"], weight_bytes_per_step=weights, kv_bytes_per_step=kv)
         if isinstance(kw["mode"], ExitPolicy):
             row.update(mean_exit_layer=stats["mean_exit_layer"], weight_bytes_ratio=stats["weight_bytes_ratio"])
         if isinstance(kw["mode"], Speculation):  # launches_per_step: per generated token of a row
@@ -460,9 +457,10 @@ def hf_generate_row(name, model, mode, traffic, extra, prompts, device, dtype, a
         if reraise:
             raise
         return dict(meta, impl=name, mode=mode, batch=len(prompts), skipped=f"failed: {err!r}"[:300])
-    nbytes = step_bytes(config, dtype, len(prompts), context, *traffic)
-    row = timing_row(meta, name, mode, len(prompts), timing, nbytes, copy_gbs)
-    row.update(launches_per_step=hf_launches_per_step(model, ids, mask, extra), weight_bytes_per_step=nbytes)
+    weights, kv = step_bytes(config, dtype, len(prompts), context, *traffic)
+    row = timing_row(meta, name, mode, len(prompts), timing, weights + kv, copy_gbs)
+    row.update(launches_per_step=hf_launches_per_step(model, ids, mask, extra), weight_bytes_per_step=weights,
+               kv_bytes_per_step=kv)
     print(f"  {name} {mode} B={len(prompts)}: {row.get('invalid') or format(row['ms_per_token'], '.3f')}",
           file=sys.stderr)
     return row
@@ -491,7 +489,8 @@ def hf_launches_per_step(model, ids, mask, extra, steps: int = 3) -> float:
 
 
 COLUMNS = ["impl", "mode", "batch", "prompt_len", "new_tokens", "prefill_ms", "ms_per_token", "ms_per_token_min",
-           "ms_per_token_max", "tokens_per_s", "floor_ms", "pct_roofline", "launches_per_step", "weight_bytes_per_step"]
+           "ms_per_token_max", "tokens_per_s", "floor_ms", "pct_roofline", "launches_per_step", "weight_bytes_per_step",
+           "kv_bytes_per_step"]
 
 
 def save(rows: list[dict], out_dir: str, plot: bool) -> list[Path]:

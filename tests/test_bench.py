@@ -353,6 +353,12 @@ def test_every_row_has_cost_columns_and_no_impossible_number(tiny_checkpoint, tm
     by_mode = {r["mode"]: r for r in rows if r["impl"] == "mexit" and r["batch"] == 1 and r["prompt_len"] == 5}
     assert by_mode["exit:2"]["launches_per_step"] < by_mode["original"]["launches_per_step"]
     assert 0 <= by_mode["spec:2:2"]["acceptance_rate"] <= 1
+    for mode in ("original", "exit:2"):  # the weights a step reads do not depend on the batch or the prompt; its KV
+        same = [r for r in rows if r["impl"] == "mexit" and r["mode"] == mode]  # cache read does
+        assert len(same) == 4 and len({r["weight_bytes_per_step"] for r in same}) == 1
+        assert len({r["kv_bytes_per_step"] for r in same}) == 4
+        assert all(r["step_mb"] * 1e6 == pytest.approx(r["weight_bytes_per_step"] + r["kv_bytes_per_step"])
+                   for r in same)
     for r in rows:
         for key in ("ms_per_token", "prefill_ms", "tokens_per_s", "pct_roofline"):
             assert key not in r or r[key] > 0
