@@ -369,6 +369,9 @@ def run(args) -> tuple[list[dict], list]:
         if not 0 <= margin < math.inf:
             raise ValueError(f"{flag} must be a finite number >= 0, got {margin}")
     args.model, args.prompts = absolute(args.model), absolute(args.prompts)  # one name whatever the executor or cwd
+    from mexit.frontends.output import check_output_folder
+
+    check_output_folder(args.out)
     out = Path(args.out)
     log = out / "ablation.jsonl"
     done = finished_rows(log)

@@ -42,7 +42,7 @@ from mexit.bench.common import (
     spread_note,
     write_results,
 )
-from mexit.frontends.output import pyplot
+from mexit.frontends.output import check_output_folder, pyplot
 
 if TYPE_CHECKING:
     import torch
@@ -606,6 +606,7 @@ def fill_defaults(args) -> None:
     unknown = set(args.baselines) - {"transformers", "autocontrastive-gen"}
     if unknown:
         raise ValueError(f"unknown baselines {sorted(unknown)}")
+    check_output_folder(args.out)  # before the run, not after it
 
 
 def main_args(args) -> int:

@@ -134,6 +134,9 @@ def main_args(args) -> int:
     if args.repeats < 2 or args.batch < 1 or args.n_prompts < 1 or args.max_new_tokens < 2:
         raise ValueError("--batch and --n-prompts must be >= 1, --max-new-tokens >= 2, --repeats >= 2 (an interval "
                          "needs two pairs)")
+    from mexit.frontends.output import check_output_folder
+
+    check_output_folder(args.out)
     rows = sweep(args)
     out = Path(args.out)
     write_results(rows, out, "speculative")

@@ -84,10 +84,12 @@ def generate(model: MultiExitGPT2, prompts, mode: Mode, engine, backend: Backend
     result.nonfinite = state.nonfinite([len(row) for row in result.tokens])
     if result.nonfinite:
         where = ", ".join(f"row {row} from token {j}" for row, j in list(result.nonfinite.items())[:8])
+        dtype = str(model.dtype).removeprefix("torch.")
+        cause = "an activation overflowed float16 (run in fp32 or bf16) or " if dtype == "float16" else ""
         warnings.warn(NonFiniteStates(
-            f"non-finite hidden states (NaN or inf: an activation overflowed {str(model.dtype).removeprefix('torch.')}"
-            f") in {len(result.nonfinite)} of {rows} rows: {where}; those tokens are not the model's prediction "
-            "(run in fp32 or bf16; result.nonfinite holds every row)"), stacklevel=3)
+            f"non-finite hidden states (NaN or inf) in {len(result.nonfinite)} of {rows} rows: {where}; those tokens "
+            f"are not the model's prediction ({cause}the weights hold NaN or inf: loaded without the weight check? "
+            "result.nonfinite holds every row)"), stacklevel=3)
     if keep_logits:
         result.logits = list(state.kept[: state.decoded + 1, :rows].clone())
     if return_cache:

@@ -81,6 +81,13 @@ def test_bench_refuses_what_generate_refuses_and_labels_what_ran(tiny_checkpoint
     assert not json.loads((tmp_path / "c" / "latency.json").read_text())[0]["compiled"]
 
 
+def test_bench_checks_its_output_folder_before_the_run(tiny_checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(latency, "LatencyBench", lambda *a: pytest.fail("measured before --out was checked"))
+    with pytest.raises(ValueError, match="--out .*file exists and is not a folder"):
+        latency.main(latency_args(tiny_checkpoint[0], tmp_path / "file"))
+
+
 def ablate_args(folder, out, prompts, **kw):
     argv = ["--model", str(folder), "--prompts", str(prompts), "--max-new-tokens", "6", "--out", str(out),
             "--quiet", "--no-plot", "--repeats", "2"]

@@ -118,3 +118,26 @@ def test_the_check_is_one_kernel_per_step_and_no_host_read(tiny_checkpoint, engi
         assert short.stats["host_reads"] == launches(5, not check)[0].stats["host_reads"]
     assert per_step[True] - per_step[False] == Counter({"triton:_check_states": 4})  # 4 more steps, one each
     assert per_step[False] - per_step[True] == Counter()
+
+
+def test_the_cli_json_carries_the_rows_and_the_warning_names_the_weights(tiny_checkpoint, tmp_path, capsys):
+    """A checkpoint whose weights hold inf, loaded past the weight check in fp32: `--json` holds `nonfinite`
+    {row: token}; the warning names the weights as a cause and offers no dtype advice in fp32."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mexit.frontends.cli import main
+
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint[0], folder)
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    state["transformer.wpe.weight"][3] = float("inf")
+    save_file(state, path, metadata={"format": "pt"})
+    assert main(["generate", "--model", str(folder), "--input-ids", "5,6", "--max-new-tokens", "4", "--no-eos",
+                 "--no-weight-check", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["nonfinite"] == {"0": 2}
+    assert "the weights hold NaN or inf" in captured.err and "float16" not in captured.err

@@ -32,6 +32,15 @@ def edit_state(folder, edit):
     save_file(state, path, metadata={"format": "pt"})
 
 
+def test_problems_read_on_one_line(checkpoint, capsys):
+    """A missing and an unexpected tensor at once: each problem named, separated, on the CLI's one line."""
+    edit_state(checkpoint, lambda s: s.update({"name_to_lm_exit_head.lm_head_9.weight": s.pop(
+        "name_to_lm_exit_head.lm_head_3.weight")}))
+    assert main(["generate", "--model", str(checkpoint), "--input-ids", "1,2", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing tensors: name_to_lm_exit_head.lm_head_3.weight; unexpected tensors" in err
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda s: s.pop("transformer.h.1.mlp.c_fc.weight"), "missing tensors: transformer.h.1.mlp.c_fc.weight"),
     (lambda s: s.pop("name_to_lm_exit_head.lm_head_3.weight"), "name_to_lm_exit_head.lm_head_3.weight"),
@@ -239,7 +248,7 @@ def test_invalid_config_json(checkpoint, text):
 
 
 @pytest.mark.parametrize("field,value", [("n_layer", "4"), ("n_head", 2.0), ("layer_norm_epsilon", "1e-5"),
-                                         ("vocab_size", None)])
+                                         ("vocab_size", None), ("lm_head_layer_indices", "1,2,3,4")])
 def test_a_wrongly_typed_config_field_is_one_line(checkpoint, capsys, field, value):
     """transformers' typed config fields raise their own error type: one line naming the file and the field."""
     cfg = json.loads((checkpoint / "config.json").read_text())

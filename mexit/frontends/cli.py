@@ -640,6 +640,8 @@ def run_generate(args) -> int:
                    "random_weights": lm.is_random, **timing}
         if result.seed is not None:
             payload["seed"] = result.seed
+        if result.nonfinite:  # {row: first token computed from a NaN / inf state} (also the warning on stderr)
+            payload["nonfinite"] = {str(row): token for row, token in result.nonfinite.items()}
         if result.text is not None:
             payload["text"] = result.text
         stats = result.stats

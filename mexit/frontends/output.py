@@ -31,3 +31,20 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def check_output_folder(folder, flag: str = "--out") -> None:
+    """Before a run's work: `folder` can be the run's output folder (an existing folder, or one that can be made
+    under the nearest existing one: a temporary folder is made and removed there). ValueError naming `flag`
+    otherwise."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(folder).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {folder} exists and is not a folder")
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as err:
+        raise ValueError(f"{flag} {folder}: nothing can be written in {parent} ({err.strerror})") from None

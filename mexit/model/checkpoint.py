@@ -84,7 +84,7 @@ def check_layout(stored: dict[str, StoredTensor], config: ModelConfig) -> None:
     shapes = expected_shapes(config)
     missing = sorted(set(shapes) - set(stored))
     unexpected = sorted(k for k in stored if k not in shapes and not k.endswith(_IGNORED_SUFFIXES))
-    wrong = [f"{k}: {s.shape} (expected {shapes[k]})" for k, s in stored.items()
+    wrong = [f"{k}: {tuple(s.shape)} (expected {tuple(shapes[k])})" for k, s in stored.items()
              if k in shapes and s.shape != shapes[k]]
     not_float = [f"{k} ({s.dtype})" for k, s in stored.items() if k in shapes and not s.dtype.is_floating_point]
     problems = []
@@ -93,11 +93,11 @@ def check_layout(stored: dict[str, StoredTensor], config: ModelConfig) -> None:
     if unexpected:
         problems.append(f"unexpected tensors (not in config.json's shape or exits): {', '.join(unexpected)}")
     if wrong:
-        problems.append(f"wrong shapes: {'; '.join(wrong)}")
+        problems.append(f"wrong shapes: {', '.join(wrong)}")
     if not_float:
         problems.append(f"not floating-point: {', '.join(not_float)}")
     if problems:
-        raise ValueError("checkpoint does not match its config:\n  " + "\n  ".join(problems))
+        raise ValueError("checkpoint does not match its config: " + "; ".join(problems))
 
 
 _HUGE_PAGE = 1 << 21

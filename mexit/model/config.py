@@ -61,7 +61,10 @@ class ModelConfig:
         for name, refused in REFUSED_FIELDS.items():
             if getattr(hf_config, name, None) == refused:
                 raise ValueError(f"config.json sets {name}={refused!r}, which mexit does not implement")
-        exits = tuple(sorted(int(i) for i in (getattr(hf_config, "lm_head_layer_indices", None) or ())))
+        listed = getattr(hf_config, "lm_head_layer_indices", None) or ()
+        if not isinstance(listed, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in listed):
+            raise ValueError(f"lm_head_layer_indices must be a list of layer numbers, got {listed!r}")
+        exits = tuple(sorted(listed))
         n_inner = getattr(hf_config, "n_inner", None)
         return cls(
             n_layer=hf_config.n_layer,
