@@ -226,6 +226,8 @@ class LatencyBench:
         if args.fused_max_rows is not None:
             if args.linear:
                 raise ValueError("--fused-max-rows and --linear both choose the block linears: give one")
+            if not lm.backend.triton:
+                raise ValueError("--fused-max-rows needs the triton backend (the torch backend runs torch's matmuls)")
             lm.with_backend(fused_max_rows=args.fused_max_rows)
         if args.linear and not lm.backend.triton:
             raise ValueError(f"--linear {' '.join(args.linear)} needs the triton backend")

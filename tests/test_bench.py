@@ -74,6 +74,8 @@ def test_bench_refuses_what_generate_refuses_and_labels_what_ran(tiny_checkpoint
     with pytest.raises(ValueError, match="the predicated schedule is a static-engine schedule"):
         latency.main(argv)
     assert not (tmp_path / "p").exists()
+    with pytest.raises(ValueError, match="--fused-max-rows needs the triton backend"):
+        latency.main(latency_args(tiny_checkpoint[0], tmp_path / "f", backend="torch", **{"fused-max-rows": "8"}))
     argv = ["--model", str(tiny_checkpoint[0]), "--modes", "original", "--new-tokens", "2", "--prompt-len", "4",
             "--warmup", "0", "--repeats", "1", "--no-plot", "--baselines", "--compile", "--out", str(tmp_path / "c")]
     with pytest.warns(UserWarning, match="--compile ignored"):
