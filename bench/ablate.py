@@ -268,13 +268,12 @@ class Sweep:
 
     def __init__(self, args):
         from mexit.decoding.prompts import check_prompts
+        from mexit.frontends.cli import check_schedule
 
         self.args = args
         self.lm, label = load_lm(args)
         lm = self.lm
-        if args.schedule != "segments" and lm.engine == "eager":
-            raise ValueError(f"--schedule {args.schedule} is a static-engine schedule: use --engine static or graph "
-                             "(the eager engine runs the reference scheduler)")
+        check_schedule(args.schedule, lm.engine, f"--schedule {args.schedule}")
         self.plan = settings(args, lm.model)  # validates everything before any generation
         for setting in self.plan:
             if "policy" in setting:

@@ -207,7 +207,7 @@ class LatencyBench:
         from mexit.decoding import modes as registry
         from mexit.decoding.early_exit import ExitPolicy
         from mexit.decoding.speculative import Speculation
-        from mexit.frontends.cli import warn_ignored_compile
+        from mexit.frontends.cli import check_schedule, compiles, warn_ignored_compile
         from mexit.kernels.launch import pdl_supported
         from mexit.model.placement import resolve_device, resolve_dtype
 
@@ -255,9 +255,7 @@ class LatencyBench:
         for name, kw in self.parsed.items():
             if isinstance(kw["mode"], ExitPolicy):
                 kw["mode"].check_engine(lm.engine, lm.backend.name)
-                if kw["mode"].schedule != "segments" and lm.engine == "eager":  # as `mexit generate` refuses it
-                    raise ValueError(f"{name}: the {kw['mode'].schedule} schedule is a static-engine schedule: use "
-                                     "--engine static or graph (the eager engine runs the reference scheduler)")
+                check_schedule(kw["mode"].schedule, lm.engine, f"{name}: the {kw['mode'].schedule} schedule")
             registry.build(lm.model, kw["mode"])  # checked against the checkpoint (learned: its predictors)
         lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
         for p, n in lengths:
@@ -265,8 +263,7 @@ class LatencyBench:
                 raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
         warn_ignored_compile(lm)
         self.run_meta = dict(run_metadata(device, dtype), model=self.label, random_weights=lm.is_random,
-                             backend=lm.backend.name, engine=lm.engine,
-                             compiled=lm.compile and lm.engine != "eager" and not lm.backend.triton,
+                             backend=lm.backend.name, engine=lm.engine, compiled=compiles(lm),
                              fused_max_rows=lm.backend.fused_max_rows, **self.controls,
                              command=args.command)
         copy_only, read_only = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)

@@ -414,8 +414,21 @@ def run_convert(args) -> int:
     return 0
 
 
+def check_schedule(schedule: str, engine: str, what: str) -> None:
+    """An early-exit schedule other than segments runs on the static / graph engines only (UsageError naming
+    `what`, the flag or mode that asked for it)."""
+    if schedule != "segments" and engine == "eager":
+        raise UsageError(f"{what} is a static-engine schedule: use --engine static or graph (the eager engine runs "
+                         "the reference scheduler)")
+
+
+def compiles(lm) -> bool:
+    """Whether `compile` compiles anything: the static / graph engines' torch layers."""
+    return lm.compile and lm.engine != "eager" and not lm.backend.triton
+
+
 def warn_ignored_compile(lm) -> None:
-    if lm.compile and (lm.engine == "eager" or lm.backend.triton):
+    if lm.compile and not compiles(lm):
         warnings.warn(f"--compile ignored: nothing is compiled on the {lm.engine} engine with the {lm.backend.name} "
                       "backend (it applies to the static/graph engines' torch layers)", stacklevel=2)
 
@@ -601,9 +614,7 @@ def run_generate(args) -> int:
         torch.set_num_threads(args.threads)
     lm = load_lm(args)
     schedule = getattr(args.settings, "schedule", "segments")  # early exit's
-    if schedule != "segments" and lm.engine == "eager":
-        raise UsageError(f"--schedule {schedule} is a static-engine schedule: use --engine static or graph "
-                         "(the eager engine runs the reference scheduler)")
+    check_schedule(schedule, lm.engine, f"--schedule {schedule}")
     prompts = args.prompt if args.prompt else args.input_ids
     timer = Timer(lm.model.device, sys.stdout if args.stream else None, lm.tokenizer)
     unsampled = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p", "seed")
