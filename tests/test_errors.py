@@ -83,7 +83,7 @@ def test_hub_id_offline(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
     with pytest.raises(FileNotFoundError, match="pass its local folder"):
         mexit.load("IBM/gpt2-medium-multiexit")
 

@@ -53,7 +53,7 @@ def hub_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.list_repo_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    monkeypatch.setattr("huggingface_hub.model_info", lambda *a, **k: pytest.fail("the hub was asked"))
 
 
 def weights_of(folder):

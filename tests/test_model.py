@@ -108,6 +108,13 @@ def test_random_model_and_roundtrip(tmp_path):
     torch.testing.assert_close(loaded.w.exit_heads[1], model.w.exit_heads[1])
 
 
+def hub_listing(names):
+    """What huggingface_hub.model_info answers for a repository holding `names` (the fields mexit reads)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in sorted(names)])
+
+
 @pytest.mark.parametrize("repo_files,weights", [
     (["config.json", "model.safetensors", "pytorch_model.bin"], ["model.safetensors"]),
     (["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin", "README.md"],
@@ -124,7 +131,7 @@ def test_hub_id_downloads_one_layout(tiny_checkpoint, monkeypatch, repo_files, w
         asked.append((repo_id, allow_patterns))
         return str(tiny_checkpoint[0])
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **_kw: repo_files)
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id, **_kw: hub_listing(repo_files))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     lm = mexit.load("IBM/gpt2-medium-multiexit")
     assert asked == [("IBM/gpt2-medium-multiexit", [*METADATA_FILES, *weights])]
@@ -138,7 +145,7 @@ def test_hub_id_offline_uses_the_cached_snapshot(tiny_checkpoint, monkeypatch):
         raise ConnectionError("no network")
 
     cached = []
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo_id, **kw: cached.append(kw) or str(tiny_checkpoint[0]))
     assert mexit.load("IBM/gpt2-medium-multiexit").config.n_layer == 4
@@ -155,7 +162,7 @@ def test_hub_shards_are_those_the_index_names(tiny_checkpoint, tmp_path, monkeyp
     index["weight_map"] = {k: "custom-name.safetensors" if v == first else v for k, v in index["weight_map"].items()}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     asked = []
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **_kw: sorted(os.listdir(sharded)))
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo_id, **_kw: hub_listing(os.listdir(sharded)))
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo_id, allow_patterns=None, **_kw: asked.append(allow_patterns) or str(sharded))
     assert mexit.load("someone/sharded").config.n_layer == 4
@@ -173,7 +180,22 @@ def test_hub_refusal_is_reported_not_hidden_by_the_cache(monkeypatch):
         raise RepositoryNotFoundError("404 Client Error. Repository Not Found for url: ...",
                                       response=SimpleNamespace(headers={}, request=None, status_code=404))
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", unknown)
+    monkeypatch.setattr(huggingface_hub, "model_info", unknown)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("no cache lookup"))
     with pytest.raises(FileNotFoundError, match="the Hugging Face hub refused it .RepositoryNotFoundError: 404"):
         mexit.load("someone/no-such-model")
+
+
+def test_an_unreachable_hub_is_asked_once(tmp_path):
+    """A hub id on a machine where the hub cannot be reached fails at once with one line (huggingface_hub's
+    list_repo_files would retry the connection for about 25 s): the real client, against an address where nothing
+    listens."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+    run = subprocess.run([sys.executable, "-m", "mexit", "generate", "--model", "someone/some-model", "--prompt", "hi"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "Retrying" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: 'someone/some-model' is not in the hub cache")
+    assert "could not be reached (ConnectError" in run.stderr

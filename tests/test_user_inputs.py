@@ -214,7 +214,7 @@ def test_a_mistyped_local_folder_is_not_sent_to_the_hub(tiny_checkpoint, tmp_pat
     (tmp_path / "models").mkdir()
     shutil.copytree(tiny_checkpoint[0], tmp_path / "models" / "tiny")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("huggingface_hub.list_repo_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    monkeypatch.setattr("huggingface_hub.model_info", lambda *a, **k: pytest.fail("the hub was asked"))
     with pytest.raises(FileNotFoundError, match="checkpoints there: tiny"):
         resolve_folder("models/tiyn")
 

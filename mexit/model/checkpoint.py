@@ -306,6 +306,9 @@ def named_weights(weights: Weights):
         yield "lm_head.weight", weights.lm_head
 
 
+HUB_TIMEOUT_S = 10  # seconds the hub has to answer what a repository holds
+
+
 @dataclasses.dataclass(frozen=True)
 class HubOptions:
     """huggingface_hub's loading arguments, as transformers' from_pretrained takes them. revision: a branch, tag or
@@ -368,7 +371,7 @@ def resolve_folder(path_or_id: str | os.PathLike, hub: HubOptions | None = None)
         raise FileNotFoundError(f"checkpoint folder {path} does not exist (its parent {path.parent} is a local "
                                 f"folder{'; checkpoints there: ' + ', '.join(near[:8]) if near else ''}); a hub id "
                                 "is tried only when no local folder of that name's first part exists")
-    from huggingface_hub import list_repo_files
+    from huggingface_hub import model_info
     from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     repo = str(path_or_id)
@@ -376,7 +379,10 @@ def resolve_folder(path_or_id: str | os.PathLike, hub: HubOptions | None = None)
     if hub.local_files_only:
         return cached_snapshot(repo, hub, at, "local_files_only=True")
     try:
-        repo_files = list_repo_files(repo, revision=hub.revision, token=hub.token)
+        # one request, not retried (list_repo_files retries a failed connection for about 25 s): offline, the
+        # cache answers at once
+        info = model_info(repo, revision=hub.revision, token=hub.token, timeout=HUB_TIMEOUT_S)
+        repo_files = [sibling.rfilename for sibling in info.siblings or []]
     except RevisionNotFoundError:
         raise FileNotFoundError(f"{repo!r} has no revision {hub.revision!r} on the Hugging Face hub") from None
     except HfHubHTTPError as err:  # the hub answered: unknown or gated repository, no access
