@@ -98,10 +98,14 @@ def settings(args, model) -> list[dict]:
             for exit_set in args.exit_sets:
                 for tau in args.decay_tau:
                     decay = None if str(tau).lower() == "none" else number("--decay-tau", tau)
-                    policy = ExitPolicy(threshold=threshold, measure=measure, exits=parse_exit_set(exit_set),
-                                        decay_tau=decay, min_layer=args.min_layer, propagation=args.propagation,
-                                        schedule=args.schedule)
-                    EarlyExit(model, policy)
+                    try:
+                        policy = ExitPolicy(threshold=threshold, measure=measure, exits=parse_exit_set(exit_set),
+                                            decay_tau=decay, min_layer=args.min_layer, propagation=args.propagation,
+                                            schedule=args.schedule)
+                        EarlyExit(model, policy)
+                    except ValueError as err:  # named by the flags that made the setting
+                        raise ValueError(f"setting --measures {measure} --thresholds {threshold} --exit-sets "
+                                         f"{exit_set} --decay-tau {tau}: {err}") from None
                     out.append(dict(measure=measure, threshold=threshold, exits=exit_set, decay_tau=decay,
                                     policy=policy, generate_kw=dict(early_exit=policy)))
     if args.draft_vocab and not args.spec:
@@ -374,13 +378,12 @@ def run(args) -> tuple[list[dict], list]:
     out = Path(args.out)
     log = out / "ablation.jsonl"
     done = finished_rows(log)
-    print(f"# stage 1/2: full-depth reference (prompts from {args.prompts}, batch {args.batch}, "
-          f"{args.max_new_tokens} new tokens{', on every Ray worker' if args.ray else ''})", file=sys.stderr,
-          flush=True)
     if args.ray:
+        print_stage_one(args)
         return run_on_ray(args, out, log, done)
     sweep = Sweep(args)
     check_run(log, sweep.meta, args, done)
+    print_stage_one(args)  # once the settings are checked
     keys = sweep.keys()
     todo = [i for i, key in enumerate(keys) if key not in done]
     expected = len(todo) * args.repeats * 2.2 * sweep.measure_reference()  # reference + setting (+ warm-up, quality)
@@ -389,6 +392,12 @@ def run(args) -> tuple[list[dict], list]:
           f"{expected:.0f} s", file=sys.stderr, flush=True)
     record(map(sweep.evaluate, todo), keys, todo, out, log, done, args.quiet)
     return finish(sweep.full_depth_row(), keys, done, out, args)
+
+
+def print_stage_one(args) -> None:
+    print(f"# stage 1/2: full-depth reference (prompts from {args.prompts}, batch {args.batch}, "
+          f"{args.max_new_tokens} new tokens{', on every Ray worker' if args.ray else ''})", file=sys.stderr,
+          flush=True)
 
 
 def check_run(log: Path, meta: dict, args, done: dict) -> None:

@@ -295,14 +295,16 @@ def test_interleaved_pairs_alternate_the_order_and_sum_each_pass():
     (dict(thresholds=[0.5, 0.5], measures=["max-prob"]), "'max-prob >= 0.5, exits all' is listed twice"),
     (dict(schedule=["predicated"], engine=["eager"]), "--schedule predicated is a static-engine schedule"),
     (dict(**{"speed-margin": ["nan"]}), "--speed-margin must be a finite number >= 0"),
-    (dict(**{"exit-sets": ["2,2"]}), r"exits lists a layer twice: \[2, 2\]"),
+    (dict(**{"exit-sets": ["2,2"]}), r"^setting --measures max-prob --thresholds 0.5 --exit-sets 2,2 --decay-tau none: "
+                                     r"exits lists a layer twice: \[2, 2\]"),
     (dict(**{"decay-tau": ["foo"]}), "--decay-tau: expected a number, got 'foo'"),
     (dict(**{"loglik-margin": ["-1"]}), "--loglik-margin must be a finite number >= 0"),
 ])
-def test_ablation_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, prompt_file, kw, message):
+def test_ablation_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, prompt_file, kw, message, capsys):
     with pytest.raises(ValueError, match=message):
         ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "abl", prompt_file, **kw))
     assert not (tmp_path / "abl").exists()
+    assert "stage 1/2" not in capsys.readouterr().err  # no stage begins before its settings are refused
 
 
 def test_ablation_empty_prompt_file(tiny_checkpoint, tmp_path):
