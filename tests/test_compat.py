@@ -123,7 +123,12 @@ def transformers_script(from_pretrained, folder):
     out = model.generate(**batch, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
                          output_scores=True, output_logits=True, pad_token_id=0, eos_token_id=None)
     text = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-    loss = model(batch["input_ids"][:1], labels=batch["input_ids"][:1]).loss
+    ids = batch["input_ids"][:1]
+    loss = model(ids, labels=ids).loss
+    first, logits = model(ids, labels=ids)[:2]  # a transformers ModelOutput: indexing skips unset fields
+    as_tuple = model(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], model(ids)[0]) and torch.equal(first, loss)
+    assert torch.equal(logits, model(ids).logits) and model(ids).to_tuple()[0].shape[:2] == ids.shape
     return out, text, loss
 
 
@@ -154,6 +159,8 @@ def test_drop_in_refuses_what_it_does_not_do(fast):
         with pytest.raises(NotImplementedError, match=rf"forward arguments not supported by mexit: \['{name}'\]"):
             fast(IDS, **{name: torch.zeros_like(IDS)})
     assert fast(IDS, use_cache=False, output_attentions=None).logits.shape[:2] == IDS.shape  # off values pass
+    with pytest.raises(ValueError, match="input_ids has 65 positions: the model.s context is 64"):
+        fast(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="resize_token_embeddings"):
         fast.resize_token_embeddings(10)
     assert not hasattr(fast, "gradient_checkpointing_enable")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,13 +42,6 @@ def unset(value) -> bool:
 
 class UnsupportedAttribute(NotImplementedError, AttributeError):
     """A transformers model attribute the drop-in does not offer (hasattr() still answers False)."""
-
-
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    hidden_states: tuple | None = None
 
 
 def resolve_device_map(device_map, device):
@@ -358,16 +350,24 @@ class FastMultiExitModel:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                 **kwargs) -> CausalLMOutput:
-        """Logits [B, T, V] (fp32) of the configured mode at every position; with labels [B, T] (-100: ignored),
-        the mean next-token cross-entropy as `.loss`, as transformers computes it (labels shifted inside);
-        output_hidden_states: `.hidden_states`, n_layer + 1 tensors [B, T, d] as transformers' GPT-2 returns them
-        (the embeddings, each block's output, the last after ln_f). Left padding only: positions count from each
-        row's first token."""
+                 return_dict: bool | None = None, **kwargs):
+        """transformers' GPT-2 output (`CausalLMOutputWithCrossAttentions`: attributes, indexing, `to_tuple`; with
+        return_dict=False its tuple): logits [B, T, V] (fp32) of the configured mode at every position; with labels
+        [B, T] (-100: ignored), the mean next-token cross-entropy as `.loss`, as transformers computes it (labels
+        shifted inside); output_hidden_states: `.hidden_states`, n_layer + 1 tensors [B, T, d] as transformers' GPT-2
+        returns them (the embeddings, each block's output, the last after ln_f). No cache is returned
+        (past_key_values None; use_cache=True is refused). Left padding only: positions count from each row's first
+        token. Errors: NotImplementedError naming an argument set to other than its off value; ValueError for ids
+        outside the vocabulary or longer than the context."""
+        from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
         unsupported = {k: v for k, v in kwargs.items() if not unset(v)}
         if unsupported:
             raise NotImplementedError(f"forward arguments not supported by mexit: {sorted(unsupported)}")
         input_ids, attention_mask = check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
+        context = self.lm.config.n_positions
+        if input_ids.shape[1] > context:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} positions: the model's context is {context}")
         model = self.lm.model
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -384,7 +384,8 @@ class FastMultiExitModel:
         if output_hidden_states:
             n = model.config.n_layer
             hidden_states = (*(states[layer] for layer in range(n)), model.final_norm(states[n]))
-        return CausalLMOutput(logits=logits, loss=loss, hidden_states=hidden_states)
+        out = CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, hidden_states=hidden_states)
+        return out if return_dict is None or return_dict else out.to_tuple()
 
     forward = __call__
 
