@@ -254,8 +254,8 @@ class LatencyBench:
             raise ValueError("--draft-vocab applies to speculative modes (spec:L:K[:T]); none was asked for")
         for name, kw in self.parsed.items():
             if isinstance(kw["mode"], ExitPolicy):
-                kw["mode"].check_engine(lm.engine, lm.backend.name)
                 check_schedule(kw["mode"].schedule, lm.engine, f"{name}: the {kw['mode'].schedule} schedule")
+                kw["mode"].check_engine(lm.engine, lm.backend.name)
             registry.build(lm.model, kw["mode"])  # checked against the checkpoint (learned: its predictors)
         lengths = [(p, n) for p in args.prompt_len for n in args.new_tokens]
         for p, n in lengths:

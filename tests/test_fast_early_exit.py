@@ -33,6 +33,11 @@ def predicated(policy):
     return ExitPolicy(**{**policy.__dict__, "schedule": "predicated"})
 
 
+def on_eager(policy):
+    """The policy the eager engine runs as the reference: its own scheduler (segments) for either schedule."""
+    return ExitPolicy(**{**policy.__dict__, "schedule": "segments"})
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("variant", ["segments", "deferred", "predicated"])
 @pytest.mark.parametrize("policy", POLICIES + [ExitPolicy(1.0), ExitPolicy(0.0, exits=(2,))], ids=IDS)
@@ -78,7 +83,7 @@ def test_single_row_equals_eager_scheduler(tiny_checkpoint, eager, variant, back
 def assert_same_run(fast, eager, prompts, policy, engine):
     """Tokens, exit layers, confidences and the KV cache of the static engine equal the eager scheduler's."""
     ours = fast.generate(prompts, N_NEW, eos_token_id=None, early_exit=policy)
-    theirs = eager.generate(prompts, N_NEW, eos_token_id=None, early_exit=policy, return_cache=True)
+    theirs = eager.generate(prompts, N_NEW, eos_token_id=None, early_exit=on_eager(policy), return_cache=True)
     assert ours.engine == engine
     assert ours.tokens == theirs.tokens
     assert ours.exit_layers == theirs.exit_layers
@@ -124,12 +129,13 @@ def test_sampling_and_eos(tiny_checkpoint, eager, engine, schedule):
     backend = "triton" if schedule == "predicated" else "torch"
     fast = mexit.load(tiny_checkpoint[0], device=DEVICE, engine=engine, backend=backend)
     policy = ExitPolicy(0.3, schedule=schedule)
-    kw = dict(do_sample=True, seed=9, top_k=30, eos_token_id=None, early_exit=policy)
-    assert fast.generate(PROMPTS, N_NEW, **kw).tokens == eager.generate(PROMPTS, N_NEW, **kw).tokens
-    free = eager.generate(PROMPTS, 20, eos_token_id=None, early_exit=policy).tokens
+    kw = dict(do_sample=True, seed=9, top_k=30, eos_token_id=None)
+    assert (fast.generate(PROMPTS, N_NEW, early_exit=policy, **kw).tokens
+            == eager.generate(PROMPTS, N_NEW, early_exit=on_eager(policy), **kw).tokens)
+    free = eager.generate(PROMPTS, 20, eos_token_id=None, early_exit=on_eager(policy)).tokens
     eos = free[2][4]
     stopped = fast.generate(PROMPTS, 20, eos_token_id=eos, early_exit=policy)
-    expected = eager.generate(PROMPTS, 20, eos_token_id=eos, early_exit=policy)
+    expected = eager.generate(PROMPTS, 20, eos_token_id=eos, early_exit=on_eager(policy))
     assert stopped.tokens == expected.tokens and stopped.exit_layers == expected.exit_layers
 
 
@@ -177,6 +183,10 @@ def test_predicated_needs_triton_and_eager_propagation(tiny_checkpoint):
     lm = mexit.load(tiny_checkpoint[0], device=DEVICE, engine="static", backend="torch")
     with pytest.raises(ValueError, match="predicated early-exit schedule needs backend='triton'"):
         lm.generate(PROMPTS, 4, early_exit=ExitPolicy(0.5, schedule="predicated"))
+    lm.engine = "eager"  # not ignored there: refused by name, as a policy and as a mode string
+    for mode in (dict(early_exit=ExitPolicy(0.5, schedule="predicated")), dict(mode="ee:max-prob:0.5:predicated")):
+        with pytest.raises(ValueError, match="schedule='predicated' is a static-engine schedule: use engine="):
+            lm.generate(PROMPTS, 4, **mode)
 
 
 def test_predicated_garbage_never_reaches_a_kept_value(tiny_checkpoint, eager, monkeypatch):

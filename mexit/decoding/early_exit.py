@@ -94,8 +94,11 @@ class ExitPolicy:
             raise ValueError(f"min_layer must be >= 1, got {self.min_layer}")
 
     def check_engine(self, engine: str, backend: str) -> None:
-        """The predicated schedule's kernels read device flags: on the static / graph engines it needs triton (the
-        eager engine compacts rows instead and ignores `schedule`)."""
+        """The predicated schedule is the static / graph engines' (the eager engine compacts rows instead), and its
+        kernels read device flags: it needs triton. ValueError naming what to change."""
+        if self.schedule == "predicated" and engine == "eager":
+            raise ValueError("schedule='predicated' is a static-engine schedule: use engine='static' or 'graph' (the "
+                             "eager engine runs the reference scheduler, schedule='segments')")
         if self.schedule == "predicated" and engine in ("static", "graph") and backend != "triton":
             raise ValueError(f"the predicated early-exit schedule needs backend='triton' (its kernels read the skip "
                              f"flag), got {backend!r}; use schedule='segments' with the torch backend")
