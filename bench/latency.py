@@ -207,7 +207,7 @@ class LatencyBench:
         from mexit.decoding import modes as registry
         from mexit.decoding.early_exit import ExitPolicy
         from mexit.decoding.speculative import Speculation
-        from mexit.frontends.cli import check_schedule, compiles, warn_ignored_compile
+        from mexit.frontends.cli import check_schedule
         from mexit.kernels.launch import pdl_supported
         from mexit.model.placement import resolve_device, resolve_dtype
 
@@ -261,9 +261,8 @@ class LatencyBench:
         for p, n in lengths:
             if p + n > config.n_positions:
                 raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
-        warn_ignored_compile(lm)
         self.run_meta = dict(run_metadata(device, dtype), model=self.label, random_weights=lm.is_random,
-                             backend=lm.backend.name, engine=lm.engine, compiled=compiles(lm),
+                             backend=lm.backend.name, engine=lm.engine, compiled=lm.compiles,
                              fused_max_rows=lm.backend.fused_max_rows, **self.controls,
                              command=args.command)
         copy_only, read_only = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)

@@ -60,6 +60,10 @@ def generate(model: MultiExitGPT2, prompts, mode: Mode, engine, backend: Backend
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     eos = stop_tuple(eos)
+    outside = [i for i in eos or () if i >= model.config.vocab_size]
+    if outside:
+        raise ValueError(f"eos_token_id {outside[0]} is outside the vocabulary 0..{model.config.vocab_size - 1}: no "
+                         "row could ever produce it")
     if keep_logits and not mode.keeps_logits:
         raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not those "
                                   "of one fixed pass per token")

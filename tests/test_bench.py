@@ -77,7 +77,7 @@ def test_bench_refuses_what_generate_refuses_and_labels_what_ran(tiny_checkpoint
         latency.main(latency_args(tiny_checkpoint[0], tmp_path / "f", backend="torch", **{"fused-max-rows": "8"}))
     argv = ["--model", str(tiny_checkpoint[0]), "--modes", "original", "--new-tokens", "2", "--prompt-len", "4",
             "--warmup", "0", "--repeats", "1", "--no-plot", "--baselines", "--compile", "--out", str(tmp_path / "c")]
-    with pytest.warns(UserWarning, match="--compile ignored"):
+    with pytest.warns(UserWarning, match="compile ignored: nothing is compiled"):
         assert latency.main(argv) == 0
     assert not json.loads((tmp_path / "c" / "latency.json").read_text())[0]["compiled"]
 

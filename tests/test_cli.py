@@ -88,7 +88,7 @@ def test_ignored_flags_warn(tiny_checkpoint, capsys):
                      "--temperature", "0.7", "--compile", "--max-new-tokens", "2")
     assert rc == 0
     assert "warning: --temperature, --top-k unused: greedy decoding" in err
-    assert "warning: --compile ignored" in err
+    assert "warning: compile ignored: nothing is compiled" in err
 
 
 def test_version_and_help_show_defaults(capsys):

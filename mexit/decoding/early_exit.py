@@ -71,6 +71,8 @@ class ExitPolicy:
             raise ValueError(f"threshold must be a number, got {self.threshold!r} ({type(self.threshold).__name__})")
         if not low <= self.threshold <= 1.0:
             raise ValueError(f"threshold for {self.measure} must be in [{low:g}, 1], got {self.threshold}")
+        if self.exits is not None and (isinstance(self.exits, (str, bytes)) or not hasattr(self.exits, "__iter__")):
+            raise ValueError(f"exits is a list of exit layers (or None: every exit), got {self.exits!r}")
         layers = ([] if self.exits is None else list(self.exits)) + [self.min_layer] + (
             [] if self.final_head == "original" else [self.final_head])
         odd = [x for x in layers if isinstance(x, bool) or not isinstance(x, int)]

@@ -35,9 +35,13 @@ class DecodeConfig:
             raise ValueError(f"unknown mode {self.mode!r}; expected original, exit or contrast")
         if self.mode == "exit" and self.exit_layer is None:
             raise ValueError("mode 'exit' needs exit_layer")
+        if self.exit_layer is not None and (type(self.exit_layer) is not int):
+            raise ValueError(f"exit_layer must be a layer number (an int), got {self.exit_layer!r}")
         if self.mode == "contrast":
             if self.upper is None or self.lower is None:
                 raise ValueError("mode 'contrast' needs both the upper and the lower layer")
+            if type(self.lower) is not int:
+                raise ValueError(f"contrast lower must be a layer number (an int), got {self.lower!r}")
             if self.upper != "original" and not isinstance(self.upper, int):
                 raise ValueError(f"contrast upper must be a layer number or 'original', got {self.upper!r}")
             if self.upper != "original" and self.upper <= self.lower:

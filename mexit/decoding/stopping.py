@@ -29,7 +29,12 @@ class StopWatch:
             self.seen[b].append(t)
             self.at_eos[b] |= t in self.eos
         n = len(self.seen[0])
-        for b, done in enumerate(self.rule(self.seen)):
+        verdict = self.rule(self.seen)
+        if isinstance(verdict, torch.Tensor):
+            verdict = verdict.tolist()
+        if not isinstance(verdict, (list, tuple)) or len(verdict) != len(self.seen):
+            raise ValueError(f"a stop rule returns one bool per row ({len(self.seen)} here), got {verdict!r}")
+        for b, done in enumerate(verdict):
             if done and self.ended[b] is None:
                 self.ended[b] = n
 

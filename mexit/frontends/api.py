@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -83,6 +84,10 @@ def decode_config(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
     if mode == "original" and (exit_layer is not None or contrast is not None):
         raise ValueError("mode 'original' takes no exit_layer or contrast")
     mode = mode or ("exit" if exit_layer is not None else "contrast" if contrast is not None else "original")
+    if contrast is not None and (isinstance(contrast, str) or not isinstance(contrast, (tuple, list))
+                                 or len(contrast) != 2):
+        raise ValueError(f"contrast must be a pair (upper, lower) of layers (upper may be 'original'), got "
+                         f"{contrast!r}")
     upper, lower = contrast if contrast is not None else (None, None)
     return DecodeConfig(mode, exit_layer=exit_layer, upper=upper, lower=lower, alpha=alpha,
                         min_candidates=min_candidates)
@@ -98,8 +103,13 @@ def mode_settings(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
     alpha / min_candidates set the ACD parameters of a contrast string (a settings object carries its own). config:
     the checkpoint's, to check a mode string against. Error: arguments of two modes at once."""
     acd_names = acd_names or {}
+    if isinstance(mode, SpeculativeConfig):
+        raise ValueError("a SpeculativeConfig is how a mode is decoded, not a mode: pass speculative=SpeculativeConfig("
+                         "...) beside the mode it verifies, or a mode string such as 'spec:12:2'")
     if isinstance(mode, str) and not mode.strip():
         raise ValueError("mode is empty: name a mode (original, exit:L, ...; mexit.decoding.modes) or leave it None")
+    if isinstance(mode, str) and ":" not in mode and mode not in modes.NAMES + modes.SHORT_NAMES:
+        modes.parse_words(mode)  # ValueError: unknown mode, naming every form
     if isinstance(mode, str) and ":" not in mode and mode in modes.NAMES + modes.SHORT_NAMES and \
             mode not in ("original", "exit", "contrast"):
         raise ValueError(f"mode {mode!r} takes its settings: write it as {modes.form(mode)} (the mode mini-language, "
@@ -124,6 +134,12 @@ def mode_settings(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
                 raise ValueError("speculative decoding verifies a fixed mode (original, exit or contrast)")
             spec = Speculation(speculative, spec)
         return spec
+    contrast_asked = contrast is not None or mode == "contrast" or "contrast_layer_indices" in acd_names
+    if (alpha, min_candidates) != (0.1, 1) and (not contrast_asked or decode is not None or early_exit is not None
+                                                or dola_layers is not None or multi_exit_config is not None):
+        raise ValueError("alpha and min_candidates set ACD's contrast: pass them with contrast=(upper, lower) or a "
+                         "contrast mode string (a DecodeConfig or MultiExitConfiguration carries its own); this call "
+                         "decodes no contrast")
     if dola_layers is not None:
         if (mode is not None or exit_layer is not None or contrast is not None or acd_names or decode
                 or early_exit is not None or speculative is not None or multi_exit_config is not None):
@@ -171,6 +187,15 @@ class MultiExitLM:
             self.backend = resolve_backend(backend, model.device, pdl, fused_max_rows, gemv_max_rows)
         self.compile = compile  # torch.compile the layers of static steps (static / graph engines)
         self.engine = engine
+        if compile and not self.compiles:
+            warnings.warn(f"compile ignored: nothing is compiled on the {self.engine} engine with the "
+                          f"{self.backend.name} backend (it applies to the static/graph engines' torch layers)",
+                          stacklevel=3)
+
+    @property
+    def compiles(self) -> bool:
+        """Whether `compile` compiles anything: the static / graph engines' torch layers."""
+        return self.compile and self.engine != "eager" and not self.backend.triton
 
     @property
     def engine(self) -> str:
@@ -232,6 +257,11 @@ class MultiExitLM:
             if mask.shape != prompts.shape:
                 raise ValueError(f"attention_mask {tuple(mask.shape)} does not match the ids {tuple(prompts.shape)}")
             return [row[m].tolist() for row, m in zip(prompts.cpu(), mask.cpu())]
+        if isinstance(prompts, Mapping):  # a tokenizer's output (BatchEncoding), a dict
+            raise ValueError("prompts is a mapping (a tokenizer's output?): pass its input_ids, with attention_mask= "
+                             "for padded rows")
+        if isinstance(prompts, bool):
+            raise ValueError(f"prompts must be text, a list of texts or token ids, got {prompts!r}")
         prompts = plain(prompts)  # numpy / torch ids (and numpy string arrays) as lists
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -327,6 +357,10 @@ class MultiExitLM:
                                          no_repeat_ngram_size)):
             raise ValueError("sampling= sets do_sample, temperature, top_k, top_p, seed and the repetition controls: "
                              "do not pass them too")
+        unused = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed))
+                  if v is not None]
+        if unused and not sampling.do_sample:  # not ignored in silence (transformers warns the same way)
+            warnings.warn(f"{', '.join(unused)} unused: greedy decoding (pass do_sample=True to sample)", stacklevel=3)
         if sampling.do_sample and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=int(torch.randint(2**31 - 1, ())))
         return sampling
@@ -355,7 +389,7 @@ class MultiExitLM:
         """A stop rule (`mexit.decoding.stopping.StopWatch`) ending a row once its new tokens' text holds one of
         `stop_strings` (or `rule` says so)."""
         strings = [stop_strings] if isinstance(stop_strings, str) else plain(stop_strings)
-        if not isinstance(strings, (list, tuple)) or not all(isinstance(x, str) and x for x in strings):
+        if not isinstance(strings, (list, tuple)) or not strings or not all(isinstance(x, str) and x for x in strings):
             raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")
         if self.tokenizer is None:
             raise ValueError("stop_strings needs the checkpoint's tokenizer files (this one has none): pass stop= "

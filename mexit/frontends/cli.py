@@ -422,17 +422,6 @@ def check_schedule(schedule: str, engine: str, what: str) -> None:
                          "the reference scheduler)")
 
 
-def compiles(lm) -> bool:
-    """Whether `compile` compiles anything: the static / graph engines' torch layers."""
-    return lm.compile and lm.engine != "eager" and not lm.backend.triton
-
-
-def warn_ignored_compile(lm) -> None:
-    if lm.compile and not compiles(lm):
-        warnings.warn(f"--compile ignored: nothing is compiled on the {lm.engine} engine with the {lm.backend.name} "
-                      "backend (it applies to the static/graph engines' torch layers)", stacklevel=2)
-
-
 def run_generate_on_ray(args) -> int:
     from mexit.frontends.api import MultiExitLM
     from mexit.frontends.cluster import absolute, generate_file_on_ray
@@ -534,7 +523,6 @@ def load_lm(args):
                                      check_weights=not args.no_weight_check, pdl=args.pdl,
                                      fused_max_rows=args.fused_max_rows, gemv_max_rows=args.gemv_max_rows,
                                      **hub_kwargs(args))
-    warn_ignored_compile(lm)
     return lm
 
 
@@ -621,6 +609,7 @@ def run_generate(args) -> int:
                  if getattr(args, n) is not None]
     if unsampled and not (args.do_sample or lm.defaults.get("do_sample")):
         warnings.warn(f"{', '.join(unsampled)} unused: greedy decoding (add --do-sample to sample)", stacklevel=2)
+        args.temperature = args.top_k = args.top_p = args.seed = None  # said once, here, by flag
     kw = generate_kwargs(args)
     if args.prompts_file:
         from mexit.frontends.datasets import generate_file

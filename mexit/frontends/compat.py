@@ -26,7 +26,7 @@ from mexit.decoding.fixed import MultiExitConfiguration, teacher_forced
 from mexit.decoding.heads import DecodeConfig
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
 from mexit.model.decoder import MultiExitGPT2
-from mexit.model.generation_config import OFF
+from mexit.model.generation_config import OFF, unimplemented
 from mexit.model.placement import resolve_device, resolve_dtype
 from mexit.values import plain
 
@@ -213,6 +213,11 @@ class FastMultiExitModel:
         """The call's GenerationConfig: the one passed (else the model's) updated with kwargs; a field set away from
         its off values that mexit does not implement is refused by name."""
         config = copy.deepcopy(generation_config or self.generation_config)
+        if generation_config is None:  # the checkpoint's file: what mexit does not implement was named at load and
+            # is not applied (the file keeps it: save_pretrained writes it back)
+            from transformers import GenerationConfig
+
+            config.update(**{k: getattr(GenerationConfig(), k) for k in unimplemented(config)})
         unused = config.update(**kwargs)
         if unused:
             raise TypeError(f"generate() got unsupported arguments: {sorted(unused)}")
@@ -246,6 +251,10 @@ class FastMultiExitModel:
         return_dict_in_generate: per step, per layer (embeddings first, the last after ln_f) states as
         transformers returns them, from one forward pass over the output (a fixed mode's states; without
         return_dict_in_generate transformers ignores the flag, and so does the drop-in)."""
+        inputs = kwargs.pop("inputs", None)  # transformers' name for the first argument
+        if inputs is not None and input_ids is not None:
+            raise ValueError("pass the prompt ids once: as inputs or as input_ids")
+        input_ids = input_ids if input_ids is not None else inputs
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         input_ids, attention_mask = check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
@@ -302,6 +311,9 @@ class FastMultiExitModel:
                                   top_k=first(p["top_k"], 50) if cfg.do_sample else 0,
                                   top_p=first(p["top_p"], 1.0) if cfg.do_sample else 1.0)
         keep = bool(return_dict and (want_scores or want_logits))
+        if keep and speculative is not None:
+            raise NotImplementedError("output_scores / output_logits with speculative=: mexit keeps the logits of one "
+                                      "fixed pass per token (decode without speculative= to keep them)")
         if keep and (dola_layers is not None or sampling.controls_repetition or processed):
             raise NotImplementedError("output_scores / output_logits with DoLa, the repetition controls or a "
                                       "logits_processor list: mexit keeps one kind of logits per step, not "

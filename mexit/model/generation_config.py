@@ -65,7 +65,7 @@ def generation_defaults(generation_config, warn: bool = True) -> dict:
     if generation_config is None:
         return {}
     given = {k: v for k, v in generation_config.to_diff_dict().items() if v is not None}
-    ignored = {k: v for k, v in given.items() if k not in APPLIED + INERT and v not in OFF.get(k, ())}
+    ignored = unimplemented(generation_config)
     if ignored and warn:
         warnings.warn(f"generation_config.json sets {', '.join(f'{k}={v!r}' for k, v in sorted(ignored.items()))}, "
                       "which mexit does not implement: those fields are not applied", stacklevel=3)
@@ -76,6 +76,13 @@ def generation_defaults(generation_config, warn: bool = True) -> dict:
             raise ValueError(f"generation_config.json: {k} must be {kind}, got {v!r} (fix or remove the field: the "
                              "file's fields are generate()'s defaults)")
     return applied
+
+
+def unimplemented(generation_config) -> dict:
+    """{field: value} of a GenerationConfig's fields set away from their off values that mexit does not implement
+    (neither applied nor inert)."""
+    given = {k: v for k, v in generation_config.to_diff_dict().items() if v is not None}
+    return {k: v for k, v in given.items() if k not in APPLIED + INERT and v not in OFF.get(k, ())}
 
 
 def _wrong_type(name: str, value) -> str | None:
