@@ -375,7 +375,7 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
             row.update(mean_exit_layer=stats["mean_exit_layer"], weight_bytes_ratio=stats["weight_bytes_ratio"])
         if isinstance(kw["mode"], Speculation):  # launches_per_step: per generated token of a row
             row.update(acceptance_rate=stats["acceptance_rate"],
-                       mean_accepted_per_verification=stats["mean_accepted_per_verification"],
+                       tokens_per_verification=stats["tokens_per_verification"],
                        weight_bytes_ratio=stats["weight_bytes_ratio"],
                        host_reads_per_round=stats["host_reads"] / max(stats["rounds"], 1))
         rows.append(row)

@@ -157,6 +157,20 @@ def test_stream_prints_the_generated_text(tiny_checkpoint, capsys):
     assert out == mexit.load(folder).generate("Hello", 6, eos_token_id=None).text[0] + "\n"
 
 
+def test_a_streamed_run_still_says_its_seed_and_what_it_saved(tiny_checkpoint, capsys):
+    """--stream prints the text as it comes, then what a run without it prints after the text: the drawn seed
+    (stderr) and the mode's summary."""
+    folder = str(tiny_checkpoint[0])
+    args = ("generate", "--model", folder, "--prompt", "Hello", "--max-new-tokens", "6", "--no-eos", "--do-sample",
+            "--mode", "ee:max-prob:0.3")
+    rc, streamed, err = cli(capsys, *args, "--stream")
+    assert rc == 0 and "# seed " in err and "(pass --seed" in err
+    seed = err.split("# seed ")[1].split()[0]
+    rc, plain, _ = cli(capsys, *args, "--seed", seed)
+    assert rc == 0 and streamed == plain  # the same text and the same summary lines, in the same order
+    assert "# exit layers: " in streamed and "# early exit: weight reads " in streamed
+
+
 def test_help_does_not_wait_for_torch():
     """`mexit ... --help` and its usage errors import neither torch nor transformers: they answer at once."""
     import subprocess

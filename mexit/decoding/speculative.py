@@ -422,7 +422,7 @@ class Speculative(Mode):
                   accepted=accepted,
                   verifications=verifications, tokens_per_row=total / n,
                   acceptance_rate=accepted / drafted if drafted else None,
-                  mean_accepted_per_verification=(accepted + verifications) / verifications if verifications else None,
+                  tokens_per_verification=(accepted + verifications) / verifications if verifications else None,
                   drafts_per_token=drafted / total)
 
 

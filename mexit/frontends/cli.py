@@ -632,10 +632,9 @@ def run_generate(args) -> int:
     result = lm.generate(prompts, seed=args.seed, on_token=timer.on_token, **kw)
     timing = timer.report(len(result.tokens))
     against = full_depth_time_ratio(lm, prompts, kw, result.seed) if args.time_full_depth else None
-    if args.stream:
+    if args.stream:  # the text as it came; the seed and the summaries below still follow
         timer.write_stream(final=True)
-        return 0
-    if args.json:
+    elif args.json:
         payload = {"tokens": result.tokens, "backend": result.backend, "engine": result.engine,
                    "random_weights": lm.is_random, **timing}
         if result.seed is not None:
@@ -669,9 +668,10 @@ def run_generate(args) -> int:
     if result.seed is not None and args.seed is None:
         print(f"# seed {result.seed} (pass --seed {result.seed} to repeat this run)", file=sys.stderr)
     for b, tokens in enumerate(result.tokens):
-        if len(result.tokens) > 1:  # rows apart: a text may span lines
-            print(f"# row {b}" + (f": {prompts[b]!r}" if isinstance(prompts[b], str) else ""))
-        print(result.text[b] if result.text is not None else ",".join(map(str, tokens)))
+        if not args.stream:  # streamed (one prompt): the text is above
+            if len(result.tokens) > 1:  # rows apart: a text may span lines
+                print(f"# row {b}" + (f": {prompts[b]!r}" if isinstance(prompts[b], str) else ""))
+            print(result.text[b] if result.text is not None else ",".join(map(str, tokens)))
         if result.exit_layers is not None:
             layers = result.exit_layers[b]
             print(f"# exit layers: {layers} (mean {sum(layers) / len(layers):.2f} of {lm.config.n_layer})")
@@ -686,7 +686,7 @@ def run_generate(args) -> int:
         rate = st["acceptance_rate"]
         acceptance = "n/a (nothing drafted)" if rate is None else f"{rate:.2f}"
         print(f"# speculative: acceptance {acceptance}, "
-              f"{st['mean_accepted_per_verification']:.2f} tokens per verification, weight reads "
+              f"{st['tokens_per_verification']:.2f} tokens per verification, weight reads "
               f"{st['weight_bytes_ratio']:.2f}x of full depth")
     return 0
 
