@@ -30,6 +30,7 @@ from pathlib import Path
 
 from mexit.bench.common import (
     TRAFFIC,
+    add_load_args,
     add_subcommand,
     markdown_table,
     run_metadata,
@@ -38,6 +39,7 @@ from mexit.bench.common import (
     spread_note,
 )
 from mexit.bench.findings import LOGLIK_MARGIN, SPEED_MARGIN
+from mexit.frontends.cli import hub_kwargs
 from mexit.frontends.output import pyplot
 from mexit.timing import DeviceClock, interleaved_pairs
 from mexit.values import read_text
@@ -257,6 +259,7 @@ def load_lm(args):
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if args.model:
         return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
+                          **hub_kwargs(args),
                         compile=args.compile), args.model
     lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend,
                                   engine=args.engine, compile=args.compile)
@@ -616,13 +619,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speed-ups closer than this fraction are ties when the front is drawn")
     p.add_argument("--loglik-margin", type=float, default=LOGLIK_MARGIN,
                    help="log-likelihoods closer than this (nats per token) are ties when the front is drawn")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_load_args(p)
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else 1 on CPU)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="Triton kernels or the PyTorch reference (auto: triton on cuda)")
-    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
-                   help="decode loop: CUDA graphs, the static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--out", default="ablation_results", help="output folder (resumable)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from mexit.bench.common import (
     TRAFFIC,
+    add_load_args,
     add_subcommand,
     copy_bandwidth_gbs,
     launches_per_step,
@@ -42,6 +43,7 @@ from mexit.bench.common import (
     spread_note,
     write_results,
 )
+from mexit.frontends.cli import hub_kwargs
 from mexit.frontends.output import check_output_folder, pyplot
 
 if TYPE_CHECKING:
@@ -217,7 +219,7 @@ class LatencyBench:
         dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
         if args.model:
             lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
-                            compile=args.compile)
+                            compile=args.compile, **hub_kwargs(args))
             self.label = str(args.model)
         else:
             lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device,
@@ -542,12 +544,7 @@ LINEARS = ["cublas", "tiled", "gemv"]  # mexit.ops.LINEAR_PATHS' names (that mod
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="exit stage and decode blocks: Triton kernels or the PyTorch reference (auto: triton on cuda)")
-    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
-                   help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
+    add_load_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers")
     p.add_argument("--fused-max-rows", type=int, help="triton backend: largest decode batch that runs the tiled "
                    "fused-linear blocks (default: the card's measured choice on CUDA, 64 elsewhere; 0 = cuBLAS)")

@@ -17,8 +17,17 @@ import sys
 from pathlib import Path
 
 from mexit.bench.ablate import default_prompts, encode, number, read_prompts
-from mexit.bench.common import add_subcommand, markdown_table, run_metadata, script_main, set_threads, write_results
+from mexit.bench.common import (
+    add_load_args,
+    add_subcommand,
+    markdown_table,
+    run_metadata,
+    script_main,
+    set_threads,
+    write_results,
+)
 from mexit.bench.findings import speedup_interval
+from mexit.frontends.cli import hub_kwargs
 from mexit.timing import DeviceClock, interleaved_pairs
 
 COLUMNS = ["draft_exit", "draft_len", "draft_threshold", "acceptance_rate", "tokens_per_verification",
@@ -57,8 +66,10 @@ def sweep(args) -> list[dict]:
     from mexit.decoding.speculative import Speculation, SpeculativeConfig
     from mexit.model.placement import resolve_device
 
-    set_threads(args.threads, resolve_device(args.device))
-    lm = mexit.load(args.model, device=args.device, backend=args.backend, engine=args.engine)
+    device = resolve_device(args.device)
+    set_threads(args.threads, device)
+    lm = mexit.load(args.model, dtype=args.dtype, device=device, backend=args.backend, engine=args.engine,
+                    **hub_kwargs(args))
     config = lm.config
     exits = args.draft_exits or [e for e in config.exit_layers if e < config.n_layer]
     settings = [SpeculativeConfig(e, k, None if str(t).lower() == "none" else number("--thresholds", t))
@@ -110,7 +121,7 @@ def sweep(args) -> list[dict]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="multi-exit checkpoint folder")
+    p.add_argument("--model", required=True, help="multi-exit checkpoint folder or hub id")
     p.add_argument("--prompts", help="text file, one prompt per line (default: the model folder's prompts.txt, "
                    "else bench/prompts.txt)")
     p.add_argument("--n-prompts", type=int, default=10, help="prompts used (the first N)")
@@ -121,11 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved (full depth, setting) timing pairs (>= 2 for an interval)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_load_args(p)
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else 1 on CPU)")
-    p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"], help="ops backend")
-    p.add_argument("--engine", default="eager", choices=["auto", "eager", "static", "graph"],
-                   help="decode engine (graph: CUDA graphs of the draft, lower and verification pieces)")
     p.add_argument("--out", default="speculative_results", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

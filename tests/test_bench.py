@@ -531,3 +531,19 @@ def test_cost_model_prices_the_measured_traffic_at_gpt2_medium(tiny_checkpoint, 
     assert [r["setting"] for r in projected] == ["learned 1.0 all", "speculative draft 2 k=1"]
     assert projected[0]["medium_ratio"] == pytest.approx(1 + 3 * 1025 * 4 / full)
     assert projected[1]["acceptance_rate"] is not None and projected[1]["medium_ratio"] > 0
+
+
+def test_every_bench_command_loads_as_generate_does():
+    """bench, ablate and bench-speculative take the same loading options with generate's defaults (cuda when there
+    is one, auto backend and engine, the device's dtype) and huggingface_hub's options."""
+    import argparse
+
+    from mexit.bench import speculative_sweep
+    from mexit.frontends.cli import hub_kwargs
+
+    for module in (latency, ablate, speculative_sweep):
+        p = argparse.ArgumentParser()
+        module.add_arguments(p)
+        args = p.parse_args(["--model", "someone/model", "--revision", "v1"])
+        assert (args.device, args.dtype, args.backend, args.engine) == (None, None, "auto", "auto"), module
+        assert hub_kwargs(args)["revision"] == "v1"
