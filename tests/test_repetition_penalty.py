@@ -69,9 +69,12 @@ def test_dola_with_penalty_equals_transformers_4_51(tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["eager", "static"])
-def test_acd_takes_the_argmax_of_penalized_log_q(tiny_checkpoint, engine):
+@pytest.mark.parametrize("mode", [dict(contrast=(4, 2)), dict(dola_layers="high")])
+def test_acd_and_dola_take_the_argmax_of_their_penalized_kept_scores(tiny_checkpoint, engine, mode):
+    """keep_logits keeps the mode's scores before the repetition controls (ACD's log q, DoLa's contrast), and the
+    token is the argmax of those scores penalized."""
     lm = mexit.load(tiny_checkpoint[0], dtype="fp32", backend="torch", engine=engine)
-    out = lm.generate(PROMPTS, 8, contrast=(4, 2), repetition_penalty=1.5, eos_token_id=None, keep_logits=True)
+    out = lm.generate(PROMPTS, 8, **mode, repetition_penalty=1.5, eos_token_id=None, keep_logits=True)
     for b, (prompt, tokens) in enumerate(zip(PROMPTS, out.tokens)):
         for t, token in enumerate(tokens):
             seen = torch.zeros(1, lm.config.vocab_size, dtype=torch.bool)

@@ -172,9 +172,9 @@ class DolaMode(OneStep):
         batch_rows = ~rows.io.finished if self.config.per_batch else None
         scores, best = dola_scores(final, premature, self.config.relative_top, batch_rows)
         rows.buffers.index_copy_(1, rows.io.step, self.layer_ids[best][:, None])
-        scores = rows.penalize(scores)
-        if rows.keep_logits:
+        if rows.keep_logits:  # before the repetition controls, as a fixed mode keeps its logits
             rows.keep(scores)
+        scores = rows.penalize(scores)
         rows.emit(rows.choose(scores.argmax(dim=-1), scores if rows.sampling.do_sample else None))
 
     def describe(self, rows: Rows, result) -> None:

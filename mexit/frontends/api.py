@@ -222,8 +222,9 @@ class MultiExitLM:
                         gemv_max_rows: int | None = None, revision: str | None = None, token: str | bool | None = None,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                         subfolder: str = "") -> MultiExitLM:
-        """dtype None: fp16 on CUDA, fp32 on CPU (the rule of every entry point). revision, token, cache_dir,
-        local_files_only, subfolder: huggingface_hub's (`mexit.model.checkpoint.HubOptions`)."""
+        """dtype None: fp16 on CUDA, fp32 on CPU (as `mexit.load` and the CLI; the drop-in keeps the stored dtype, as
+        transformers 5 does). revision, token, cache_dir, local_files_only, subfolder: huggingface_hub's
+        (`mexit.model.checkpoint.HubOptions`)."""
         hub = HubOptions(revision, token, cache_dir, local_files_only, subfolder)
         model = load_model(path_or_id, dtype=dtype, device=device, check_weights=check_weights, hub=hub)
         return cls(model, load_tokenizer(model.folder), backend=backend, engine=engine, compile=compile, pdl=pdl,
@@ -306,8 +307,12 @@ class MultiExitLM:
         config.json), an id or a list of ids stops at those, None never stops early. seed: one for every row or one
         per row (each row samples from its own random stream, so a row gets the same tokens alone and in any batch,
         in fp32; half precision may differ in the last bits between batch compositions); a sampled run without one
-        draws one and reports it as `result.seed`. return_cache keeps the real rows' final KV cache on the result,
-        keep_logits every step's [B, V] logits of the mode (fixed modes; DoLa: its scores). on_token(tokens [B])
+        draws one and reports it as `result.seed`. return_cache keeps the real rows' final KV cache on the result
+        (`KVCache`: k, v [n_layer, B, n_head, slots, head_dim], valid [B, slots] marking the slots that hold a real
+        token; how many slots, and where the holes are, is the engine's: left padding, a static engine's length
+        bucket, a speculative round's rejected drafts). keep_logits: every step's [B, V] fp32 logits of the mode
+        (fixed modes: the head's, ACD's log q; DoLa: its contrast scores) as the mode computes them, before the
+        repetition controls, temperature and top-k / top-p. on_token(tokens [B])
         receives the tokens of every position as it completes (a device tensor; a finished row reads eos, and once
         every row has finished it is not called again). repetition_penalty, no_repeat_ngram_size: transformers'
         (1 / 0: off; every mode), applied to the mode's scores before the choice (early exit: to each checked
@@ -424,8 +429,8 @@ def load(path_or_id, dtype=None, device=None, backend: str = "auto", engine: str
     from_pretrained, passed to huggingface_hub (a revision asked of a local folder, or missing from the cache with
     local_files_only, is an error naming it).
 
-    dtype: fp32 / fp16 / bf16, or "auto" (the stored dtype); None: fp16 on CUDA, fp32 elsewhere (the CLI and the
-    drop-in use the same rule).
+    dtype: fp32 / fp16 / bf16, or "auto" (the stored dtype); None: fp16 on CUDA, fp32 elsewhere (the CLI's rule too;
+    the drop-in's from_pretrained keeps the stored dtype, as transformers 5 does).
     backend: ops through "triton" kernels or the "torch" references (auto: triton on CUDA).
     engine: "graph" (CUDA graphs), "static" (the same steps without capture) or "eager" (auto: graph on CUDA).
     compile: torch.compile the static steps' layers (torch backend). check_weights: refuse tensors that hold NaN or
