@@ -38,13 +38,24 @@ def run_metadata(device: torch.device, dtype) -> dict:
         **dependency_versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    try:
-        here = Path(__file__).resolve().parent
-        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                                        text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        meta["commit"] = None
+    meta["commit"] = source_commit()
     return meta
+
+
+def source_commit() -> str | None:
+    """The checkout's short commit, "+dirty" when a tracked source file (Python, the routes table) differs from it,
+    so a result is never stamped with code that did not run; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*argv) -> str:
+        return subprocess.run(["git", *argv], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*routes.json")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if changed else "")) or None
 
 
 def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> list[float]:
