@@ -102,9 +102,20 @@ def test_count_tokens_command_and_bad_input(tiny_checkpoint, tmp_path, capsys):
     ids = AutoTokenizer.from_pretrained(folder)(text.read_text())["input_ids"] + [256]  # eos ends each file
     counts = load_token_counts(folder, 257)
     assert counts.tolist() == torch.bincount(torch.tensor(ids), minlength=257).tolist()
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out and "ids this text never used, in no meaningful order: count more text" in out
     assert main(["count-tokens", "--model", str(folder), "--data", str(text)]) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: {folder / TOKEN_COUNTS_FILE} exists")
+    again = ["count-tokens", "--model", str(folder), "--data", str(text), f"{tmp_path}/./text.txt",
+             "--overwrite"]
+    assert main(again) == 2  # one file under two spellings: counted twice, silently, before
+    err = capsys.readouterr().err
+    assert err.startswith("error: data file") and "is given twice (also as" in err
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"abc \xff\xfe abd\n")
+    assert main(["count-tokens", "--model", str(folder), "--data", str(bad), "--overwrite"]) == 0
+    assert "bad.txt is not valid UTF-8 (first bad byte at offset 4): bad bytes are read as U+FFFD" in \
+        capsys.readouterr().err
     lm = mexit.load(folder)
     with pytest.raises(ValueError, match="draft_vocab must be an integer >= 2"):
         SpeculativeConfig(2, 2, None, 1)

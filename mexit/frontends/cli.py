@@ -355,8 +355,12 @@ def run_count_tokens(args) -> int:
     counts, path = write_token_counts(Path(args.model), args.data, overwrite=args.overwrite)
     top = counts.sort(descending=True).values
     share = {n: float(top[:n].sum() / max(int(counts.sum()), 1)) for n in (256, 1024, 4096) if n < len(counts)}
-    print(f"{int(counts.sum())} tokens, {int((counts > 0).sum())} of {len(counts)} ids seen; the most frequent "
-          + ", ".join(f"{n} cover {v:.1%}" for n, v in share.items()))
+    seen = int((counts > 0).sum())
+    unseen = [n for n in share if n > seen]
+    print(f"{int(counts.sum())} tokens, {seen} of {len(counts)} ids seen; the most frequent "
+          + ", ".join(f"{n} cover {v:.1%}" for n, v in share.items())
+          + (f" (a draft vocabulary of {unseen[0]} or more also holds ids this text never used, in no meaningful "
+             "order: count more text)" if unseen else ""))
     print(f"wrote {path}")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,22 @@ def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None
                                 "text is tokenized with the checkpoint's own tokenizer")
     if not data:
         raise ValueError("no training data: pass one or more text files with --data")
+    seen = {}
     for path in [*data, *(eval_data or [])]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data file {path} {'is not a file' if Path(path).exists() else 'does not exist'}")
-        if not read_text(path, errors="replace").strip():
+        same = seen.setdefault(Path(path).resolve(), path)
+        if same is not path:
+            also = f" (also as {same})" if str(same) != str(path) else ""
+            raise ValueError(f"data file {path} is given twice{also}: its text would count twice, or be trained on "
+                             "and held out at once")
+        try:
+            text = read_text(path)
+        except UnicodeDecodeError as err:
+            warnings.warn(f"data file {path} is not valid UTF-8 (first bad byte at offset {err.start}): bad bytes are "
+                          "read as U+FFFD", stacklevel=2)
+            text = read_text(path, errors="replace")
+        if not text.strip():
             raise ValueError(f"data file {path} is empty")
 
 
