@@ -109,12 +109,14 @@ def test_version_and_help_show_defaults(capsys):
     ("ee:cosine:0.5:1,2:deferred", ["--mode", "early-exit", "--threshold", "0.5", "--measure", "cosine", "--exits",
                                     "1,2", "--propagation", "deferred"]),
     ("spec:2:3", ["--mode", "speculative", "--draft-exit", "2", "--draft-len", "3"]),
+    ("spec:1:2 --contrast 4,2 --alpha 0.3", ["--mode", "speculative", "--draft-exit", "1", "--draft-len", "2",
+                                            "--contrast", "4,2", "--alpha", "0.3"]),  # the string leaves the target open
 ])
 def test_a_mode_string_equals_its_flags(tiny_checkpoint, capsys, string, flags):
     """--mode takes the mode strings `mexit bench --modes` takes: the same JSON (tokens, exit layers) as the flags."""
     common = ["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17,200", "--max-new-tokens", "5",
               "--no-eos", "--json"]
-    rc, by_string, _ = cli(capsys, *common, "--mode", string)
+    rc, by_string, _ = cli(capsys, *common, "--mode", *string.split())
     rc2, by_flags, _ = cli(capsys, *common, *flags)
     assert rc == rc2 == 0
     drop = ("prefill_ms", "ms_per_token", "tokens_per_s", "early_exit")  # timings differ

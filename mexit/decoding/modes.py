@@ -7,7 +7,8 @@ Adding a mode: its module (a settings class with `check(config)` and a `Mode`), 
 
 The mini-language: `original`, `exit:L`, `contrast:UPPER,LOWER` (UPPER may be `original`),
 `dola:low|high|L1,L2[:exit]`, `early-exit:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]`,
-`speculative:DRAFT_EXIT:K[:THRESHOLD]` (of the original head); the short names `acd`, `ee` and `spec` stand for
+`speculative:DRAFT_EXIT:K[:THRESHOLD]` (of the original head, or of the target its flags name: `--exit-layer`,
+`--contrast`); the short names `acd`, `ee` and `spec` stand for
 contrast, early-exit and speculative."""
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def _early_exit(flags: dict):
 def _speculative_words(rest: str) -> dict:
     parts = _parts(rest, ":", (2, 3))
     return {"draft_exit": _int(parts[0]), "draft_len": _int(parts[1]),
-            "draft_threshold": _float(parts[2]) if len(parts) == 3 else None, "exit_layer": None, "contrast": None}
+            "draft_threshold": _float(parts[2]) if len(parts) == 3 else None}  # the target's flags stay open
 
 
 def _speculative(flags: dict):
