@@ -109,8 +109,9 @@ def test_version_and_help_show_defaults(capsys):
     ("ee:cosine:0.5:1,2:deferred", ["--mode", "early-exit", "--threshold", "0.5", "--measure", "cosine", "--exits",
                                     "1,2", "--propagation", "deferred"]),
     ("spec:2:3", ["--mode", "speculative", "--draft-exit", "2", "--draft-len", "3"]),
+    # a speculative string leaves its target open
     ("spec:1:2 --contrast 4,2 --alpha 0.3", ["--mode", "speculative", "--draft-exit", "1", "--draft-len", "2",
-                                            "--contrast", "4,2", "--alpha", "0.3"]),  # the string leaves the target open
+                                            "--contrast", "4,2", "--alpha", "0.3"]),
 ])
 def test_a_mode_string_equals_its_flags(tiny_checkpoint, capsys, string, flags):
     """--mode takes the mode strings `mexit bench --modes` takes: the same JSON (tokens, exit layers) as the flags."""
