@@ -2,11 +2,11 @@
 
     python -m mexit.bench.speculative_sweep --model bench/small_model --draft-lens 1 2 3 4 6 8 --thresholds none 0.5
 
-For every (draft exit, k, threshold) over the prompt file, greedy, against full-depth decoding of the same target
-(the original head) on the same prompts: acceptance rate and tokens per verification; the exact cost per
-generated token relative to full depth (weight bytes from the run's block and head passes, and launches counted
-by mexit/ops/launches.py: Triton kernels plus kernel-launching torch ops); and the measured speed-up, timed interleaved
-with full depth (`mexit.timing.interleaved_pairs`; the geometric mean of the pairs' ratios with its 95% interval).
+For every (draft exit, k, threshold, draft vocabulary) over the prompt file, greedy, against full-depth decoding of
+the same target (`--target`: the original head, an exit or ACD) on the same prompts: acceptance rate and tokens per
+verification; the exact cost per generated token relative to full depth (weight bytes from the run's block and head
+passes, and launches counted by mexit/ops/launches.py: Triton kernels plus kernel-launching torch ops); and the
+measured speed-up, timed interleaved with full depth (`mexit.timing.interleaved_pairs`; the geometric mean of the pairs' ratios with its 95% interval).
 Every setting's tokens are checked against full depth (lossless). Writes speculative.json / .csv / .md."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from mexit.bench.findings import speedup_interval
 from mexit.frontends.cli import hub_kwargs
 from mexit.timing import DeviceClock, interleaved_pairs
 
-COLUMNS = ["draft_exit", "draft_len", "draft_threshold", "acceptance_rate", "tokens_per_verification",
+COLUMNS = ["target", "draft_exit", "draft_len", "draft_threshold", "draft_vocab", "acceptance_rate",
+           "tokens_per_verification",
            "weight_bytes_ratio", "launches_ratio", "speedup", "speedup_lo", "speedup_hi", "lossless"]
 
 
@@ -71,37 +72,43 @@ def sweep(args) -> list[dict]:
     lm = mexit.load(args.model, dtype=args.dtype, device=device, backend=args.backend, engine=args.engine,
                     **hub_kwargs(args))
     config = lm.config
-    exits = args.draft_exits or [e for e in config.exit_layers if e < config.n_layer]
-    settings = [SpeculativeConfig(e, k, None if str(t).lower() == "none" else number("--thresholds", t))
-                for e in exits for k in args.draft_lens for t in args.thresholds]
+    target = modes.parse(args.target, config)
+    if not isinstance(target, mexit.DecodeConfig):
+        raise ValueError(f"--target {args.target}: speculative decoding verifies a fixed mode (original, exit:L, "
+                         "acd:UPPER,LOWER)")
+    exits = args.draft_exits or [e for e in config.exit_layers if e < target.depth(config)]
+    settings = [SpeculativeConfig(e, k, None if str(t).lower() == "none" else number("--thresholds", t),
+                                  draft_vocab=n or None)
+                for e in exits for k in args.draft_lens for t in args.thresholds for n in args.draft_vocab]
     if len(set(settings)) < len(settings):
-        raise ValueError("a (draft exit, draft length, threshold) setting is listed twice: list each once")
+        raise ValueError("a (draft exit, draft length, threshold, draft vocabulary) setting is listed twice: list "
+                         "each once")
     for s in settings:
-        modes.build(lm.model, Speculation(s, mexit.DecodeConfig()))
+        modes.build(lm.model, Speculation(s, target))  # checked: the exits, the checkpoint's token counts
     ids, encoding = encode(lm, read_prompts(args.prompts or default_prompts(args.model)))
     ids = ids[: args.n_prompts]
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=str(args.model), encoding=encoding,
                 n_prompts=len(ids), max_new_tokens=args.max_new_tokens, batch=args.batch, backend=lm.backend.name,
-                engine=lm.engine)
+                engine=lm.engine, target=args.target)
     print(f"# full-depth reference: {len(ids)} prompts x {args.max_new_tokens} tokens, batch {args.batch}",
           file=sys.stderr, flush=True)
-    run_all(lm, ids[: args.batch], 2, args.batch)  # warm-up
-    reference, _, _ = run_all(lm, ids, args.max_new_tokens, args.batch)
-    full_launches = launches_per_token(lm, ids[: args.batch], args.max_new_tokens, args.batch)
+    run_all(lm, ids[: args.batch], 2, args.batch, mode=target)  # warm-up
+    reference, _, _ = run_all(lm, ids, args.max_new_tokens, args.batch, mode=target)
+    full_launches = launches_per_token(lm, ids[: args.batch], args.max_new_tokens, args.batch, mode=target)
     rows = []
     from tqdm import tqdm
 
     for spec in tqdm(settings, desc="speculative", disable=args.quiet):
-        run_all(lm, ids[: args.batch], 2, args.batch, speculative=spec)  # warm this path
+        run_all(lm, ids[: args.batch], 2, args.batch, mode=target, speculative=spec)  # warm this path
         kept = {}
 
         def speculative(_p, _u, spec=spec, kept=kept) -> float:
             kept["tokens"], kept["results"], seconds = run_all(lm, ids, args.max_new_tokens, args.batch,
-                                                               speculative=spec)
+                                                               mode=target, speculative=spec)
             return seconds
 
-        pairs = interleaved_pairs(lambda *_: run_all(lm, ids, args.max_new_tokens, args.batch)[2], speculative,
-                                  args.repeats)
+        pairs = interleaved_pairs(lambda *_: run_all(lm, ids, args.max_new_tokens, args.batch, mode=target)[2],
+                                  speculative, args.repeats)
         tokens, results = kept["tokens"], kept["results"]
         st = [r.stats for r in results]
         drafted, accepted = sum(s["drafted"] for s in st), sum(s["accepted"] for s in st)
@@ -110,11 +117,12 @@ def sweep(args) -> list[dict]:
         full_bytes = sum(s["full_depth_weight_bytes_per_token"] * s["decoded_tokens_per_row"] for s in st)
         rows.append(dict(
             meta, draft_exit=spec.draft_exit, draft_len=spec.draft_len, draft_threshold=spec.draft_threshold,
+            draft_vocab=spec.draft_vocab,
             acceptance_rate=accepted / drafted if drafted else None,  # None: nothing was drafted
             tokens_per_verification=(accepted + verifications) / max(verifications, 1),
             weight_bytes_ratio=spec_bytes / full_bytes,
             launches_ratio=launches_per_token(lm, ids[: args.batch], args.max_new_tokens, args.batch,
-                                              speculative=spec) / full_launches,
+                                              mode=target, speculative=spec) / full_launches,
             **speedup_interval(pairs),
             lossless=tokens == reference))
     return rows
@@ -125,9 +133,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="text file, one prompt per line (default: the model folder's prompts.txt, "
                    "else bench/prompts.txt)")
     p.add_argument("--n-prompts", type=int, default=10, help="prompts used (the first N)")
-    p.add_argument("--draft-exits", type=int, nargs="+", help="default: every exit below the top layer")
+    p.add_argument("--draft-exits", type=int, nargs="+", help="default: every exit below the target's depth")
     p.add_argument("--draft-lens", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="drafts per verification")
     p.add_argument("--thresholds", nargs="+", default=["none", "0.5"], help="draft confidence stop ('none': off)")
+    p.add_argument("--target", default="original",
+                   help="the fixed mode verified, as a mode string: original, exit:L or acd:UPPER,LOWER")
+    p.add_argument("--draft-vocab", type=int, nargs="+", default=[0], metavar="N",
+                   help="draft heads restricted to the N most frequent tokens (the checkpoint's "
+                   "token_counts.safetensors; 0: the full head)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--batch", type=int, default=1, help="prompts per generate call")
     p.add_argument("--repeats", type=int, default=3,
@@ -154,8 +167,9 @@ def main_args(args) -> int:
         writer.writerows(rows)
     table = markdown_table(rows, COLUMNS)
     r0 = rows[0]
-    (out / "speculative.md").write_text(f"{r0['model']} | {r0['device']} | {r0['dtype']} | {r0['n_prompts']} "
-                                        f"prompts x {r0['max_new_tokens']} tokens, batch {r0['batch']}\n\n{table}\n")
+    (out / "speculative.md").write_text(f"{r0['model']} | target {r0['target']} | {r0['device']} | {r0['dtype']} | "
+                                        f"{r0['n_prompts']} prompts x {r0['max_new_tokens']} tokens, batch "
+                                        f"{r0['batch']}\n\n{table}\n")
     print(table)
     return 0
 

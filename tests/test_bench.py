@@ -455,6 +455,14 @@ def test_speculative_sweep_rows_are_lossless_with_an_interval(tiny_checkpoint, t
         assert 0 <= r["acceptance_rate"] <= 1 and r["weight_bytes_ratio"] > 0
     with pytest.raises(ValueError, match="listed twice"):
         speculative_sweep.main([*argv, "--draft-lens", "2", "2"])
+    acd = tmp_path / "acd"  # an ACD target: its own full-depth tokens, drafts from an exit below its lower layer
+    assert speculative_sweep.main([*argv[:-3], "--out", str(acd), "--quiet", "--target", "acd:4,2", "--draft-exits", "1"]) == 0
+    rows = json.loads((acd / "speculative.json").read_text())
+    assert [(r["target"], r["draft_exit"], r["lossless"]) for r in rows] == [("acd:4,2", 1, True)]
+    with pytest.raises(ValueError, match="--target ee:max-prob:0.5: speculative decoding verifies a fixed mode"):
+        speculative_sweep.main([*argv, "--target", "ee:max-prob:0.5"])
+    with pytest.raises(ValueError, match="draft_vocab needs the checkpoint's token frequencies"):
+        speculative_sweep.main([*argv, "--draft-vocab", "0", "16"])
     for flag, value in (("--repeats", "1"), ("--n-prompts", "0")):  # no interval from one pair; no prompt
         bad = [*argv[: argv.index(flag) + 1], value, *argv[argv.index(flag) + 2:]]
         with pytest.raises(ValueError, match="--n-prompts must be >= 1, --max-new-tokens >= 2, --repeats >= 2"):
