@@ -6,8 +6,9 @@ For every (draft exit, k, threshold, draft vocabulary) over the prompt file, gre
 the same target (`--target`: the original head, an exit or ACD) on the same prompts: acceptance rate and tokens per
 verification; the exact cost per generated token relative to full depth (weight bytes from the run's block and head
 passes, and launches counted by mexit/ops/launches.py: Triton kernels plus kernel-launching torch ops); and the
-measured speed-up, timed interleaved with full depth (`mexit.timing.interleaved_pairs`; the geometric mean of the pairs' ratios with its 95% interval).
-Every setting's tokens are checked against full depth (lossless). Writes speculative.json / .csv / .md."""
+measured speed-up, timed interleaved with full depth (`mexit.timing.interleaved_pairs`; the geometric mean of the
+pairs' ratios with its 95% interval). Every setting's tokens are checked against full depth (lossless). Writes
+speculative.json / .csv / .md."""
 
 from __future__ import annotations
 

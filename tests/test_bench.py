@@ -456,7 +456,8 @@ def test_speculative_sweep_rows_are_lossless_with_an_interval(tiny_checkpoint, t
     with pytest.raises(ValueError, match="listed twice"):
         speculative_sweep.main([*argv, "--draft-lens", "2", "2"])
     acd = tmp_path / "acd"  # an ACD target: its own full-depth tokens, drafts from an exit below its lower layer
-    assert speculative_sweep.main([*argv[:-3], "--out", str(acd), "--quiet", "--target", "acd:4,2", "--draft-exits", "1"]) == 0
+    assert speculative_sweep.main([*argv[:-3], "--out", str(acd), "--quiet", "--target", "acd:4,2", "--draft-exits",
+                                   "1"]) == 0
     rows = json.loads((acd / "speculative.json").read_text())
     assert [(r["target"], r["draft_exit"], r["lossless"]) for r in rows] == [("acd:4,2", 1, True)]
     with pytest.raises(ValueError, match="--target ee:max-prob:0.5: speculative decoding verifies a fixed mode"):
