@@ -42,17 +42,18 @@ def run_metadata(device: torch.device, dtype) -> dict:
     return meta
 
 
-def source_commit() -> str | None:
-    """The checkout's short commit, "+dirty" when a tracked source file (Python, the routes table) differs from it,
-    so a result is never stamped with code that did not run; None outside a git checkout."""
-    here = Path(__file__).resolve().parent
+def source_commit(here: Path | None = None) -> str | None:
+    """The short commit of the checkout holding `here` (default: this folder), "+dirty" when a tracked source file
+    anywhere in it (Python, the routes table) differs from it, so a result is never stamped with code that did not
+    run; None outside a git checkout."""
+    here = here or Path(__file__).resolve().parent
 
     def git(*argv) -> str:
         return subprocess.run(["git", *argv], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*routes.json")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)*.py", ":(top)*routes.json")
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit + ("+dirty" if changed else "")) or None

@@ -580,10 +580,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with --ray): the cluster this machine runs or a new local one; else a cluster address")
 
 
+def redact_token(argv: list[str]) -> list[str]:
+    """The command line as results record it: a --token's value (a hub access token) is never written."""
+    out, hide = [], False
+    for word in argv:
+        out.append("***" if hide else "--token=***" if word.startswith("--token=") else word)
+        hide = word == "--token"
+    return out
+
+
 def fill_defaults(args) -> None:
     import torch
 
-    args.command = " ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python -m mexit.bench.latency"), *sys.argv[1:]])
+    args.command = " ".join([INVOKED_AS.get(Path(sys.argv[0]).name, "python -m mexit.bench.latency"),
+                             *redact_token(sys.argv[1:])])
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.batch = args.batch or ([1, 8] if cuda else [1])
     args.new_tokens = args.new_tokens or [128 if cuda else 8]

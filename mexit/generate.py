@@ -60,10 +60,6 @@ def generate(model: MultiExitGPT2, prompts, mode: Mode, engine, backend: Backend
     prompts = check_prompts(prompts, model.config, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     eos = stop_tuple(eos)
-    outside = [i for i in eos or () if i >= model.config.vocab_size]
-    if outside:
-        raise ValueError(f"eos_token_id {outside[0]} is outside the vocabulary 0..{model.config.vocab_size - 1}: no "
-                         "row could ever produce it")
     if keep_logits and not mode.keeps_logits:
         raise NotImplementedError("keep_logits with early exit or speculative decoding: the logits are not those "
                                   "of one fixed pass per token")
@@ -106,6 +102,22 @@ def cut_at_eos(table: list[list[int]], eos: tuple[int, ...] | None) -> list[list
     if eos is None:
         return table
     return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in table]
+
+
+def stop_ids_in_vocabulary(eos, vocab_size: int, passed: bool):
+    """Stop ids a row can produce: a caller's id outside the vocabulary is refused (ValueError naming it); a
+    checkpoint's (transformers' GPT-2 default 50256 in a smaller vocabulary) is dropped with a warning, as
+    transformers only warns."""
+    ids = stop_tuple(eos) or ()
+    outside = [i for i in ids if i >= vocab_size]
+    if outside and passed:
+        raise ValueError(f"eos_token_id {outside[0]} is outside the vocabulary 0..{vocab_size - 1}: no row could "
+                         "ever produce it")
+    if outside:
+        warnings.warn(f"the checkpoint's eos_token_id {outside[0]} is outside its vocabulary 0..{vocab_size - 1}: "
+                      "no row can produce it, so it stops nothing", stacklevel=3)
+        return [i for i in ids if i < vocab_size] or None
+    return eos
 
 
 def stop_tuple(eos) -> tuple[int, ...] | None:

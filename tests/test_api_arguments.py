@@ -101,3 +101,27 @@ def test_a_checkpoint_generation_field_named_as_not_applied_is_not_applied(tiny_
         model.generate(ids, num_beams=3)
     model.save_pretrained(tmp_path / "saved")
     assert json.loads((tmp_path / "saved" / "generation_config.json").read_text())["num_beams"] == 3
+    model.generation_config.num_beams = 4  # the caller's own setting now: refused, not dropped
+    with pytest.raises(NotImplementedError, match="num_beams=4"):
+        model.generate(ids)
+
+
+def test_a_checkpoint_eos_outside_its_vocabulary_stops_nothing_and_says_so(tmp_path):
+    """A config's eos_token_id outside the vocabulary (transformers' GPT-2 default 50256 in a small vocabulary) is
+    dropped with a warning, as transformers only warns; the same id passed by the caller is refused."""
+    import json
+
+    from tiny_checkpoints import make_hf_checkpoint
+
+    make_hf_checkpoint(tmp_path, vocab_size=100)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, eos_token_id=50256)))
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)  # config.json's eos is the stop id
+    lm = mexit.load(tmp_path)
+    with pytest.warns(UserWarning, match="the checkpoint's eos_token_id 50256 is outside its vocabulary 0..99"):
+        assert len(lm.generate([[1, 2]], 3).tokens[0]) == 3
+    with pytest.warns(UserWarning, match="eos_token_id 50256 is outside its vocabulary"):
+        assert FastMultiExitModel.from_pretrained(tmp_path).generate(torch.tensor([[1, 2]]), max_new_tokens=3).shape \
+            == (1, 5)
+    with pytest.raises(ValueError, match="eos_token_id 50256 is outside the vocabulary 0..99"):
+        lm.generate([[1, 2]], 3, eos_token_id=50256)

@@ -556,3 +556,28 @@ def test_every_bench_command_loads_as_generate_does():
         args = p.parse_args(["--model", "someone/model", "--revision", "v1"])
         assert (args.device, args.dtype, args.backend, args.engine) == (None, None, "auto", "auto"), module
         assert hub_kwargs(args)["revision"] == "v1"
+
+
+def test_results_never_record_a_token_and_say_when_the_code_was_not_the_commit(tmp_path):
+    import subprocess
+
+    from mexit.bench.common import source_commit
+    from mexit.bench.latency import redact_token
+
+    assert redact_token(["--model", "m", "--token", "hf_SECRET", "--token=hf_X", "--repeats", "2"]) == \
+        ["--model", "m", "--token", "***", "--token=***", "--repeats", "2"]
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "pkg").mkdir()
+    (repo / "pkg" / "a.py").write_text("x = 1\n")
+    (repo / "bench" / "b.py").write_text("y = 1\n")
+    (repo / "NOTES.md").write_text("notes\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for argv in (["init", "-q"], ["add", "."], ["commit", "-qm", "first"]):
+        subprocess.run(git + argv, check=True)
+    commit = source_commit(repo / "bench")
+    assert commit and not commit.endswith("+dirty")
+    (repo / "NOTES.md").write_text("more notes\n")  # not code
+    assert source_commit(repo / "bench") == commit
+    (repo / "pkg" / "a.py").write_text("x = 2\n")  # code outside the bench folder
+    assert source_commit(repo / "bench") == commit + "+dirty"

@@ -159,8 +159,11 @@ def test_drop_in_refuses_what_it_does_not_do(fast):
         with pytest.raises(NotImplementedError, match=rf"forward arguments not supported by mexit: \['{name}'\]"):
             fast(IDS, **{name: torch.zeros_like(IDS)})
     assert fast(IDS, use_cache=False, output_attentions=None).logits.shape[:2] == IDS.shape  # off values pass
-    with pytest.raises(ValueError, match="input_ids has 65 positions: the model.s context is 64"):
+    with pytest.raises(ValueError, match="input_ids holds a row of 65 tokens: the model.s context is 64"):
         fast(torch.zeros(1, 65, dtype=torch.long))
+    mask = torch.ones(2, 66, dtype=torch.long)
+    mask[0, :4], mask[1, :2] = 0, 0  # left padding: the rows hold 62 and 64 tokens, which fit
+    assert fast(torch.ones(2, 66, dtype=torch.long), attention_mask=mask).logits.shape[:2] == (2, 66)
     with pytest.raises(NotImplementedError, match="resize_token_embeddings"):
         fast.resize_token_embeddings(10)
     assert not hasattr(fast, "gradient_checkpointing_enable")

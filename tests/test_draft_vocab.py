@@ -111,6 +111,11 @@ def test_count_tokens_command_and_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert main(again) == 2  # one file under two spellings: counted twice, silently, before
     err = capsys.readouterr().err
     assert err.startswith("error: data file") and "is given twice (also as" in err
+    from mexit.training.common import check_text
+
+    same = str(text)  # one string object as data and held-out data (a config, not argv)
+    with pytest.raises(ValueError, match="is given twice: its text would count twice, or be trained on and held out"):
+        check_text(folder, [same], [same])
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"abc \xff\xfe abd\n")
     assert main(["count-tokens", "--model", str(folder), "--data", str(bad), "--overwrite"]) == 0

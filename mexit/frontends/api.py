@@ -21,7 +21,7 @@ from mexit.decoding.sampling import SamplingConfig
 from mexit.decoding.speculative import Speculation, SpeculativeConfig
 from mexit.engines.eager import EagerEngine
 from mexit.engines.static import StaticEngine
-from mexit.generate import GenerationResult, generate
+from mexit.generate import GenerationResult, generate, stop_ids_in_vocabulary
 from mexit.model.checkpoint import HubOptions, random_model
 from mexit.model.checkpoint import load as load_model
 from mexit.model.config import ModelConfig
@@ -328,7 +328,8 @@ class MultiExitLM:
         acd_names = {name: plain(value) for name, value in acd_names.items()}
         sampling = self.sampling_settings(sampling, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
                                           no_repeat_ngram_size)
-        eos = self.stop_ids() if eos_token_id == "config" else eos_token_id
+        eos = stop_ids_in_vocabulary(self.stop_ids() if eos_token_id == "config" else eos_token_id,
+                                     self.config.vocab_size, passed=eos_token_id != "config")
         ids = self.encode(prompts, attention_mask)
         max_new_tokens = self.new_tokens(max_new_tokens, ids)
         spec = mode_settings(mode, exit_layer, contrast, alpha, min_candidates, multi_exit_config, decode, early_exit,

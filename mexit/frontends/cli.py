@@ -356,11 +356,10 @@ def run_count_tokens(args) -> int:
     top = counts.sort(descending=True).values
     share = {n: float(top[:n].sum() / max(int(counts.sum()), 1)) for n in (256, 1024, 4096) if n < len(counts)}
     seen = int((counts > 0).sum())
-    unseen = [n for n in share if n > seen]
     print(f"{int(counts.sum())} tokens, {seen} of {len(counts)} ids seen; the most frequent "
           + ", ".join(f"{n} cover {v:.1%}" for n, v in share.items())
-          + (f" (a draft vocabulary of {unseen[0]} or more also holds ids this text never used, in no meaningful "
-             "order: count more text)" if unseen else ""))
+          + (f" (a draft vocabulary larger than {seen} also holds ids this text never used, in no meaningful order: "
+             "count more text)" if any(n > seen for n in share) else ""))
     print(f"wrote {path}")
     return 0
 

@@ -25,6 +25,7 @@ from mexit.decoding.dola import DolaConfig
 from mexit.decoding.fixed import MultiExitConfiguration, teacher_forced
 from mexit.decoding.heads import DecodeConfig
 from mexit.decoding.sampling import SamplingConfig, kept_tokens
+from mexit.generate import stop_ids_in_vocabulary
 from mexit.model.decoder import MultiExitGPT2
 from mexit.model.generation_config import OFF, unimplemented
 from mexit.model.placement import resolve_device, resolve_dtype
@@ -75,6 +76,9 @@ class FastMultiExitModel:
         self.lm, self.decode = lm, decode
         self.config = lm.config.to_hf()
         self.generation_config = generation_config or GenerationConfig.from_model_config(self.config)
+        # the checkpoint's fields named at load as not applied (`generation_defaults`), with their values: not applied
+        # while they hold them (a field the caller sets later is the caller's, and refused)
+        self.not_applied = unimplemented(self.generation_config)
 
     @classmethod
     def from_pretrained(cls, path_or_id, multi_exit_config: MultiExitConfiguration | None = None, dtype="auto",
@@ -217,7 +221,8 @@ class FastMultiExitModel:
             # is not applied (the file keeps it: save_pretrained writes it back)
             from transformers import GenerationConfig
 
-            config.update(**{k: getattr(GenerationConfig(), k) for k in unimplemented(config)})
+            config.update(**{k: getattr(GenerationConfig(), k) for k, v in self.not_applied.items()
+                             if getattr(config, k, None) == v})
         unused = config.update(**kwargs)
         if unused:
             raise TypeError(f"generate() got unsupported arguments: {sorted(unused)}")
@@ -276,7 +281,8 @@ class FastMultiExitModel:
         return_dict = cfg.return_dict_in_generate if return_dict is None else return_dict
         want_scores = cfg.output_scores if want_scores is None else want_scores
         want_logits = getattr(cfg, "output_logits", False) if want_logits is None else want_logits
-        eos = plain(cfg.eos_token_id)
+        eos = plain(stop_ids_in_vocabulary(cfg.eos_token_id, self.lm.config.vocab_size,
+                                           passed="eos_token_id" in kwargs))
         stops = [eos] if isinstance(eos, int) else list(eos or [])
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else stops[0] if stops else 0
         input_ids = input_ids.to(self.device)
@@ -377,9 +383,11 @@ class FastMultiExitModel:
         if unsupported:
             raise NotImplementedError(f"forward arguments not supported by mexit: {sorted(unsupported)}")
         input_ids, attention_mask = check_ids(input_ids, attention_mask, self.lm.config.vocab_size)
-        context = self.lm.config.n_positions
-        if input_ids.shape[1] > context:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} positions: the model's context is {context}")
+        context, longest = self.lm.config.n_positions, input_ids.shape[1]
+        if attention_mask is not None:  # positions count from each row's first token: padding takes none
+            longest = int(torch.as_tensor(attention_mask).bool().sum(1).max())
+        if longest > context:
+            raise ValueError(f"input_ids holds a row of {longest} tokens: the model's context is {context}")
         model = self.lm.model
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

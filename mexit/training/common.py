@@ -24,21 +24,24 @@ class TrainingInterrupted(Exception):
 
 def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None) -> None:
     """Checks shared by the commands that tokenize text with a checkpoint's tokenizer: the folder holds
-    tokenizer files; data names at least one file; every file exists and holds text."""
+    tokenizer files; data names at least one file; every file exists, holds text and is named once (data and
+    held-out data together); a file that is not valid UTF-8 is named in a warning (bad bytes read as U+FFFD)."""
     if not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
         raise FileNotFoundError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): the "
                                 "text is tokenized with the checkpoint's own tokenizer")
     if not data:
         raise ValueError("no training data: pass one or more text files with --data")
-    seen = {}
+    seen: dict[Path, str] = {}
     for path in [*data, *(eval_data or [])]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data file {path} {'is not a file' if Path(path).exists() else 'does not exist'}")
-        same = seen.setdefault(Path(path).resolve(), path)
-        if same is not path:
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            same = seen[resolved]
             also = f" (also as {same})" if str(same) != str(path) else ""
             raise ValueError(f"data file {path} is given twice{also}: its text would count twice, or be trained on "
                              "and held out at once")
+        seen[resolved] = path
         try:
             text = read_text(path)
         except UnicodeDecodeError as err:
