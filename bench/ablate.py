@@ -107,7 +107,7 @@ def settings(args, model) -> list[dict]:
                         EarlyExit(model, policy)
                     except ValueError as err:  # named by the flags that made the setting
                         raise ValueError(f"setting --measures {measure} --thresholds {threshold} --exit-sets "
-                                         f"{exit_set} --decay-tau {tau}: {err}") from None
+                                         f"{exit_set} --decay-tau {tau} --min-layer {args.min_layer}: {err}") from None
                     out.append(dict(measure=measure, threshold=threshold, exits=exit_set, decay_tau=decay,
                                     policy=policy, generate_kw=dict(early_exit=policy)))
     if args.draft_vocab and not args.spec:
@@ -287,14 +287,16 @@ class Sweep:
                 setting["policy"].check_engine(lm.engine, lm.backend.name)
         self.ids, encoding = encode(lm, read_prompts(args.prompts))
         check_prompts(self.ids, lm.config, args.max_new_tokens)  # prompt + new tokens fit the context
-        self.meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, encoding=encoding,
+        self.meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, revision=args.revision,
+                         subfolder=args.subfolder, encoding=encoding,
                          engine=lm.engine, backend=lm.backend.name, prompts=str(args.prompts), n_prompts=len(self.ids),
                          max_new_tokens=args.max_new_tokens, batch=args.batch, repeats=args.repeats,
                          prompts_digest=hashlib.sha256(json.dumps(self.ids).encode()).hexdigest()[:16])
         # what the measured speed-up depends on: a resumed sweep reuses rows only from the same run settings
         self.run_id = hashlib.sha256(json.dumps([label, self.ids, args.max_new_tokens, args.batch, str(lm.model.dtype),
                                                  str(lm.model.device), lm.engine, lm.backend.name, lm.compile,
-                                                 args.propagation, args.schedule]).encode()).hexdigest()[:12]
+                                                 args.propagation, args.schedule, args.revision,
+                                                 args.subfolder]).encode()).hexdigest()[:12]
         self.reference = self.reference_seconds = None
 
     def measure_reference(self) -> float:

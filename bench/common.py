@@ -131,7 +131,8 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
 
     add_hub_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="fp32, fp16, bf16 or auto (the stored dtype) (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
                    help="exit stage and decode blocks: Triton kernels or the PyTorch reference (auto: triton on cuda)")
     p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],

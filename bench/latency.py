@@ -216,7 +216,9 @@ class LatencyBench:
         self.args = args
         device = resolve_device(args.device)
         set_threads(args.threads, device)
-        dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
+        if args.dtype == "auto" and not args.model:
+            raise ValueError("--dtype auto keeps a checkpoint's stored dtype: it needs --model")
+        dtype = args.dtype if args.dtype == "auto" else resolve_dtype(args.dtype, device)
         if args.model:
             lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
                             compile=args.compile, **hub_kwargs(args))
@@ -225,6 +227,7 @@ class LatencyBench:
             lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device,
                                           backend=args.backend, engine=args.engine, compile=args.compile)
             self.label = "RANDOM weights, gpt2-medium-multiexit shape"
+        dtype = lm.model.dtype  # "auto": the stored one
         if args.fused_max_rows is not None:
             if args.linear:
                 raise ValueError("--fused-max-rows and --linear both choose the block linears: give one")

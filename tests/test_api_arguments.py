@@ -26,6 +26,8 @@ def lm(tiny_checkpoint):
     (dict(exit_layer=2, min_candidates=3), "this call decodes no contrast"),
     (dict(early_exit=ExitPolicy(0.5), alpha=0.3), "this call decodes no contrast"),
     (dict(dola_layers="high", alpha=0.3), "this call decodes no contrast"),
+    (dict(decode=mexit.DecodeConfig("contrast", upper=4, lower=2), alpha=0.3),
+     "alpha and min_candidates: decode= carries its own; set them there"),
     (dict(contrast=4), r"contrast must be a pair \(upper, lower\) of layers .*got 4"),
     (dict(contrast=(4, 2, 1)), r"contrast must be a pair .*got \(4, 2, 1\)"),
     (dict(contrast=(4, "original")), r"contrast lower must be a layer number \(an int\), got .original."),
@@ -47,6 +49,8 @@ def test_a_wrong_argument_is_refused_by_name(lm, kw, message):
 
 def test_acd_parameters_still_reach_a_contrast(lm):
     kw = dict(max_new_tokens=4, eos_token_id=None)
+    assert (lm.generate(PROMPT, contrast=(4, 2), alpha=1.0, **kw).tokens
+            != lm.generate(PROMPT, contrast=(4, 2), **kw).tokens)  # alpha reaches the contrast
     for alpha, n in ((1.0, 1), (0.01, 3)):
         by_keyword = lm.generate(PROMPT, contrast=(4, 2), alpha=alpha, min_candidates=n, **kw).tokens
         assert lm.generate(PROMPT, mode="acd:4,2", alpha=alpha, min_candidates=n, **kw).tokens == by_keyword
@@ -59,8 +63,13 @@ def test_an_exits_value_that_is_not_a_list_is_named():
         ExitPolicy(0.5, exits=4)
 
 
-def test_a_stop_rule_may_answer_with_a_tensor(lm):
-    assert lm.generate(PROMPT, 3, stop=lambda tokens: torch.tensor([len(tokens[0]) >= 2])).tokens[0].__len__() == 2
+def test_a_stop_rule_answers_in_any_sequence_and_is_checked_beside_stop_strings(lm):
+    import numpy as np
+
+    for answer in (torch.tensor, np.array, iter, list):
+        assert len(lm.generate(PROMPT, 3, stop=lambda t, a=answer: a([len(t[0]) >= 2])).tokens[0]) == 2
+    with pytest.raises(ValueError, match=r"one bool per row \(1 here\), got \[False, True\]"):
+        lm.generate(PROMPT, 3, stop=lambda t: [False, True], stop_strings="zz")
 
 
 def test_unused_sampling_settings_and_an_ignored_compile_warn(lm, tiny_checkpoint):

@@ -295,8 +295,8 @@ def test_interleaved_pairs_alternate_the_order_and_sum_each_pass():
     (dict(thresholds=[0.5, 0.5], measures=["max-prob"]), "'max-prob >= 0.5, exits all' is listed twice"),
     (dict(schedule=["predicated"], engine=["eager"]), "--schedule predicated is a static-engine schedule"),
     (dict(**{"speed-margin": ["nan"]}), "--speed-margin must be a finite number >= 0"),
-    (dict(**{"exit-sets": ["2,2"]}), r"^setting --measures max-prob --thresholds 0.5 --exit-sets 2,2 --decay-tau none: "
-                                     r"exits lists a layer twice: \[2, 2\]"),
+    (dict(**{"exit-sets": ["2,2"]}), r"^setting --measures max-prob --thresholds 0.5 --exit-sets 2,2 --decay-tau none "
+                                     r"--min-layer 1: exits lists a layer twice: \[2, 2\]"),
     (dict(**{"decay-tau": ["foo"]}), "--decay-tau: expected a number, got 'foo'"),
     (dict(**{"loglik-margin": ["-1"]}), "--loglik-margin must be a finite number >= 0"),
 ])

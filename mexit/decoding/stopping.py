@@ -29,12 +29,7 @@ class StopWatch:
             self.seen[b].append(t)
             self.at_eos[b] |= t in self.eos
         n = len(self.seen[0])
-        verdict = self.rule(self.seen)
-        if isinstance(verdict, torch.Tensor):
-            verdict = verdict.tolist()
-        if not isinstance(verdict, (list, tuple)) or len(verdict) != len(self.seen):
-            raise ValueError(f"a stop rule returns one bool per row ({len(self.seen)} here), got {verdict!r}")
-        for b, done in enumerate(verdict):
+        for b, done in enumerate(row_verdicts(self.rule(self.seen), len(self.seen))):
             if done and self.ended[b] is None:
                 self.ended[b] = n
 
@@ -48,3 +43,17 @@ class StopWatch:
         for t in range(len(self.seen[0]), max(map(len, table))):
             self.add([row[t] if t < len(row) else fill for row in table])
         return [row if e is None else row[:e] for row, e in zip(table, self.ended)]
+
+
+def row_verdicts(answer, rows: int) -> list[bool]:
+    """A stop rule's answer as one bool per row: a list, tuple, generator, numpy array or tensor of `rows` truth
+    values; anything else is a ValueError naming what came back."""
+    shown = answer
+    if isinstance(answer, torch.Tensor) or hasattr(answer, "tolist"):
+        answer = answer.tolist()
+    elif not isinstance(answer, (list, tuple, str, bytes)) and hasattr(answer, "__iter__"):
+        answer = shown = list(answer)
+    if not isinstance(answer, (list, tuple)) or len(answer) != rows or any(isinstance(x, (list, tuple))
+                                                                          for x in answer):
+        raise ValueError(f"a stop rule returns one bool per row ({rows} here), got {shown!r}")
+    return [bool(x) for x in answer]

@@ -19,6 +19,7 @@ from mexit.decoding.layers import LayerPredictions, layer_predictions
 from mexit.decoding.prompts import check_prompts
 from mexit.decoding.sampling import SamplingConfig
 from mexit.decoding.speculative import Speculation, SpeculativeConfig
+from mexit.decoding.stopping import row_verdicts
 from mexit.engines.eager import EagerEngine
 from mexit.engines.static import StaticEngine
 from mexit.generate import GenerationResult, generate, stop_ids_in_vocabulary
@@ -134,12 +135,14 @@ def mode_settings(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
                 raise ValueError("speculative decoding verifies a fixed mode (original, exit or contrast)")
             spec = Speculation(speculative, spec)
         return spec
-    contrast_asked = contrast is not None or mode == "contrast" or "contrast_layer_indices" in acd_names
-    if (alpha, min_candidates) != (0.1, 1) and (not contrast_asked or decode is not None or early_exit is not None
-                                                or dola_layers is not None or multi_exit_config is not None):
-        raise ValueError("alpha and min_candidates set ACD's contrast: pass them with contrast=(upper, lower) or a "
-                         "contrast mode string (a DecodeConfig or MultiExitConfiguration carries its own); this call "
-                         "decodes no contrast")
+    if (alpha, min_candidates) != (0.1, 1):
+        carrier = "decode=" if decode is not None else "multi_exit_config" if multi_exit_config is not None else None
+        if carrier:
+            raise ValueError(f"alpha and min_candidates: {carrier} carries its own; set them there")
+        if (contrast is None and mode != "contrast" and "contrast_layer_indices" not in acd_names
+                or early_exit is not None or dola_layers is not None):
+            raise ValueError("alpha and min_candidates set ACD's contrast: pass them with contrast=(upper, lower) or "
+                             "a contrast mode string; this call decodes no contrast")
     if dola_layers is not None:
         if (mode is not None or exit_layer is not None or contrast is not None or acd_names or decode
                 or early_exit is not None or speculative is not None or multi_exit_config is not None):
@@ -405,7 +408,7 @@ class MultiExitLM:
 
         def ends(tokens: list[list[int]]) -> list[bool]:
             done = [any(x in decode(row[-window:]) for x in strings) for row in tokens]
-            return done if rule is None else [a or b for a, b in zip(done, rule(tokens))]
+            return done if rule is None else [a or b for a, b in zip(done, row_verdicts(rule(tokens), len(tokens)))]
 
         return ends
 

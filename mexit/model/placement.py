@@ -1,5 +1,6 @@
-"""Where a model runs: a device and a dtype from what a user wrote (names, indexes, torch objects), with the rule
-every entry point shares (fp16 on CUDA, fp32 elsewhere)."""
+"""Where a model runs: a device and a dtype from what a user wrote (names, indexes, torch objects), with mexit's
+default (fp16 on CUDA, fp32 elsewhere: `mexit.load` and the CLI; the drop-in keeps the stored dtype, as transformers 5
+does)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 
 def resolve_dtype(dtype, device: torch.device | None = None) -> torch.dtype:
-    """A dtype name or torch dtype; None: the default of every entry point, fp16 on CUDA and fp32 elsewhere."""
+    """A dtype name or torch dtype; None: mexit's default, fp16 on CUDA and fp32 elsewhere."""
     if dtype is None:
         return torch.float16 if device is not None and device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
