@@ -74,6 +74,8 @@ def cli(capsys, *argv):
       "--min-candidates", "999"], "exceeds the vocabulary"),
     (["generate", "--model", "M", "--input-ids", "1", "--mode", "early-exit", "--threshold", "0.5",
       "--schedule", "predicated"], "static-engine schedule"),
+    (["generate", "--model", "M", "--input-ids", "1", "--mode", "ee:max-prob:0.5:predicated"],
+     "--mode ee:max-prob:0.5:predicated: the predicated schedule is a static-engine schedule"),
     (["generate", "--model", "M", "--input-ids", "1", "--stream", "--json"], "exclusive"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tiny_checkpoint, capsys, argv, message):

@@ -226,6 +226,7 @@ def check_generate_flags(args) -> None:
     registry (`modes.from_flags`: its flags, or a --mode string and the flags it leaves open) into `args.settings`;
     `args.mode` becomes the mode's name."""
     given = {flag: getattr(args, flag, None) for flag in modes.FLAGS}  # a mode's flag this parser lacks: its string
+    args.mode_as_given = args.mode
     args.mode, args.settings = modes.from_flags(args.mode, given)
     if args.time_full_depth and args.mode != "early-exit":
         raise UsageError(f"--time-full-depth applies to --mode early-exit, not --mode {args.mode}")
@@ -605,7 +606,9 @@ def run_generate(args) -> int:
         torch.set_num_threads(args.threads)
     lm = load_lm(args)
     schedule = getattr(args.settings, "schedule", "segments")  # early exit's
-    check_schedule(schedule, lm.engine, f"--schedule {schedule}")
+    given = args.mode_as_given
+    check_schedule(schedule, lm.engine, f"--mode {given}: the {schedule} schedule" if ":" in given else
+                   f"--schedule {schedule}")
     prompts = args.prompt if args.prompt else args.input_ids
     timer = Timer(lm.model.device, sys.stdout if args.stream else None, lm.tokenizer)
     unsampled = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p", "seed")
