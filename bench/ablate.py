@@ -30,7 +30,6 @@ from pathlib import Path
 
 from mexit.bench.common import (
     TRAFFIC,
-    add_load_args,
     add_subcommand,
     markdown_table,
     run_metadata,
@@ -39,7 +38,7 @@ from mexit.bench.common import (
     spread_note,
 )
 from mexit.bench.findings import LOGLIK_MARGIN, SPEED_MARGIN
-from mexit.frontends.cli import hub_kwargs
+from mexit.frontends.cli import add_load_args, hub_kwargs
 from mexit.frontends.output import pyplot
 from mexit.timing import DeviceClock, interleaved_pairs
 from mexit.values import read_text
@@ -259,8 +258,7 @@ def load_lm(args):
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if args.model:
         return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
-                          **hub_kwargs(args),
-                        compile=args.compile), args.model
+                          compile=args.compile, check_weights=not args.no_weight_check, **hub_kwargs(args)), args.model
     lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend,
                                   engine=args.engine, compile=args.compile)
     return lm, "RANDOM weights, gpt2-medium-multiexit shape (quality numbers are meaningless)"

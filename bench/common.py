@@ -124,21 +124,6 @@ def read_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     return weight.numel() * dtype.itemsize / (ms * 1e-3) / 1e9
 
 
-def add_load_args(p: argparse.ArgumentParser) -> None:
-    """Where and how a bench command's model runs, and huggingface_hub's options for a hub id (the same defaults as
-    `mexit generate`)."""
-    from mexit.frontends.cli import add_hub_args
-
-    add_hub_args(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None,
-                   help="fp32, fp16, bf16 or auto (the stored dtype) (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="exit stage and decode blocks: Triton kernels or the PyTorch reference (auto: triton on cuda)")
-    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
-                   help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
-
-
 def set_threads(threads: int | None, device) -> None:
     """CPU ops' thread count for a benchmark: `threads`, else OMP_NUM_THREADS when set, else 1 on a CPU device
     (with two threads a busy 2-core machine gave 5x slower and 3x noisier steps than with one). CUDA runs keep

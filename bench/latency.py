@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 from mexit.bench.common import (
     TRAFFIC,
-    add_load_args,
     add_subcommand,
     copy_bandwidth_gbs,
     launches_per_step,
@@ -43,7 +42,7 @@ from mexit.bench.common import (
     spread_note,
     write_results,
 )
-from mexit.frontends.cli import hub_kwargs
+from mexit.frontends.cli import add_load_args, hub_kwargs
 from mexit.frontends.output import check_output_folder, pyplot
 
 if TYPE_CHECKING:
@@ -221,7 +220,7 @@ class LatencyBench:
         dtype = args.dtype if args.dtype == "auto" else resolve_dtype(args.dtype, device)
         if args.model:
             lm = mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
-                            compile=args.compile, **hub_kwargs(args))
+                            compile=args.compile, check_weights=not args.no_weight_check, **hub_kwargs(args))
             self.label = str(args.model)
         else:
             lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device,

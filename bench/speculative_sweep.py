@@ -19,7 +19,6 @@ from pathlib import Path
 
 from mexit.bench.ablate import default_prompts, encode, number, read_prompts
 from mexit.bench.common import (
-    add_load_args,
     add_subcommand,
     markdown_table,
     run_metadata,
@@ -28,7 +27,7 @@ from mexit.bench.common import (
     write_results,
 )
 from mexit.bench.findings import speedup_interval
-from mexit.frontends.cli import hub_kwargs
+from mexit.frontends.cli import add_load_args, hub_kwargs
 from mexit.timing import DeviceClock, interleaved_pairs
 
 COLUMNS = ["target", "draft_exit", "draft_len", "draft_threshold", "draft_vocab", "acceptance_rate",
@@ -71,7 +70,7 @@ def sweep(args) -> list[dict]:
     device = resolve_device(args.device)
     set_threads(args.threads, device)
     lm = mexit.load(args.model, dtype=args.dtype, device=device, backend=args.backend, engine=args.engine,
-                    **hub_kwargs(args))
+                    check_weights=not args.no_weight_check, **hub_kwargs(args))
     config = lm.config
     target = modes.parse(args.target, config)
     if not isinstance(target, mexit.DecodeConfig):

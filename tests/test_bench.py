@@ -555,7 +555,7 @@ def test_every_bench_command_loads_as_generate_does():
         module.add_arguments(p)
         args = p.parse_args(["--model", "someone/model", "--revision", "v1"])
         assert (args.device, args.dtype, args.backend, args.engine) == (None, None, "auto", "auto"), module
-        assert hub_kwargs(args)["revision"] == "v1"
+        assert hub_kwargs(args)["revision"] == "v1" and args.no_weight_check is False
 
 
 def test_results_never_record_a_token_and_say_when_the_code_was_not_the_commit(tmp_path):

@@ -102,24 +102,33 @@ def hub_kwargs(args) -> dict:
                 local_files_only=args.local_files_only, subfolder=args.subfolder)
 
 
-def add_model_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
-    """The checkpoint's loading options; decode: also how decode steps run (backend, engine, kernels), for commands
-    that decode."""
-    p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+def add_load_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
+    """Where and how a model loads (huggingface_hub's options, device, dtype, the weight check); decode: also the
+    backend and engine its decode steps run on. Every command that loads a model by --model takes these."""
     add_hub_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="fp32, fp16, bf16 or auto (the stored dtype) (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--no-weight-check", action="store_true",
                    help="load tensors holding NaN/inf instead of refusing them (outputs will be meaningless)")
+    if decode:
+        p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                       help="exit stage and decode blocks: Triton kernels or the PyTorch reference (auto: triton on "
+                       "cuda)")
+        p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
+                       help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on "
+                       "cuda)")
+
+
+def add_model_args(p: argparse.ArgumentParser, decode: bool = True) -> None:
+    """The checkpoint and its loading options; decode: also how decode steps run (backend, engine, kernels), for
+    commands that decode."""
+    p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    add_load_args(p, decode)
     if not decode:
         p.set_defaults(backend="auto", engine="auto", compile=False, pdl=None, gemv_max_rows=None,
                        fused_max_rows=None)
         return
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="exit stage: Triton kernels or the PyTorch reference (auto: triton on cuda)")
-    p.add_argument("--engine", default="auto", choices=["auto", "eager", "static", "graph"],
-                   help="decode loop: CUDA graphs, the same static step uncaptured, or eager (auto: graph on cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the static step's layers (static/graph)")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                    help="programmatic dependent launch between the decode step's kernels (triton backend, static/"
