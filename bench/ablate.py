@@ -118,6 +118,9 @@ def settings(args, model) -> list[dict]:
 
         for n in args.draft_vocab or [0]:  # 0: the full draft head
             speculation = modes.parse(f"spec:{text}", config)
+            if speculation.target != type(speculation.target)():
+                raise ValueError(f"--spec {text}: the ablation measures against the original head at full depth; "
+                                 "another target is `mexit bench-speculative --target`")
             spec = dataclasses.replace(speculation.spec, draft_vocab=n or None)
             modes.build(model, dataclasses.replace(speculation, spec=spec))  # draft_vocab: the checkpoint's counts
             exits = f"draft {spec.draft_exit}" + (f" vocab {n}" if n else "")
@@ -605,7 +608,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="each --spec setting also (0: the full head) with its draft head restricted to the N most "
                         "frequent tokens (the checkpoint's token_counts.safetensors)")
     p.add_argument("--spec", nargs="*", default=[],
-                   help="self-speculative settings DRAFT_EXIT:K[:THRESHOLD] to add (lossless: agreement 1)")
+                   help="self-speculative settings DRAFT_EXIT:K[:THRESHOLD] to add, of the original head (lossless: "
+                   "agreement 1)")
     p.add_argument("--propagation", default="eager", choices=["eager", "deferred"],
                    help="skipped layers' keys/values computed at the exit, or with the next deep token")
     p.add_argument("--schedule", default="segments", choices=["segments", "predicated"],

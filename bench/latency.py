@@ -5,11 +5,11 @@
     python -m mexit.bench.latency ...                   # the same
 
 Modes: the mode mini-language (`mexit.decoding.modes`): `original`, `exit:L`, `acd:UPPER,LOWER` (UPPER may be
-`original`), `dola:low|high|L1,L2[:exit]`, `spec:DRAFT_EXIT:K[:THRESHOLD]` (self-speculative decoding of the original
-head: drafts from that exit, K per verification, on any engine; its rows add acceptance, device-to-host reads per
-round and launches per generated token), `ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred|predicated]` (early
-exit with that propagation, or eager propagation on the predicated one-graph schedule; threshold 0 with one layer
-exits every token there).
+`original`), `dola:low|high|L1,L2[:exit]`, `spec:DRAFT_EXIT:K[:THRESHOLD][@TARGET]` (self-speculative decoding of
+the original head, or of TARGET such as `acd:24,12`: drafts from that exit, K per verification, on any engine; its
+rows add acceptance, device-to-host reads per round and launches per generated token),
+`ee:MEASURE:THRESHOLD[:L1,L2,..|all][:eager|deferred|predicated]` (early exit with that propagation, or eager
+propagation on the predicated one-graph schedule; threshold 0 with one layer exits every token there).
 For each mode and batch size it reports prefill time and per-token decode time, both measured inside each
 generation (CUDA events recorded at its start, its first token and its last token; a host clock on CPU), after
 untimed warm-up generations of the same shape, as medians over repeats with min..max spread; tokens/s; and the

@@ -299,6 +299,7 @@ def test_interleaved_pairs_alternate_the_order_and_sum_each_pass():
                                      r"--min-layer 1: exits lists a layer twice: \[2, 2\]"),
     (dict(**{"decay-tau": ["foo"]}), "--decay-tau: expected a number, got 'foo'"),
     (dict(**{"loglik-margin": ["-1"]}), "--loglik-margin must be a finite number >= 0"),
+    (dict(spec=["1:2@acd:4,2"]), "--spec 1:2@acd:4,2: the ablation measures against the original head"),
 ])
 def test_ablation_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, prompt_file, kw, message, capsys):
     with pytest.raises(ValueError, match=message):

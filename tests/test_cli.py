@@ -111,6 +111,7 @@ def test_version_and_help_show_defaults(capsys):
     ("ee:cosine:0.5:1,2:deferred", ["--mode", "early-exit", "--threshold", "0.5", "--measure", "cosine", "--exits",
                                     "1,2", "--propagation", "deferred"]),
     ("spec:2:3", ["--mode", "speculative", "--draft-exit", "2", "--draft-len", "3"]),
+    ("spec:1:2@acd:4,2", ["--mode", "speculative", "--draft-exit", "1", "--draft-len", "2", "--contrast", "4,2"]),
     # a speculative string leaves its target open
     ("spec:1:2 --contrast 4,2 --alpha 0.3", ["--mode", "speculative", "--draft-exit", "1", "--draft-len", "2",
                                             "--contrast", "4,2", "--alpha", "0.3"]),
@@ -131,6 +132,8 @@ def test_a_mode_string_equals_its_flags(tiny_checkpoint, capsys, string, flags):
     (["--mode", "ee:max-prob:0.5", "--threshold", "0.3"], "carries its settings: do not pass --threshold too"),
     (["--mode", "exit:2", "--exit-layer", "3"], "carries its settings: do not pass --exit-layer too"),
     (["--mode", "beam:4"], "argument --mode: unknown mode 'beam:4'"),
+    (["--mode", "spec:1:2@ee:max-prob:0.5"], r"unknown mode 'spec:1:2@ee:max-prob:0.5'; use .*\[@TARGET\]"),
+    (["--mode", "spec:1:2@acd:4,2", "--contrast", "4,1"], "carries its settings: do not pass --contrast too"),
     (["--mode", "ee:max-prob:1.5"], r"threshold for max-prob must be in \[0, 1\]"),
     (["--mode", "ee:max-prob:0.5:2,2"], r"mode 'ee:max-prob:0.5:2,2': exits lists a layer twice: \[2, 2\]"),
     (["--mode", "spec:2:0", "--draft-vocab", "5"], r"mode 'spec:2:0': draft_len must be an integer >= 1"),

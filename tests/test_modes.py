@@ -25,6 +25,8 @@ SAME = [
     ("ee:learned:0.6:all", dict(early_exit=ExitPolicy(0.6, measure="learned"))),
     ("spec:2:3", dict(speculative=SpeculativeConfig(2, 3))),
     ("speculative:1:2:0.4", dict(speculative=SpeculativeConfig(1, 2, 0.4))),
+    ("spec:1:2@acd:4,2", dict(speculative=SpeculativeConfig(1, 2), contrast=(4, 2))),
+    ("spec:1:2:0.4@exit:3", dict(speculative=SpeculativeConfig(1, 2, 0.4), exit_layer=3)),
 ]
 
 

@@ -7,9 +7,9 @@ Adding a mode: its module (a settings class with `check(config)` and a `Mode`), 
 
 The mini-language: `original`, `exit:L`, `contrast:UPPER,LOWER` (UPPER may be `original`),
 `dola:low|high|L1,L2[:exit]`, `early-exit:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]`,
-`speculative:DRAFT_EXIT:K[:THRESHOLD]` (of the original head, or of the target its flags name: `--exit-layer`,
-`--contrast`); the short names `acd`, `ee` and `spec` stand for
-contrast, early-exit and speculative."""
+`speculative:DRAFT_EXIT:K[:THRESHOLD][@TARGET]` (of TARGET, a fixed mode's string such as `exit:12` or
+`acd:24,12`; without it the original head, or the target the CLI's `--exit-layer` / `--contrast` name); the short
+names `acd`, `ee` and `spec` stand for contrast, early-exit and speculative."""
 
 from __future__ import annotations
 
@@ -163,9 +163,17 @@ def _early_exit(flags: dict):
 
 
 def _speculative_words(rest: str) -> dict:
+    rest, at, target = rest.partition("@")
     parts = _parts(rest, ":", (2, 3))
-    return {"draft_exit": _int(parts[0]), "draft_len": _int(parts[1]),
-            "draft_threshold": _float(parts[2]) if len(parts) == 3 else None}  # the target's flags stay open
+    words = {"draft_exit": _int(parts[0]), "draft_len": _int(parts[1]),
+             "draft_threshold": _float(parts[2]) if len(parts) == 3 else None}
+    if at:  # @TARGET: a fixed mode's string; without it the target's flags stay open (default: the original head)
+        kind, _, target_rest = target.partition(":")
+        found = entry(kind) if kind in FIXED_NAMES else None
+        if found is None:
+            raise Malformed
+        words.update(found.words(target_rest))
+    return words
 
 
 def _speculative(flags: dict):
@@ -195,11 +203,13 @@ MODES = (
           "early-exit:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]",
           ("threshold", "measure", "exits", "min_layer", "decay_tau", "propagation", "schedule"), "threshold",
           _early_exit_words, _early_exit),
-    Entry("speculative", "spec", "speculative", "Speculation", "Speculative", "speculative:DRAFT_EXIT:K[:THRESHOLD]",
+    Entry("speculative", "spec", "speculative", "Speculation", "Speculative",
+          "speculative:DRAFT_EXIT:K[:THRESHOLD][@TARGET]",
           ("draft_exit", "draft_len", "draft_threshold", "draft_vocab", "exit_layer", "contrast", "alpha",
            "min_candidates"), "draft_exit", _speculative_words, _speculative),
 )
 NAMES = tuple(entry.name for entry in MODES)
+FIXED_NAMES = ("original", "exit", "contrast", "acd")  # the modes speculative decoding verifies (a target)
 SHORT_NAMES = tuple(entry.short for entry in MODES if entry.short)
 FLAGS = tuple(dict.fromkeys(flag for entry in MODES for flag in entry.flags))  # every mode's flags, once each
 
