@@ -115,10 +115,11 @@ def settings(args, model) -> list[dict]:
         import dataclasses
 
         from mexit.decoding import modes
+        from mexit.decoding.heads import DecodeConfig
 
         for n in args.draft_vocab or [0]:  # 0: the full draft head
             speculation = modes.parse(f"spec:{text}", config)
-            if speculation.target != type(speculation.target)():
+            if speculation.target != DecodeConfig():  # the original head
                 raise ValueError(f"--spec {text}: the ablation measures against the original head at full depth; "
                                  "another target is `mexit bench-speculative --target`")
             spec = dataclasses.replace(speculation.spec, draft_vocab=n or None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from mexit.values import plain
+
 
 class StopWatch:
     """A stop rule applied as the tokens stream: `rule(tokens)` gets every row's output tokens so far (all rows the
@@ -48,10 +50,8 @@ class StopWatch:
 def row_verdicts(answer, rows: int) -> list[bool]:
     """A stop rule's answer as one bool per row: a list, tuple, generator, numpy array or tensor of `rows` truth
     values; anything else is a ValueError naming what came back."""
-    shown = answer
-    if isinstance(answer, torch.Tensor) or hasattr(answer, "tolist"):
-        answer = answer.tolist()
-    elif not isinstance(answer, (list, tuple, str, bytes)) and hasattr(answer, "__iter__"):
+    shown = answer = plain(answer)  # numpy / torch: lists
+    if not isinstance(answer, (list, tuple, str, bytes)) and hasattr(answer, "__iter__"):  # a generator
         answer = shown = list(answer)
     if not isinstance(answer, (list, tuple)) or len(answer) != rows or any(isinstance(x, (list, tuple))
                                                                           for x in answer):
