@@ -15,10 +15,15 @@ import functools
 import os
 import time
 
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker and its commands (tests/conftest.py says why)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import pytest  # noqa: E402
 

@@ -2,17 +2,27 @@
 (`tiny_checkpoints.py`).
 
 TRITON_INTERPRET=1 is set here, before anything imports triton, so kernels run on CPU tensors when no GPU is
-present."""
+present. Under pytest-xdist (the README's `-n 2`) each worker and the commands it starts run one thread: two
+workers of two threads each on two cores spend more time waiting for each other's threads than computing, and
+Triton's interpreter is patched to re-patch `triton.language` once per launch (`kernel_utils`)."""
 
 import os
 
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import pytest  # noqa: E402
+from kernel_utils import patch_interpreter_once_per_launch  # noqa: E402
 from tiny_checkpoints import make_hf_checkpoint, write_predictors  # noqa: E402
+
+patch_interpreter_once_per_launch()
 
 
 @pytest.fixture(scope="session")

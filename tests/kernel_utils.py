@@ -1,6 +1,7 @@
 """Helpers for kernel tests: where kernels run, and poisoned output allocation."""
 
 import contextlib
+import os
 
 import torch
 
@@ -25,3 +26,42 @@ def poisoned_allocations(monkeypatch):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def patch_interpreter_once_per_launch() -> None:
+    """Speed up Triton's interpreter without changing what it computes: it re-patches `triton.language` on every
+    call of a @triton.jit helper inside a kernel (`tl.sum`, `tl.max`, ...: `inspect.getmembers` over the module,
+    about a millisecond a call, often more than the kernel's own work), although within one launch the first
+    patch stays in place until the launch ends. Here a helper's patch runs once per launch and per module
+    namespace; the launch's own patch and its restore are untouched (`tests/test_interpreter_patch.py`). Nothing
+    happens off the interpreter or where these internals are missing (it then runs at its own speed)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang, launch = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "GridExecutor", None)
+    if patch_lang is None or launch is None or getattr(patch_lang, "once_per_launch", False):
+        return
+    nothing = getattr(interpreter, "_LangPatchScope", lambda: None)  # an empty scope: its restore does nothing
+    patched: set[int] = set()  # the namespaces (a function's globals) patched in the running launch
+    run_launch = launch.__call__
+
+    def launch_call(self, *args, **kwargs):
+        patched.clear()
+        try:
+            return run_launch(self, *args, **kwargs)
+        finally:
+            patched.clear()
+
+    def once(fn):
+        namespace = id(fn.__globals__)
+        if namespace in patched:  # a helper whose namespace this launch already patched: nothing to restore
+            return nothing()
+        patched.add(namespace)
+        return patch_lang(fn)
+
+    once.once_per_launch, once.original = True, patch_lang
+    interpreter._patch_lang = once
+    launch.__call__ = launch_call

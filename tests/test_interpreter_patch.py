@@ -1,0 +1,47 @@
+"""The test run's patch of Triton's interpreter (`kernel_utils.patch_interpreter_once_per_launch`) changes its speed,
+not its results: a kernel whose loop calls a @triton.jit helper gives the same bits with and without it, and with
+it the language is patched a fixed number of times per launch, however often the helper runs."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if torch.cuda.is_available():
+    pytest.skip("the interpreter runs only without a GPU", allow_module_level=True)
+
+import triton.language as tl  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+
+@triton.jit
+def _row_sums(x_ptr, out_ptr, ROWS: tl.constexpr, N: tl.constexpr):
+    cols = tl.arange(0, N)
+    for r in range(ROWS):  # one tl.sum / tl.max (helpers) per row
+        row = tl.load(x_ptr + r * N + cols)
+        tl.store(out_ptr + r, tl.sum(row, axis=0) + tl.max(row, axis=0))
+
+
+def launch(rows: int) -> tuple[torch.Tensor, int]:
+    """(the kernel's output, how many times `triton.language` was patched during the launch)."""
+    x = torch.linspace(-3, 5, rows * 16).reshape(rows, 16)
+    out = torch.full((rows,), float("nan"))
+    real, count = interpreter._patch_builtin, []
+    interpreter._patch_builtin = lambda *args: count.append(1) or real(*args)
+    try:
+        _row_sums[(1,)](x, out, ROWS=rows, N=16)
+    finally:
+        interpreter._patch_builtin = real
+    return out, len(count)
+
+
+def test_the_patch_is_on_and_computes_the_same_bits(monkeypatch):
+    once = interpreter._patch_lang
+    assert getattr(once, "once_per_launch", False)
+    launch(1)  # the process's first launch patches more (the helpers' module stays patched after it)
+    patched, patches_2 = launch(2)
+    assert launch(16)[1] == patches_2  # the helpers' patch once per launch, however many calls
+    monkeypatch.setattr(interpreter, "_patch_lang", once.original)
+    plain, plain_patches = launch(2)
+    assert torch.equal(patched, plain) and plain_patches > patches_2
+    x = torch.linspace(-3, 5, 32).reshape(2, 16)
+    torch.testing.assert_close(patched, x.sum(1) + x.amax(1))
