@@ -15,15 +15,17 @@ import functools
 import os
 import time
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker and its commands (tests/conftest.py says why)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# one thread per xdist worker and the commands it starts (tests/conftest.py says why); a user's setting stays
+ONE_THREAD = bool(os.environ.get("PYTEST_XDIST_WORKER")) and "OMP_NUM_THREADS" not in os.environ
+if ONE_THREAD:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if ONE_THREAD:
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

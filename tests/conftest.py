@@ -8,15 +8,16 @@ Triton's interpreter is patched to re-patch `triton.language` once per launch (`
 
 import os
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+ONE_THREAD = bool(os.environ.get("PYTEST_XDIST_WORKER")) and "OMP_NUM_THREADS" not in os.environ  # a user's stays
+if ONE_THREAD:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if ONE_THREAD:
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 from kernel_utils import patch_interpreter_once_per_launch  # noqa: E402

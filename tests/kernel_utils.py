@@ -59,8 +59,9 @@ def patch_interpreter_once_per_launch() -> None:
         namespace = id(fn.__globals__)
         if namespace in patched:  # a helper whose namespace this launch already patched: nothing to restore
             return nothing()
+        scope = patch_lang(fn)
         patched.add(namespace)
-        return patch_lang(fn)
+        return scope
 
     once.once_per_launch, once.original = True, patch_lang
     interpreter._patch_lang = once
