@@ -67,7 +67,7 @@ def workdir(tmp_path_factory):
 # commands that train or sweep run shorter here: the README's flags, then these (the last value of a flag wins);
 # the benchmark suite runs one decode call of its own folder
 SHORTER = {"mexit ablate": " --max-new-tokens 4 --repeats 2", "mexit train-exit-predictors": " --steps 10",
-           "mexit train-heads --model": " --epochs 0.05"}
+           "mexit train-heads --model": " --epochs 0.002 --batch-size 2 --seq-len 128"}
 SUITE = ("python -m pytest bench ", f"python -m pytest {ROOT / 'bench' / 'bench_decode.py'} -k 'original and 1' ")
 # two 5-round CPU runs on a busy 2-core machine differ by more than 10%: the README's own threshold would be noise
 LOOSER = ("--benchmark-compare-fail=median:10%", "--benchmark-compare-fail=median:300%")
