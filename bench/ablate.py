@@ -259,11 +259,10 @@ def load_lm(args):
 
     device = resolve_device(args.device)
     set_threads(args.threads, device)
-    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    if args.model:
-        return mexit.load(args.model, dtype=dtype, device=device, backend=args.backend, engine=args.engine,
+    if args.model:  # dtype None: mexit's default for the device
+        return mexit.load(args.model, dtype=args.dtype, device=device, backend=args.backend, engine=args.engine,
                           compile=args.compile, check_weights=not args.no_weight_check, **hub_kwargs(args)), args.model
-    lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=dtype, device=device, backend=args.backend,
+    lm = mexit.MultiExitLM.random(mexit.GPT2_MEDIUM_MULTIEXIT, dtype=args.dtype, device=device, backend=args.backend,
                                   engine=args.engine, compile=args.compile)
     return lm, "RANDOM weights, gpt2-medium-multiexit shape (quality numbers are meaningless)"
 
