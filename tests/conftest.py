@@ -33,3 +33,18 @@ def tiny_checkpoint(tmp_path_factory):
     model, heads = make_hf_checkpoint(folder)
     write_predictors(folder, model.config.n_embd, (1, 2, 3))
     return folder, model, heads
+
+
+@pytest.fixture()
+def diverging_updates(monkeypatch):
+    """Every training step's update leaves inf in the first trained weight (a run that diverges): patched where
+    both trainers' schedules step, right after the optimizer's."""
+    real = torch.optim.lr_scheduler.LambdaLR.step
+
+    def step(self, *args, **kwargs):
+        if self.last_epoch >= 0:  # not the schedule's own first call, at its construction
+            with torch.no_grad():
+                self.optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)

@@ -17,7 +17,7 @@ from mexit.decoding.early_exit import ExitPolicy
 from mexit.frontends.cli import main
 from mexit.kernels.exit_decide_ref import probe_confidence
 from mexit.model.predictors import PREDICTOR_FILE
-from mexit.training.common import TrainingInterrupted
+from mexit.training.common import TrainingDiverged, TrainingInterrupted
 from mexit.training.predictors import PredictorTrainingConfig, calibration, train_exit_predictors
 
 TEXT = "".join(f"The {w} of the {v} is {u}, and the {v} is not {w}.\n"
@@ -134,6 +134,9 @@ def test_bad_input_fails_before_work(folder, tmp_path, capsys):
         (dict(resume=True, overwrite=True), ValueError, "--resume continues the saved run and --overwrite"),
         (dict(eval_max_blocks=0), ValueError, "eval_max_blocks must be >= 1"),
         (dict(save_every=-5), ValueError, "save_every must be >= 0"),
+        (dict(steps=None, epochs=float("inf")), ValueError, "epochs finite and > 0"),
+        (dict(lr=float("inf")), ValueError, "lr must be > 0 and at most 1000 .* got inf"),
+        (dict(lr=1e300), ValueError, "lr must be > 0 and at most 1000"),
     ]
     for kw, err, message in cases:
         with pytest.raises(err, match=message):
@@ -145,6 +148,17 @@ def test_bad_input_fails_before_work(folder, tmp_path, capsys):
     assert main(["train-exit-predictors", "--model", str(path), "--data", str(folder[2])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "pass --overwrite" in err[0]
+
+
+def test_a_run_that_diverges_keeps_the_stored_predictors(folder, diverging_updates):
+    """An update that leaves inf in the probes stops the run before writing: the folder's predictors are the ones
+    it held before."""
+    path = folder[0]
+    write_predictors(path, 32, (1, 2, 3))
+    before = (path / PREDICTOR_FILE).read_bytes()
+    with pytest.raises(TrainingDiverged, match="trained predictors hold NaN or inf after step 1"):
+        train_exit_predictors(config(folder, steps=1, overwrite=True))
+    assert (path / PREDICTOR_FILE).read_bytes() == before
 
 
 def test_stored_predictors_are_checked_and_travel_with_the_weights(tiny_checkpoint, tmp_path):

@@ -10,7 +10,7 @@ from tiny_checkpoints import make_hf_checkpoint
 
 import mexit
 from mexit.frontends.cli import main
-from mexit.training.common import TrainingInterrupted
+from mexit.training.common import TrainingDiverged, TrainingInterrupted
 from mexit.training.heads import HeadTrainingConfig, train_heads
 
 TEXT = "".join(f"The {w} of the {v} is {u}, and the {v} is not {w}.\n"
@@ -144,12 +144,35 @@ def test_init_zero_and_bf16(base, tmp_path):
     (dict(eval_every=-1), "eval_every must be >= 0, got -1"),
     (dict(save_every=-5), "save_every must be >= 0"),
     (dict(warmup_steps=-1), "warmup_steps must be >= 0, got -1"),
+    (dict(steps=None, epochs=float("inf")), "epochs finite and > 0, got steps None, epochs inf"),
+    (dict(lr=float("inf")), "lr must be > 0 and at most 1000 .* got inf"),
+    (dict(lr=1e300), "lr must be > 0 and at most 1000"),  # the optimizer's step would overflow
+    (dict(weight_decay=float("inf")), "weight_decay must be finite and >= 0, got inf"),
+    (dict(weight_decay=-0.1), "weight_decay must be finite and >= 0, got -0.1"),
     (dict(resume=True, overwrite=True), "--resume continues the saved run and --overwrite replaces it: pass one"),
 ])
 def test_bad_input_fails_before_work(base, tmp_path, change, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train_heads(config(base, tmp_path / "out", **change))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_diverges_stops_and_writes_nothing(base, tmp_path, capsys, diverging_updates):
+    """An update that leaves inf in the heads stops the run: after the last step before the checkpoint and report
+    are written; before it at the next step, whose loss is not finite. One error line from the CLI."""
+    with pytest.raises(TrainingDiverged, match="trained heads hold NaN or inf after step 1: the run diverged"):
+        train_heads(config(base, tmp_path / "one", steps=1))
+    assert not (tmp_path / "one" / "train_report.json").exists()
+    with pytest.raises(TrainingDiverged, match=r"the training loss at step 2 is not finite \(\{2: nan, 4: "):
+        train_heads(config(base, tmp_path / "two", steps=4))
+    assert not (tmp_path / "two" / "train_report.json").exists()
+    capsys.readouterr()
+    folder, _, data = base
+    assert main(["train-heads", "--model", str(folder), "--data", str(data), "--exits", "2", "--seq-len", "32",
+                 "--steps", "1", "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err  # the progress bar, then the error line
+    assert "Traceback" not in err and err.count("error: ") == 1
+    assert err.strip().splitlines()[-1].startswith("error: the trained heads hold NaN or inf after step 1")
 
 
 def test_cli_errors(base, tmp_path, capsys):

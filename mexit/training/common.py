@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import time
 import warnings
@@ -18,8 +19,33 @@ from mexit.values import read_text
 LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
 
 
+MAX_LR = 1e3  # a learning rate above it only overflows (Adam's step size is lr / (1 - beta1) in fp32)
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C during training: the state was saved; the message says how to resume."""
+
+
+class TrainingDiverged(ValueError):
+    """A step's loss or the trained tensors hold NaN / inf: the run stops before anything more is written."""
+
+
+def check_finite(what: str, values, step: int) -> None:
+    """TrainingDiverged unless every number in `values` (tensors, floats, dicts and lists of them; None skipped) is
+    finite: the trained tensors (a last update may overflow while its loss was finite) and the final held-out
+    scores, checked before the final write."""
+    def finite(v) -> bool:
+        if isinstance(v, torch.Tensor):
+            return bool(torch.isfinite(v).all())
+        if isinstance(v, dict):
+            return all(finite(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return all(finite(x) for x in v)
+        return not isinstance(v, float) or math.isfinite(v)
+
+    if not finite(values):
+        raise TrainingDiverged(f"the {what} hold NaN or inf after step {step}: the run diverged (a smaller --lr?); "
+                               "nothing was written")
 
 
 def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None) -> None:
@@ -100,6 +126,27 @@ def split_blocks(tokenizer, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
     if len(eval_blocks) == 0:
         raise ValueError(f"the held-out data holds no block of {cfg.seq_len} tokens")
     return blocks, eval_blocks[: cfg.eval_max_blocks].to(device)
+
+
+def check_run(cfg) -> None:
+    """A training run's length and optimizer settings, checked before any work (both trainers): batch_size >= 1;
+    steps >= 1 or epochs finite and > 0, not both; 0 < lr <= MAX_LR;
+    weight_decay finite and >= 0 (where the trainer has it); eval_fraction in (0, 1). ValueError naming the
+    setting (the counts: `check_counts`)."""
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ValueError("pass --steps or --epochs, not both")
+    if (cfg.steps is not None and cfg.steps < 1) or (cfg.epochs is not None and not 0 < cfg.epochs < math.inf):
+        raise ValueError(f"steps must be >= 1 and epochs finite and > 0, got steps {cfg.steps}, epochs {cfg.epochs}")
+    if not 0 < cfg.lr <= MAX_LR:
+        raise ValueError(f"lr must be > 0 and at most {MAX_LR:g} (Adam moves a weight by about lr a step; more only "
+                         f"overflows), got {cfg.lr}")
+    weight_decay = getattr(cfg, "weight_decay", 0.0)
+    if not 0 <= weight_decay <= torch.finfo(torch.float32).max:
+        raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
+    if not 0 < cfg.eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
 
 
 def batch_at(blocks: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -195,6 +242,11 @@ def train(run: Run, step_loss: Callable, blocks: torch.Tensor, batch_size: int, 
             batch = batch_at(blocks, run.step, batch_size, seed).to(device)
             t0 = time.perf_counter()
             loss = step_loss(batch)
+            losses = loss if isinstance(loss, dict) else {None: loss}
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise TrainingDiverged(f"the training loss at step {run.step + 1} is not finite ({loss}): the run "
+                                       "diverged (a smaller --lr?); stopped before its update, nothing more was "
+                                       "written")
             run.opt.step()
             run.sched.step()
             run.opt.zero_grad(set_to_none=True)
@@ -202,7 +254,6 @@ def train(run: Run, step_loss: Callable, blocks: torch.Tensor, batch_size: int, 
                 torch.cuda.synchronize(device)
             run.seconds += time.perf_counter() - t0
             run.step += 1
-            losses = loss if isinstance(loss, dict) else {None: loss}
             run.history.append({"step": run.step, "loss": {str(k): v for k, v in loss.items()}
                                 if isinstance(loss, dict) else loss})
             bar.update(1)

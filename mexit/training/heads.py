@@ -32,7 +32,9 @@ from .common import (
     LOGITS_PER_CHUNK,
     Run,
     check_counts,
+    check_finite,
     check_resume,
+    check_run,
     check_text,
     data_digest,
     lr_factor,
@@ -95,21 +97,12 @@ def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
         cfg.seq_len = min(512, n_positions)
     if not 2 <= cfg.seq_len <= n_positions:
         raise ValueError(f"seq_len must be in 2..{n_positions} (the model's context), got {cfg.seq_len}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise ValueError("pass --steps or --epochs, not both")
-    if (cfg.steps is not None and cfg.steps < 1) or (cfg.epochs is not None and not cfg.epochs > 0):
-        raise ValueError("steps must be >= 1 and epochs > 0")
-    if not cfg.lr > 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    check_run(cfg)
     if cfg.init not in ("embedding", "zero"):
         raise ValueError(f"init must be 'embedding' or 'zero', got {cfg.init!r}")
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16 (bf16: frozen base in bf16, heads under autocast), "
                          f"got {cfg.dtype!r}")
-    if not 0 < cfg.eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
     check_counts(cfg)
     out = Path(cfg.out)
     if cfg.resume:
@@ -204,7 +197,7 @@ def save_output(out: Path, base: Path, hf_config: dict, trainer: HeadTrainer, ba
                out / (STATE_FILE + ".tmp"))
     (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
     if report is not None:
-        (out / "train_report.json").write_text(json.dumps(report, indent=1))
+        (out / "train_report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
         (out / "train_report.md").write_text(report_markdown(report))
 
 
@@ -289,9 +282,12 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     train(run, trainer.step, blocks, cfg.batch_size, cfg.seed, device,
           lambda: save_output(out, base, hf_config, trainer, base_state, state(), None), str(out), "train-heads",
           tokens_per_step, cfg.save_every, cfg.progress, evaluate)
+    check_finite("trained heads", params, run.step)
+    final_eval = trainer.evaluate(eval_blocks, eval_batch)
+    check_finite("held-out scores", final_eval, run.step)
     report = {
         "base": str(base), "exits": list(trainer.exits), "init": cfg.init,
-        "eval_start": eval_start, "eval": trainer.evaluate(eval_blocks, eval_batch),
+        "eval_start": eval_start, "eval": final_eval,
         "eval_blocks": len(eval_blocks), "train_blocks": len(blocks),
         "training": {"steps": total, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
                      "warmup_steps": warmup, "device": str(device), "dtype": cfg.dtype, "seconds": run.seconds,

@@ -29,7 +29,9 @@ from .common import (
     LOGITS_PER_CHUNK,
     Run,
     check_counts,
+    check_finite,
     check_resume,
+    check_run,
     check_text,
     data_digest,
     lr_factor,
@@ -100,16 +102,7 @@ def check_inputs(cfg: PredictorTrainingConfig):
         cfg.seq_len = min(256, config.n_positions)
     if not 1 <= cfg.seq_len <= config.n_positions:
         raise ValueError(f"seq_len must be in 1..{config.n_positions} (the model's context), got {cfg.seq_len}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise ValueError("pass --steps or --epochs, not both")
-    if (cfg.steps is not None and cfg.steps < 1) or (cfg.epochs is not None and not cfg.epochs > 0):
-        raise ValueError("steps must be >= 1 and epochs > 0")
-    if not cfg.lr > 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr}")
-    if not 0 < cfg.eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+    check_run(cfg)
     check_counts(cfg)
     if cfg.resume:
         if not (folder / STATE_FILE).exists():
@@ -266,10 +259,13 @@ def train_exit_predictors(cfg: PredictorTrainingConfig) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     train(run, trainer.step, blocks, cfg.batch_size, cfg.seed, device, save_state, str(folder / STATE_FILE),
           "train-exit-predictors", tokens_per_step, cfg.save_every, cfg.progress)
+    check_finite("trained predictors", [trainer.weight, trainer.bias], run.step)
+    final_eval = trainer.evaluate(eval_blocks, cfg.batch_size)
+    check_finite("held-out scores", final_eval, run.step)
     report = {
         "model": str(folder), "exits": list(exits), "final_head": cfg.final_head,
         "label": "argmax of the exit's head == argmax of the final head, same position (CALM's consistency oracle)",
-        "eval": trainer.evaluate(eval_blocks, cfg.batch_size), "eval_tokens": int(eval_blocks.numel()),
+        "eval": final_eval, "eval_tokens": int(eval_blocks.numel()),
         "train_blocks": len(blocks),
         "training": {"steps": total, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
                      "warmup_steps": warmup, "device": str(device), "seconds": run.seconds,
