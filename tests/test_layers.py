@@ -1,6 +1,8 @@
 """Per-layer predictions (`lm.layer_predictions`, `mexit layers`) against transformers' hidden states."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,6 +51,15 @@ def test_cli_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
     for option in (["--engine", "static"], ["--compile"], ["--backend", "triton"], ["--pdl"]):  # one forward pass:
         assert main(["layers", "--model", folder, "--prompt", "Hi", *option]) == 2  # no decode step to configure
         assert f"unrecognized arguments: {option[0]}" in capsys.readouterr().err
+
+
+def test_a_too_long_text_prompt_is_one_error_line(tiny_checkpoint):
+    """The tokenizer's own warning about a sequence longer than the model (printed by transformers' logger, before
+    mexit's check) is not printed: mexit's error line says it."""
+    done = subprocess.run([sys.executable, "-m", "mexit", "layers", "--model", str(tiny_checkpoint[0]), "--prompt",
+                           "Hello world. " * 40], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error: the prompt (") and done.stderr.count("\n") == 1, \
+        done.stderr
 
 
 def test_a_long_prompt_wraps_in_the_table_and_the_plot(tiny_checkpoint, tmp_path, capsys):

@@ -274,7 +274,7 @@ class MultiExitLM:
                 raise ValueError("this checkpoint has no tokenizer files: pass token ids instead of text")
             if any(p == "" for p in prompts):
                 raise ValueError("empty prompt: every row needs at least one token")
-            return [self.tokenizer.encode(p) for p in prompts]
+            return [self.tokenizer.encode(p, verbose=False) for p in prompts]  # lengths: checked by mexit
         return prompts
 
     @torch.inference_mode()

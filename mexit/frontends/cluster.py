@@ -222,7 +222,7 @@ def generate_file_on_ray(load, load_kw: dict, prompts_file, out, batch: int = 8,
     def encode(text):
         if tokenizer is None:
             raise ValueError("text prompt, but the checkpoint has no tokenizer: give input_ids")
-        return tokenizer(text)["input_ids"]
+        return tokenizer(text, verbose=False)["input_ids"]  # lengths: checked by mexit
 
     todo, bad = checked_todo(prompts_file, out, records, done, encode, config, settings, skip_bad, max_length)
     good = [r for r in todo if r["index"] not in bad]
