@@ -165,8 +165,10 @@ def test_stored_predictors_are_checked_and_travel_with_the_weights(tiny_checkpoi
     src = tmp_path / "src"
     shutil.copytree(tiny_checkpoint[0], src)
     out = tmp_path / "converted"
+    (src / "prompts.txt").write_text("ROMEO. But soft,\n  the domain's own prompts \n")  # `mexit ablate`'s default
     assert main(["convert", str(src), str(out), "--dtype", "fp16"]) == 0
     assert mexit.load(out).model.predictors.layers == (1, 2, 3)
+    assert (out / "prompts.txt").read_bytes() == (src / "prompts.txt").read_bytes()
     stored = load_file(src / PREDICTOR_FILE)
     for change, message in ((dict(layers=torch.tensor([2, 1, 3])), "must be distinct and ascending"),
                             (dict(weight=stored["weight"][:, :5].contiguous()), "do not fit 3 exits of width"),

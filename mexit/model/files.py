@@ -24,8 +24,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json")
 PREDICTOR_FILE = "exit_predictors.safetensors"  # learned exit predictors (`predictors.py`)
 TOKEN_COUNTS_FILE = "token_counts.safetensors"  # token frequencies (`token_counts.py`)
+PROMPTS_FILE = "prompts.txt"  # prompts in the model's domain: `mexit ablate`'s default where a folder ships them
 # what travels with the weights (downloads, convert, save_pretrained): the learned exit predictors too
-METADATA_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, PREDICTOR_FILE, TOKEN_COUNTS_FILE)
+METADATA_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, PREDICTOR_FILE, TOKEN_COUNTS_FILE,
+                  PROMPTS_FILE)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
