@@ -40,7 +40,6 @@ from mexit.bench.common import (
 from mexit.bench.findings import LOGLIK_MARGIN, SPEED_MARGIN
 from mexit.frontends.cli import add_load_args, hub_kwargs
 from mexit.frontends.output import pyplot
-from mexit.model.files import PROMPTS_FILE
 from mexit.timing import DeviceClock, interleaved_pairs
 from mexit.values import read_text
 
@@ -49,6 +48,8 @@ DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 
 def default_prompts(model) -> Path:
     """The model folder's own prompts.txt (prompts in the model's domain), else mexit's general set."""
+    from mexit.model.files import PROMPTS_FILE  # (imports torch: not at `--help`)
+
     own = Path(model) / PROMPTS_FILE if model else None
     return own if own is not None and own.is_file() else DEFAULT_PROMPTS
 

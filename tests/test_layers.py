@@ -43,7 +43,7 @@ def test_cli_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
     assert main(["layers", "--model", folder, "--input-ids", "5,6,7", "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
     assert "original |" in text and "exit 2 |" in text and plot.stat().st_size > 10_000
-    for argv, needle in ((["--prompt", "Hi", "--top-k", "0"], "top_k must be in 1.."),
+    for argv, needle in ((["--prompt", "Hi", "--top-k", "0"], "top_k must be an int in 1.."),
                          (["--input-ids", ",".join(["1"] * 300)], "exceeds the context")):
         assert main(["layers", "--model", folder, *argv]) == 2
         err = capsys.readouterr().err
@@ -51,6 +51,22 @@ def test_cli_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
     for option in (["--engine", "static"], ["--compile"], ["--backend", "triton"], ["--pdl"]):  # one forward pass:
         assert main(["layers", "--model", folder, "--prompt", "Hi", *option]) == 2  # no decode step to configure
         assert f"unrecognized arguments: {option[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top_k", [1.5, "3", None, True, 0])
+def test_top_k_of_another_type_is_a_named_error(tiny_checkpoint, top_k):
+    lm = mexit.load(tiny_checkpoint[0], dtype="fp32")
+    with pytest.raises(ValueError, match=r"top_k must be an int in 1\.\.\d+, got "):
+        lm.layer_predictions("Hello", top_k=top_k)
+
+
+def test_numpy_and_torch_integers_are_taken_as_top_k(tiny_checkpoint):
+    import numpy as np
+
+    lm = mexit.load(tiny_checkpoint[0], dtype="fp32")
+    want = lm.layer_predictions("Hello", top_k=3)[0].tokens
+    for k in (np.int64(3), torch.tensor(3)):
+        assert torch.equal(lm.layer_predictions("Hello", top_k=k)[0].tokens, want)
 
 
 def test_a_too_long_text_prompt_is_one_error_line(tiny_checkpoint):

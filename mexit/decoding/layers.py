@@ -3,6 +3,7 @@ original head predict at every position of a prompt, from one pass through the b
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -40,14 +41,19 @@ class LayerPredictions:
 def layer_predictions(model: MultiExitGPT2, ids: list[int], top_k: int = 5) -> LayerPredictions:
     """The predictions of every exit head (ln_f then the head, as the checkpoint's exits are trained) and of the
     original head at every position of `ids` (a non-empty list of token ids within the context), from one pass over
-    the blocks; logits in fp32. Raises ValueError for an empty or too-long prompt or top_k outside 1..vocab."""
+    the blocks; logits in fp32. Raises ValueError for an empty or too-long prompt or top_k not an int in 1..vocab."""
     config = model.config
     if not ids:
         raise ValueError("empty prompt: layer predictions need at least one token")
     if len(ids) > config.n_positions:
         raise ValueError(f"prompt of {len(ids)} tokens exceeds the context ({config.n_positions})")
-    if not 1 <= top_k <= config.vocab_size:
-        raise ValueError(f"top_k must be in 1..{config.vocab_size}, got {top_k}")
+    try:  # an int, a numpy or torch integer; not a bool, float or string
+        k = None if isinstance(top_k, bool) else operator.index(top_k)
+    except TypeError:
+        k = None
+    if k is None or not 1 <= k <= config.vocab_size:
+        raise ValueError(f"top_k must be an int in 1..{config.vocab_size}, got {top_k!r}")
+    top_k = k
     heads = [*config.exit_layers, "original"]
     layers = [model.layer_of(head) for head in heads]
     x = torch.tensor([ids], device=model.device)

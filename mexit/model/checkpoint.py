@@ -467,7 +467,10 @@ def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: 
     ones (as `convert` and `save_pretrained` do), never truncate them in place."""
     device = resolve_device(device)
     auto = isinstance(dtype, str) and dtype.lower() == "auto"
-    dtype = None if auto else resolve_dtype(dtype, device)
+    try:
+        dtype = None if auto else resolve_dtype(dtype, device)
+    except ValueError as err:
+        raise ValueError(f"{err}, or auto (the stored dtype)") from None
     folder = resolve_folder(path_or_id, hub)
     config = read_config(folder)
     stored, config = canonical(open_tensors(folder), config)
