@@ -89,7 +89,7 @@ def test_hub_id_offline(monkeypatch):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(dtype="int8"), "unsupported dtype 'int8'"),
+    (dict(dtype="int8"), r"unsupported dtype 'int8'; use one of fp32, fp16, bf16, or auto \(the stored dtype\)"),
     (dict(device="mps"), "unsupported device mps"),
 ])
 def test_bad_dtype_device(checkpoint, kw, message):
