@@ -19,7 +19,7 @@ from mexit.values import read_text
 LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
 
 
-MAX_LR = 1e3  # a learning rate above it only overflows (Adam's step size is lr / (1 - beta1) in fp32)
+MAX_LR = 1e3  # Adam moves a weight by about lr a step: more only diverges (near fp32's range it overflows)
 
 
 class TrainingInterrupted(Exception):
@@ -141,7 +141,7 @@ def check_run(cfg) -> None:
         raise ValueError(f"steps must be >= 1 and epochs finite and > 0, got steps {cfg.steps}, epochs {cfg.epochs}")
     if not 0 < cfg.lr <= MAX_LR:
         raise ValueError(f"lr must be > 0 and at most {MAX_LR:g} (Adam moves a weight by about lr a step; more only "
-                         f"overflows), got {cfg.lr}")
+                         f"diverges), got {cfg.lr}")
     weight_decay = getattr(cfg, "weight_decay", 0.0)
     if not 0 <= weight_decay <= torch.finfo(torch.float32).max:
         raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
