@@ -17,8 +17,6 @@ import torch
 from mexit.values import read_text
 
 LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
-
-
 MAX_LR = 1e3  # Adam moves a weight by about lr a step: more only diverges (near fp32's range it overflows)
 
 
