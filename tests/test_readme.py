@@ -61,12 +61,14 @@ def workdir(tmp_path_factory):
     (work / "train.txt").write_text(text * 40)
     (work / "eval.txt").write_text(text * 8)
     (work / "data.jsonl").write_text('{"prompt": "ROMEO."}\n{"prompt": "The capital of France is", "id": "b"}\n')
+    (work / "few_prompts.txt").write_text("".join(text.splitlines(keepends=True)[:3]))  # the ablations' prompts
     return work
 
 
-# commands that train or sweep run shorter here: the README's flags, then these (the last value of a flag wins);
-# the benchmark suite runs one decode call of its own folder
-SHORTER = {"mexit ablate": " --max-new-tokens 4 --repeats 2", "mexit train-exit-predictors": " --steps 10",
+# commands that train or sweep run shorter here (an ablation: 3 prompts): the README's flags, then these (the last
+# value of a flag wins); the benchmark suite runs one decode call of its own folder
+SHORTER = {"mexit ablate": " --max-new-tokens 4 --repeats 2 --prompts few_prompts.txt",
+           "mexit train-exit-predictors": " --steps 10",
            "mexit train-heads --model": " --epochs 0.002 --batch-size 2 --seq-len 128"}
 SUITE = ("python -m pytest bench ", f"python -m pytest {ROOT / 'bench' / 'bench_decode.py'} -k 'original and 1' ")
 # two 5-round CPU runs on a busy 2-core machine differ by more than 10%: the README's own threshold would be noise
