@@ -179,8 +179,20 @@ def test_mexit_eval_runs_lm_evals_command_line(tiny_checkpoint, tasks, tmp_path,
     assert "error: mexit eval runs --model mexit" in capsys.readouterr().err
 
 
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """lm-eval's command line without its built-in tasks: it indexes their ~13,000 files (about 10 s) on every run,
+    and these runs name only their own (--include_path). test_mexit_eval_runs_lm_evals_command_line runs with them."""
+    from lm_eval.tasks import manager
+
+    init = manager.TaskManager.__init__
+    monkeypatch.setattr(manager.TaskManager, "__init__",
+                        lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "include_defaults": False}))
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the default device is cpu without CUDA")
-def test_mexit_eval_defaults_and_a_missing_checkpoint_are_one_line(tiny_checkpoint, tasks, tmp_path, capsys):
+def test_mexit_eval_defaults_and_a_missing_checkpoint_are_one_line(tiny_checkpoint, tasks, tmp_path, capsys,
+                                                                    local_tasks_only):
     """No --device: cuda when available, else cpu (lm-eval's own default is cuda:0); no --model_args: one line
     naming pretrained=, not a TypeError; --help names mexit's defaults."""
     common = ["--tasks", "tiny_mc", "--include_path", str(tasks[0]), "--batch_size", "2", "--limit", "2"]
