@@ -12,16 +12,18 @@ How: the runtime generates at the gpt2-medium-multiexit widths (d=1024, vocabula
 which changes no specialization), and at widths that are not powers of two (GPT-2 XL's d=1600 with 25 heads; d=96
 with vocabulary 1001), with every Triton launch recorded instead of run (`JITFunction.run` patched, no
 GPU needed). Each distinct (kernel, argument types, constexprs, warps, stages) is then compiled with
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; `ptxas -v` on its PTX reports registers
-and spills, the compiled metadata its shared memory. Must run WITHOUT TRITON_INTERPRET (the interpreter replaces
-the kernels). Divisibility by 16 (pointer addresses, integers) is recorded and compiled in as Triton's launcher
-specializes it, so vector widths match the GPU's; the one difference left is that the launcher also specializes
-an integer equal to 1 as a constant.
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`; the log of Triton's own `ptxas -v` run
+reports registers and spills, the compiled metadata its shared memory. Must run WITHOUT TRITON_INTERPRET (the
+interpreter replaces the kernels). Divisibility by 16 (pointer addresses, integers) is recorded and compiled in as
+Triton's launcher specializes it, so vector widths match the GPU's; the one difference left is that the launcher
+also specializes an integer equal to 1 as a constant.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -264,8 +266,21 @@ def ptxas_path(arch: int) -> str:
     return tool.path if hasattr(tool, "path") else str(tool)
 
 
+@contextlib.contextmanager
+def ptxas_log(out: io.StringIO):
+    """Inside: Triton compiles afresh (a cached kernel would skip ptxas) and prints the log of its own `ptxas -v`
+    run into `out`, so registers and spills are those of the cubin Triton builds, with its ptxas options."""
+    from triton import knobs
+
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(out):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        yield
+
+
 def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
-    """Compile one launch for `target`; registers / spills from ptxas -v, shared memory from the metadata."""
+    """Compile one launch for `target`; registers / spills from Triton's ptxas log (`ptxas_log`), shared memory
+    from the metadata."""
     import importlib
 
     import triton
@@ -284,18 +299,22 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
         src = ASTSource(fn=fn, signature=signature,
                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                         attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in launch.aligned})
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages,
-                                               launch_pdl=launch.launch_pdl))
+        log = io.StringIO()
+        with ptxas_log(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages,
+                                                   launch_pdl=launch.launch_pdl))
     except Exception as err:  # a compile error is the finding: report it, do not hide it
         return dict(row, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:400])
     ptx = compiled.asm["ptx"]
-    path = workdir / f"{launch.kernel}_{abs(hash(launch)) % 10**8}_{arch}.ptx"
-    path.write_text(ptx)
-    gpu = "sm_90a" if arch == 90 else "sm_80"
-    info = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu}", str(path), "-o", os.devnull],
-                          capture_output=True, text=True)
-    text = info.stdout + info.stderr
+    text, returncode = log.getvalue(), 0
+    if "registers" not in text:  # a triton that does not print its ptxas log: ptxas -v on the PTX
+        path = workdir / f"{launch.kernel}_{abs(hash(launch)) % 10**8}_{arch}.ptx"
+        path.write_text(ptx)
+        gpu = "sm_90a" if arch == 90 else "sm_80"
+        info = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu}", str(path), "-o", os.devnull],
+                              capture_output=True, text=True)
+        text, returncode = info.stdout + info.stderr, info.returncode
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
     spill_st = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
     spill_ld = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]
@@ -310,8 +329,8 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
     out["programs_per_sm"] = programs_per_sm(arch, launch.num_warps, out["registers"], shared)
     if "error" in out:
         return out
-    if info.returncode != 0:
-        out["error"] = f"ptxas: {text.strip().splitlines()[-1] if text.strip() else info.returncode}"
+    if returncode != 0:
+        out["error"] = f"ptxas: {text.strip().splitlines()[-1] if text.strip() else returncode}"
     elif out["spill_bytes"]:
         out["error"] = f"register spills: {out['spill_bytes']} bytes"
     elif shared > SMEM_LIMIT[arch]:

@@ -148,10 +148,12 @@ def _exit_head_merge(
 
 def tile_config(batch: int) -> dict:
     """Block sizes per batch size: BLOCK_B covers the rows (tl.dot needs >= 16), vocabulary tiles of 128. Chosen
-    spill-free for sm_90a and sm_80 under triton 3.6 and 3.9 by bench/aot_compile.py (the former 16x128x128 / 4
-    warps spilled 2.5-4 KB per thread); throughput untuned until a GPU run (bench_exit_head.py --sweep)."""
-    if batch <= 16:
-        return dict(BLOCK_B=16, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2)  # 3 stages spill: sm_80 bf16
+    spill-free for sm_90a and sm_80 under triton 3.6 and 3.9 by bench/aot_compile.py, with the ptxas options Triton
+    itself passes (the former 16x128x128 / 4 warps spilled 2.5-4 KB per thread; 16x128x64 spilled 8-16 bytes on
+    sm_90a under triton 3.9, 128 registers at most); throughput untuned until a GPU run (bench_exit_head.py
+    --sweep)."""
+    if batch <= 16:  # 128 registers under triton 3.6 and 3.9: two programs of 8 warps per SM
+        return dict(BLOCK_B=16, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2)  # 3 stages spill: sm_80 bf16
     if batch <= 32:
         return dict(BLOCK_B=32, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
     return dict(BLOCK_B=64, BLOCK_V=64, BLOCK_D=32, num_warps=8, num_stages=3)
