@@ -4,7 +4,8 @@
 TRITON_INTERPRET=1 is set here, before anything imports triton, so kernels run on CPU tensors when no GPU is
 present. Under pytest-xdist (the README's `-n 2`) each worker and the commands it starts run one thread: two
 workers of two threads each on two cores spend more time waiting for each other's threads than computing, and
-Triton's interpreter is patched to re-patch `triton.language` once per launch (`kernel_utils`)."""
+Triton's interpreter is patched to re-patch `triton.language` once per launch, its builtins listed once
+(`kernel_utils`)."""
 
 import os
 

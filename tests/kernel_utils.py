@@ -66,3 +66,29 @@ def patch_interpreter_once_per_launch() -> None:
     once.once_per_launch, once.original = True, patch_lang
     interpreter._patch_lang = once
     launch.__call__ = launch_call
+    list_builtins_once(interpreter)
+
+
+def list_builtins_once(interpreter) -> None:
+    """A patch of `triton.language` lists each module's members with `inspect.getmembers` (most of its time) to
+    find the builtins it replaces. Those are fixed: list them once per module, then replace those still in place (a
+    builtin a patch already replaced is no builtin then: getmembers would skip it too)."""
+    import inspect
+
+    patch_builtin, patch_attr = getattr(interpreter, "_patch_builtin", None), getattr(interpreter, "_patch_attr", None)
+    is_builtin = getattr(getattr(interpreter, "tl", None), "core", None)
+    is_builtin = getattr(is_builtin, "is_builtin", None)
+    if patch_builtin is None or patch_attr is None or is_builtin is None:
+        return
+    listed: dict[int, list] = {}  # id(module or class) -> its builtins [(name, member)], listed unpatched
+
+    def once(pkg, builder, scope):
+        builtins = listed.get(id(pkg))
+        if builtins is None:
+            builtins = listed[id(pkg)] = [(name, m) for name, m in inspect.getmembers(pkg) if is_builtin(m)]
+        for name, member in builtins:
+            if getattr(pkg, name, None) is member:
+                patch_attr(pkg, name, member, builder, scope)
+
+    once.original = patch_builtin
+    interpreter._patch_builtin = once

@@ -1,6 +1,7 @@
 """The test run's patch of Triton's interpreter (`kernel_utils.patch_interpreter_once_per_launch`) changes its speed,
 not its results: a kernel whose loop calls a @triton.jit helper gives the same bits with and without it, and with
-it the language is patched a fixed number of times per launch, however often the helper runs."""
+it the language is patched a fixed number of times per launch, however often the helper runs; a patch replaces the
+builtins listed once, the same attributes as with `inspect.getmembers` every time."""
 
 import pytest
 import torch
@@ -46,3 +47,24 @@ def test_the_patch_is_on_and_computes_the_same_bits(monkeypatch):
     assert torch.equal(patched, plain) and plain_patches > patches_2
     x = torch.linspace(-3, 5, 32).reshape(2, 16)
     torch.testing.assert_close(patched, x.sum(1) + x.amax(1))
+
+
+def test_the_listed_builtins_patch_what_getmembers_finds(monkeypatch):
+    """`list_builtins_once`: a launch's patch replaces the same attributes, in the same order, with the builtins
+    listed once as with `inspect.getmembers` on every patch, and its restore leaves the language as it was."""
+    memo = interpreter._patch_builtin
+    if not hasattr(memo, "original"):
+        pytest.skip("this triton's interpreter has other internals: the patch is off (tests run at its own speed)")
+    patch_lang = getattr(interpreter._patch_lang, "original", interpreter._patch_lang)
+
+    def changes():
+        scope = patch_lang(_row_sums.fn)
+        try:
+            return [(id(obj), name) for obj, name, _ in scope._changes]
+        finally:
+            scope.restore()
+
+    listed = changes()
+    monkeypatch.setattr(interpreter, "_patch_builtin", memo.original)
+    assert changes() == listed and len(listed) > 50
+    assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.tensor.__add__)
