@@ -99,13 +99,15 @@ def gemv_config(rows: int, cols: int, k: int) -> dict:
     registers: spill-free in bf16 too) and the grid has at least 512 programs where N allows (several per SM on a
     132-SM card); 4 warps (a 1024-wide fp16 row is one 16-byte load per thread of 128), 8 up to 2048-wide rows and
     16 beyond (fewer registers per thread: 4096-wide rows spilled at 8 warps under triton 3.6), never fewer than 8
-    elements per thread. Registers, spills and programs per SM: `bench/aot_compile.py`; throughput:
-    the perf stage of gpu_check."""
+    elements per thread; 2 warps for more than 2 rows of width <= 1024 (their 2048-element slices spilled 16 bytes
+    at 4 warps on sm_90a under triton 3.9, and 8-88 bytes at 8 warps on sm_80; at 2 warps none, under 3.6 and
+    3.9). Registers, spills and programs per SM: `bench/aot_compile.py`; throughput: the perf stage of gpu_check."""
     block_k = triton.next_power_of_2(k)
     block_n = max(1, (4096 if rows <= 2 else 2048) // block_k)
     while block_n > 1 and triton.cdiv(cols, block_n) < 512:
         block_n //= 2
-    warps = min(4 if block_k <= 1024 else 8 if block_k <= 2048 else 16, max(1, block_n * block_k // 256))
+    warps = 2 if block_k <= 1024 and rows > 2 else 4 if block_k <= 1024 else 8 if block_k <= 2048 else 16
+    warps = min(warps, max(1, block_n * block_k // 256))
     return dict(ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
 
 
