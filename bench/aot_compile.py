@@ -307,14 +307,16 @@ def compile_launch(launch: Launch, target: str, workdir: Path) -> dict:
     except Exception as err:  # a compile error is the finding: report it, do not hide it
         return dict(row, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:400])
     ptx = compiled.asm["ptx"]
-    text, returncode = log.getvalue(), 0
-    if "registers" not in text:  # a triton that does not print its ptxas log: ptxas -v on the PTX
+    text, returncode, reader = log.getvalue(), 0, "triton"
+    if "registers" not in text:  # a triton that does not print its ptxas log: ptxas -v on the PTX, without its options
+        reader = "own ptxas -v"
         path = workdir / f"{launch.kernel}_{abs(hash(launch)) % 10**8}_{arch}.ptx"
         path.write_text(ptx)
         gpu = "sm_90a" if arch == 90 else "sm_80"
         info = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={gpu}", str(path), "-o", os.devnull],
                               capture_output=True, text=True)
         text, returncode = info.stdout + info.stderr, info.returncode
+    row["ptxas_log"] = reader  # whose ptxas run gave the registers and spills
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
     spill_st = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
     spill_ld = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]

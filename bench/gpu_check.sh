@@ -62,7 +62,7 @@ perf)
     base=(--batch 1 --modes original --no-compile "${small[@]}"); fi
   # a step's time limit: the GPU budget's on a GPU; the dry run checks code paths, not times (a busy 2-core CI
   # machine runs the interpreter several times slower than an idle one)
-  limit() { [ "${DRY:-0}" = 1 ] && echo 300 || echo "$1"; }
+  limit() { [ "${DRY:-0}" = 1 ] && echo 120 || echo "$1"; }  # the dry run: 2x its slowest step seen
   failed=()  # steps that failed or timed out: the stage fails with them
   check() { [ "$1" = 0 ] || failed+=("$2 (exit $1)"); }
   # 1. the new kernels on this card: the GEMV against float64, every mode's tokens on it (graph == static)

@@ -76,17 +76,22 @@ def list_builtins_once(interpreter) -> None:
     import inspect
 
     patch_builtin, patch_attr = getattr(interpreter, "_patch_builtin", None), getattr(interpreter, "_patch_attr", None)
-    is_builtin = getattr(getattr(interpreter, "tl", None), "core", None)
-    is_builtin = getattr(is_builtin, "is_builtin", None)
+    is_builtin = getattr(getattr(getattr(interpreter, "tl", None), "core", None), "is_builtin", None)
     if patch_builtin is None or patch_attr is None or is_builtin is None:
         return
-    listed: dict[int, list] = {}  # id(module or class) -> its builtins [(name, member)], listed unpatched
+    def builtins(pkg) -> list:
+        return [(name, m) for name, m in inspect.getmembers(pkg) if is_builtin(m)]
+
+    # listed now, before any launch patches them (a patch through one module also writes into another: triton's
+    # `_patch_reduce_scan` sets reduce / associative_scan on both triton.language and triton.language.core)
+    tl = interpreter.tl
+    packages = [tl, tl.core, tl.tensor, tl.math, getattr(tl.core, "tensor_descriptor_base", None)]
+    listed = {id(pkg): builtins(pkg) for pkg in packages if pkg is not None}  # id -> [(name, builtin)]
 
     def once(pkg, builder, scope):
-        builtins = listed.get(id(pkg))
-        if builtins is None:
-            builtins = listed[id(pkg)] = [(name, m) for name, m in inspect.getmembers(pkg) if is_builtin(m)]
-        for name, member in builtins:
+        if id(pkg) not in listed:  # a package the list above does not know (another triton): listed on first use
+            listed[id(pkg)] = builtins(pkg)
+        for name, member in listed[id(pkg)]:
             if getattr(pkg, name, None) is member:
                 patch_attr(pkg, name, member, builder, scope)
 

@@ -31,7 +31,8 @@ def test_greedy_tokens_equal_transformers_4_51(checkpoints, name, engine, backen
     lm = mexit.load(checkpoints[name], dtype="fp32", engine=engine, backend=backend)
     runs = [r for r in RECORDED["checkpoints"][name]["runs"] if r["repetition_penalty"] == 1.0]
     assert len(runs) == len(DOLA_LAYERS) * 3
-    if backend == "triton":  # the interpreted kernels: every dola_layers form once, the prompts in turn (torch: all)
+    if backend == "triton" and not torch.cuda.is_available():  # interpreted: every dola_layers form once, the
+        # prompts in turn (torch, and the kernels compiled on a GPU: all)
         runs = [runs[3 * i + i % 3] for i in range(len(DOLA_LAYERS))]
         assert [r["dola_layers"] for r in runs] == DOLA_LAYERS
     for run in runs:

@@ -154,9 +154,9 @@ def test_edges_of_the_controls(tiny_checkpoint):
 # ---- early exit and speculative decoding: the controls on the scores each token is chosen from ----
 
 CONTROLS = [(1.5, 0), (1.0, 2), (1.3, 3)]  # (repetition_penalty, no_repeat_ngram_size)
-# the generation paths on the interpreted kernels take both controls at once (each alone: the torch cases here, and
-# the kernel's own tests, tests/test_control_repetition.py)
-TRITON_CONTROLS = CONTROLS[2:]
+# the generation paths on the interpreted kernels (no GPU) take both controls at once (each alone: the torch cases
+# here, and the kernel's own tests, tests/test_control_repetition.py); compiled on a GPU, every setting
+INTERPRETED_CONTROLS = CONTROLS[2:] if not torch.cuda.is_available() else CONTROLS
 
 
 def transformers_controls(penalty, n):
@@ -208,7 +208,7 @@ def test_early_exit_limits_are_transformers_and_the_fixed_exit(tiny_checkpoint, 
     folder, hf, _ = tiny_checkpoint
     lm = mexit.load(folder, dtype="fp32", backend=backend, engine=engine)
     prompts = [[5, 17, 5, 17, 200], [42, 7, 128, 255, 1, 64, 12], [9]]
-    for penalty, n in TRITON_CONTROLS if backend == "triton" else CONTROLS:
+    for penalty, n in INTERPRETED_CONTROLS if backend == "triton" else CONTROLS:
         kw = dict(repetition_penalty=penalty, no_repeat_ngram_size=n, eos_token_id=None)
         never = lm.generate(prompts, 16, early_exit=ExitPolicy(1.0), **kw).tokens
         assert never == [transformers_ngram_tokens(hf, p, n, penalty) for p in prompts], (penalty, n)
@@ -262,7 +262,7 @@ def test_speculative_greedy_equals_its_target(agreeing, target):
 def test_speculative_static_engine_and_triton(agreeing, backend, engine):
     eager = mexit.load(agreeing, dtype="fp32", backend="torch", device=DEVICE)
     static = mexit.load(agreeing, dtype="fp32", backend=backend, engine=engine, device=DEVICE)
-    for penalty, n in TRITON_CONTROLS if backend == "triton" else CONTROLS:
+    for penalty, n in INTERPRETED_CONTROLS if backend == "triton" else CONTROLS:
         kw = dict(repetition_penalty=penalty, no_repeat_ngram_size=n, eos_token_id=None)
         full = eager.generate(SPEC_PROMPTS, 10, **kw).tokens
         for spec in (SpeculativeConfig(2, 3), SpeculativeConfig(1, 4, 0.3)):
