@@ -55,7 +55,7 @@ perf)
   paths=(cublas:35 gemv:30 tiled:25)
   dry=()
   # the dry run: batch 1 on the GEMV, batch 3 on cuBLAS and the tiled kernel (each --linear once), 4 tokens
-  if [ "${DRY:-0}" = 1 ]; then export TRITON_INTERPRET=1; dry=(--smoke); paths=(gemv)
+  if [ "${DRY:-0}" = 1 ]; then export TRITON_INTERPRET=1; dry=(--smoke); paths=(gemv:30)
     small=(--model bench/small_model --device cpu --new-tokens 4 --warmup 0 --repeats 1 --no-plot)
     e2e1=(--batch 1 --modes original --backend triton --engine static "${small[@]}")
     e2e64=(--batch 3 --linear cublas tiled --modes exit:4 --backend triton --engine static --baselines "${small[@]}")

@@ -79,6 +79,7 @@ def list_builtins_once(interpreter) -> None:
     is_builtin = getattr(getattr(getattr(interpreter, "tl", None), "core", None), "is_builtin", None)
     if patch_builtin is None or patch_attr is None or is_builtin is None:
         return
+
     def builtins(pkg) -> list:
         return [(name, m) for name, m in inspect.getmembers(pkg) if is_builtin(m)]
 
