@@ -67,7 +67,10 @@ def run_eval(argv: list[str]) -> int:
     try:
         cli = HarnessCLI()
         mexit_help(cli)
-        cli.execute(cli.parse_args())
+        args = cli.parse_args()
+        if getattr(args, "config", None) is None:  # a --config file's model_args are lm-eval's to merge
+            harness.MexitLM.check_arguments(getattr(args, "model_args", None) or {})
+        cli.execute(args)
     except SystemExit as done:  # --help (0) or a usage error (2, its line already printed)
         return int(done.code or 0) if isinstance(done.code, int) or done.code is None else 2
     except (ValueError, OSError, NotImplementedError, KeyError) as err:

@@ -179,6 +179,30 @@ def test_mexit_eval_runs_lm_evals_command_line(tiny_checkpoint, tasks, tmp_path,
     assert "error: mexit eval runs --model mexit" in capsys.readouterr().err
 
 
+def test_mexit_eval_refuses_bad_model_args_before_indexing_tasks(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """A missing or mistyped checkpoint folder, an unknown argument, no checkpoint: one line, before lm-eval's
+    task indexing (about 10 s); a hub id is left to the loader."""
+    from lm_eval.tasks import manager
+
+    def indexed(self, *args, **kwargs):
+        raise AssertionError("lm-eval indexed its tasks before the arguments were checked")
+
+    monkeypatch.setattr(manager.TaskManager, "__init__", indexed)
+    near = tiny_checkpoint[0].parent / (tiny_checkpoint[0].name + "x")
+    for model_args, line in [(f"pretrained={tmp_path / 'missing'}", f"checkpoint folder {tmp_path / 'missing'} does "
+                              "not exist"),
+                             (f"pretrained={near}", f"checkpoint folder {near} does not exist"),
+                             (f"pretrained={tiny_checkpoint[0]},parallelize=True", "model_args not supported by "
+                              "lm-eval's mexit model: ['parallelize']"),
+                             (f"pretrained={tiny_checkpoint[0]},batch_size=auto", "batch_size=auto is not supported"),
+                             ("device=cpu", "the mexit model needs the checkpoint")]:
+        assert main(["eval", "--model_args", model_args, "--tasks", "tiny_mc", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith(f"error: {line}") and "Traceback" not in err
+    with pytest.raises(AssertionError, match="indexed its tasks"):  # a valid folder gets to lm-eval's indexing
+        main(["eval", "--model_args", f"pretrained={tiny_checkpoint[0]}", "--tasks", "tiny_mc", "--device", "cpu"])
+
+
 @pytest.fixture
 def local_tasks_only(monkeypatch):
     """lm-eval's command line without its built-in tasks: it indexes their ~13,000 files (about 10 s) on every run,

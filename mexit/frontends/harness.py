@@ -16,6 +16,7 @@ at its stop sequences (`stop_strings`) or `max_gen_toks`; sampling follows lm-ev
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -27,6 +28,7 @@ from mexit.decoding.early_exit import ExitPolicy
 from mexit.decoding.fixed import teacher_forced
 from mexit.decoding.heads import DecodeConfig
 from mexit.decoding.speculative import Speculation, SpeculativeConfig
+from mexit.model.checkpoint import local_folder
 
 from .api import MultiExitLM, decode_config, mode_settings
 
@@ -92,17 +94,7 @@ class MexitLM(HFLM):
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, revision: str | None = None,
                  subfolder: str = "", token: str | None = None, cache_dir: str | None = None,
                  local_files_only: bool = False, trust_remote_code: bool | None = None, **unsupported):
-        if pretrained is None:
-            raise ValueError("the mexit model needs the checkpoint: --model_args pretrained=FOLDER (or a hub id)")
-        if unsupported:
-            raise NotImplementedError(f"model_args not supported by lm-eval's mexit model: {sorted(unsupported)} "
-                                      "(see `help(mexit.frontends.harness.MexitLM)`)")
-        if str(batch_size).startswith("auto"):
-            raise NotImplementedError("batch_size=auto is not supported by the mexit model: pass a number")
-        if device in ("cuda", "cpu") or device is None or str(device).startswith("cuda:"):
-            device = torch.device(device) if device else None
-        else:
-            raise ValueError(f"device {device!r}: mexit runs on cpu or cuda")
+        device = self.refuse(pretrained, batch_size, device, unsupported)
         lm = MultiExitLM.from_pretrained(str(pretrained), dtype=dtype, device=device, backend=backend, engine=engine,
                                          revision=None if revision is None else str(revision), token=token,
                                          cache_dir=cache_dir, local_files_only=local_files_only,
@@ -125,6 +117,29 @@ class MexitLM(HFLM):
         finally:
             quiet.setLevel(level)
         self.lm, self.pretrained, self.revision = lm, str(pretrained), revision
+
+    @staticmethod
+    def refuse(pretrained, batch_size, device, unsupported: dict) -> torch.device | None:
+        """The arguments' errors found before loading (ValueError, NotImplementedError); the device as torch's."""
+        if pretrained is None:
+            raise ValueError("the mexit model needs the checkpoint: --model_args pretrained=FOLDER (or a hub id)")
+        if unsupported:
+            raise NotImplementedError(f"model_args not supported by lm-eval's mexit model: {sorted(unsupported)} "
+                                      "(see `help(mexit.frontends.harness.MexitLM)`)")
+        if str(batch_size).startswith("auto"):
+            raise NotImplementedError("batch_size=auto is not supported by the mexit model: pass a number")
+        if device in ("cuda", "cpu") or device is None or str(device).startswith("cuda:"):
+            return torch.device(device) if device else None
+        raise ValueError(f"device {device!r}: mexit runs on cpu or cuda")
+
+    @classmethod
+    def check_arguments(cls, model_args: dict) -> None:
+        """`refuse` and the checkpoint's local folder (`local_folder`) on model_args as lm-eval parsed them, without
+        loading: `mexit eval` runs it before lm-eval indexes its tasks (about 10 s)."""
+        bound = inspect.signature(cls.__init__).bind_partial(None, **model_args).arguments
+        cls.refuse(bound.get("pretrained"), bound.get("batch_size", 1), bound.get("device"),
+                   bound.get("unsupported", {}))
+        local_folder(str(bound["pretrained"]))
 
     @staticmethod
     def mode_arguments(lm, mode, exit_layer, contrast, alpha, min_candidates, early_exit, measure, draft_exit,

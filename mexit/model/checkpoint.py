@@ -344,14 +344,33 @@ class HubOptions:
         return folder / sub if sub else folder
 
 
+def local_folder(path_or_id: str | os.PathLike) -> Path | None:
+    """`path_or_id` as a local folder, or None where it names a hub id; without asking the hub. Errors: ValueError
+    for a file, FileNotFoundError for a local path that does not exist (one starting with ".", "/" or "~", or one
+    whose parent folder exists: "bench/small_modl" is a mistyped folder, not a hub id)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+    if str(path_or_id).startswith((".", "/", "~")) or os.sep + os.sep in str(path_or_id):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if len(path.parts) > 1 and path.parent.is_dir():
+        near = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and (p / "config.json").exists())
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist (its parent {path.parent} is a local "
+                                f"folder{'; checkpoints there: ' + ', '.join(near[:8]) if near else ''}); a hub id "
+                                "is tried only when no local folder of that name's first part exists")
+    return None
+
+
 def resolve_folder(path_or_id: str | os.PathLike, hub: HubOptions | None = None) -> Path:
     """A local folder as is (its `hub.subfolder` inside it); otherwise a hub id through huggingface_hub with `hub`'s
     options: its metadata and the weights of one layout (`files.hub_patterns`). Errors: FileNotFoundError naming the
     folder, the repository, the revision or the cache that lacks it; ValueError for a revision asked of a local
     folder (it has none: pass the hub id)."""
     hub = hub or HubOptions()
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
+    path = local_folder(path_or_id)
+    if path is not None:
         if hub.revision is not None:
             raise ValueError(f"revision={hub.revision!r}: {path} is a local folder, which has no revisions (pass the "
                              "hub id to load a revision, or leave revision out)")
@@ -362,15 +381,6 @@ def resolve_folder(path_or_id: str | os.PathLike, hub: HubOptions | None = None)
         if not folder.is_dir():
             raise FileNotFoundError(f"subfolder {hub.subfolder!r} does not exist in {path}")
         return folder
-    if path.exists():
-        raise ValueError(f"{path} is a file; pass the checkpoint folder that holds config.json")
-    if str(path_or_id).startswith((".", "/", "~")) or os.sep + os.sep in str(path_or_id):
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    if len(path.parts) > 1 and path.parent.is_dir():  # "bench/small_modl": a local folder mistyped, not a hub id
-        near = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and (p / "config.json").exists())
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist (its parent {path.parent} is a local "
-                                f"folder{'; checkpoints there: ' + ', '.join(near[:8]) if near else ''}); a hub id "
-                                "is tried only when no local folder of that name's first part exists")
     from huggingface_hub import model_info
     from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
