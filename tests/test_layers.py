@@ -32,6 +32,21 @@ def test_equal_log_softmax_of_each_head_on_transformers_hidden_states(tiny_check
             torch.testing.assert_close(pred.entropy[h].double(), entropy, atol=2e-5, rtol=0)
 
 
+def test_padded_rows_with_their_attention_mask_are_their_tokens(tiny_checkpoint):
+    """A [B, T] tensor padded left or right: each row's predictions are those of its tokens alone."""
+    lm = mexit.load(tiny_checkpoint[0], dtype="fp32", backend="torch")
+    rows = [[5, 17, 200, 3], [42, 7]]
+    want = lm.layer_predictions(rows, top_k=3)
+    ids = torch.tensor([[5, 17, 200, 3], [0, 0, 42, 7], [42, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0]])
+    got = lm.layer_predictions(ids, top_k=3, attention_mask=mask)
+    for pred, ref in zip(got, [want[0], want[1], want[1]]):
+        assert pred.input_ids == ref.input_ids
+        assert torch.equal(pred.tokens, ref.tokens) and torch.equal(pred.logprobs, ref.logprobs)
+    with pytest.raises(ValueError, match="does not match the ids"):
+        lm.layer_predictions(ids, attention_mask=mask[:2])
+
+
 def test_cli_table_json_and_plot(tiny_checkpoint, tmp_path, capsys):
     folder = str(tiny_checkpoint[0])
     assert main(["layers", "--model", folder, "--prompt", "Hello world", "--top-k", "3", "--json"]) == 0

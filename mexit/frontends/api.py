@@ -387,11 +387,12 @@ class MultiExitLM:
                                  "longest prompt: pass max_new_tokens")
         return DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
 
-    def layer_predictions(self, prompts, top_k: int = 5) -> list[LayerPredictions]:
-        """Per prompt (text, texts, ids or id lists, as `generate` takes them): what each exit head and the original
-        head predict at every position, from one pass through the blocks (`mexit.decoding.layers`): top-k tokens
-        with their log-probabilities and each head's entropy (nats); shapes in LayerPredictions."""
-        ids = check_prompts(self.encode(prompts), self.config, None)
+    def layer_predictions(self, prompts, top_k: int = 5, attention_mask=None) -> list[LayerPredictions]:
+        """Per prompt (text, texts, ids or id lists, or a padded [B, T] id tensor with its `attention_mask`, as
+        `generate` takes them): what each exit head and the original head predict at every position of the prompt's
+        tokens, from one pass through the blocks (`mexit.decoding.layers`): top-k tokens with their log-probabilities
+        and each head's entropy (nats); shapes in LayerPredictions."""
+        ids = check_prompts(self.encode(prompts, attention_mask), self.config, None)
         return [layer_predictions(self.model, row, top_k) for row in ids]
 
     def stop_rule(self, stop_strings, rule=None):
