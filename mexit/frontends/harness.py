@@ -136,7 +136,10 @@ class MexitLM(HFLM):
     def check_arguments(cls, model_args: dict) -> None:
         """`refuse` and the checkpoint's local folder (`local_folder`) on model_args as lm-eval parsed them, without
         loading: `mexit eval` runs it before lm-eval indexes its tasks (about 10 s)."""
-        bound = inspect.signature(cls.__init__).bind_partial(None, **model_args).arguments
+        try:
+            bound = inspect.signature(cls.__init__).bind_partial(None, **model_args).arguments
+        except TypeError as err:  # a key named self
+            raise ValueError(f"model_args: {err}") from None
         cls.refuse(bound.get("pretrained"), bound.get("batch_size", 1), bound.get("device"),
                    bound.get("unsupported", {}))
         local_folder(str(bound["pretrained"]))
