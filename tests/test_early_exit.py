@@ -178,6 +178,9 @@ def test_bad_policy(kw, message):
     (dict(final_head=9), "final head 9 is not an exit"),
     (dict(min_layer=9), "min_layer 9 is above"),
     (dict(exits=(4,)), "no exit to check"),
+    (dict(exits=(2, 4)), r"exits \[4\] would not be checked: .* below the final head's depth 4"),  # not dropped
+    (dict(exits=(1, 3), final_head=2), r"exits \[3\] would not be checked"),
+    (dict(exits=(1, 3), min_layer=2), r"exits \[1\] would not be checked: .* at or above min_layer 2"),
 ])
 def test_policy_checked_against_checkpoint(lm, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -197,3 +200,14 @@ def test_cli_early_exit_json(tiny_checkpoint, capsys):
     expected = mexit.load(tiny_checkpoint[0]).generate([[5, 17, 200, 3], [99]], 6, eos_token_id=None,
                                                         early_exit=ExitPolicy(0.3, exits=(1, 2, 3)))
     assert payload["tokens"] == expected.tokens and payload["exit_layers"] == expected.exit_layers
+
+
+def test_cli_exits_all_is_the_default_and_a_named_exit_is_checked_or_refused(tiny_checkpoint, capsys):
+    base = ["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17,200,3", "--mode", "early-exit",
+            "--threshold", "0.3", "--max-new-tokens", "4", "--no-eos", "--json"]
+    assert cli_main(base) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert cli_main([*base, "--exits", "all"]) == 0
+    assert json.loads(capsys.readouterr().out)["exit_layers"] == default["exit_layers"]
+    assert cli_main([*base, "--exits", "2,4"]) == 2
+    assert capsys.readouterr().err.startswith("error: exits [4] would not be checked")

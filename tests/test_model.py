@@ -102,10 +102,24 @@ def test_random_model_and_roundtrip(tmp_path):
     model = mexit.random_model(config, seed=1)
     assert model.random_weights
     mexit.save_checkpoint(model, tmp_path)
-    loaded = mexit.load(tmp_path).model
-    assert loaded.config == config and not loaded.random_weights
+    lm = mexit.load(tmp_path)
+    loaded = lm.model
+    assert loaded.config == config and loaded.random_weights and lm.is_random  # still labelled random
     torch.testing.assert_close(loaded.w.fc_proj_w, model.w.fc_proj_w)
     torch.testing.assert_close(loaded.w.exit_heads[1], model.w.exit_heads[1])
+    assert loaded.predictors.layers == model.predictors.layers == (1,)  # the side files travel with the weights
+    assert torch.equal(loaded.predictors.weight, model.predictors.weight)
+    assert torch.equal(loaded.token_counts, model.token_counts)
+    again = mexit.save_checkpoint(lm, tmp_path / "again")  # what mexit.load returns is saved as its model
+    assert mexit.load(again).is_random and json.loads((again / "config.json").read_text())["mexit_random_weights"]
+    with pytest.raises(TypeError, match="save_checkpoint writes a mexit model .* got dict"):
+        mexit.save_checkpoint({}, tmp_path / "no")
+
+
+def test_a_saved_trained_model_is_not_labelled_random(tiny_checkpoint, tmp_path):
+    out = mexit.save_checkpoint(mexit.load(tiny_checkpoint[0]), tmp_path)
+    assert "mexit_random_weights" not in json.loads((out / "config.json").read_text())
+    assert not mexit.load(out).is_random
 
 
 def hub_listing(names):

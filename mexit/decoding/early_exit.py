@@ -129,6 +129,11 @@ class ExitPolicy:
         if not checked:
             raise ValueError(f"no exit to check: exits {list(exits)} with min_layer {self.min_layer} leave none below "
                              f"depth {self.depth(config)}")
+        unchecked = sorted(set(exits) - set(checked))
+        if self.exits is not None and unchecked:  # named ones are checked or refused, never dropped
+            raise ValueError(f"exits {unchecked} would not be checked: an exit is checked at or above min_layer "
+                             f"{self.min_layer} and below the final head's depth {self.depth(config)} (where every "
+                             "row stops); leave them out")
         return checked
 
     def previous_layers(self, config: ModelConfig) -> dict[int, int]:

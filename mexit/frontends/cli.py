@@ -56,6 +56,11 @@ def parse_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def parse_exits(text: str) -> list[int] | None:
+    """--exits: comma-separated layers, or "all" (None: every exit, as a mode string's `all`)."""
+    return None if text == "all" else parse_ints(text)
+
+
 def parse_contrast(text: str) -> tuple:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 2:
@@ -212,7 +217,7 @@ def add_generate_parser(sub) -> None:
     ee.add_argument("--measure", choices=["max-prob", "margin", "cosine", "learned"],
                     help="confidence: top-1 probability (the default), top-1 minus top-2, cosine of consecutive "
                          "exits' states, or the checkpoint's learned exit predictors (mexit train-exit-predictors)")
-    ee.add_argument("--exits", type=parse_ints, help="checked exit layers, e.g. 8,12,16 (default: all)")
+    ee.add_argument("--exits", type=parse_exits, help="checked exit layers, e.g. 8,12,16, or all (the default)")
     ee.add_argument("--min-layer", type=int, help="no exit below this layer (default: 1)")
     ee.add_argument("--decay-tau", type=float, help="CALM's decaying threshold with this tau (off by default)")
     ee.add_argument("--propagation", choices=["eager", "deferred"],

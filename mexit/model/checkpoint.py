@@ -276,6 +276,9 @@ def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.02, device
     return weights
 
 
+RANDOM_KEY = "mexit_random_weights"  # config.json: true where the weights are random_model's (saved)
+
+
 def random_model(config: ModelConfig, seed: int = 0, dtype=None, device="cpu") -> MultiExitGPT2:
     """A RANDOM-WEIGHT model of `config`'s shape: for tests and latency benchmarks only, never for quality.
     dtype None: fp16 on CUDA, fp32 elsewhere. It carries random learned exit predictors (every exit below the
@@ -462,6 +465,11 @@ def read_config(folder: Path) -> ModelConfig:
         raise ValueError(f"{path}: {' '.join(str(err).split())}") from None
 
 
+def stored_random(folder: Path) -> bool:
+    """Whether config.json labels the weights random (`RANDOM_KEY`: a saved `random_model`)."""
+    return json.loads((folder / "config.json").read_text()).get(RANDOM_KEY) is True
+
+
 def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: bool = True,
          hub: HubOptions | None = None) -> MultiExitGPT2:
     """Load a plain or multi-exit GPT-2 checkpoint (folder or hub id, any layout of `mexit.model.files`; `hub`:
@@ -493,7 +501,7 @@ def load(path_or_id: str | os.PathLike, dtype=None, device=None, check_weights: 
         dtype = stored_dtype
     weights = empty_weights(config, dtype, device)
     fill(weights, stored, config, check_weights, desc=f"loading {folder.name}")
-    model = MultiExitGPT2(config, weights, folder=folder)
+    model = MultiExitGPT2(config, weights, folder=folder, random_weights=stored_random(folder))
     model.predictors = load_predictors(folder, config.n_embd, config.exit_layers, device)
     model.token_counts = load_token_counts(folder, config.vocab_size)
     return model

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import HubOptions, load, resolve_folder, state_dict_from_weights
+from .checkpoint import RANDOM_KEY, HubOptions, load, resolve_folder, state_dict_from_weights
 from .decoder import MultiExitGPT2
-from .files import LAYOUTS, METADATA_FILES, replace_file
+from .files import LAYOUTS, METADATA_FILES, PREDICTOR_FILE, TOKEN_COUNTS_FILE, replace_file
+from .predictors import save_predictors
+from .token_counts import save_token_counts
 
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub counts
 
@@ -90,6 +92,9 @@ def config_of(model: MultiExitGPT2) -> dict:
         config = json.loads(source.read_text())
     else:
         config = json.loads(model.config.to_hf().to_json_string(use_diff=True))
+    config.pop(RANDOM_KEY, None)
+    if model.random_weights:
+        config[RANDOM_KEY] = True
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     if "dtype" in config:  # transformers 5's name for it
         config["dtype"] = config["torch_dtype"]
@@ -100,11 +105,23 @@ def config_of(model: MultiExitGPT2) -> dict:
     return config
 
 
-def save_checkpoint(model: MultiExitGPT2, folder: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
-    """Write `model` in transformers' GPT-2 layout plus the exit heads, in its dtype: loads in mexit and in
-    transformers' GPT2LMHeadModel (the exit heads reported as unexpected keys). See `write_checkpoint`."""
-    return write_checkpoint(state_dict_from_weights(model.w, model.config), folder, config_of(model),
-                            model.folder, max_shard_size)
+def save_checkpoint(model, folder: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+    """Write `model` (a MultiExitGPT2, or the MultiExitLM `mexit.load` returns) in transformers' GPT-2 layout plus
+    the exit heads, in its dtype: loads in mexit and in transformers' GPT2LMHeadModel (the exit heads reported as
+    unexpected keys). See `write_checkpoint`. The model's learned exit predictors and token counts are written where
+    the source folder's copies are not; a random-weight model stays labelled so (`RANDOM_KEY` in config.json).
+    Raises TypeError for anything else."""
+    model = getattr(model, "model", model)  # MultiExitLM holds its MultiExitGPT2
+    if not isinstance(model, MultiExitGPT2):
+        raise TypeError(f"save_checkpoint writes a mexit model (mexit.load's or mexit.random_model's), got "
+                        f"{type(model).__name__}")
+    out = write_checkpoint(state_dict_from_weights(model.w, model.config), folder, config_of(model), model.folder,
+                           max_shard_size)
+    if model.predictors is not None and not (out / PREDICTOR_FILE).is_file():
+        save_predictors(out, model.predictors)
+    if model.token_counts is not None and not (out / TOKEN_COUNTS_FILE).is_file():
+        save_token_counts(out, model.token_counts, ["random"] if model.random_weights else [])
+    return out
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype=None, max_shard_size: int | str = "2GB",
