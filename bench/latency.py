@@ -243,6 +243,9 @@ class LatencyBench:
                              "of compute capability 9.0 or newer")
         config = lm.config
         modes = args.modes or default_modes(config)
+        twice = sorted({m for m in modes if modes.count(m) > 1})
+        if twice:
+            raise ValueError(f"--modes lists {twice} twice: each mode is one row per batch")
         self.controls = repetition_controls(args)
         self.parsed = {}
         for m in modes:

@@ -49,6 +49,7 @@ def test_latency_rows_and_files(tiny_checkpoint, tmp_path):
     (["acd:9,2"], "exit layer 9 is not in this checkpoint"),
     (["ee:max-prob:1.5"], r"threshold for max-prob must be in \[0, 1\]"),
     (["ee:max-prob:0:2:predicated"], "predicated early-exit schedule needs backend='triton'"),
+    (["original", "exit:2", "original"], r"--modes lists \['original'\] twice"),
 ])
 def test_latency_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, modes, message):
     with pytest.raises(ValueError, match=message):  # the static engine: predicated would need triton

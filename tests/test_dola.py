@@ -52,7 +52,9 @@ def test_candidate_layers_follow_transformers_rules():
     assert DolaConfig("low").candidates(shape(4)) == [2] and DolaConfig("high").candidates(shape(4)) == [2]
     assert DolaConfig("low").candidates(shape(6, tied=False)) == [0, 2]
     assert DolaConfig("high").candidates(shape(48)) == list(range(28, 48, 2))
-    assert DolaConfig((3, 30, 7)).candidates(shape(24)) == [3, 7]
+    with pytest.warns(UserWarning, match=r"dola_layers \[30\] are not below the last layer \(24\): left out, as "
+                      r"transformers does; candidates \[3, 7\]"):  # transformers' rule, said rather than silent
+        assert DolaConfig((3, 30, 7)).candidates(shape(24)) == [3, 7]
     exits = ModelConfig(n_layer=8, n_embd=8, n_head=2, vocab_size=11, n_positions=8, exit_layers=(2, 4, 6, 8))
     assert DolaConfig("low", "exit").candidates(exits) == [2]  # transformers' halves: below 4, and from 4
     assert DolaConfig("high", "exit").candidates(exits) == [4, 6]

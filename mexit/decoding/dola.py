@@ -12,6 +12,7 @@ from the mean divergence over its rows, as transformers did (the same for a sing
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,6 +95,9 @@ class DolaConfig:
         chosen = [x for x in self.layers if x < final]
         if not chosen:
             raise ValueError(f"dola_layers {list(self.layers)}: no layer below the last ({final})")
+        if len(chosen) < len(self.layers):
+            warnings.warn(f"dola_layers {[x for x in self.layers if x >= final]} are not below the last layer "
+                          f"({final}): left out, as transformers does; candidates {chosen}", stacklevel=2)
         return chosen
 
 
