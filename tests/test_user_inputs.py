@@ -230,3 +230,17 @@ def test_an_address_where_no_ray_cluster_answers_fails_at_once():
     with pytest.raises(ValueError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
         reachable(f"127.0.0.1:{port}")
     reachable("auto")  # the local cluster: nothing to check
+
+
+def test_texts_and_id_lists_mix_in_one_batch(tmp_path, tiny_checkpoint, capsys):
+    """A batch of texts and id lists is each row as given (the README's prompts: texts, ids, batches of these); a
+    JSON-lines file of both kinds times early exit against full depth on its first batch."""
+    lm = mexit.load(tiny_checkpoint[0])
+    text = lm.encode("ROMEO. But soft,")[0]
+    assert lm.generate(["ROMEO. But soft,", [5, 6, 7]], 4).tokens == lm.generate([text, [5, 6, 7]], 4).tokens
+    prompts = tmp_path / "mixed.jsonl"
+    prompts.write_text('{"prompt": "ROMEO."}\n{"input_ids": [5, 6, 7]}\n')
+    assert main(["generate", "--model", str(tiny_checkpoint[0]), "--prompts-file", str(prompts), "--out",
+                 str(tmp_path / "out.jsonl"), "--mode", "ee:cosine:0.7", "--max-new-tokens", "4",
+                 "--time-full-depth"]) == 0
+    assert "# early exit against full depth (the file's first batch of good prompts): " in capsys.readouterr().out

@@ -269,12 +269,13 @@ class MultiExitLM:
         prompts = plain(prompts)  # numpy / torch ids (and numpy string arrays) as lists
         if isinstance(prompts, str):
             prompts = [prompts]
-        if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str):
+        if isinstance(prompts, (list, tuple)) and any(isinstance(p, str) for p in prompts):  # texts (and id lists)
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer files: pass token ids instead of text")
             if any(p == "" for p in prompts):
                 raise ValueError("empty prompt: every row needs at least one token")
-            return [self.tokenizer.encode(p, verbose=False) for p in prompts]  # lengths: checked by mexit
+            # lengths: checked by mexit
+            return [self.tokenizer.encode(p, verbose=False) if isinstance(p, str) else plain(p) for p in prompts]
         return prompts
 
     @torch.inference_mode()
