@@ -41,7 +41,6 @@ from mexit.bench.findings import LOGLIK_MARGIN, SPEED_MARGIN
 from mexit.frontends.cli import add_load_args, hub_kwargs
 from mexit.frontends.output import pyplot
 from mexit.timing import DeviceClock, interleaved_pairs
-from mexit.values import read_text
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 
@@ -54,21 +53,28 @@ def default_prompts(model) -> Path:
     return own if own is not None and own.is_file() else DEFAULT_PROMPTS
 
 
-def read_prompts(path) -> list[str]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts (one per line)")
-    return prompts
+def read_prompts(path) -> list[dict]:
+    """The prompts file's records (`mexit.frontends.datasets.read_prompt_file`: text lines exactly as written, or
+    JSON lines of "prompt" / "input_ids"), as `mexit generate --prompts-file` reads it."""
+    from mexit.frontends.datasets import read_prompt_file
+
+    return read_prompt_file(path)
 
 
-def encode(lm, prompts: list[str]) -> tuple[list[list[int]], str]:
-    """Tokenizer ids, or (no tokenizer: random-weight models) UTF-8 bytes modulo the vocabulary, labeled."""
+def encode(lm, records: list[dict], max_new_tokens: int | None = None, path=None) -> tuple[list[list[int]], str]:
+    """Token ids of `read_prompts`' records: text through the tokenizer, or (no tokenizer: random-weight models)
+    its UTF-8 bytes modulo the vocabulary, labelled; ids as given. Every prompt is checked before any work (it fits
+    the context with max_new_tokens; ids in the vocabulary): ValueError naming the lines of `path` that do not."""
+    from mexit.frontends.datasets import bad_prompts, refuse_bad_prompts
+
     if lm.tokenizer is not None:
-        return [lm.tokenizer.encode(p) for p in prompts], "tokenizer"
-    return [[b % lm.config.vocab_size for b in p.encode()] for p in prompts], "utf-8 bytes (no tokenizer)"
+        one, encoding = (lambda text: lm.tokenizer.encode(text, verbose=False)), "tokenizer"
+    else:
+        one, encoding = (lambda text: [b % lm.config.vocab_size for b in text.encode()]), "utf-8 bytes (no tokenizer)"
+    bad = bad_prompts(records, one, lm.config, max_new_tokens)
+    if bad:
+        refuse_bad_prompts(path, records, bad, "fix or remove them, or lower --max-new-tokens")
+    return [one(r["prompt"]) if "prompt" in r else r["input_ids"] for r in records], encoding
 
 
 def parse_exit_set(text: str) -> tuple[int, ...] | None:
@@ -277,7 +283,6 @@ class Sweep:
     its key."""
 
     def __init__(self, args):
-        from mexit.decoding.prompts import check_prompts
         from mexit.frontends.cli import check_schedule
 
         self.args = args
@@ -288,8 +293,7 @@ class Sweep:
         for setting in self.plan:
             if "policy" in setting:
                 setting["policy"].check_engine(lm.engine, lm.backend.name)
-        self.ids, encoding = encode(lm, read_prompts(args.prompts))
-        check_prompts(self.ids, lm.config, args.max_new_tokens)  # prompt + new tokens fit the context
+        self.ids, encoding = encode(lm, read_prompts(args.prompts), args.max_new_tokens, args.prompts)
         self.meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=label, revision=args.revision,
                          subfolder=args.subfolder, encoding=encoding,
                          engine=lm.engine, backend=lm.backend.name, prompts=str(args.prompts), n_prompts=len(self.ids),
@@ -596,7 +600,8 @@ def plot_rows(plt, rows: list[dict], path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", help="checkpoint folder or hub id (default: RANDOM gpt2-medium-multiexit shape)")
-    p.add_argument("--prompts", help="text file, one prompt per line (default: the model folder's prompts.txt, "
+    p.add_argument("--prompts", help="prompts file as --prompts-file takes it: text, one prompt per line, or JSON "
+                   "lines (default: the model folder's prompts.txt, "
                    "else bench/prompts.txt)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95],
                    help="confidence thresholds to sweep")

@@ -31,7 +31,7 @@ def compare(args) -> list[dict]:
     import mexit
 
     lm = mexit.load(args.model, device=args.device)
-    ids, encoding = encode(lm, read_prompts(args.prompts))
+    ids, encoding = encode(lm, read_prompts(args.prompts), args.max_new_tokens, args.prompts)
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=str(args.model), encoding=encoding,
                 prompts=str(args.prompts), max_new_tokens=args.max_new_tokens)
     rows = []
@@ -53,7 +53,8 @@ def compare(args) -> list[dict]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="multi-exit checkpoint folder")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", required=True,
+                   help="prompts file as --prompts-file takes it: text, one per line, or JSON lines")
     p.add_argument("--modes", nargs="+", required=True, help="original, exit:L, acd:UPPER,LOWER")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

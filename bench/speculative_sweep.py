@@ -85,8 +85,8 @@ def sweep(args) -> list[dict]:
                          "each once")
     for s in settings:
         modes.build(lm.model, Speculation(s, target))  # checked: the exits, the checkpoint's token counts
-    ids, encoding = encode(lm, read_prompts(args.prompts or default_prompts(args.model)))
-    ids = ids[: args.n_prompts]
+    path = args.prompts or default_prompts(args.model)
+    ids, encoding = encode(lm, read_prompts(path)[: args.n_prompts], args.max_new_tokens, path)
     meta = dict(run_metadata(lm.model.device, lm.model.dtype), model=str(args.model), encoding=encoding,
                 n_prompts=len(ids), max_new_tokens=args.max_new_tokens, batch=args.batch, backend=lm.backend.name,
                 engine=lm.engine, target=args.target)
@@ -130,7 +130,8 @@ def sweep(args) -> list[dict]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="multi-exit checkpoint folder or hub id")
-    p.add_argument("--prompts", help="text file, one prompt per line (default: the model folder's prompts.txt, "
+    p.add_argument("--prompts", help="prompts file as --prompts-file takes it: text, one prompt per line, or JSON "
+                   "lines (default: the model folder's prompts.txt, "
                    "else bench/prompts.txt)")
     p.add_argument("--n-prompts", type=int, default=10, help="prompts used (the first N)")
     p.add_argument("--draft-exits", type=int, nargs="+", help="default: every exit below the target's depth")

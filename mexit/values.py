@@ -1,6 +1,7 @@
 """Plain Python values from numpy and torch ones, where users hand mexit token ids and settings."""
 
 import dataclasses
+from pathlib import Path
 
 
 def plain(value):
@@ -24,11 +25,23 @@ def plain_fields(settings) -> None:
             object.__setattr__(settings, field.name, new)
 
 
+class NotUTF8Error(ValueError):
+    """A user's text file that is not UTF-8 (the message names the file)."""
+
+
 def read_text(path, errors: str = "strict") -> str:
     """A user's text file (prompts, training text) as str: UTF-8 with or without a byte-order mark (the BOM is
-    dropped, never read as U+FEFF), line ends \\r\\n and \\r read as \\n."""
-    with open(path, encoding="utf-8-sig", errors=errors, newline=None) as f:
-        return f.read()
+    dropped, never read as U+FEFF), line ends \\r\\n and \\r read as \\n. NotUTF8Error (a ValueError) naming the file
+    where it is not UTF-8 (errors="strict")."""
+    try:
+        with open(path, encoding="utf-8-sig", errors=errors, newline=None) as f:
+            return f.read()
+    except UnicodeDecodeError:
+        try:  # again on the whole file, for the offset in the file (the reader's is within a chunk)
+            Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise NotUTF8Error(f"{path} is not valid UTF-8 (first bad byte at offset {err.start})") from None
+        raise
 
 
 def as_tuples(value):

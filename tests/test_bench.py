@@ -311,8 +311,8 @@ def test_ablation_bad_settings_fail_before_work(tiny_checkpoint, tmp_path, promp
 
 def test_ablation_empty_prompt_file(tiny_checkpoint, tmp_path):
     empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    with pytest.raises(ValueError, match="has no prompts"):
+    empty.write_text("\n\n")  # (a line of spaces is a prompt, kept as written, as --prompts-file keeps it)
+    with pytest.raises(ValueError, match="holds no prompt"):
         ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "abl", empty))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ablate.main(ablate_args(tiny_checkpoint[0], tmp_path / "abl", tmp_path / "missing.txt"))

@@ -111,7 +111,7 @@ def test_ablation_prompts_drop_the_byte_order_mark(tmp_path):
 
     path = tmp_path / "p.txt"
     path.write_bytes("\ufeffone\r\ntwo\n".encode())
-    assert read_prompts(path) == ["one", "two"]
+    assert [r["prompt"] for r in read_prompts(path)] == ["one", "two"]
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +244,24 @@ def test_texts_and_id_lists_mix_in_one_batch(tmp_path, tiny_checkpoint, capsys):
                  str(tmp_path / "out.jsonl"), "--mode", "ee:cosine:0.7", "--max-new-tokens", "4",
                  "--time-full-depth"]) == 0
     assert "# early exit against full depth (the file's first batch of good prompts): " in capsys.readouterr().out
+
+
+def test_ablation_prompts_are_read_as_generate_reads_them(tmp_path, tiny_checkpoint):
+    """The benchmarks' prompt files are `--prompts-file`'s: JSON lines by content, text exactly as written, and a
+    prompt that cannot run named by its line before any work."""
+    from mexit.bench.ablate import encode, read_prompts
+
+    lm = mexit.load(tiny_checkpoint[0])
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": " ROMEO. "}\n{"input_ids": [5, 6, 7]}\n')
+    ids, encoding = encode(lm, read_prompts(path), 4, path)
+    assert ids == [lm.tokenizer.encode(" ROMEO. "), [5, 6, 7]] and encoding == "tokenizer"
+    path = tmp_path / "p.txt"
+    path.write_text("ROMEO.\n" + "x " * 300 + "\n")
+    with pytest.raises(ValueError, match=r"p.txt: 1 prompt\(s\) cannot run, nothing was generated: line 2: the "
+                                         r"prompt \(\d+ tokens\) plus max_new_tokens \(4\) exceeds"):
+        encode(lm, read_prompts(path), 4, path)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ROMEO.\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"bad.txt is not valid UTF-8 \(first bad byte at offset 7\)"):
+        read_prompts(bad)

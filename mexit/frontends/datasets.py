@@ -102,12 +102,15 @@ def bad_prompts(records: list[dict], encode, config, max_new_tokens: int | None,
     return bad
 
 
-def refuse_bad_prompts(path, records: list[dict], bad: dict[int, str]) -> None:
+SKIP_BAD = "--skip-bad-prompts records them as rows with \"error\" and generates the others"
+
+
+def refuse_bad_prompts(path, records: list[dict], bad: dict[int, str], remedy: str = SKIP_BAD) -> None:
+    """ValueError naming the first five bad prompts by line, and the remedy."""
     lines = {r["index"]: r["line"] for r in records}
     listed = "; ".join(f"line {lines[i]}: {why}" for i, why in list(bad.items())[:5])
     raise ValueError(f"{path}: {len(bad)} prompt(s) cannot run, nothing was generated: {listed}"
-                     f"{' ...' if len(bad) > 5 else ''} (--skip-bad-prompts records them as rows with \"error\" "
-                     "and generates the others)")
+                     f"{' ...' if len(bad) > 5 else ''} ({remedy})")
 
 
 def complete_lines(out: Path, redo: str) -> str:

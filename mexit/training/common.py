@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mexit.values import read_text
+from mexit.values import NotUTF8Error, read_text
 
 LOGITS_PER_CHUNK = 2**25  # fp32 logits alive at once per head (128 MB)
 MAX_LR = 1e3  # Adam moves a weight by about lr a step: more only diverges (near fp32's range it overflows)
@@ -68,9 +68,8 @@ def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None
         seen[resolved] = path
         try:
             text = read_text(path)
-        except UnicodeDecodeError as err:
-            warnings.warn(f"data file {path} is not valid UTF-8 (first bad byte at offset {err.start}): bad bytes are "
-                          "read as U+FFFD", stacklevel=2)
+        except NotUTF8Error as err:
+            warnings.warn(f"data file {err}: bad bytes are read as U+FFFD", stacklevel=2)
             text = read_text(path, errors="replace")
         if not text.strip():
             raise ValueError(f"data file {path} is empty")
