@@ -265,3 +265,14 @@ def test_ablation_prompts_are_read_as_generate_reads_them(tmp_path, tiny_checkpo
     bad.write_bytes(b"ROMEO.\n\xff\xfe\n")
     with pytest.raises(ValueError, match=r"bad.txt is not valid UTF-8 \(first bad byte at offset 7\)"):
         read_prompts(bad)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(early_exit=0.9), r"early_exit takes ExitPolicy\(\.\.\.\) from mexit.decoding.early_exit, got float 0.9; "
+                           r"a mode string does it in one: mode='ee:max-prob:0.9'"),
+    (dict(speculative=(2, 2)), r"speculative takes SpeculativeConfig\(\.\.\.\) from mexit.decoding.speculative"),
+    (dict(decode="exit:2"), r"decode takes DecodeConfig\(\.\.\.\) from mexit.decoding.heads, got str 'exit:2'"),
+])
+def test_a_mode_keyword_of_another_type_names_its_public_class(tiny_checkpoint, kw, message):
+    with pytest.raises(TypeError, match=message):
+        mexit.load(tiny_checkpoint[0]).generate([[1, 2]], 2, **kw)
