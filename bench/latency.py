@@ -270,7 +270,7 @@ class LatencyBench:
                 raise ValueError(f"prompt {p} + new tokens {n} exceed the context {config.n_positions}")
         self.run_meta = dict(run_metadata(device, dtype), model=self.label, random_weights=lm.is_random,
                              backend=lm.backend.name, engine=lm.engine, compiled=lm.compiles,
-                             fused_max_rows=lm.backend.fused_max_rows, **self.controls,
+                             fused_max_rows=lm.backend.fused_max_rows if lm.backend.triton else None, **self.controls,
                              command=args.command)
         copy_only, read_only = copy_bandwidth_gbs(device), read_bandwidth_gbs(device)
         self.copy_gbs = max(copy_only, read_only)  # the roofline's bandwidth: the faster access pattern measured
@@ -371,9 +371,12 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
         traffic = mode_traffic(stats)
         weights, kv = step_bytes(config, dtype, batch, context, *traffic)
         row = timing_row(meta, "mexit", label, batch, timing, weights + kv, copy_gbs)
-        row.update(pdl=pdl, linear_path=linear or "default",
-                   linear=lm.backend.linear_kernel(batch) if lm.backend.triton else "cublas",
-                   gemv_max_rows=lm.backend.gemv_max_rows, fused_max_rows=lm.backend.fused_max_rows,
+        kernel = lm.backend.linear_kernel(batch) if lm.backend.triton else "cublas"
+        triton = lm.backend.triton  # the row cut-offs choose among triton's kernels; torch's matmul is the CPU BLAS
+        row.update(pdl=pdl, linear_path=linear or "default",  # off CUDA
+                   linear=kernel if kernel != "cublas" or lm.model.device.type == "cuda" else "torch",
+                   gemv_max_rows=lm.backend.gemv_max_rows if triton else None,
+                   fused_max_rows=lm.backend.fused_max_rows if triton else None,
                    n_layer=config.n_layer, **dict(zip(TRAFFIC, traffic)))
         counted = launches_per_step(lm, prompts, kw)
         row.update(launches_per_step=counted["launches"], triton_launches_per_step=counted["triton"],

@@ -362,6 +362,8 @@ def test_every_row_has_cost_columns_and_no_impossible_number(tiny_checkpoint, tm
     for r in rows:
         assert "invalid" in r or (r["ms_per_token"] > 0 and r["prefill_ms"] > 0 and r["tokens_per_s"] > 0)
         assert r["launches_per_step"] > 0 and r["weight_bytes_per_step"] > 0
+        # the torch backend on CPU: torch's matmul (not cuBLAS); the triton kernels' row cut-offs do not apply
+        assert r["impl"] != "mexit" or (r["linear"] == "torch" and r["fused_max_rows"] is r["gemv_max_rows"] is None)
     by_mode = {r["mode"]: r for r in rows if r["impl"] == "mexit" and r["batch"] == 1 and r["prompt_len"] == 5}
     assert by_mode["exit:2"]["launches_per_step"] < by_mode["original"]["launches_per_step"]
     assert 0 <= by_mode["spec:2:2"]["acceptance_rate"] <= 1
