@@ -286,3 +286,11 @@ def test_several_prompts_print_apart(tiny_checkpoint, capsys):
     assert main(["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "1,2", "--input-ids", "3",
                  "--max-new-tokens", "2", "--no-eos"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "# row 0"
+
+
+def test_speculative_summary_names_what_its_ratio_is_against(tiny_checkpoint, capsys):
+    """Speculation saves against its target (here exit 4 decoding alone), not against the full model."""
+    assert main(["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17,200", "--mode", "spec:2:2@exit:4",
+                 "--max-new-tokens", "6", "--no-eos"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("# speculative:")][0]
+    assert "x of its target's (the verifying mode decoding alone)" in line and "full depth" not in line

@@ -707,7 +707,7 @@ def run_generate(args) -> int:
         acceptance = "n/a (nothing drafted)" if rate is None else f"{rate:.2f}"
         print(f"# speculative: acceptance {acceptance}, "
               f"{st['tokens_per_verification']:.2f} tokens per verification, weight reads "
-              f"{st['weight_bytes_ratio']:.2f}x of full depth")
+              f"{st['weight_bytes_ratio']:.2f}x of its target's (the verifying mode decoding alone)")
     return 0
 
 
