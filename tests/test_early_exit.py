@@ -196,7 +196,8 @@ def test_cli_early_exit_json(tiny_checkpoint, capsys):
     assert rc == 0
     payload = json.loads(capsys.readouterr().out)
     assert len(payload["tokens"]) == 2 and all(len(t) == 6 for t in payload["tokens"])
-    assert [len(x) for x in payload["exit_layers"]] == [6, 6]
+    assert [len(x) for x in payload["exit_layers"]] == [6, 6] and payload["weight_bytes_ratio"] > 0
+    assert main_json(tiny_checkpoint, "--max-new-tokens", "1")["weight_bytes_ratio"] is None  # no decode step: null
     expected = mexit.load(tiny_checkpoint[0]).generate([[5, 17, 200, 3], [99]], 6, eos_token_id=None,
                                                         early_exit=ExitPolicy(0.3, exits=(1, 2, 3)))
     assert payload["tokens"] == expected.tokens and payload["exit_layers"] == expected.exit_layers
@@ -211,3 +212,14 @@ def test_cli_exits_all_is_the_default_and_a_named_exit_is_checked_or_refused(tin
     assert json.loads(capsys.readouterr().out)["exit_layers"] == default["exit_layers"]
     assert cli_main([*base, "--exits", "2,4"]) == 2
     assert capsys.readouterr().err.startswith("error: exits [4] would not be checked")
+
+
+def main_json(tiny_checkpoint, *argv) -> dict:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli_main(["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17", "--mode",
+                         "early-exit", "--threshold", "0.3", "--no-eos", "--json", *argv]) == 0
+    return json.loads(out.getvalue())

@@ -105,11 +105,13 @@ def mode_settings(mode=None, exit_layer=None, contrast=None, alpha=0.1, min_cand
     the checkpoint's, to check a mode string against. Error: arguments of two modes at once."""
     acd_names = acd_names or {}
     for name, value, cls, instead in (("early_exit", early_exit, ExitPolicy, "mode='ee:max-prob:0.9'"),
-                                      ("speculative", speculative, SpeculativeConfig, "mode='spec:12:2'"),
-                                      ("decode", decode, DecodeConfig, "mode='exit:12'")):
+                                      ("speculative", speculative, SpeculativeConfig, "mode='spec:12:2'")):
         if value is not None and not isinstance(value, cls):
             raise TypeError(f"{name} takes {cls.__name__}(...) from {cls.__module__}, got {type(value).__name__} "
                             f"{value!r}; a mode string does it in one: {instead}")
+    if decode is not None and not isinstance(decode, modes.settings_classes()):
+        raise TypeError(f"decode takes a mode's settings ({', '.join(c.__name__ for c in modes.settings_classes())}), "
+                        f"got {type(decode).__name__} {decode!r}; a mode string is mode='exit:12'")
     if isinstance(mode, SpeculativeConfig):
         raise ValueError("a SpeculativeConfig is how a mode is decoded, not a mode: pass speculative=SpeculativeConfig("
                          "...) beside the mode it verifies, or a mode string such as 'spec:12:2'")

@@ -664,8 +664,8 @@ def run_generate(args) -> int:
         if result.text is not None:
             payload["text"] = result.text
         stats = result.stats
-        if stats.get("weight_bytes_ratio") is not None:  # against the full model (speculative: its target)
-            payload["weight_bytes_ratio"] = stats["weight_bytes_ratio"]
+        # against the full model (speculative: its target); null when no token was decoded after the prompt's
+        payload["weight_bytes_ratio"] = stats.get("weight_bytes_ratio")
         if result.exit_layers is not None:
             payload["exit_layers"] = result.exit_layers
             payload["early_exit"] = dict(exit_summary(result.exit_layers, stats), **(against or dict(
