@@ -213,3 +213,25 @@ def test_the_check_counts_the_new_tokens_generate_will_use(tmp_path, capsys):
     generate_file(lm, source, out, progress=False, skip_bad=True)
     settings = json.loads((tmp_path / "out.jsonl.settings.json").read_text())
     assert settings["generate"]["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS and "error" in rows(out)[1]
+
+
+def test_resume_after_the_checkpoints_generation_defaults_changed_is_refused(tmp_path, capsys):
+    """The stop ids and sampling that generation_config.json fills in are part of the record: a resume under
+    other defaults is refused by name, not run with the new ones."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(SMALL, model)
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(model), "--prompts-file", str(source), "--out", str(out), "--max-new-tokens",
+            "3"]
+    assert main(args) == 0
+    assert json.loads(settings_path(out).read_text())["defaults"] == mexit.load(model).defaults
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:2]))
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(dict(config, eos_token_id=7)))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "generation_config.json defaults" in err and "'eos_token_id': 7" in err and len(rows(out)) == 2

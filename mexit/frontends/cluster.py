@@ -217,7 +217,7 @@ def generate_file_on_ray(load, load_kw: dict, prompts_file, out, batch: int = 8,
     n, max_length = new_tokens(generate_kw, defaults)
     generate_kw = dict(generate_kw, max_new_tokens=n)  # the workers generate what was checked and recorded
     ray = connect(address)
-    settings = run_settings(folder, worker_dtype(load_kw, folder), generate_kw)
+    settings = run_settings(folder, worker_dtype(load_kw, folder), generate_kw, defaults)
 
     def encode(text):
         if tokenizer is None:

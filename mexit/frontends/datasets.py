@@ -159,9 +159,10 @@ RECORD = 3  # the form of run_settings' record (2: the mode's settings whole, fr
 MISSING = object()
 
 
-def run_settings(model, dtype, generate_kw: dict) -> dict:
+def run_settings(model, dtype, generate_kw: dict, defaults: dict) -> dict:
     """What decides a data-set run's rows, as plain JSON: the model, the dtype, the generate arguments (mode,
-    lengths, sampling; settings dataclasses as their fields); the versions ride along (not compared)."""
+    lengths, sampling; settings dataclasses as their fields), the checkpoint's generation_config.json defaults that
+    fill the arguments left out (stop ids, sampling); the versions ride along (not compared)."""
     from mexit.version import dependency_versions
 
     def plain_json(value):
@@ -173,6 +174,7 @@ def run_settings(model, dtype, generate_kw: dict) -> dict:
     model = str(Path(model).resolve()) if Path(str(model)).is_dir() else str(model)  # one name, whatever the cwd
     return {"model": model, "dtype": str(dtype).removeprefix("torch."),
             "generate": {k: plain_json(v) for k, v in sorted(generate_kw.items())},
+            "defaults": {k: plain_json(v) for k, v in sorted(defaults.items())},
             "versions": dependency_versions(), "record": RECORD}
 
 
@@ -194,7 +196,9 @@ def check_settings(out, settings: dict, resuming: bool) -> None:
             raise ValueError(f"{out}'s settings were recorded by an earlier mexit, in another form (record "
                              f"{earlier.get('record', 1)}, now {settings.get('record')}): resume it with that mexit, "
                              "or write to another --out")
-        for key in ("model", "dtype", "generate"):
+        for key in ("model", "dtype", "generate", "defaults"):
+            if key == "defaults" and key not in earlier:  # recorded before the defaults were
+                continue
             old, new = earlier.get(key), settings[key]
             if key == "generate":
                 old = old or {}
@@ -204,6 +208,9 @@ def check_settings(out, settings: dict, resuming: bool) -> None:
                     raise ValueError(f"{out} was written with {shown(old, k)}, this run asks {shown(new, k)} "
                                      f"({len(changed)} setting(s) differ: {', '.join(changed)}): rerun with the "
                                      "settings of its rows or write to another --out")
+            elif key == "defaults" and old != new:
+                raise ValueError(f"{out} was written under the checkpoint's generation_config.json defaults {old}, "
+                                 f"which are now {new}: restore the file's values or write to another --out")
             elif old != new:
                 raise ValueError(f"{out} was written with {key} {old!r}, this run has {new!r}: rerun with the "
                                  "settings of its rows or write to another --out")
@@ -328,7 +335,7 @@ def generate_file(lm, prompts_file, out, batch: int = 8, seed: int | None = None
     records, done, seed = open_output(prompts_file, out, batch, seed)
     n, max_length = new_tokens(generate_kw, lm.defaults)
     kw = dict(generate_kw, max_new_tokens=n)
-    settings = run_settings(lm.model.folder or "RANDOM weights", lm.model.dtype, kw)
+    settings = run_settings(lm.model.folder or "RANDOM weights", lm.model.dtype, kw, lm.defaults)
     todo, bad = checked_todo(prompts_file, out, records, done, lambda text: lm.encode(text)[0], lm.config, settings,
                              skip_bad, max_length)
     sampling = generate_kw.get("do_sample") or lm.defaults.get("do_sample")
