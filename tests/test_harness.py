@@ -164,6 +164,12 @@ def test_bad_model_args_are_named(tiny_checkpoint):
         harness_model(tiny_checkpoint[0], contrast=[4])
     with pytest.raises(ValueError, match="early_exit and dola_layers each choose the mode"):
         harness_model(tiny_checkpoint[0], early_exit=0.5, exit_layer=2)
+    for kw, name, owner in ((dict(measure="margin"), "measure", "early_exit"),
+                            (dict(draft_len=3), "draft_len", "draft_exit"),
+                            (dict(dola_heads="exit"), "dola_heads", "dola_layers"),
+                            (dict(mode="ee:max-prob:0.9", measure="cosine"), "measure", "early_exit")):
+        with pytest.raises(ValueError, match=rf"{name}=.* applies with {owner}=\.\.\., which is not given"):
+            harness_model(tiny_checkpoint[0], **kw)  # a setting of a mode not chosen is not dropped
 
 
 def test_mexit_eval_runs_lm_evals_command_line(tiny_checkpoint, tasks, tmp_path, capsys):

@@ -87,10 +87,11 @@ class MexitLM(HFLM):
 
     def __init__(self, pretrained=None, mode: str | None = None, exit_layer: int | None = None, contrast=None,
                  alpha: float = 0.1, min_candidates: int = 1, early_exit: float | None = None,
-                 measure: str = "max-prob", draft_exit: int | None = None, draft_len: int = 1, dola_layers=None,
-                 dola_heads: str = "embedding", device: str | None = None, dtype: str = "auto", backend: str = "auto",
-                 engine: str = "auto", batch_size: int | str = 1, max_batch_size: int | None = 64,
-                 max_length: int | None = None, truncation: bool = False, logits_cache: bool = True,
+                 measure: str | None = None, draft_exit: int | None = None, draft_len: int | None = None,
+                 dola_layers=None, dola_heads: str | None = None, device: str | None = None, dtype: str = "auto",
+                 backend: str = "auto", engine: str = "auto", batch_size: int | str = 1,
+                 max_batch_size: int | None = 64, max_length: int | None = None, truncation: bool = False,
+                 logits_cache: bool = True,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, revision: str | None = None,
                  subfolder: str = "", token: str | None = None, cache_dir: str | None = None,
                  local_files_only: bool = False, trust_remote_code: bool | None = None, **unsupported):
@@ -149,7 +150,16 @@ class MexitLM(HFLM):
                        draft_len, dola_layers, dola_heads) -> dict:
         """model_args as `MultiExitLM.generate`'s mode arguments (checked against the checkpoint now). mode may be a
         string of the mode mini-language without commas (lm-eval splits model_args at them): exit:12,
-        ee:max-prob:0.9, dola:high, spec:12:2."""
+        ee:max-prob:0.9, dola:high, spec:12:2. A setting of a mode that was not chosen is refused by name."""
+        for name, value, owner, owner_value in (("measure", measure, "early_exit", early_exit),
+                                                ("draft_len", draft_len, "draft_exit", draft_exit),
+                                                ("dola_heads", dola_heads, "dola_layers", dola_layers)):
+            if value is not None and owner_value is None:
+                raise ValueError(f"{name}={value} applies with {owner}=..., which is not given (a mode string carries "
+                                 "its own settings)")
+        measure = "max-prob" if measure is None else measure
+        draft_len = 1 if draft_len is None else draft_len
+        dola_heads = "embedding" if dola_heads is None else dola_heads
         if isinstance(mode, str) and ":" in mode:
             if exit_layer is not None or contrast is not None or early_exit is not None or draft_exit is not None \
                     or dola_layers is not None:
