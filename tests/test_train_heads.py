@@ -2,6 +2,7 @@
 resume continues, Ctrl-C saves, and bad input fails before any work."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -111,7 +112,11 @@ def test_a_resume_keeps_the_interrupted_evaluation_and_refuses_changed_settings(
     monkeypatch.setattr(th.HeadTrainer, "evaluate", original)
     other_text = tmp_path / "other.txt"
     other_text.write_text(TEXT[::-1] * 2)
-    for change, message in ((dict(lr=1e-2), r"trained with --lr 0\.005, this run gives 0\.01: resume with the "
+    other_base = tmp_path / "other_base"  # the same tokenizer, another checkpoint
+    shutil.copytree(base[0], other_base)
+    for change, message in ((dict(model=str(other_base)), f"trained with --model '{base[0].resolve()}', this run "
+                                                           f"gives '{other_base.resolve()}'"),
+                            (dict(lr=1e-2), r"trained with --lr 0\.005, this run gives 0\.01: resume with the "
                                             r"run's settings \(the length \(--steps / --epochs\), --device, "),
                             (dict(batch_size=2), "trained with --batch-size 4, this run gives 2"),
                             (dict(seed=1), "trained with --seed 0, this run gives 1"),

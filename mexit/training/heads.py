@@ -233,9 +233,9 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     total = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 1.0) * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
     out = Path(cfg.out)
-    settings = {"--lr": cfg.lr, "--batch-size": cfg.batch_size, "--seq-len": cfg.seq_len,
-                "--weight-decay": cfg.weight_decay, "--warmup-steps": cfg.warmup_steps, "--init": cfg.init,
-                "--dtype": cfg.dtype, "--seed": cfg.seed, "--eval-max-blocks": cfg.eval_max_blocks,
+    settings = {"--model": str(base.resolve()), "--lr": cfg.lr, "--batch-size": cfg.batch_size,
+                "--seq-len": cfg.seq_len, "--weight-decay": cfg.weight_decay, "--warmup-steps": cfg.warmup_steps,
+                "--init": cfg.init, "--dtype": cfg.dtype, "--seed": cfg.seed, "--eval-max-blocks": cfg.eval_max_blocks,
                 "training data": data_digest(blocks), "held-out data": data_digest(eval_blocks)}
     saved = None
     if cfg.resume:  # checked before the model loads
