@@ -219,3 +219,13 @@ def test_defaults_fit_the_model_and_resume_extends(base, tmp_path, capfd):
     assert extended["training"]["steps"] == 4
     with pytest.raises(ValueError, match="past this run's 3 steps"):
         train_heads(config(base, tmp_path / "out", seq_len=None, steps=3, resume=True))
+
+
+@pytest.mark.parametrize("command", ["train-heads", "train-exit-predictors"])
+def test_eval_fraction_beside_eval_data_is_refused(base, tmp_path, capsys, command):
+    """--eval-data replaces the held-out share of --data: a --eval-fraction given with it would do nothing."""
+    folder, _, data = base
+    argv = [command, "--model", str(folder), "--data", str(data), "--eval-data", str(data), "--eval-fraction", "0.2",
+            "--exits", "2", "--steps", "1"] + (["--out", str(tmp_path / "out")] if command == "train-heads" else [])
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: --eval-fraction holds out a share of --data; with --eval-data")

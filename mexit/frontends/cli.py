@@ -273,7 +273,7 @@ def add_train_heads_parser(sub) -> None:
     p.add_argument("--model", required=True, help="base checkpoint folder (plain or multi-exit GPT-2, with tokenizer)")
     p.add_argument("--data", nargs="+", required=True, help="training text files")
     p.add_argument("--eval-data", nargs="+", help="held-out text files (default: the last --eval-fraction of --data)")
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out without --eval-data")
+    p.add_argument("--eval-fraction", type=float, help="share of --data held out without --eval-data (default 0.05)")
     p.add_argument("--exits", type=parse_ints, required=True, help="exit layers to train, e.g. 2,4,6")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--seq-len", type=int, default=None,
@@ -300,13 +300,24 @@ def add_train_heads_parser(sub) -> None:
     p.set_defaults(run=run_train_heads)
 
 
+def held_out_fraction(args) -> dict:
+    """--eval-fraction as the trainers' setting (left out: their default); refused beside --eval-data, which
+    replaces the held-out share."""
+    if args.eval_fraction is None:
+        return {}
+    if args.eval_data:
+        raise ValueError("--eval-fraction holds out a share of --data; with --eval-data nothing is held out from it: "
+                         "give one of the two")
+    return {"eval_fraction": args.eval_fraction}
+
+
 def run_train_heads(args) -> int:
     from mexit.training.common import TrainingInterrupted
     from mexit.training.heads import HeadTrainingConfig, train_heads
 
     cfg = HeadTrainingConfig(
         model=args.model, data=args.data, out=args.out, exits=tuple(args.exits), eval_data=args.eval_data,
-        eval_fraction=args.eval_fraction, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+        **held_out_fraction(args), seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
         epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         init=args.init, device=args.device, dtype=args.dtype, eval_every=args.eval_every,
         save_every=args.save_every, eval_max_blocks=args.eval_max_blocks, resume=args.resume,
@@ -333,7 +344,7 @@ def add_train_predictors_parser(sub) -> None:
     p.add_argument("--model", required=True, help="local multi-exit checkpoint folder (the predictors go into it)")
     p.add_argument("--data", nargs="+", required=True, help="training text files")
     p.add_argument("--eval-data", nargs="+", help="held-out text files (default: the last --eval-fraction of --data)")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out without --eval-data")
+    p.add_argument("--eval-fraction", type=float, help="share of --data held out without --eval-data (default 0.1)")
     p.add_argument("--exits", type=parse_ints, help="exits to learn (default: every exit below the final head)")
     p.add_argument("--final-head", default="original", type=parse_head,
                    help="the head whose tokens the labels compare with: original or an exit layer")
@@ -389,7 +400,7 @@ def run_train_predictors(args) -> int:
 
     cfg = PredictorTrainingConfig(
         model=args.model, data=args.data, exits=tuple(args.exits) if args.exits else None, final_head=args.final_head,
-        eval_data=args.eval_data, eval_fraction=args.eval_fraction, seq_len=args.seq_len, batch_size=args.batch_size,
+        eval_data=args.eval_data, **held_out_fraction(args), seq_len=args.seq_len, batch_size=args.batch_size,
         steps=args.steps, epochs=args.epochs, lr=args.lr, device=args.device, save_every=args.save_every,
         eval_max_blocks=args.eval_max_blocks, resume=args.resume, overwrite=args.overwrite, seed=args.seed)
     try:
