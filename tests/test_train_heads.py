@@ -229,3 +229,11 @@ def test_eval_fraction_beside_eval_data_is_refused(base, tmp_path, capsys, comma
             "--exits", "2", "--steps", "1"] + (["--out", str(tmp_path / "out")] if command == "train-heads" else [])
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: --eval-fraction holds out a share of --data; with --eval-data")
+
+
+def test_an_output_path_that_is_a_file_is_one_line(base, tmp_path, capsys):
+    folder, _, data = base
+    (tmp_path / "a.txt").write_text("x")
+    assert main(["train-heads", "--model", str(folder), "--data", str(data), "--exits", "2", "--steps", "1", "--out",
+                 str(tmp_path / "a.txt")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: output folder {tmp_path / 'a.txt'} is a file")

@@ -105,6 +105,8 @@ def check_inputs(cfg: HeadTrainingConfig) -> tuple[Path, dict]:
                          f"got {cfg.dtype!r}")
     check_counts(cfg)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file: --out names the folder the trained model goes into")
     if cfg.resume:
         if not (out / STATE_FILE).exists():
             raise FileNotFoundError(f"--resume: {out} holds no {STATE_FILE} to resume from")
