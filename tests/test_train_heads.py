@@ -237,3 +237,15 @@ def test_an_output_path_that_is_a_file_is_one_line(base, tmp_path, capsys):
     assert main(["train-heads", "--model", str(folder), "--data", str(data), "--exits", "2", "--steps", "1", "--out",
                  str(tmp_path / "a.txt")]) == 2
     assert capsys.readouterr().err.startswith(f"error: output folder {tmp_path / 'a.txt'} is a file")
+
+
+@pytest.mark.parametrize("change,message", [(dict(steps=2.5), r"steps must be a whole number, got 2\.5"),
+                                            (dict(batch_size=True), "batch_size must be a whole number, got True")])
+def test_a_count_of_another_type_is_named(base, tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        train_heads(config(base, tmp_path / "out", **change))
+
+
+def test_one_data_path_as_a_string_is_named(base, tmp_path):
+    with pytest.raises(ValueError, match=r"data is a list of text files, got one path '.*text.txt': pass \["):
+        train_heads(config(base, tmp_path / "out", data=str(base[2])))

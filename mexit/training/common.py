@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import time
 import warnings
@@ -55,6 +56,9 @@ def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None
                                 "text is tokenized with the checkpoint's own tokenizer")
     if not data:
         raise ValueError("no training data: pass one or more text files with --data")
+    for name, paths in (("data", data), ("eval_data", eval_data)):
+        if isinstance(paths, (str, os.PathLike)):
+            raise ValueError(f"{name} is a list of text files, got one path {str(paths)!r}: pass [{str(paths)!r}]")
     seen: dict[Path, str] = {}
     for path in [*data, *(eval_data or [])]:
         if not Path(path).is_file():
@@ -78,6 +82,10 @@ def check_text(folder: Path, data: list[str], eval_data: list[str] | None = None
 def check_counts(cfg) -> None:
     """A training command's counts (the fields its config has): eval_max_blocks >= 1; eval_every, save_every,
     warmup_steps (None: the default) >= 0; resume and overwrite not both."""
+    for name in ("steps", "warmup_steps", "eval_every", "save_every", "eval_max_blocks", "batch_size"):
+        value = getattr(cfg, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
     if cfg.eval_max_blocks < 1:
         raise ValueError(f"eval_max_blocks must be >= 1, got {cfg.eval_max_blocks}")
     for name in ("eval_every", "save_every", "warmup_steps"):
