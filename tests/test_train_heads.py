@@ -249,3 +249,8 @@ def test_a_count_of_another_type_is_named(base, tmp_path, change, message):
 def test_one_data_path_as_a_string_is_named(base, tmp_path):
     with pytest.raises(ValueError, match=r"data is a list of text files, got one path '.*text.txt': pass \["):
         train_heads(config(base, tmp_path / "out", data=str(base[2])))
+
+
+def test_a_warmup_longer_than_the_run_is_refused(base, tmp_path):
+    with pytest.raises(ValueError, match=r"--warmup-steps 10 exceeds the run's 2 steps: the learning rate would never"):
+        train_heads(config(base, tmp_path / "out", steps=2, warmup_steps=10))

@@ -234,6 +234,9 @@ def train_heads(cfg: HeadTrainingConfig) -> dict:
     per_epoch = len(blocks) // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 1.0) * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+    if warmup > total:
+        raise ValueError(f"--warmup-steps {warmup} exceeds the run's {total} steps: the learning rate would never "
+                         "reach --lr")
     out = Path(cfg.out)
     settings = {"--model": str(base.resolve()), "--lr": cfg.lr, "--batch-size": cfg.batch_size,
                 "--seq-len": cfg.seq_len, "--weight-decay": cfg.weight_decay, "--warmup-steps": cfg.warmup_steps,
