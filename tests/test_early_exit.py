@@ -223,3 +223,18 @@ def main_json(tiny_checkpoint, *argv) -> dict:
         assert cli_main(["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17", "--mode",
                          "early-exit", "--threshold", "0.3", "--no-eos", "--json", *argv]) == 0
     return json.loads(out.getvalue())
+
+
+def test_cli_final_head_is_the_policys(tiny_checkpoint, capsys):
+    """--final-head sets the head of tokens that never exit (and the depth), as ExitPolicy(final_head=...) does:
+    learned predictors trained against an exit head are usable from the command line."""
+    base = ["generate", "--model", str(tiny_checkpoint[0]), "--input-ids", "5,17,200,3", "--mode", "early-exit",
+            "--threshold", "0.9", "--exits", "1", "--final-head", "3", "--max-new-tokens", "5", "--no-eos", "--json"]
+    assert cli_main(base) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = mexit.load(tiny_checkpoint[0]).generate([[5, 17, 200, 3]], 5, eos_token_id=None,
+                                                   early_exit=ExitPolicy(0.9, exits=(1,), final_head=3))
+    assert out["tokens"] == want.tokens and out["exit_layers"] == want.exit_layers
+    assert max(out["exit_layers"][0]) <= 3
+    assert cli_main([*base[:-1], "--final-head", "x"]) == 2
+    assert "--final-head: expected original or an exit layer, got 'x'" in capsys.readouterr().err

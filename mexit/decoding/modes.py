@@ -159,7 +159,7 @@ def _early_exit(flags: dict):
     from .early_exit import ExitPolicy
 
     return ExitPolicy(**_given(flags, "threshold", "measure", "exits", "min_layer", "decay_tau", "propagation",
-                               "schedule"))
+                               "schedule", "final_head"))
 
 
 def _speculative_words(rest: str) -> dict:
@@ -201,7 +201,8 @@ MODES = (
           "dola_layers", _dola_words, _dola),
     Entry("early-exit", "ee", "early_exit", "ExitPolicy", "EarlyExit",
           "early-exit:MEASURE:THRESHOLD[:L1,L2|all][:eager|deferred|predicated]",
-          ("threshold", "measure", "exits", "min_layer", "decay_tau", "propagation", "schedule"), "threshold",
+          ("threshold", "measure", "exits", "min_layer", "decay_tau", "propagation", "schedule", "final_head"),
+          "threshold",
           _early_exit_words, _early_exit),
     Entry("speculative", "spec", "speculative", "Speculation", "Speculative",
           "speculative:DRAFT_EXIT:K[:THRESHOLD][@TARGET]",

@@ -220,6 +220,9 @@ def add_generate_parser(sub) -> None:
     ee.add_argument("--exits", type=parse_exits, help="checked exit layers, e.g. 8,12,16, or all (the default)")
     ee.add_argument("--min-layer", type=int, help="no exit below this layer (default: 1)")
     ee.add_argument("--decay-tau", type=float, help="CALM's decaying threshold with this tau (off by default)")
+    ee.add_argument("--final-head", type=parse_head, help="the head of tokens that never exit: original (the "
+                    "default) or an exit layer, which then sets the depth (learned predictors trained with "
+                    "--final-head L need the same)")
     ee.add_argument("--propagation", choices=["eager", "deferred"],
                     help="skipped layers' keys/values computed at the exit (eager, the default), or with the next "
                          "deep token")
@@ -391,7 +394,13 @@ def run_count_tokens(args) -> int:
 
 
 def parse_head(text: str):
-    return "original" if text == "original" else int(text)
+    """--final-head: original or an exit layer."""
+    if text == "original":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected original or an exit layer, got {text!r}") from None
 
 
 def run_train_predictors(args) -> int:
