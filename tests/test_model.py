@@ -112,6 +112,9 @@ def test_random_model_and_roundtrip(tmp_path):
     assert torch.equal(loaded.token_counts, model.token_counts)
     again = mexit.save_checkpoint(lm, tmp_path / "again")  # what mexit.load returns is saved as its model
     assert mexit.load(again).is_random and json.loads((again / "config.json").read_text())["mexit_random_weights"]
+    other = mexit.random_model(config, seed=2)  # saved over the first: its own side files, not the first's
+    mexit.save_checkpoint(other, tmp_path)
+    assert torch.equal(mexit.load(tmp_path).model.predictors.weight, other.predictors.weight)
     with pytest.raises(TypeError, match="save_checkpoint writes a mexit model .* got dict"):
         mexit.save_checkpoint({}, tmp_path / "no")
 

@@ -109,7 +109,7 @@ def save_checkpoint(model, folder: str | os.PathLike, max_shard_size: int | str 
     """Write `model` (a MultiExitGPT2, or the MultiExitLM `mexit.load` returns) in transformers' GPT-2 layout plus
     the exit heads, in its dtype: loads in mexit and in transformers' GPT2LMHeadModel (the exit heads reported as
     unexpected keys). See `write_checkpoint`. The model's learned exit predictors and token counts are written where
-    the source folder's copies are not; a random-weight model stays labelled so (`RANDOM_KEY` in config.json).
+    its source folder has none to copy; a random-weight model stays labelled so (`RANDOM_KEY` in config.json).
     Raises TypeError for anything else."""
     model = getattr(model, "model", model)  # MultiExitLM holds its MultiExitGPT2
     if not isinstance(model, MultiExitGPT2):
@@ -117,9 +117,12 @@ def save_checkpoint(model, folder: str | os.PathLike, max_shard_size: int | str 
                         f"{type(model).__name__}")
     out = write_checkpoint(state_dict_from_weights(model.w, model.config), folder, config_of(model), model.folder,
                            max_shard_size)
-    if model.predictors is not None and not (out / PREDICTOR_FILE).is_file():
+    def copied(name: str) -> bool:  # write_checkpoint copied the source folder's file (with its metadata)
+        return model.folder is not None and (model.folder / name).is_file()
+
+    if model.predictors is not None and not copied(PREDICTOR_FILE):
         save_predictors(out, model.predictors)
-    if model.token_counts is not None and not (out / TOKEN_COUNTS_FILE).is_file():
+    if model.token_counts is not None and not copied(TOKEN_COUNTS_FILE):
         save_token_counts(out, model.token_counts, ["random"] if model.random_weights else [])
     return out
 
