@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -71,6 +72,7 @@ def encode(lm, records: list[dict], max_new_tokens: int | None = None, path=None
         one, encoding = (lambda text: lm.tokenizer.encode(text, verbose=False)), "tokenizer"
     else:
         one, encoding = (lambda text: [b % lm.config.vocab_size for b in text.encode()]), "utf-8 bytes (no tokenizer)"
+    one = functools.cache(one)  # the check and the result tokenize each text once
     bad = bad_prompts(records, one, lm.config, max_new_tokens)
     if bad:
         refuse_bad_prompts(path, records, bad, "fix or remove them, or lower --max-new-tokens")

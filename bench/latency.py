@@ -371,10 +371,11 @@ def run_case(lm, parsed: dict, batch: int, args, meta: dict, copy_gbs: float, ge
         traffic = mode_traffic(stats)
         weights, kv = step_bytes(config, dtype, batch, context, *traffic)
         row = timing_row(meta, "mexit", label, batch, timing, weights + kv, copy_gbs)
-        kernel = lm.backend.linear_kernel(batch) if lm.backend.triton else "cublas"
-        triton = lm.backend.triton  # the row cut-offs choose among triton's kernels; torch's matmul is the CPU BLAS
-        row.update(pdl=pdl, linear_path=linear or "default",  # off CUDA
-                   linear=kernel if kernel != "cublas" or lm.model.device.type == "cuda" else "torch",
+        triton = lm.backend.triton  # the row cut-offs choose among triton's kernels
+        kernel = lm.backend.linear_kernel(batch) if triton else "cublas"
+        if kernel == "cublas" and lm.model.device.type != "cuda":
+            kernel = "torch"  # torch's matmul off CUDA: the CPU BLAS
+        row.update(pdl=pdl, linear_path=linear or "default", linear=kernel,
                    gemv_max_rows=lm.backend.gemv_max_rows if triton else None,
                    fused_max_rows=lm.backend.fused_max_rows if triton else None,
                    n_layer=config.n_layer, **dict(zip(TRAFFIC, traffic)))
